@@ -1,0 +1,75 @@
+"""The backend interface and the registry of backends.
+
+A backend is small (rule 7): it turns host arrays into its own buffers and back, runs one
+primitive on buffers (eager mode), and compiles a whole :class:`ember.ir.Graph` into a callable
+program (jit). Primitives declare their per-backend implementations themselves
+(``Primitive.impls[name]``), so a backend never switches on primitive names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ember.ir.graph import ClosedGraph
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device a backend can place arrays on (``cpu:0``, later ``cuda:0``...)."""
+
+    platform: str
+    id: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.platform}:{self.id}"
+
+
+class Backend:
+    """Interface every backend implements."""
+
+    name: str = ""
+    devices: tuple[Device, ...] = ()
+
+    def from_host(self, array: np.ndarray) -> Any:
+        """Copy a NumPy array into a buffer of this backend."""
+        raise NotImplementedError
+
+    def to_host(self, buffer: Any) -> np.ndarray:
+        """Copy a buffer of this backend into a NumPy array."""
+        raise NotImplementedError
+
+    def run_primitive(self, prim: Any, buffers: Sequence[Any], params: dict[str, Any]) -> Any:
+        """Run one primitive eagerly; returns a buffer, or a list for multi-result primitives."""
+        raise NotImplementedError
+
+    def compile(self, graph: ClosedGraph, donate: Sequence[bool] = ()) -> Callable[..., list[Any]]:
+        """Compile a closed graph into ``program(*buffers) -> list of buffers``."""
+        raise NotImplementedError
+
+
+_BACKENDS: dict[str, Backend] = {}
+_DEFAULT = ["numpy"]
+
+
+def register_backend(backend: Backend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def get_backend(name: str | None = None) -> Backend:
+    name = name or _DEFAULT[0]
+    if name not in _BACKENDS and name == "numpy":
+        import ember.backends.numpy_backend  # noqa: F401  (registers itself)
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        from ember.errors import EmberError
+
+        raise EmberError(f"unknown backend {name!r}; available: {sorted(_BACKENDS)}") from None
+
+
+def default_backend() -> Backend:
+    return get_backend()

@@ -1,0 +1,1 @@
+"""The core: arrays, tracers, the trace stack, primitive binding and graph tracing."""

@@ -1,0 +1,183 @@
+"""``Array``: Ember's user-facing n-dimensional array, and ``Tracer``, its traced stand-in.
+
+An ``Array`` owns an immutable buffer on one backend. Arrays are values, not views: slicing
+produces a new array and ``x[i] = v`` rebinds ``x`` to an updated copy (as in MLX and JAX's
+``x.at[i].set(v)``), so code behaves the same eagerly and under ``jit``.
+
+The NumPy-level methods (operators, ``reshape``, ``sum``...) are attached by ``ember.numpy``,
+which is the layer that knows NumPy semantics; this module holds what an array *is*.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ember import dtypes
+from ember.backends import Backend, Device, default_backend
+from ember.errors import TracerError, user_frame
+from ember.ir.types import ArrayType
+
+
+class Array:
+    """A concrete array: a backend buffer and its type."""
+
+    __slots__ = ("_buffer", "_aval", "_backend", "__weakref__")
+    __array_priority__ = 100
+
+    def __init__(self, buffer: Any, aval: ArrayType, backend: Backend | None = None):
+        self._buffer = buffer
+        self._aval = aval
+        self._backend = backend or default_backend()
+
+    # --- what an array is -------------------------------------------------------------------
+    @property
+    def aval(self) -> ArrayType:
+        return self._aval
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.aval.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.aval.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.aval.shape)
+
+    @property
+    def size(self) -> int:
+        return self.aval.size
+
+    @property
+    def weak_type(self) -> bool:
+        return self.aval.weak
+
+    @property
+    def device(self) -> Device:
+        return self._backend.devices[0]
+
+    # --- exchange with NumPy and Python -------------------------------------------------------
+    def to_numpy(self) -> np.ndarray:
+        """A NumPy copy of the data (read-only view for the NumPy backend)."""
+        out = self._backend.to_host(self._buffer)
+        if out.flags.writeable and out.base is None:
+            out = out.view()
+            out.flags.writeable = False
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = self.to_numpy()
+        if dtype is not None:
+            out = out.astype(dtype)
+        return np.array(out, copy=True) if copy else out
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        return np.asarray(self.to_numpy()).__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU
+
+    def item(self) -> Any:
+        return self.to_numpy().item()
+
+    def tolist(self) -> Any:
+        return self.to_numpy().tolist()
+
+    def __bool__(self) -> bool:
+        return bool(self.to_numpy())
+
+    def __int__(self) -> int:
+        return int(self.to_numpy())
+
+    def __float__(self) -> float:
+        return float(self.to_numpy())
+
+    def __index__(self) -> int:
+        if not dtypes.is_int(self.dtype):
+            raise TypeError(f"only integer arrays can be used as an index, not {self.dtype}")
+        return int(self.to_numpy())
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d array")
+        return self.shape[0]
+
+    def __iter__(self):
+        if not self.shape:
+            raise TypeError("iteration over a 0-d array")
+        return (self[i] for i in range(self.shape[0]))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        body = np.array2string(self.to_numpy(), separator=", ", prefix="Array(")
+        show_dtype = self.dtype not in (dtypes.float64, dtypes.int64, dtypes.bool_) or self.size == 0
+        suffix = f", dtype={self.dtype}" if show_dtype else ""
+        return f"Array({body}{suffix})"
+
+    def __str__(self) -> str:
+        return str(self.to_numpy())
+
+    def __format__(self, spec: str) -> str:
+        return format(self.to_numpy().item() if self.ndim == 0 else self.to_numpy(), spec)
+
+
+class Tracer(Array):
+    """An array whose value is being traced by a transformation (jit, grad, vmap...)."""
+
+    __slots__ = ("_trace",)
+
+    @property
+    def aval(self) -> ArrayType:  # type: ignore[override]
+        raise NotImplementedError
+
+    def full_lower(self) -> Any:
+        """The simplest equivalent value (a tracer of a lower trace, or a concrete array)."""
+        return self
+
+    @property
+    def device(self) -> Device:
+        return default_backend().devices[0]
+
+    def _concrete_needed(self, what: str) -> TracerError:
+        return TracerError(
+            f"{what} needs a concrete value, but this array is traced ({self.aval}) by "
+            f"{type(self._trace).__name__.replace('Trace', '').lower() or 'a'} transformation.\n"
+            f"  at {user_frame()}\n"
+            "Python control flow cannot depend on traced values: use ember.lax.cond / "
+            "ember.numpy.where for branches, ember.lax.while_loop / fori_loop for loops, or mark "
+            "the argument static with jit(..., static_argnums=...)."
+        )
+
+    def to_numpy(self) -> np.ndarray:
+        raise self._concrete_needed("converting to a NumPy array")
+
+    def __bool__(self) -> bool:
+        raise self._concrete_needed("`if`/`while`/`and`/`or`/bool()")
+
+    def __int__(self) -> int:
+        raise self._concrete_needed("int()")
+
+    def __float__(self) -> float:
+        raise self._concrete_needed("float()")
+
+    def __index__(self) -> int:
+        raise self._concrete_needed("using an array as a Python index")
+
+    def item(self) -> Any:
+        raise self._concrete_needed(".item()")
+
+    def tolist(self) -> Any:
+        raise self._concrete_needed(".tolist()")
+
+    def __repr__(self) -> str:
+        return f"Traced<{self.aval}>({type(self).__name__})"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)

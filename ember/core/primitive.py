@@ -1,0 +1,74 @@
+"""The primitive registry: one object per primitive holding every rule about it.
+
+Rule 1 of the brief: a primitive is declared once, and everything Ember knows about it hangs on
+that one object: how to compute its result type (``abstract_eval``), how to differentiate it
+(``jvp`` and, for linear primitives, ``transpose``), how to vectorise it (``batch``), and how to
+run it on each backend (``impls``). Transformations and backends look the rules up here; nothing
+above this layer special-cases a primitive by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+REGISTRY: dict[str, Primitive] = {}
+
+
+class Primitive:
+    """A primitive operation and its rules.
+
+    Rules (all optional except ``abstract_eval`` and a NumPy implementation):
+
+    - ``abstract_eval(*avals, **params) -> ArrayType | list[ArrayType]``: result types; raises an
+      :class:`ember.EmberError` for operands that do not fit.
+    - ``impls[backend](*buffers, **params)``: compute the result on concrete buffers.
+    - ``jvp(primals, tangents, **params) -> (out, tangent_out)``: forward-mode derivative;
+      tangents may be :class:`ember.core.trace.Zero`.
+    - ``transpose(cts, *args, **params) -> list``: for primitives linear in some operands, the
+      cotangents of those operands (args that are linear come as ``UndefinedPrimal``).
+    - ``batch(args, dims, **params) -> (out, out_dim)``: vmap rule; dims are ints or ``None``.
+    - ``partial_eval``: for primitives holding subgraphs, how to split them into the part that
+      can run now and the part that must be staged (used by ``linearize``).
+    """
+
+    def __init__(self, name: str, *, multiple_results: bool = False):
+        if name in REGISTRY:
+            raise ValueError(f"primitive {name!r} is declared twice")
+        self.name = name
+        self.multiple_results = multiple_results
+        self.abstract_eval: Callable[..., Any] | None = None
+        self.impls: dict[str, Callable[..., Any]] = {}
+        self.jvp: Callable[..., Any] | None = None
+        self.transpose: Callable[..., Any] | None = None
+        self.batch: Callable[..., Any] | None = None
+        self.partial_eval: Callable[..., Any] | None = None
+        REGISTRY[name] = self
+
+    def bind(self, *args: Any, **params: Any) -> Any:
+        from ember.core.trace import bind
+
+        return bind(self, args, params)
+
+    def def_abstract_eval(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self.abstract_eval = fn
+        return fn
+
+    def def_impl(self, fn: Callable[..., Any], backend: str = "numpy") -> Callable[..., Any]:
+        self.impls[backend] = fn
+        return fn
+
+    def def_jvp(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self.jvp = fn
+        return fn
+
+    def def_transpose(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self.transpose = fn
+        return fn
+
+    def def_batch(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self.batch = fn
+        return fn
+
+    def __repr__(self) -> str:
+        return f"Primitive({self.name})"

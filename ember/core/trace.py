@@ -1,0 +1,359 @@
+"""The trace stack: how one primitive call is routed to the right interpreter.
+
+Every operation ends in :func:`bind`. ``bind`` looks at its operands: if any is a
+:class:`Tracer`, the operation belongs to the innermost active transformation among them and is
+handed to that transformation's :class:`Trace`; otherwise it runs now, on the backend (eager
+mode). Transformations nest by level, so ``grad(vmap(jit(f)))`` is three traces stacked, each
+handling the primitives its own tracers reach and passing the rest down. This is JAX's design
+(see autodidax), written here from scratch.
+
+Two traces live at this layer because everything above needs them:
+
+- the eval trace at level 0, which runs primitives on a backend;
+- :class:`GraphTrace`, which stages primitives into a :class:`ember.ir.Graph` (used by ``jit``,
+  by control-flow primitives for their bodies, and by ``linearize`` for the tangent program).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ember import dtypes
+from ember.backends import Backend, default_backend
+from ember.core.array import Array, Tracer
+from ember.core.primitive import Primitive
+from ember.errors import EmberError, TracerError, user_frame
+from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
+from ember.ir.types import ArrayType, type_of
+
+
+class MainTrace:
+    """One active transformation on the stack."""
+
+    def __init__(self, level: int, trace_type: type[Trace], payload: Any = None):
+        self.level = level
+        self.trace_type = trace_type
+        self.payload = payload
+        self.active = True
+        self.trace = trace_type(self)
+
+    def __repr__(self) -> str:
+        return f"MainTrace({self.level}, {self.trace_type.__name__})"
+
+
+class Trace:
+    """Interprets primitives applied to its tracers."""
+
+    def __init__(self, main: MainTrace):
+        self.main = main
+
+    def pure(self, value: Any) -> Tracer:
+        """Wrap a value from outside every transformation (a constant)."""
+        raise NotImplementedError
+
+    def lift(self, value: Tracer) -> Tracer:
+        """Wrap a tracer of a lower (outer) transformation."""
+        return self.pure(value)
+
+    def full_raise(self, value: Any) -> Tracer:
+        if isinstance(value, Tracer):
+            main = value._trace.main
+            if main is self.main:
+                return value
+            if not main.active:
+                raise escaped_tracer(value)
+            if main.level < self.main.level:
+                return self.lift(value)
+            raise EmberError(f"internal: tracer of level {main.level} reached level "
+                             f"{self.main.level}")
+        return self.pure(value)
+
+    def process_primitive(self, prim: Primitive, tracers: list[Tracer],
+                          params: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
+def escaped_tracer(t: Tracer) -> TracerError:
+    return TracerError(
+        f"a traced value ({t.aval}) was used after the transformation that made it had "
+        f"finished (it escaped, e.g. stored in a global or a list outside the function).\n"
+        f"  at {user_frame()}\nReturn it from the function instead.")
+
+
+class EvalTrace(Trace):
+    """Level 0: run primitives now. Only used as the bottom of the stack."""
+
+
+_stack: list[MainTrace] = [MainTrace(0, EvalTrace)]
+_dynamic: list[MainTrace] = [_stack[0]]
+
+
+@contextlib.contextmanager
+def new_main(trace_type: type[Trace], payload: Any = None, dynamic: bool = False
+             ) -> Iterator[MainTrace]:
+    """Push a transformation; ``dynamic`` makes it receive even operations on constants."""
+    main = MainTrace(len(_stack), trace_type, payload)
+    _stack.append(main)
+    if dynamic:
+        _dynamic.append(main)
+    try:
+        yield main
+    finally:
+        main.active = False
+        _stack.pop()
+        if dynamic:
+            _dynamic.pop()
+
+
+def tracing_active() -> bool:
+    """True when some transformation other than the eval trace is active."""
+    return len(_stack) > 1
+
+
+def bind(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
+    """Apply ``prim`` to ``args``: route it to the innermost transformation that owns an arg."""
+    top = _dynamic[-1]
+    for a in args:
+        if isinstance(a, Tracer):
+            main = a._trace.main
+            if main.level > top.level:
+                top = main
+    if top.level == 0:
+        return eval_primitive(prim, args, params)
+    trace = top.trace
+    tracers = [trace.full_raise(a) for a in args]
+    out = trace.process_primitive(prim, tracers, params)
+    if prim.multiple_results:
+        return [full_lower(o) for o in out]
+    return full_lower(out)
+
+
+def full_lower(value: Any) -> Any:
+    return value.full_lower() if isinstance(value, Tracer) else value
+
+
+# --- eager evaluation ------------------------------------------------------------------------
+
+def to_array(value: Any) -> Array:
+    """Turn a concrete value (Array, NumPy array, Python or NumPy scalar) into an Array."""
+    if isinstance(value, Array):
+        if not isinstance(value, Tracer) and value._buffer is None:
+            raise EmberError(f"this array was donated to a jitted function and can no longer "
+                             f"be used\n  at {user_frame()}")
+        return value
+    if isinstance(value, (bool, int, float)) and not isinstance(value, np.generic):
+        aval = type_of(value)
+        return Array(np.asarray(value, aval.dtype), aval)
+    arr = np.asarray(value)
+    aval = type_of(arr)
+    if arr.dtype != aval.dtype:
+        arr = arr.astype(aval.dtype)
+    return Array(arr, aval)
+
+
+def eval_primitive(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
+    arrays = [to_array(a) for a in args]
+    out_aval = prim.abstract_eval(*[a.aval for a in arrays], **params)
+    backend: Backend = arrays[0]._backend if arrays else default_backend()
+    out = backend.run_primitive(prim, [a._buffer for a in arrays], params)
+    if prim.multiple_results:
+        return [_wrap(o, av, backend) for o, av in zip(out, out_aval)]
+    return _wrap(out, out_aval, backend)
+
+
+def _wrap(buffer: Any, aval: ArrayType, backend: Backend) -> Array:
+    if backend.name == "numpy":
+        buffer = np.asarray(buffer)
+        if buffer.dtype != aval.dtype:
+            buffer = buffer.astype(aval.dtype)
+        if buffer.shape != aval.shape:
+            raise EmberError(f"internal: implementation returned {buffer.shape}, rule said "
+                             f"{aval.shape}")
+    return Array(buffer, aval, backend)
+
+
+# --- staging into a graph --------------------------------------------------------------------
+
+_NOT_CONST = object()
+
+
+class GraphTracer(Tracer):
+    __slots__ = ("_aval_", "const")
+
+    def __init__(self, trace: GraphTrace, aval: ArrayType, const: Any = _NOT_CONST):
+        self._trace = trace
+        self._aval_ = aval
+        self.const = const
+
+    @property
+    def aval(self) -> ArrayType:
+        return self._aval_
+
+    @property
+    def is_known(self) -> bool:
+        """True for a value captured from outside (known now), False for a staged one."""
+        return self.const is not _NOT_CONST
+
+
+class GraphBuilder:
+    """Collects the equations that staged primitives produce."""
+
+    def __init__(self):
+        self.eqns: list[Eqn] = []
+        self.vars: dict[int, Var | Literal] = {}
+        self.tracers: list[GraphTracer] = []  # keeps ids stable while building
+        self.consts: dict[int, tuple[GraphTracer, Any]] = {}
+
+    def new_tracer(self, trace: GraphTrace, aval: ArrayType, const: Any = _NOT_CONST
+                   ) -> GraphTracer:
+        t = GraphTracer(trace, aval, const)
+        self.tracers.append(t)
+        if const is _NOT_CONST:
+            self.vars[id(t)] = Var(aval)
+        elif _is_literal(const):
+            self.vars[id(t)] = Literal(np.asarray(_host(const)), aval)
+        else:
+            self.vars[id(t)] = Var(aval)
+            self.consts[id(t)] = (t, const)
+        return t
+
+    def var(self, t: GraphTracer) -> Var | Literal:
+        return self.vars[id(t)]
+
+    def build(self, inputs: Sequence[GraphTracer], outputs: Sequence[GraphTracer]
+              ) -> ClosedGraph:
+        invars = [self.vars[id(t)] for t in inputs]
+        outvars = [self.vars[id(t)] for t in outputs]
+        used = _live_consts(self.eqns, outvars)
+        constvars, consts = [], []
+        for tid, (_, value) in self.consts.items():
+            v = self.vars[tid]
+            if v.id in used:
+                constvars.append(v)
+                consts.append(value)
+        graph = Graph(constvars, invars, list(self.eqns), outvars)
+        return ClosedGraph(graph, consts)
+
+
+def _live_consts(eqns: list[Eqn], outvars: list[Any]) -> set[int]:
+    ids = {a.id for a in outvars if isinstance(a, Var)}
+    for eqn in eqns:
+        ids.update(a.id for a in eqn.inputs if isinstance(a, Var))
+    return ids
+
+
+def _host(value: Any) -> Any:
+    return value.to_numpy() if isinstance(value, Array) else value
+
+
+def _is_literal(value: Any) -> bool:
+    if isinstance(value, Tracer):
+        return False
+    if isinstance(value, (bool, int, float, np.generic)):
+        return True
+    return getattr(value, "ndim", None) == 0 and isinstance(value, (Array, np.ndarray))
+
+
+class GraphTrace(Trace):
+    """Stages every primitive it receives into the builder in ``main.payload``."""
+
+    @property
+    def builder(self) -> GraphBuilder:
+        return self.main.payload
+
+    def pure(self, value: Any) -> GraphTracer:
+        aval = value.aval if isinstance(value, Array) else to_array(value).aval
+        return self.builder.new_tracer(self, aval, const=value)
+
+    def new_arg(self, aval: ArrayType) -> GraphTracer:
+        return self.builder.new_tracer(self, aval)
+
+    def process_primitive(self, prim: Primitive, tracers: list[GraphTracer],
+                          params: dict[str, Any]) -> Any:
+        if prim.partial_eval is not None and any(t.is_known for t in tracers):
+            return prim.partial_eval(self, tracers, params)
+        return self.stage(prim, tracers, params)
+
+    def stage(self, prim: Primitive, tracers: Sequence[GraphTracer], params: dict[str, Any]
+              ) -> Any:
+        """Record ``prim`` as an equation and return tracers for its results."""
+        out_aval = prim.abstract_eval(*[t.aval for t in tracers], **params)
+        avals = out_aval if prim.multiple_results else [out_aval]
+        outs = [self.builder.new_tracer(self, a) for a in avals]
+        self.builder.eqns.append(Eqn(prim, [self.builder.var(t) for t in tracers],
+                                     [self.builder.var(o) for o in outs], params))
+        return outs if prim.multiple_results else outs[0]
+
+
+def make_graph(fn: Callable[..., Sequence[Any]], in_avals: Sequence[ArrayType],
+               dynamic: bool = True) -> ClosedGraph:
+    """Trace ``fn(*tracers) -> list of values`` into a closed graph (flat inputs and outputs)."""
+    with new_main(GraphTrace, GraphBuilder(), dynamic=dynamic) as main:
+        trace: GraphTrace = main.trace
+        ins = [trace.new_arg(a) for a in in_avals]
+        outs = [trace.full_raise(o) for o in fn(*ins)]
+        return main.payload.build(ins, outs)
+
+
+def eval_graph(closed: ClosedGraph, *args: Any) -> list[Any]:
+    """Interpret a graph by binding its primitives: runs it under whatever traces are active."""
+    graph = closed.graph
+    env: dict[int, Any] = {}
+    for v, x in zip(graph.constvars, closed.consts):
+        env[v.id] = x
+    for v, x in zip(graph.invars, args):
+        env[v.id] = x
+
+    def read(a: Var | Literal) -> Any:
+        return Array(a.value, a.aval) if isinstance(a, Literal) else env[a.id]
+
+    for eqn in graph.eqns:
+        out = eqn.prim.bind(*[read(a) for a in eqn.inputs], **eqn.params)
+        for v, o in zip(eqn.outputs, out if eqn.prim.multiple_results else [out]):
+            env[v.id] = o
+    return [read(a) for a in graph.outvars]
+
+
+# --- markers used by differentiation rules ---------------------------------------------------
+
+class Zero:
+    """A symbolic zero tangent or cotangent: costs nothing until it must be materialised."""
+
+    __slots__ = ("aval",)
+
+    def __init__(self, aval: ArrayType):
+        self.aval = aval.strong()
+
+    def __repr__(self) -> str:
+        return f"Zero({self.aval})"
+
+
+class UndefinedPrimal:
+    """Stands for a linear operand of a primitive while it is being transposed."""
+
+    __slots__ = ("aval",)
+
+    def __init__(self, aval: ArrayType):
+        self.aval = aval
+
+    def __repr__(self) -> str:
+        return f"UndefinedPrimal({self.aval})"
+
+
+def aval_of(x: Any) -> ArrayType:
+    """The abstract type of any value Ember accepts as an operand."""
+    if isinstance(x, (Array, Zero, UndefinedPrimal)):
+        return x.aval
+    return type_of(x)
+
+
+def zeros_buffer(aval: ArrayType) -> np.ndarray:
+    return np.zeros(aval.shape, aval.dtype)
+
+
+def check_dtype(dt: Any) -> np.dtype:
+    return dtypes.canonicalize(dt)

@@ -1,0 +1,57 @@
+"""Abstract array types: what the compiler knows about a value without its data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ember import dtypes
+
+
+@dataclass(frozen=True)
+class ArrayType:
+    """Shape, dtype and placement of an array value.
+
+    ``weak`` marks a value that came from a Python scalar and so promotes weakly (NEP 50).
+    ``sharding`` is the slot the parallel layer fills with a partition spec; ``None`` means
+    "not annotated". Both are part of the type, so they are part of the jit cache key.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    weak: bool = False
+    sharding: Any = field(default=None, compare=True)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def update(self, **changes: Any) -> ArrayType:
+        fields = {"shape": self.shape, "dtype": self.dtype, "weak": self.weak,
+                  "sharding": self.sharding}
+        fields.update(changes)
+        return ArrayType(**fields)
+
+    def strong(self) -> ArrayType:
+        return self.update(weak=False) if self.weak else self
+
+    def __str__(self) -> str:
+        dims = ",".join(str(d) for d in self.shape)
+        weak = "~" if self.weak else ""
+        return f"{weak}{dtypes.short_name(self.dtype)}[{dims}]"
+
+    __repr__ = __str__
+
+
+def type_of(value: Any) -> ArrayType:
+    """The type of a concrete value (NumPy array or scalar)."""
+    if isinstance(value, (bool, int, float)) and not isinstance(value, np.generic):
+        return ArrayType((), dtypes.scalar_dtype(value), weak=True)
+    value = np.asarray(value)
+    return ArrayType(tuple(value.shape), dtypes.canonicalize(value.dtype))

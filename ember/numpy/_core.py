@@ -1,0 +1,128 @@
+"""Conversion, type promotion and broadcasting: the NumPy semantics every function shares.
+
+``asarray`` turns anything array-like into an Ember value; ``promote_args`` applies NumPy 2
+promotion (Python scalars are weak) and broadcasting, returning operands ready for a primitive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ember import dtypes
+from ember.core.array import Array, Tracer
+from ember.core.trace import aval_of, to_array
+from ember.errors import DTypeError, ShapeError, op_error
+from ember.ops import elementwise as ew
+from ember.ops import structural as st
+
+ArrayLike = Any
+
+
+def is_python_scalar(x: Any) -> bool:
+    return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
+
+
+def asarray(a: ArrayLike, dtype: Any = None, copy: bool | None = None) -> Array:
+    """Convert to an Ember array (no copy when it already is one of the right dtype)."""
+    if isinstance(a, Array):
+        out = a
+    elif isinstance(a, (list, tuple)) and _contains_tracer(a):
+        out = _stack_nested(a)
+    else:
+        try:
+            host = np.asarray(a)
+        except (ValueError, TypeError) as e:
+            raise op_error(DTypeError, "asarray", f"cannot convert {type(a).__name__}: {e}")
+        if host.dtype == object:
+            raise op_error(DTypeError, "asarray", f"cannot convert {type(a).__name__} to an "
+                           "array (ragged nesting or non-numeric values?)")
+        if host.dtype.kind == "U" or host.dtype.kind == "S":
+            raise op_error(DTypeError, "asarray", "strings are not supported")
+        if host.dtype.kind == "c":
+            raise op_error(DTypeError, "asarray", "complex numbers are not supported yet")
+        if host.dtype not in dtypes.SUPPORTED:
+            raise op_error(DTypeError, "asarray", f"dtype {host.dtype} is not supported")
+        out = to_array(host.copy() if copy else host)
+        if out.aval.weak:  # a Python scalar given to asarray is an ordinary (strong) array
+            out = Array(out._buffer, out.aval.strong(), out._backend)
+    if dtype is not None:
+        out = ew.convert(out, dtypes.canonicalize(dtype))
+    return out
+
+
+def _contains_tracer(seq: Any) -> bool:
+    if isinstance(seq, Tracer):
+        return True
+    if isinstance(seq, (list, tuple)):
+        return any(_contains_tracer(s) for s in seq)
+    return False
+
+
+def _stack_nested(seq: Any) -> Any:
+    if not isinstance(seq, (list, tuple)):
+        return seq if isinstance(seq, Array) else asarray(seq)
+    items = [_stack_nested(s) for s in seq]
+    items = promote_args("array", *items)
+    return st.concatenate([st.expand_dims(i, 0) for i in items], 0)
+
+
+def value(x: Any) -> Any:
+    """An Ember value for an operand (Python scalars become weakly typed arrays)."""
+    if isinstance(x, Array):
+        return x
+    return to_array(x) if is_python_scalar(x) else asarray(x)
+
+
+def result_dtype(*args: Any) -> np.dtype:
+    return dtypes.result_type(*[a if is_python_scalar(a) or hasattr(a, "aval") else value(a)
+                                for a in args])
+
+
+def broadcast_shapes(op: str, *shapes: Sequence[int]) -> tuple[int, ...]:
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise op_error(ShapeError, op, "operands could not be broadcast together with shapes "
+                       + " ".join(str(tuple(s)) for s in shapes)) from None
+
+
+def promote_args(op: str, *args: Any, dtype: np.dtype | None = None) -> list[Any]:
+    """Cast to the common dtype (or ``dtype``) and broadcast to the common shape."""
+    target = dtype if dtype is not None else result_dtype(*args)
+    all_weak = all(is_python_scalar(a) or (hasattr(a, "aval") and a.aval.weak) for a in args)
+    vals = []
+    for a in args:
+        if is_python_scalar(a):
+            try:
+                host = np.asarray(a, dtype=target)
+            except OverflowError as e:
+                raise op_error(DTypeError, op, f"Python integer {a} out of bounds for "
+                               f"{target}") from e
+            arr = to_array(host)
+            vals.append(Array(host, arr.aval.update(weak=True)) if all_weak else arr)
+        else:
+            v = value(a)
+            vals.append(ew.convert(v, target, weak=all_weak and v.aval.weak))
+    shape = broadcast_shapes(op, *[aval_of(v).shape for v in vals])
+    return [st.broadcast_to_shape(v, shape) for v in vals]
+
+
+def float_dtype(dt: np.dtype) -> np.dtype:
+    """The dtype NumPy computes float functions of ``dt`` in (int8 -> float16, int32 -> f64)."""
+    if dtypes.is_float(dt):
+        return dt
+    return dtypes.promote((dt, False), (dtypes.float16, False))
+
+
+def normalize_axis_arg(op: str, axis: Any, ndim: int) -> tuple[int, ...]:
+    """``None`` -> every axis; int or tuple -> non-negative tuple (errors name ``op``)."""
+    from ember.ops._checks import normalize_axes
+
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (list, tuple)):
+        return normalize_axes(op, [int(a) for a in axis], ndim)
+    return normalize_axes(op, [int(axis)], ndim)

@@ -1,0 +1,119 @@
+"""Sorting and searching: sort, argsort, top_k, searchsorted, nonzero, argwhere, unique."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ember import dtypes
+from ember.core.array import Tracer
+from ember.core.trace import aval_of, to_array
+from ember.errors import EmberValueError, TracerError, op_error, user_frame
+from ember.numpy._core import value
+from ember.ops import elementwise as ew
+from ember.ops import reduce as rd
+from ember.ops import sort as so
+from ember.ops import structural as st
+
+__all__ = ["sort", "argsort", "top_k", "searchsorted", "nonzero", "argwhere", "flatnonzero",
+           "unique", "partition", "argpartition"]
+
+
+def _axis_input(a: Any, axis: int | None) -> tuple[Any, int]:
+    x = value(a)
+    if axis is None:
+        return st.reshape(x, (aval_of(x).size,)), 0
+    return x, axis
+
+
+def sort(a: Any, axis: int | None = -1, kind: str | None = None, order: Any = None, *,
+         descending: bool = False, stable: bool = True) -> Any:
+    """Sorted copy (stable). NaNs sort to the end, as in NumPy."""
+    x, axis = _axis_input(a, axis)
+    return so.sort(x, axis, descending)
+
+
+def argsort(a: Any, axis: int | None = -1, kind: str | None = None, order: Any = None, *,
+            descending: bool = False, stable: bool = True) -> Any:
+    x, axis = _axis_input(a, axis)
+    return so.argsort(x, axis, descending)
+
+
+def top_k(a: Any, k: int) -> tuple[Any, Any]:
+    """The ``k`` largest values along the last axis and their indices, largest first."""
+    return so.top_k(value(a), k)
+
+
+def partition(a: Any, kth: int, axis: int = -1) -> Any:
+    """A full sort satisfies ``numpy.partition``'s contract."""
+    return sort(a, axis)
+
+
+def argpartition(a: Any, kth: int, axis: int = -1) -> Any:
+    return argsort(a, axis)
+
+
+def searchsorted(a: Any, v: Any, side: str = "left", sorter: Any = None) -> Any:
+    """Insertion points of ``v`` in sorted 1-d ``a`` (a count of smaller elements, so it works
+    under jit and vmap)."""
+    if side not in ("left", "right"):
+        raise op_error(EmberValueError, "searchsorted", f"side must be 'left' or 'right', got "
+                       f"{side!r}")
+    arr = value(a)
+    if aval_of(arr).ndim != 1:
+        raise op_error(EmberValueError, "searchsorted", f"a must be 1-d, got shape "
+                       f"{aval_of(arr).shape}")
+    if sorter is not None:
+        from ember.numpy._indexing import take
+
+        arr = take(arr, sorter)
+    arr, vals = _promote_pair(arr, v)
+    vshape = aval_of(vals).shape
+    n = aval_of(arr).shape[0]
+    nd = len(vshape)
+    a_b = st.broadcast_in_dim(arr, (*vshape, n), (nd,))
+    v_b = st.broadcast_in_dim(vals, (*vshape, n), tuple(range(nd)))
+    smaller = ew.lt(a_b, v_b) if side == "left" else ew.le(a_b, v_b)
+    return rd.reduce_sum(ew.convert(smaller, dtypes.int64), (nd,))
+
+
+def _promote_pair(arr: Any, v: Any) -> tuple[Any, Any]:
+    x, y = value(arr), value(v)
+    common = dtypes.result_type(x, y)
+    return ew.convert(x, common), ew.convert(y, common)
+
+
+def _concrete(op: str, x: Any) -> np.ndarray:
+    if isinstance(x, Tracer):
+        raise TracerError(f"{op} needs concrete values: the size of its result depends on the "
+                          f"data ({aval_of(x)}).\n  at {user_frame()}\nIt cannot be used under "
+                          "jit/vmap; use where(...) with a fixed size instead.")
+    return np.asarray(x.to_numpy())
+
+
+def nonzero(a: Any) -> tuple[Any, ...]:
+    """Indices of non-zero elements (not available under jit: the size depends on data)."""
+    host = _concrete("nonzero", value(a))
+    if host.ndim == 0:
+        raise op_error(EmberValueError, "nonzero", "called on a 0-d array; use atleast_1d")
+    return tuple(to_array(i.astype(np.int64)) for i in np.nonzero(host))
+
+
+def flatnonzero(a: Any) -> Any:
+    return to_array(np.flatnonzero(_concrete("flatnonzero", value(a))).astype(np.int64))
+
+
+def argwhere(a: Any) -> Any:
+    return to_array(np.argwhere(_concrete("argwhere", value(a))).astype(np.int64))
+
+
+def unique(ar: Any, return_index: bool = False, return_inverse: bool = False,
+           return_counts: bool = False, axis: int | None = None) -> Any:
+    """Sorted unique elements (not available under jit: the size depends on data)."""
+    host = _concrete("unique", value(ar))
+    res = np.unique(host, return_index, return_inverse, return_counts, axis=axis)
+    if isinstance(res, tuple):
+        return tuple(to_array(r if r.dtype in dtypes.SUPPORTED else r.astype(np.int64))
+                     for r in res)
+    return to_array(res)

@@ -1,0 +1,504 @@
+"""Elementwise primitives: unary and binary math, comparisons, select and casts.
+
+Operands of a binary primitive must have equal shapes and dtypes (the NumPy layer broadcasts and
+promotes first). The result is weakly typed only if every operand is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ember import dtypes
+from ember.core.primitive import Primitive
+from ember.core.trace import Zero, UndefinedPrimal
+from ember.errors import DTypeError, op_error
+from ember.ir.types import ArrayType
+from ember.ops._checks import same_dtypes, same_shapes
+from ember.ops._erf import erf_numpy
+
+__all__ = [
+    "neg", "exp", "exp2", "log", "log1p", "expm1", "sin", "cos", "tan", "asin", "acos", "atan",
+    "sinh", "cosh", "tanh", "asinh", "acosh", "atanh", "sqrt", "cbrt", "erf", "logistic",
+    "abs", "sign", "floor", "ceil", "round", "is_finite", "not_", "add", "sub", "mul", "div",
+    "floor_div", "rem", "pow", "max", "min", "atan2", "and_", "or_", "xor", "shift_left",
+    "shift_right", "eq", "ne", "lt", "le", "gt", "ge", "select", "convert", "full_like",
+    "zeros_like", "instantiate", "add_any",
+]
+
+# --- shape/dtype rules -----------------------------------------------------------------------
+
+_KINDS = {
+    "float": (dtypes.is_float, "a floating dtype"),
+    "number": (lambda d: d != dtypes.bool_, "a numeric dtype"),
+    "int": (lambda d: dtypes.is_int(d), "an integer dtype"),
+    "intbool": (lambda d: dtypes.is_int(d) or d == dtypes.bool_, "an integer or bool dtype"),
+    "any": (lambda d: True, "any dtype"),
+}
+
+
+def _elementwise_rule(name: str, kind: str, out_dtype: np.dtype | None = None
+                      ) -> Callable[..., ArrayType]:
+    ok, what = _KINDS[kind]
+
+    def rule(*avals: ArrayType) -> ArrayType:
+        same_shapes(name, avals)
+        same_dtypes(name, avals)
+        if not ok(avals[0].dtype):
+            raise op_error(DTypeError, name, f"needs {what}, got {avals[0].dtype}")
+        weak = all(a.weak for a in avals)
+        if out_dtype is not None:
+            return ArrayType(avals[0].shape, out_dtype)
+        return ArrayType(avals[0].shape, avals[0].dtype, weak=weak)
+
+    return rule
+
+
+def _batch_elementwise(prim: Primitive) -> Callable[..., Any]:
+    def rule(args, dims, **params):
+        from ember.ops.structural import broadcast_in_dim, moveaxis
+
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        moved = []
+        for a, d in zip(args, dims):
+            if d is None:
+                shape = (size, *a.shape)
+                moved.append(broadcast_in_dim(a, shape, tuple(range(1, len(shape)))))
+            else:
+                moved.append(moveaxis(a, d, 0))
+        return prim.bind(*moved, **params), 0
+
+    return rule
+
+
+def _declare(name: str, np_fn: Callable[..., Any], kind: str, nargs: int,
+             out_dtype: np.dtype | None = None) -> Primitive:
+    prim = Primitive(name)
+    prim.def_abstract_eval(_elementwise_rule(name, kind, out_dtype))
+    prim.def_impl(np_fn)
+    prim.def_batch(_batch_elementwise(prim))
+    return prim
+
+
+# --- helpers that rules use ------------------------------------------------------------------
+
+def full_like(x: Any, value: Any, dtype: np.dtype | None = None) -> Any:
+    """An array shaped like ``x`` filled with ``value`` (a staged broadcast under tracing)."""
+    from ember.core.trace import aval_of, to_array
+    from ember.ops.structural import broadcast_in_dim
+
+    aval = aval_of(x)
+    scalar = to_array(np.asarray(value, dtype=dtype or aval.dtype))
+    return broadcast_in_dim(scalar, aval.shape, ()) if aval.shape else scalar
+
+
+def zeros_like(x: Any) -> Any:
+    return full_like(x, 0)
+
+
+def instantiate(t: Any) -> Any:
+    """Materialise a symbolic :class:`Zero`."""
+    return zeros_like(t) if isinstance(t, Zero) else t
+
+
+def add_any(a: Any, b: Any) -> Any:
+    """Add two tangents/cotangents, either of which may be a symbolic zero."""
+    if isinstance(a, Zero):
+        return b
+    if isinstance(b, Zero):
+        return a
+    return add(a, b)
+
+
+# --- unary -----------------------------------------------------------------------------------
+
+def _unary(name: str, np_fn: Callable[..., Any], derivative: Callable[[Any, Any], Any] | None,
+           kind: str = "float") -> Callable[[Any], Any]:
+    prim = _declare(name, np_fn, kind, 1)
+    if derivative is not None:
+        def jvp(primals, tangents):
+            (x,), (t,) = primals, tangents
+            y = prim.bind(x)
+            if isinstance(t, Zero):
+                return y, Zero(y.aval)
+            return y, mul(t, derivative(x, y))
+
+        prim.def_jvp(jvp)
+
+    def fn(x: Any) -> Any:
+        return prim.bind(x)
+
+    fn.__name__ = name
+    fn.prim = prim  # type: ignore[attr-defined]
+    return fn
+
+
+def _zero_derivative(name: str, np_fn: Callable[..., Any], kind: str,
+                     out_dtype: np.dtype | None = None) -> Callable[[Any], Any]:
+    """A piecewise-constant or non-float op: its tangent is zero."""
+    prim = _declare(name, np_fn, kind, 1, out_dtype)
+
+    def jvp(primals, tangents):
+        y = prim.bind(*primals)
+        return y, Zero(y.aval)
+
+    prim.def_jvp(jvp)
+
+    def fn(x: Any) -> Any:
+        return prim.bind(x)
+
+    fn.__name__ = name
+    fn.prim = prim  # type: ignore[attr-defined]
+    return fn
+
+
+def _neg_impl(x):
+    return np.negative(x) if x.dtype != np.bool_ else x
+
+
+neg = _unary("neg", _neg_impl, None, kind="number")
+
+
+def _neg_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return neg(x), t if isinstance(t, Zero) else neg(t)
+
+
+neg.prim.def_jvp(_neg_jvp)
+neg.prim.def_transpose(lambda ct, x: [Zero(x.aval) if isinstance(ct, Zero) else neg(ct)])
+
+exp = _unary("exp", np.exp, lambda x, y: y)
+exp2 = _unary("exp2", np.exp2, lambda x, y: mul(y, full_like(y, np.log(2.0))))
+log = _unary("log", np.log, lambda x, y: div(full_like(x, 1), x))
+log1p = _unary("log1p", np.log1p, lambda x, y: div(full_like(x, 1), add(x, full_like(x, 1))))
+expm1 = _unary("expm1", np.expm1, lambda x, y: add(y, full_like(y, 1)))
+sin = _unary("sin", np.sin, lambda x, y: cos(x))
+cos = _unary("cos", np.cos, lambda x, y: neg(sin(x)))
+tan = _unary("tan", np.tan, lambda x, y: add(full_like(y, 1), mul(y, y)))
+asin = _unary("asin", np.arcsin,
+              lambda x, y: div(full_like(x, 1), sqrt(sub(full_like(x, 1), mul(x, x)))))
+acos = _unary("acos", np.arccos,
+              lambda x, y: div(full_like(x, -1), sqrt(sub(full_like(x, 1), mul(x, x)))))
+atan = _unary("atan", np.arctan, lambda x, y: div(full_like(x, 1), add(full_like(x, 1), mul(x, x))))
+sinh = _unary("sinh", np.sinh, lambda x, y: cosh(x))
+cosh = _unary("cosh", np.cosh, lambda x, y: sinh(x))
+tanh = _unary("tanh", np.tanh, lambda x, y: sub(full_like(y, 1), mul(y, y)))
+asinh = _unary("asinh", np.arcsinh,
+               lambda x, y: div(full_like(x, 1), sqrt(add(mul(x, x), full_like(x, 1)))))
+acosh = _unary("acosh", np.arccosh,
+               lambda x, y: div(full_like(x, 1), sqrt(sub(mul(x, x), full_like(x, 1)))))
+atanh = _unary("atanh", np.arctanh,
+               lambda x, y: div(full_like(x, 1), sub(full_like(x, 1), mul(x, x))))
+sqrt = _unary("sqrt", np.sqrt, lambda x, y: div(full_like(y, 0.5), y))
+cbrt = _unary("cbrt", np.cbrt, lambda x, y: div(full_like(y, 1 / 3), mul(y, y)))
+erf = _unary("erf", erf_numpy,
+             lambda x, y: mul(full_like(x, 2 / np.sqrt(np.pi)), exp(neg(mul(x, x)))))
+
+
+def _logistic_impl(x):
+    # Stable for large |x|: exp of a non-positive number only.
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype)
+
+
+logistic = _unary("logistic", _logistic_impl, lambda x, y: mul(y, sub(full_like(y, 1), y)))
+abs = _unary("abs", np.abs, lambda x, y: sign(x), kind="number")  # noqa: A001
+sign = _zero_derivative("sign", np.sign, "number")
+floor = _zero_derivative("floor", np.floor, "float")
+ceil = _zero_derivative("ceil", np.ceil, "float")
+round = _zero_derivative("round", np.round, "float")  # noqa: A001  (half to even, as NumPy)
+is_finite = _zero_derivative("is_finite", np.isfinite, "float", dtypes.bool_)
+not_ = _zero_derivative("not", np.invert, "intbool")
+
+
+# --- binary ----------------------------------------------------------------------------------
+
+def _binary(name: str, np_fn: Callable[..., Any], kind: str = "number",
+            out_dtype: np.dtype | None = None) -> Callable[[Any, Any], Any]:
+    prim = _declare(name, np_fn, kind, 2, out_dtype)
+
+    def fn(x: Any, y: Any) -> Any:
+        return prim.bind(x, y)
+
+    fn.__name__ = name
+    fn.prim = prim  # type: ignore[attr-defined]
+    return fn
+
+
+def _tangent_or_zero(y, *terms):
+    """Sum the non-zero terms; a symbolic zero if there are none."""
+    live = [t for t in terms if t is not None]
+    if not live:
+        return Zero(y.aval)
+    out = live[0]
+    for t in live[1:]:
+        out = add(out, t)
+    return out
+
+
+add = _binary("add", np.add)
+sub = _binary("sub", np.subtract)
+mul = _binary("mul", np.multiply)
+div = _binary("div", np.true_divide, kind="float")
+
+
+def _floor_div_impl(x, y):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.floor_divide(x, y)
+
+
+def _rem_impl(x, y):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.remainder(x, y)
+
+
+floor_div = _binary("floor_div", _floor_div_impl)
+rem = _binary("rem", _rem_impl)
+pow = _binary("pow", np.power)  # noqa: A001
+max = _binary("max", np.maximum, kind="any")  # noqa: A001
+min = _binary("min", np.minimum, kind="any")  # noqa: A001
+atan2 = _binary("atan2", np.arctan2, kind="float")
+and_ = _binary("and", np.bitwise_and, kind="intbool")
+or_ = _binary("or", np.bitwise_or, kind="intbool")
+xor = _binary("xor", np.bitwise_xor, kind="intbool")
+shift_left = _binary("shift_left", np.left_shift, kind="int")
+shift_right = _binary("shift_right", np.right_shift, kind="int")
+eq = _binary("eq", np.equal, kind="any", out_dtype=dtypes.bool_)
+ne = _binary("ne", np.not_equal, kind="any", out_dtype=dtypes.bool_)
+lt = _binary("lt", np.less, kind="any", out_dtype=dtypes.bool_)
+le = _binary("le", np.less_equal, kind="any", out_dtype=dtypes.bool_)
+gt = _binary("gt", np.greater, kind="any", out_dtype=dtypes.bool_)
+ge = _binary("ge", np.greater_equal, kind="any", out_dtype=dtypes.bool_)
+
+
+def _linear_jvp(prim):
+    def jvp(primals, tangents):
+        y = prim.bind(*primals)
+        tx, ty = tangents
+        if isinstance(tx, Zero) and isinstance(ty, Zero):
+            return y, Zero(y.aval)
+        return y, prim.bind(instantiate(tx), instantiate(ty))
+    return jvp
+
+
+add.prim.def_jvp(_linear_jvp(add.prim))
+sub.prim.def_jvp(_linear_jvp(sub.prim))
+
+
+def _add_transpose(ct, x, y):
+    return [ct if isinstance(x, UndefinedPrimal) else None,
+            ct if isinstance(y, UndefinedPrimal) else None]
+
+
+def _sub_transpose(ct, x, y):
+    neg_ct = ct if isinstance(ct, Zero) else neg(ct)
+    return [ct if isinstance(x, UndefinedPrimal) else None,
+            neg_ct if isinstance(y, UndefinedPrimal) else None]
+
+
+add.prim.def_transpose(_add_transpose)
+sub.prim.def_transpose(_sub_transpose)
+
+
+def _mul_jvp(primals, tangents):
+    (x, y), (tx, ty) = primals, tangents
+    out = mul(x, y)
+    return out, _tangent_or_zero(
+        out, None if isinstance(tx, Zero) else mul(tx, y),
+        None if isinstance(ty, Zero) else mul(x, ty))
+
+
+def _mul_transpose(ct, x, y):
+    if isinstance(x, UndefinedPrimal) and isinstance(y, UndefinedPrimal):
+        raise op_error(DTypeError, "mul", "transpose of a product of two linear values")
+    if isinstance(ct, Zero):
+        return [Zero(x.aval) if isinstance(x, UndefinedPrimal) else None,
+                Zero(y.aval) if isinstance(y, UndefinedPrimal) else None]
+    if isinstance(x, UndefinedPrimal):
+        return [mul(ct, y), None]
+    return [None, mul(x, ct)]
+
+
+mul.prim.def_jvp(_mul_jvp)
+mul.prim.def_transpose(_mul_transpose)
+
+
+def _div_jvp(primals, tangents):
+    (x, y), (tx, ty) = primals, tangents
+    out = div(x, y)
+    return out, _tangent_or_zero(
+        out, None if isinstance(tx, Zero) else div(tx, y),
+        None if isinstance(ty, Zero) else neg(mul(ty, div(out, y))))
+
+
+def _div_transpose(ct, x, y):
+    if isinstance(y, UndefinedPrimal):
+        raise op_error(DTypeError, "div", "transpose with respect to the divisor")
+    return [Zero(x.aval) if isinstance(ct, Zero) else div(ct, y), None]
+
+
+div.prim.def_jvp(_div_jvp)
+div.prim.def_transpose(_div_transpose)
+
+
+def _rem_jvp(primals, tangents):
+    (x, y), (tx, ty) = primals, tangents
+    out = rem(x, y)
+    return out, _tangent_or_zero(
+        out, None if isinstance(tx, Zero) else tx,
+        None if isinstance(ty, Zero) else neg(mul(ty, floor(div(x, y)))))
+
+
+rem.prim.def_jvp(_rem_jvp)
+
+
+def _pow_jvp(primals, tangents):
+    (x, y), (tx, ty) = primals, tangents
+    out = pow(x, y)
+    dx = dy = None
+    if not isinstance(tx, Zero):
+        # y * x**(y-1), written so that x == 0 with y == 0 gives 0, not nan.
+        ym1 = pow(x, sub(y, full_like(y, 1)))
+        dx = mul(tx, select(eq(y, full_like(y, 0)), zeros_like(y), mul(y, ym1)))
+    if not isinstance(ty, Zero):
+        safe_log = select(eq(x, full_like(x, 0)), zeros_like(x), log(x))
+        dy = mul(ty, mul(out, safe_log))
+    return out, _tangent_or_zero(out, dx, dy)
+
+
+pow.prim.def_jvp(_pow_jvp)
+
+
+def _minmax_jvp(prim, pick):
+    def jvp(primals, tangents):
+        (x, y), (tx, ty) = primals, tangents
+        out = prim.bind(x, y)
+        if isinstance(tx, Zero) and isinstance(ty, Zero):
+            return out, Zero(out.aval)
+        tx, ty = instantiate(tx), instantiate(ty)
+        # Ties split the tangent evenly, so the derivative is symmetric in x and y.
+        half = full_like(x, 0.5)
+        tie = mul(half, add(tx, ty))
+        return out, select(eq(x, y), tie, select(pick(x, y), tx, ty))
+    return jvp
+
+
+max.prim.def_jvp(_minmax_jvp(max.prim, gt))
+min.prim.def_jvp(_minmax_jvp(min.prim, lt))
+
+
+def _atan2_jvp(primals, tangents):
+    (y, x), (ty, tx) = primals, tangents
+    out = atan2(y, x)
+    denom = add(mul(x, x), mul(y, y))
+    return out, _tangent_or_zero(
+        out, None if isinstance(ty, Zero) else mul(ty, div(x, denom)),
+        None if isinstance(tx, Zero) else neg(mul(tx, div(y, denom))))
+
+
+atan2.prim.def_jvp(_atan2_jvp)
+
+
+def _no_tangent(prim):
+    def jvp(primals, tangents):
+        out = prim.bind(*primals)
+        return out, Zero(out.aval)
+    return jvp
+
+
+for _f in (floor_div, and_, or_, xor, shift_left, shift_right, eq, ne, lt, le, gt, ge):
+    _f.prim.def_jvp(_no_tangent(_f.prim))
+
+
+# --- select and convert ----------------------------------------------------------------------
+
+select_p = Primitive("select")
+
+
+@select_p.def_abstract_eval
+def _select_rule(pred: ArrayType, a: ArrayType, b: ArrayType) -> ArrayType:
+    same_shapes("select", (pred, a, b))
+    same_dtypes("select", (a, b))
+    if pred.dtype != dtypes.bool_:
+        raise op_error(DTypeError, "select", f"the predicate must be bool, got {pred.dtype}")
+    return ArrayType(a.shape, a.dtype, weak=a.weak and b.weak)
+
+
+select_p.def_impl(np.where)
+select_p.def_batch(_batch_elementwise(select_p))
+
+
+def select(pred: Any, on_true: Any, on_false: Any) -> Any:
+    """``on_true`` where ``pred`` else ``on_false``; all three of one shape."""
+    return select_p.bind(pred, on_true, on_false)
+
+
+@select_p.def_jvp
+def _select_jvp(primals, tangents):
+    pred, a, b = primals
+    _, ta, tb = tangents
+    out = select(pred, a, b)
+    if isinstance(ta, Zero) and isinstance(tb, Zero):
+        return out, Zero(out.aval)
+    return out, select(pred, instantiate(ta), instantiate(tb))
+
+
+@select_p.def_transpose
+def _select_transpose(ct, pred, a, b):
+    if isinstance(pred, UndefinedPrimal):
+        raise op_error(DTypeError, "select", "transpose with respect to the predicate")
+    if isinstance(ct, Zero):
+        return [None, Zero(a.aval) if isinstance(a, UndefinedPrimal) else None,
+                Zero(b.aval) if isinstance(b, UndefinedPrimal) else None]
+    zeros = zeros_like(ct)
+    return [None,
+            select(pred, ct, zeros) if isinstance(a, UndefinedPrimal) else None,
+            select(pred, zeros, ct) if isinstance(b, UndefinedPrimal) else None]
+
+
+convert_p = Primitive("convert")
+
+
+@convert_p.def_abstract_eval
+def _convert_rule(x: ArrayType, *, dtype: np.dtype, weak: bool = False) -> ArrayType:
+    return ArrayType(x.shape, dtype, weak=weak)
+
+
+def _convert_impl(x, *, dtype, weak=False):
+    if dtypes.is_int(dtype) and dtypes.is_float(x.dtype):
+        with np.errstate(invalid="ignore"):
+            return x.astype(dtype)
+    return x.astype(dtype)
+
+
+convert_p.def_impl(_convert_impl)
+convert_p.def_batch(lambda args, dims, **p: (convert_p.bind(args[0], **p), dims[0]))
+
+
+def convert(x: Any, dtype: Any, weak: bool = False) -> Any:
+    """Cast to ``dtype`` (a no-op when it already has it)."""
+    from ember.core.trace import aval_of
+
+    dtype = dtypes.canonicalize(dtype)
+    aval = aval_of(x)
+    if aval.dtype == dtype and aval.weak == weak:
+        return x
+    return convert_p.bind(x, dtype=dtype, weak=weak)
+
+
+@convert_p.def_jvp
+def _convert_jvp(primals, tangents, *, dtype, weak=False):
+    (x,), (t,) = primals, tangents
+    out = convert_p.bind(x, dtype=dtype, weak=weak)
+    if isinstance(t, Zero) or not dtypes.is_float(dtype) or not dtypes.is_float(x.aval.dtype):
+        return out, Zero(out.aval)
+    return out, convert_p.bind(t, dtype=dtype, weak=weak)
+
+
+@convert_p.def_transpose
+def _convert_transpose(ct, x, *, dtype, weak=False):
+    if isinstance(ct, Zero):
+        return [Zero(x.aval)]
+    return [convert_p.bind(ct, dtype=x.aval.dtype, weak=x.aval.weak)]

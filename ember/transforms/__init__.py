@@ -1,0 +1,1 @@
+"""Function transformations: jvp, linearize, vjp/grad, vmap, jit, checkpoint, custom_vjp."""

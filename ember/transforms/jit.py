@@ -1,0 +1,240 @@
+"""``jit``: trace a function once per signature into a graph, optimise it, compile it.
+
+The cache key is explicit (rule 5): the pytree structure of the arguments, the abstract type of
+every array leaf (shape, dtype, weak flag, sharding) and the values of static arguments. Each
+miss is a trace, counted per function and explained: ``f.cache_info()`` reports the number of
+traces and hits and, for the last retrace, which part of the key changed.
+
+Called from inside another transformation (``grad(jit(f))``, ``vmap(jit(f))``) or another
+``jit``, the function is traced inline into the enclosing computation: the outer transformation
+sees its primitives directly, so no transformation needs rules for "a jitted call".
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.backends import get_backend
+from ember.core.array import Array
+from ember.core.trace import aval_of, make_graph, to_array, tracing_active
+from ember.errors import EmberError, user_frame
+from ember.ir.graph import ClosedGraph
+from ember.ir.passes import optimize
+from ember.ir.types import ArrayType
+from ember.ir.verify import verify
+from ember.transforms.autodiff import flatten_fun
+from ember.tree import TreeDef, tree_flatten, tree_unflatten
+
+__all__ = ["jit", "Jitted", "Lowered"]
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    tree: TreeDef
+    avals: tuple[ArrayType, ...]
+    static: tuple[Any, ...]
+
+    def difference(self, other: CacheKey) -> str:
+        if self.tree != other.tree:
+            return f"argument structure changed: {other.tree} -> {self.tree}"
+        if self.static != other.static:
+            return f"static arguments changed: {other.static} -> {self.static}"
+        for i, (a, b) in enumerate(zip(other.avals, self.avals)):
+            if a != b:
+                return f"argument leaf {i} changed type: {a} -> {b}"
+        return "unknown"
+
+
+@dataclass
+class Lowered:
+    """A traced and optimised function: its graph can be printed and compiled."""
+
+    graph: ClosedGraph
+    in_tree: TreeDef
+    out_tree: TreeDef
+    backend: str = "numpy"
+
+    def as_text(self) -> str:
+        return str(self.graph)
+
+    def compile(self) -> Callable[..., Any]:
+        program = get_backend(self.backend).compile(self.graph)
+        backend = get_backend(self.backend)
+        out_avals = self.graph.out_avals
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            leaves, tree = tree_flatten((args, kwargs))
+            if tree != self.in_tree:
+                raise EmberError(f"compiled function called with structure {tree}, "
+                                 f"expected {self.in_tree}")
+            outs = program(*[to_array(x)._buffer for x in leaves])
+            return tree_unflatten(self.out_tree, [Array(o, a, backend)
+                                                  for o, a in zip(outs, out_avals)])
+        return run
+
+
+@dataclass
+class _Entry:
+    lowered: Lowered
+    run: Callable[..., Any]
+
+
+@dataclass
+class _Stats:
+    traces: int = 0
+    hits: int = 0
+    last_retrace_reason: str | None = None
+    keys: list[CacheKey] = field(default_factory=list)
+
+
+class Jitted:
+    """A function compiled on first call for each new signature."""
+
+    def __init__(self, fun: Callable[..., Any], static_argnums: Sequence[int] = (),
+                 static_argnames: Sequence[str] = (), donate_argnums: Sequence[int] = (),
+                 backend: str | None = None):
+        self.fun = fun
+        self.static_argnums = tuple(static_argnums)
+        self.static_argnames = tuple(static_argnames)
+        self.donate_argnums = tuple(donate_argnums)
+        self.backend = get_backend(backend).name
+        self._cache: dict[CacheKey, _Entry] = {}
+        self._stats = _Stats()
+        self._signature = _safe_signature(fun)
+        functools.update_wrapper(self, fun)
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the function has been traced (one per distinct signature)."""
+        return self._stats.traces
+
+    def cache_info(self) -> dict[str, Any]:
+        s = self._stats
+        return {"traces": s.traces, "hits": s.hits, "entries": len(self._cache),
+                "last_retrace_reason": s.last_retrace_reason}
+
+    def _split(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple]:
+        static_nums = {n % len(args) for n in self.static_argnums if -len(args) <= n < len(args)}
+        static = []
+        dyn_args = []
+        for i, a in enumerate(args):
+            if i in static_nums:
+                static.append(("arg", i, _hashable(a, f"static argument {i}")))
+            else:
+                dyn_args.append(a)
+        dyn_kwargs = {}
+        for k, v in kwargs.items():
+            if k in self.static_argnames or self._argname_is_static(k):
+                static.append(("kw", k, _hashable(v, f"static argument {k!r}")))
+            else:
+                dyn_kwargs[k] = v
+        return tuple(dyn_args), dyn_kwargs, tuple(static)
+
+    def _argname_is_static(self, name: str) -> bool:
+        if self._signature is None:
+            return False
+        names = list(self._signature.parameters)
+        return name in names and names.index(name) in self.static_argnums
+
+    def _key(self, args: tuple, kwargs: dict) -> tuple[CacheKey, list[Any]]:
+        dyn_args, dyn_kwargs, static = self._split(args, kwargs)
+        leaves, tree = tree_flatten((dyn_args, dyn_kwargs))
+        values = []
+        for leaf in leaves:
+            if not hasattr(leaf, "aval"):
+                try:
+                    leaf = to_array(leaf)
+                except Exception as e:
+                    raise EmberError(f"jit: argument leaf {leaf!r} is not an array; mark it "
+                                     f"static with static_argnums/static_argnames\n"
+                                     f"  at {user_frame()}") from e
+            values.append(leaf)
+        return CacheKey(tree, tuple(aval_of(v) for v in values), static), values
+
+    def _rebuild(self, args: tuple, kwargs: dict) -> Callable[..., Any]:
+        """The function of the dynamic arguments only, with static ones bound."""
+        static_nums = {n % len(args) for n in self.static_argnums if -len(args) <= n < len(args)}
+        static_kw = {k: v for k, v in kwargs.items()
+                     if k in self.static_argnames or self._argname_is_static(k)}
+
+        def call(*dyn: Any, **dyn_kw: Any) -> Any:
+            it = iter(dyn)
+            full = [args[i] if i in static_nums else next(it) for i in range(len(args))]
+            return self.fun(*full, **dyn_kw, **static_kw)
+
+        return call
+
+    def lower(self, *args: Any, **kwargs: Any) -> Lowered:
+        """Trace and optimise for these arguments without running; ``.as_text()`` shows it."""
+        key, _ = self._key(args, kwargs)
+        return self._lower(key, args, kwargs)
+
+    def _lower(self, key: CacheKey, args: tuple, kwargs: dict) -> Lowered:
+        fun = self._rebuild(args, kwargs)
+        store: list = []
+        flat = flatten_fun(fun, key.tree, store)
+        closed = make_graph(flat, key.avals)
+        closed = optimize(closed)
+        verify(closed)
+        return Lowered(closed, key.tree, store[-1], self.backend)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if tracing_active():
+            return self.fun(*args, **kwargs)
+        key, values = self._key(args, kwargs)
+        entry = self._cache.get(key)
+        if entry is None:
+            stats = self._stats
+            if stats.keys:
+                stats.last_retrace_reason = key.difference(stats.keys[-1])
+            lowered = self._lower(key, args, kwargs)
+            entry = self._cache[key] = _Entry(lowered, lowered.compile())
+            stats.traces += 1
+            stats.keys.append(key)
+        else:
+            self._stats.hits += 1
+        dyn_args, dyn_kwargs, _ = self._split(args, kwargs)
+        out = entry.run(*dyn_args, **dyn_kwargs)
+        self._donate(args)
+        return out
+
+    def _donate(self, args: tuple) -> None:
+        for n in self.donate_argnums:
+            for leaf in tree_flatten(args[n])[0]:
+                if isinstance(leaf, Array):
+                    leaf._buffer = None
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else functools.partial(self, obj)
+
+
+def _hashable(value: Any, what: str) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        raise EmberError(f"jit: {what} must be hashable to be static, got "
+                         f"{type(value).__name__}") from None
+    return value
+
+
+def _safe_signature(fun: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fun)
+    except (TypeError, ValueError):
+        return None
+
+
+def jit(fun: Callable[..., Any] | None = None, *, static_argnums: int | Sequence[int] = (),
+        static_argnames: str | Sequence[str] = (), donate_argnums: int | Sequence[int] = (),
+        backend: str | None = None) -> Any:
+    """Compile ``fun`` to a static graph; usable as ``@jit`` or ``@jit(static_argnums=...)``."""
+    as_tuple = lambda v: (v,) if isinstance(v, (int, str)) else tuple(v)  # noqa: E731
+    if fun is None:
+        return lambda f: jit(f, static_argnums=static_argnums, static_argnames=static_argnames,
+                             donate_argnums=donate_argnums, backend=backend)
+    return Jitted(fun, as_tuple(static_argnums), as_tuple(static_argnames),
+                  as_tuple(donate_argnums), backend)
