@@ -115,7 +115,8 @@ class Array:
 
     def __repr__(self) -> str:
         body = np.array2string(self.to_numpy(), separator=", ", prefix="Array(")
-        show_dtype = self.dtype not in (dtypes.float64, dtypes.int64, dtypes.bool_) or self.size == 0
+        default = (dtypes.float64, dtypes.int64, dtypes.bool_)
+        show_dtype = self.dtype not in default or self.size == 0
         suffix = f", dtype={self.dtype}" if show_dtype else ""
         return f"Array({body}{suffix})"
 
@@ -153,23 +154,34 @@ class Tracer(Array):
             "the argument static with jit(..., static_argnums=...)."
         )
 
+    def concrete_value(self) -> Array | None:
+        """The value, when this transformation knows it now (e.g. the primal under eager
+        ``grad``), so Python control flow on it works as it would without the transformation."""
+        return None
+
+    def _concrete(self, what: str) -> Array:
+        value = self.concrete_value()
+        if value is None:
+            raise self._concrete_needed(what)
+        return value
+
     def to_numpy(self) -> np.ndarray:
         raise self._concrete_needed("converting to a NumPy array")
 
     def __bool__(self) -> bool:
-        raise self._concrete_needed("`if`/`while`/`and`/`or`/bool()")
+        return bool(self._concrete("`if`/`while`/`and`/`or`/bool()"))
 
     def __int__(self) -> int:
-        raise self._concrete_needed("int()")
+        return int(self._concrete("int()"))
 
     def __float__(self) -> float:
-        raise self._concrete_needed("float()")
+        return float(self._concrete("float()"))
 
     def __index__(self) -> int:
-        raise self._concrete_needed("using an array as a Python index")
+        return self._concrete("using an array as a Python index").__index__()
 
     def item(self) -> Any:
-        raise self._concrete_needed(".item()")
+        return self._concrete(".item()").item()
 
     def tolist(self) -> Any:
         raise self._concrete_needed(".tolist()")

@@ -109,6 +109,11 @@ def new_main(trace_type: type[Trace], payload: Any = None, dynamic: bool = False
             _dynamic.pop()
 
 
+def innermost_main() -> MainTrace:
+    """The transformation pushed last (the eval trace when none is active)."""
+    return _stack[-1]
+
+
 def tracing_active() -> bool:
     """True when some transformation other than the eval trace is active."""
     return len(_stack) > 1
@@ -120,6 +125,8 @@ def bind(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
     for a in args:
         if isinstance(a, Tracer):
             main = a._trace.main
+            if not main.active:
+                raise escaped_tracer(a)
             if main.level > top.level:
                 top = main
     if top.level == 0:
@@ -224,9 +231,11 @@ class GraphBuilder:
     def var(self, t: GraphTracer) -> Var | Literal:
         return self.vars[id(t)]
 
-    def build(self, inputs: Sequence[GraphTracer], outputs: Sequence[GraphTracer]
+    def build(self, invars: Sequence[Var | GraphTracer], outputs: Sequence[GraphTracer]
               ) -> ClosedGraph:
-        invars = [self.vars[id(t)] for t in inputs]
+        """Close the graph over ``invars`` with the values of ``outputs``. Pass input Vars
+        taken when the inputs were made: ``x[i] = v`` may rebind an input tracer later."""
+        invars = [v if isinstance(v, Var) else self.vars[id(v)] for v in invars]
         outvars = [self.vars[id(t)] for t in outputs]
         used = _live_consts(self.eqns, outvars)
         constvars, consts = [], []
@@ -235,7 +244,7 @@ class GraphBuilder:
             if v.id in used:
                 constvars.append(v)
                 consts.append(value)
-        graph = Graph(constvars, invars, list(self.eqns), outvars)
+        graph = Graph(constvars, list(invars), list(self.eqns), outvars)
         return ClosedGraph(graph, consts)
 
 
@@ -295,8 +304,9 @@ def make_graph(fn: Callable[..., Sequence[Any]], in_avals: Sequence[ArrayType],
     with new_main(GraphTrace, GraphBuilder(), dynamic=dynamic) as main:
         trace: GraphTrace = main.trace
         ins = [trace.new_arg(a) for a in in_avals]
+        invars = [main.payload.var(t) for t in ins]
         outs = [trace.full_raise(o) for o in fn(*ins)]
-        return main.payload.build(ins, outs)
+        return main.payload.build(invars, outs)
 
 
 def eval_graph(closed: ClosedGraph, *args: Any) -> list[Any]:

@@ -70,7 +70,7 @@ def _parse(shape: tuple[int, ...], index: Any) -> _Parsed:
             out.extend([slice(None)] * (len(shape) - consumed))
         else:
             out.append(i)
-    if Ellipsis not in expanded:
+    if not any(i is Ellipsis for i in expanded):
         out.extend([slice(None)] * (len(shape) - consumed))
     entries, new_axes = [], []
     for i in out:

@@ -25,7 +25,7 @@ __all__ = [
     "abs", "sign", "floor", "ceil", "round", "is_finite", "not_", "add", "sub", "mul", "div",
     "floor_div", "rem", "pow", "max", "min", "atan2", "and_", "or_", "xor", "shift_left",
     "shift_right", "eq", "ne", "lt", "le", "gt", "ge", "select", "convert", "full_like",
-    "zeros_like", "instantiate", "add_any",
+    "zeros_like", "instantiate", "add_any", "stop_gradient",
 ]
 
 # --- shape/dtype rules -----------------------------------------------------------------------
@@ -502,3 +502,16 @@ def _convert_transpose(ct, x, *, dtype, weak=False):
     if isinstance(ct, Zero):
         return [Zero(x.aval)]
     return [convert_p.bind(ct, dtype=x.aval.dtype, weak=x.aval.weak)]
+
+
+stop_gradient_p = Primitive("stop_gradient")
+stop_gradient_p.def_abstract_eval(lambda x: x)
+stop_gradient_p.def_impl(lambda x: x)
+stop_gradient_p.def_jvp(lambda primals, tangents: (stop_gradient_p.bind(*primals),
+                                                   Zero(primals[0].aval)))
+stop_gradient_p.def_batch(lambda args, dims: (stop_gradient_p.bind(*args), dims[0]))
+
+
+def stop_gradient(x: Any) -> Any:
+    """The identity, with a derivative of zero."""
+    return stop_gradient_p.bind(x)

@@ -205,7 +205,7 @@ def _slice_rule(x: ArrayType, *, start: tuple[int, ...], limit: tuple[int, ...],
 
 
 def _slice_impl(x, *, start, limit, strides):
-    return x[tuple(slice(s, e, d) for s, e, d in zip(start, limit, strides))]
+    return x[tuple(np.s_[s:e:d] for s, e, d in zip(start, limit, strides))]
 
 
 slice_p.def_impl(_slice_impl)
@@ -331,7 +331,7 @@ def _pad_batch(args, dims, *, lo, hi, interior):
     x, value = args
     bx, bv = dims
     if bv is not None:
-        from ember.transforms.vmap import batch_by_loop
+        from ember.ops.batching import batch_by_loop
 
         return batch_by_loop(pad_p, args, dims, lo=lo, hi=hi, interior=interior)
     x = moveaxis(x, bx, 0)
@@ -495,7 +495,7 @@ def _dynamic_slice_transpose(ct, x, *starts, sizes):
 @dynamic_slice_p.def_batch
 def _dynamic_slice_batch(args, dims, *, sizes):
     if any(d is not None for d in dims[1:]):
-        from ember.transforms.vmap import batch_by_loop
+        from ember.ops.batching import batch_by_loop
 
         return batch_by_loop(dynamic_slice_p, args, dims, sizes=sizes)
     x = moveaxis(args[0], dims[0], 0)
@@ -565,7 +565,7 @@ def _dus_transpose(ct, x, update, *starts):
 @dynamic_update_slice_p.def_batch
 def _dus_batch(args, dims):
     if any(d is not None for d in dims[2:]):
-        from ember.transforms.vmap import batch_by_loop
+        from ember.ops.batching import batch_by_loop
 
         return batch_by_loop(dynamic_update_slice_p, args, dims)
     x, update = args[:2]

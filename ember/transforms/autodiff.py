@@ -7,17 +7,16 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-
 from ember import dtypes
-from ember.core.primitive import Primitive
-from ember.core.trace import Zero, aval_of, eval_graph, to_array
+from ember.core.trace import Zero, aval_of, eval_graph, full_lower, innermost_main, to_array
 from ember.errors import DTypeError, EmberError, ShapeError, user_frame
 from ember.ir.types import ArrayType
+from ember.ops import elementwise as ew
 from ember.ops.elementwise import full_like, zeros_like
-from ember.transforms.jvp import jvp_flat
+from ember.transforms.jvp import JVPTracer, jvp_flat
 from ember.transforms.linearize import linearize_flat
 from ember.transforms.transpose import backward_pass
-from ember.tree import TreeDef, tree_flatten, tree_unflatten
+from ember.tree import TreeDef, tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["jvp", "linearize", "vjp", "grad", "value_and_grad", "stop_gradient"]
 
@@ -92,7 +91,7 @@ def _vjp(fun: Callable[..., Any], primals: Sequence[Any], has_aux: bool
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise EmberError("has_aux=True needs the function to return (output, aux)")
             out, aux = out
-            aux_store.append(aux)
+            aux_store.append(tree_map(_strip_tangent, aux))
         return out
 
     outs, lin = linearize_flat(flatten_fun(fun_main, in_tree, store), leaves)
@@ -119,6 +118,14 @@ def _vjp(fun: Callable[..., Any], primals: Sequence[Any], has_aux: bool
 
     aux = aux_store[-1] if has_aux else None
     return tree_unflatten(out_tree, outs), vjp_fn, aux
+
+
+def _strip_tangent(x: Any) -> Any:
+    """An aux output is returned as a plain value: drop the tangent the innermost (this
+    function's own) JVP trace attached to it."""
+    if isinstance(x, JVPTracer) and x._trace.main is innermost_main():
+        return full_lower(x.primal)
+    return x
 
 
 def _cast_like(g: Any, aval: ArrayType) -> Any:
@@ -197,17 +204,9 @@ def _check_differentiable(args: Sequence[Any], nums: Sequence[int]) -> None:
 
 # --- stop_gradient ---------------------------------------------------------------------------
 
-stop_gradient_p = Primitive("stop_gradient")
-stop_gradient_p.def_abstract_eval(lambda x: x)
-stop_gradient_p.def_impl(lambda x: x)
-stop_gradient_p.def_jvp(lambda primals, tangents: (stop_gradient_p.bind(*primals),
-                                                   Zero(aval_of(primals[0]))))
-stop_gradient_p.def_batch(lambda args, dims: (stop_gradient_p.bind(*args), dims[0]))
-
-
 def stop_gradient(x: Any) -> Any:
     """The identity, with a derivative of zero (applies to every leaf of a pytree)."""
     leaves, tree = tree_flatten(x)
-    return tree_unflatten(tree, [stop_gradient_p.bind(_as_value(v)) for v in leaves])
+    return tree_unflatten(tree, [ew.stop_gradient(_as_value(v)) for v in leaves])
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ember import dtypes
-from ember.core.array import Tracer
+from ember.core.array import Array, Tracer
 from ember.core.primitive import Primitive
 from ember.core.trace import Trace, Zero, aval_of, new_main
 from ember.errors import UnsupportedError, op_error
@@ -24,6 +24,10 @@ class JVPTracer(Tracer):
     @property
     def aval(self) -> ArrayType:
         return aval_of(self.primal)
+
+    def concrete_value(self) -> Array | None:
+        p = self.primal
+        return p.concrete_value() if isinstance(p, Tracer) else p
 
 
 def _tangent_for(primal: Any, tangent: Any) -> Any:

@@ -30,6 +30,7 @@ def linearize_flat(fun: Callable[..., Sequence[Any]], primals: Sequence[Any]
     with new_main(GraphTrace, GraphBuilder()) as graph_main:
         gtrace: GraphTrace = graph_main.trace
         tangents_in = [gtrace.new_arg(a) for a in tangent_avals]
+        invars = [graph_main.payload.var(t) for t in tangents_in]
         with new_main(JVPTrace) as jvp_main:
             jtrace = jvp_main.trace
             ins = [JVPTracer(jtrace, p, _tangent_for(p, t)) for p, t in zip(primals, tangents_in)]
@@ -38,5 +39,5 @@ def linearize_flat(fun: Callable[..., Sequence[Any]], primals: Sequence[Any]
             tangents_out = [o.tangent for o in outs]
         tangents_out = [gtrace.full_raise(zeros_like(t) if isinstance(t, Zero) else t)
                         for t in tangents_out]
-        closed = graph_main.payload.build(tangents_in, tangents_out)
+        closed = graph_main.payload.build(invars, tangents_out)
     return primals_out, dce(closed)

@@ -9,10 +9,8 @@ fall back to a loop over the batch (correct, slower), so every primitive can be 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
-
-import numpy as np
 
 from ember.core.array import Tracer
 from ember.core.primitive import Primitive
@@ -20,9 +18,10 @@ from ember.core.trace import Trace, aval_of, new_main, to_array
 from ember.errors import EmberError, ShapeError, user_frame
 from ember.ir.types import ArrayType
 from ember.ops import structural as st
+from ember.ops.batching import batch_by_loop
 from ember.tree import tree_flatten, tree_unflatten
 
-__all__ = ["vmap", "batch_by_loop"]
+__all__ = ["vmap"]
 
 
 class BatchTracer(Tracer):
@@ -64,34 +63,6 @@ class BatchTrace(Trace):
         if prim.multiple_results:
             return [BatchTracer(self, o, d) for o, d in zip(out, out_dims)]
         return BatchTracer(self, out, out_dims)
-
-
-def batch_by_loop(prim: Primitive, args: Sequence[Any], dims: Sequence[int | None],
-                  **params: Any) -> tuple[Any, Any]:
-    """Batch any primitive by applying it to each element and stacking the results."""
-    size = next(aval_of(a).shape[d] for a, d in zip(args, dims) if d is not None)
-    results = []
-    for i in range(size):
-        sliced = [a if d is None else st.index_in_dim(a, i, d) for a, d in zip(args, dims)]
-        out = prim.bind(*sliced, **params)
-        results.append(out if prim.multiple_results else [out])
-    if size == 0:
-        in_avals = [aval_of(a) if d is None else _drop(aval_of(a), d) for a, d in zip(args, dims)]
-        out_avals = prim.abstract_eval(*in_avals, **params)
-        out_avals = out_avals if prim.multiple_results else [out_avals]
-        stacked = [to_array(np.zeros((0, *a.shape), a.dtype)) for a in out_avals]
-    else:
-        stacked = [st.concatenate([st.expand_dims(r[k], 0) for r in results], 0)
-                   for k in range(len(results[0]))]
-    if prim.multiple_results:
-        return stacked, [0] * len(stacked)
-    return stacked[0], 0
-
-
-def _drop(aval: ArrayType, axis: int) -> ArrayType:
-    shape = list(aval.shape)
-    del shape[axis]
-    return aval.update(shape=tuple(shape))
 
 
 def _broadcast_prefix(prefix: Any, tree: Any, what: str) -> list[Any]:

@@ -1,0 +1,5 @@
+"""``python -m ember``: the command line."""
+
+from ember.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Shared test helpers: random inputs per dtype, tolerant comparison, eager + jit runners."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+import ember
+from ember import dtypes
+
+FLOATS = (dtypes.float16, dtypes.bfloat16, dtypes.float32, dtypes.float64)
+INTS = (dtypes.int8, dtypes.int16, dtypes.int32, dtypes.int64,
+        dtypes.uint8, dtypes.uint16, dtypes.uint32, dtypes.uint64)
+SIGNED = (dtypes.int8, dtypes.int16, dtypes.int32, dtypes.int64)
+NUMBERS = INTS + FLOATS
+ALL = (dtypes.bool_,) + NUMBERS
+
+# rtol/atol for results computed in each dtype (against a float64 or float32 reference).
+_TOL = {dtypes.float16: (2e-3, 2e-3), dtypes.bfloat16: (1.6e-2, 1.6e-2),
+        dtypes.float32: (2e-5, 1e-6), dtypes.float64: (1e-10, 1e-12)}
+
+
+def tol(dtype: np.dtype) -> tuple[float, float]:
+    return _TOL.get(np.dtype(dtype), (0.0, 0.0))
+
+
+def rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any,
+         low: float = -3.0, high: float = 3.0) -> np.ndarray:
+    """Random values in ``[low, high)`` (clipped to the dtype's range) of ``dtype``."""
+    dt = np.dtype(dtype)
+    if dt == dtypes.bool_:
+        return rng.random(shape) < 0.5
+    if dtypes.is_int(dt):
+        info = np.iinfo(dt)
+        lo, hi = max(int(np.floor(low)), info.min), min(int(np.ceil(high)), info.max)
+        return rng.integers(lo, hi, size=shape, endpoint=True).astype(dt)
+    return rng.uniform(low, high, size=shape).astype(dt)
+
+
+def to_np(x: Any) -> Any:
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_np(v) for v in x)
+    return np.asarray(x)
+
+
+def assert_close(actual: Any, expected: Any, dtype: Any = None, rtol: float | None = None,
+                 atol: float | None = None, check_dtype: bool = True, err_msg: str = "") -> None:
+    """Compare an Ember (or NumPy) result with a NumPy reference: dtype, shape and values."""
+    if isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), err_msg
+        for a, e in zip(actual, expected):
+            assert_close(a, e, dtype, rtol, atol, check_dtype, err_msg)
+        return
+    a = np.asarray(actual)
+    e = np.asarray(expected)
+    if check_dtype:
+        assert a.dtype == e.dtype, f"dtype {a.dtype} != expected {e.dtype} {err_msg}"
+    assert a.shape == e.shape, f"shape {a.shape} != expected {e.shape} {err_msg}"
+    dt = np.dtype(dtype) if dtype is not None else e.dtype
+    r, t = tol(dt)
+    r, t = (rtol if rtol is not None else r), (atol if atol is not None else t)
+    if a.dtype in (dtypes.bfloat16, dtypes.float16):
+        a = a.astype(np.float32)
+    if e.dtype in (dtypes.bfloat16, dtypes.float16):
+        e = e.astype(np.float32)
+    if r == 0 and t == 0:
+        np.testing.assert_array_equal(a, e, err_msg=err_msg)
+    else:
+        np.testing.assert_allclose(a, e, rtol=r, atol=t, equal_nan=True, err_msg=err_msg)
+
+
+def eager_and_jit(fn: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
+    """Run ``fn`` eagerly and under ``ember.jit`` on the same arguments."""
+    return fn(*args), ember.jit(fn)(*args)
+
+
+def check(fn: Callable[..., Any], ref: Callable[..., Any], *args: np.ndarray, dtype: Any = None,
+          rtol: float | None = None, atol: float | None = None, check_dtype: bool = True) -> None:
+    """``fn`` on Ember arrays, eager and jitted, equals ``ref`` on the NumPy arrays."""
+    expected = ref(*args)
+    ember_args = [ember.numpy.asarray(a) for a in args]
+    eager, jitted = eager_and_jit(fn, *ember_args)
+    assert_close(eager, expected, dtype, rtol, atol, check_dtype, "(eager)")
+    assert_close(jitted, expected, dtype, rtol, atol, check_dtype, "(jit)")
+
+
+def upcast(x: np.ndarray) -> np.ndarray:
+    """Half-precision NumPy inputs computed in float32 for a reference."""
+    if x.dtype in (dtypes.float16, dtypes.bfloat16):
+        return x.astype(np.float32)
+    return x
+
+
+def bf16(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=ml_dtypes.bfloat16)
