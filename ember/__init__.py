@@ -19,3 +19,5 @@ __version__ = "0.1.0"
 __all__ = ["Array", "DTypeError", "EmberError", "ShapeError", "TracerError", "UnsupportedError",
            "grad", "jit", "jvp", "linearize", "stop_gradient", "value_and_grad", "vjp", "vmap",
            "__version__"]
+
+from ember import random  # noqa: E402,F401

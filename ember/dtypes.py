@@ -12,6 +12,7 @@ scalar passed through ``jit`` behaves exactly as it does eagerly.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import ml_dtypes
@@ -40,8 +41,13 @@ default_int = int64
 default_float = float64
 
 
+_SUPPORTED_SET = frozenset(SUPPORTED)
+
+
 def canonicalize(dtype: Any) -> np.dtype:
     """Turn anything NumPy accepts as a dtype (``"float32"``, ``np.float32``...) into a dtype."""
+    if isinstance(dtype, np.dtype) and dtype in _SUPPORTED_SET:
+        return dtype
     from ember.errors import DTypeError
 
     try:
@@ -89,8 +95,10 @@ def _stand_in(dt: np.dtype) -> np.dtype:
     return float16 if dt == bfloat16 else dt
 
 
+@functools.lru_cache(maxsize=4096)
 def promote(*operands: tuple[np.dtype, bool]) -> np.dtype:
-    """Result dtype of ``(dtype, weak)`` operands under NumPy 2 rules."""
+    """Result dtype of ``(dtype, weak)`` operands under NumPy 2 rules (memoised: it is on the
+    path of every eager operation)."""
     strong = [dt for dt, weak in operands if not weak]
     weak = [dt for dt, weak in operands if weak]
     if strong:
@@ -137,12 +145,22 @@ def dtype_and_weakness(x: Any) -> tuple[np.dtype, bool]:
 
 def finfo(dtype: Any) -> Any:
     """Machine limits of a floating dtype (``numpy.finfo`` that also knows bfloat16)."""
-    return ml_dtypes.finfo(canonicalize(dtype))
+    dt = canonicalize(dtype)
+    if not is_float(dt):
+        from ember.errors import DTypeError
+
+        raise DTypeError(f"finfo needs a floating dtype, got {dt}")
+    return ml_dtypes.finfo(dt)
 
 
 def iinfo(dtype: Any) -> Any:
     """Machine limits of an integer dtype."""
-    return ml_dtypes.iinfo(canonicalize(dtype))
+    dt = canonicalize(dtype)
+    if not is_int(dt):
+        from ember.errors import DTypeError
+
+        raise DTypeError(f"iinfo needs an integer dtype, got {dt}")
+    return ml_dtypes.iinfo(dt)
 
 
 def short_name(dt: np.dtype) -> str:

@@ -61,6 +61,9 @@ def test_static_argnums_and_argnames():
     assert float(jg(x, 3, mode="max")) == 24.0
     assert float(jg(x, 2)) == float((x * 4).sum())
     assert jg.trace_count == 3
+    by_position = ember.jit(lambda x, mode: x.sum() if mode == "sum" else x.max(),
+                            static_argnames="mode")
+    assert float(by_position(x, "max")) == 3.0
     jg(x, 3)
     assert jg.trace_count == 3
 

@@ -56,7 +56,9 @@ class NumpyBackend(Backend):
             outs = [(slots[v.id], v.aval.dtype) for v in eqn.outputs]
             free = [s for s, last in last_use.items() if last == i and s not in keep]
             steps.append((fn, ins, outs, eqn.params, eqn.prim.multiple_results, free))
-        const_values = list(closed.consts)
+        # Snapshot the constants' buffers now: a captured array later rebound by ``x[i] = v``
+        # must not change what an already compiled program computes.
+        const_values = [np.asarray(c) for c in closed.consts]
         n_slots = len(slots)
         out_refs = [("lit", a.value) if isinstance(a, Literal) else ("slot", slots[a.id])
                     for a in graph.outvars]

@@ -114,11 +114,8 @@ class Array:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        body = np.array2string(self.to_numpy(), separator=", ", prefix="Array(")
-        default = (dtypes.float64, dtypes.int64, dtypes.bool_)
-        show_dtype = self.dtype not in default or self.size == 0
-        suffix = f", dtype={self.dtype}" if show_dtype else ""
-        return f"Array({body}{suffix})"
+        # NumPy's own repr (shape= for empty arrays, summarised large ones), renamed.
+        return "Array" + np.array_repr(self.to_numpy())[len("array"):]
 
     def __str__(self) -> str:
         return str(self.to_numpy())
@@ -187,6 +184,9 @@ class Tracer(Array):
         raise self._concrete_needed(".tolist()")
 
     def __repr__(self) -> str:
+        value = self.concrete_value()
+        if value is not None:  # e.g. under eager grad: show the value, as PyTorch would
+            return f"{value!r} (traced by {type(self).__name__})"
         return f"Traced<{self.aval}>({type(self).__name__})"
 
     __str__ = __repr__

@@ -35,7 +35,8 @@ def asarray(a: ArrayLike, dtype: Any = None, copy: bool | None = None) -> Array:
         try:
             host = np.asarray(a)
         except (ValueError, TypeError) as e:
-            raise op_error(DTypeError, "asarray", f"cannot convert {type(a).__name__}: {e}")
+            raise op_error(DTypeError, "asarray",
+                           f"cannot convert {type(a).__name__}: {e}") from None
         if host.dtype == object:
             raise op_error(DTypeError, "asarray", f"cannot convert {type(a).__name__} to an "
                            "array (ragged nesting or non-numeric values?)")
@@ -82,6 +83,8 @@ def result_dtype(*args: Any) -> np.dtype:
 
 
 def broadcast_shapes(op: str, *shapes: Sequence[int]) -> tuple[int, ...]:
+    if all(s == shapes[0] for s in shapes[1:]):
+        return tuple(shapes[0])
     try:
         return tuple(np.broadcast_shapes(*shapes))
     except ValueError:
@@ -91,6 +94,8 @@ def broadcast_shapes(op: str, *shapes: Sequence[int]) -> tuple[int, ...]:
 
 def promote_args(op: str, *args: Any, dtype: np.dtype | None = None) -> list[Any]:
     """Cast to the common dtype (or ``dtype``) and broadcast to the common shape."""
+    if dtype is None and _already_agree(args):
+        return list(args)
     target = dtype if dtype is not None else result_dtype(*args)
     all_weak = all(is_python_scalar(a) or (hasattr(a, "aval") and a.aval.weak) for a in args)
     vals = []
@@ -108,6 +113,17 @@ def promote_args(op: str, *args: Any, dtype: np.dtype | None = None) -> list[Any
             vals.append(ew.convert(v, target, weak=all_weak and v.aval.weak))
     shape = broadcast_shapes(op, *[aval_of(v).shape for v in vals])
     return [st.broadcast_to_shape(v, shape) for v in vals]
+
+
+def _already_agree(args: Sequence[Any]) -> bool:
+    """The common case: Ember arrays of one type; nothing to promote or broadcast."""
+    first = getattr(args[0], "aval", None)
+    if first is None or not isinstance(args[0], Array):
+        return False
+    for a in args[1:]:
+        if not isinstance(a, Array) or a.aval != first:
+            return False
+    return True
 
 
 def float_dtype(dt: np.dtype) -> np.dtype:

@@ -145,9 +145,9 @@ def logspace(start: Any, stop: Any, num: int = 50, endpoint: bool = True, base: 
 
 
 def eye(N: int, M: int | None = None, k: int = 0, dtype: Any = None) -> Any:  # noqa: N803
-    M = N if M is None else M
-    rows = st.iota(dtypes.int64, (N, M), 0)
-    cols = st.iota(dtypes.int64, (N, M), 1)
+    cols_n = N if M is None else M
+    rows = st.iota(dtypes.int64, (N, cols_n), 0)
+    cols = st.iota(dtypes.int64, (N, cols_n), 1)
     mask = ew.eq(ew.add(rows, ew.full_like(rows, k)), cols)
     return ew.convert(mask, dtypes.canonicalize(dtype) if dtype is not None else dtypes.float64)
 
@@ -157,9 +157,9 @@ def identity(n: int, dtype: Any = None) -> Any:
 
 
 def tri(N: int, M: int | None = None, k: int = 0, dtype: Any = None) -> Any:  # noqa: N803
-    M = N if M is None else M
-    rows = st.iota(dtypes.int64, (N, M), 0)
-    cols = st.iota(dtypes.int64, (N, M), 1)
+    cols_n = N if M is None else M
+    rows = st.iota(dtypes.int64, (N, cols_n), 0)
+    cols = st.iota(dtypes.int64, (N, cols_n), 1)
     mask = ew.le(cols, ew.add(rows, ew.full_like(rows, k)))
     return ew.convert(mask, dtypes.canonicalize(dtype) if dtype is not None else dtypes.float64)
 
@@ -221,7 +221,7 @@ def diag(v: Any, k: int = 0) -> Any:
         src = st.broadcast_in_dim(padded, (n, n), (0,) if k >= 0 else (1,))
         return ew.select(on, src, ew.zeros_like(src))
     if len(shape) == 2:
-        from ember.numpy._shape import diagonal
+        from ember.numpy._shape_more import diagonal
 
         return diagonal(x, k)
     raise op_error(EmberValueError, "diag", f"input must be 1-d or 2-d, got {shape}")

@@ -28,11 +28,11 @@ from ember.ops import elementwise as ew
 from ember.ops import structural as st
 from ember.ops.indexing import gather, scatter
 
-__all__ = ["getitem", "at_set", "rebind", "at_property", "take", "take_along_axis",
+__all__ = ["take", "take_along_axis",
            "put_along_axis", "put", "compress", "extract", "choose", "select"]
 
 
-class IndexOutOfRange(EmberError, IndexError):
+class IndexOutOfRangeError(EmberError, IndexError):
     """A concrete index outside the array (NumPy raises ``IndexError`` too)."""
 
 
@@ -60,9 +60,9 @@ def _parse(shape: tuple[int, ...], index: Any) -> _Parsed:
         expanded.append(i)
     consumed = sum(_axes_used(i) for i in expanded if i is not Ellipsis and i is not None)
     if sum(i is Ellipsis for i in expanded) > 1:
-        raise op_error(IndexOutOfRange, "getitem", "an index can only have a single ellipsis")
+        raise op_error(IndexOutOfRangeError, "getitem", "an index can only have a single ellipsis")
     if consumed > len(shape):
-        raise op_error(IndexOutOfRange, "getitem", f"too many indices for array: array is "
+        raise op_error(IndexOutOfRangeError, "getitem", f"too many indices for array: array is "
                        f"{len(shape)}-dimensional, but {consumed} were indexed")
     out: list[Any] = []
     for i in expanded:
@@ -88,7 +88,7 @@ def _parse(shape: tuple[int, ...], index: Any) -> _Parsed:
             elif dtypes.is_int(aval_of(arr).dtype):
                 entries.append(("array", arr))
             else:
-                raise op_error(IndexOutOfRange, "getitem", "only integers, slices, ellipsis, "
+                raise op_error(IndexOutOfRangeError, "getitem", "only integers, slices, ellipsis, "
                                f"None and integer or boolean arrays are valid indices, got "
                                f"{aval_of(arr).dtype} array")
     return _Parsed(entries, new_axes)
@@ -112,7 +112,7 @@ def _mask_to_indices(mask: Any) -> list[Any]:
             "alternative.")
     host = np.asarray(mask.to_numpy())
     if host.ndim == 0:
-        raise op_error(IndexOutOfRange, "getitem", "0-d boolean indices are not supported")
+        raise op_error(IndexOutOfRangeError, "getitem", "0-d boolean indices are not supported")
     return [to_array(a.astype(np.int64)) for a in np.nonzero(host)]
 
 
@@ -153,7 +153,7 @@ def _static_slice(x: Any, axis: int, s: slice) -> Any:
 
 def _check_int(i: int, n: int, axis: int) -> int:
     if not -n <= i < n:
-        raise op_error(IndexOutOfRange, "getitem", f"index {i} is out of bounds for axis "
+        raise op_error(IndexOutOfRangeError, "getitem", f"index {i} is out of bounds for axis "
                        f"{axis} with size {n}")
     return i % n
 
@@ -164,8 +164,8 @@ def _normalize_index_array(idx: Any, n: int, axis: int) -> Any:
         host = np.asarray(idx.to_numpy())
         if host.size and (host.min() < -n or host.max() >= n):
             bad = host[(host < -n) | (host >= n)].flat[0]
-            raise op_error(IndexOutOfRange, "getitem", f"index {bad} is out of bounds for axis "
-                           f"{axis} with size {n}")
+            raise op_error(IndexOutOfRangeError, "getitem", f"index {bad} is out of bounds for "
+                           f"axis {axis} with size {n}")
         return to_array(np.where(host < 0, host + n, host).astype(np.int64))
     idx = ew.convert(idx, dtypes.int64)
     zero = ew.zeros_like(idx)

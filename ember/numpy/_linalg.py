@@ -1,4 +1,5 @@
-"""Products: matmul, dot, vdot, vecdot, inner, outer, tensordot, einsum, kron, trace."""
+"""Products: matmul, dot, vdot, vecdot, inner, outer, tensordot, kron, trace (einsum lives in
+``_einsum``)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import numpy as np
 
 from ember.core.trace import aval_of
 from ember.errors import ShapeError, op_error
-from ember.numpy._core import broadcast_shapes, promote_args, value
+from ember.numpy._core import promote_args, value
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
 from ember.ops.linalg import dot_general
 from ember.ops.reduce import reduce_sum
 
-__all__ = ["matmul", "dot", "vdot", "vecdot", "inner", "outer", "tensordot", "einsum",
+__all__ = ["matmul", "dot", "vdot", "vecdot", "inner", "outer", "tensordot",
            "matrix_transpose", "kron", "trace"]
 
 
@@ -40,7 +41,11 @@ def matmul(x1: Any, x2: Any, /) -> Any:
     if sa2[-1] != sb2[-2]:
         raise op_error(ShapeError, "matmul", f"contracted dimensions differ: {sa} @ {sb} "
                        f"({sa2[-1]} != {sb2[-2]})")
-    batch = broadcast_shapes("matmul", sa2[:-2], sb2[:-2])
+    try:
+        batch = tuple(np.broadcast_shapes(sa2[:-2], sb2[:-2]))
+    except ValueError:
+        raise op_error(ShapeError, "matmul", f"batch dimensions do not broadcast: {sa} @ "
+                       f"{sb}") from None
     nb = len(batch)
     if nb and (sa2[:-2] != batch or sb2[:-2] != batch):
         if len(sb2) == 2:  # (..., n, k) @ (k, m): fold the batch into rows, one big GEMM
@@ -145,14 +150,6 @@ def kron(a: Any, b: Any, /) -> Any:
 
 def trace(a: Any, offset: int = 0, axis1: int = 0, axis2: int = 1) -> Any:
     from ember.numpy._reductions import sum as sum_
-    from ember.numpy._shape import diagonal
+    from ember.numpy._shape_more import diagonal
 
     return sum_(diagonal(a, offset, axis1, axis2), axis=-1)
-
-
-def einsum(subscripts: str, *operands: Any) -> Any:
-    """``numpy.einsum`` for explicit and implicit subscripts (with ``...``), lowered to a
-    sequence of pairwise ``dot_general`` contractions, left to right."""
-    from ember.numpy._einsum import einsum as run
-
-    return run(subscripts, *operands)

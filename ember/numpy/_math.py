@@ -105,11 +105,12 @@ def power(x1: Any, x2: Any, /) -> Any:
         return square(x1)  # exact and cheaper, as NumPy's fast path
     a, b = promote_args("power", x1, x2)
     if dtypes.is_int(aval_of(a).dtype):
-        _check_int_power(b)
+        _check_int_power(x2)
     return ew.pow(a, b)
 
 
 def _check_int_power(exponent: Any) -> None:
+    """NumPy's error for a known negative exponent (a traced one gives 1 // x**-n)."""
     from ember.core.array import Tracer
 
     if not isinstance(exponent, Tracer) and (np.asarray(exponent) < 0).any():
@@ -246,7 +247,14 @@ def _rounding(name: str, op: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 floor = _rounding("floor", ew.floor)
 ceil = _rounding("ceil", ew.ceil)
-rint = _rounding("rint", ew.round)
+
+
+def rint(x: Any, /) -> Any:
+    """Round half to even; unlike floor/ceil, NumPy returns floats for integer input."""
+    (a,) = _to_float_args("rint", x)
+    return ew.round(a)
+
+
 trunc = fix = _rounding("trunc", lambda a: where(ew.lt(a, ew.zeros_like(a)), ew.ceil(a),
                                                  ew.floor(a)))
 
@@ -257,8 +265,13 @@ def round(x: Any, decimals: int = 0) -> Any:  # noqa: A001
     if not dtypes.is_float(aval_of(a).dtype):
         if decimals >= 0:
             return a
-        scale = 10 ** (-decimals)
-        return ew.mul(floor_divide(add(a, scale // 2), scale), ew.full_like(a, scale))
+        # Half to even on the quotient, as NumPy: 15 -> 20, 25 -> 20, -15 -> -20.
+        scale = ew.full_like(a, 10 ** (-decimals))
+        q = ew.floor_div(a, scale)
+        twice_r = ew.mul(ew.sub(a, ew.mul(q, scale)), ew.full_like(a, 2))
+        odd = ew.ne(ew.rem(q, ew.full_like(q, 2)), ew.zeros_like(q))
+        up = ew.or_(ew.gt(twice_r, scale), ew.and_(ew.eq(twice_r, scale), odd))
+        return ew.mul(ew.add(q, ew.convert(up, aval_of(q).dtype)), scale)
     if decimals == 0:
         return ew.round(a)
     scale = ew.full_like(a, 10.0 ** decimals)

@@ -12,6 +12,7 @@ from typing import Any
 from ember import dtypes
 from ember.core.array import Array
 from ember.numpy import _creation, _indexing, _linalg, _math, _reductions, _search, _shape
+from ember.numpy import _shape_more as _more
 from ember.ops import elementwise as ew
 
 
@@ -81,8 +82,8 @@ _METHODS = {
     "dot": _linalg.dot, "squeeze": _shape.squeeze, "swapaxes": _shape.swapaxes,
     "ravel": _shape.ravel, "flatten": _shape.ravel, "copy": _creation.copy,
     "take": _indexing.take, "sort": _search.sort, "argsort": _search.argsort,
-    "nonzero": _search.nonzero, "repeat": _shape.repeat if hasattr(_shape, "repeat") else None,
-    "diagonal": _shape.diagonal if hasattr(_shape, "diagonal") else None,
+    "nonzero": _search.nonzero, "repeat": _more.repeat,
+    "diagonal": _more.diagonal,
     "trace": _linalg.trace,
 }
 

@@ -13,8 +13,10 @@ from ember.errors import EmberValueError, TracerError, op_error, user_frame
 from ember.numpy._core import value
 from ember.ops import elementwise as ew
 from ember.ops import reduce as rd
-from ember.ops import sort as so
 from ember.ops import structural as st
+from ember.ops.sort import argsort as _argsort
+from ember.ops.sort import sort as _sort
+from ember.ops.sort import top_k as _top_k
 
 __all__ = ["sort", "argsort", "top_k", "searchsorted", "nonzero", "argwhere", "flatnonzero",
            "unique", "partition", "argpartition"]
@@ -31,18 +33,18 @@ def sort(a: Any, axis: int | None = -1, kind: str | None = None, order: Any = No
          descending: bool = False, stable: bool = True) -> Any:
     """Sorted copy (stable). NaNs sort to the end, as in NumPy."""
     x, axis = _axis_input(a, axis)
-    return so.sort(x, axis, descending)
+    return _sort(x, axis, descending)
 
 
 def argsort(a: Any, axis: int | None = -1, kind: str | None = None, order: Any = None, *,
             descending: bool = False, stable: bool = True) -> Any:
     x, axis = _axis_input(a, axis)
-    return so.argsort(x, axis, descending)
+    return _argsort(x, axis, descending)
 
 
 def top_k(a: Any, k: int) -> tuple[Any, Any]:
     """The ``k`` largest values along the last axis and their indices, largest first."""
-    return so.top_k(value(a), k)
+    return _top_k(value(a), k)
 
 
 def partition(a: Any, kth: int, axis: int = -1) -> Any:

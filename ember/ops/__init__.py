@@ -7,9 +7,9 @@ in :mod:`ember.numpy`.
 """
 
 from ember.ops.elementwise import *  # noqa: F401,F403
-from ember.ops.structural import *  # noqa: F401,F403
-from ember.ops.reduce import *  # noqa: F401,F403
-from ember.ops.linalg import *  # noqa: F401,F403
 from ember.ops.indexing import *  # noqa: F401,F403
-from ember.ops.sort import *  # noqa: F401,F403
+from ember.ops.linalg import *  # noqa: F401,F403
 from ember.ops.random_bits import *  # noqa: F401,F403
+from ember.ops.reduce import *  # noqa: F401,F403
+from ember.ops.sort import *  # noqa: F401,F403
+from ember.ops.structural import *  # noqa: F401,F403

@@ -13,7 +13,7 @@ import numpy as np
 
 from ember import dtypes
 from ember.core.primitive import Primitive
-from ember.core.trace import Zero, UndefinedPrimal
+from ember.core.trace import UndefinedPrimal, Zero
 from ember.errors import DTypeError, op_error
 from ember.ir.types import ArrayType
 from ember.ops._checks import same_dtypes, same_shapes
@@ -73,11 +73,20 @@ def _batch_elementwise(prim: Primitive) -> Callable[..., Any]:
     return rule
 
 
+def _quiet(np_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """IEEE results (inf, nan) without NumPy's RuntimeWarnings: a compiled kernel cannot warn,
+    so the reference backend does not either."""
+    def impl(*args: Any) -> Any:
+        with np.errstate(all="ignore"):
+            return np_fn(*args)
+    return impl
+
+
 def _declare(name: str, np_fn: Callable[..., Any], kind: str, nargs: int,
              out_dtype: np.dtype | None = None) -> Primitive:
     prim = Primitive(name)
     prim.def_abstract_eval(_elementwise_rule(name, kind, out_dtype))
-    prim.def_impl(np_fn)
+    prim.def_impl(_quiet(np_fn))
     prim.def_batch(_batch_elementwise(prim))
     return prim
 
@@ -244,19 +253,19 @@ mul = _binary("mul", np.multiply)
 div = _binary("div", np.true_divide, kind="float")
 
 
-def _floor_div_impl(x, y):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.floor_divide(x, y)
+def _pow_impl(x, y):
+    if dtypes.is_int(x.dtype) and (y < 0).any():
+        # NumPy raises here, a compiled program cannot: 1 / x**n truncated toward zero.
+        neg = y < 0
+        odd = (y % 2).astype(bool)
+        inverse = np.where(x == 1, 1, np.where(x == -1, np.where(odd, -1, 1), 0))
+        return np.where(neg, inverse, np.power(x, np.where(neg, 0, y))).astype(x.dtype)
+    return np.power(x, y)
 
 
-def _rem_impl(x, y):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.remainder(x, y)
-
-
-floor_div = _binary("floor_div", _floor_div_impl)
-rem = _binary("rem", _rem_impl)
-pow = _binary("pow", np.power)  # noqa: A001
+floor_div = _binary("floor_div", np.floor_divide)
+rem = _binary("rem", np.remainder)
+pow = _binary("pow", _pow_impl)  # noqa: A001
 max = _binary("max", np.maximum, kind="any")  # noqa: A001
 min = _binary("min", np.minimum, kind="any")  # noqa: A001
 atan2 = _binary("atan2", np.arctan2, kind="float")

@@ -76,7 +76,33 @@ def _gather_jvp(primals, tangents):
 def _gather_transpose(ct, x, idx):
     if isinstance(ct, Zero):
         return [Zero(x.aval), None]
-    return [scatter(ew.zeros_like(x), idx, ct, "add"), None]
+    # gather clamped out-of-range indices, so the cotangent goes to the clamped positions.
+    return [scatter(ew.zeros_like(x), _clamp(idx, x.aval.shape), ct, "add"), None]
+
+
+def _bounds(idx: Any, shape: Sequence[int]) -> tuple[Any, Any]:
+    """Per-component limits ``0`` and ``shape[i] - 1``, broadcast to the shape of ``idx``."""
+    from ember.core.trace import to_array
+
+    ishape = aval_of(idx).shape
+    dt = aval_of(idx).dtype
+    hi = to_array(np.asarray([max(n - 1, 0) for n in shape[:ishape[-1]]], dt))
+    hi = st.broadcast_in_dim(hi, ishape, (len(ishape) - 1,))
+    return ew.zeros_like(idx), hi
+
+
+def _clamp(idx: Any, shape: Sequence[int]) -> Any:
+    lo, hi = _bounds(idx, shape)
+    return ew.max(ew.min(idx, hi), lo)
+
+
+def _in_bounds(idx: Any, shape: Sequence[int]) -> Any:
+    """Bool of shape ``idx.shape[:-1]``: whether each index vector lies inside ``shape``."""
+    from ember.ops.reduce import reduce_min
+
+    lo, hi = _bounds(idx, shape)
+    ok = ew.and_(ew.ge(idx, lo), ew.le(idx, hi))
+    return reduce_min(ok, (aval_of(idx).ndim - 1,))
 
 
 def _batch_index_args(args, dims, k_pos: int):
@@ -172,16 +198,28 @@ def _scatter_jvp(primals, tangents, *, mode):
 
 @scatter_p.def_transpose
 def _scatter_transpose(ct, x, idx, upd, *, mode):
-    if mode not in ("set", "add"):
+    # "mul" is linear in the operand alone (a diagonal scaling, its own transpose).
+    if mode not in ("set", "add") and not (mode == "mul" and
+                                           not isinstance(upd, UndefinedPrimal)):
         raise op_error(ShapeError, "scatter", f"mode {mode!r} is not linear")
     if isinstance(ct, Zero):
         return [Zero(x.aval) if isinstance(x, UndefinedPrimal) else None, None,
                 Zero(upd.aval) if isinstance(upd, UndefinedPrimal) else None]
     t_x = t_u = None
     if isinstance(x, UndefinedPrimal):
-        t_x = ct if mode == "add" else scatter(ct, idx, ew.zeros_like(upd), "set")
+        if mode == "add":
+            t_x = ct
+        elif mode == "mul":
+            t_x = scatter(ct, idx, upd, "mul")
+        else:  # overwritten positions get no cotangent
+            t_x = scatter(ct, idx, ew.zeros_like(upd), "set")
     if isinstance(upd, UndefinedPrimal):
-        t_u = gather(ct, idx)
+        # Updates that fell outside the operand were dropped: their cotangent is zero.
+        inside = _in_bounds(idx, x.aval.shape)
+        got = gather(ct, idx)
+        inside = st.broadcast_in_dim(inside, aval_of(got).shape,
+                                     tuple(range(aval_of(inside).ndim)))
+        t_u = ew.select(inside, got, ew.zeros_like(got))
     return [t_x, None, t_u]
 
 

@@ -417,7 +417,8 @@ def concatenate(xs: Sequence[Any], axis: int) -> Any:
     xs = list(xs)
     if len(xs) == 1:
         return xs[0]
-    return concatenate_p.bind(*xs, axis=int(axis))
+    axis = normalize_axis("concatenate", int(axis), aval_of(xs[0]).ndim)
+    return concatenate_p.bind(*xs, axis=axis)
 
 
 # --- rev -------------------------------------------------------------------------------------

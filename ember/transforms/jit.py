@@ -117,8 +117,18 @@ class Jitted:
         return {"traces": s.traces, "hits": s.hits, "entries": len(self._cache),
                 "last_retrace_reason": s.last_retrace_reason}
 
+    def _static_positions(self, nargs: int) -> set[int]:
+        """Positions that are static: ``static_argnums`` plus ``static_argnames`` passed
+        positionally."""
+        nums = {n % nargs for n in self.static_argnums if -nargs <= n < nargs}
+        if self._signature is not None:
+            names = list(self._signature.parameters)
+            nums.update(names.index(n) for n in self.static_argnames
+                        if n in names and names.index(n) < nargs)
+        return nums
+
     def _split(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple]:
-        static_nums = {n % len(args) for n in self.static_argnums if -len(args) <= n < len(args)}
+        static_nums = self._static_positions(len(args))
         static = []
         dyn_args = []
         for i, a in enumerate(args):
@@ -157,7 +167,7 @@ class Jitted:
 
     def _rebuild(self, args: tuple, kwargs: dict) -> Callable[..., Any]:
         """The function of the dynamic arguments only, with static ones bound."""
-        static_nums = {n % len(args) for n in self.static_argnums if -len(args) <= n < len(args)}
+        static_nums = self._static_positions(len(args))
         static_kw = {k: v for k, v in kwargs.items()
                      if k in self.static_argnames or self._argname_is_static(k)}
 

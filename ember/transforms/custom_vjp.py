@@ -1,0 +1,178 @@
+"""``custom_vjp``: give a function a hand-written reverse-mode derivative (as jax.custom_vjp).
+
+For numerical stability (``log1p(exp(x))``), for speed (a fused backward kernel) or to change
+what is differentiated (gradient clipping), a user supplies ``fwd(*args) -> (out, residuals)``
+and ``bwd(residuals, cotangent) -> tuple of input cotangents``.
+
+Two primitives carry it. ``custom_vjp_call`` holds the traced function: evaluated (eagerly, under
+``jit`` or ``vmap``) it just runs it. Its jvp rule is where ``grad`` meets it: it runs ``fwd``
+on the primal values and returns, as the output tangent, a ``custom_vjp_bwd`` of the input
+tangents, a primitive linear in them whose transpose rule calls ``bwd``. ``linearize`` stages that
+primitive and reverse mode transposes it, so ``bwd`` runs in the backward pass; forward mode
+would have to evaluate it, which a VJP cannot do, so it raises (as in JAX).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from ember import dtypes
+from ember.core.array import Array
+from ember.core.primitive import Primitive
+from ember.core.trace import Zero, aval_of, make_graph, to_array
+from ember.errors import EmberError, ShapeError, UnsupportedError, op_error
+from ember.ir.graph import ClosedGraph
+from ember.ir.types import ArrayType
+from ember.ops.elementwise import instantiate
+from ember.transforms.autodiff import flatten_fun
+from ember.transforms.subgraphs import hoist_consts, program
+from ember.tree import TreeDef, tree_flatten, tree_unflatten
+
+__all__ = ["custom_vjp", "custom_vjp_call_p", "custom_vjp_bwd_p"]
+
+custom_vjp_call_p = Primitive("custom_vjp_call", multiple_results=True)
+custom_vjp_bwd_p = Primitive("custom_vjp_bwd", multiple_results=True)
+
+
+@custom_vjp_call_p.def_abstract_eval
+def _call_rule(*avals, fun: ClosedGraph, fwd: Callable, bwd: Callable, num_consts: int):
+    return fun.out_avals
+
+
+@custom_vjp_call_p.def_impl
+def _call_impl(*args, fun, fwd, bwd, num_consts):
+    return program(fun)(*args)
+
+
+@custom_vjp_call_p.def_jvp
+def _call_jvp(primals, tangents, *, fun, fwd, bwd, num_consts):
+    if any(not isinstance(t, Zero) for t in tangents[:num_consts]):
+        raise op_error(UnsupportedError, "custom_vjp", "the function closes over a value that "
+                       "is being differentiated; pass it as an argument instead, so that bwd "
+                       "returns its cotangent")
+    args, arg_tangents = primals[num_consts:], tangents[num_consts:]
+    outs, residuals = fwd(*args)
+    for o, a in zip(outs, fun.out_avals):
+        if (aval_of(o).shape, aval_of(o).dtype) != (a.shape, a.dtype):
+            raise op_error(ShapeError, "custom_vjp", f"fwd returns an output of type "
+                           f"{aval_of(o)} where the function returns {a}")
+    diff = tuple(dtypes.is_float(aval_of(a).dtype) for a in args)
+    t_outs = custom_vjp_bwd_p.bind(
+        *residuals, *[instantiate(t) for t, d in zip(arg_tangents, diff) if d],
+        bwd=bwd, num_res=len(residuals), diff=diff,
+        out_avals=tuple(a.strong() for a in fun.out_avals))
+    t_it = iter(t_outs)
+    return outs, [next(t_it) if dtypes.is_float(a.dtype) else Zero(a)
+                  for a, _ in zip(fun.out_avals, outs)]
+
+
+@custom_vjp_bwd_p.def_abstract_eval
+def _bwd_rule(*avals, bwd, num_res, diff, out_avals):
+    return [a for a in out_avals if dtypes.is_float(a.dtype)]
+
+
+@custom_vjp_bwd_p.def_impl
+def _bwd_impl(*args, bwd, num_res, diff, out_avals):
+    raise op_error(UnsupportedError, "custom_vjp",
+                   "forward-mode differentiation (jvp, or evaluating linearize's tangent map) "
+                   "of a custom_vjp function is not supported: it only defines a reverse-mode "
+                   "derivative. Use grad/vjp, or don't wrap the function in custom_vjp")
+
+
+@custom_vjp_bwd_p.def_transpose
+def _bwd_transpose(cts, *args, bwd, num_res, diff, out_avals):
+    float_outs = iter(cts)
+    full_cts = [instantiate(next(float_outs)) if dtypes.is_float(a.dtype) else
+                to_array(__import__("numpy").zeros(a.shape, a.dtype)) for a in out_avals]
+    grads = bwd(list(args[:num_res]), full_cts)
+    return [None] * num_res + [g for g, d in zip(grads, diff) if d]
+
+
+class custom_vjp:  # noqa: N801  (named like the JAX decorator it mirrors)
+    """Decorate ``fun`` and call ``.defvjp(fwd, bwd)`` to give it a custom reverse derivative.
+
+    ``fwd`` takes ``fun``'s arguments and returns ``(output, residuals)`` (any pytree);
+    ``bwd(residuals, cotangent)`` returns a tuple with one cotangent per argument (``None``
+    for zero). Without differentiation the decorated function simply calls ``fun``.
+    """
+
+    def __init__(self, fun: Callable[..., Any]):
+        self.fun = fun
+        self.fwd: Callable[..., Any] | None = None
+        self.bwd: Callable[..., Any] | None = None
+        functools.update_wrapper(self, fun)
+
+    def defvjp(self, fwd: Callable[..., Any], bwd: Callable[..., Any]) -> None:
+        self.fwd, self.bwd = fwd, bwd
+
+    def __call__(self, *args: Any) -> Any:
+        if self.fwd is None or self.bwd is None:
+            raise op_error(EmberError, "custom_vjp", f"{self.__name__} has no derivative "
+                           "rules yet; call .defvjp(fwd, bwd) first")
+        leaves, in_tree = tree_flatten((args, {}))
+        leaves = [x if isinstance(x, Array) else to_array(x) for x in leaves]
+        avals = [aval_of(x) for x in leaves]
+        store: list = []
+        closed = make_graph(flatten_fun(self.fun, in_tree, store), avals)
+        body, consts = hoist_consts(closed)
+        out_tree = store[-1]
+        fwd, bwd = self._flat_rules(args, in_tree, out_tree, avals)
+        outs = custom_vjp_call_p.bind(*consts, *leaves, fun=body, fwd=fwd, bwd=bwd,
+                                      num_consts=len(consts))
+        return tree_unflatten(out_tree, outs)
+
+    def _flat_rules(self, args: tuple, in_tree: TreeDef, out_tree: TreeDef,
+                    avals: list[ArrayType]) -> tuple[Callable, Callable]:
+        """``fwd``/``bwd`` as functions of flat leaves, which is what the primitives carry."""
+        res_trees: list[TreeDef] = []
+        arg_trees = [tree_flatten(a)[1] for a in args]
+        name = self.__name__
+
+        def fwd(*leaves: Any) -> tuple[list[Any], list[Any]]:
+            user_args, _ = tree_unflatten(in_tree, list(leaves))
+            result = self.fwd(*user_args)
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise op_error(EmberError, "custom_vjp", f"fwd of {name} must return a pair "
+                               "(output, residuals)")
+            out_leaves, tree = tree_flatten(result[0])
+            if tree != out_tree:
+                raise op_error(EmberError, "custom_vjp", f"fwd of {name} returns an output of "
+                               f"structure {tree}; the function returns {out_tree}")
+            res_leaves, res_tree = tree_flatten(result[1])
+            res_trees.append(res_tree)
+            as_value = lambda x: x if isinstance(x, Array) else to_array(x)
+            return [as_value(o) for o in out_leaves], [as_value(r) for r in res_leaves]
+
+        def bwd(res_leaves: list[Any], ct_leaves: list[Any]) -> list[Any]:
+            grads = self.bwd(tree_unflatten(res_trees[-1], res_leaves),
+                             tree_unflatten(out_tree, ct_leaves))
+            if not (isinstance(grads, (tuple, list)) and len(grads) == len(args)):
+                raise op_error(EmberError, "custom_vjp", f"bwd of {name} must return a tuple "
+                               f"of {len(args)} cotangents (one per argument)")
+            flat = []
+            for i, (g, tree) in enumerate(zip(grads, arg_trees)):
+                if g is None:
+                    flat.extend([None] * tree.num_leaves)
+                    continue
+                g_leaves, g_tree = tree_flatten(g)
+                if g_tree != tree:
+                    raise op_error(EmberError, "custom_vjp", f"bwd of {name} returns a "
+                                   f"cotangent of structure {g_tree} for argument {i} of "
+                                   f"structure {tree}")
+                flat.extend(g_leaves)
+            out = []
+            for g, a in zip(flat, avals):
+                if g is None:
+                    out.append(Zero(a))
+                    continue
+                g = g if isinstance(g, Array) else to_array(g)
+                if aval_of(g).shape != a.shape:
+                    raise op_error(ShapeError, "custom_vjp", f"bwd of {name} returns a "
+                                   f"cotangent of shape {aval_of(g).shape} for an argument "
+                                   f"of shape {a.shape}")
+                out.append(g)
+            return out
+
+        return fwd, bwd
