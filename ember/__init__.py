@@ -6,18 +6,20 @@
 ``ember.lax``; random numbers in ``ember.random``; pytrees in ``ember.tree``.
 """
 
-from ember import numpy  # noqa: F401  (installs Array's NumPy methods)
-from ember import tree  # noqa: F401
+# ember.numpy first: importing it installs Array's NumPy methods.
+from ember import numpy  # noqa: I001
+from ember import lax, random, tree
 from ember.core.array import Array
 from ember.errors import DTypeError, EmberError, ShapeError, TracerError, UnsupportedError
 from ember.transforms.autodiff import grad, jvp, linearize, stop_gradient, value_and_grad, vjp
+from ember.transforms.checkpoint import checkpoint, checkpoint_policies, remat
+from ember.transforms.custom_vjp import custom_vjp
 from ember.transforms.jit import jit
 from ember.transforms.vmap import vmap
 
 __version__ = "0.1.0"
 
 __all__ = ["Array", "DTypeError", "EmberError", "ShapeError", "TracerError", "UnsupportedError",
-           "grad", "jit", "jvp", "linearize", "stop_gradient", "value_and_grad", "vjp", "vmap",
-           "__version__"]
-
-from ember import random  # noqa: E402,F401
+           "checkpoint", "checkpoint_policies", "custom_vjp", "grad", "jit", "jvp", "lax",
+           "linearize", "numpy", "random", "remat", "stop_gradient", "tree", "value_and_grad",
+           "vjp", "vmap", "__version__"]

@@ -34,8 +34,10 @@ from ember.ir.types import ArrayType, type_of
 class MainTrace:
     """One active transformation on the stack."""
 
-    def __init__(self, level: int, trace_type: type[Trace], payload: Any = None):
+    def __init__(self, level: int, trace_type: type[Trace], payload: Any = None,
+                 dynamic: bool = False):
         self.level = level
+        self.dynamic = dynamic
         self.trace_type = trace_type
         self.payload = payload
         self.active = True
@@ -96,7 +98,7 @@ _dynamic: list[MainTrace] = [_stack[0]]
 def new_main(trace_type: type[Trace], payload: Any = None, dynamic: bool = False
              ) -> Iterator[MainTrace]:
     """Push a transformation; ``dynamic`` makes it receive even operations on constants."""
-    main = MainTrace(len(_stack), trace_type, payload)
+    main = MainTrace(len(_stack), trace_type, payload, dynamic)
     _stack.append(main)
     if dynamic:
         _dynamic.append(main)
@@ -214,6 +216,7 @@ class GraphBuilder:
         self.vars: dict[int, Var | Literal] = {}
         self.tracers: list[GraphTracer] = []  # keeps ids stable while building
         self.consts: dict[int, tuple[GraphTracer, Any]] = {}
+        self.const_tracers: dict[int, GraphTracer] = {}  # id(outer value) -> its tracer
 
     def new_tracer(self, trace: GraphTrace, aval: ArrayType, const: Any = _NOT_CONST
                    ) -> GraphTracer:
@@ -275,15 +278,24 @@ class GraphTrace(Trace):
         return self.main.payload
 
     def pure(self, value: Any) -> GraphTracer:
+        # One constant per outer value, so a residual used many times is stored once.
+        known = self.builder.const_tracers.get(id(value))
+        if known is not None and known.const is value:
+            return known
         aval = value.aval if isinstance(value, Array) else to_array(value).aval
-        return self.builder.new_tracer(self, aval, const=value)
+        tracer = self.builder.new_tracer(self, aval, const=value)
+        self.builder.const_tracers[id(value)] = tracer
+        return tracer
 
     def new_arg(self, aval: ArrayType) -> GraphTracer:
         return self.builder.new_tracer(self, aval)
 
     def process_primitive(self, prim: Primitive, tracers: list[GraphTracer],
                           params: dict[str, Any]) -> Any:
-        if prim.partial_eval is not None and any(t.is_known for t in tracers):
+        # A dynamic trace (jit) stages everything; only a trace that separates known from
+        # unknown values (linearize) lets primitives with subgraphs split themselves.
+        if prim.partial_eval is not None and not self.main.dynamic and \
+                any(t.is_known for t in tracers):
             return prim.partial_eval(self, tracers, params)
         return self.stage(prim, tracers, params)
 

@@ -39,7 +39,7 @@ from ember.ops import elementwise as ew
 from ember.ops import structural as st
 from ember.ops.reduce import reduce_max
 from ember.transforms.autodiff import flatten_fun
-from ember.transforms.partial_eval import partial_eval_graph, stages_everything
+from ember.transforms.partial_eval import partial_eval_graph
 from ember.transforms.subgraphs import (
     add_unused_inputs,
     batch_graph,
@@ -154,7 +154,7 @@ def _cond_partial_eval(trace: GraphTrace, tracers: list[GraphTracer], params: di
     """
     branches = params["branches"]
     index, *ops = tracers
-    if stages_everything(trace) or not index.is_known or all(t.is_known for t in ops):
+    if not index.is_known or all(t.is_known for t in ops):
         return trace.stage(cond_p, tracers, params)
     unknowns = [not t.is_known for t in ops]
     out_uk = [any(col) for col in zip(*[partial_eval_graph(b, unknowns)[2] for b in branches])]
@@ -228,8 +228,9 @@ def _cond_batch(args, dims, *, branches):
     return outs, [0] * len(outs)
 
 
-def _trace_branches(op: str, funs: Sequence[Callable[..., Any]], operands: tuple
-                    ) -> tuple[list[Any], list[Any], tuple[ClosedGraph, ...], TreeDef]:
+def _trace_branches(op: str, funs: Sequence[Callable[..., Any]], names: Sequence[str],
+                    operands: tuple) -> tuple[list[Any], list[Any], tuple[ClosedGraph, ...],
+                                              TreeDef]:
     """Trace each branch on the operands; hoist captured values; check outputs agree."""
     leaves, in_tree = tree_flatten((tuple(operands), {}))
     leaves = [_as_value(x) for x in leaves]
@@ -241,10 +242,10 @@ def _trace_branches(op: str, funs: Sequence[Callable[..., Any]], operands: tuple
         trees.append(store[-1])
     for i, tree in enumerate(trees[1:], start=1):
         if tree != trees[0]:
-            raise op_error(EmberError, op, f"branch {i} returns a value of structure {tree}, "
-                           f"branch 0 returns {trees[0]}; branches must return the same "
+            raise op_error(EmberError, op, f"{names[i]} returns a value of structure {tree}, "
+                           f"{names[0]} returns {trees[0]}; branches must return the same "
                            "structure")
-    traced = _unify_branch_outputs(op, traced)
+    traced = _unify_branch_outputs(op, traced, names)
     hoisted = [hoist_consts(c) for c in traced]
     const_avals = [[v.aval for v in c.graph.constvars] for c in traced]
     graphs, consts = [], []
@@ -257,23 +258,24 @@ def _trace_branches(op: str, funs: Sequence[Callable[..., Any]], operands: tuple
     return consts, leaves, tuple(graphs), trees[0]
 
 
-def _unify_branch_outputs(op: str, traced: list[ClosedGraph]) -> list[ClosedGraph]:
+def _unify_branch_outputs(op: str, traced: list[ClosedGraph], names: Sequence[str]
+                          ) -> list[ClosedGraph]:
     """Check that branch outputs have one type; weakly typed scalars adopt the other's dtype."""
     targets = []
     for k, first in enumerate(traced[0].out_avals):
         avals = [c.out_avals[k] for c in traced]
         for i, a in enumerate(avals):
             if a.shape != first.shape:
-                raise op_error(ShapeError, op, f"output {k} has shape {a.shape} in branch {i} "
-                               f"but {first.shape} in branch 0; branches must return the same "
-                               "shapes")
+                raise op_error(ShapeError, op, f"output {k} has shape {a.shape} in {names[i]} "
+                               f"but {first.shape} in {names[0]}; branches must return the "
+                               "same shapes")
         strong = {a.dtype for a in avals if not a.weak}
         if len({a.dtype for a in avals}) == 1:
             targets.append(None)
         elif len(strong) == 1:
             targets.append(strong.pop())
         else:
-            found = ", ".join(f"branch {i}: {a}" for i, a in enumerate(avals))
+            found = ", ".join(f"{n}: {a}" for n, a in zip(names, avals))
             raise op_error(DTypeError, op, f"output {k} has different dtypes ({found}); cast "
                            "the branches to one dtype")
     if all(t is None for t in targets):
@@ -302,7 +304,8 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
     aval = aval_of(index)
     if aval.shape != () or not (dtypes.is_int(aval.dtype) or aval.dtype == dtypes.bool_):
         raise op_error(DTypeError, "switch", f"the index must be an integer scalar, got {aval}")
-    return _switch("switch", ew.convert(index, dtypes.int32), branches, operands)
+    names = [f"branches[{i}]" for i in range(len(branches))]
+    return _switch("switch", ew.convert(index, dtypes.int32), branches, names, operands)
 
 
 def cond(pred: Any, true_fun: Callable[..., Any], false_fun: Callable[..., Any],
@@ -322,11 +325,13 @@ def cond(pred: Any, true_fun: Callable[..., Any], false_fun: Callable[..., Any],
             raise op_error(DTypeError, "cond", f"the predicate must be bool or integer, got "
                            f"{aval.dtype}")
         pred = ew.ne(pred, ew.full_like(pred, 0))
-    return _switch("cond", ew.convert(pred, dtypes.int32), [false_fun, true_fun], operands)
+    return _switch("cond", ew.convert(pred, dtypes.int32), [false_fun, true_fun],
+                   ["false_fun", "true_fun"], operands)
 
 
-def _switch(op: str, index: Any, branches: list[Callable[..., Any]], operands: tuple) -> Any:
-    consts, leaves, graphs, out_tree = _trace_branches(op, branches, operands)
+def _switch(op: str, index: Any, branches: list[Callable[..., Any]], names: list[str],
+            operands: tuple) -> Any:
+    consts, leaves, graphs, out_tree = _trace_branches(op, branches, names, operands)
     outs = cond_p.bind(index, *consts, *leaves, branches=graphs)
     return tree_unflatten(out_tree, outs)
 
@@ -567,7 +572,7 @@ def _scan_partial_eval(trace: GraphTrace, tracers: list[GraphTracer], params: di
     """
     body, nc, nk = params["body"], params["num_consts"], params["num_carry"]
     length, reverse = params["length"], params["reverse"]
-    if stages_everything(trace) or all(t.is_known for t in tracers):
+    if all(t.is_known for t in tracers):
         return trace.stage(scan_p, tracers, params)
     c_uk, k_uk, x_uk = _split([not t.is_known for t in tracers], nc, nk)
     ny = len(body.out_avals) - nk

@@ -160,22 +160,24 @@ def _truth(x: Any) -> Any:
     return x if aval_of(x).dtype == dtypes.bool_ else ew.ne(x, ew.zeros_like(x))
 
 
-def all(a: Any, axis: Any = None, keepdims: bool = False) -> Any:  # noqa: A001
-    x = _truth(value(a))
-    axes = normalize_axis_arg("all", axis, aval_of(x).ndim)
-    if aval_of(x).size == 0:
-        shape = tuple(n for i, n in enumerate(aval_of(x).shape) if i not in axes)
-        return _keep(x, st.broadcast_in_dim(value(np.bool_(True)), shape, ()), axes, keepdims)
-    return _keep(x, rd.reduce_min(x, axes), axes, keepdims)
+def _logical(name: str, op, identity: bool):
+    """all/any: min/max over truth values; an empty reduction gives the identity."""
+    def fn(a: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        x = _truth(value(a))
+        axes = normalize_axis_arg(name, axis, aval_of(x).ndim)
+        if aval_of(x).size == 0:
+            shape = tuple(n for i, n in enumerate(aval_of(x).shape) if i not in axes)
+            out = st.broadcast_in_dim(value(np.bool_(identity)), shape, ())
+        else:
+            out = op(x, axes)
+        return _keep(x, out, axes, keepdims)
+
+    fn.__name__ = fn.__qualname__ = name
+    return fn
 
 
-def any(a: Any, axis: Any = None, keepdims: bool = False) -> Any:  # noqa: A001
-    x = _truth(value(a))
-    axes = normalize_axis_arg("any", axis, aval_of(x).ndim)
-    if aval_of(x).size == 0:
-        shape = tuple(n for i, n in enumerate(aval_of(x).shape) if i not in axes)
-        return _keep(x, st.broadcast_in_dim(value(np.bool_(False)), shape, ()), axes, keepdims)
-    return _keep(x, rd.reduce_max(x, axes), axes, keepdims)
+all = _logical("all", rd.reduce_min, True)  # noqa: A001
+any = _logical("any", rd.reduce_max, False)  # noqa: A001
 
 
 def count_nonzero(a: Any, axis: Any = None, keepdims: bool = False) -> Any:

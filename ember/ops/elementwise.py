@@ -288,10 +288,15 @@ def _linear_jvp(prim):
         tx, ty = tangents
         if isinstance(tx, Zero) and isinstance(ty, Zero):
             return y, Zero(y.aval)
-        return y, prim.bind(instantiate(tx), instantiate(ty))
+        if isinstance(ty, Zero):  # no zeros array: it would only become a residual
+            return y, tx
+        if isinstance(tx, Zero):
+            return y, ty if prim is add_p else neg(ty)
+        return y, prim.bind(tx, ty)
     return jvp
 
 
+add_p = add.prim
 add.prim.def_jvp(_linear_jvp(add.prim))
 sub.prim.def_jvp(_linear_jvp(sub.prim))
 

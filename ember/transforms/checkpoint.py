@@ -41,14 +41,13 @@ from ember.ir.passes import dce
 from ember.ir.types import ArrayType
 from ember.ops.elementwise import instantiate
 from ember.transforms.autodiff import flatten_fun
-from ember.transforms.partial_eval import partial_eval_graph, stages_everything
+from ember.transforms.partial_eval import partial_eval_graph
 from ember.transforms.subgraphs import (
     batch_graph,
     hoist_consts,
     jvp_graph,
     move_batch_axis,
     program,
-    select_outputs,
     transpose_apply,
 )
 from ember.tree import tree_flatten, tree_unflatten
@@ -97,7 +96,7 @@ def _remat_partial_eval(trace: GraphTrace, tracers: list[GraphTracer], params: d
     """Known outputs are computed now; the unknown ones are staged as the whole body, whose
     residuals are the known inputs (plus whatever the policy allows to be saved)."""
     body, policy = params["body"], params["policy"]
-    if stages_everything(trace) or all(t.is_known for t in tracers):
+    if all(t.is_known for t in tracers):
         return trace.stage(remat_p, tracers, params)
     unknowns = [not t.is_known for t in tracers]
     known, unknown, out_uk, n_res = partial_eval_graph(body, unknowns)

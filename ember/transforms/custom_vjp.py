@@ -18,6 +18,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from ember import dtypes
 from ember.core.array import Array
 from ember.core.primitive import Primitive
@@ -85,7 +87,7 @@ def _bwd_impl(*args, bwd, num_res, diff, out_avals):
 def _bwd_transpose(cts, *args, bwd, num_res, diff, out_avals):
     float_outs = iter(cts)
     full_cts = [instantiate(next(float_outs)) if dtypes.is_float(a.dtype) else
-                to_array(__import__("numpy").zeros(a.shape, a.dtype)) for a in out_avals]
+                to_array(np.zeros(a.shape, a.dtype)) for a in out_avals]
     grads = bwd(list(args[:num_res]), full_cts)
     return [None] * num_res + [g for g, d in zip(grads, diff) if d]
 

@@ -27,7 +27,7 @@ from ember.core.trace import GraphBuilder, GraphTrace, GraphTracer, eval_graph, 
 from ember.ir.graph import ClosedGraph, Graph
 from ember.transforms.subgraphs import mask
 
-__all__ = ["partial_eval_graph", "stages_everything"]
+__all__ = ["partial_eval_graph"]
 
 
 class _ResidualBuilder(GraphBuilder):
@@ -92,12 +92,3 @@ def _lower_known(value: Any, main: core.MainTrace) -> Any:
 
 def _is_staged(value: Any, main: core.MainTrace) -> bool:
     return isinstance(value, GraphTracer) and value._trace.main is main
-
-
-def stages_everything(trace: GraphTrace) -> bool:
-    """True for a dynamic graph trace (``jit``): it stages operations on known values as well.
-
-    A ``partial_eval`` rule must not split a primitive there: running its known part "now"
-    would bind it straight back to the same trace.
-    """
-    return any(m is trace.main for m in core._dynamic)
