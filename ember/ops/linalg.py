@@ -56,6 +56,11 @@ def _dot_impl(lhs, rhs, *, dims):
     out_dtype = lhs.dtype
     if out_dtype in (dtypes.float16, dtypes.bfloat16):
         lhs, rhs = lhs.astype(np.float32), rhs.astype(np.float32)
+    if not lb and lhs.ndim == 2 and rhs.ndim == 2 and len(lc) == 1:
+        # Plain matrix product: hand BLAS the transposed views, no copies.
+        a = lhs if lc == (1,) else lhs.T
+        b = rhs if rc == (0,) else rhs.T
+        return np.matmul(a, b).astype(out_dtype, copy=False)
     bshape = [lhs.shape[i] for i in lb]
     lfs, rfs = [lhs.shape[i] for i in lf], [rhs.shape[i] for i in rf]
     k = int(np.prod([lhs.shape[i] for i in lc], dtype=np.int64))
