@@ -97,3 +97,14 @@ def upcast(x: np.ndarray) -> np.ndarray:
 
 def bf16(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=ml_dtypes.bfloat16)
+
+
+def numeric_grad(f: Callable[..., Any], x: Any, eps: float = 1e-6) -> np.ndarray:
+    """Central finite differences of a scalar function, one coordinate at a time."""
+    x = np.asarray(x, np.float64)
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        d = np.zeros_like(x)
+        d[i] = eps
+        g[i] = (float(f(x + d)) - float(f(x - d))) / (2 * eps)
+    return g

@@ -6,22 +6,12 @@ grad where reverse mode applies), with gradients compared to finite differences.
 
 import numpy as np
 import pytest
+from helpers import numeric_grad
 
 import ember
 import ember.numpy as enp
 from ember import lax
 from ember.transforms.linearize import linearize_flat
-
-
-def numeric_grad(f, x, eps=1e-6):
-    x = np.asarray(x, np.float64)
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[i] = eps
-        g[i] = (float(f(x + d)) - float(f(x - d))) / (2 * eps)
-    return g
-
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(4,))

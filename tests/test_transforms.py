@@ -3,19 +3,10 @@ differences, Python loops and each other, including higher-order derivatives."""
 
 import numpy as np
 import pytest
+from helpers import numeric_grad
 
 import ember
 import ember.numpy as enp
-
-
-def numeric_grad(f, x, eps=1e-6):
-    x = np.asarray(x, dtype=np.float64)
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[i] = eps
-        g[i] = (float(f(x + d)) - float(f(x - d))) / (2 * eps)
-    return g
 
 
 def loss(w, x):
