@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from ember import dtypes
 from ember.backends import Backend, default_backend
 from ember.core.array import Array, Tracer
 from ember.core.primitive import Primitive
@@ -371,11 +370,3 @@ def aval_of(x: Any) -> ArrayType:
     if isinstance(x, (Array, Zero, UndefinedPrimal)):
         return x.aval
     return type_of(x)
-
-
-def zeros_buffer(aval: ArrayType) -> np.ndarray:
-    return np.zeros(aval.shape, aval.dtype)
-
-
-def check_dtype(dt: Any) -> np.dtype:
-    return dtypes.canonicalize(dt)

@@ -30,23 +30,6 @@ from ember.transforms.subgraphs import mask
 __all__ = ["partial_eval_graph"]
 
 
-class _ResidualBuilder(GraphBuilder):
-    """A graph builder that captures each outer value once, so no residual is duplicated."""
-
-    def __init__(self):
-        super().__init__()
-        self.captured: dict[int, GraphTracer] = {}
-
-
-class _ResidualTrace(GraphTrace):
-    def pure(self, value: Any) -> GraphTracer:
-        captured = self.builder.captured
-        tracer = captured.get(id(value))
-        if tracer is None or tracer.const is not value:
-            tracer = captured[id(value)] = super().pure(value)
-        return tracer
-
-
 def partial_eval_graph(closed: ClosedGraph, unknowns: Sequence[bool],
                        instantiate: bool | Sequence[bool] = False
                        ) -> tuple[ClosedGraph, ClosedGraph, list[bool], int]:
@@ -64,8 +47,8 @@ def partial_eval_graph(closed: ClosedGraph, unknowns: Sequence[bool],
     found: dict[str, Any] = {}
 
     def known_fn(*known_args: Any) -> list[Any]:
-        with core.new_main(_ResidualTrace, _ResidualBuilder()) as main:
-            trace: _ResidualTrace = main.trace
+        with core.new_main(GraphTrace, GraphBuilder()) as main:
+            trace: GraphTrace = main.trace
             unknown_args = [trace.new_arg(a) for a in unknown_avals]
             known_it, unknown_it = iter(known_args), iter(unknown_args)
             args = [next(unknown_it) if u else next(known_it) for u in unknowns]
