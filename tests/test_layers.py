@@ -8,12 +8,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "ember"
 # Lowest first. A module may import from its own layer and the layers before it.
 LAYERS = [
     ["errors", "dtypes"],
-    ["ir"],
+    ["ir", "io"],
     ["backends"],
     ["core"],
     ["ops"],
     ["numpy", "tree"],
     ["transforms", "lax", "random"],
+    ["nn", "optim"],
+    ["models"],
     ["cli"],
 ]
 

@@ -48,9 +48,14 @@ class NumpyBackend(Backend):
                 if not isinstance(a, Literal):
                     last_use[slots[a.id]] = i
         keep = {slots[a.id] for a in graph.outvars if not isinstance(a, Literal)}
+        overwritable = _overwritable(graph, donate, slots, keep)
         steps = []
         for i, eqn in enumerate(graph.eqns):
             fn = eqn.prim.impls["numpy"]
+            first = eqn.inputs[0] if eqn.inputs else None
+            if (first is not None and not isinstance(first, Literal)
+                    and slots[first.id] in overwritable and "numpy" in eqn.prim.inplace_impls):
+                fn = eqn.prim.inplace_impls["numpy"]
             ins = [("lit", a.value) if isinstance(a, Literal) else ("slot", slots[a.id])
                    for a in eqn.inputs]
             outs = [(slots[v.id], v.aval.dtype) for v in eqn.outputs]
@@ -63,10 +68,15 @@ class NumpyBackend(Backend):
         out_refs = [("lit", a.value) if isinstance(a, Literal) else ("slot", slots[a.id])
                     for a in graph.outvars]
 
+        donated_args = [i for i, d in enumerate(donate) if d]
+
         def program(*buffers: Any) -> list[Any]:
             env: list[Any] = [None] * n_slots
             env[: len(const_values)] = const_values
             env[len(const_values): len(const_values) + len(buffers)] = buffers
+            for i in donated_args:  # the same buffer passed twice must not be overwritten
+                if any(b is buffers[i] for j, b in enumerate(buffers) if j != i):
+                    env[len(const_values) + i] = buffers[i].copy()
             for fn, ins, outs, params, multi, free in steps:
                 args = [v if kind == "lit" else env[v] for kind, v in ins]
                 result = fn(*args, **params)
@@ -81,6 +91,19 @@ class NumpyBackend(Backend):
             return [np.asarray(v) if kind == "lit" else env[v] for kind, v in out_refs]
 
         return program
+
+
+def _overwritable(graph: Any, donate: Sequence[bool], slots: dict[int, int], keep: set[int]
+                  ) -> set[int]:
+    """Slots of donated inputs that exactly one equation reads (and no output returns): that
+    equation may write into the buffer instead of copying it."""
+    uses: dict[int, int] = {}
+    for eqn in graph.eqns:
+        for a in eqn.inputs:
+            if not isinstance(a, Literal):
+                uses[a.id] = uses.get(a.id, 0) + 1
+    return {slots[v.id] for v, d in zip(graph.invars, donate)
+            if d and uses.get(v.id) == 1 and slots[v.id] not in keep}
 
 
 register_backend(NumpyBackend())

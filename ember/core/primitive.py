@@ -30,6 +30,9 @@ class Primitive:
     - ``batch(args, dims, **params) -> (out, out_dim)``: vmap rule; dims are ints or ``None``.
     - ``partial_eval``: for primitives holding subgraphs, how to split them into the part that
       can run now and the part that must be staged (used by ``linearize``).
+    - ``inplace_impls[backend]``: like ``impls`` but allowed to overwrite operand 0 and return
+      it; a compiled program uses it when operand 0 is a donated input read by nothing else
+      (the KV cache update of a decode step).
     """
 
     def __init__(self, name: str, *, multiple_results: bool = False):
@@ -39,6 +42,7 @@ class Primitive:
         self.multiple_results = multiple_results
         self.abstract_eval: Callable[..., Any] | None = None
         self.impls: dict[str, Callable[..., Any]] = {}
+        self.inplace_impls: dict[str, Callable[..., Any]] = {}
         self.jvp: Callable[..., Any] | None = None
         self.transpose: Callable[..., Any] | None = None
         self.batch: Callable[..., Any] | None = None
@@ -56,6 +60,11 @@ class Primitive:
 
     def def_impl(self, fn: Callable[..., Any], backend: str = "numpy") -> Callable[..., Any]:
         self.impls[backend] = fn
+        return fn
+
+    def def_inplace_impl(self, fn: Callable[..., Any], backend: str = "numpy"
+                         ) -> Callable[..., Any]:
+        self.inplace_impls[backend] = fn
         return fn
 
     def def_jvp(self, fn: Callable[..., Any]) -> Callable[..., Any]:

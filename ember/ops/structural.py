@@ -525,14 +525,23 @@ def _dus_rule(x: ArrayType, update: ArrayType, *starts: ArrayType) -> ArrayType:
     return x
 
 
-def _dus_impl(x, update, *starts):
-    begin = _clamped_starts(x.shape, update.shape, starts)
-    out = x.copy()
+def _dus_into(out, update, starts):
+    begin = _clamped_starts(out.shape, update.shape, starts)
     out[tuple(np.s_[b: b + k] for b, k in zip(begin, update.shape))] = update
     return out
 
 
+def _dus_impl(x, update, *starts):
+    return _dus_into(x.copy(), update, starts)
+
+
+def _dus_inplace(x, update, *starts):
+    # A donated buffer may still be read-only (a broadcast from ``zeros``): copy it then.
+    return _dus_into(x if x.flags.writeable else x.copy(), update, starts)
+
+
 dynamic_update_slice_p.def_impl(_dus_impl)
+dynamic_update_slice_p.def_inplace_impl(_dus_inplace)
 
 
 @dynamic_update_slice_p.def_jvp

@@ -57,13 +57,14 @@ class Lowered:
     in_tree: TreeDef
     out_tree: TreeDef
     backend: str = "numpy"
+    donate: tuple[bool, ...] = ()
 
     def as_text(self) -> str:
         return str(self.graph)
 
     def compile(self) -> Callable[..., Any]:
-        program = get_backend(self.backend).compile(self.graph)
         backend = get_backend(self.backend)
+        program = backend.compile(self.graph, self.donate)
         out_avals = self.graph.out_avals
 
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -190,7 +191,17 @@ class Jitted:
         closed = make_graph(flat, key.avals)
         closed = optimize(closed)
         verify(closed)
-        return Lowered(closed, key.tree, store[-1], self.backend)
+        return Lowered(closed, key.tree, store[-1], self.backend, self._donated_leaves(args))
+
+    def _donated_leaves(self, args: tuple) -> tuple[bool, ...]:
+        """One flag per dynamic leaf: does it belong to a ``donate_argnums`` argument?"""
+        static_nums = self._static_positions(len(args))
+        donate = {n % len(args) for n in self.donate_argnums if -len(args) <= n < len(args)}
+        flags: list[bool] = []
+        for i, a in enumerate(args):
+            if i not in static_nums:
+                flags += [i in donate] * len(tree_flatten(a)[0])
+        return tuple(flags)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if tracing_active():

@@ -1,0 +1,1 @@
+"""``ember.models``: built-in model families (one file each), loading, generation, fine-tuning."""

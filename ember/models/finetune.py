@@ -1,0 +1,284 @@
+"""Fine-tuning a causal language model on a text file: full or LoRA, resumable.
+
+One optimizer step is one jitted function (forward, backward, clipping, AdamW with its
+schedule, optional gradient accumulation over micro-batches), traced once. Batches are random
+windows of the tokenised text drawn from a generator seeded by ``(seed, step)``, so the data a
+step sees depends only on its number: a run resumed from a checkpoint sees exactly the
+batches, and therefore the losses, of an uninterrupted run.
+
+A checkpoint is a directory ``checkpoints/step-N`` (trainable parameters and optimizer state
+as safetensors, the history as JSON) published by atomically rewriting ``checkpoints/latest``
+after every file is in place; a run killed mid-save resumes from the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import ember.numpy as enp
+from ember import lax, nn, optim, random
+from ember.errors import EmberError
+from ember.io import safetensors
+from ember.io.files import write_text_atomic
+from ember.models.llama import LlamaForCausalLM
+from ember.models.loading import save_pretrained
+from ember.transforms.jit import jit
+
+__all__ = ["TrainConfig", "train", "tokenize_text"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    lora_rank: int = 8  # 0 = full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    eval_every: int = 50
+    eval_fraction: float = 0.1
+    eval_batches: int = 4
+    save_every: int = 50
+    checkpointing: bool = False
+    seed: int = 0
+
+    def check(self) -> None:
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every",
+                    "eval_batches")
+        bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
+        if self.lr <= 0 or self.lora_rank < 0 or not 0 < self.eval_fraction < 1:
+            bad.append(f"lr={self.lr}, lora_rank={self.lora_rank}, "
+                       f"eval_fraction={self.eval_fraction}")
+        if bad:
+            raise EmberError(f"train: invalid settings: {', '.join(bad)}")
+
+
+def tokenize_text(tokenizer: Any, text: str) -> np.ndarray:
+    """The whole text as one id stream (documents separated by blank lines get an EOS)."""
+    if not text.strip():
+        raise EmberError("train: the dataset is empty")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in (d for d in text.split("\n\n") if d.strip()):
+        ids += tokenizer.encode(doc, add_special_tokens=False)
+        if eos is not None:
+            ids.append(eos)
+    return np.asarray(ids, dtype=np.int32)
+
+
+class _Windows:
+    """Random ``[batch, seq_len]`` windows of a token stream, a pure function of the step."""
+
+    def __init__(self, ids: np.ndarray, seq_len: int, seed: int, what: str):
+        if len(ids) < seq_len + 1:
+            raise EmberError(f"train: the {what} split has {len(ids)} tokens, fewer than "
+                             f"seq_len + 1 = {seq_len + 1}; use a longer text or a smaller "
+                             f"--seq-len")
+        self.ids, self.seq_len, self.seed = ids, seq_len, seed
+
+    def batch(self, step: int, micro: int, size: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, step, micro))
+        starts = rng.integers(0, len(self.ids) - self.seq_len, size=size)
+        return np.stack([self.ids[s: s + self.seq_len] for s in starts])
+
+
+def _fingerprint(config: TrainConfig, ids: np.ndarray) -> str:
+    """What a resumed run must share with the one it continues: settings and data."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    h.update(ids.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _optimizer(config: TrainConfig) -> Any:
+    warmup = min(config.warmup_steps, config.steps)  # a short run is all warm-up
+    schedule = optim.schedules.warmup_cosine(config.lr, warmup, config.steps, config.min_lr)
+    return optim.AdamW(lr=schedule, weight_decay=config.weight_decay)
+
+
+def _loss(model: LlamaForCausalLM, batch: Any) -> Any:
+    return model.loss(batch)
+
+
+def _make_step(opt: Any, clip: float) -> Callable[..., Any]:
+    """``step(model, state, batches [accum, batch, len]) -> (loss, norm, params, state)``.
+
+    Micro-batches are a ``scan`` that sums gradients, so accumulation is exact (the mean loss
+    over all micro-batches is differentiated) and clipping sees the accumulated gradient.
+    """
+    grad_fn = nn.value_and_grad(_loss)
+
+    def step(model: LlamaForCausalLM, state: Any, batches: Any) -> tuple[Any, ...]:
+        def micro(total: Any, batch: Any) -> tuple[Any, None]:
+            loss, grads = grad_fn(model, batch)
+            return (total[0] + loss, {k: total[1][k] + g for k, g in grads.items()}), None
+        zeros = {k: enp.zeros_like(v) for k, v in model.trainable_parameters().items()}
+        (loss, grads), _ = lax.scan(micro, (enp.zeros((), enp.float32), zeros), batches)
+        n = batches.shape[0]
+        grads = {k: g / n for k, g in grads.items()}
+        grads, norm = optim.clip_grad_norm(grads, clip)
+        params, state = opt.update(model.trainable_parameters(), grads, state)
+        return loss / n, norm, params, state
+    return jit(step)
+
+
+def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.PathLike,
+          config: TrainConfig = TrainConfig(), resume: bool = True,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Fine-tune ``model`` (in place) on ``text``; returns the history.
+
+    Writes checkpoints to ``out_dir/checkpoints``, the final model (LoRA merged) to
+    ``out_dir/model``, the adapter alone to ``out_dir/adapter.safetensors`` and the loss curve
+    to ``out_dir/loss.png``. With ``resume`` an existing checkpoint of the same settings and
+    data is continued. ``on_step(step, record)`` is called after every step.
+    """
+    config.check()
+    out_dir = os.fspath(out_dir)
+    ids = tokenize_text(tokenizer, text)
+    n_eval = max(int(len(ids) * config.eval_fraction), config.seq_len + 1)
+    train_data = _Windows(ids[:-n_eval], config.seq_len, config.seed, "training")
+    eval_data = _Windows(ids[-n_eval:], config.seq_len, config.seed + 1, "evaluation")
+    if config.lora_rank:
+        nn.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets,
+                      key=random.key(config.seed))
+    model.gradient_checkpointing = config.checkpointing
+    model.train()
+    opt = _optimizer(config)
+    state = opt.init(model.trainable_parameters())
+    history: dict[str, Any] = {"fingerprint": _fingerprint(config, ids), "step": 0,
+                               "train": [], "eval": []}
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    if resume:
+        state, history = _restore(ckpt_dir, model, state, history)
+    step_fn = _make_step(opt, config.grad_clip)
+    eval_fn = jit(_loss)
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+    bar = tqdm(total=config.steps, initial=history["step"], desc="training", unit="step",
+               dynamic_ncols=True)
+    try:
+        for step in range(history["step"], config.steps):
+            start = time.perf_counter()
+            batches = np.stack([train_data.batch(step, micro, config.batch_size)
+                                for micro in range(config.grad_accum)])
+            loss, norm, params, state = step_fn(model, state, batches)
+            model.update(params)
+            loss = float(loss)
+            seconds = time.perf_counter() - start
+            record = {"step": step + 1, "loss": loss, "grad_norm": float(norm),
+                      "lr": float(opt.lr_at(state)), "tokens_per_s": tokens_per_step / seconds}
+            history["train"].append(record)
+            history["step"] = step + 1
+            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+                value = _evaluate(eval_fn, model, eval_data, config)
+                history["eval"].append({"step": step + 1, "loss": value})
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                _save_checkpoint(ckpt_dir, model, state, history)
+            if on_step is not None:
+                on_step(step + 1, record)
+    finally:
+        bar.close()
+    _finish(model, tokenizer, out_dir, history)
+    return history
+
+
+def _evaluate(eval_fn: Any, model: LlamaForCausalLM, data: _Windows, config: TrainConfig
+              ) -> float:
+    model.eval()
+    values = [float(eval_fn(model, data.batch(0, i, config.batch_size)))
+              for i in range(config.eval_batches)]
+    model.train()
+    return float(np.mean(values))
+
+
+def _save_checkpoint(ckpt_dir: str, model: LlamaForCausalLM, state: Any,
+                     history: dict[str, Any]) -> None:
+    target = os.path.join(ckpt_dir, f"step-{history['step']}")
+    os.makedirs(target, exist_ok=True)
+    params = {k: np.asarray(v) for k, v in model.trainable_parameters().items()}
+    safetensors.save(params, os.path.join(target, "trainable.safetensors"))
+    safetensors.save(optim.state_to_dict(state), os.path.join(target, "optimizer.safetensors"))
+    write_text_atomic(os.path.join(target, "history.json"), json.dumps(history))
+    write_text_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(target))
+    for name in os.listdir(ckpt_dir):
+        if name.startswith("step-") and name != os.path.basename(target):
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+
+
+def _restore(ckpt_dir: str, model: LlamaForCausalLM, state: Any, history: dict[str, Any]
+             ) -> tuple[Any, dict[str, Any]]:
+    latest = os.path.join(ckpt_dir, "latest")
+    if not os.path.exists(latest):
+        return state, history
+    with open(latest, encoding="utf-8") as f:
+        source = os.path.join(ckpt_dir, f.read().strip())
+    with open(os.path.join(source, "history.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved.get("fingerprint") != history["fingerprint"]:
+        raise EmberError(f"train: the checkpoint in {ckpt_dir} was made with other settings or "
+                         f"data; use a new --out directory or pass resume=False")
+    params = safetensors.load(os.path.join(source, "trainable.safetensors"))
+    state = optim.state_from_dict(state, safetensors.load(os.path.join(source,
+                                                                        "optimizer.safetensors")))
+    current = model.trainable_parameters()
+    if set(params) != set(current):
+        raise EmberError(f"train: checkpoint {source} holds other parameters than the model")
+    model.update({k: enp.asarray(v) for k, v in params.items()})
+    tqdm.write(f"resuming from {source} (step {saved['step']})")
+    return state, saved
+
+
+def _finish(model: LlamaForCausalLM, tokenizer: Any, out_dir: str,
+            history: dict[str, Any]) -> None:
+    if any(isinstance(m, nn.LoRALinear) for m in model.modules()):
+        adapter = {k: np.asarray(v) for k, v in model.trainable_parameters().items()}
+        safetensors.save(adapter, os.path.join(out_dir, "adapter.safetensors"))
+        nn.merge_lora(model)
+    model.unfreeze()
+    model.eval()
+    save_pretrained(model, tokenizer, os.path.join(out_dir, "model"))
+    write_text_atomic(os.path.join(out_dir, "history.json"), json.dumps(history, indent=1))
+    plot_history(history, os.path.join(out_dir, "loss.png"))
+
+
+def plot_history(history: dict[str, Any], path: str) -> bool:
+    """Training and evaluation loss against the step, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        tqdm.write("matplotlib is not installed; skipping the loss plot "
+                   "(pip install 'ember[plot]')")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = history["train"]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if history["eval"]:
+        ax.plot([r["step"] for r in history["eval"]], [r["loss"] for r in history["eval"]],
+                "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,213 @@
+"""Text generation for causal language models with a preallocated KV cache.
+
+Three jitted functions do the work, each traced once per shape and reused across calls and
+positions: ``_prefill`` runs the (left-padded) prompts and fills the cache, ``_decode`` runs one
+token per sequence at a traced ``cache_pos``, and ``_sample`` turns logits into tokens (greedy,
+temperature, top-k, top-p, repetition penalty) on the device. The cache is donated to both
+model steps, so its buffers are updated in place rather than reallocated per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+import ember.numpy as enp
+from ember import random
+from ember.errors import EmberValueError
+from ember.lax import top_k as _top_k
+from ember.models.llama import KVCache, LlamaForCausalLM
+from ember.transforms.jit import jit
+
+__all__ = ["SamplingConfig", "generate", "generate_chat", "generate_ids"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is picked. ``temperature == 0`` is greedy decoding."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise EmberValueError(f"generate: temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise EmberValueError(f"generate: top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise EmberValueError(f"generate: top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise EmberValueError(f"generate: repetition_penalty must be > 0, got "
+                                  f"{self.repetition_penalty}")
+
+
+def _prefill_fn(model: LlamaForCausalLM, cache: KVCache, ids: Any, positions: Any,
+                key_mask: Any) -> tuple[Any, KVCache]:
+    logits, cache = model(ids, positions=positions, attention_mask=key_mask, cache=cache,
+                          cache_pos=0)
+    return logits[:, -1].astype(enp.float32), cache
+
+
+def _decode_fn(model: LlamaForCausalLM, cache: KVCache, token: Any, position: Any,
+               cache_pos: Any, key_mask: Any) -> tuple[Any, KVCache]:
+    logits, cache = model(token, positions=position, attention_mask=key_mask, cache=cache,
+                          cache_pos=cache_pos)
+    return logits[:, -1].astype(enp.float32), cache
+
+
+_prefill = jit(_prefill_fn, donate_argnums=1)
+_decode = jit(_decode_fn, donate_argnums=1)
+
+
+def _sample_fn(logits: Any, seen: Any, key: Any, step: Any, temperature: Any, top_p: Any,
+               penalty: Any, greedy: bool, top_k: int, use_top_p: bool) -> Any:
+    """Next token ids ``[batch]`` from ``logits [batch, vocab]``."""
+    # Hugging Face's repetition penalty: seen tokens' logits move towards "less likely".
+    penalised = enp.where(logits > 0, logits / penalty, logits * penalty)
+    logits = enp.where(seen, penalised, logits)
+    if greedy:
+        return enp.argmax(logits, axis=-1).astype(enp.int32)
+    logits = logits / temperature
+    floor = enp.finfo(enp.float32).min
+    if top_k:
+        kth = _top_k(logits, top_k)[0][:, -1:]
+        logits = enp.where(logits < kth, floor, logits)
+    if use_top_p:
+        ordered = -enp.sort(-logits, axis=-1)
+        probs = enp.exp(ordered - ordered[:, :1])
+        probs = probs / enp.sum(probs, axis=-1, keepdims=True)
+        before = enp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
+        keep = before < top_p  # always keeps the most likely token
+        threshold = enp.min(enp.where(keep, ordered, enp.inf), axis=-1, keepdims=True)
+        logits = enp.where(logits < threshold, floor, logits)
+    return random.categorical(random.fold_in(key, step), logits).astype(enp.int32)
+
+
+_sample = jit(_sample_fn, static_argnums=(7, 8, 9))
+
+
+def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
+                 max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
+                 stop_ids: Sequence[int] = (), pad_id: int = 0,
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """New token ids for each prompt (stop token excluded), prompts batched with left padding.
+
+    ``on_token(row, id)`` is called for every generated token as soon as it is known (used to
+    stream text). A row stops at its first stop token; the batch stops when every row has.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise EmberValueError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise EmberValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    limit = model.config.max_position_embeddings
+    if total > limit:
+        raise EmberValueError(f"generate: prompt ({longest} tokens) + max_new_tokens "
+                              f"({max_new_tokens}) = {total} exceeds the model's context of "
+                              f"{limit} positions")
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise EmberValueError(f"generate: prompt token ids must be in [0, {vocab})")
+    pads = np.array([longest - len(p) for p in prompts])
+    ids = np.full((batch, longest), pad_id, dtype=np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, pads[row]:] = p
+    positions = np.maximum(np.arange(longest)[None, :] - pads[:, None], 0).astype(np.int32)
+    key_mask = np.arange(total)[None, :] >= pads[:, None]
+    seen = np.zeros((batch, vocab), dtype=bool)
+    for row, p in enumerate(prompts):
+        seen[row, list(p)] = True
+
+    s = sampling
+    greedy = s.temperature == 0.0
+    key = random.key(s.seed)
+    cache = KVCache.allocate(model.config, batch, total, model.dtype)
+    logits, cache = _prefill(model, cache, ids, positions, key_mask)
+    stops = set(stop_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(batch, dtype=bool)
+    next_pos = (longest - pads).astype(np.int32)
+    for step in range(max_new_tokens):
+        tokens = np.asarray(_sample(logits, seen, key, np.int32(step), np.float32(s.temperature
+                                    or 1.0), np.float32(s.top_p),
+                                    np.float32(s.repetition_penalty), greedy, s.top_k,
+                                    s.top_p < 1.0))
+        for row, tok in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if tok in stops:
+                done[row] = True
+                continue
+            out[row].append(tok)
+            if on_token is not None:
+                on_token(row, tok)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        seen[np.arange(batch), tokens] = True
+        logits, cache = _decode(model, cache, tokens[:, None], next_pos[:, None] + step,
+                                np.int32(longest + step), key_mask)
+    return out
+
+
+def _generate_text(model: LlamaForCausalLM, tokenizer: Any, texts: list[str], add_special: bool,
+                   sampling: SamplingConfig, max_new_tokens: int,
+                   stream: Callable[[str], None] | None) -> list[str]:
+    from ember.io.tokenizer import StreamDecoder
+
+    ids = [tokenizer.encode(t, add_special_tokens=add_special) for t in texts]
+    decoder = StreamDecoder(tokenizer, skip_special_tokens=True) if stream else None
+
+    def on_token(row: int, tok: int) -> None:
+        if row == 0 and decoder is not None:
+            piece = decoder.push(tok)
+            if piece:
+                stream(piece)
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    new = generate_ids(model, ids, max_new_tokens, sampling, sorted(tokenizer.stop_token_ids),
+                       pad, on_token)
+    if decoder is not None:
+        rest = decoder.flush()
+        if rest:
+            stream(rest)
+    return [tokenizer.decode(n, skip_special_tokens=True) for n in new]
+
+
+def generate(model: LlamaForCausalLM, tokenizer: Any, prompt: str | Sequence[str],
+             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
+             chat: bool = False, stream: Callable[[str], None] | None = None
+             ) -> str | list[str]:
+    """Generate text for one prompt (a string) or a batch (a list of strings).
+
+    ``chat=True`` wraps each prompt as a user message in the model's chat template.
+    ``stream`` receives text pieces as they are decoded (first prompt of a batch only).
+    """
+    single = isinstance(prompt, str)
+    texts = [prompt] if single else list(prompt)
+    if not texts or any(not t.strip() for t in texts):
+        raise EmberValueError("generate: the prompt is empty")
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
+    outs = _generate_text(model, tokenizer, texts, not chat, sampling, max_new_tokens, stream)
+    return outs[0] if single else outs
+
+
+def generate_chat(model: LlamaForCausalLM, tokenizer: Any, messages: list[dict[str, str]],
+                  max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
+                  stream: Callable[[str], None] | None = None) -> str:
+    """The assistant's reply to a conversation (``[{"role": ..., "content": ...}, ...]``)."""
+    if not messages or not messages[-1].get("content", "").strip():
+        raise EmberValueError("generate_chat: the last message is empty")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
+    return _generate_text(model, tokenizer, [text], False, sampling, max_new_tokens, stream)[0]

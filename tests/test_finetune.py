@@ -1,0 +1,102 @@
+"""Fine-tuning: the loss falls (LoRA and full), a killed run resumes onto the same loss
+curve, the outputs are loadable, and bad settings or data are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from tiny_models import tiny_model_dir
+
+import ember
+from ember.models import loading
+from ember.models.finetune import TrainConfig, train
+
+TEXT = "\n\n".join(
+    f"The {animal} sat on the {thing}. The {animal} was happy on the {thing}."
+    for animal in ("cat", "dog", "fox", "owl") for thing in ("mat", "log", "rug")) * 3
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def fresh(base_dir):
+    return loading.load(base_dir)
+
+
+def test_lora_fine_tune_lowers_the_loss_and_writes_loadable_outputs(base_dir, tmp_path):
+    model, tok = fresh(base_dir)
+    config = TrainConfig(steps=30, batch_size=4, seq_len=32, lr=2e-2, warmup_steps=3,
+                         lora_rank=8, eval_every=10, save_every=10,
+                         lora_targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
+    history = train(model, tok, TEXT, tmp_path, config)
+    losses = [r["loss"] for r in history["train"]]
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    assert [e["step"] for e in history["eval"]] == [10, 20, 30]
+    assert history["eval"][-1]["loss"] < history["eval"][0]["loss"]
+    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
+                 "adapter.safetensors", "loss.png", "history.json", "checkpoints/latest"):
+        assert (tmp_path / name).exists(), name
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # the merged model computes what the trained LoRA model computed
+    ids = np.asarray([tok.encode("The cat sat on the")])
+    reloaded, _ = loading.load(tmp_path / "model")
+    np.testing.assert_allclose(np.asarray(reloaded(ids)), np.asarray(model(ids)), rtol=1e-4,
+                               atol=1e-5)
+    assert history["train"][0]["tokens_per_s"] > 0
+
+
+def test_killed_run_resumes_onto_the_same_loss_curve(base_dir, tmp_path):
+    config = TrainConfig(steps=8, batch_size=2, seq_len=16, lr=5e-3, warmup_steps=2,
+                         lora_rank=4, eval_every=4, save_every=2)
+    model, tok = fresh(base_dir)
+    straight = train(model, tok, TEXT, tmp_path / "a", config)
+
+    def kill(step, record):
+        if step == 5:
+            raise KeyboardInterrupt
+    model, tok = fresh(base_dir)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, TEXT, tmp_path / "b", config, on_step=kill)
+    assert (tmp_path / "b/checkpoints/latest").read_text() == "step-4"
+    model, tok = fresh(base_dir)
+    resumed = train(model, tok, TEXT, tmp_path / "b", config)
+    assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in straight["train"]]
+    assert resumed["eval"] == straight["eval"]
+    again, _ = loading.load(tmp_path / "b" / "model")
+    first, _ = loading.load(tmp_path / "a" / "model")
+    for k, v in first.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(again.state_dict()[k]), np.asarray(v))
+
+
+def test_full_fine_tune_with_accumulation_and_checkpointing(base_dir, tmp_path):
+    model, tok = fresh(base_dir)
+    config = TrainConfig(steps=12, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=2,
+                         lora_rank=0, grad_accum=2, checkpointing=True, eval_every=6,
+                         save_every=6)
+    history = train(model, tok, TEXT, tmp_path, config)
+    losses = [r["loss"] for r in history["train"]]
+    assert losses[-1] < losses[0]
+    assert not (tmp_path / "adapter.safetensors").exists()
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert saved["train"] == history["train"]
+
+
+def test_bad_data_and_settings_are_refused(base_dir, tmp_path):
+    model, tok = fresh(base_dir)
+    with pytest.raises(ember.EmberError, match="dataset is empty"):
+        train(model, tok, "  \n\n ", tmp_path, TrainConfig(steps=1))
+    with pytest.raises(ember.EmberError, match="fewer than"):
+        train(model, tok, "tiny text", tmp_path, TrainConfig(steps=1, seq_len=64))
+    with pytest.raises(ember.EmberError, match="invalid settings"):
+        train(model, tok, TEXT, tmp_path, TrainConfig(steps=0))
+    config = TrainConfig(steps=2, batch_size=2, seq_len=16, lora_rank=2, save_every=1)
+    train(model, tok, TEXT, tmp_path / "run", config)
+    model, tok = fresh(base_dir)
+    with pytest.raises(ember.EmberError, match="other settings or data"):
+        train(model, tok, TEXT + " more", tmp_path / "run", config)
+    assert not [f for f in os.listdir(tmp_path / "run") if f.startswith(".")]
