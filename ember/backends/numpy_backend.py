@@ -7,6 +7,7 @@ implementations, with buffers freed as soon as their last use has passed.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,6 +53,7 @@ class NumpyBackend(Backend):
         steps = []
         for i, eqn in enumerate(graph.eqns):
             fn = eqn.prim.impls["numpy"]
+            fn = getattr(fn, "unguarded", fn)  # the program runs under one np.errstate
             first = eqn.inputs[0] if eqn.inputs else None
             if (first is not None and not isinstance(first, Literal)
                     and slots[first.id] in overwritable and "numpy" in eqn.prim.inplace_impls):
@@ -74,23 +76,31 @@ class NumpyBackend(Backend):
             env: list[Any] = [None] * n_slots
             env[: len(const_values)] = const_values
             env[len(const_values): len(const_values) + len(buffers)] = buffers
-            for i in donated_args:  # the same buffer passed twice must not be overwritten
-                if any(b is buffers[i] for j, b in enumerate(buffers) if j != i):
-                    env[len(const_values) + i] = buffers[i].copy()
-            for fn, ins, outs, params, multi, free in steps:
-                args = [v if kind == "lit" else env[v] for kind, v in ins]
-                result = fn(*args, **params)
-                if multi:
-                    for (slot, dtype), r in zip(outs, result):
-                        env[slot] = _as_array(r, dtype)
-                else:
-                    slot, dtype = outs[0]
-                    env[slot] = _as_array(result, dtype)
-                for s in free:
-                    env[s] = None
+            if donated_args:  # a buffer passed twice must not be overwritten through one
+                counts = Counter(map(id, buffers))
+                for i in donated_args:
+                    if counts[id(buffers[i])] > 1:
+                        env[len(const_values) + i] = buffers[i].copy()
+            with np.errstate(all="ignore"):
+                _run(env, steps)
             return [np.asarray(v) if kind == "lit" else env[v] for kind, v in out_refs]
 
         return program
+
+
+def _run(env: list[Any], steps: list[tuple]) -> None:
+    """Execute the equations in order, writing results into ``env``."""
+    for fn, ins, outs, params, multi, free in steps:
+        args = [v if kind == "lit" else env[v] for kind, v in ins]
+        result = fn(*args, **params)
+        if multi:
+            for (slot, dtype), r in zip(outs, result):
+                env[slot] = _as_array(r, dtype)
+        else:
+            slot, dtype = outs[0]
+            env[slot] = _as_array(result, dtype)
+        for s in free:
+            env[s] = None
 
 
 def _overwritable(graph: Any, donate: Sequence[bool], slots: dict[int, int], keep: set[int]

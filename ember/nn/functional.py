@@ -14,6 +14,7 @@ import numpy as np
 
 import ember.numpy as enp
 from ember import random
+from ember.core.array import Array
 from ember.errors import EmberValueError, ShapeError, op_error
 from ember.numpy import special
 from ember.transforms.autodiff import stop_gradient
@@ -37,6 +38,11 @@ def embedding(ids: Any, weight: Any) -> Any:
     ids = enp.asarray(ids)
     if not enp.isdtype(ids.dtype, "integral"):
         raise op_error(EmberValueError, "embedding", f"ids must be integers, got {ids.dtype}")
+    if type(ids) is Array and ids.size:  # concrete: check now (under jit they are clamped)
+        low, high = int(enp.min(ids)), int(enp.max(ids))
+        if low < 0 or high >= weight.shape[0]:
+            raise op_error(EmberValueError, "embedding", f"ids must be in [0, "
+                           f"{weight.shape[0]}), got values from {low} to {high}")
     return enp.take(weight, ids, axis=0)
 
 
@@ -72,7 +78,7 @@ def softmax(x: Any, axis: int = -1) -> Any:
     x = enp.asarray(x)
     shifted = x - stop_gradient(enp.max(x, axis=axis, keepdims=True))
     e = enp.exp(shifted)
-    return e / enp.sum(e, axis=axis, keepdims=True)
+    return e * (1 / enp.sum(e, axis=axis, keepdims=True))  # one small divide, not a big one
 
 
 def log_softmax(x: Any, axis: int = -1) -> Any:
@@ -100,7 +106,7 @@ def rms_norm(x: Any, weight: Any = None, eps: float = 1e-6) -> Any:
     x = enp.asarray(x)
     compute = enp.promote_types(x.dtype, enp.float32)
     h = x.astype(compute)
-    h = h / enp.sqrt(enp.mean(h * h, axis=-1, keepdims=True) + eps)
+    h = h * (1 / enp.sqrt(enp.mean(h * h, axis=-1, keepdims=True) + eps))
     h = h.astype(x.dtype)
     return h if weight is None else weight * h
 
@@ -189,9 +195,10 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     group = hq // hk
     batch = q.shape[:-3]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    # [..., Hk, G*L, D] @ [..., Hk, D, S]: one batched matmul per key/value head.
-    qg = q.reshape(*batch, hk, group * length, dim)
-    scores = enp.matmul(qg, enp.swapaxes(k, -1, -2)) * scale
+    # [..., Hk, G*L, D] @ [..., Hk, D, S]: one batched matmul per key/value head; the scale
+    # goes on the queries, which are smaller than the scores.
+    qg = (q * scale).reshape(*batch, hk, group * length, dim)
+    scores = enp.matmul(qg, enp.swapaxes(k, -1, -2))
     scores = scores.reshape(*batch, hk, group, length, src)
     mask = None
     if is_causal:

@@ -32,6 +32,7 @@ class LoRALinear(Linear):
         self.lora_A = init.kaiming_uniform((rank, base.in_features), base.weight.dtype, key)
         self.lora_B = init.zeros((base.out_features, rank), base.weight.dtype)
         self._frozen = frozenset({"weight", "bias"})
+        self.training = base.training
 
     def forward(self, x: Any) -> Any:
         update = enp.matmul(enp.matmul(x, self.lora_A.T), self.lora_B.T)
@@ -44,6 +45,9 @@ class LoRALinear(Linear):
         delta = enp.matmul(self.lora_B, self.lora_A) * self.scale
         out.weight = (self.weight + delta).astype(self.weight.dtype)
         out.bias = self.bias
+        # The merged weight is the base weight: it keeps its frozen flag and the mode.
+        out._frozen = self.__dict__.get("_frozen", frozenset()) & {"weight", "bias"}
+        out.training = self.training
         return out
 
 

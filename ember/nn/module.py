@@ -172,9 +172,11 @@ class Module:
         for name, value in state.items():
             if name not in slots:
                 continue
+            if not isinstance(value, (Array, np.ndarray)):
+                value = np.asarray(value)  # torch tensors, lists...
             slot = slots[name]
             shape, want = tuple(np.shape(value)), tuple(slot.value.shape)
-            dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+            dtype = np.dtype(value.dtype)
             if shape != want:
                 problems.append(f"{name}: checkpoint shape {shape}, model expects {want}")
             elif _kind(dtype) != _kind(slot.value.dtype):

@@ -79,6 +79,7 @@ def _quiet(np_fn: Callable[..., Any]) -> Callable[..., Any]:
     def impl(*args: Any) -> Any:
         with np.errstate(all="ignore"):
             return np_fn(*args)
+    impl.unguarded = np_fn  # for programs that silence NumPy once around the whole run
     return impl
 
 
@@ -207,9 +208,12 @@ erf = _unary("erf", erf_numpy,
 
 
 def _logistic_impl(x):
-    # Stable for large |x|: exp of a non-positive number only.
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype)
+    # 1 / (1 + exp(-x)) is exact at both ends in IEEE arithmetic (exp overflowing to inf gives
+    # 0, not NaN), so no branch is needed; in-place steps avoid three temporaries.
+    out = np.negative(x, out=np.empty_like(x))  # an array even for 0-d input
+    np.exp(out, out=out)
+    out += 1
+    return np.reciprocal(out, out=out)
 
 
 logistic = _unary("logistic", _logistic_impl, lambda x, y: mul(y, sub(full_like(y, 1), y)))

@@ -63,16 +63,25 @@ class Lowered:
         return str(self.graph)
 
     def compile(self) -> Callable[..., Any]:
-        backend = get_backend(self.backend)
-        program = backend.compile(self.graph, self.donate)
-        out_avals = self.graph.out_avals
+        run_leaves = self.compile_leaves()
 
         def run(*args: Any, **kwargs: Any) -> Any:
             leaves, tree = tree_flatten((args, kwargs))
             if tree != self.in_tree:
                 raise EmberError(f"compiled function called with structure {tree}, "
                                  f"expected {self.in_tree}")
-            outs = program(*[to_array(x)._buffer for x in leaves])
+            return run_leaves([to_array(x) for x in leaves])
+        return run
+
+    def compile_leaves(self) -> Callable[[list[Any]], Any]:
+        """The program as a function of the flattened argument arrays (what ``jit`` calls,
+        having flattened them once already to build the cache key)."""
+        backend = get_backend(self.backend)
+        program = backend.compile(self.graph, self.donate)
+        out_avals = self.graph.out_avals
+
+        def run(leaves: list[Any]) -> Any:
+            outs = program(*[x._buffer for x in leaves])
             return tree_unflatten(self.out_tree, [Array(o, a, backend)
                                                   for o, a in zip(outs, out_avals)])
         return run
@@ -156,13 +165,14 @@ class Jitted:
         leaves, tree = tree_flatten((dyn_args, dyn_kwargs))
         values = []
         for leaf in leaves:
-            if not hasattr(leaf, "aval"):
-                try:
-                    leaf = to_array(leaf)
-                except Exception as e:
-                    raise EmberError(f"jit: argument leaf {leaf!r} is not an array; mark it "
-                                     f"static with static_argnums/static_argnames\n"
-                                     f"  at {user_frame()}") from e
+            try:
+                leaf = to_array(leaf)  # also refuses arrays already donated
+            except EmberError:
+                raise
+            except Exception as e:
+                raise EmberError(f"jit: argument leaf {leaf!r} is not an array; mark it "
+                                 f"static with static_argnums/static_argnames\n"
+                                 f"  at {user_frame()}") from e
             values.append(leaf)
         return CacheKey(tree, tuple(aval_of(v) for v in values), static), values
 
@@ -213,21 +223,16 @@ class Jitted:
             if stats.keys:
                 stats.last_retrace_reason = key.difference(stats.keys[-1])
             lowered = self._lower(key, args, kwargs)
-            entry = self._cache[key] = _Entry(lowered, lowered.compile())
+            entry = self._cache[key] = _Entry(lowered, lowered.compile_leaves())
             stats.traces += 1
             stats.keys.append(key)
         else:
             self._stats.hits += 1
-        dyn_args, dyn_kwargs, _ = self._split(args, kwargs)
-        out = entry.run(*dyn_args, **dyn_kwargs)
-        self._donate(args)
+        out = entry.run(values)
+        for leaf, donated in zip(values, entry.lowered.donate):
+            if donated:
+                leaf._buffer = None  # the program may have written into it
         return out
-
-    def _donate(self, args: tuple) -> None:
-        for n in self.donate_argnums:
-            for leaf in tree_flatten(args[n])[0]:
-                if isinstance(leaf, Array):
-                    leaf._buffer = None
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         return self if obj is None else functools.partial(self, obj)
