@@ -305,8 +305,10 @@ class LlamaForCausalLM(Module):
         labels = ids if labels is None else enp.asarray(labels)
         if attention_mask is not None:
             labels = enp.where(enp.asarray(attention_mask).astype(enp.bool_), labels, -100)
-        logits = self(ids, attention_mask=attention_mask)
-        return F.cross_entropy(logits[:, :-1].astype(enp.float32), labels[:, 1:])
+        logits = self(ids, attention_mask=attention_mask).astype(enp.float32)
+        # Shift the labels, not the logits: slicing [batch, length, vocab] would copy it.
+        ignore = enp.full((labels.shape[0], 1), -100, dtype=labels.dtype)
+        return F.cross_entropy(logits, enp.concatenate([labels[:, 1:], ignore], axis=1))
 
 
 # The user-facing entry points live beside the model (``llama.load``, ``llama.generate``);

@@ -74,9 +74,10 @@ def gelu(x: Any, approximate: str = "none") -> Any:
 
 
 def softmax(x: Any, axis: int = -1) -> Any:
-    """Softmax along ``axis``; the max is subtracted first (and not differentiated: it cancels)."""
+    """Softmax along ``axis``; the max is subtracted first (and not differentiated: it cancels,
+    and cutting the gradient before the max spares the backward pass a tie mask)."""
     x = enp.asarray(x)
-    shifted = x - stop_gradient(enp.max(x, axis=axis, keepdims=True))
+    shifted = x - enp.max(stop_gradient(x), axis=axis, keepdims=True)
     e = enp.exp(shifted)
     return e * (1 / enp.sum(e, axis=axis, keepdims=True))  # one small divide, not a big one
 
@@ -146,12 +147,14 @@ def cross_entropy(logits: Any, target: Any, ignore_index: int = -100,
     if not enp.isdtype(target.dtype, "integral"):
         raise op_error(EmberValueError, "cross_entropy", f"targets must be integer class "
                        f"indices, got {target.dtype}")
-    logp = log_softmax(logits, axis=-1)
+    # -log softmax(x)[t] = logsumexp(x) - x[t]: the fewest passes over [..., C], which for a
+    # language model's logits is the biggest array of the whole step.
+    lse = special.logsumexp(logits, axis=-1)
     valid = target != ignore_index
     safe = enp.where(valid, target, 0)
-    nll = -enp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    nll = lse - enp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     if label_smoothing:
-        smooth = -enp.mean(logp, axis=-1)
+        smooth = lse - enp.mean(logits, axis=-1)
         nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     nll = enp.where(valid, nll, enp.zeros_like(nll))
     if reduction == "none":
@@ -164,8 +167,9 @@ def cross_entropy(logits: Any, target: Any, ignore_index: int = -100,
 
 def _mask_value(dtype: Any) -> float:
     # A large finite negative instead of -inf: a fully masked row (a padding query) then gives
-    # finite garbage that is ignored, not NaNs that poison gradients.
-    return float(enp.finfo(dtype).min)
+    # finite garbage that is ignored, not NaNs that poison gradients. Half of the smallest
+    # float, so that adding scores (or a second mask) cannot overflow to -inf.
+    return float(enp.finfo(dtype).min) / 2
 
 
 def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None,
@@ -200,7 +204,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     qg = (q * scale).reshape(*batch, hk, group * length, dim)
     scores = enp.matmul(qg, enp.swapaxes(k, -1, -2))
     scores = scores.reshape(*batch, hk, group, length, src)
-    mask = None
+    mask, bias = None, None
     if is_causal:
         mask = enp.asarray(np.tril(np.ones((length, src), dtype=bool)))
     if attn_mask is not None:
@@ -209,9 +213,14 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
         if attn_mask.dtype == enp.bool_:
             mask = grouped if mask is None else enp.logical_and(mask, grouped)
         else:
-            scores = scores + grouped.astype(scores.dtype)
+            bias = grouped.astype(scores.dtype)
     if mask is not None:
-        scores = enp.where(mask, scores, _mask_value(scores.dtype))
+        # An additive bias built at the mask's (broadcast) shape: adding it to the scores costs
+        # one pass, and its backward is the identity, where a select would need a second.
+        masked = enp.where(mask, 0.0, _mask_value(scores.dtype)).astype(scores.dtype)
+        bias = masked if bias is None else bias + masked
+    if bias is not None:
+        scores = scores + bias
     weights = softmax(scores, axis=-1)
     if dropout_p:
         weights = dropout(weights, dropout_p, key=dropout_key)
