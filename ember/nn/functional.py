@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 import ember.numpy as enp
-from ember import random
+from ember import lax, random
 from ember.core.array import Array
 from ember.errors import EmberValueError, ShapeError, op_error
 from ember.numpy import special
@@ -29,7 +29,12 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Any:
     if x.shape[-1] != weight.shape[-1]:
         raise op_error(ShapeError, "linear", f"input {x.shape} has {x.shape[-1]} features, "
                        f"weight {weight.shape} expects {weight.shape[-1]}")
-    y = enp.matmul(x, weight.T)
+    x, weight = enp.asarray(x), enp.asarray(weight)
+    if x.dtype != weight.dtype:
+        common = enp.result_type(x, weight)
+        x, weight = x.astype(common), weight.astype(common)
+    # Contract the weight's input axis directly: no transposed copy of the weight in the graph.
+    y = lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
     return y if bias is None else y + bias
 
 

@@ -56,11 +56,14 @@ def _dot_impl(lhs, rhs, *, dims):
     out_dtype = lhs.dtype
     if out_dtype in (dtypes.float16, dtypes.bfloat16):
         lhs, rhs = lhs.astype(np.float32), rhs.astype(np.float32)
-    if not lb and lhs.ndim == 2 and rhs.ndim == 2 and len(lc) == 1:
-        # Plain matrix product: hand BLAS the transposed views, no copies.
-        a = lhs if lc == (1,) else lhs.T
-        b = rhs if rc == (0,) else rhs.T
-        return np.matmul(a, b).astype(out_dtype, copy=False)
+    if not lb:
+        a, b = _as_matrix(lhs, lc), _as_matrix(rhs, rc)
+        if a is not None and b is not None:
+            # A matrix product in disguise (a linear layer on [batch, length, features], or its
+            # weight gradient): hand BLAS 2-D views, transposed where needed, and no copies.
+            out = np.matmul(a, b.T).reshape([lhs.shape[i] for i in lf] +
+                                             [rhs.shape[i] for i in rf])
+            return out.astype(out_dtype, copy=False)
     bshape = [lhs.shape[i] for i in lb]
     lfs, rfs = [lhs.shape[i] for i in lf], [rhs.shape[i] for i in rf]
     k = int(np.prod([lhs.shape[i] for i in lc], dtype=np.int64))
@@ -70,6 +73,19 @@ def _dot_impl(lhs, rhs, *, dims):
         (a.shape[0], k, int(np.prod(rfs, dtype=np.int64))))
     out = np.matmul(a, b).reshape((*bshape, *lfs, *rfs))
     return out.astype(out_dtype, copy=False)
+
+
+def _as_matrix(x, contract):
+    """``x`` as a 2-D ``[free, contracted]`` view when the contracted axes are its leading or
+    trailing axes in order (else None)."""
+    n, k = x.ndim, len(contract)
+    size = int(np.prod([x.shape[i] for i in contract], dtype=np.int64))
+    free = int(np.prod([d for i, d in enumerate(x.shape) if i not in contract], dtype=np.int64))
+    if tuple(contract) == tuple(range(n - k, n)):
+        return x.reshape(free, size)
+    if tuple(contract) == tuple(range(k)):
+        return x.reshape(size, free).T
+    return None
 
 
 dot_general_p.def_impl(_dot_impl)
