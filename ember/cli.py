@@ -57,12 +57,13 @@ def _info(_: argparse.Namespace) -> int:
     print(f"python     {platform.python_version()} ({sys.executable})")
     print(f"numpy      {np.__version__}")
     print(f"ml_dtypes  {ml_dtypes.__version__}")
-    for name in ("safetensors", "gguf", "tokenizers", "jinja2"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("safetensors", "gguf", "tokenizers", "jinja2", "tqdm", "matplotlib"):
         try:
-            module = __import__(name)
-            print(f"{name:<10} {getattr(module, '__version__', 'installed')}")
-        except ImportError:
-            print(f"{name:<10} not installed")
+            print(f"{name:<11} {version(name)}")
+        except PackageNotFoundError:
+            print(f"{name:<11} not installed")
     print(f"backend    {backend.name} (default); devices: "
           + ", ".join(str(d) for d in backend.devices))
     from ember.models.loading import default_model_path
@@ -164,9 +165,10 @@ def _train(args: argparse.Namespace) -> int:
     history = train(model, tokenizer, text, args.out, config, resume=not args.no_resume)
     last = history["eval"][-1]["loss"] if history["eval"] else float("nan")
     first = history["train"][0]["loss"] if history["train"] else float("nan")
+    plot = os.path.join(args.out, "loss.png")
     print(f"done: train loss {first:.4f} -> {history['train'][-1]['loss']:.4f}, eval loss "
-          f"{last:.4f}; model in {os.path.join(args.out, 'model')}, curve in "
-          f"{os.path.join(args.out, 'loss.png')}")
+          f"{last:.4f}; model in {os.path.join(args.out, 'model')}"
+          + (f", loss curve in {plot}" if os.path.exists(plot) else ""))
     return 0
 
 

