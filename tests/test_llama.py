@@ -229,7 +229,7 @@ def test_loading_errors_are_clear_and_leave_nothing_half_done(tmp_path):
         np.testing.assert_array_equal(np.asarray(v), before[k])
 
 
-def _write_gguf(path, hf, family: str, quantize: str | None = None):
+def _write_gguf(path, hf, family: str, quantize: str | None = None, extra=None):
     """A GGUF file of ``hf``'s weights as llama.cpp's converter lays them out."""
     gguf = pytest.importorskip("gguf")
     from ember.io.gguf import permute_qk
@@ -273,6 +273,8 @@ def _write_gguf(path, hf, family: str, quantize: str | None = None):
             w.add_tensor(names[name], q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(names[name], value.astype(np.float32))
+    for name, value in (extra or {}).items():
+        w.add_tensor(name, np.asarray(value, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -325,3 +327,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for k in plain:
         np.testing.assert_allclose(np.asarray(ckpt[k]), np.asarray(plain[k]), rtol=1e-5,
                                    atol=1e-7)
+
+
+def test_gguf_llama3_rope_factors_tensor(tmp_path):
+    """llama.cpp stores llama3 rope scaling as a ``rope_freqs`` tensor of per-frequency
+    factors (frequencies are divided by them); the result must match transformers' llama3."""
+    from ember.nn.functional import rope_inv_freq
+
+    hf, model = make_pair("llama3")
+    path = tmp_path / "llama3.gguf"
+    _write_gguf(path, hf, "llama")
+    scaling = dict(model.config.rope_scaling)
+    head_dim, theta = model.config.head_dim, model.config.rope_theta
+    factors = rope_inv_freq(head_dim, theta) / rope_inv_freq(head_dim, theta, scaling)
+    with_factors = tmp_path / "llama3-factors.gguf"
+    _write_gguf(with_factors, hf, "llama", extra={"rope_freqs.weight": factors})
+    loaded = loading.load_model(with_factors)
+    ids = tokens((1, 40), seed=6)
+    ref = hf(torch.tensor(ids)).logits.detach().numpy()
+    np.testing.assert_allclose(np.asarray(loaded(ids)), ref, rtol=1e-4, atol=2e-5)
+    plain = loading.load_model(path)  # without the factors the long wavelengths differ
+    assert not np.allclose(np.asarray(plain(ids)), ref, rtol=1e-4, atol=2e-5)
