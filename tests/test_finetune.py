@@ -100,3 +100,23 @@ def test_bad_data_and_settings_are_refused(base_dir, tmp_path):
     with pytest.raises(ember.EmberError, match="other settings or data"):
         train(model, tok, TEXT + " more", tmp_path / "run", config)
     assert not [f for f in os.listdir(tmp_path / "run") if f.startswith(".")]
+
+
+def test_accumulated_step_equals_one_big_batch(base_dir):
+    from ember.models import finetune
+
+    config = TrainConfig(steps=10, lr=1e-2, lora_rank=0, warmup_steps=0)
+    opt = finetune._optimizer(config)
+    step = finetune._make_step(opt, clip=1.0)
+    batches = np.random.default_rng(0).integers(0, 200, size=(2, 3, 12))
+    results = []
+    for stacked in (batches, batches.reshape(1, 6, 12)):
+        model, _ = fresh(base_dir)
+        model.train()
+        state = opt.init(model.trainable_parameters())
+        loss, norm, params, _ = step(model, state, stacked)
+        results.append((float(loss), float(norm), params))
+    (l1, n1, p1), (l2, n2, p2) = results
+    assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-4)
+    for k in p1:
+        np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]), rtol=1e-4, atol=1e-6)

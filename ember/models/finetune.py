@@ -127,13 +127,16 @@ def _make_step(opt: Any, clip: float) -> Callable[..., Any]:
         def micro(total: Any, batch: Any) -> tuple[Any, None]:
             loss, grads = grad_fn(model, batch)
             return (total[0] + loss, {k: total[1][k] + g for k, g in grads.items()}), None
-        zeros = {k: enp.zeros_like(v) for k, v in model.trainable_parameters().items()}
-        (loss, grads), _ = lax.scan(micro, (enp.zeros((), enp.float32), zeros), batches)
         n = batches.shape[0]
-        grads = {k: g / n for k, g in grads.items()}
+        if n == 1:  # no accumulation: spare the summing and scaling passes over the gradients
+            loss, grads = grad_fn(model, batches[0])
+        else:
+            zeros = {k: enp.zeros_like(v) for k, v in model.trainable_parameters().items()}
+            (loss, grads), _ = lax.scan(micro, (enp.zeros((), enp.float32), zeros), batches)
+            loss, grads = loss / n, {k: g / n for k, g in grads.items()}
         grads, norm = optim.clip_grad_norm(grads, clip)
         params, state = opt.update(model.trainable_parameters(), grads, state)
-        return loss / n, norm, params, state
+        return loss, norm, params, state
     return jit(step)
 
 
