@@ -36,7 +36,7 @@ def test_lora_fine_tune_lowers_the_loss_and_writes_loadable_outputs(base_dir, tm
     history = train(model, tok, TEXT, tmp_path, config)
     losses = [r["loss"] for r in history["train"]]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
-    assert [e["step"] for e in history["eval"]] == [10, 20, 30]
+    assert [e["step"] for e in history["eval"]] == [0, 10, 20, 30]
     assert history["eval"][-1]["loss"] < history["eval"][0]["loss"]
     for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
                  "adapter.safetensors", "loss.png", "history.json", "checkpoints/latest"):

@@ -171,6 +171,8 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
     step_fn = _make_step(opt, config.grad_clip)
     eval_fn = jit(_loss)
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+    if history["step"] == 0:  # the baseline the evaluation curve starts from
+        history["eval"].append({"step": 0, "loss": _evaluate(eval_fn, model, eval_data, config)})
     bar = tqdm(total=config.steps, initial=history["step"], desc="training", unit="step",
                dynamic_ncols=True)
     try:
