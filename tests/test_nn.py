@@ -1103,3 +1103,17 @@ def test_load_state_dict_accepts_torch_tensors():
     ref = torch.nn.Linear(3, 2)
     lin.load_state_dict(ref.state_dict())
     np.testing.assert_array_equal(np.asarray(lin.weight), ref.weight.detach().numpy())
+
+
+def test_initialisers_follow_pytorch_bounds():
+    key = ember.random.key(0)
+    w = np.asarray(nn.init.xavier_uniform((64, 32), gain=2.0, key=key))
+    bound = 2.0 * math.sqrt(6.0 / (64 + 32))
+    assert w.dtype == np.float32 and np.abs(w).max() <= bound
+    assert np.abs(w).max() > 0.9 * bound  # really uniform over the whole range
+    k = np.asarray(nn.init.kaiming_uniform((16, 100), key=key))
+    assert np.abs(k).max() <= 0.1 and np.abs(k).max() > 0.09
+    n = np.asarray(nn.init.normal((200, 200), std=0.02, key=key))
+    assert abs(n.std() - 0.02) < 0.001
+    with nn.init.skip_init():
+        assert not np.asarray(nn.init.normal((3, 3), key=key)).any()

@@ -116,14 +116,6 @@ class LlamaConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_hf(), indent=2, sort_keys=True)
 
-    @property
-    def num_parameters(self) -> int:
-        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
-        q = self.num_attention_heads * self.head_dim
-        layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size + 2 * h
-        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * layer + embed + h
-
 
 @register_dataclass
 @dataclasses.dataclass
