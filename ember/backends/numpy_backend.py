@@ -7,6 +7,7 @@ implementations, with buffers freed as soon as their last use has passed.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,6 +50,10 @@ class NumpyBackend(Backend):
                 if not isinstance(a, Literal):
                     last_use[slots[a.id]] = i
         keep = {slots[a.id] for a in graph.outvars if not isinstance(a, Literal)}
+        dies_at: dict[int, list[int]] = {}
+        for slot, last in last_use.items():
+            if slot not in keep:
+                dies_at.setdefault(last, []).append(slot)
         overwritable = _overwritable(graph, donate, slots, keep)
         steps = []
         for i, eqn in enumerate(graph.eqns):
@@ -61,8 +66,12 @@ class NumpyBackend(Backend):
             ins = [("lit", a.value) if isinstance(a, Literal) else ("slot", slots[a.id])
                    for a in eqn.inputs]
             outs = [(slots[v.id], v.aval.dtype) for v in eqn.outputs]
-            free = [s for s, last in last_use.items() if last == i and s not in keep]
-            steps.append((fn, ins, outs, eqn.params, eqn.prim.multiple_results, free))
+            # An elementwise ufunc may write into an input buffer that dies here (checked at
+            # run time: see _dead_buffer), saving an allocation and a pass of page faults.
+            reuse = ((eqn.outputs[0].aval.shape, eqn.outputs[0].aval.dtype)
+                     if isinstance(fn, np.ufunc) and not eqn.params else None)
+            steps.append((fn, ins, outs, eqn.params, eqn.prim.multiple_results,
+                          dies_at.get(i, []), reuse))
         # Snapshot the constants' buffers now: a captured array later rebound by ``x[i] = v``
         # must not change what an already compiled program computes.
         const_values = [np.asarray(c) for c in closed.consts]
@@ -90,9 +99,10 @@ class NumpyBackend(Backend):
 
 def _run(env: list[Any], steps: list[tuple]) -> None:
     """Execute the equations in order, writing results into ``env``."""
-    for fn, ins, outs, params, multi, free in steps:
+    for fn, ins, outs, params, multi, free, reuse in steps:
         args = [v if kind == "lit" else env[v] for kind, v in ins]
-        result = fn(*args, **params)
+        target = _dead_buffer(env, free, args, *reuse) if reuse and free else None
+        result = fn(*args, out=target) if target is not None else fn(*args, **params)
         if multi:
             for (slot, dtype), r in zip(outs, result):
                 env[slot] = _as_array(r, dtype)
@@ -101,6 +111,24 @@ def _run(env: list[Any], steps: list[tuple]) -> None:
             env[slot] = _as_array(result, dtype)
         for s in free:
             env[s] = None
+
+
+def _dead_buffer(env: list[Any], free: list[int], args: list[Any], shape: tuple[int, ...],
+                 dtype: np.dtype) -> np.ndarray | None:
+    """A buffer of a slot dying at this step that nothing else can see, or None.
+
+    It must own its memory (not a view), fit the output exactly, and be referenced only by
+    its slot and this step's arguments: a view of it elsewhere would hold a reference
+    (``view.base``), and so would the caller or a captured constant. ``getrefcount`` sees
+    the slot, the local ``buf``, its own argument, and each appearance among ``args``.
+    """
+    for s in free:
+        buf = env[s]
+        if (type(buf) is np.ndarray and buf.base is None and buf.shape == shape
+                and buf.dtype == dtype and buf.flags.writeable
+                and sys.getrefcount(buf) == 3 + sum(a is buf for a in args)):
+            return buf
+    return None
 
 
 def _overwritable(graph: Any, donate: Sequence[bool], slots: dict[int, int], keep: set[int]
