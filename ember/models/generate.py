@@ -18,6 +18,7 @@ import numpy as np
 import ember.numpy as enp
 from ember import random
 from ember.errors import EmberValueError
+from ember.io.tokenizer import StreamDecoder
 from ember.lax import top_k as _top_k
 from ember.models.llama import KVCache, LlamaForCausalLM
 from ember.transforms.jit import jit
@@ -128,6 +129,8 @@ def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
     s = sampling
     greedy = s.temperature == 0.0
     key = random.key(s.seed)
+    knobs = (np.float32(s.temperature or 1.0), np.float32(s.top_p),
+             np.float32(s.repetition_penalty), greedy, s.top_k, s.top_p < 1.0)
     cache = KVCache.allocate(model.config, batch, total, model.dtype)
     logits, cache = _prefill(model, cache, ids, positions, key_mask)
     stops = set(stop_ids)
@@ -135,10 +138,7 @@ def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
     done = np.zeros(batch, dtype=bool)
     next_pos = (longest - pads).astype(np.int32)
     for step in range(max_new_tokens):
-        tokens = np.asarray(_sample(logits, seen, key, np.int32(step), np.float32(s.temperature
-                                    or 1.0), np.float32(s.top_p),
-                                    np.float32(s.repetition_penalty), greedy, s.top_k,
-                                    s.top_p < 1.0))
+        tokens = np.asarray(_sample(logits, seen, key, np.int32(step), *knobs))
         for row, tok in enumerate(tokens.tolist()):
             if done[row]:
                 continue
@@ -159,8 +159,6 @@ def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
 def _generate_text(model: LlamaForCausalLM, tokenizer: Any, texts: list[str], add_special: bool,
                    sampling: SamplingConfig, max_new_tokens: int,
                    stream: Callable[[str], None] | None) -> list[str]:
-    from ember.io.tokenizer import StreamDecoder
-
     ids = [tokenizer.encode(t, add_special_tokens=add_special) for t in texts]
     decoder = StreamDecoder(tokenizer, skip_special_tokens=True) if stream else None
 
