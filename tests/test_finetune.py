@@ -120,3 +120,14 @@ def test_accumulated_step_equals_one_big_batch(base_dir):
     assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-4)
     for k in p1:
         np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]), rtol=1e-4, atol=1e-6)
+
+
+def test_history_records_the_learning_rate_each_step_used(base_dir, tmp_path):
+    model, tok = fresh(base_dir)
+    config = TrainConfig(steps=6, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=3,
+                         lora_rank=2, eval_every=6, save_every=6)
+    history = train(model, tok, TEXT, tmp_path, config)
+    lrs = [r["lr"] for r in history["train"]]
+    # transformers' cosine-with-warmup: 0, lr/3, 2lr/3 during warm-up, then cosine decay
+    assert lrs[:3] == pytest.approx([0.0, 1e-2 / 3, 2e-2 / 3], rel=1e-5, abs=1e-9)
+    assert lrs[3] == pytest.approx(1e-2, rel=1e-5) and lrs[3] > lrs[4] > lrs[5] > 0

@@ -178,6 +178,7 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
     try:
         for step in range(history["step"], config.steps):
             start = time.perf_counter()
+            lr = float(opt.lr_at(state))  # the rate this step uses
             batches = np.stack([train_data.batch(step, micro, config.batch_size)
                                 for micro in range(config.grad_accum)])
             loss, norm, params, state = step_fn(model, state, batches)
@@ -185,7 +186,7 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
             loss = float(loss)
             seconds = time.perf_counter() - start
             record = {"step": step + 1, "loss": loss, "grad_norm": float(norm),
-                      "lr": float(opt.lr_at(state)), "tokens_per_s": tokens_per_step / seconds}
+                      "lr": lr, "tokens_per_s": tokens_per_step / seconds}
             history["train"].append(record)
             history["step"] = step + 1
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
