@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -348,3 +349,16 @@ def test_gguf_llama3_rope_factors_tensor(tmp_path):
     np.testing.assert_allclose(np.asarray(loaded(ids)), ref, rtol=1e-4, atol=2e-5)
     plain = loading.load_model(path)  # without the factors the long wavelengths differ
     assert not np.allclose(np.asarray(plain(ids)), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_bfloat16_model_saves_as_bf16_and_transformers_reads_it(tmp_path):
+    hf, model = make_pair("qwen2")
+    model.astype(ml_dtypes.bfloat16)
+    loading.save_pretrained(model, None, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert back.dtype == torch.bfloat16
+    ids = tokens((1, 6), seed=2)
+    ours = np.asarray(model(ids)).astype(np.float32)
+    theirs = back(torch.tensor(ids)).logits.float().detach().numpy()
+    np.testing.assert_allclose(ours, theirs, atol=0.05 * np.abs(theirs).max())

@@ -96,8 +96,9 @@ class LlamaConfig:
                      qkv_bias=model_type == "qwen2")
         return cls(**known)
 
-    def to_hf(self) -> dict[str, Any]:
-        """The ``config.json`` transformers reads back into the same model."""
+    def to_hf(self, dtype: Any = enp.float32) -> dict[str, Any]:
+        """The ``config.json`` transformers reads back into the same model (weights in
+        ``dtype``)."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM"}[self.model_type]
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "qkv_bias"}
@@ -106,15 +107,15 @@ class LlamaConfig:
         out["rope_parameters"] = {**rope, "rope_theta": self.rope_theta}
         out["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) \
             else self.eos_token_id
-        out.update(architectures=[arch], hidden_act="silu", torch_dtype="float32")
+        out.update(architectures=[arch], hidden_act="silu", torch_dtype=enp.dtype(dtype).name)
         if self.model_type == "qwen2":
             out["use_sliding_window"] = self.sliding_window is not None
         if self.model_type == "llama":
             out.pop("sliding_window")
         return out
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_hf(), indent=2, sort_keys=True)
+    def to_json(self, dtype: Any = enp.float32) -> str:
+        return json.dumps(self.to_hf(dtype), indent=2, sort_keys=True)
 
 
 @register_dataclass

@@ -211,7 +211,7 @@ def save_pretrained(model: LlamaForCausalLM, tokenizer: Tokenizer | None,
             safetensors.save(tensors, os.path.join(staging, "model.safetensors"))
         else:
             safetensors.save(tensors, staging, max_shard_bytes=max_shard_bytes)
-        write_text_atomic(os.path.join(staging, "config.json"), model.config.to_json())
+        write_text_atomic(os.path.join(staging, "config.json"), model.config.to_json(model.dtype))
         generation = {"bos_token_id": model.config.bos_token_id,
                       "eos_token_id": model.config.eos_token_id}
         write_text_atomic(os.path.join(staging, "generation_config.json"),
