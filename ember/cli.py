@@ -88,7 +88,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                seed=args.seed)
+                seed=args.seed, stop=args.stop)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -193,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=0.9)
         p.add_argument("--repetition-penalty", type=float, default=1.1)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="stop where this text appears (repeatable)")
 
     g = sub.add_parser("generate", help="continue or answer a prompt")
     g.add_argument("prompt", nargs="*", help=f"the prompt (default: {DEFAULT_PROMPT!r})")

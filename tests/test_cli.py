@@ -27,7 +27,7 @@ def test_generate_streams_text(model_dir, capsys):
 def test_generate_with_sampling_options_is_seeded(model_dir, capsys):
     args = ["generate", "--model", model_dir, "--max-new-tokens", "8", "--temperature", "0.9",
             "--top-p", "0.9", "--top-k", "20", "--repetition-penalty", "1.1", "--seed", "3",
-            "--raw", "Once upon a time"]
+            "--stop", "\n\n", "--raw", "Once upon a time"]
     assert cli.main(args) == 0
     first = capsys.readouterr().out
     assert cli.main(args) == 0
@@ -91,3 +91,19 @@ def test_convert_the_default_gguf(tmp_path, capsys):
     assert cli.main(["convert", source, str(tmp_path / "smollm2")]) == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "smollm2" / name).exists()
+
+
+def test_stop_strings_end_the_answer_and_the_stream(model_dir):
+    from ember.models.generate import _partial_stop, generate
+    from ember.models.loading import load
+
+    model, tok = load(model_dir)
+    full = generate(model, tok, "Hello there", max_new_tokens=24)
+    assert len(full) > 6
+    stop = full[3:6]
+    streamed = []
+    cut = generate(model, tok, "Hello there", max_new_tokens=24, stop=[stop],
+                   stream=streamed.append)
+    assert cut == full[: full.index(stop)]
+    assert "".join(streamed) == cut
+    assert _partial_stop("abc<|e", ["<|end|>"]) == 3 and _partial_stop("abc", ["xyz"]) == 0

@@ -96,11 +96,13 @@ _sample = jit(_sample_fn, static_argnums=(7, 8, 9))
 def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
                  max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
                  stop_ids: Sequence[int] = (), pad_id: int = 0,
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                 on_token: Callable[[int, int], bool | None] | None = None
+                 ) -> list[list[int]]:
     """New token ids for each prompt (stop token excluded), prompts batched with left padding.
 
     ``on_token(row, id)`` is called for every generated token as soon as it is known (used to
-    stream text). A row stops at its first stop token; the batch stops when every row has.
+    stream text); returning True ends that row after this token. A row stops at its first stop
+    token; the batch stops when every row has.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EmberValueError("generate: every prompt needs at least one token")
@@ -146,8 +148,8 @@ def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
                 done[row] = True
                 continue
             out[row].append(tok)
-            if on_token is not None:
-                on_token(row, tok)
+            if on_token is not None and on_token(row, tok):
+                done[row] = True
         if done.all() or step == max_new_tokens - 1:
             break
         seen[np.arange(batch), tokens] = True
@@ -158,35 +160,64 @@ def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
 
 def _generate_text(model: LlamaForCausalLM, tokenizer: Any, texts: list[str], add_special: bool,
                    sampling: SamplingConfig, max_new_tokens: int,
-                   stream: Callable[[str], None] | None) -> list[str]:
+                   stream: Callable[[str], None] | None, stop: Sequence[str] = ()) -> list[str]:
     ids = [tokenizer.encode(t, add_special_tokens=add_special) for t in texts]
-    decoder = StreamDecoder(tokenizer, skip_special_tokens=True) if stream else None
+    decoders = [StreamDecoder(tokenizer, skip_special_tokens=True) for _ in texts]
+    pieces: list[list[str]] = [[] for _ in texts]
+    shown = [0]  # characters of row 0 already streamed
 
-    def on_token(row: int, tok: int) -> None:
-        if row == 0 and decoder is not None:
-            piece = decoder.push(tok)
-            if piece:
-                stream(piece)
+    def on_token(row: int, tok: int) -> bool:
+        pieces[row].append(decoders[row].push(tok))
+        text = "".join(pieces[row])
+        cut = _stop_at(text, stop)
+        if row == 0 and stream is not None:
+            # Hold back a tail that could still grow into a stop string.
+            safe = cut if cut is not None else len(text) - _partial_stop(text, stop)
+            if safe > shown[0]:
+                stream(text[shown[0]:safe])
+                shown[0] = safe
+        return cut is not None
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    new = generate_ids(model, ids, max_new_tokens, sampling, sorted(tokenizer.stop_token_ids),
-                       pad, on_token)
-    if decoder is not None:
-        rest = decoder.flush()
-        if rest:
-            stream(rest)
-    return [tokenizer.decode(n, skip_special_tokens=True) for n in new]
+    generate_ids(model, ids, max_new_tokens, sampling, sorted(tokenizer.stop_token_ids), pad,
+                 on_token)
+    outs = []
+    for row, decoder in enumerate(decoders):
+        text = "".join(pieces[row]) + decoder.flush()
+        cut = _stop_at(text, stop)
+        outs.append(text if cut is None else text[:cut])
+    if stream is not None and len(outs[0]) > shown[0]:
+        stream(outs[0][shown[0]:])
+    return outs
+
+
+def _stop_at(text: str, stop: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in ``text`` (None if none occurs)."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _partial_stop(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 def generate(model: LlamaForCausalLM, tokenizer: Any, prompt: str | Sequence[str],
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-             chat: bool = False, stream: Callable[[str], None] | None = None
-             ) -> str | list[str]:
+             chat: bool = False, stream: Callable[[str], None] | None = None,
+             stop: Sequence[str] = ()) -> str | list[str]:
     """Generate text for one prompt (a string) or a batch (a list of strings).
 
     ``chat=True`` wraps each prompt as a user message in the model's chat template.
     ``stream`` receives text pieces as they are decoded (first prompt of a batch only).
+    ``stop`` strings end a row where they first appear (they are not part of the result).
     """
     single = isinstance(prompt, str)
     texts = [prompt] if single else list(prompt)
@@ -195,17 +226,19 @@ def generate(model: LlamaForCausalLM, tokenizer: Any, prompt: str | Sequence[str
     if chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-    outs = _generate_text(model, tokenizer, texts, not chat, sampling, max_new_tokens, stream)
+    outs = _generate_text(model, tokenizer, texts, not chat, sampling, max_new_tokens, stream,
+                          stop)
     return outs[0] if single else outs
 
 
 def generate_chat(model: LlamaForCausalLM, tokenizer: Any, messages: list[dict[str, str]],
                   max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-                  stream: Callable[[str], None] | None = None) -> str:
+                  stream: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> str:
     """The assistant's reply to a conversation (``[{"role": ..., "content": ...}, ...]``)."""
     if not messages or not messages[-1].get("content", "").strip():
         raise EmberValueError("generate_chat: the last message is empty")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-    return _generate_text(model, tokenizer, [text], False, sampling, max_new_tokens, stream)[0]
+    return _generate_text(model, tokenizer, [text], False, sampling, max_new_tokens, stream,
+                          stop)[0]
