@@ -211,6 +211,9 @@ def test_loading_errors_are_clear_and_leave_nothing_half_done(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(ember.EmberError, match="unsupported model_type 'gpt2'"):
         loading.load_model(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ember.EmberError, match="expected a JSON object"):
+        loading.load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
     with pytest.raises(ember.EmberError, match="model expects"):
         loading.load_model(tmp_path)

@@ -1,4 +1,5 @@
-"""Atomic file writes: a file is either its old self or completely new, never truncated.
+"""Atomic file writes (a file is either its old self or completely new, never truncated), and
+the one reader of the JSON files that come with models and checkpoints.
 
 Everything ember saves (weights, configs, tokenizers, checkpoints) goes through
 :func:`atomic_write`: write a temporary sibling, fsync it, ``os.replace`` it over the target
@@ -8,14 +9,15 @@ Everything ember saves (weights, configs, tokenizers, checkpoints) goes through
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 from ember.errors import EmberValueError
 
-__all__ = ["atomic_write", "write_text_atomic"]
+__all__ = ["atomic_write", "write_text_atomic", "read_json"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
@@ -52,3 +54,16 @@ def _fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object file's contents; a clear error when it is unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise EmberValueError(f"{os.fspath(path)}: cannot read it as JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise EmberValueError(f"{os.fspath(path)}: expected a JSON object, got "
+                              f"{type(data).__name__}")
+    return data

@@ -27,7 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from ember.errors import EmberError
-from ember.io.files import write_text_atomic
+from ember.io.files import read_json, write_text_atomic
 
 # Tokens that close a chat turn. Chat models emit them instead of (or before) their configured EOS:
 # Llama 3's EOS is <|end_of_text|> but an assistant turn ends with <|eot_id|>.
@@ -354,16 +354,7 @@ class StreamDecoder:
 
 def _read_json(path: str) -> dict[str, Any]:
     """A JSON object file's contents, or {} when the file is absent (they are all optional)."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise EmberError(f"{path}: cannot read it as JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise EmberError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(path) if os.path.isfile(path) else {}
 
 
 def _token_text(value: Any) -> str | None:

@@ -29,7 +29,7 @@ import ember.numpy as enp
 from ember import lax, nn, optim, random
 from ember.errors import EmberError
 from ember.io import safetensors
-from ember.io.files import write_text_atomic
+from ember.io.files import read_json, write_text_atomic
 from ember.models.llama import LlamaForCausalLM
 from ember.models.loading import save_pretrained
 from ember.transforms.jit import jit
@@ -234,8 +234,7 @@ def _restore(ckpt_dir: str, model: LlamaForCausalLM, state: Any, history: dict[s
         return state, history
     with open(latest, encoding="utf-8") as f:
         source = os.path.join(ckpt_dir, f.read().strip())
-    with open(os.path.join(source, "history.json"), encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = read_json(os.path.join(source, "history.json"))
     if saved.get("fingerprint") != history["fingerprint"]:
         raise EmberError(f"train: the checkpoint in {ckpt_dir} was made with other settings or "
                          f"data; use a new --out directory or pass resume=False")

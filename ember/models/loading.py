@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import ember.numpy as enp
 from ember.errors import EmberError
 from ember.io import safetensors
-from ember.io.files import write_text_atomic
+from ember.io.files import read_json, write_text_atomic
 from ember.io.gguf import GGUFFile, unpermute_qk
 from ember.io.tokenizer import Tokenizer
 from ember.models.llama import LlamaConfig, LlamaForCausalLM
@@ -82,9 +82,8 @@ def load_model(path: str | os.PathLike, dtype: Any = enp.float32) -> LlamaForCau
         raise EmberError(f"{path!r} has no config.json; a Hugging Face model directory needs "
                          f"config.json and model.safetensors")
     try:
-        with open(config_path, encoding="utf-8") as f:
-            config = LlamaConfig.from_hf(json.load(f))
-    except (json.JSONDecodeError, TypeError) as e:
+        config = LlamaConfig.from_hf(read_json(config_path))
+    except TypeError as e:
         raise EmberError(f"{config_path}: not a valid Llama-family config.json ({e})") from e
     tensors = safetensors.load(path)
     if config.tie_word_embeddings:
