@@ -45,16 +45,21 @@ class NumpyBackend(Backend):
             for v in eqn.outputs:
                 slots[v.id] = len(slots)
         last_use: dict[int, int] = {}
+        uses: dict[int, int] = {}
         for i, eqn in enumerate(graph.eqns):
             for a in eqn.inputs:
                 if not isinstance(a, Literal):
                     last_use[slots[a.id]] = i
+                    uses[slots[a.id]] = uses.get(slots[a.id], 0) + 1
         keep = {slots[a.id] for a in graph.outvars if not isinstance(a, Literal)}
         dies_at: dict[int, list[int]] = {}
         for slot, last in last_use.items():
             if slot not in keep:
                 dies_at.setdefault(last, []).append(slot)
-        overwritable = _overwritable(graph, donate, slots, keep)
+        # Donated inputs read by exactly one equation (and not returned): that equation may
+        # write into the buffer instead of copying it.
+        overwritable = {slots[v.id] for v, d in zip(graph.invars, donate)
+                        if d and uses.get(slots[v.id]) == 1 and slots[v.id] not in keep}
         steps = []
         for i, eqn in enumerate(graph.eqns):
             fn = eqn.prim.impls["numpy"]
@@ -129,19 +134,6 @@ def _dead_buffer(env: list[Any], free: list[int], args: list[Any], shape: tuple[
                 and sys.getrefcount(buf) == 3 + sum(a is buf for a in args)):
             return buf
     return None
-
-
-def _overwritable(graph: Any, donate: Sequence[bool], slots: dict[int, int], keep: set[int]
-                  ) -> set[int]:
-    """Slots of donated inputs that exactly one equation reads (and no output returns): that
-    equation may write into the buffer instead of copying it."""
-    uses: dict[int, int] = {}
-    for eqn in graph.eqns:
-        for a in eqn.inputs:
-            if not isinstance(a, Literal):
-                uses[a.id] = uses.get(a.id, 0) + 1
-    return {slots[v.id] for v, d in zip(graph.invars, donate)
-            if d and uses.get(v.id) == 1 and slots[v.id] not in keep}
 
 
 register_backend(NumpyBackend())

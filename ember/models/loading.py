@@ -134,7 +134,7 @@ def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
     hidden = int(get("embedding_length"))
     scaling = None
     kind = meta.get(f"{arch}.rope.scaling.type")
-    if kind in ("linear",):
+    if kind == "linear":
         scaling = {"rope_type": kind, "factor": float(get("rope.scaling.factor"))}
     tokens = meta.get("tokenizer.ggml.tokens") or ()
     eos = meta.get("tokenizer.ggml.eos_token_id")
@@ -164,15 +164,14 @@ def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
 def _gguf_state_dict(gguf: GGUFFile, config: LlamaConfig, dtype: Any) -> dict[str, np.ndarray]:
     """Hugging Face-named tensors of a GGUF file, dequantised to ``dtype``."""
     out = {}
-    skipped = [n for n in gguf.tensor_names if _hf_name(n) is None and n != "rope_freqs.weight"]
+    hf_names = {n: _hf_name(n) for n in gguf.tensor_names if n != "rope_freqs.weight"}
+    skipped = [n for n, hf in hf_names.items() if hf is None]
     if skipped:
         raise EmberError(f"{gguf.path}: tensors the Llama family does not have: "
                          f"{', '.join(skipped[:5])}")
-    names = [n for n in gguf.tensor_names if _hf_name(n) is not None]
-    for name in tqdm(names, desc="loading GGUF", unit="tensor", leave=False,
-                     disable=len(names) < 64):
+    for name, hf in tqdm(hf_names.items(), desc="loading GGUF", unit="tensor", leave=False,
+                         disable=len(hf_names) < 64):
         value = gguf.tensor(name)
-        hf = _hf_name(name)
         if config.model_type != "qwen2":
             if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
                 value = unpermute_qk(value, config.num_attention_heads)
