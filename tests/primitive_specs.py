@@ -572,9 +572,17 @@ def _threefry_spec() -> Spec:
                 [gen(0, keys), gen(1, keys), gen(0, ctrs), gen(1, ctrs)], (dtypes.uint32,))
 
 
+def _extension_specs() -> list[Spec]:
+    # Imported here, once the generators above exist: these modules build on them.
+    import specs_fft
+    import specs_linalg
+
+    return specs_linalg.specs() + specs_fft.specs()
+
+
 SPECS: list[Spec] = (_unary_specs() + _binary_specs() + _convert_specs() + _structural_specs()
                      + _reduce_specs() + _linalg_specs() + _indexing_specs() + _sort_specs()
-                     + [_threefry_spec()])
+                     + [_threefry_spec()] + _extension_specs())
 
 
 def make_args(spec: Spec, rng: np.random.Generator, dtype: np.dtype, shape: tuple
