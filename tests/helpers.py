@@ -15,6 +15,8 @@ FLOATS = (dtypes.float16, dtypes.bfloat16, dtypes.float32, dtypes.float64)
 INTS = (dtypes.int8, dtypes.int16, dtypes.int32, dtypes.int64,
         dtypes.uint8, dtypes.uint16, dtypes.uint32, dtypes.uint64)
 SIGNED = (dtypes.int8, dtypes.int16, dtypes.int32, dtypes.int64)
+COMPLEX = (dtypes.complex64, dtypes.complex128)
+INEXACT = FLOATS + COMPLEX
 NUMBERS = INTS + FLOATS
 ALL = (dtypes.bool_,) + NUMBERS
 

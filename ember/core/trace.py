@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ember import dtypes
 from ember.backends import Backend, default_backend
 from ember.core.array import Array, Tracer
 from ember.core.primitive import Primitive
@@ -153,7 +154,7 @@ def to_array(value: Any) -> Array:
             raise EmberError(f"this array was donated to a jitted function and can no longer "
                              f"be used\n  at {user_frame()}")
         return value
-    if isinstance(value, (bool, int, float)) and not isinstance(value, np.generic):
+    if dtypes.is_python_scalar(value):
         aval = type_of(value)
         return Array(np.asarray(value, aval.dtype), aval)
     arr = np.asarray(value)
@@ -264,7 +265,7 @@ def _host(value: Any) -> Any:
 def _is_literal(value: Any) -> bool:
     if isinstance(value, Tracer):
         return False
-    if isinstance(value, (bool, int, float, np.generic)):
+    if isinstance(value, (*dtypes.PYTHON_SCALARS, np.generic)):
         return True
     return getattr(value, "ndim", None) == 0 and isinstance(value, (Array, np.ndarray))
 

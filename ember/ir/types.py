@@ -51,7 +51,7 @@ class ArrayType:
 
 def type_of(value: Any) -> ArrayType:
     """The type of a concrete value (NumPy array or scalar)."""
-    if isinstance(value, (bool, int, float)) and not isinstance(value, np.generic):
+    if dtypes.is_python_scalar(value):
         return ArrayType((), dtypes.scalar_dtype(value), weak=True)
     value = np.asarray(value)
     return ArrayType(tuple(value.shape), dtypes.canonicalize(value.dtype))

@@ -29,6 +29,7 @@ uint8, uint16, uint32, uint64 = (d.type for d in (_dtypes.uint8, _dtypes.uint16,
                                                    _dtypes.uint32, _dtypes.uint64))
 float16, bfloat16, float32, float64 = (d.type for d in (_dtypes.float16, _dtypes.bfloat16,
                                                          _dtypes.float32, _dtypes.float64))
+complex64, complex128 = _dtypes.complex64.type, _dtypes.complex128.type
 finfo = _dtypes.finfo
 iinfo = _dtypes.iinfo
 result_type = _dtypes.result_type
@@ -71,6 +72,7 @@ def isdtype(dtype_, kind):
                     (k == "unsigned integer" and dt.kind == "u") or \
                     (k == "integral" and _dtypes.is_int(dt)) or \
                     (k == "real floating" and _dtypes.is_float(dt)) or \
+                    (k == "complex floating" and _dtypes.is_complex(dt)) or \
                     (k == "numeric" and dt != _dtypes.bool_):
                 return True
         elif dt == _dtypes.canonicalize(k):

@@ -22,7 +22,7 @@ ArrayLike = Any
 
 
 def is_python_scalar(x: Any) -> bool:
-    return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
+    return dtypes.is_python_scalar(x)
 
 
 def asarray(a: ArrayLike, dtype: Any = None, copy: bool | None = None) -> Array:
@@ -42,8 +42,6 @@ def asarray(a: ArrayLike, dtype: Any = None, copy: bool | None = None) -> Array:
                            "array (ragged nesting or non-numeric values?)")
         if host.dtype.kind == "U" or host.dtype.kind == "S":
             raise op_error(DTypeError, "asarray", "strings are not supported")
-        if host.dtype.kind == "c":
-            raise op_error(DTypeError, "asarray", "complex numbers are not supported yet")
         if host.dtype not in dtypes.SUPPORTED:
             raise op_error(DTypeError, "asarray", f"dtype {host.dtype} is not supported")
         out = to_array(host.copy() if copy else host)
