@@ -6,6 +6,7 @@ as in the IR. NumPy semantics (broadcasting, type promotion, Python scalars) liv
 in :mod:`ember.numpy`.
 """
 
+from ember.ops.decompositions import *  # noqa: F401,F403
 from ember.ops.elementwise import *  # noqa: F401,F403
 from ember.ops.indexing import *  # noqa: F401,F403
 from ember.ops.linalg import *  # noqa: F401,F403

@@ -1,0 +1,481 @@
+"""Matrix factorisations and triangular solves: the linear algebra that cannot be composed.
+
+``cholesky``, ``lu``, ``qr``, ``eigh``, ``svd`` and ``triangular_solve`` work on stacks of
+matrices: the last two axes hold the matrix and every leading axis is a batch axis, so a vmap
+rule only moves the mapped axis to the front. The NumPy implementations call LAPACK through
+``numpy.linalg`` (LU is written out, since NumPy does not expose it).
+
+JVPs are the standard matrix-calculus formulas, written with primitives so that they are linear
+in the tangent (reverse mode transposes them) and differentiable again. Only
+``triangular_solve`` is linear in an operand, so only it has a transpose rule. Where a formula
+divides by a difference of eigenvalues or singular values, repeated ones give non-finite
+derivatives, as in JAX and PyTorch.
+
+Failures are values, not exceptions, as on accelerators and in JAX (a compiled program cannot
+raise halfway): a matrix that is not positive definite has a NaN Cholesky factor, a singular
+one an LU factor with a zero pivot, and a singular triangular system a NaN solution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ember import dtypes
+from ember.core.primitive import Primitive
+from ember.core.trace import UndefinedPrimal, Zero, aval_of, to_array
+from ember.errors import DTypeError, ShapeError, UnsupportedError, op_error
+from ember.ir.types import ArrayType
+from ember.ops import elementwise as ew
+from ember.ops import structural as st
+from ember.ops.indexing import take_along_axis
+from ember.ops.linalg import dot_general
+from ember.ops.reduce import reduce_sum
+
+__all__ = ["cholesky", "lu", "qr", "eigh", "svd", "triangular_solve"]
+
+_DTYPES = (dtypes.float32, dtypes.float64)
+
+
+# --- shape/dtype rules -----------------------------------------------------------------------
+
+def _check_matrix(op: str, x: ArrayType, square: bool = False) -> None:
+    if x.ndim < 2:
+        raise op_error(ShapeError, op, f"needs a matrix or a stack of matrices (at least 2 "
+                       f"dimensions), got shape {x.shape}")
+    if square and x.shape[-1] != x.shape[-2]:
+        raise op_error(ShapeError, op, f"needs square matrices in the last two dimensions, got "
+                       f"shape {x.shape}")
+    if x.dtype not in _DTYPES:
+        raise op_error(DTypeError, op, f"needs {' or '.join(map(str, _DTYPES))}, got {x.dtype}")
+
+
+def _real_dtype(dtype: np.dtype) -> np.dtype:
+    """The real dtype of the same precision (eigenvalues and singular values are real)."""
+    return np.finfo(dtype).dtype
+
+
+# --- helpers the rules share -----------------------------------------------------------------
+
+def _mT(x: Any) -> Any:
+    """Swap the last two axes."""
+    nd = aval_of(x).ndim
+    return st.transpose(x, (*range(nd - 2), nd - 1, nd - 2))
+
+
+def _mm(a: Any, b: Any) -> Any:
+    """Matrix product of two stacks with equal leading (batch) dimensions."""
+    nd = aval_of(a).ndim
+    batch = tuple(range(nd - 2))
+    return dot_general(a, b, ((nd - 1,), (nd - 2,)), (batch, batch))
+
+
+def _constant(host: np.ndarray, like: Any) -> Any:
+    """A constant matrix broadcast over the leading dimensions of ``like``."""
+    shape = aval_of(like).shape
+    nd = len(shape)
+    return st.broadcast_in_dim(to_array(host), shape, (nd - 2, nd - 1))
+
+
+def _tri(x: Any, lower: bool, k: int = 0) -> Any:
+    """Lower (``tril(x, k)``) or upper (``triu(x, k)``) triangle, the rest zero."""
+    m, n = aval_of(x).shape[-2:]
+    keep = np.tri(m, n, k, dtype=bool) if lower else ~np.tri(m, n, k - 1, dtype=bool)
+    return ew.select(_constant(keep, x), x, ew.zeros_like(x))
+
+
+def _eye(x: Any) -> Any:
+    m, n = aval_of(x).shape[-2:]
+    return _constant(np.eye(m, n, dtype=aval_of(x).dtype), x)
+
+
+def _diag(x: Any) -> Any:
+    """The main diagonal of each square matrix, as a vector."""
+    return reduce_sum(ew.mul(x, _eye(x)), (aval_of(x).ndim - 1,))
+
+
+def _row(v: Any, like: Any) -> Any:
+    """A vector ``v[..., j]`` broadcast along rows: entry ``(i, j)`` is ``v[..., j]``."""
+    shape = aval_of(like).shape
+    nd = len(shape)
+    return st.broadcast_in_dim(v, shape, (*range(nd - 2), nd - 1))
+
+
+def _col(v: Any, like: Any) -> Any:
+    """A vector ``v[..., i]`` broadcast along columns: entry ``(i, j)`` is ``v[..., i]``."""
+    shape = aval_of(like).shape
+    nd = len(shape)
+    return st.broadcast_in_dim(v, shape, tuple(range(nd - 1)))
+
+
+def _inverse_gaps(values: Any, like: Any, square: Callable[[Any], Any]) -> Any:
+    """``F[i, j] = 1 / (f(v_j) - f(v_i))`` off the diagonal and 0 on it (``f`` = ``square``)."""
+    fv = square(values)
+    gaps = ew.sub(_row(fv, like), _col(fv, like))
+    eye = _eye(gaps)
+    return ew.mul(ew.div(ew.full_like(gaps, 1), ew.add(gaps, eye)), ew.sub(ew.full_like(eye, 1),
+                                                                           eye))
+
+
+def _symmetrize(x: Any) -> Any:
+    return ew.mul(ew.add(x, _mT(x)), ew.full_like(x, 0.5))
+
+
+def _batch_leading(prim: Primitive) -> Callable[..., Any]:
+    """vmap rule: move the mapped axis to the front (a new leading batch axis) and bind again."""
+    def rule(args, dims, **params):
+        size = next(aval_of(a).shape[d] for a, d in zip(args, dims) if d is not None)
+        moved = []
+        for a, d in zip(args, dims):
+            if d is None:
+                shape = aval_of(a).shape
+                dims_ = tuple(range(1, len(shape) + 1))
+                moved.append(st.broadcast_in_dim(a, (size, *shape), dims_))
+            else:
+                moved.append(st.moveaxis(a, d, 0))
+        out = prim.bind(*moved, **params)
+        return out, ([0] * len(out) if prim.multiple_results else 0)
+    return rule
+
+
+def _nan_on_failure(fn: Callable[..., Any], *xs: np.ndarray) -> np.ndarray:
+    """``fn`` on whole stacks; if LAPACK rejects a matrix, NaN for that matrix only.
+
+    The result is shaped like the last operand, whose batch dimensions all operands share.
+    """
+    try:
+        return fn(*xs)
+    except np.linalg.LinAlgError:
+        pass
+    out = np.full(xs[-1].shape, np.nan, dtype=xs[-1].dtype)
+    for i in np.ndindex(out.shape[:-2]):
+        try:
+            out[i] = fn(*(x[i] for x in xs))
+        except np.linalg.LinAlgError:
+            pass
+    return out
+
+
+def _declare(name: str, multiple_results: bool = False) -> Primitive:
+    prim = Primitive(name, multiple_results=multiple_results)
+    prim.def_batch(_batch_leading(prim))
+    return prim
+
+
+# --- triangular_solve ------------------------------------------------------------------------
+
+triangular_solve_p = _declare("triangular_solve")
+
+
+@triangular_solve_p.def_abstract_eval
+def _triangular_solve_rule(a: ArrayType, b: ArrayType, *, lower: bool, transpose_a: bool
+                           ) -> ArrayType:
+    _check_matrix("triangular_solve", a, square=True)
+    _check_matrix("triangular_solve", b)
+    if a.dtype != b.dtype:
+        raise op_error(DTypeError, "triangular_solve", f"operands must have equal dtypes, got "
+                       f"{a.dtype} and {b.dtype}")
+    if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise op_error(ShapeError, "triangular_solve", f"a {a.shape} and b {b.shape} do not fit: "
+                       "b needs a's batch dimensions and as many rows as a")
+    return ArrayType(b.shape, b.dtype)
+
+
+def _triangular_solve_impl(a, b, *, lower, transpose_a):
+    tri = np.tril(a) if lower else np.triu(a)
+    if transpose_a:
+        tri = np.swapaxes(tri, -1, -2)
+    return _nan_on_failure(np.linalg.solve, tri, b)
+
+
+triangular_solve_p.def_impl(_triangular_solve_impl)
+
+
+def triangular_solve(a: Any, b: Any, lower: bool, transpose_a: bool = False) -> Any:
+    """Solve ``op(a) @ x = b`` for ``x``, where ``op(a)`` is ``a`` or its transpose and only the
+    ``lower`` (or upper) triangle of ``a`` is read."""
+    return triangular_solve_p.bind(a, b, lower=bool(lower), transpose_a=bool(transpose_a))
+
+
+@triangular_solve_p.def_jvp
+def _triangular_solve_jvp(primals, tangents, *, lower, transpose_a):
+    (a, b), (ta, tb) = primals, tangents
+    out = triangular_solve(a, b, lower, transpose_a)
+    if isinstance(ta, Zero) and isinstance(tb, Zero):
+        return out, Zero(out.aval)
+    # d(A^-1 B) = A^-1 (dB - dA A^-1 B): one more solve of the combined right-hand side.
+    rhs = ew.instantiate(tb)
+    if not isinstance(ta, Zero):
+        dta = _tri(ta, lower)
+        rhs = ew.sub(rhs, _mm(_mT(dta) if transpose_a else dta, out))
+    return out, triangular_solve(a, rhs, lower, transpose_a)
+
+
+@triangular_solve_p.def_transpose
+def _triangular_solve_transpose(ct, a, b, *, lower, transpose_a):
+    assert not isinstance(a, UndefinedPrimal), "triangular_solve is linear in b only"
+    if isinstance(ct, Zero):
+        return [None, Zero(b.aval)]
+    return [None, triangular_solve(a, ct, lower, not transpose_a)]
+
+
+# --- cholesky --------------------------------------------------------------------------------
+
+cholesky_p = _declare("cholesky")
+
+
+@cholesky_p.def_abstract_eval
+def _cholesky_rule(x: ArrayType) -> ArrayType:
+    _check_matrix("cholesky", x, square=True)
+    return ArrayType(x.shape, x.dtype)
+
+
+def _cholesky_impl(x):
+    return _nan_on_failure(np.linalg.cholesky, (x + np.swapaxes(x, -1, -2)) / 2)
+
+
+cholesky_p.def_impl(_cholesky_impl)
+
+
+def cholesky(x: Any) -> Any:
+    """Lower Cholesky factor ``L`` of ``(x + x^T) / 2`` (symmetrised, so its gradient is
+    symmetric); NaN where that matrix is not positive definite."""
+    return cholesky_p.bind(x)
+
+
+@cholesky_p.def_jvp
+def _cholesky_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    low = cholesky(x)
+    if isinstance(t, Zero):
+        return low, Zero(low.aval)
+    # dL = L Phi(L^-1 dA L^-T), Phi = lower triangle with the diagonal halved. L^-1 dA L^-T is
+    # symmetric, so it equals L^-1 (L^-1 dA)^T: two triangular solves.
+    inner = triangular_solve(low, _mT(triangular_solve(low, _symmetrize(t), lower=True)),
+                             lower=True)
+    n = aval_of(x).shape[-1]
+    phi = np.tri(n, n, -1, dtype=aval_of(x).dtype) + 0.5 * np.eye(n, dtype=aval_of(x).dtype)
+    return low, _mm(low, ew.mul(inner, _constant(phi, inner)))
+
+
+# --- lu --------------------------------------------------------------------------------------
+
+lu_p = _declare("lu", multiple_results=True)
+
+
+@lu_p.def_abstract_eval
+def _lu_rule(x: ArrayType) -> list[ArrayType]:
+    _check_matrix("lu", x, square=True)
+    return [ArrayType(x.shape, x.dtype), ArrayType(x.shape[:-1], dtypes.int32)]
+
+
+def _lu_impl(x):
+    """Doolittle elimination with partial pivoting, vectorised over the stack.
+
+    A zero pivot (a singular matrix) is left in place, as LAPACK's getrf does, so the
+    determinant of a singular matrix comes out as exactly zero.
+    """
+    n = x.shape[-1]
+    a = np.array(x, copy=True).reshape(int(np.prod(x.shape[:-2])), n, n)
+    perm = np.tile(np.arange(n, dtype=np.int32), (a.shape[0], 1))
+    stack = np.arange(a.shape[0])
+    for k in range(n):
+        p = k + np.argmax(np.abs(a[:, k:, k]), axis=1)
+        # Swap rows k and p (fancy indexing on the right copies, so this is safe).
+        a[stack, k], a[stack, p] = a[stack, p], a[stack, k]
+        perm[stack, k], perm[stack, p] = perm[stack, p], perm[stack, k]
+        pivot = a[:, k, k][:, None]
+        np.divide(a[:, k + 1:, k], pivot, out=a[:, k + 1:, k], where=pivot != 0)
+        a[:, k + 1:, k + 1:] -= a[:, k + 1:, k, None] * a[:, k, None, k + 1:]
+    return [a.reshape(x.shape), perm.reshape(x.shape[:-1])]
+
+
+lu_p.def_impl(_lu_impl)
+
+
+def lu(x: Any) -> tuple[Any, Any]:
+    """LU factorisation with partial pivoting: ``(lu, perm)`` with ``x[..., perm, :] = L @ U``,
+    ``L`` unit lower triangular (strictly below the diagonal of ``lu``) and ``U`` its upper
+    triangle. ``perm`` is int32."""
+    packed, perm = lu_p.bind(x)
+    return packed, perm
+
+
+def permute_rows(x: Any, perm: Any) -> Any:
+    """``x[..., perm, :]`` for a stack of row permutations ``perm``."""
+    shape = aval_of(x).shape
+    nd = len(shape)
+    index = st.broadcast_in_dim(perm, shape, tuple(range(nd - 1)))
+    return take_along_axis(x, index, nd - 2)
+
+
+@lu_p.def_jvp
+def _lu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    packed, perm = lu(x)
+    tangent_perm = Zero(perm.aval)
+    if isinstance(t, Zero):
+        return [packed, perm], [Zero(packed.aval), tangent_perm]
+    # P dA = dL U + L dU. With X = L^-1 P dA U^-1: dL = L tril(X, -1), dU = triu(X) U.
+    low = ew.add(_tri(packed, True, -1), _eye(packed))
+    up = _tri(packed, False)
+    y = triangular_solve(low, permute_rows(t, perm), lower=True)
+    z = _mT(triangular_solve(up, _mT(y), lower=False, transpose_a=True))
+    d = ew.add(_mm(low, _tri(z, True, -1)), _mm(_tri(z, False), up))
+    return [packed, perm], [d, tangent_perm]
+
+
+# --- eigh ------------------------------------------------------------------------------------
+
+eigh_p = _declare("eigh", multiple_results=True)
+
+
+@eigh_p.def_abstract_eval
+def _eigh_rule(x: ArrayType) -> list[ArrayType]:
+    _check_matrix("eigh", x, square=True)
+    return [ArrayType(x.shape[:-1], _real_dtype(x.dtype)), ArrayType(x.shape, x.dtype)]
+
+
+def _eigh_impl(x):
+    w, v = np.linalg.eigh((x + np.swapaxes(x, -1, -2)) / 2)
+    return [w, v]
+
+
+eigh_p.def_impl(_eigh_impl)
+
+
+def eigh(x: Any) -> tuple[Any, Any]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of ``(x + x^T) / 2``."""
+    w, v = eigh_p.bind(x)
+    return w, v
+
+
+@eigh_p.def_jvp
+def _eigh_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    w, v = eigh(x)
+    if isinstance(t, Zero):
+        return [w, v], [Zero(w.aval), Zero(v.aval)]
+    # With M = V^T dA V: dw = diag(M), dV = V (F * M), F[i, j] = 1 / (w_j - w_i) off the diagonal.
+    m = _mm(_mT(v), _mm(_symmetrize(t), v))
+    return [w, v], [_diag(m), _mm(v, ew.mul(_inverse_gaps(w, m, lambda s: s), m))]
+
+
+# --- svd -------------------------------------------------------------------------------------
+
+svd_p = _declare("svd", multiple_results=True)
+
+
+@svd_p.def_abstract_eval
+def _svd_rule(x: ArrayType, *, full_matrices: bool) -> list[ArrayType]:
+    _check_matrix("svd", x)
+    *batch, m, n = x.shape
+    k = min(m, n)
+    cols_u, rows_vh = (m, n) if full_matrices else (k, k)
+    return [ArrayType((*batch, m, cols_u), x.dtype), ArrayType((*batch, k), _real_dtype(x.dtype)),
+            ArrayType((*batch, rows_vh, n), x.dtype)]
+
+
+def _svd_impl(x, *, full_matrices):
+    u, s, vh = np.linalg.svd(x, full_matrices=full_matrices)
+    return [u, s, vh]
+
+
+svd_p.def_impl(_svd_impl)
+
+
+def svd(x: Any, full_matrices: bool = True) -> tuple[Any, Any, Any]:
+    """``(U, S, Vh)`` with ``x = U[..., :k] * S @ Vh[..., :k, :]``, ``S`` descending."""
+    u, s, vh = svd_p.bind(x, full_matrices=bool(full_matrices))
+    return u, s, vh
+
+
+@svd_p.def_jvp
+def _svd_jvp(primals, tangents, *, full_matrices):
+    (x,), (t,) = primals, tangents
+    u, s, vh = svd(x, full_matrices)
+    if isinstance(t, Zero):
+        return [u, s, vh], [Zero(u.aval), Zero(s.aval), Zero(vh.aval)]
+    m, n = aval_of(x).shape[-2:]
+    if full_matrices and m != n:
+        raise op_error(UnsupportedError, "svd", f"the derivative of svd(full_matrices=True) of "
+                       f"a {m}x{n} matrix is not defined (the extra singular vectors are not "
+                       "unique); use full_matrices=False")
+    v = _mT(vh)
+    dp = _mm(_mT(u), _mm(t, v))  # U^T dA V, k x k
+    sj = _row(s, dp)  # s_j in column j
+    si = _col(s, dp)  # s_i in row i
+    f = _inverse_gaps(s, dp, lambda s: ew.mul(s, s))
+    dps = ew.mul(dp, sj)  # dP S
+    sdp = ew.mul(si, dp)  # S dP
+    du = _mm(u, ew.mul(f, ew.add(dps, _mT(dps))))
+    dv = _mm(v, ew.mul(f, ew.add(sdp, _mT(sdp))))
+    # Directions outside the span of U (tall) or V (wide): (I - U U^T) dA V / S and its mirror.
+    if m > n:
+        dav = _mm(t, v)
+        du = ew.add(du, ew.div(ew.sub(dav, _mm(u, _mm(_mT(u), dav))), _row(s, dav)))
+    if n > m:
+        dau = _mm(_mT(t), u)
+        dv = ew.add(dv, ew.div(ew.sub(dau, _mm(v, _mm(vh, dau))), _row(s, dau)))
+    return [u, s, vh], [du, _diag(dp), _mT(dv)]
+
+
+# --- qr --------------------------------------------------------------------------------------
+
+qr_p = _declare("qr", multiple_results=True)
+
+
+@qr_p.def_abstract_eval
+def _qr_rule(x: ArrayType, *, full_matrices: bool) -> list[ArrayType]:
+    _check_matrix("qr", x)
+    *batch, m, n = x.shape
+    k = m if full_matrices else min(m, n)
+    return [ArrayType((*batch, m, k), x.dtype), ArrayType((*batch, k, n), x.dtype)]
+
+
+def _qr_impl(x, *, full_matrices):
+    q, r = np.linalg.qr(x, mode="complete" if full_matrices else "reduced")
+    return [q, r]
+
+
+qr_p.def_impl(_qr_impl)
+
+
+def qr(x: Any, full_matrices: bool = False) -> tuple[Any, Any]:
+    """``(Q, R)`` with ``x = Q @ R``, ``Q`` orthonormal columns, ``R`` upper triangular."""
+    q, r = qr_p.bind(x, full_matrices=bool(full_matrices))
+    return q, r
+
+
+@qr_p.def_jvp
+def _qr_jvp(primals, tangents, *, full_matrices):
+    (x,), (t,) = primals, tangents
+    q, r = qr(x, full_matrices)
+    if isinstance(t, Zero):
+        return [q, r], [Zero(q.aval), Zero(r.aval)]
+    *batch, m, n = aval_of(x).shape
+    if full_matrices and m > n:
+        raise op_error(UnsupportedError, "qr", f"the derivative of qr(mode='complete') of a "
+                       f"{m}x{n} matrix is not defined (the extra columns of Q are not unique); "
+                       "use mode='reduced'")
+    # A wide matrix [A1 A2] factors as Q [R1 Q^T A2]: differentiate the square part, then
+    # R2 = Q^T A2 by the product rule.
+    k = min(m, n)
+    lead = [0] * len(batch)
+    r1 = st.slice(r, [*lead, 0, 0], [*batch, k, k])
+    t1 = st.slice(t, [*lead, 0, 0], [*batch, m, k])
+    # With C = Q^T dA R^-1: Q^T dQ = Omega, the skew part of C's strict lower triangle.
+    dx_rinv = _mT(triangular_solve(r1, _mT(t1), lower=False, transpose_a=True))
+    c = _mm(_mT(q), dx_rinv)
+    low = _tri(c, True, -1)
+    omega = ew.sub(low, _mT(low))
+    dq = ew.add(_mm(q, ew.sub(omega, c)), dx_rinv)
+    dr = _mm(ew.sub(c, omega), r1)
+    if n > m:
+        x2 = st.slice(x, [*lead, 0, m], [*batch, m, n])
+        t2 = st.slice(t, [*lead, 0, m], [*batch, m, n])
+        dr2 = ew.add(_mm(_mT(dq), x2), _mm(_mT(q), t2))
+        dr = st.concatenate([dr, dr2], len(batch) + 1)
+    return [q, r], [dq, dr]
