@@ -8,11 +8,12 @@ concrete inputs, and out-of-range indices under ``jit`` clamp/drop instead of ra
 
 from ember import dtypes as _dtypes
 from ember.core.array import Array as ndarray  # noqa: F401, N813
-from ember.numpy import _methods, linalg, special  # noqa: F401
+from ember.numpy import _methods, fft, linalg, special  # noqa: F401
 from ember.numpy._core import asarray  # noqa: F401
 from ember.numpy._creation import *  # noqa: F403
 from ember.numpy._einsum import einsum  # noqa: F401
 from ember.numpy._indexing import *  # noqa: F403
+from ember.numpy._info import *  # noqa: F403
 from ember.numpy._linalg import *  # noqa: F403
 from ember.numpy._math import *  # noqa: F403
 from ember.numpy._reductions import *  # noqa: F403

@@ -11,6 +11,7 @@ from ember import dtypes
 from ember.core.trace import aval_of, to_array
 from ember.errors import EmberValueError, op_error
 from ember.numpy._core import asarray, is_python_scalar, value
+from ember.numpy._info import check_device
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
 
@@ -20,9 +21,9 @@ __all__ = ["array", "asarray", "zeros", "ones", "full", "empty", "zeros_like", "
            "frombuffer"]
 
 
-def array(obj: Any, dtype: Any = None, copy: bool = True, ndmin: int = 0) -> Any:
-    """A new array from ``obj`` (NumPy's ``np.array``; Ember arrays are never views)."""
-    out = asarray(obj, dtype=dtype)
+def array(obj: Any, dtype: Any = None, copy: bool | None = True, ndmin: int = 0) -> Any:
+    """A new array from ``obj`` (NumPy's ``np.array``); ``copy`` as in :func:`asarray`."""
+    out = asarray(obj, dtype=dtype, copy=copy)
     nd = aval_of(out).ndim
     if ndmin > nd:
         out = st.reshape(out, (1,) * (ndmin - nd) + aval_of(out).shape)
@@ -39,8 +40,9 @@ def _shape(shape: Any) -> tuple[int, ...]:
     return shape
 
 
-def full(shape: Any, fill_value: Any, dtype: Any = None) -> Any:
+def full(shape: Any, fill_value: Any, dtype: Any = None, *, device: Any = None) -> Any:
     """An array of ``shape`` filled with ``fill_value`` (dtype from the value, as NumPy)."""
+    check_device("full", device)
     shape = _shape(shape)
     if dtype is None:
         fill = value(fill_value)
@@ -55,16 +57,19 @@ def full(shape: Any, fill_value: Any, dtype: Any = None) -> Any:
     return st.broadcast_in_dim(fill, shape, ())
 
 
-def zeros(shape: Any, dtype: Any = None) -> Any:
+def zeros(shape: Any, dtype: Any = None, *, device: Any = None) -> Any:
+    check_device("zeros", device)
     return full(shape, 0, dtypes.canonicalize(dtype) if dtype is not None else dtypes.float64)
 
 
-def ones(shape: Any, dtype: Any = None) -> Any:
+def ones(shape: Any, dtype: Any = None, *, device: Any = None) -> Any:
+    check_device("ones", device)
     return full(shape, 1, dtypes.canonicalize(dtype) if dtype is not None else dtypes.float64)
 
 
-def empty(shape: Any, dtype: Any = None) -> Any:
+def empty(shape: Any, dtype: Any = None, *, device: Any = None) -> Any:
     """Like ``zeros``: Ember never exposes uninitialised memory."""
+    check_device("empty", device)
     return zeros(shape, dtype)
 
 
@@ -74,25 +79,32 @@ def _like(a: Any, dtype: Any, shape: Any) -> tuple[tuple[int, ...], np.dtype]:
             aval.dtype if dtype is None else dtypes.canonicalize(dtype))
 
 
-def full_like(a: Any, fill_value: Any, dtype: Any = None, shape: Any = None) -> Any:
+def full_like(a: Any, fill_value: Any, dtype: Any = None, shape: Any = None, *,
+              device: Any = None) -> Any:
+    check_device("full_like", device)
     s, dt = _like(a, dtype, shape)
     return full(s, fill_value, dt)
 
 
-def zeros_like(a: Any, dtype: Any = None, shape: Any = None) -> Any:
+def zeros_like(a: Any, dtype: Any = None, shape: Any = None, *, device: Any = None) -> Any:
+    check_device("zeros_like", device)
     return full_like(a, 0, dtype, shape)
 
 
-def ones_like(a: Any, dtype: Any = None, shape: Any = None) -> Any:
+def ones_like(a: Any, dtype: Any = None, shape: Any = None, *, device: Any = None) -> Any:
+    check_device("ones_like", device)
     return full_like(a, 1, dtype, shape)
 
 
-def empty_like(a: Any, dtype: Any = None, shape: Any = None) -> Any:
+def empty_like(a: Any, dtype: Any = None, shape: Any = None, *, device: Any = None) -> Any:
+    check_device("empty_like", device)
     return zeros_like(a, dtype, shape)
 
 
-def arange(start: Any, stop: Any = None, step: Any = None, dtype: Any = None) -> Any:
+def arange(start: Any, stop: Any = None, step: Any = None, dtype: Any = None, *,
+           device: Any = None) -> Any:
     """Evenly spaced values in ``[start, stop)``; bounds must be concrete (as in JAX)."""
+    check_device("arange", device)
     bounds = [_concrete(v) for v in (start, stop, step) if v is not None]
     if step is not None and stop is None:
         bounds = [0, bounds[0], bounds[1]]
@@ -109,8 +121,9 @@ def _concrete(v: Any) -> Any:
 
 
 def linspace(start: Any, stop: Any, num: int = 50, endpoint: bool = True, retstep: bool = False,
-             dtype: Any = None, axis: int = 0) -> Any:
+             dtype: Any = None, axis: int = 0, *, device: Any = None) -> Any:
     """``num`` evenly spaced samples from ``start`` to ``stop``; bounds may be traced."""
+    check_device("linspace", device)
     if num < 0:
         raise op_error(EmberValueError, "linspace", f"number of samples, {num}, must be "
                        "non-negative")
@@ -144,7 +157,9 @@ def logspace(start: Any, stop: Any, num: int = 50, endpoint: bool = True, base: 
     return out if dtype is None else ew.convert(out, dtypes.canonicalize(dtype))
 
 
-def eye(N: int, M: int | None = None, k: int = 0, dtype: Any = None) -> Any:  # noqa: N803
+def eye(N: int, M: int | None = None, k: int = 0, dtype: Any = None, *,  # noqa: N803
+        device: Any = None) -> Any:
+    check_device("eye", device)
     cols_n = N if M is None else M
     rows = st.iota(dtypes.int64, (N, cols_n), 0)
     cols = st.iota(dtypes.int64, (N, cols_n), 1)
@@ -228,16 +243,21 @@ def diag(v: Any, k: int = 0) -> Any:
 
 
 def copy(a: Any) -> Any:
-    return value(a)
+    """A new array equal to ``a`` (``x[i] = v`` on it leaves ``a`` unchanged)."""
+    return asarray(a, copy=True)
 
 
 def ascontiguousarray(a: Any, dtype: Any = None) -> Any:
     return asarray(a, dtype)
 
 
-def from_dlpack(x: Any) -> Any:
-    """Import an array from any DLPack producer (NumPy, PyTorch on CPU...)."""
-    return asarray(np.from_dlpack(x))
+def from_dlpack(x: Any, /, *, device: Any = None, copy: bool | None = None) -> Any:
+    """Import an array from any DLPack producer (NumPy, PyTorch on CPU...).
+
+    A copy by default, so that later writes by the producer cannot change the result;
+    ``copy=False`` shares the producer's memory read-only, as :func:`asarray` does.
+    """
+    return asarray(np.from_dlpack(x), device=device, copy=copy)
 
 
 def frombuffer(buffer: Any, dtype: Any = float, count: int = -1, offset: int = 0) -> Any:

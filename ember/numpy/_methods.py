@@ -9,19 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ember import dtypes
 from ember.core.array import Array
-from ember.numpy import _creation, _indexing, _linalg, _math, _reductions, _search, _shape
+from ember.numpy import _creation, _indexing, _info, _linalg, _math, _reductions, _search, _shape
 from ember.numpy import _shape_more as _more
-from ember.ops import elementwise as ew
 
 
 def _swap(fn):
     return lambda self, other: fn(other, self)
-
-
-def _astype(self: Array, dtype: Any, copy: bool = True) -> Any:
-    return ew.convert(self, dtypes.canonicalize(dtype))
 
 
 def _reshape(self: Array, *shape: Any, order: str = "C") -> Any:
@@ -72,7 +66,7 @@ _OPERATORS = {
 }
 
 _METHODS = {
-    "astype": _astype, "reshape": _reshape, "transpose": _transpose,
+    "astype": _info.astype, "reshape": _reshape, "transpose": _transpose,
     "sum": _reductions.sum, "prod": _reductions.prod, "mean": _reductions.mean,
     "var": _reductions.var, "std": _reductions.std, "max": _reductions.max,
     "min": _reductions.min, "argmax": _reductions.argmax, "argmin": _reductions.argmin,
@@ -85,10 +79,11 @@ _METHODS = {
     "nonzero": _search.nonzero, "repeat": _more.repeat,
     "diagonal": _more.diagonal,
     "trace": _linalg.trace,
+    "__array_namespace__": _info.array_namespace, "to_device": _info.to_device,
 }
 
 _PROPERTIES = {"T": _T, "mT": _mT, "at": _indexing.at_property,
-               "real": lambda self: self, "imag": lambda self: _math.imag(self)}
+               "real": lambda self: _math.real(self), "imag": lambda self: _math.imag(self)}
 
 
 def install() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ember import dtypes
-from ember.core.trace import aval_of
+from ember.core.trace import aval_of, to_array
 from ember.errors import ShapeError, op_error
 from ember.numpy._core import float_dtype, normalize_axis_arg, value
 from ember.ops import elementwise as ew
@@ -71,7 +71,7 @@ def mean(a: Any, axis: Any = None, dtype: Any = None, keepdims: bool = False) ->
     x = value(a)
     axes = normalize_axis_arg("mean", axis, aval_of(x).ndim)
     dt = dtypes.canonicalize(dtype) if dtype is not None else aval_of(x).dtype
-    if not dtypes.is_float(dt):
+    if not dtypes.is_inexact(dt):
         dt = dtypes.default_float
     # Half precision accumulates in float32, as NumPy does.
     acc = dtypes.float32 if dt in (dtypes.float16, dtypes.bfloat16) else dt
@@ -90,7 +90,9 @@ def var(a: Any, axis: Any = None, dtype: Any = None, ddof: int = 0, keepdims: bo
     m = mean(x, axes, dtype, keepdims=True)
     xs = ew.convert(x, aval_of(m).dtype)
     d = ew.sub(xs, st.broadcast_to_shape(m, aval_of(xs).shape))
-    sq = rd.reduce_sum(ew.mul(d, d), axes)
+    # |d|^2: the variance of complex numbers is real (float32 for complex64).
+    sq = rd.reduce_sum(ew.real(ew.mul(d, ew.conj(d))) if dtypes.is_complex(aval_of(d).dtype)
+                       else ew.mul(d, d), axes)
     n = _count(x, axes) - ddof
     out = ew.div(sq, ew.full_like(sq, n))
     return _keep(x, out, axes, keepdims)
@@ -204,23 +206,57 @@ def logsumexp(a: Any, axis: Any = None, keepdims: bool = False, b: Any = None) -
     return _keep(x, out, axes, keepdims)
 
 
-def _cumulative(name: str, op):
+def _scan(name: str, op, identity: int, x: Any, axis: int, dtype: Any,
+          include_initial: bool) -> Any:
+    """``op`` (an inclusive scan) along ``axis``; ``include_initial`` scans the input with the
+    identity prepended, which yields the exclusive prefix too."""
+    dt = dtypes.canonicalize(dtype) if dtype is not None else _sum_dtype(aval_of(x).dtype)
+    x = ew.convert(x, dt)
+    nd = aval_of(x).ndim
+    ax = normalize_axis_arg(name, axis, nd)[0]
+    if include_initial:
+        lo = [0] * nd
+        lo[ax] = 1
+        x = st.pad(x, to_array(np.asarray(identity, dt)), lo, [0] * nd)
+    return op(x, ax)
+
+
+def _numpy_scan(name: str, op, identity: int):
+    """NumPy's ``cumsum``/``cumprod``: ``axis=None`` scans the flattened array."""
     def fn(a: Any, axis: int | None = None, dtype: Any = None) -> Any:
         x = value(a)
         if axis is None:
-            x = st.reshape(x, (aval_of(x).size,))
-            axis = 0
-        dt = dtypes.canonicalize(dtype) if dtype is not None else _sum_dtype(aval_of(x).dtype)
-        x = ew.convert(x, dt)
-        ax = normalize_axis_arg(name, axis, aval_of(x).ndim)[0]
-        return op(x, ax)
+            x, axis = st.reshape(x, (aval_of(x).size,)), 0
+        return _scan(name, op, identity, x, axis, dtype, False)
 
     fn.__name__ = fn.__qualname__ = name
     return fn
 
 
-cumsum = cumulative_sum = _cumulative("cumsum", rd.cumsum)
-cumprod = cumulative_prod = _cumulative("cumprod", rd.cumprod)
+def _api_scan(name: str, op, identity: int):
+    """The array API's ``cumulative_sum``/``cumulative_prod``: ``axis`` may be omitted only
+    for 1-d input (0-d input counts as 1-d, as in NumPy), and ``include_initial=True``
+    prepends the identity."""
+    def fn(x: Any, /, *, axis: int | None = None, dtype: Any = None,
+           include_initial: bool = False) -> Any:
+        x = value(x)
+        if aval_of(x).ndim == 0:
+            x = st.reshape(x, (1,))
+        if axis is None:
+            if aval_of(x).ndim > 1:
+                raise op_error(ShapeError, name, f"axis is required for an array of shape "
+                               f"{aval_of(x).shape} (more than one dimension)")
+            axis = 0
+        return _scan(name, op, identity, x, axis, dtype, include_initial)
+
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+cumsum = _numpy_scan("cumsum", rd.cumsum, 0)
+cumprod = _numpy_scan("cumprod", rd.cumprod, 1)
+cumulative_sum = _api_scan("cumulative_sum", rd.cumsum, 0)
+cumulative_prod = _api_scan("cumulative_prod", rd.cumprod, 1)
 
 
 def average(a: Any, axis: Any = None, weights: Any = None, keepdims: bool = False) -> Any:
@@ -248,7 +284,7 @@ def _nan_version(name: str, base, fill):
         from ember.numpy._math import isnan, where
 
         x = value(a)
-        if not dtypes.is_float(aval_of(x).dtype):
+        if not dtypes.is_inexact(aval_of(x).dtype):
             return base(x, axis, keepdims=keepdims)
         return base(where(isnan(x), ew.full_like(x, fill), x), axis, keepdims=keepdims)
 

@@ -1,8 +1,9 @@
-"""Sorting and searching: sort, argsort, top_k, searchsorted, nonzero, argwhere, unique."""
+"""Sorting and searching: sort, argsort, top_k, searchsorted, nonzero, argwhere, unique and
+the array API's unique_all/counts/inverse/values."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,7 +20,8 @@ from ember.ops.sort import sort as _sort
 from ember.ops.sort import top_k as _top_k
 
 __all__ = ["sort", "argsort", "top_k", "searchsorted", "nonzero", "argwhere", "flatnonzero",
-           "unique", "partition", "argpartition"]
+           "unique", "unique_all", "unique_counts", "unique_inverse", "unique_values",
+           "partition", "argpartition"]
 
 
 def _axis_input(a: Any, axis: int | None) -> tuple[Any, int]:
@@ -58,7 +60,8 @@ def argpartition(a: Any, kth: int, axis: int = -1) -> Any:
 
 def searchsorted(a: Any, v: Any, side: str = "left", sorter: Any = None) -> Any:
     """Insertion points of ``v`` in sorted 1-d ``a`` (a count of smaller elements, so it works
-    under jit and vmap)."""
+    under jit and vmap). NaNs sort last, as in ``sort``: ``a`` holds them at its end, and a NaN
+    in ``v`` goes before them (``left``) or after them (``right``)."""
     if side not in ("left", "right"):
         raise op_error(EmberValueError, "searchsorted", f"side must be 'left' or 'right', got "
                        f"{side!r}")
@@ -76,8 +79,13 @@ def searchsorted(a: Any, v: Any, side: str = "left", sorter: Any = None) -> Any:
     nd = len(vshape)
     a_b = st.broadcast_in_dim(arr, (*vshape, n), (nd,))
     v_b = st.broadcast_in_dim(vals, (*vshape, n), tuple(range(nd)))
-    smaller = ew.lt(a_b, v_b) if side == "left" else ew.le(a_b, v_b)
-    return rd.reduce_sum(ew.convert(smaller, dtypes.int64), (nd,))
+    before = ew.lt(a_b, v_b) if side == "left" else ew.le(a_b, v_b)
+    if dtypes.is_float(aval_of(arr).dtype):
+        # Every number sorts before a NaN; for ``right``, NaNs sort at or before a NaN too.
+        v_nan = ew.ne(v_b, v_b)
+        after_nan = v_nan if side == "right" else ew.and_(v_nan, ew.eq(a_b, a_b))
+        before = ew.or_(before, after_nan)
+    return rd.reduce_sum(ew.convert(before, dtypes.int64), (nd,))
 
 
 def _promote_pair(arr: Any, v: Any) -> tuple[Any, Any]:
@@ -119,3 +127,51 @@ def unique(ar: Any, return_index: bool = False, return_inverse: bool = False,
         return tuple(to_array(r if r.dtype in dtypes.SUPPORTED else r.astype(np.int64))
                      for r in res)
     return to_array(res)
+
+
+class UniqueAllResult(NamedTuple):
+    values: Any
+    indices: Any
+    inverse_indices: Any
+    counts: Any
+
+
+class UniqueCountsResult(NamedTuple):
+    values: Any
+    counts: Any
+
+
+class UniqueInverseResult(NamedTuple):
+    values: Any
+    inverse_indices: Any
+
+
+def _unique_parts(op: str, x: Any) -> tuple[Any, Any, Any, Any]:
+    """The array API's unique: sorted values of flattened ``x``, every NaN a value of its own
+    (NaN != NaN), ``-0.0`` and ``0.0`` one value; ``inverse_indices`` has ``x``'s shape."""
+    host = _concrete(op, value(x))
+    vals, index, inverse, counts = np.unique(host.reshape(-1), return_index=True,
+                                             return_inverse=True, return_counts=True,
+                                             equal_nan=False)
+    return (to_array(vals), to_array(index.astype(np.int64)),
+            to_array(inverse.reshape(host.shape).astype(np.int64)),
+            to_array(counts.astype(np.int64)))
+
+
+def unique_all(x: Any, /) -> UniqueAllResult:
+    """Unique values, the first index of each, the inverse map and the counts (eager only)."""
+    return UniqueAllResult(*_unique_parts("unique_all", x))
+
+
+def unique_counts(x: Any, /) -> UniqueCountsResult:
+    vals, _, _, counts = _unique_parts("unique_counts", x)
+    return UniqueCountsResult(vals, counts)
+
+
+def unique_inverse(x: Any, /) -> UniqueInverseResult:
+    vals, _, inverse, _ = _unique_parts("unique_inverse", x)
+    return UniqueInverseResult(vals, inverse)
+
+
+def unique_values(x: Any, /) -> Any:
+    return _unique_parts("unique_values", x)[0]

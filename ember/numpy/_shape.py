@@ -20,8 +20,10 @@ __all__ = ["reshape", "ravel", "transpose", "permute_dims", "moveaxis", "swapaxe
            "size"]
 
 
-def reshape(a: Any, shape: Any = None, order: str = "C", *, newshape: Any = None) -> Any:
-    """Reshape; one dimension may be -1. Only C order is supported."""
+def reshape(a: Any, shape: Any = None, order: str = "C", *, newshape: Any = None,
+            copy: bool | None = None) -> Any:
+    """Reshape; one dimension may be -1. Only C order is supported. Arrays are values, so
+    ``copy`` (the array API's) never changes the result."""
     if order != "C":
         raise op_error(EmberValueError, "reshape", "only order='C' is supported")
     shape = newshape if shape is None else shape

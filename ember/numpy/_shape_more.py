@@ -1,4 +1,4 @@
-"""More shape functions: tile, repeat, flip, roll, pad, diagonal, rot90, unstack.
+"""More shape functions: tile, repeat, flip, roll, pad, diagonal, rot90, unstack, diff.
 
 Each is written with the structural primitives (slice, rev, concatenate, broadcast, reshape,
 pad), so results are exact, gradients are those primitives' transpose rules, and the jitted
@@ -26,14 +26,14 @@ from ember.errors import (
     op_error,
     user_frame,
 )
-from ember.numpy._core import normalize_axis_arg, value
+from ember.numpy._core import asarray, normalize_axis_arg, value
 from ember.ops import elementwise as ew
 from ember.ops import indexing as ix
 from ember.ops import reduce as rd
 from ember.ops import structural as st
 
 __all__ = ["tile", "repeat", "flip", "fliplr", "flipud", "roll", "pad", "diagonal", "rot90",
-           "unstack"]
+           "unstack", "diff"]
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -392,3 +392,38 @@ def unstack(x: Any, /, *, axis: int = 0) -> tuple[Any, ...]:
         raise op_error(ShapeError, "unstack", "input must be at least 1-d")
     ax = _axis("unstack", axis, len(shape))
     return tuple(st.index_in_dim(v, i, ax) for i in range(shape[ax]))
+
+
+def diff(a: Any, n: int = 1, axis: int = -1, prepend: Any = None, append: Any = None) -> Any:
+    """``n``-th differences along ``axis``: ``x[1:] - x[:-1]``, repeated ``n`` times (``!=`` for
+    booleans, as NumPy). ``prepend``/``append`` are joined on first; a scalar one is one slice."""
+    from ember.numpy._math import not_equal, subtract
+    from ember.numpy._shape import concatenate
+
+    x = value(a)
+    if int(n) != n or n < 0:
+        raise op_error(EmberValueError, "diff", f"order must be a non-negative integer, got {n}")
+    if aval_of(x).ndim == 0:
+        raise op_error(ShapeError, "diff", "input must be at least 1-d, got a 0-d array")
+    ax = _axis("diff", axis, aval_of(x).ndim)
+    if prepend is not None or append is not None:
+        parts = [_edge(x, ax, prepend), x, _edge(x, ax, append)]
+        x = concatenate([p for p in parts if p is not None], ax)
+    step = not_equal if aval_of(x).dtype == dtypes.bool_ else subtract
+    for _ in range(int(n)):
+        size = aval_of(x).shape[ax]
+        x = step(_slice_axis(x, ax, min(1, size), size), _slice_axis(x, ax, 0, max(size - 1, 0)))
+    return x
+
+
+def _edge(x: Any, axis: int, extra: Any) -> Any:
+    """``diff``'s ``prepend``/``append``: a scalar becomes one slice of ``x``'s shape. A Python
+    scalar is an ordinary (strong) value here, as in NumPy: ``diff(f32, prepend=0.5)`` is f64."""
+    if extra is None:
+        return None
+    e = asarray(extra)
+    if aval_of(e).ndim:
+        return e
+    shape = list(aval_of(x).shape)
+    shape[axis] = 1
+    return st.broadcast_in_dim(e, shape, ())
