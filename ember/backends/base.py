@@ -39,7 +39,16 @@ class Backend:
         raise NotImplementedError
 
     def to_host(self, buffer: Any) -> np.ndarray:
-        """Copy a buffer of this backend into a NumPy array."""
+        """The buffer's data as a NumPy array that cannot be used to write into the buffer
+        (a copy, or a read-only view)."""
+        raise NotImplementedError
+
+    def writable(self, buffer: Any) -> Any:
+        """A buffer with ``buffer``'s data that a program may overwrite in place (a donated
+        argument): ``buffer`` itself when nothing else can see it, else a private copy.
+
+        The caller has already dropped its own Array's reference to ``buffer``.
+        """
         raise NotImplementedError
 
     def run_primitive(self, prim: Any, buffers: Sequence[Any], params: dict[str, Any]) -> Any:
@@ -47,7 +56,10 @@ class Backend:
         raise NotImplementedError
 
     def compile(self, graph: ClosedGraph, donate: Sequence[bool] = ()) -> Callable[..., list[Any]]:
-        """Compile a closed graph into ``program(*buffers) -> list of buffers``."""
+        """Compile a closed graph into ``program(*buffers) -> list of buffers``.
+
+        ``program.overwrites`` lists the input positions the program may write into (donated
+        inputs); the caller passes those through :meth:`writable` first."""
         raise NotImplementedError
 
 

@@ -8,7 +8,6 @@ implementations, with buffers freed as soon as their last use has passed.
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +30,11 @@ class NumpyBackend(Backend):
         return array
 
     def to_host(self, buffer: np.ndarray) -> np.ndarray:
-        return buffer
+        # A read-only view: the caller must not be able to write into an Array's buffer. The
+        # view also holds a reference to the buffer, which keeps in-place paths away from it.
+        view = buffer.view()
+        view.flags.writeable = False
+        return view
 
     def run_primitive(self, prim: Any, buffers: Sequence[Any], params: dict[str, Any]) -> Any:
         return prim.impls["numpy"](*buffers, **params)
@@ -60,6 +63,7 @@ class NumpyBackend(Backend):
         # write into the buffer instead of copying it.
         overwritable = {slots[v.id] for v, d in zip(graph.invars, donate)
                         if d and uses.get(slots[v.id]) == 1 and slots[v.id] not in keep}
+        written: set[int] = set()
         steps = []
         for i, eqn in enumerate(graph.eqns):
             fn = eqn.prim.impls["numpy"]
@@ -68,6 +72,7 @@ class NumpyBackend(Backend):
             if (first is not None and not isinstance(first, Literal)
                     and slots[first.id] in overwritable and "numpy" in eqn.prim.inplace_impls):
                 fn = eqn.prim.inplace_impls["numpy"]
+                written.add(slots[first.id])
             ins = [("lit", a.value) if isinstance(a, Literal) else ("slot", slots[a.id])
                    for a in eqn.inputs]
             outs = [(slots[v.id], v.aval.dtype) for v in eqn.outputs]
@@ -84,22 +89,27 @@ class NumpyBackend(Backend):
         out_refs = [("lit", a.value) if isinstance(a, Literal) else ("slot", slots[a.id])
                     for a in graph.outvars]
 
-        donated_args = [i for i, d in enumerate(donate) if d]
-
         def program(*buffers: Any) -> list[Any]:
             env: list[Any] = [None] * n_slots
             env[: len(const_values)] = const_values
             env[len(const_values): len(const_values) + len(buffers)] = buffers
-            if donated_args:  # a buffer passed twice must not be overwritten through one
-                counts = Counter(map(id, buffers))
-                for i in donated_args:
-                    if counts[id(buffers[i])] > 1:
-                        env[len(const_values) + i] = buffers[i].copy()
             with np.errstate(all="ignore"):
                 _run(env, steps)
             return [np.asarray(v) if kind == "lit" else env[v] for kind, v in out_refs]
 
+        program.overwrites = tuple(i for i, v in enumerate(graph.invars)  # type: ignore
+                                   if slots[v.id] in written)
         return program
+
+    def writable(self, buffer: Any) -> Any:
+        # CPython only: the buffer is private when it owns its memory and its reference count
+        # is what the caller's list, this call and getrefcount add (measured once, below):
+        # any other Array, NumPy view (its ``base``) or user variable would add one.
+        if (_REFS_OF_PRIVATE is not None and type(buffer) is np.ndarray
+                and buffer.base is None and buffer.flags.writeable
+                and sys.getrefcount(buffer) <= _REFS_OF_PRIVATE):
+            return buffer
+        return buffer.copy()
 
 
 def _run(env: list[Any], steps: list[tuple]) -> None:
@@ -135,5 +145,19 @@ def _dead_buffer(env: list[Any], free: list[int], args: list[Any], shape: tuple[
             return buf
     return None
 
+
+def _refs_seen_by_writable(buffer: Any) -> int:
+    return sys.getrefcount(buffer)
+
+
+def _measure_private_refs() -> int | None:
+    """The reference count ``writable`` sees for a buffer held only by the caller's list."""
+    if sys.implementation.name != "cpython":
+        return None  # no reliable reference counts: always copy donated buffers
+    held = [np.empty(1)]
+    return _refs_seen_by_writable(held[0])
+
+
+_REFS_OF_PRIVATE = _measure_private_refs()
 
 register_backend(NumpyBackend())

@@ -16,7 +16,7 @@ import numpy as np
 
 from ember import dtypes
 from ember.backends import Backend, Device, default_backend
-from ember.errors import TracerError, user_frame
+from ember.errors import EmberError, TracerError, user_frame
 from ember.ir.types import ArrayType
 
 
@@ -62,21 +62,38 @@ class Array:
 
     # --- exchange with NumPy and Python -------------------------------------------------------
     def to_numpy(self) -> np.ndarray:
-        """A NumPy copy of the data (read-only view for the NumPy backend)."""
-        out = self._backend.to_host(self._buffer)
-        if out.flags.writeable and out.base is None:
-            out = out.view()
-            out.flags.writeable = False
-        return out
+        """The data as a read-only NumPy array (a view of the buffer on the NumPy backend).
+
+        Read-only because an Array is a value: writing through the view would change it.
+        ``np.array(x)`` gives a writeable copy.
+        """
+        if self._buffer is None:
+            raise EmberError(f"this array was donated to a jitted function and can no longer "
+                             f"be used\n  at {user_frame()}")
+        return self._backend.to_host(self._buffer)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         out = self.to_numpy()
-        if dtype is not None:
-            out = out.astype(dtype)
-        return np.array(out, copy=True) if copy else out
+        if dtype is not None and np.dtype(dtype) != out.dtype:
+            if copy is False:
+                raise ValueError(f"converting an ember {self.dtype} array to {np.dtype(dtype)} "
+                                 f"needs a copy, but copy=False was given")
+            return out.astype(dtype)
+        return out.copy() if copy else out
 
-    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
-        return np.asarray(self.to_numpy()).__dlpack__(*args, **kwargs)
+    def __dlpack__(self, *, stream: Any = None, max_version: tuple[int, int] | None = None,
+                   dl_device: Any = None, copy: bool | None = None) -> Any:
+        """Export through DLPack: read-only (DLPack 1.0 flags it) where the consumer allows,
+        else a private copy, so a consumer can never write into this array."""
+        view = self.to_numpy()
+        if max_version is not None and max_version >= (1, 0) and not copy:
+            return view.__dlpack__(stream=stream, max_version=max_version)
+        if copy is False:
+            raise BufferError("ember arrays are read-only; DLPack before 1.0 cannot export "
+                              "read-only memory without a copy (copy=False was given)")
+        out = view.copy()
+        return (out.__dlpack__(stream=stream) if max_version is None
+                else out.__dlpack__(stream=stream, max_version=max_version))
 
     def __dlpack_device__(self) -> tuple[int, int]:
         return (1, 0)  # kDLCPU

@@ -148,7 +148,12 @@ def full_lower(value: Any) -> Any:
 # --- eager evaluation ------------------------------------------------------------------------
 
 def to_array(value: Any) -> Array:
-    """Turn a concrete value (Array, NumPy array, Python or NumPy scalar) into an Array."""
+    """Turn a concrete value (Array, NumPy array, Python or NumPy scalar) into an Array.
+
+    This is where host memory enters Ember, so memory that someone else can still write (a
+    NumPy array, or anything that exposes its buffer) is copied: the Array's value can then
+    never change behind its back (decision record 0008).
+    """
     if isinstance(value, Array):
         if not isinstance(value, Tracer) and value._buffer is None:
             raise EmberError(f"this array was donated to a jitted function and can no longer "
@@ -161,7 +166,21 @@ def to_array(value: Any) -> Array:
     aval = type_of(arr)
     if arr.dtype != aval.dtype:
         arr = arr.astype(aval.dtype)
+    elif arr is value or arr.base is not None:
+        arr = arr.copy()
     return Array(arr, aval)
+
+
+def shared_array(value: np.ndarray) -> Array:
+    """An Array that shares ``value``'s memory without copying it (``asarray(copy=False)``).
+
+    Ember holds it through a read-only view, so no in-place path of Ember ever writes into it
+    (they all require a buffer that owns its memory); whoever holds ``value`` must not write it
+    either.
+    """
+    view = value.view()
+    view.flags.writeable = False
+    return Array(view, type_of(view))
 
 
 def eval_primitive(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
@@ -216,7 +235,8 @@ class GraphBuilder:
         self.vars: dict[int, Var | Literal] = {}
         self.tracers: list[GraphTracer] = []  # keeps ids stable while building
         self.consts: dict[int, tuple[GraphTracer, Any]] = {}
-        self.const_tracers: dict[int, GraphTracer] = {}  # id(outer value) -> its tracer
+        # id(outer value) -> (that value, its tracer); holding the value keeps the id unique
+        self.const_tracers: dict[int, tuple[Any, GraphTracer]] = {}
 
     def new_tracer(self, trace: GraphTrace, aval: ArrayType, const: Any = _NOT_CONST
                    ) -> GraphTracer:
@@ -225,7 +245,7 @@ class GraphBuilder:
         if const is _NOT_CONST:
             self.vars[id(t)] = Var(aval)
         elif _is_literal(const):
-            self.vars[id(t)] = Literal(np.asarray(_host(const)), aval)
+            self.vars[id(t)] = Literal(np.array(_host(const)), aval)
         else:
             self.vars[id(t)] = Var(aval)
             self.consts[id(t)] = (t, const)
@@ -280,11 +300,12 @@ class GraphTrace(Trace):
     def pure(self, value: Any) -> GraphTracer:
         # One constant per outer value, so a residual used many times is stored once.
         known = self.builder.const_tracers.get(id(value))
-        if known is not None and known.const is value:
-            return known
-        aval = value.aval if isinstance(value, Array) else to_array(value).aval
-        tracer = self.builder.new_tracer(self, aval, const=value)
-        self.builder.const_tracers[id(value)] = tracer
+        if known is not None and known[0] is value:
+            return known[1]
+        # A captured NumPy array is copied now: the program must not see later writes to it.
+        const = value if isinstance(value, Array) or _is_literal(value) else to_array(value)
+        tracer = self.builder.new_tracer(self, aval_of(const), const=const)
+        self.builder.const_tracers[id(value)] = (value, tracer)
         return tracer
 
     def new_arg(self, aval: ArrayType) -> GraphTracer:

@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 
 from ember import dtypes
+from ember.backends import default_backend
 from ember.core.array import Array, Tracer
-from ember.core.trace import aval_of, to_array
-from ember.errors import DTypeError, ShapeError, op_error
+from ember.core.trace import aval_of, shared_array, to_array
+from ember.errors import DTypeError, EmberValueError, ShapeError, op_error
+from ember.ir.types import type_of
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
 
@@ -25,31 +27,74 @@ def is_python_scalar(x: Any) -> bool:
     return dtypes.is_python_scalar(x)
 
 
-def asarray(a: ArrayLike, dtype: Any = None, copy: bool | None = None) -> Array:
-    """Convert to an Ember array (no copy when it already is one of the right dtype)."""
+def asarray(a: ArrayLike, dtype: Any = None, device: Any = None, copy: bool | None = None
+            ) -> Array:
+    """Convert to an Ember array (the array API's ``asarray``).
+
+    Ember arrays are values, so no later write anywhere may change the result:
+
+    - ``copy=None`` (default): an Ember array is returned as it is (nothing can change it);
+      host memory that others can write (a NumPy array, a buffer, a torch tensor) is copied.
+    - ``copy=True``: always a new array.
+    - ``copy=False``: never a copy. NumPy memory is shared read-only: Ember never writes into it,
+      and you must not either. ``ValueError`` when a copy cannot be avoided.
+    """
+    check_device("asarray", device)
+    target = None if dtype is None else dtypes.canonicalize(dtype)
     if isinstance(a, Array):
-        out = a
-    elif isinstance(a, (list, tuple)) and _contains_tracer(a):
+        if target is not None and target != aval_of(a).dtype:
+            if copy is False:
+                raise _copy_needed(f"converting {aval_of(a).dtype} to {target}")
+            return ew.convert(a, target)
+        return st.copy(a) if copy else a
+    if isinstance(a, (list, tuple)) and _contains_tracer(a):
         out = _stack_nested(a)
-    else:
-        try:
-            host = np.asarray(a)
-        except (ValueError, TypeError) as e:
-            raise op_error(DTypeError, "asarray",
-                           f"cannot convert {type(a).__name__}: {e}") from None
-        if host.dtype == object:
-            raise op_error(DTypeError, "asarray", f"cannot convert {type(a).__name__} to an "
-                           "array (ragged nesting or non-numeric values?)")
-        if host.dtype.kind == "U" or host.dtype.kind == "S":
-            raise op_error(DTypeError, "asarray", "strings are not supported")
-        if host.dtype not in dtypes.SUPPORTED:
-            raise op_error(DTypeError, "asarray", f"dtype {host.dtype} is not supported")
-        out = to_array(host.copy() if copy else host)
-        if out.aval.weak:  # a Python scalar given to asarray is an ordinary (strong) array
-            out = Array(out._buffer, out.aval.strong(), out._backend)
-    if dtype is not None:
-        out = ew.convert(out, dtypes.canonicalize(dtype))
+        return out if target is None else ew.convert(out, target)
+    host = _host_array(a)
+    shared = host is a or host.base is not None  # memory that someone else holds
+    canonical = type_of(host).dtype == host.dtype
+    if copy is False:
+        if not shared or not canonical or target not in (None, host.dtype):
+            raise _copy_needed(f"converting {type(a).__name__} of {host.dtype} to an ember "
+                               f"{target or type_of(host).dtype} array")
+        return shared_array(host)
+    if target is not None and target != host.dtype:
+        # The conversion writes a new buffer anyway: read the source in place.
+        src = shared_array(host) if shared and canonical else to_array(host)
+        return ew.convert(src, target)
+    out = to_array(host)  # copies memory that someone else holds
+    if out.aval.weak:  # a Python scalar given to asarray is an ordinary (strong) array
+        out = Array(out._buffer, out.aval.strong(), out._backend)
     return out
+
+
+def _host_array(a: Any) -> np.ndarray:
+    try:
+        host = np.asarray(a)
+    except (ValueError, TypeError) as e:
+        raise op_error(DTypeError, "asarray", f"cannot convert {type(a).__name__}: {e}") from None
+    if host.dtype == object:
+        raise op_error(DTypeError, "asarray", f"cannot convert {type(a).__name__} to an "
+                       "array (ragged nesting or non-numeric values?)")
+    if host.dtype.kind == "U" or host.dtype.kind == "S":
+        raise op_error(DTypeError, "asarray", "strings are not supported")
+    if host.dtype not in dtypes.SUPPORTED:
+        raise op_error(DTypeError, "asarray", f"dtype {host.dtype} is not supported")
+    return host
+
+
+def _copy_needed(what: str) -> EmberValueError:
+    return op_error(EmberValueError, "asarray", f"{what} needs a copy, but copy=False was given")
+
+
+def check_device(op: str, device: Any) -> None:
+    """Refuse a ``device=`` that is not one of the default backend's devices."""
+    if device is None:
+        return
+    devices = default_backend().devices
+    if device not in devices and str(device) not in {str(d) for d in devices} | {"cpu"}:
+        raise op_error(EmberValueError, op, f"unknown device {device!r}; ember runs on "
+                       f"{', '.join(str(d) for d in devices)}")
 
 
 def _contains_tracer(seq: Any) -> bool:

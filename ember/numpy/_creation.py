@@ -163,8 +163,14 @@ def eye(N: int, M: int | None = None, k: int = 0, dtype: Any = None, *,  # noqa:
     cols_n = N if M is None else M
     rows = st.iota(dtypes.int64, (N, cols_n), 0)
     cols = st.iota(dtypes.int64, (N, cols_n), 1)
-    mask = ew.eq(ew.add(rows, ew.full_like(rows, k)), cols)
+    mask = ew.eq(ew.add(rows, ew.full_like(rows, _offset(k, N, cols_n))), cols)
     return ew.convert(mask, dtypes.canonicalize(dtype) if dtype is not None else dtypes.float64)
+
+
+def _offset(k: int, n_rows: int, n_cols: int) -> int:
+    """A diagonal offset clipped to ``[-n_rows, n_cols]``: any farther diagonal lies outside
+    the matrix just the same, and a huge ``k`` would overflow int64 arithmetic."""
+    return max(-n_rows, min(int(k), n_cols))
 
 
 def identity(n: int, dtype: Any = None) -> Any:
@@ -175,7 +181,7 @@ def tri(N: int, M: int | None = None, k: int = 0, dtype: Any = None) -> Any:  # 
     cols_n = N if M is None else M
     rows = st.iota(dtypes.int64, (N, cols_n), 0)
     cols = st.iota(dtypes.int64, (N, cols_n), 1)
-    mask = ew.le(cols, ew.add(rows, ew.full_like(rows, k)))
+    mask = ew.le(cols, ew.add(rows, ew.full_like(rows, _offset(k, N, cols_n))))
     return ew.convert(mask, dtypes.canonicalize(dtype) if dtype is not None else dtypes.float64)
 
 

@@ -1,7 +1,7 @@
 """Structural primitives: they move, copy or select elements without arithmetic.
 
-``broadcast_in_dim``, ``reshape``, ``transpose``, ``slice``, ``pad``, ``concatenate``, ``rev``,
-``dynamic_slice``, ``dynamic_update_slice`` and ``iota``. All are linear in their array operand,
+``copy``, ``broadcast_in_dim``, ``reshape``, ``transpose``, ``slice``, ``pad``, ``concatenate``,
+``rev``, ``dynamic_slice``, ``dynamic_update_slice`` and ``iota``. All are linear in their array operand,
 so each has a transpose rule, which is what reverse-mode differentiation runs.
 """
 
@@ -20,7 +20,7 @@ from ember.ir.types import ArrayType
 from ember.ops._checks import normalize_axis, same_dtypes
 
 __all__ = [
-    "broadcast_in_dim", "reshape", "transpose", "moveaxis", "expand_dims", "squeeze", "slice",
+    "copy", "broadcast_in_dim", "reshape", "transpose", "moveaxis", "expand_dims", "squeeze", "slice",
     "index_in_dim", "pad", "concatenate", "rev", "dynamic_slice", "dynamic_update_slice", "iota",
     "broadcast_to_shape",
 ]
@@ -39,6 +39,24 @@ def _linear_jvp(prim):
             return out, Zero(out.aval)
         return out, prim.bind(t, *primals[1:], **params)
     return jvp
+
+
+# --- copy ------------------------------------------------------------------------------------
+
+copy_p = Primitive("copy")
+copy_p.def_abstract_eval(lambda x: x)
+# Buffers are immutable, so a copy can share its operand's buffer: what makes it a copy is that
+# it is a new value (a new Array, or a new tracer under a transformation), which ``x[i] = v`` on
+# one of them can rebind without touching the other.
+copy_p.def_impl(lambda x: x)
+copy_p.def_jvp(_linear_jvp(copy_p))
+copy_p.def_transpose(lambda ct, x: [ct])
+copy_p.def_batch(lambda args, dims: (copy_p.bind(*args), dims[0]))
+
+
+def copy(x: Any) -> Any:
+    """A new value equal to ``x``."""
+    return copy_p.bind(x)
 
 
 # --- broadcast_in_dim ------------------------------------------------------------------------

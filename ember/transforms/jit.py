@@ -79,9 +79,27 @@ class Lowered:
         backend = get_backend(self.backend)
         program = backend.compile(self.graph, self.donate)
         out_avals = self.graph.out_avals
+        donated = [i for i, d in enumerate(self.donate) if d]
+        overwrites = getattr(program, "overwrites", ())
 
         def run(leaves: list[Any]) -> Any:
-            outs = program(*[x._buffer for x in leaves])
+            buffers = [x._buffer for x in leaves]
+            if donated:
+                # The donated Arrays let go of their buffers first, so that a buffer nothing
+                # else sees is written in place; one that is still seen (another Array, a NumPy
+                # view, a second argument) is copied by ``writable`` instead.
+                for i in donated:
+                    leaves[i]._buffer = None
+                try:
+                    for i in overwrites:
+                        buffers[i] = backend.writable(buffers[i])
+                    outs = program(*buffers)
+                except BaseException:
+                    for i in donated:
+                        leaves[i]._buffer = buffers[i]
+                    raise
+            else:
+                outs = program(*buffers)
             return tree_unflatten(self.out_tree, [Array(o, a, backend)
                                                   for o, a in zip(outs, out_avals)])
         return run
@@ -228,11 +246,7 @@ class Jitted:
             stats.keys.append(key)
         else:
             self._stats.hits += 1
-        out = entry.run(values)
-        for leaf, donated in zip(values, entry.lowered.donate):
-            if donated:
-                leaf._buffer = None  # the program may have written into it
-        return out
+        return entry.run(values)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         return self if obj is None else functools.partial(self, obj)
