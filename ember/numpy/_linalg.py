@@ -10,7 +10,7 @@ import numpy as np
 
 from ember.core.trace import aval_of
 from ember.errors import ShapeError, op_error
-from ember.numpy._core import promote_args, value
+from ember.numpy._core import normalize_axis_arg, promote_args, value
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
 from ember.ops.linalg import dot_general
@@ -112,9 +112,17 @@ def inner(a: Any, b: Any, /) -> Any:
 
 
 def vecdot(x1: Any, x2: Any, /, *, axis: int = -1) -> Any:
-    """Dot product of vectors along ``axis`` (array API), broadcasting the rest."""
+    """Dot product of vectors along ``axis`` of the broadcast shape (array API); the other axes
+    broadcast, the vectors must have equal lengths."""
+    shapes = [aval_of(value(x)).shape for x in (x1, x2)]
     a, b = promote_args("vecdot", x1, x2)
-    return reduce_sum(ew.mul(a, b), (axis % aval_of(a).ndim,))
+    nd = aval_of(a).ndim
+    (ax,) = normalize_axis_arg("vecdot", axis, nd)
+    back = ax - nd  # the same axis counted from the end, as it is in each operand
+    if any(len(s) < -back or s[back] != aval_of(a).shape[ax] for s in shapes):
+        raise op_error(ShapeError, "vecdot", f"vectors along axis {axis} must have equal "
+                       f"lengths, got shapes {shapes[0]} and {shapes[1]}")
+    return reduce_sum(ew.mul(a, b), (ax,))
 
 
 def outer(a: Any, b: Any, /) -> Any:

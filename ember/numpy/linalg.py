@@ -1,23 +1,317 @@
-"""``ember.numpy.linalg``: norm, matmul, vecdot, outer, matrix_transpose, tensordot, trace."""
+"""``ember.numpy.linalg``: the array API's ``linalg`` extension (2023.12) with NumPy's names.
+
+Factorisations bind the primitives of :mod:`ember.ops.decompositions`; everything else is
+composed from them, so gradients, ``jit`` and ``vmap`` come for free: ``det``, ``slogdet``,
+``solve`` and ``inv`` from ``lu`` and triangular solves, ``pinv``, ``matrix_rank``, ``svdvals``
+and the spectral norms from ``svd``, ``eigvalsh`` from ``eigh``. Every function takes stacks of
+matrices in the last two axes. Integer inputs compute in float64 and half precision in float32
+(rounded back), since LAPACK has neither.
+
+Like JAX, and unlike NumPy, a failed factorisation does not raise: it gives NaN (``cholesky`` of
+a matrix that is not positive definite, ``solve``/``inv`` of a singular one). Symmetric inputs
+of ``cholesky``, ``eigh`` and ``eigvalsh`` are symmetrised, ``(x + x^T) / 2``, where NumPy reads
+the lower triangle: the same for a symmetric ``x``, and it makes their gradients symmetric.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import operator
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from ember import dtypes
 from ember.core.trace import aval_of
-from ember.errors import EmberValueError, op_error
-from ember.numpy._core import float_dtype, normalize_axis_arg, value
-from ember.numpy._linalg import matmul, matrix_transpose, outer, tensordot, trace, vecdot
+from ember.errors import EmberValueError, ShapeError, op_error
+from ember.numpy._core import broadcast_shapes, float_dtype, normalize_axis_arg, promote_args, value
+from ember.numpy._creation import eye, triu
+from ember.numpy._linalg import matmul, matrix_transpose, outer, tensordot, vecdot
+from ember.numpy._math import where
 from ember.numpy._reductions import max as max_
 from ember.numpy._reductions import min as min_
 from ember.numpy._reductions import sum as sum_
+from ember.numpy._shape import expand_dims, moveaxis
+from ember.numpy._shape_more import diagonal as diagonal_
+from ember.ops import decompositions as dec
 from ember.ops import elementwise as ew
+from ember.ops import structural as st
+from ember.ops.reduce import reduce_prod, reduce_sum
 
-__all__ = ["norm", "vector_norm", "matrix_norm", "matmul", "matrix_transpose", "outer",
-           "tensordot", "trace", "vecdot"]
+__all__ = ["cholesky", "cross", "det", "diagonal", "eigh", "eigvalsh", "inv", "matmul",
+           "matrix_norm", "matrix_power", "matrix_rank", "matrix_transpose", "norm", "outer",
+           "pinv", "qr", "slogdet", "solve", "svd", "svdvals", "tensordot", "trace", "vecdot",
+           "vector_norm", "EighResult", "QRResult", "SlogdetResult", "SVDResult"]
 
+
+class EighResult(NamedTuple):
+    eigenvalues: Any
+    eigenvectors: Any
+
+
+class QRResult(NamedTuple):
+    Q: Any
+    R: Any
+
+
+class SlogdetResult(NamedTuple):
+    sign: Any
+    logabsdet: Any
+
+
+class SVDResult(NamedTuple):
+    U: Any
+    S: Any
+    Vh: Any
+
+
+# --- operands --------------------------------------------------------------------------------
+
+def _matrices(op: str, x: Any, square: bool = False) -> tuple[Any, np.dtype]:
+    """``x`` as a stack of matrices in a dtype LAPACK computes in, and the result dtype."""
+    v = value(x)
+    shape, dt = aval_of(v).shape, aval_of(v).dtype
+    if len(shape) < 2:
+        raise op_error(ShapeError, op, f"needs a matrix or a stack of matrices (at least 2 "
+                       f"dimensions), got shape {shape}")
+    if square and shape[-1] != shape[-2]:
+        raise op_error(ShapeError, op, f"needs square matrices in the last two dimensions, got "
+                       f"shape {shape}")
+    out = dt if dtypes.is_float(dt) else dtypes.float64
+    compute = dtypes.float32 if out in (dtypes.float16, dtypes.bfloat16) else out
+    return ew.convert(v, compute), out
+
+
+def _cast(x: Any, dtype: np.dtype) -> Any:
+    return x if aval_of(x).dtype == dtype else ew.convert(x, dtype)
+
+
+def _eye_like(a: Any) -> Any:
+    """Identity matrices shaped and typed like the stack ``a``."""
+    shape = aval_of(a).shape
+    return st.broadcast_to_shape(eye(shape[-2], shape[-1], dtype=aval_of(a).dtype), shape)
+
+
+# --- factorisations --------------------------------------------------------------------------
+
+def cholesky(x: Any, /, *, upper: bool = False) -> Any:
+    """Cholesky factor of a symmetric positive-definite ``x``: lower ``L`` with ``x = L L^T``
+    (``upper=True``: ``U = L^T``). NaN for a matrix that is not positive definite."""
+    a, out = _matrices("cholesky", x, square=True)
+    low = dec.cholesky(a)
+    return _cast(matrix_transpose(low) if upper else low, out)
+
+
+def qr(x: Any, /, *, mode: str = "reduced") -> Any:
+    """``QRResult(Q, R)`` with ``x = Q @ R``; ``mode`` is 'reduced', 'complete' or 'r' (R only,
+    as NumPy)."""
+    if mode not in ("reduced", "complete", "r"):
+        raise op_error(EmberValueError, "qr", f"mode={mode!r} is not one of 'reduced', "
+                       "'complete', 'r'")
+    a, out = _matrices("qr", x)
+    q, r = dec.qr(a, full_matrices=mode == "complete")
+    if mode == "r":
+        return _cast(r, out)
+    return QRResult(_cast(q, out), _cast(r, out))
+
+
+def eigh(x: Any, /) -> EighResult:
+    """``EighResult(eigenvalues, eigenvectors)`` of a symmetric ``x``: eigenvalues ascending,
+    eigenvectors as columns. Gradients need distinct eigenvalues."""
+    a, out = _matrices("eigh", x, square=True)
+    w, v = dec.eigh(a)
+    return EighResult(_cast(w, out), _cast(v, out))
+
+
+def eigvalsh(x: Any, /) -> Any:
+    """Eigenvalues of a symmetric ``x``, ascending."""
+    return eigh(x).eigenvalues
+
+
+def svd(x: Any, /, full_matrices: bool = True, compute_uv: bool = True) -> Any:
+    """``SVDResult(U, S, Vh)`` with ``x = U[..., :k] * S @ Vh[..., :k, :]`` and ``S``
+    descending (``compute_uv=False``: ``S`` only, as NumPy). Gradients need distinct non-zero
+    singular values, and ``full_matrices=False`` for a non-square ``x``."""
+    a, out = _matrices("svd", x)
+    u, s, vh = dec.svd(a, full_matrices=bool(full_matrices) and compute_uv)
+    if not compute_uv:
+        return _cast(s, out)
+    return SVDResult(_cast(u, out), _cast(s, out), _cast(vh, out))
+
+
+def svdvals(x: Any, /) -> Any:
+    """Singular values of ``x``, descending."""
+    return svd(x, full_matrices=False, compute_uv=False)
+
+
+# --- determinants and solves (from LU) -------------------------------------------------------
+
+def _permutation_sign(perm: Any, dtype: np.dtype) -> Any:
+    """+1 or -1: the parity of the number of inversions (pairs i < j with perm_i > perm_j)."""
+    n = aval_of(perm).shape[-1]
+    shape = (*aval_of(perm).shape, n)
+    nd = len(shape)
+    earlier = st.broadcast_in_dim(perm, shape, tuple(range(nd - 1)))
+    later = st.broadcast_in_dim(perm, shape, (*range(nd - 2), nd - 1))
+    inversions = sum_(triu(ew.gt(earlier, later), 1), axis=(-2, -1))
+    odd = ew.convert(ew.rem(inversions, ew.full_like(inversions, 2)), dtype)
+    return ew.sub(ew.full_like(odd, 1), ew.add(odd, odd))
+
+
+def _lu_diagonal(op: str, x: Any) -> tuple[Any, Any, np.dtype]:
+    """The diagonal of U and the sign of the row permutation of ``lu(x)``."""
+    a, out = _matrices(op, x, square=True)
+    packed, perm = dec.lu(a)
+    dt = aval_of(a).dtype
+    return diagonal_(packed, 0, -2, -1), _permutation_sign(perm, dt), out
+
+
+def det(x: Any, /) -> Any:
+    """Determinant: the product of U's diagonal times the sign of the pivoting permutation."""
+    d, sign, out = _lu_diagonal("det", x)
+    return _cast(ew.mul(sign, reduce_prod(d, (aval_of(d).ndim - 1,))), out)
+
+
+def slogdet(x: Any, /) -> SlogdetResult:
+    """``SlogdetResult(sign, logabsdet)``, with ``det = sign * exp(logabsdet)``; a singular
+    matrix gives ``(0, -inf)``."""
+    d, sign, out = _lu_diagonal("slogdet", x)
+    last = (aval_of(d).ndim - 1,)
+    sign = ew.mul(sign, reduce_prod(ew.sign(d), last))
+    return SlogdetResult(_cast(sign, out), _cast(reduce_sum(ew.log(ew.abs(d)), last), out))
+
+
+def solve(x1: Any, x2: Any, /) -> Any:
+    """Solve ``x1 @ x = x2``. ``x2`` of shape ``(M,)`` is one vector; otherwise it is a stack of
+    ``(M, K)`` matrices whose batch dimensions broadcast with ``x1``'s (array API, NumPy 2)."""
+    a, out_a = _matrices("solve", x1, square=True)
+    b = value(x2)
+    sa, sb = aval_of(a).shape, aval_of(b).shape
+    vector = len(sb) == 1
+    if not sb or sb[-1 if vector else -2] != sa[-1]:
+        raise op_error(ShapeError, "solve", f"x2 of shape {sb} does not fit x1 of shape {sa}: "
+                       f"x2 needs {sa[-1]} rows (shape ({sa[-1]},) or (..., {sa[-1]}, K))")
+    out = dtypes.result_type(out_a, aval_of(b).dtype)
+    compute = aval_of(a).dtype if out in (dtypes.float16, dtypes.bfloat16) else out
+    a, b = ew.convert(a, compute), ew.convert(b, compute)
+    if vector:
+        b = st.reshape(b, (sb[0], 1))
+    batch = broadcast_shapes("solve", sa[:-2], aval_of(b).shape[:-2])
+    a = st.broadcast_to_shape(a, (*batch, *sa[-2:]))
+    b = st.broadcast_to_shape(b, (*batch, *aval_of(b).shape[-2:]))
+    x = dec.lu_solve(*dec.lu(a), b)
+    if vector:
+        x = st.reshape(x, (*batch, sa[-1]))
+    return _cast(x, out)
+
+
+def inv(x: Any, /) -> Any:
+    """Inverse of each square matrix (NaN/inf for a singular one)."""
+    a, out = _matrices("inv", x, square=True)
+    return _cast(dec.lu_solve(*dec.lu(a), _eye_like(a)), out)
+
+
+def matrix_power(x: Any, n: int, /) -> Any:
+    """``x`` multiplied by itself ``n`` times, by repeated squaring; ``n < 0`` inverts first,
+    ``n == 0`` gives identity matrices. The dtype is kept for ``n >= 0`` (as NumPy)."""
+    try:
+        power = operator.index(n)
+    except TypeError:
+        raise op_error(EmberValueError, "matrix_power", f"n must be an integer, got "
+                       f"{type(n).__name__}") from None
+    a = value(x)
+    shape = aval_of(a).shape
+    if len(shape) < 2 or shape[-1] != shape[-2]:
+        raise op_error(ShapeError, "matrix_power", f"needs square matrices in the last two "
+                       f"dimensions, got shape {shape}")
+    if power == 0:
+        return _eye_like(a)
+    if power < 0:
+        a, power = inv(a), -power
+    result = None
+    while True:
+        if power & 1:
+            result = a if result is None else matmul(result, a)
+        power >>= 1
+        if not power:
+            return result
+        a = matmul(a, a)
+
+
+# --- from svd --------------------------------------------------------------------------------
+
+def _cutoff(op: str, s: Any, shape: tuple[int, ...], rtol: Any) -> Any:
+    """``rtol * largest singular value`` per matrix, keeping a last axis to compare ``s``."""
+    if rtol is None:
+        rtol = max(shape[-2:]) * float(np.finfo(aval_of(s).dtype).eps)
+    tol = value(rtol)
+    if aval_of(tol).ndim:  # one tolerance per matrix of the stack
+        tol = expand_dims(tol, -1)
+    largest = max_(s, axis=-1, keepdims=True) if aval_of(s).shape[-1] else s
+    return ew.mul(*promote_args(op, largest, ew.convert(tol, aval_of(s).dtype)))
+
+
+def matrix_rank(x: Any, /, tol: Any = None, *, rtol: Any = None) -> Any:
+    """Number of singular values above ``tol`` (absolute) or ``rtol * largest`` (default
+    ``rtol = max(M, N) * eps``), as int64."""
+    a, _ = _matrices("matrix_rank", x)
+    s = svdvals(a)
+    cutoff = value(tol) if tol is not None else _cutoff("matrix_rank", s, aval_of(a).shape, rtol)
+    if tol is not None and aval_of(cutoff).ndim:
+        cutoff = expand_dims(cutoff, -1)
+    big = ew.gt(*promote_args("matrix_rank", s, cutoff))
+    return sum_(big, axis=-1, dtype=dtypes.int64)
+
+
+def pinv(x: Any, /, *, rtol: Any = None) -> Any:
+    """Moore-Penrose pseudo-inverse from the SVD: singular values at most ``rtol * largest``
+    (default ``max(M, N) * eps``) count as zero."""
+    a, out = _matrices("pinv", x)
+    u, s, vh = dec.svd(a, full_matrices=False)
+    keep = ew.gt(*promote_args("pinv", s, _cutoff("pinv", s, aval_of(a).shape, rtol)))
+    # Divide only where kept, so a zero singular value gives no inf (nor a NaN gradient).
+    one = ew.full_like(s, 1)
+    s_inv = where(keep, ew.div(one, where(keep, s, one)), ew.zeros_like(s))
+    v = matrix_transpose(vh)
+    nd = aval_of(v).ndim
+    scaled = ew.mul(v, st.broadcast_in_dim(s_inv, aval_of(v).shape, (*range(nd - 2), nd - 1)))
+    return _cast(matmul(scaled, matrix_transpose(u)), out)
+
+
+# --- products and structure ------------------------------------------------------------------
+
+def cross(x1: Any, x2: Any, /, *, axis: int = -1) -> Any:
+    """Cross product of 3-vectors along ``axis``; the other axes broadcast."""
+    a, b = value(x1), value(x2)
+    moved = []
+    for v in (a, b):
+        shape = aval_of(v).shape
+        (ax,) = normalize_axis_arg("cross", axis, len(shape))
+        if shape[ax] != 3:
+            raise op_error(ShapeError, "cross", f"needs vectors of 3 elements along axis {axis}, "
+                           f"got shapes {aval_of(a).shape} and {aval_of(b).shape}")
+        moved.append(moveaxis(v, ax, -1))
+    a, b = promote_args("cross", *moved)
+    nd = aval_of(a).ndim
+    ai = [st.index_in_dim(a, i, nd - 1) for i in range(3)]
+    bi = [st.index_in_dim(b, i, nd - 1) for i in range(3)]
+    parts = [ew.sub(ew.mul(ai[(i + 1) % 3], bi[(i + 2) % 3]),
+                    ew.mul(ai[(i + 2) % 3], bi[(i + 1) % 3])) for i in range(3)]
+    out = st.concatenate([st.expand_dims(p, nd - 1) for p in parts], nd - 1)
+    return moveaxis(out, -1, axis if axis < 0 else min(axis, nd - 1))
+
+
+def diagonal(x: Any, /, *, offset: int = 0) -> Any:
+    """The ``offset`` diagonal of each matrix (last two axes)."""
+    return diagonal_(x, offset, -2, -1)
+
+
+def trace(x: Any, /, *, offset: int = 0, dtype: Any = None) -> Any:
+    """Sum of the ``offset`` diagonal of each matrix (last two axes). Small integers sum in
+    int64 (uint64 if unsigned), as the array API and NumPy."""
+    return sum_(diagonal(x, offset=offset), axis=-1, dtype=dtype)
+
+
+# --- norms -----------------------------------------------------------------------------------
 
 def vector_norm(x: Any, /, *, axis: Any = None, keepdims: bool = False, ord: Any = 2) -> Any:
     v = value(x)
@@ -39,21 +333,35 @@ def vector_norm(x: Any, /, *, axis: Any = None, keepdims: bool = False, ord: Any
     return ew.pow(s, ew.full_like(s, 1.0 / ord))
 
 
+_MATRIX_ORDS = ("fro", "nuc", 1, -1, 2, -2, np.inf, -np.inf)
+
+
 def matrix_norm(x: Any, /, *, keepdims: bool = False, ord: Any = "fro") -> Any:
+    """Matrix norms of the array API: 'fro', 'nuc' (sum of singular values), 1 / -1 (largest /
+    smallest absolute column sum), inf / -inf (rows), 2 / -2 (largest / smallest singular
+    value)."""
     v = value(x)
     if ord in ("fro", None):
         return vector_norm(v, axis=(-2, -1), keepdims=keepdims)
+    if ord not in _MATRIX_ORDS:
+        raise op_error(EmberValueError, "matrix_norm", f"ord={ord!r} is not one of 'fro', "
+                       "'nuc', 1, -1, 2, -2, inf, -inf")
+    if ord in ("nuc", 2, -2):
+        a, out = _matrices("matrix_norm", v)
+        s = svdvals(a)
+        pick = sum_ if ord == "nuc" else max_ if ord == 2 else min_
+        result = _cast(pick(s, axis=-1), out)
+        return expand_dims(result, (-2, -1)) if keepdims else result
     a = ew.abs(ew.convert(v, float_dtype(aval_of(v).dtype)))
-    if ord == 1:
-        return max_(sum_(a, -2, keepdims=keepdims), -1, keepdims=keepdims)
-    if ord in (np.inf, float("inf")):
-        return max_(sum_(a, -1, keepdims=keepdims), -2 if keepdims else -1, keepdims=keepdims)
-    raise op_error(EmberValueError, "matrix_norm", f"ord={ord!r} is not supported (use 'fro', "
-                   "1 or inf)")
+    pick = max_ if ord > 0 else min_
+    # ord 1 sums each column (over rows, axis -2) and picks among columns; inf the reverse.
+    summed, picked = (-2, -1) if abs(ord) == 1 else (-1, -2)
+    sums = sum_(a, summed, keepdims=keepdims)
+    return pick(sums, picked if keepdims else -1, keepdims=keepdims)
 
 
 def norm(x: Any, ord: Any = None, axis: Any = None, keepdims: bool = False) -> Any:
-    """``numpy.linalg.norm`` for vectors (any ord) and matrices ('fro', 1, inf)."""
+    """``numpy.linalg.norm``: vector norms over one axis, matrix norms over two."""
     v = value(x)
     nd = aval_of(v).ndim
     if axis is None and ord is None:
@@ -62,13 +370,6 @@ def norm(x: Any, ord: Any = None, axis: Any = None, keepdims: bool = False) -> A
     if len(axes) == 1:
         return vector_norm(v, axis=axes, keepdims=keepdims, ord=2 if ord is None else ord)
     if len(axes) == 2:
-        from ember.numpy._shape import moveaxis
-
-        moved = moveaxis(v, axes, (-2, -1))
-        out = matrix_norm(moved, keepdims=False, ord="fro" if ord is None else ord)
-        if keepdims:
-            from ember.numpy._shape import expand_dims
-
-            out = expand_dims(out, tuple(sorted(axes)))
-        return out
+        out = matrix_norm(moveaxis(v, axes, (-2, -1)), ord="fro" if ord is None else ord)
+        return expand_dims(out, tuple(sorted(axes))) if keepdims else out
     raise op_error(EmberValueError, "norm", f"improper number of dimensions to norm: {axes}")

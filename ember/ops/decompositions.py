@@ -34,7 +34,7 @@ from ember.ops.indexing import take_along_axis
 from ember.ops.linalg import dot_general
 from ember.ops.reduce import reduce_sum
 
-__all__ = ["cholesky", "lu", "qr", "eigh", "svd", "triangular_solve"]
+__all__ = ["cholesky", "lu", "lu_solve", "permute_rows", "qr", "eigh", "svd", "triangular_solve"]
 
 _DTYPES = (dtypes.float32, dtypes.float64)
 
@@ -309,6 +309,14 @@ def permute_rows(x: Any, perm: Any) -> Any:
     nd = len(shape)
     index = st.broadcast_in_dim(perm, shape, tuple(range(nd - 1)))
     return take_along_axis(x, index, nd - 2)
+
+
+def lu_solve(packed: Any, perm: Any, b: Any) -> Any:
+    """Solve ``a @ x = b`` given ``lu(a)``; ``b`` is ``(..., n, k)`` with ``a``'s batch dims."""
+    low = ew.add(_tri(packed, True, -1), _eye(packed))
+    # The upper solve reads only the upper triangle of ``packed``, which is U.
+    return triangular_solve(packed, triangular_solve(low, permute_rows(b, perm), lower=True),
+                            lower=False)
 
 
 @lu_p.def_jvp

@@ -1,0 +1,284 @@
+"""``ember.numpy.linalg`` against NumPy (values, dtypes, stacks, errors) and the gradients of
+the composed functions (det, slogdet, inv, solve, pinv...) against finite differences.
+
+The factorisation primitives themselves are covered by the spec tables (``specs_linalg``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close, check, numeric_grad
+
+import ember
+import ember.numpy as enp
+from ember import ops as lax
+
+LA = enp.linalg
+RNG = np.random.default_rng(7)
+
+
+def _general(*shape):
+    return RNG.uniform(-2, 2, size=shape)
+
+
+def _spd(*shape):
+    a = RNG.uniform(-1, 1, size=shape)
+    return a @ np.swapaxes(a, -1, -2) + shape[-1] * np.eye(shape[-1])
+
+
+def _sym(*shape):
+    a = RNG.uniform(-2, 2, size=shape)
+    return a + np.swapaxes(a, -1, -2)
+
+
+def _rank_deficient(*shape):
+    """Rank 2, whatever the shape."""
+    *batch, m, n = shape
+    return RNG.normal(size=(*batch, m, 2)) @ RNG.normal(size=(*batch, 2, n))
+
+
+# (id, ember function, NumPy reference, inputs)
+VALUE_CASES = [
+    ("det", LA.det, np.linalg.det, [_general(4, 4)]),
+    ("det-stack", LA.det, np.linalg.det, [_general(2, 3, 3, 3)]),
+    ("det-empty", LA.det, np.linalg.det, [_general(2, 0, 0)]),
+    ("slogdet", lambda x: tuple(LA.slogdet(x)), lambda x: tuple(np.linalg.slogdet(x)),
+     [_general(3, 4, 4)]),
+    ("inv", LA.inv, np.linalg.inv, [_general(2, 4, 4)]),
+    ("solve-matrix", LA.solve, np.linalg.solve, [_general(4, 4), _general(4, 2)]),
+    ("solve-vector", LA.solve, np.linalg.solve, [_general(2, 4, 4), _general(4)]),
+    ("solve-broadcast", LA.solve, np.linalg.solve, [_general(2, 1, 3, 3), _general(4, 3, 2)]),
+    ("solve-stack-b", LA.solve, np.linalg.solve, [_general(3, 3), _general(5, 3, 1)]),
+    ("cholesky", LA.cholesky, np.linalg.cholesky, [_spd(2, 4, 4)]),
+    ("cholesky-upper", lambda x: LA.cholesky(x, upper=True),
+     lambda x: np.linalg.cholesky(x, upper=True), [_spd(4, 4)]),
+    ("qr-reduced", lambda x: tuple(LA.qr(x)), lambda x: tuple(np.linalg.qr(x)),
+     [_general(2, 5, 3)]),
+    ("qr-complete", lambda x: tuple(LA.qr(x, mode="complete")),
+     lambda x: tuple(np.linalg.qr(x, mode="complete")), [_general(5, 3)]),
+    ("qr-r", lambda x: LA.qr(x, mode="r"), lambda x: np.linalg.qr(x, mode="r"),
+     [_general(3, 5)]),
+    ("eigh", lambda x: tuple(LA.eigh(x)), lambda x: tuple(np.linalg.eigh(x)), [_sym(2, 4, 4)]),
+    ("eigvalsh", LA.eigvalsh, np.linalg.eigvalsh, [_sym(3, 5, 5)]),
+    ("svd", lambda x: tuple(LA.svd(x)), lambda x: tuple(np.linalg.svd(x)), [_general(2, 5, 3)]),
+    ("svd-reduced", lambda x: tuple(LA.svd(x, full_matrices=False)),
+     lambda x: tuple(np.linalg.svd(x, full_matrices=False)), [_general(3, 5)]),
+    ("svdvals", LA.svdvals, np.linalg.svdvals, [_general(2, 3, 6)]),
+    ("pinv-tall", LA.pinv, np.linalg.pinv, [_general(2, 5, 3)]),
+    ("pinv-rank-deficient", LA.pinv, lambda x: np.linalg.pinv(x, rtol=None),
+     [_rank_deficient(4, 5)]),
+    ("pinv-rtol", lambda x: LA.pinv(x, rtol=0.5), lambda x: np.linalg.pinv(x, rtol=0.5),
+     [_general(4, 4)]),
+    ("matrix_rank", LA.matrix_rank, np.linalg.matrix_rank, [_rank_deficient(3, 5, 4)]),
+    ("matrix_rank-full", LA.matrix_rank, np.linalg.matrix_rank, [_general(4, 6)]),
+    ("matrix_rank-rtol", lambda x: LA.matrix_rank(x, rtol=np.array([0.0, 0.9])),
+     lambda x: np.linalg.matrix_rank(x, rtol=np.array([0.0, 0.9])), [_general(2, 4, 4)]),
+    ("matrix_rank-tol", lambda x: LA.matrix_rank(x, 1.0),
+     lambda x: np.linalg.matrix_rank(x, 1.0), [_general(4, 4)]),
+    *[(f"matrix_power-{n}", lambda x, n=n: LA.matrix_power(x, n),
+       lambda x, n=n: np.linalg.matrix_power(x, n), [_spd(2, 3, 3) / 3])
+      for n in (-3, -1, 0, 1, 2, 5)],
+    ("cross", LA.cross, np.linalg.cross, [_general(4, 3), _general(2, 1, 3)]),
+    ("cross-axis", lambda a, b: LA.cross(a, b, axis=-2),
+     lambda a, b: np.cross(a, b, axis=-2), [_general(2, 3, 4), _general(3, 4)]),
+    *[(f"diagonal-{k}", lambda x, k=k: LA.diagonal(x, offset=k),
+       lambda x, k=k: np.linalg.diagonal(x, offset=k), [_general(2, 3, 4)]) for k in (-1, 0, 2)],
+    ("trace", lambda x: LA.trace(x, offset=1), lambda x: np.linalg.trace(x, offset=1),
+     [_general(2, 3, 4)]),
+    ("vecdot", LA.vecdot, np.linalg.vecdot, [_general(2, 3), _general(4, 1, 3)]),
+    ("vecdot-axis", lambda a, b: LA.vecdot(a, b, axis=0),
+     lambda a, b: np.linalg.vecdot(a, b, axis=0), [_general(3, 2), _general(3, 2)]),
+    *[(f"matrix_norm-{o}", lambda x, o=o: LA.matrix_norm(x, ord=o, keepdims=k),
+       lambda x, o=o: np.linalg.matrix_norm(x, ord=o, keepdims=k), [_general(2, 3, 4)])
+      for o in ("fro", "nuc", 1, -1, 2, -2, np.inf, -np.inf) for k in (False, True)],
+    ("norm-nuc-axes", lambda x: LA.norm(x, "nuc", (2, 0)),
+     lambda x: np.linalg.norm(x, "nuc", (2, 0)), [_general(3, 2, 4)]),
+    ("norm-2-keepdims", lambda x: LA.norm(x, 2, (0, 1), keepdims=True),
+     lambda x: np.linalg.norm(x, 2, (0, 1), keepdims=True), [_general(3, 4)]),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name,fn,ref,inputs", VALUE_CASES, ids=[c[0] for c in VALUE_CASES])
+def test_matches_numpy(name, fn, ref, inputs, dtype):
+    tol = (2e-4, 2e-5) if dtype == np.float32 else (1e-9, 1e-11)
+    check(fn, ref, *[x.astype(dtype) for x in inputs], rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("fn,ref,x,out_dtype", [
+    (LA.det, np.linalg.det, np.array([[1, 2], [3, 4]], np.int32), np.float64),
+    (LA.inv, np.linalg.inv, np.array([[2, 1], [1, 3]], np.int8), np.float64),
+    (LA.eigvalsh, np.linalg.eigvalsh, np.array([[2, 1], [1, 3]], np.int64), np.float64),
+    (LA.svdvals, np.linalg.svdvals, np.array([[2, 1], [1, 3]], np.uint8), np.float64),
+    (lambda x: LA.matrix_power(x, 3), lambda x: np.linalg.matrix_power(x, 3),
+     np.array([[2, 1], [1, 3]], np.int32), np.int32),
+    (lambda x: LA.trace(x), np.linalg.trace, np.array([[2, 1], [1, 3]], np.int8), np.int64),
+    (LA.matrix_rank, np.linalg.matrix_rank, np.array([[2, 1], [4, 2]], np.int32), np.int64),
+])
+def test_result_dtypes_follow_numpy(fn, ref, x, out_dtype):
+    out = fn(enp.asarray(x))
+    assert out.dtype == out_dtype
+    np.testing.assert_allclose(np.asarray(out), ref(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [LA.det, LA.inv, LA.cholesky, LA.eigvalsh, LA.svdvals, LA.pinv])
+def test_half_precision_computes_in_float32_and_keeps_its_dtype(fn):
+    x = _spd(3, 3).astype(np.float16)
+    out = fn(enp.asarray(x))
+    assert out.dtype == np.float16
+    expected = fn(enp.asarray(x.astype(np.float32)))
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), rtol=2e-3,
+                               atol=2e-3)
+
+
+def test_results_are_named_tuples_also_under_jit():
+    x = enp.asarray(_sym(3, 3))
+    for run in (LA.eigh, ember.jit(LA.eigh)):
+        res = run(x)
+        assert isinstance(res, LA.EighResult)
+        assert res.eigenvalues.shape == (3,) and res.eigenvectors.shape == (3, 3)
+    assert LA.svd(x).Vh.shape == (3, 3) and LA.qr(x).R.shape == (3, 3)
+    assert LA.slogdet(x).logabsdet.shape == ()
+
+
+def test_lu_pivots_like_lapack():
+    """The row permutation is LAPACK's partial pivoting (via torch.linalg.lu_factor)."""
+    x = _general(3, 5, 5)
+    packed, perm = lax.lu(enp.asarray(x))
+    ref_lu, pivots = torch.linalg.lu_factor(torch.from_numpy(x))
+    ref_perm = np.tile(np.arange(5), (3, 1))
+    for b in range(3):
+        for i, p in enumerate(pivots[b].numpy() - 1):  # LAPACK pivots: swap row i with row p
+            ref_perm[b, [i, p]] = ref_perm[b, [p, i]]
+    assert perm.dtype == np.int32
+    np.testing.assert_array_equal(perm, ref_perm)
+    np.testing.assert_allclose(packed, ref_lu.numpy(), rtol=1e-12, atol=1e-12)
+
+
+# --- failures are values ---------------------------------------------------------------------
+
+def test_cholesky_of_a_non_positive_definite_matrix_is_nan_for_that_matrix_only():
+    x = np.stack([_spd(3, 3), -np.eye(3)])
+    for run in (LA.cholesky, ember.jit(LA.cholesky)):
+        out = np.asarray(run(enp.asarray(x)))
+        np.testing.assert_allclose(out[0], np.linalg.cholesky(x[0]), rtol=1e-12)
+        assert np.isnan(out[1]).all()
+
+
+def test_singular_matrices():
+    x = np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 1.0, 5.0]])
+    assert float(LA.det(enp.asarray(x))) == 0.0
+    sign, logabsdet = LA.slogdet(enp.asarray(x))
+    assert float(sign) == 0.0 and float(logabsdet) == -np.inf
+    assert int(LA.matrix_rank(enp.asarray(x))) == 2
+    assert not np.isfinite(np.asarray(LA.inv(enp.asarray(x)))).all()
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn,args,match", [
+    (LA.det, [np.ones((2, 3))], r"det: needs square matrices .*\(2, 3\)"),
+    (LA.inv, [np.ones(3)], r"inv: needs a matrix or a stack of matrices .*\(3,\)"),
+    (LA.cholesky, [np.ones((4, 3, 2))], r"cholesky: needs square matrices .*\(4, 3, 2\)"),
+    (LA.eigh, [np.ones((2, 3))], r"eigh: needs square"),
+    (LA.slogdet, [np.ones((2, 3))], r"slogdet: needs square"),
+    (LA.svd, [np.ones(3)], r"svd: needs a matrix"),
+    (LA.solve, [np.ones((3, 3)), np.ones((4, 2))], r"solve: x2 of shape \(4, 2\) does not fit"),
+    (LA.solve, [np.ones((2, 3, 3)), np.ones((4, 3, 1))],
+     r"solve: operands could not be broadcast .*\(2,\) \(4,\)"),
+    (LA.cross, [np.ones((2, 3)), np.ones((2, 2))], r"cross: needs vectors of 3 elements"),
+    (LA.vecdot, [np.ones((2, 3)), np.ones((2, 1))], r"vecdot: vectors along axis -1 must have"),
+    (lambda x: LA.matrix_norm(x, ord=3), [np.ones((2, 2))], r"matrix_norm: ord=3 is not"),
+    (lambda x: LA.qr(x, mode="raw"), [np.ones((2, 2))], r"qr: mode='raw'"),
+    (lambda x: LA.matrix_power(x, 1.5), [np.ones((2, 2))], r"matrix_power: n must be an int"),
+    (lambda x: LA.matrix_power(x, 2), [np.ones((2, 3))], r"matrix_power: needs square"),
+    (lambda a, b: lax.triangular_solve(a, b, True), [np.ones((3, 3)), np.ones((2, 3))],
+     r"triangular_solve: a \(3, 3\) and b \(2, 3\) do not fit"),
+    (lambda a: lax.cholesky(a), [np.ones((3, 3), np.int32)],
+     r"cholesky: needs float32 or float64, got int32"),
+])
+def test_bad_input_raises_an_ember_error_naming_the_function(fn, args, match):
+    ember_args = [enp.asarray(a) for a in args]
+    for run in (fn, ember.jit(fn)):
+        with pytest.raises(ember.EmberError, match=match) as info:
+            run(*ember_args)
+        assert "test_linalg.py" in str(info.value)
+
+
+@pytest.mark.parametrize("fn,shape,match", [
+    (lambda x: LA.svd(x).U, (4, 3), r"svd: the derivative of svd\(full_matrices=True\)"),
+    (lambda x: LA.qr(x, mode="complete").Q, (4, 3), r"qr: the derivative of qr\(mode='complete'"),
+])
+def test_undefined_derivatives_raise(fn, shape, match):
+    with pytest.raises(ember.UnsupportedError, match=match):
+        ember.grad(lambda x: enp.sum(fn(x)))(enp.asarray(_general(*shape)))
+
+
+# --- gradients of the composed functions ----------------------------------------------------
+
+GRAD_CASES = [
+    ("det", LA.det, [_general(3, 3)]),
+    ("det-stack", LA.det, [_general(2, 4, 4)]),
+    ("slogdet", lambda x: LA.slogdet(x).logabsdet, [_general(2, 3, 3)]),
+    ("inv", LA.inv, [_general(3, 3) + 3 * np.eye(3)]),
+    ("solve", LA.solve, [_general(3, 3) + 3 * np.eye(3), _general(2, 3, 2)]),
+    ("solve-vector", LA.solve, [_general(3, 3) + 3 * np.eye(3), _general(3)]),
+    ("pinv", LA.pinv, [_general(4, 3)]),
+    ("pinv-wide", LA.pinv, [_general(2, 3, 5)]),
+    ("matrix_power", lambda x: LA.matrix_power(x, -2), [_spd(3, 3)]),
+    ("matrix_power-3", lambda x: LA.matrix_power(x, 3), [_general(3, 3)]),
+    ("cholesky-upper", lambda x: LA.cholesky(x, upper=True), [_spd(3, 3)]),
+    ("eigvalsh", LA.eigvalsh, [_sym(4, 4)]),
+    ("svdvals", LA.svdvals, [_general(3, 5)]),
+    ("matrix_norm-nuc", lambda x: LA.matrix_norm(x, ord="nuc"), [_general(4, 3)]),
+    ("matrix_norm-2", lambda x: LA.matrix_norm(x, ord=2), [_general(2, 3, 3)]),
+    ("cross", LA.cross, [_general(2, 3), _general(3)]),
+    ("vecdot", LA.vecdot, [_general(2, 3), _general(3)]),
+]
+
+
+@pytest.mark.parametrize("name,fn,inputs", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_gradients_match_finite_differences(name, fn, inputs):
+    weights = RNG.normal(size=np.shape(fn(*[enp.asarray(x) for x in inputs])))
+
+    def loss(*xs):
+        return enp.sum(fn(*xs) * weights)
+
+    argnums = tuple(range(len(inputs)))
+    grads = ember.grad(loss, argnums)(*[enp.asarray(x) for x in inputs])
+    jitted = ember.jit(ember.grad(loss, argnums))(*[enp.asarray(x) for x in inputs])
+    for i, (g, gj) in enumerate(zip(grads, jitted)):
+        def f(x, i=i):
+            args = [enp.asarray(v) for v in inputs]
+            args[i] = enp.asarray(x)
+            return loss(*args)
+
+        np.testing.assert_allclose(g, numeric_grad(f, inputs[i]), rtol=1e-6, atol=1e-7)
+        assert_close(gj, np.asarray(g), rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_of_det_is_det_times_inverse_transpose():
+    x = _general(4, 4)
+    np.testing.assert_allclose(ember.grad(LA.det)(enp.asarray(x)),
+                               np.linalg.det(x) * np.linalg.inv(x).T, rtol=1e-10)
+
+
+def test_gradients_through_symmetrised_inputs_are_symmetric():
+    x = enp.asarray(_spd(4, 4))
+    for fn in (lambda a: enp.sum(LA.eigvalsh(a) ** 3), lambda a: enp.sum(LA.cholesky(a))):
+        g = np.asarray(ember.grad(fn)(x))
+        np.testing.assert_allclose(g, g.T, rtol=1e-12)
+
+
+def test_vmap_of_composed_functions_matches_a_loop():
+    xs = _general(3, 4, 4)
+    bs = _general(3, 4)
+    for fn in (LA.det, LA.inv, LA.pinv, lambda a: LA.slogdet(a).logabsdet):
+        np.testing.assert_allclose(ember.vmap(fn)(enp.asarray(xs)),
+                                   np.stack([np.asarray(fn(enp.asarray(x))) for x in xs]),
+                                   rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ember.vmap(LA.solve, in_axes=(0, 0))(enp.asarray(xs),
+                                                                     enp.asarray(bs)),
+                               np.linalg.solve(xs, bs[..., None])[..., 0], rtol=1e-10)
