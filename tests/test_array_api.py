@@ -335,3 +335,19 @@ def test_method_signatures():
 def test_reshape_accepts_copy():
     assert_close(enp.reshape(enp.arange(6), (2, 3), copy=True), np.arange(6).reshape(2, 3))
     assert_close(enp.reshape(enp.arange(6), (3, 2), copy=False), np.arange(6).reshape(3, 2))
+
+
+@pytest.mark.parametrize("k", [0, 3, -2, 11, -29, 2**70, -(2**70)])
+def test_eye_and_tri_take_any_offset(k):
+    clipped = max(-40, min(k, 40))  # NumPy's tri overflows on the huge ones; eye does not
+    check(lambda: enp.eye(29, 11, k=k, dtype=enp.uint16),
+          lambda: np.eye(29, 11, k=k, dtype=np.uint16))
+    check(lambda: enp.tri(4, 6, k=k), lambda: np.tri(4, 6, k=clipped))
+
+
+@pytest.mark.parametrize("kind", ["bool", "signed integer", "unsigned integer", "integral",
+                                  "real floating", "complex floating", "numeric",
+                                  ("bool", "complex floating"), np.int8, np.float64])
+def test_isdtype_matches_numpy(kind):
+    for dt in (np.bool_, np.int8, np.uint64, np.float32, np.float64, np.complex64):
+        assert enp.isdtype(dtype=dt, kind=kind) == np.isdtype(np.dtype(dt), kind), (dt, kind)

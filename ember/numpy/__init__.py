@@ -62,9 +62,9 @@ def issubdtype(arg1, arg2):
     return _np.issubdtype(arg1, arg2)
 
 
-def isdtype(dtype_, kind):
+def isdtype(dtype, kind):
     """Array API ``isdtype``: kind is a dtype or 'bool', 'integral', 'real floating'..."""
-    dt = _dtypes.canonicalize(dtype_)
+    dt = _dtypes.canonicalize(dtype)
     kinds = kind if isinstance(kind, tuple) else (kind,)
     for k in kinds:
         if isinstance(k, str):
