@@ -831,8 +831,9 @@ def test_jit_over_module_does_not_retrace_for_new_weights():
 def test_replace_does_not_mutate_and_update_does():
     model = ENet()
     before = _snapshot(model)
-    zeros = enp.zeros((V, D))
-    new = model.replace({"head.weight": zeros, "layers.1.up.bias": enp.ones((H,))})
+    zeros = enp.zeros((V, D), dtype=enp.float32)
+    new = model.replace({"head.weight": zeros,
+                         "layers.1.up.bias": enp.ones((H,), dtype=enp.float32)})
     _assert_state_equal(model, before)
     assert type(new) is ENet and new is not model
     np.testing.assert_array_equal(np.asarray(new.head.weight), 0)

@@ -14,7 +14,7 @@ import numpy as np
 
 import ember.numpy as enp
 from ember import lax, random
-from ember.core.array import Array
+from ember.core.array import Tracer
 from ember.errors import EmberValueError, ShapeError, op_error
 from ember.numpy import special
 from ember.transforms.autodiff import stop_gradient
@@ -39,15 +39,23 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Any:
 
 
 def embedding(ids: Any, weight: Any) -> Any:
-    """Rows of ``weight`` for integer ``ids`` of any shape."""
+    """Rows of ``weight`` for integer ``ids`` of any shape.
+
+    Out-of-range ids follow the rule of every read in ember: concrete ids (also constants such
+    as ``enp.arange(T)`` inside ``jit``) are checked on the host and raise; ids only known when
+    the compiled program runs are clamped to ``[0, num_embeddings)``.
+    """
     ids = enp.asarray(ids)
     if not enp.isdtype(ids.dtype, "integral"):
         raise op_error(EmberValueError, "embedding", f"ids must be integers, got {ids.dtype}")
-    if type(ids) is Array and ids.size:  # concrete: check now (under jit they are clamped)
-        low, high = int(enp.min(ids)), int(enp.max(ids))
-        if low < 0 or high >= weight.shape[0]:
-            raise op_error(EmberValueError, "embedding", f"ids must be in [0, "
-                           f"{weight.shape[0]}), got values from {low} to {high}")
+    rows = weight.shape[0]
+    if isinstance(ids, Tracer):
+        # Clamp rather than let the gather wrap negative ids to the end of the table.
+        return enp.take(weight, enp.clip(ids, 0, rows - 1), axis=0)
+    host = ids.to_numpy()  # read on the host: enp.min here would be traced under jit
+    if host.size and (host.min() < 0 or host.max() >= rows):
+        raise op_error(EmberValueError, "embedding", f"ids must be in [0, {rows}), got values "
+                       f"from {host.min()} to {host.max()}")
     return enp.take(weight, ids, axis=0)
 
 

@@ -13,7 +13,7 @@ freezing retrace instead of silently reusing the wrong program.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,7 +22,7 @@ from ember import dtypes
 from ember.core.array import Array
 from ember.errors import EmberError
 from ember.numpy import asarray
-from ember.tree import register_pytree_node, tree_flatten, tree_unflatten
+from ember.tree import TreeDef, register_pytree_node, tree_flatten, tree_unflatten
 
 __all__ = ["Module", "ModuleList", "Sequential"]
 
@@ -31,7 +31,7 @@ _CONTAINERS = (list, tuple, dict)
 
 def _is_child(value: Any) -> bool:
     """Children are traced through transformations; everything else is static structure."""
-    if isinstance(value, (Array, Module, np.ndarray)) or hasattr(value, "aval"):
+    if _is_array(value) or isinstance(value, Module):
         return True
     if isinstance(value, _CONTAINERS):
         items = value.values() if isinstance(value, dict) else value
@@ -39,23 +39,59 @@ def _is_child(value: Any) -> bool:
     return False
 
 
-def _flatten(module: Module) -> tuple[list[Any], Any]:
-    names, children, static = [], [], []
-    for name, value in module.__dict__.items():
-        if _is_child(value):
-            names.append(name)
-            children.append(value)
-        else:
-            static.append((name, value))
-    try:
-        aux = (tuple(names), tuple(static))
-        hash(aux)
-    except TypeError:
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (Array, np.ndarray)) or hasattr(value, "aval")
+
+
+class _Spec(NamedTuple):
+    """One module of a flattened tree without its arrays: class, static attributes, and per
+    child attribute its container structure and entries (a leaf position or a submodule)."""
+
+    cls: type
+    static: tuple[tuple[str, Any], ...]
+    children: tuple[tuple[str, TreeDef, tuple[Any, ...]], ...]
+
+
+def _flatten(module: Module) -> tuple[list[Any], _Spec]:
+    """A module flattens its whole subtree at once, each array object once.
+
+    Flattening submodules as separate nodes would give an array reached by two paths (a tied
+    weight) two leaves, and ``jit`` or ``grad`` would then see two independent values. Here a
+    shared array is one leaf at one position, so it stays one value through every
+    transformation and its gradient is the sum over its uses (docs/decisions/0007).
+    """
+    leaves: list[Any] = []
+    seen: dict[int, int] = {}
+
+    def entry(leaf: Any) -> Any:
+        if isinstance(leaf, Module):
+            return spec(leaf)
+        if _is_array(leaf) and id(leaf) in seen:
+            return seen[id(leaf)]
+        seen[id(leaf)] = len(leaves)
+        leaves.append(leaf)
+        return len(leaves) - 1
+
+    def spec(m: Module) -> _Spec:
+        static, children = [], []
+        for name, value in m.__dict__.items():
+            if _is_child(value):
+                parts, treedef = tree_flatten(value, is_leaf=_is_module)
+                children.append((name, treedef, tuple(entry(p) for p in parts)))
+            else:
+                static.append((name, value))
         bad = [n for n, v in static if not _hashable(v)]
-        raise EmberError(f"{type(module).__name__}: attribute(s) {bad} are neither arrays nor "
-                         f"modules and are not hashable; a module's static attributes must be "
-                         f"hashable (they are part of the jit cache key)") from None
-    return children, aux
+        if bad:
+            raise EmberError(f"{type(m).__name__}: attribute(s) {bad} are neither arrays nor "
+                             f"modules and are not hashable; a module's static attributes must "
+                             f"be hashable (they are part of the jit cache key)")
+        return _Spec(type(m), tuple(static), tuple(children))
+
+    return leaves, spec(module)
+
+
+def _is_module(value: Any) -> bool:
+    return isinstance(value, Module)
 
 
 def _hashable(value: Any) -> bool:
@@ -66,14 +102,13 @@ def _hashable(value: Any) -> bool:
         return False
 
 
-def _unflatten_for(cls: type) -> Callable[[Any, list[Any]], Module]:
-    def unflatten(aux: Any, children: list[Any]) -> Module:
-        names, static = aux
-        module = object.__new__(cls)
-        module.__dict__.update(static)
-        module.__dict__.update(zip(names, children))
-        return module
-    return unflatten
+def _unflatten(spec: _Spec, leaves: list[Any]) -> Module:
+    module = object.__new__(spec.cls)
+    module.__dict__.update(spec.static)
+    for name, treedef, entries in spec.children:
+        parts = [_unflatten(e, leaves) if isinstance(e, _Spec) else leaves[e] for e in entries]
+        module.__dict__[name] = tree_unflatten(treedef, parts)
+    return module
 
 
 class Module:
@@ -89,7 +124,7 @@ class Module:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        register_pytree_node(cls, _flatten, _unflatten_for(cls))
+        register_pytree_node(cls, _flatten, _unflatten)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
@@ -129,18 +164,37 @@ class Module:
                     keys = tuple(path[len(_join(prefix, name)):].split(".")[1:])
                     yield _Slot(path, self, name, keys, leaf)
 
+    def _tied(self, slots: Iterator[_Slot]) -> list[list[_Slot]]:
+        """Slots grouped by the array object they hold, in order of first appearance: a group
+        of more than one is a tied parameter (``head.weight = wte.weight``)."""
+        groups: dict[int, list[_Slot]] = {}
+        for s in slots:
+            groups.setdefault(id(s.value), []).append(s)
+        return list(groups.values())
+
+    def _parameter_groups(self) -> list[list[_Slot]]:
+        return self._tied(s for s in self._arrays() if not s.is_buffer)
+
     def named_parameters(self) -> Iterator[tuple[str, Any]]:
-        """Parameters (arrays that are not buffers), frozen ones included, in definition order."""
-        return ((s.name, s.value) for s in self._arrays() if not s.is_buffer)
+        """Parameters (arrays that are not buffers), frozen ones included, in definition order.
+
+        A tied array is listed once, under the first name that reaches it (as PyTorch).
+        """
+        return ((g[0].name, g[0].value) for g in self._parameter_groups())
 
     def parameters(self) -> list[Any]:
         return [p for _, p in self.named_parameters()]
 
     def trainable_parameters(self) -> dict[str, Any]:
-        """``{name: array}`` of the parameters not frozen: what an optimizer updates."""
-        return {s.name: s.value for s in self._arrays() if not s.is_buffer and not s.is_frozen}
+        """``{name: array}`` of the parameters not frozen: what an optimizer updates.
+
+        A tied array appears once, under its first name, so it has one gradient (the sum over
+        its uses) and one optimizer state; its first name also decides whether it is frozen.
+        """
+        return {g[0].name: g[0].value for g in self._parameter_groups() if not g[0].is_frozen}
 
     def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameter elements, each tied array counted once."""
         params = self.trainable_parameters().values() if trainable_only else self.parameters()
         return int(sum(p.size for p in params))
 
@@ -153,37 +207,49 @@ class Module:
             self._transient = self.__dict__.get("_transient", frozenset()) | {name}
 
     def state_dict(self) -> dict[str, Any]:
-        """``{name: array}`` of parameters and persistent buffers, PyTorch's names and layout."""
+        """``{name: array}`` of parameters and persistent buffers, PyTorch's names and layout.
+
+        A tied array is there under each of its names (the same object), as in PyTorch.
+        """
         return {s.name: s.value for s in self._arrays() if not s.is_transient}
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True, assign: bool = False
                         ) -> tuple[list[str], list[str]]:
-        """Copy ``state`` into this module; all-or-nothing.
+        """Load ``state`` into this module; all-or-nothing.
 
         Every name, shape and dtype is checked before anything is assigned, so a failed load
         leaves the module unchanged. Values are cast to the parameter's dtype when the kinds
         agree (float to float); ``strict=False`` tolerates missing and unexpected names and
-        returns them as ``(missing, unexpected)``.
+        returns them as ``(missing, unexpected)``. A tied parameter needs only one of its names
+        (Hugging Face drops the duplicate); given under several, the values must be equal.
+
+        ``assign=False`` copies the values. ``assign=True`` takes NumPy arrays of the right
+        dtype without a copy (for large checkpoints): the module then shares memory with the
+        arrays you pass; ember never writes into them, but you must not either.
         """
-        slots = {s.name: s for s in self._arrays() if not s.is_transient}
-        missing = [k for k in slots if k not in state]
-        unexpected = [k for k in state if k not in slots]
-        problems, updates = [], []
-        for name, value in state.items():
-            if name not in slots:
+        groups = self._tied(s for s in self._arrays() if not s.is_transient)
+        names = {s.name for g in groups for s in g}
+        unexpected = [k for k in state if k not in names]
+        missing, problems, updates = [], [], []
+        for group in groups:
+            given = [s.name for s in group if s.name in state]
+            if not given:
+                missing.extend(s.name for s in group)
                 continue
-            if not isinstance(value, (Array, np.ndarray)):
-                value = np.asarray(value)  # torch tensors, lists...
-            slot = slots[name]
-            shape, want = tuple(np.shape(value)), tuple(slot.value.shape)
-            dtype = np.dtype(value.dtype)
-            if shape != want:
-                problems.append(f"{name}: checkpoint shape {shape}, model expects {want}")
-            elif _kind(dtype) != _kind(slot.value.dtype):
-                problems.append(f"{name}: checkpoint dtype {dtype}, model expects "
-                                f"{slot.value.dtype}")
-            else:
-                updates.append((slot, value))
+            target = group[0].value
+            values = [_host_view(state[n]) for n in given]
+            for name, value in zip(given, values):
+                shape, want = tuple(np.shape(value)), tuple(target.shape)
+                if shape != want:
+                    problems.append(f"{name}: checkpoint shape {shape}, model expects {want}")
+                elif _kind(value.dtype) != _kind(target.dtype):
+                    problems.append(f"{name}: checkpoint dtype {np.dtype(value.dtype)}, model "
+                                    f"expects {target.dtype}")
+            if len({id(v) for v in values}) > 1 and not all(
+                    np.array_equal(np.asarray(values[0]), np.asarray(v)) for v in values[1:]):
+                problems.append(f"{_short(given)} are tied in the model but hold different "
+                                f"values in the checkpoint")
+            updates.append((group, values[0]))
         if strict and missing:
             problems.append(f"missing from the checkpoint: {_short(missing)}")
         if strict and unexpected:
@@ -191,18 +257,48 @@ class Module:
         if problems:
             raise EmberError(f"load_state_dict into {type(self).__name__} failed; nothing was "
                              f"loaded:\n  " + "\n  ".join(problems))
-        for slot, value in updates:
-            slot.set(asarray(value, dtype=slot.value.dtype))
+        for group, value in updates:
+            dtype = group[0].value.dtype
+            if assign and isinstance(value, np.ndarray) and value.dtype == np.dtype(dtype):
+                loaded = asarray(value, copy=False)  # shared read-only: no second copy
+            else:  # assign: take ember arrays as they are; otherwise always a new array
+                loaded = asarray(value, dtype=dtype, copy=None if assign else True)
+            for slot in group:  # one array object for the whole group keeps the tie
+                slot.set(loaded)
         return missing, unexpected
 
     def update(self, params: dict[str, Any]) -> Module:
-        """Replace arrays by dotted name (as from ``trainable_parameters()``), in place."""
-        slots = {s.name: s for s in self._arrays()}
-        unknown = [k for k in params if k not in slots]
-        if unknown:
-            raise EmberError(f"{type(self).__name__}.update: no array named {_short(unknown)}")
+        """Replace arrays by dotted name (as from ``trainable_parameters()``), in place.
+
+        Names, shapes and dtypes are all checked first (every problem reported at once, nothing
+        replaced on error). Replacing a tied array by any of its names replaces it everywhere.
+        """
+        groups = {s.name: g for g in self._tied(self._arrays()) for s in g}
+        problems: list[str] = []
+        chosen: dict[int, tuple[list[_Slot], Any]] = {}
         for name, value in params.items():
-            slots[name].set(value)
+            group = groups.get(name)
+            if group is None:
+                problems.append(f"no array named {name!r}")
+                continue
+            if isinstance(value, np.ndarray):
+                value = asarray(value)
+            old = group[0].value
+            if not _is_array(value):
+                problems.append(f"{name}: expected an array, got {type(value).__name__}")
+            elif tuple(value.shape) != tuple(old.shape) or \
+                    np.dtype(value.dtype) != np.dtype(old.dtype):
+                problems.append(f"{name}: got {_describe(value)}, the model holds "
+                                f"{_describe(old)}")
+            elif chosen.setdefault(id(group), (group, value))[1] is not value:
+                problems.append(f"{name}: tied to {group[0].name}, which is given a different "
+                                f"array")
+        if problems:
+            raise EmberError(f"{type(self).__name__}.update: nothing was updated:\n  "
+                             + "\n  ".join(problems))
+        for group, value in chosen.values():
+            for slot in group:
+                slot.set(value)
         return self
 
     def replace(self, params: dict[str, Any]) -> Module:
@@ -233,9 +329,11 @@ class Module:
 
     def astype(self, dtype: Any) -> Module:
         """Cast every floating-point array to ``dtype``, in place (like ``module.to(dtype)``)."""
-        for slot in list(self._arrays()):
-            if _kind(slot.value.dtype) == "f":
-                slot.set(slot.value.astype(dtype))
+        for group in self._tied(self._arrays()):
+            if _kind(group[0].value.dtype) == "f":
+                cast = group[0].value.astype(dtype)  # once per array: ties stay tied
+                for slot in group:
+                    slot.set(cast)
         return self
 
     def __repr__(self) -> str:
@@ -263,6 +361,15 @@ def _walk(value: Any, path: str) -> Iterator[tuple[str, Any]]:
             yield from _walk(v, _join(path, str(i)))
     elif _is_child(value):
         yield path, value
+
+
+def _host_view(value: Any) -> Any:
+    """A checkpoint value as something with ``shape`` and ``dtype`` (torch tensors, lists...)."""
+    return value if isinstance(value, (Array, np.ndarray)) else np.asarray(value)
+
+
+def _describe(x: Any) -> str:
+    return f"{np.dtype(x.dtype)}{list(x.shape)}"
 
 
 def _kind(dtype: Any) -> str:
