@@ -62,7 +62,8 @@ def test_killed_run_resumes_onto_the_same_loss_curve(base_dir, tmp_path):
     model, tok = fresh(base_dir)
     with pytest.raises(KeyboardInterrupt):
         train(model, tok, TEXT, tmp_path / "b", config, on_step=kill)
-    assert (tmp_path / "b/checkpoints/latest").read_text() == "step-4"
+    # the interrupt saved the steps finished since the last checkpoint (step 4)
+    assert (tmp_path / "b/checkpoints/latest").read_text() == "step-5"
     model, tok = fresh(base_dir)
     resumed = train(model, tok, TEXT, tmp_path / "b", config)
     assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in straight["train"]]
@@ -94,6 +95,9 @@ def test_bad_data_and_settings_are_refused(base_dir, tmp_path):
         train(model, tok, "tiny text", tmp_path, TrainConfig(steps=1, seq_len=64))
     with pytest.raises(ember.EmberError, match="invalid settings"):
         train(model, tok, TEXT, tmp_path, TrainConfig(steps=0))
+    with pytest.raises(ember.EmberError, match=r"warmup_steps=5 \(must be below steps=5\)"):
+        train(model, tok, TEXT, tmp_path, TrainConfig(steps=5, warmup_steps=5))
+    assert TrainConfig(steps=30).warmup == 3 and TrainConfig(steps=500).warmup == 10
     config = TrainConfig(steps=2, batch_size=2, seq_len=16, lora_rank=2, save_every=1)
     train(model, tok, TEXT, tmp_path / "run", config)
     model, tok = fresh(base_dir)

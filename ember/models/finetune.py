@@ -34,7 +34,7 @@ from ember.models.llama import LlamaForCausalLM
 from ember.models.loading import save_pretrained
 from ember.transforms.jit import jit
 
-__all__ = ["TrainConfig", "train", "tokenize_text"]
+__all__ = ["TrainConfig", "train", "tokenize_text", "latest_checkpoint", "ResumeMismatchError"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 2e-4
-    warmup_steps: int = 10
+    warmup_steps: int | None = None  # None: 10, or a tenth of ``steps`` when that is less
     min_lr: float = 0.0
     weight_decay: float = 0.0
     grad_accum: int = 1
@@ -62,11 +62,25 @@ class TrainConfig:
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every",
                     "eval_batches")
         bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
-        if self.lr <= 0 or self.lora_rank < 0 or not 0 < self.eval_fraction < 1:
+        if not self.lr > 0 or self.lora_rank < 0 or not 0 < self.eval_fraction < 1:
             bad.append(f"lr={self.lr}, lora_rank={self.lora_rank}, "
                        f"eval_fraction={self.eval_fraction}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            # Warm-up starts at learning rate 0: a run that is all warm-up barely trains.
+            bad.append(f"warmup_steps={self.warmup_steps} (must be below steps={self.steps})")
         if bad:
             raise EmberError(f"train: invalid settings: {', '.join(bad)}")
+
+    @property
+    def warmup(self) -> int:
+        """The warm-up steps this run uses."""
+        if self.warmup_steps is None:
+            return min(10, self.steps // 10)
+        return self.warmup_steps
+
+
+class ResumeMismatchError(EmberError):
+    """The output directory holds a checkpoint of a run with other settings or data."""
 
 
 def tokenize_text(tokenizer: Any, text: str) -> np.ndarray:
@@ -106,8 +120,8 @@ def _fingerprint(config: TrainConfig, ids: np.ndarray) -> str:
 
 
 def _optimizer(config: TrainConfig) -> Any:
-    warmup = min(config.warmup_steps, config.steps)  # a short run is all warm-up
-    schedule = optim.schedules.warmup_cosine(config.lr, warmup, config.steps, config.min_lr)
+    schedule = optim.schedules.warmup_cosine(config.lr, config.warmup, config.steps,
+                                             config.min_lr)
     return optim.AdamW(lr=schedule, weight_decay=config.weight_decay)
 
 
@@ -171,24 +185,32 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
     step_fn = _make_step(opt, config.grad_clip)
     eval_fn = jit(_loss)
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
-    if history["step"] == 0:  # the baseline the evaluation curve starts from
-        history["eval"].append({"step": 0, "loss": _evaluate(eval_fn, model, eval_data, config)})
     bar = tqdm(total=config.steps, initial=history["step"], desc="training", unit="step",
                dynamic_ncols=True)
+    saved = history["step"]  # the step of the newest checkpoint on disk
+    consistent = True  # model, optimizer state and history describe the same step
     try:
+        if history["step"] == 0:  # the baseline the evaluation curve starts from
+            bar.set_description("evaluating the starting loss")
+            history["eval"].append({"step": 0,
+                                    "loss": _evaluate(eval_fn, model, eval_data, config)})
+            bar.set_description("training")
         for step in range(history["step"], config.steps):
             start = time.perf_counter()
             lr = float(opt.lr_at(state))  # the rate this step uses
             batches = np.stack([train_data.batch(step, micro, config.batch_size)
                                 for micro in range(config.grad_accum)])
-            loss, norm, params, state = step_fn(model, state, batches)
-            model.update(params)
+            loss, norm, params, new_state = step_fn(model, state, batches)
             loss = float(loss)
             seconds = time.perf_counter() - start
             record = {"step": step + 1, "loss": loss, "grad_norm": float(norm),
                       "lr": lr, "tokens_per_s": tokens_per_step / seconds}
+            consistent = False
+            model.update(params)
+            state = new_state
             history["train"].append(record)
             history["step"] = step + 1
+            consistent = True
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
                 value = _evaluate(eval_fn, model, eval_data, config)
                 history["eval"].append({"step": step + 1, "loss": value})
@@ -196,8 +218,14 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
             bar.update(1)
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 _save_checkpoint(ckpt_dir, model, state, history)
+                saved = step + 1
             if on_step is not None:
                 on_step(step + 1, record)
+    except KeyboardInterrupt:
+        # Keep the finished steps: Ctrl-C between checkpoints would otherwise lose them.
+        if consistent and history["step"] > saved:
+            _save_checkpoint(ckpt_dir, model, state, history)
+        raise
     finally:
         bar.close()
     _finish(model, tokenizer, out_dir, history)
@@ -227,17 +255,31 @@ def _save_checkpoint(ckpt_dir: str, model: LlamaForCausalLM, state: Any,
             shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
 
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[str, int] | None:
+    """``(directory, step)`` of the newest complete checkpoint in ``ckpt_dir``, if any."""
+    try:
+        with open(os.path.join(ckpt_dir, "latest"), encoding="utf-8") as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    step = name.removeprefix("step-")
+    if not step.isdigit() or not os.path.isdir(os.path.join(ckpt_dir, name)):
+        raise EmberError(f"train: {ckpt_dir}/latest names {name!r}, which is not a checkpoint "
+                         f"directory there")
+    return os.path.join(os.fspath(ckpt_dir), name), int(step)
+
+
 def _restore(ckpt_dir: str, model: LlamaForCausalLM, state: Any, history: dict[str, Any]
              ) -> tuple[Any, dict[str, Any]]:
-    latest = os.path.join(ckpt_dir, "latest")
-    if not os.path.exists(latest):
+    found = latest_checkpoint(ckpt_dir)
+    if found is None:
         return state, history
-    with open(latest, encoding="utf-8") as f:
-        source = os.path.join(ckpt_dir, f.read().strip())
+    source = found[0]
     saved = read_json(os.path.join(source, "history.json"))
     if saved.get("fingerprint") != history["fingerprint"]:
-        raise EmberError(f"train: the checkpoint in {ckpt_dir} was made with other settings or "
-                         f"data; use a new --out directory or pass resume=False")
+        raise ResumeMismatchError(f"train: the checkpoint in {ckpt_dir} was made with other "
+                                  f"settings or data; use a new output directory or pass "
+                                  f"resume=False")
     params = safetensors.load(os.path.join(source, "trainable.safetensors"))
     state = optim.state_from_dict(state, safetensors.load(os.path.join(source,
                                                                         "optimizer.safetensors")))

@@ -10,6 +10,7 @@ model steps, so its buffers are updated in place rather than reallocated per tok
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from ember.lax import top_k as _top_k
 from ember.models.llama import KVCache, LlamaForCausalLM
 from ember.transforms.jit import jit
 
-__all__ = ["SamplingConfig", "generate", "generate_chat", "generate_ids"]
+__all__ = ["SamplingConfig", "generate", "generate_chat", "generate_ids", "prompt_ids"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,15 +38,18 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise EmberValueError(f"generate: temperature must be >= 0, got {self.temperature}")
+        # ``not x >= 0`` rather than ``x < 0``: NaN fails every comparison and must be refused
+        # (it would sample nothing).
+        if not 0 <= self.temperature < math.inf:
+            raise EmberValueError(f"generate: temperature must be a finite number >= 0, got "
+                                  f"{self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise EmberValueError(f"generate: top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise EmberValueError(f"generate: top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise EmberValueError(f"generate: repetition_penalty must be > 0, got "
-                                  f"{self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise EmberValueError(f"generate: repetition_penalty must be a finite number > 0, "
+                                  f"got {self.repetition_penalty}")
 
 
 def _prefill_fn(model: LlamaForCausalLM, cache: KVCache, ids: Any, positions: Any,
@@ -158,12 +162,11 @@ def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
     return out
 
 
-def _generate_text(model: LlamaForCausalLM, tokenizer: Any, texts: list[str], add_special: bool,
+def _generate_text(model: LlamaForCausalLM, tokenizer: Any, ids: list[list[int]],
                    sampling: SamplingConfig, max_new_tokens: int,
                    stream: Callable[[str], None] | None, stop: Sequence[str] = ()) -> list[str]:
-    ids = [tokenizer.encode(t, add_special_tokens=add_special) for t in texts]
-    decoders = [StreamDecoder(tokenizer, skip_special_tokens=True) for _ in texts]
-    pieces: list[list[str]] = [[] for _ in texts]
+    decoders = [StreamDecoder(tokenizer, skip_special_tokens=True) for _ in ids]
+    pieces: list[list[str]] = [[] for _ in ids]
     shown = [0]  # characters of row 0 already streamed
 
     def on_token(row: int, tok: int) -> bool:
@@ -223,12 +226,19 @@ def generate(model: LlamaForCausalLM, tokenizer: Any, prompt: str | Sequence[str
     texts = [prompt] if single else list(prompt)
     if not texts or any(not t.strip() for t in texts):
         raise EmberValueError("generate: the prompt is empty")
-    if chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-    outs = _generate_text(model, tokenizer, texts, not chat, sampling, max_new_tokens, stream,
-                          stop)
+    ids = [prompt_ids(tokenizer, t, chat) for t in texts]
+    outs = _generate_text(model, tokenizer, ids, sampling, max_new_tokens, stream, stop)
     return outs[0] if single else outs
+
+
+def prompt_ids(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
+    """The token ids :func:`generate` feeds the model for ``prompt`` (``chat``: wrapped as a
+    user message in the chat template)."""
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt, add_special_tokens=True)
 
 
 def generate_chat(model: LlamaForCausalLM, tokenizer: Any, messages: list[dict[str, str]],
@@ -240,5 +250,5 @@ def generate_chat(model: LlamaForCausalLM, tokenizer: Any, messages: list[dict[s
         raise EmberValueError("generate_chat: the last message is empty")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-    return _generate_text(model, tokenizer, [text], False, sampling, max_new_tokens, stream,
-                          stop)[0]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return _generate_text(model, tokenizer, [ids], sampling, max_new_tokens, stream, stop)[0]

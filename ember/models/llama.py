@@ -64,6 +64,7 @@ class LlamaConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
 
     def __post_init__(self) -> None:
+        self._check()
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -76,6 +77,28 @@ class LlamaConfig:
             raise EmberError(f"LlamaConfig: {self.num_attention_heads} attention heads are not "
                              f"a multiple of {self.num_key_value_heads} key/value heads")
 
+    def _check(self) -> None:
+        """Refuse sizes that cannot build a model (a damaged or hand-edited config.json)
+        with the field's name, before anything divides by them or allocates."""
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "max_position_embeddings")
+        for name in sizes:
+            value = getattr(self, name)
+            optional = name in ("num_key_value_heads", "head_dim") and value is None
+            if not optional and (type(value) is not int or value < 1):
+                raise EmberError(f"LlamaConfig: {name} must be a positive integer, got "
+                                 f"{value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0 < value < float("inf"):
+                raise EmberError(f"LlamaConfig: {name} must be a positive number, got "
+                                 f"{value!r}")
+        if self.sliding_window is not None and (type(self.sliding_window) is not int
+                                                or self.sliding_window < 1):
+            raise EmberError(f"LlamaConfig: sliding_window must be a positive integer or "
+                             f"null, got {self.sliding_window!r}")
+
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> LlamaConfig:
         """From a Hugging Face ``config.json`` dict (transformers 4 or 5 spelling)."""
@@ -83,8 +106,13 @@ class LlamaConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise EmberError(f"unsupported model_type {model_type!r} in config.json; ember's "
                              f"Llama family supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise EmberError(f"config.json: rope_scaling must be an object, got {rope!r}")
+        rope = dict(rope)
         theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+        if type(theta) not in (int, float):
+            raise EmberError(f"config.json: rope_theta must be a number, got {theta!r}")
         kind = rope.get("rope_type", rope.get("type", "default"))
         window = config.get("sliding_window")
         if model_type == "qwen2" and not config.get("use_sliding_window", False):

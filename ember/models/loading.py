@@ -83,15 +83,69 @@ def load_model(path: str | os.PathLike, dtype: Any = enp.float32) -> LlamaForCau
                          f"config.json and model.safetensors")
     try:
         config = LlamaConfig.from_hf(read_json(config_path))
+    except EmberError as e:
+        raise EmberError(f"{config_path}: {e}") from None
     except TypeError as e:
         raise EmberError(f"{config_path}: not a valid Llama-family config.json ({e})") from e
     tensors = safetensors.load(path)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    _check_config(config, {k: v.shape for k, v in tensors.items()}, config_path)
+    for name, value in tensors.items():
+        _check_finite(path, name, value)
     with skip_init():
         model = LlamaForCausalLM(config, dtype)
     model.load_state_dict(tensors)
     return model.eval()
+
+
+def _check_config(config: LlamaConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """One line naming the config field that disagrees with the weights' shapes.
+
+    A config of another model size would otherwise fail in ``load_state_dict`` with one line
+    per tensor; the first layer's tensors pin down every size field, so they are checked
+    first, against the field names the user can fix.
+    """
+    c = config
+    q, kv = f"{c.num_attention_heads} heads x head_dim {c.head_dim}", \
+        f"{c.num_key_value_heads} kv heads x head_dim {c.head_dim}"
+    expected = {
+        "model.embed_tokens.weight": ((c.vocab_size, "vocab_size"),
+                                      (c.hidden_size, "hidden_size")),
+        "model.layers.0.mlp.up_proj.weight": ((c.intermediate_size, "intermediate_size"),
+                                              (c.hidden_size, "hidden_size")),
+        "model.layers.0.self_attn.q_proj.weight": ((c.num_attention_heads * c.head_dim, q),
+                                                   (c.hidden_size, "hidden_size")),
+        "model.layers.0.self_attn.k_proj.weight": ((c.num_key_value_heads * c.head_dim, kv),
+                                                   (c.hidden_size, "hidden_size")),
+    }
+    for name, dims in expected.items():
+        shape = shapes.get(name)
+        if shape is None or len(shape) != len(dims):
+            continue  # missing or odd tensors are load_state_dict's to report, by name
+        for size, (want, field) in zip(shape, dims):
+            if size != want:
+                raise EmberError(f"{source}: {field} = {want} does not match the weights: "
+                                 f"{name} has shape {list(shape)}")
+    layers = {int(m.group(1)) for n in shapes if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    if layers and max(layers) + 1 != c.num_hidden_layers:
+        raise EmberError(f"{source}: num_hidden_layers = {c.num_hidden_layers} does not match "
+                         f"the weights, which have {max(layers) + 1} layers")
+
+
+def _check_finite(source: str, name: str, value: np.ndarray) -> None:
+    """Refuse a tensor holding NaN or infinity: such a model loads and then generates nothing.
+
+    A float64 sum reads the tensor once without a copy; it is non-finite exactly when some
+    element is (finite float32 values cannot overflow it).
+    """
+    if value.dtype.kind not in "fV" or value.size == 0:
+        return
+    if np.isfinite(np.add.reduce(value, axis=None, dtype=np.float64)):
+        return
+    bad = int(np.count_nonzero(~np.isfinite(value.astype(np.float32))))
+    raise EmberError(f"{source}: tensor {name} holds {bad} NaN or infinite values of "
+                     f"{value.size}; the checkpoint is damaged")
 
 
 _GGUF_NAMES = [
@@ -169,9 +223,12 @@ def _gguf_state_dict(gguf: GGUFFile, config: LlamaConfig, dtype: Any) -> dict[st
     if skipped:
         raise EmberError(f"{gguf.path}: tensors the Llama family does not have: "
                          f"{', '.join(skipped[:5])}")
+    shapes = {hf: gguf.tensor_info(name)[0] for name, hf in hf_names.items()}
+    _check_config(config, shapes, f"{gguf.path} (GGUF metadata)")
     for name, hf in tqdm(hf_names.items(), desc="loading GGUF", unit="tensor", leave=False,
                          disable=len(hf_names) < 64):
         value = gguf.tensor(name)
+        _check_finite(gguf.path, name, value)
         if config.model_type != "qwen2":
             if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
                 value = unpermute_qk(value, config.num_attention_heads)
