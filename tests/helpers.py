@@ -22,11 +22,17 @@ ALL = (dtypes.bool_,) + NUMBERS
 
 # rtol/atol for results computed in each dtype (against a float64 or float32 reference).
 _TOL = {dtypes.float16: (2e-3, 2e-3), dtypes.bfloat16: (1.6e-2, 1.6e-2),
-        dtypes.float32: (2e-5, 1e-6), dtypes.float64: (1e-10, 1e-12)}
+        dtypes.float32: (2e-5, 1e-6), dtypes.float64: (1e-10, 1e-12),
+        dtypes.complex64: (2e-5, 1e-6), dtypes.complex128: (1e-10, 1e-12)}
 
 
 def tol(dtype: np.dtype) -> tuple[float, float]:
     return _TOL.get(np.dtype(dtype), (0.0, 0.0))
+
+
+def is_exact(dtype: np.dtype) -> bool:
+    """Bool and integer results: an off-by-one is a bug whatever precision the inputs had."""
+    return np.dtype(dtype).kind in "biu"
 
 
 def rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any,
@@ -39,6 +45,9 @@ def rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any,
         info = np.iinfo(dt)
         lo, hi = max(int(np.floor(low)), info.min), min(int(np.ceil(high)), info.max)
         return rng.integers(lo, hi, size=shape, endpoint=True).astype(dt)
+    if dtypes.is_complex(dt):  # both components in [low, high)
+        parts = rng.uniform(low, high, size=(2, *shape))
+        return (parts[0] + 1j * parts[1]).astype(dt)
     return rng.uniform(low, high, size=shape).astype(dt)
 
 
@@ -50,7 +59,10 @@ def to_np(x: Any) -> Any:
 
 def assert_close(actual: Any, expected: Any, dtype: Any = None, rtol: float | None = None,
                  atol: float | None = None, check_dtype: bool = True, err_msg: str = "") -> None:
-    """Compare an Ember (or NumPy) result with a NumPy reference: dtype, shape and values."""
+    """Compare an Ember (or NumPy) result with a NumPy reference: dtype, shape and values.
+
+    Tolerances come from ``dtype`` (the inputs' dtype) or the expected dtype; bool and integer
+    results are always compared exactly (argmax of bfloat16 input is still an exact index)."""
     if isinstance(expected, (list, tuple)):
         assert len(actual) == len(expected), err_msg
         for a, e in zip(actual, expected):
@@ -64,6 +76,8 @@ def assert_close(actual: Any, expected: Any, dtype: Any = None, rtol: float | No
     dt = np.dtype(dtype) if dtype is not None else e.dtype
     r, t = tol(dt)
     r, t = (rtol if rtol is not None else r), (atol if atol is not None else t)
+    if is_exact(a.dtype) and is_exact(e.dtype):
+        r = t = 0.0
     if a.dtype in (dtypes.bfloat16, dtypes.float16):
         a = a.astype(np.float32)
     if e.dtype in (dtypes.bfloat16, dtypes.float16):

@@ -1,8 +1,11 @@
 """Derivatives and batching of every primitive.
 
-- forward mode (``ember.jvp``) against central finite differences, in float64;
+- forward mode (``ember.jvp``) against central finite differences, in float64 and, for
+  primitives defined on complex numbers, complex128 with complex tangents;
 - reverse mode (``ember.vjp``) against forward mode: ``<ct, J t> == <J^T ct, t>``, which with
-  the first check ties the VJP to finite differences as well;
+  the first check ties the VJP to finite differences as well. The pairing is
+  ``<u, v> = Re(sum(u * v))``, bilinear and not conjugated: JAX's convention, under which the
+  transpose of a complex-linear map is its plain (non-conjugate) transpose;
 - second derivatives for a few primitives (grad of grad, forward over reverse);
 - ``ember.vmap`` of every primitive against a Python loop, for several ``in_axes`` mixes.
 """
@@ -25,7 +28,7 @@ _NO_FINITE_DIFFERENCES = {"reduce_max-ties"}
 
 def _diff_cases():
     return [p for p in cases(lambda s: bool(s.diff), all_dtypes=False)
-            if dtypes.is_float(p.values[1])]
+            if dtypes.is_inexact(p.values[1])]
 
 
 def _as_list(out):
@@ -42,19 +45,36 @@ def _restrict(spec, args):
     return f
 
 
+def _normal(rng, like):
+    """A random tangent or cotangent for ``like``: complex ones move in both components."""
+    if dtypes.is_complex(like.dtype):
+        return (rng.normal(size=like.shape) + 1j * rng.normal(size=like.shape)).astype(like.dtype)
+    return rng.normal(size=like.shape).astype(like.dtype)
+
+
+def _wide(x):
+    """float64 or complex128, for comparisons."""
+    x = np.asarray(x)
+    return x.astype(np.complex128 if dtypes.is_complex(x.dtype) else np.float64)
+
+
+def _pair(u, v):
+    """Re(sum(u * v)): the real bilinear pairing that transposes are adjoint for."""
+    return float(np.real(np.sum(_wide(u) * _wide(v))))
+
+
 def _setup(spec, dtype, shape, seed=0):
     rng = np.random.default_rng(seed)
     args = make_args(spec, rng, dtype, shape)
     primals = [args[i] for i in spec.diff]
-    tangents = [rng.normal(size=p.shape).astype(p.dtype) for p in primals]
+    tangents = [_normal(rng, p) for p in primals]
     return rng, args, primals, tangents
 
 
 def _finite_difference(f, primals, tangents, eps):
     plus = f(*[enp.asarray(p + eps * t) for p, t in zip(primals, tangents)])
     minus = f(*[enp.asarray(p - eps * t) for p, t in zip(primals, tangents)])
-    return [(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / (2 * eps)
-            for a, b in zip(_as_list(plus), _as_list(minus))]
+    return [(_wide(a) - _wide(b)) / (2 * eps) for a, b in zip(_as_list(plus), _as_list(minus))]
 
 
 @pytest.mark.parametrize("spec,dtype,shape", _diff_cases())
@@ -67,13 +87,14 @@ def test_jvp_matches_finite_differences(spec, dtype, shape):
                            [enp.asarray(t) for t in tangents])
     for o, t in zip(_as_list(out), _as_list(t_out)):
         assert t.shape == o.shape and t.dtype == o.dtype
-    low_precision = any(o.dtype != dtypes.float64 for o in _as_list(out))
+    low_precision = any(o.dtype not in (dtypes.float64, dtypes.complex128)
+                        for o in _as_list(out))
     eps = 1e-3 if low_precision else 1e-6
     expected = _finite_difference(f, primals, tangents, eps)
     for o, t, e in zip(_as_list(out), _as_list(t_out), expected):
-        if dtypes.is_float(o.dtype):
-            np.testing.assert_allclose(np.asarray(t, np.float64), e,
-                                       rtol=1e-3 if low_precision else 1e-6, atol=1e-6)
+        if dtypes.is_inexact(o.dtype):
+            np.testing.assert_allclose(_wide(t), e, rtol=1e-3 if low_precision else 1e-6,
+                                       atol=1e-6)
 
 
 @pytest.mark.parametrize("spec,dtype,shape", _diff_cases())
@@ -84,16 +105,15 @@ def test_vjp_is_the_transpose_of_jvp(spec, dtype, shape):
     out, t_out = ember.jvp(f, ember_primals, [enp.asarray(t) for t in tangents])
     out2, vjp_fn = ember.vjp(f, *ember_primals)
     assert_close(out2, [np.asarray(o) for o in out] if isinstance(out, list) else out)
-    cts = [rng.normal(size=o.shape).astype(o.dtype) if dtypes.is_float(o.dtype)
+    cts = [_normal(rng, np.asarray(o)) if dtypes.is_inexact(o.dtype)
            else np.zeros(o.shape, o.dtype) for o in _as_list(out)]
     grads = vjp_fn([enp.asarray(c) for c in cts] if isinstance(out, list) else
                    enp.asarray(cts[0]))
     assert len(grads) == len(primals)
     for g, p in zip(grads, primals):
         assert g.shape == p.shape and g.dtype == p.dtype
-    lhs = sum(float(np.sum(c.astype(np.float64) * np.asarray(t, np.float64)))
-              for c, t in zip(cts, _as_list(t_out)))
-    rhs = sum(float(np.sum(np.asarray(g, np.float64) * t)) for g, t in zip(grads, tangents))
+    lhs = sum(_pair(c, t) for c, t in zip(cts, _as_list(t_out)))
+    rhs = sum(_pair(g, t) for g, t in zip(grads, tangents))
     np.testing.assert_allclose(lhs, rhs, rtol=1e-6, atol=1e-8)
 
 
@@ -102,13 +122,14 @@ def test_grad_under_jit_matches_eager(spec, dtype, shape):
     rng, args, primals, _ = _setup(spec, dtype, shape)
     f = _restrict(spec, args)
     outs = _as_list(f(*[enp.asarray(p) for p in primals]))
-    weights = [rng.normal(size=o.shape) for o in outs]
+    weights = [_normal(rng, np.asarray(o).astype(_wide(o).dtype)) for o in outs]
 
     def loss(*ps):
         total = enp.asarray(0.0)
         for o, w in zip(_as_list(f(*ps)), weights):
-            if dtypes.is_float(o.dtype):
-                total = total + enp.sum(o.astype(enp.float64) * w)
+            if dtypes.is_inexact(o.dtype):
+                wide = o.astype(enp.complex128 if enp.iscomplexobj(o) else enp.float64)
+                total = total + enp.sum(enp.real(wide * w))
         return total
 
     argnums = tuple(range(len(primals)))

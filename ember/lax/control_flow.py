@@ -85,7 +85,7 @@ def _zeros(aval: ArrayType) -> Any:
 
 
 def _nonzero(tangent: Any, aval: ArrayType) -> bool:
-    return not isinstance(tangent, Zero) and dtypes.is_float(aval.dtype)
+    return not isinstance(tangent, Zero) and dtypes.is_inexact(aval.dtype)
 
 
 def _fixpoint(step: Callable[[list[bool]], list[bool]], flags: list[bool]) -> list[bool]:

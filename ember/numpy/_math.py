@@ -1,4 +1,9 @@
-"""Elementwise functions with NumPy's names, broadcasting and type promotion."""
+"""Elementwise functions with NumPy's names, broadcasting and type promotion.
+
+Complex numbers are accepted wherever the array API defines a function on them; the others
+(ordering, rounding to integers, real-only special functions) raise a ``DTypeError`` naming
+the function, instead of NumPy's lexicographic order or silently dropped imaginary parts.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import numpy as np
 from ember import dtypes
 from ember.core.trace import aval_of
 from ember.errors import DTypeError, EmberValueError, op_error
-from ember.numpy._core import float_dtype, promote_args, value
+from ember.numpy._core import float_dtype, promote_args, result_dtype, value
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
 
@@ -27,7 +32,8 @@ __all__ = [
     "bitwise_not", "invert", "bitwise_invert", "left_shift", "right_shift", "bitwise_left_shift",
     "bitwise_right_shift", "isfinite", "isinf", "isnan", "signbit", "copysign", "deg2rad",
     "rad2deg", "degrees", "radians", "sinc", "heaviside", "nan_to_num", "real", "imag", "conj",
-    "conjugate", "isclose", "allclose", "array_equal", "divmod",
+    "conjugate", "angle", "iscomplexobj", "isrealobj", "iscomplex", "isreal", "nextafter",
+    "isclose", "allclose", "array_equal", "divmod",
 ]
 
 
@@ -43,13 +49,21 @@ def _binary(name: str, op: Callable[[Any, Any], Any], kind: str = "number") -> C
 
 
 def _check_kind(name: str, dt: np.dtype, kind: str) -> None:
-    if kind == "number" and dt == dtypes.bool_ and name not in ("add", "multiply", "maximum",
-                                                                "minimum"):
+    if kind in ("real", "realnumber"):
+        _refuse_complex(name, dt)
+    if kind in ("number", "realnumber") and dt == dtypes.bool_ and name not in (
+            "add", "multiply", "maximum", "minimum"):
         raise op_error(DTypeError, name, "not supported for bool arrays; use logical_* instead")
     if kind == "intbool" and dtypes.is_float(dt):
         raise op_error(DTypeError, name, f"only defined for integer and bool arrays, got {dt}")
     if kind == "int" and not dtypes.is_int(dt):
         raise op_error(DTypeError, name, f"only defined for integer arrays, got {dt}")
+
+
+def _refuse_complex(name: str, dt: np.dtype) -> None:
+    if dtypes.is_complex(dt):
+        raise op_error(DTypeError, name, f"is not defined on complex numbers, got {dt} (apply "
+                       "it to real(x), imag(x) or abs(x))")
 
 
 def _bool_or(op_bool, op_num):
@@ -62,19 +76,21 @@ def _bool_or(op_bool, op_num):
 add = _binary("add", _bool_or(ew.or_, ew.add))
 subtract = _binary("subtract", ew.sub)
 multiply = _binary("multiply", _bool_or(ew.and_, ew.mul))
-maximum = _binary("maximum", ew.max, "any")
-minimum = _binary("minimum", ew.min, "any")
-fmax = _binary("fmax", lambda a, b: where(isnan(a), b, where(isnan(b), a, ew.max(a, b))), "any")
-fmin = _binary("fmin", lambda a, b: where(isnan(a), b, where(isnan(b), a, ew.min(a, b))), "any")
-floor_divide = _binary("floor_divide", ew.floor_div)
-remainder = _binary("remainder", ew.rem)
+maximum = _binary("maximum", ew.max, "real")
+minimum = _binary("minimum", ew.min, "real")
+fmax = _binary("fmax", lambda a, b: where(isnan(a), b, where(isnan(b), a, ew.max(a, b))),
+               "real")
+fmin = _binary("fmin", lambda a, b: where(isnan(a), b, where(isnan(b), a, ew.min(a, b))),
+               "real")
+floor_divide = _binary("floor_divide", ew.floor_div, "realnumber")
+remainder = _binary("remainder", ew.rem, "realnumber")
 mod = remainder
 equal = _binary("equal", ew.eq, "any")
 not_equal = _binary("not_equal", ew.ne, "any")
-less = _binary("less", ew.lt, "any")
-less_equal = _binary("less_equal", ew.le, "any")
-greater = _binary("greater", ew.gt, "any")
-greater_equal = _binary("greater_equal", ew.ge, "any")
+less = _binary("less", ew.lt, "real")
+less_equal = _binary("less_equal", ew.le, "real")
+greater = _binary("greater", ew.gt, "real")
+greater_equal = _binary("greater_equal", ew.ge, "real")
 bitwise_and = _binary("bitwise_and", ew.and_, "intbool")
 bitwise_or = _binary("bitwise_or", ew.or_, "intbool")
 bitwise_xor = _binary("bitwise_xor", ew.xor, "intbool")
@@ -82,9 +98,12 @@ left_shift = bitwise_left_shift = _binary("left_shift", ew.shift_left, "int")
 right_shift = bitwise_right_shift = _binary("right_shift", ew.shift_right, "int")
 
 
-def _to_float_args(name: str, *xs: Any) -> list[Any]:
+def _to_float_args(name: str, *xs: Any, complex_ok: bool = True) -> list[Any]:
+    """Promote, then compute integers in float (complex stays complex where ``complex_ok``)."""
     args = promote_args(name, *xs)
     dt = float_dtype(aval_of(args[0]).dtype)
+    if not complex_ok:
+        _refuse_complex(name, dt)
     return [ew.convert(a, dt, weak=aval_of(a).weak) for a in args]
 
 
@@ -92,7 +111,7 @@ def true_divide(x1: Any, x2: Any, /) -> Any:
     """``x1 / x2``; integer operands give float64, as in NumPy."""
     a, b = promote_args("divide", x1, x2)
     dt = aval_of(a).dtype
-    if not dtypes.is_float(dt):
+    if not dtypes.is_inexact(dt):
         a, b = (ew.convert(v, dtypes.default_float, weak=aval_of(v).weak) for v in (a, b))
     return ew.div(a, b)
 
@@ -122,12 +141,21 @@ pow = power  # noqa: A001
 
 
 def float_power(x1: Any, x2: Any, /) -> Any:
-    a, b = promote_args("float_power", x1, x2, dtype=dtypes.float64)
+    """``x1 ** x2`` in float64 (complex128 for complex operands)."""
+    wide = dtypes.complex128 if dtypes.is_complex(result_dtype(x1, x2)) else dtypes.float64
+    a, b = promote_args("float_power", x1, x2, dtype=wide)
     return ew.pow(a, b)
+
+
+def nextafter(x1: Any, x2: Any, /) -> Any:
+    """The next representable float after ``x1`` in the direction of ``x2``."""
+    a, b = _to_float_args("nextafter", x1, x2, complex_ok=False)
+    return ew.nextafter(a, b)
 
 
 def fmod(x1: Any, x2: Any, /) -> Any:
     a, b = promote_args("fmod", x1, x2)
+    _refuse_complex("fmod", aval_of(a).dtype)
     r = ew.rem(a, b)
     # C fmod has the sign of the dividend; floor-mod has the divisor's: fix where they differ.
     zero = ew.zeros_like(r)
@@ -139,9 +167,10 @@ def divmod(x1: Any, x2: Any, /) -> tuple[Any, Any]:  # noqa: A001
     return floor_divide(x1, x2), remainder(x1, x2)
 
 
-def _unary_float(name: str, op: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def _unary_float(name: str, op: Callable[[Any], Any], complex_ok: bool = True
+                 ) -> Callable[[Any], Any]:
     def fn(x: Any, /) -> Any:
-        (a,) = _to_float_args(name, x)
+        (a,) = _to_float_args(name, x, complex_ok=complex_ok)
         return op(a)
 
     fn.__name__ = fn.__qualname__ = name
@@ -157,7 +186,7 @@ log1p = _unary_float("log1p", ew.log1p)
 log2 = _unary_float("log2", lambda a: ew.div(ew.log(a), ew.full_like(a, np.log(2.0))))
 log10 = _unary_float("log10", lambda a: ew.div(ew.log(a), ew.full_like(a, np.log(10.0))))
 sqrt = _unary_float("sqrt", ew.sqrt)
-cbrt = _unary_float("cbrt", ew.cbrt)
+cbrt = _unary_float("cbrt", ew.cbrt, complex_ok=False)
 sin = _unary_float("sin", ew.sin)
 cos = _unary_float("cos", ew.cos)
 tan = _unary_float("tan", ew.tan)
@@ -170,13 +199,15 @@ tanh = _unary_float("tanh", ew.tanh)
 arcsinh = asinh = _unary_float("arcsinh", ew.asinh)
 arccosh = acosh = _unary_float("arccosh", ew.acosh)
 arctanh = atanh = _unary_float("arctanh", ew.atanh)
-deg2rad = radians = _unary_float("deg2rad", lambda a: ew.mul(a, ew.full_like(a, np.pi / 180)))
-rad2deg = degrees = _unary_float("rad2deg", lambda a: ew.mul(a, ew.full_like(a, 180 / np.pi)))
+deg2rad = radians = _unary_float("deg2rad", lambda a: ew.mul(a, ew.full_like(a, np.pi / 180)),
+                                 complex_ok=False)
+rad2deg = degrees = _unary_float("rad2deg", lambda a: ew.mul(a, ew.full_like(a, 180 / np.pi)),
+                                 complex_ok=False)
 reciprocal = _unary_float("reciprocal", lambda a: ew.div(ew.full_like(a, 1), a))
 
 
 def arctan2(x1: Any, x2: Any, /) -> Any:
-    a, b = _to_float_args("arctan2", x1, x2)
+    a, b = _to_float_args("arctan2", x1, x2, complex_ok=False)
     return ew.atan2(a, b)
 
 
@@ -184,13 +215,13 @@ atan2 = arctan2
 
 
 def hypot(x1: Any, x2: Any, /) -> Any:
-    a, b = _to_float_args("hypot", x1, x2)
+    a, b = _to_float_args("hypot", x1, x2, complex_ok=False)
     return ew.sqrt(ew.add(ew.mul(a, a), ew.mul(b, b)))
 
 
 def logaddexp(x1: Any, x2: Any, /) -> Any:
     """``log(exp(x1) + exp(x2))`` without overflow."""
-    a, b = _to_float_args("logaddexp", x1, x2)
+    a, b = _to_float_args("logaddexp", x1, x2, complex_ok=False)
     hi = ew.max(a, b)
     diff = ew.neg(ew.abs(ew.sub(a, b)))
     out = ew.add(hi, ew.log1p(ew.exp(diff)))
@@ -199,7 +230,7 @@ def logaddexp(x1: Any, x2: Any, /) -> Any:
 
 
 def logaddexp2(x1: Any, x2: Any, /) -> Any:
-    a, b = _to_float_args("logaddexp2", x1, x2)
+    a, b = _to_float_args("logaddexp2", x1, x2, complex_ok=False)
     ln2 = ew.full_like(a, np.log(2.0))
     return ew.div(logaddexp(ew.mul(a, ln2), ew.mul(b, ln2)), ln2)
 
@@ -217,6 +248,7 @@ def positive(x: Any, /) -> Any:
 
 
 def absolute(x: Any, /) -> Any:
+    """``|x|``; for complex ``x`` the real modulus (``complex64 -> float32``)."""
     a = value(x)
     if aval_of(a).dtype == dtypes.bool_ or dtypes.is_unsigned(aval_of(a).dtype):
         return a
@@ -224,10 +256,11 @@ def absolute(x: Any, /) -> Any:
 
 
 abs = absolute  # noqa: A001
-fabs = _unary_float("fabs", ew.abs)
+fabs = _unary_float("fabs", ew.abs, complex_ok=False)
 
 
 def sign(x: Any, /) -> Any:
+    """-1, 0 or 1; for complex ``z`` it is ``z / |z|`` (0 at 0), as in NumPy 2."""
     return ew.sign(value(x))
 
 
@@ -239,6 +272,7 @@ def square(x: Any, /) -> Any:
 def _rounding(name: str, op: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def fn(x: Any, /) -> Any:
         a = value(x)
+        _refuse_complex(name, aval_of(a).dtype)
         return op(a) if dtypes.is_float(aval_of(a).dtype) else a
 
     fn.__name__ = fn.__qualname__ = name
@@ -260,9 +294,9 @@ trunc = fix = _rounding("trunc", lambda a: where(ew.lt(a, ew.zeros_like(a)), ew.
 
 
 def round(x: Any, decimals: int = 0) -> Any:  # noqa: A001
-    """Round half to even, as NumPy does, to ``decimals`` places."""
+    """Round half to even, as NumPy does, to ``decimals`` places (complex: each component)."""
     a = value(x)
-    if not dtypes.is_float(aval_of(a).dtype):
+    if not dtypes.is_inexact(aval_of(a).dtype):
         if decimals >= 0:
             return a
         # Half to even on the quotient, as NumPy: 15 -> 20, 25 -> 20, -15 -> -20.
@@ -340,21 +374,26 @@ bitwise_not = bitwise_invert = invert
 
 
 def isfinite(x: Any, /) -> Any:
+    """Complex numbers are finite when both components are."""
     a = value(x)
-    if not dtypes.is_float(aval_of(a).dtype):
+    if not dtypes.is_inexact(aval_of(a).dtype):
         return ew.full_like(a, True, dtypes.bool_)
     return ew.is_finite(a)
 
 
 def isnan(x: Any, /) -> Any:
+    """Complex numbers are nan when either component is (nan never equals itself)."""
     a = value(x)
-    if not dtypes.is_float(aval_of(a).dtype):
+    if not dtypes.is_inexact(aval_of(a).dtype):
         return ew.full_like(a, False, dtypes.bool_)
     return ew.ne(a, a)
 
 
 def isinf(x: Any, /) -> Any:
+    """Complex numbers are infinite when either component is, even if the other is nan."""
     a = value(x)
+    if dtypes.is_complex(aval_of(a).dtype):
+        return ew.or_(isinf(ew.real(a)), isinf(ew.imag(a)))
     if not dtypes.is_float(aval_of(a).dtype):
         return ew.full_like(a, False, dtypes.bool_)
     return ew.and_(ew.not_(ew.is_finite(a)), ew.eq(a, a))
@@ -362,6 +401,7 @@ def isinf(x: Any, /) -> Any:
 
 def signbit(x: Any, /) -> Any:
     a = value(x)
+    _refuse_complex("signbit", aval_of(a).dtype)
     if not dtypes.is_float(aval_of(a).dtype):
         return ew.lt(a, ew.zeros_like(a)) if aval_of(a).dtype != dtypes.bool_ else \
             ew.full_like(a, False, dtypes.bool_)
@@ -372,7 +412,7 @@ def signbit(x: Any, /) -> Any:
 
 
 def copysign(x1: Any, x2: Any, /) -> Any:
-    a, b = _to_float_args("copysign", x1, x2)
+    a, b = _to_float_args("copysign", x1, x2, complex_ok=False)
     mag = ew.abs(a)
     return where(signbit(b), ew.neg(mag), mag)
 
@@ -387,6 +427,7 @@ def sinc(x: Any, /) -> Any:
 
 def heaviside(x1: Any, x2: Any, /) -> Any:
     a, b = promote_args("heaviside", x1, x2)
+    _refuse_complex("heaviside", aval_of(a).dtype)
     zero = ew.zeros_like(a)
     return where(ew.lt(a, zero), zero, where(ew.gt(a, zero), ew.full_like(a, 1), b))
 
@@ -395,6 +436,9 @@ def nan_to_num(x: Any, copy: bool = True, nan: float = 0.0, posinf: float | None
                neginf: float | None = None) -> Any:
     a = value(x)
     dt = aval_of(a).dtype
+    if dtypes.is_complex(dt):  # each component on its own, as NumPy
+        parts = (nan_to_num(part, copy, nan, posinf, neginf) for part in (ew.real(a), ew.imag(a)))
+        return ew.complex(*parts)
     if not dtypes.is_float(dt):
         return a
     info = dtypes.finfo(dt)
@@ -406,27 +450,64 @@ def nan_to_num(x: Any, copy: bool = True, nan: float = 0.0, posinf: float | None
 
 
 def real(x: Any, /) -> Any:
-    return value(x)
+    """The real part (``complex64 -> float32``); a real array is returned unchanged."""
+    a = value(x)
+    return ew.real(a) if dtypes.is_complex(aval_of(a).dtype) else a
+
+
+def imag(x: Any, /) -> Any:
+    """The imaginary part (``complex64 -> float32``); zeros for a real array."""
+    a = value(x)
+    return ew.imag(a) if dtypes.is_complex(aval_of(a).dtype) else ew.zeros_like(a)
 
 
 def conj(x: Any, /) -> Any:
-    return value(x)
+    """The complex conjugate; a real array is returned unchanged."""
+    a = value(x)
+    return ew.conj(a) if dtypes.is_complex(aval_of(a).dtype) else a
 
 
 conjugate = conj
 
 
-def imag(x: Any, /) -> Any:
-    return ew.zeros_like(value(x))
+def angle(z: Any, deg: bool = False) -> Any:
+    """The argument of ``z`` in (-pi, pi] (degrees if ``deg``), as a real array."""
+    (a,) = _to_float_args("angle", z)
+    if dtypes.is_complex(aval_of(a).dtype):
+        out = ew.atan2(ew.imag(a), ew.real(a))
+    else:
+        out = ew.atan2(ew.zeros_like(a), a)
+    return ew.mul(out, ew.full_like(out, 180 / np.pi)) if deg else out
+
+
+def iscomplexobj(x: Any) -> bool:
+    """Whether ``x`` has a complex dtype (whatever its values)."""
+    return dtypes.is_complex(aval_of(value(x)).dtype)
+
+
+def isrealobj(x: Any) -> bool:
+    return not iscomplexobj(x)
+
+
+def iscomplex(x: Any) -> Any:
+    """Elementwise: a non-zero imaginary part."""
+    a = value(x)
+    return ew.ne(imag(a), ew.zeros_like(imag(a)))
+
+
+def isreal(x: Any) -> Any:
+    """Elementwise: a zero imaginary part (every element of a real array)."""
+    return logical_not(iscomplex(x))
 
 
 def isclose(a: Any, b: Any, rtol: float = 1e-05, atol: float = 1e-08,
             equal_nan: bool = False) -> Any:
     x, y = promote_args("isclose", a, b)
-    if not dtypes.is_float(aval_of(x).dtype):
+    if not dtypes.is_inexact(aval_of(x).dtype):
         x, y = (ew.convert(v, dtypes.default_float) for v in (x, y))
     diff = ew.abs(ew.sub(x, y))
-    tol = ew.add(ew.full_like(y, atol), ew.mul(ew.full_like(y, rtol), ew.abs(y)))
+    size = ew.abs(y)  # real, also for complex operands
+    tol = ew.add(ew.full_like(size, atol), ew.mul(ew.full_like(size, rtol), size))
     close = ew.or_(ew.le(diff, tol), ew.eq(x, y))
     if equal_nan:
         close = ew.or_(close, ew.and_(isnan(x), isnan(y)))

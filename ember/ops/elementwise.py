@@ -2,6 +2,11 @@
 
 Operands of a binary primitive must have equal shapes and dtypes (the NumPy layer broadcasts and
 promotes first). The result is weakly typed only if every operand is.
+
+Complex numbers follow JAX's conventions for differentiation: a jvp rule is the ordinary
+complex derivative (``t * f'(z)`` for a holomorphic ``f``) and a transpose rule is the plain,
+non-conjugating transpose, so ``grad`` of a real-valued function of ``z`` is ``conj`` of the
+steepest-ascent direction (``grad(lambda z: abs(z) ** 2)(z) == 2 * conj(z)``).
 """
 
 from __future__ import annotations
@@ -23,35 +28,54 @@ __all__ = [
     "neg", "exp", "exp2", "log", "log1p", "expm1", "sin", "cos", "tan", "asin", "acos", "atan",
     "sinh", "cosh", "tanh", "asinh", "acosh", "atanh", "sqrt", "cbrt", "erf", "logistic",
     "abs", "sign", "floor", "ceil", "round", "is_finite", "not_", "add", "sub", "mul", "div",
-    "floor_div", "rem", "pow", "max", "min", "atan2", "and_", "or_", "xor", "shift_left",
-    "shift_right", "eq", "ne", "lt", "le", "gt", "ge", "select", "convert", "full_like",
-    "zeros_like", "instantiate", "add_any", "stop_gradient",
+    "floor_div", "rem", "pow", "max", "min", "atan2", "nextafter", "and_", "or_", "xor",
+    "shift_left", "shift_right", "eq", "ne", "lt", "le", "gt", "ge", "real", "imag", "conj",
+    "complex", "select", "convert", "full_like", "zeros_like", "instantiate", "add_any",
+    "stop_gradient",
 ]
 
 # --- shape/dtype rules -----------------------------------------------------------------------
 
+# Which operand dtypes each kind of primitive accepts. "real" kinds exclude complex numbers:
+# they have no order (max, lt...), no integer part (floor, rem...) and no real-only special
+# functions (erf, atan2...).
 _KINDS = {
-    "float": (dtypes.is_float, "a floating dtype"),
+    "float": (dtypes.is_float, "a real floating dtype"),
+    "inexact": (dtypes.is_inexact, "a floating or complex dtype"),
+    "complex": (dtypes.is_complex, "a complex dtype"),
     "number": (lambda d: d != dtypes.bool_, "a numeric dtype"),
+    "real": (lambda d: not dtypes.is_complex(d), "a real (non-complex) dtype"),
+    "realnumber": (lambda d: d != dtypes.bool_ and not dtypes.is_complex(d),
+                   "a real (non-complex) numeric dtype"),
     "int": (lambda d: dtypes.is_int(d), "an integer dtype"),
     "intbool": (lambda d: dtypes.is_int(d) or d == dtypes.bool_, "an integer or bool dtype"),
     "any": (lambda d: True, "any dtype"),
 }
 
+OutDtype = np.dtype | Callable[[np.dtype], np.dtype] | None
 
-def _elementwise_rule(name: str, kind: str, out_dtype: np.dtype | None = None
+
+def _elementwise_rule(name: str, kind: str, out_dtype: OutDtype = None
                       ) -> Callable[..., ArrayType]:
+    """Shape/dtype rule. ``out_dtype`` is a fixed result dtype (bool for a comparison), or a
+    map from the operand dtype (``real_dtype`` for ``abs``), which keeps weak typing."""
     ok, what = _KINDS[kind]
 
     def rule(*avals: ArrayType) -> ArrayType:
         same_shapes(name, avals)
         same_dtypes(name, avals)
-        if not ok(avals[0].dtype):
-            raise op_error(DTypeError, name, f"needs {what}, got {avals[0].dtype}")
+        dt = avals[0].dtype
+        if not ok(dt):
+            if dtypes.is_complex(dt):
+                raise op_error(DTypeError, name, f"is not defined on complex numbers, got {dt} "
+                               "(apply it to real(x), imag(x) or abs(x))")
+            raise op_error(DTypeError, name, f"needs {what}, got {dt}")
         weak = all(a.weak for a in avals)
+        if callable(out_dtype):
+            return ArrayType(avals[0].shape, out_dtype(dt), weak=weak)
         if out_dtype is not None:
             return ArrayType(avals[0].shape, out_dtype)
-        return ArrayType(avals[0].shape, avals[0].dtype, weak=weak)
+        return ArrayType(avals[0].shape, dt, weak=weak)
 
     return rule
 
@@ -84,7 +108,7 @@ def _quiet(np_fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _declare(name: str, np_fn: Callable[..., Any], kind: str, nargs: int,
-             out_dtype: np.dtype | None = None) -> Primitive:
+             out_dtype: OutDtype = None) -> Primitive:
     prim = Primitive(name)
     prim.def_abstract_eval(_elementwise_rule(name, kind, out_dtype))
     prim.def_impl(_quiet(np_fn))
@@ -125,8 +149,9 @@ def add_any(a: Any, b: Any) -> Any:
 # --- unary -----------------------------------------------------------------------------------
 
 def _unary(name: str, np_fn: Callable[..., Any], derivative: Callable[[Any, Any], Any] | None,
-           kind: str = "float") -> Callable[[Any], Any]:
-    prim = _declare(name, np_fn, kind, 1)
+           kind: str = "inexact", out_dtype: OutDtype = None) -> Callable[[Any], Any]:
+    """A unary primitive whose jvp is ``t * derivative(x, y)`` (holomorphic on complex)."""
+    prim = _declare(name, np_fn, kind, 1, out_dtype)
     if derivative is not None:
         def jvp(primals, tangents):
             (x,), (t,) = primals, tangents
@@ -146,7 +171,7 @@ def _unary(name: str, np_fn: Callable[..., Any], derivative: Callable[[Any, Any]
 
 
 def _zero_derivative(name: str, np_fn: Callable[..., Any], kind: str,
-                     out_dtype: np.dtype | None = None) -> Callable[[Any], Any]:
+                     out_dtype: OutDtype = None) -> Callable[[Any], Any]:
     """A piecewise-constant or non-float op: its tangent is zero."""
     prim = _declare(name, np_fn, kind, 1, out_dtype)
 
@@ -197,14 +222,18 @@ cosh = _unary("cosh", np.cosh, lambda x, y: sinh(x))
 tanh = _unary("tanh", np.tanh, lambda x, y: sub(full_like(y, 1), mul(y, y)))
 asinh = _unary("asinh", np.arcsinh,
                lambda x, y: div(full_like(x, 1), sqrt(add(mul(x, x), full_like(x, 1)))))
+# sqrt(x - 1) * sqrt(x + 1), not sqrt(x*x - 1): the two differ in sign for complex x with a
+# negative real part, and only the product is the derivative of the principal branch.
 acosh = _unary("acosh", np.arccosh,
-               lambda x, y: div(full_like(x, 1), sqrt(sub(mul(x, x), full_like(x, 1)))))
+               lambda x, y: div(full_like(x, 1), mul(sqrt(sub(x, full_like(x, 1))),
+                                                      sqrt(add(x, full_like(x, 1))))))
 atanh = _unary("atanh", np.arctanh,
                lambda x, y: div(full_like(x, 1), sub(full_like(x, 1), mul(x, x))))
 sqrt = _unary("sqrt", np.sqrt, lambda x, y: div(full_like(y, 0.5), y))
-cbrt = _unary("cbrt", np.cbrt, lambda x, y: div(full_like(y, 1 / 3), mul(y, y)))
+cbrt = _unary("cbrt", np.cbrt, lambda x, y: div(full_like(y, 1 / 3), mul(y, y)), kind="float")
 erf = _unary("erf", erf_numpy,
-             lambda x, y: mul(full_like(x, 2 / np.sqrt(np.pi)), exp(neg(mul(x, x)))))
+             lambda x, y: mul(full_like(x, 2 / np.sqrt(np.pi)), exp(neg(mul(x, x)))),
+             kind="float")
 
 
 def _logistic_impl(x):
@@ -216,20 +245,37 @@ def _logistic_impl(x):
     return np.reciprocal(out, out=out)
 
 
-logistic = _unary("logistic", _logistic_impl, lambda x, y: mul(y, sub(full_like(y, 1), y)))
-abs = _unary("abs", np.abs, lambda x, y: sign(x), kind="number")  # noqa: A001
+logistic = _unary("logistic", _logistic_impl, lambda x, y: mul(y, sub(full_like(y, 1), y)),
+                  kind="float")
+# |z| of a complex z is real (float32 for complex64); sign(z) is z / |z| (0 at 0), as NumPy 2.
+abs = _unary("abs", np.abs, None, kind="number", out_dtype=dtypes.real_dtype)  # noqa: A001
 sign = _zero_derivative("sign", np.sign, "number")
 floor = _zero_derivative("floor", np.floor, "float")
 ceil = _zero_derivative("ceil", np.ceil, "float")
-round = _zero_derivative("round", np.round, "float")  # noqa: A001  (half to even, as NumPy)
-is_finite = _zero_derivative("is_finite", np.isfinite, "float", dtypes.bool_)
+# Half to even, as NumPy; complex numbers round their two components.
+round = _zero_derivative("round", np.round, "inexact")  # noqa: A001
+is_finite = _zero_derivative("is_finite", np.isfinite, "inexact", dtypes.bool_)
 not_ = _zero_derivative("not", np.invert, "intbool")
+
+
+def _abs_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = abs(x)
+    if isinstance(t, Zero):
+        return y, Zero(y.aval)
+    if dtypes.is_complex(x.aval.dtype):
+        # d|z| = Re(conj(z) dz) / |z|: |z| is real, so only the tangent's part along z counts.
+        return y, real(mul(conj(sign(x)), t))
+    return y, mul(t, sign(x))
+
+
+abs.prim.def_jvp(_abs_jvp)
 
 
 # --- binary ----------------------------------------------------------------------------------
 
 def _binary(name: str, np_fn: Callable[..., Any], kind: str = "number",
-            out_dtype: np.dtype | None = None) -> Callable[[Any, Any], Any]:
+            out_dtype: OutDtype = None) -> Callable[[Any, Any], Any]:
     prim = _declare(name, np_fn, kind, 2, out_dtype)
 
     def fn(x: Any, y: Any) -> Any:
@@ -254,7 +300,7 @@ def _tangent_or_zero(y, *terms):
 add = _binary("add", np.add)
 sub = _binary("sub", np.subtract)
 mul = _binary("mul", np.multiply)
-div = _binary("div", np.true_divide, kind="float")
+div = _binary("div", np.true_divide, kind="inexact")
 
 
 def _pow_impl(x, y):
@@ -267,12 +313,13 @@ def _pow_impl(x, y):
     return np.power(x, y)
 
 
-floor_div = _binary("floor_div", np.floor_divide)
-rem = _binary("rem", np.remainder)
+floor_div = _binary("floor_div", np.floor_divide, kind="realnumber")
+rem = _binary("rem", np.remainder, kind="realnumber")
 pow = _binary("pow", _pow_impl)  # noqa: A001
-max = _binary("max", np.maximum, kind="any")  # noqa: A001
-min = _binary("min", np.minimum, kind="any")  # noqa: A001
+max = _binary("max", np.maximum, kind="real")  # noqa: A001
+min = _binary("min", np.minimum, kind="real")  # noqa: A001
 atan2 = _binary("atan2", np.arctan2, kind="float")
+nextafter = _binary("nextafter", np.nextafter, kind="float")
 and_ = _binary("and", np.bitwise_and, kind="intbool")
 or_ = _binary("or", np.bitwise_or, kind="intbool")
 xor = _binary("xor", np.bitwise_xor, kind="intbool")
@@ -280,10 +327,10 @@ shift_left = _binary("shift_left", np.left_shift, kind="int")
 shift_right = _binary("shift_right", np.right_shift, kind="int")
 eq = _binary("eq", np.equal, kind="any", out_dtype=dtypes.bool_)
 ne = _binary("ne", np.not_equal, kind="any", out_dtype=dtypes.bool_)
-lt = _binary("lt", np.less, kind="any", out_dtype=dtypes.bool_)
-le = _binary("le", np.less_equal, kind="any", out_dtype=dtypes.bool_)
-gt = _binary("gt", np.greater, kind="any", out_dtype=dtypes.bool_)
-ge = _binary("ge", np.greater_equal, kind="any", out_dtype=dtypes.bool_)
+lt = _binary("lt", np.less, kind="real", out_dtype=dtypes.bool_)
+le = _binary("le", np.less_equal, kind="real", out_dtype=dtypes.bool_)
+gt = _binary("gt", np.greater, kind="real", out_dtype=dtypes.bool_)
+ge = _binary("ge", np.greater_equal, kind="real", out_dtype=dtypes.bool_)
 
 
 def _linear_jvp(prim):
@@ -430,6 +477,86 @@ for _f in (floor_div, and_, or_, xor, shift_left, shift_right, eq, ne, lt, le, g
     _f.prim.def_jvp(_no_tangent(_f.prim))
 
 
+def _nextafter_jvp(primals, tangents):
+    # nextafter(x, y) is x moved by one ulp toward y: the derivative of x + ulp, i.e. 1 in x
+    # and 0 in y (JAX and PyTorch define none; this is what finite differences see).
+    (x, y), (tx, _) = primals, tangents
+    out = nextafter(x, y)
+    return out, Zero(out.aval) if isinstance(tx, Zero) else tx
+
+
+nextafter.prim.def_jvp(_nextafter_jvp)
+
+
+# --- complex parts ---------------------------------------------------------------------------
+# real, imag and conj are linear over the reals but not over the complex numbers, so each
+# needs its own transpose. Under the non-conjugating convention a cotangent ``c`` pairs with a
+# tangent ``t`` as Re(c * t); each transpose below is the adjoint for that pairing.
+
+real = _unary("real", np.real, None, kind="complex", out_dtype=dtypes.real_dtype)
+imag = _unary("imag", np.imag, None, kind="complex", out_dtype=dtypes.real_dtype)
+conj = _unary("conj", np.conj, None, kind="complex")
+
+
+def _complex_impl(x, y):
+    # Not x + 1j * y: 1j * inf is nan + inf j, which would spoil an infinite real part.
+    out = np.empty(x.shape, dtypes.complex_dtype(x.dtype))
+    out.real, out.imag = x, y
+    return out
+
+
+complex = _binary("complex", _complex_impl, kind="float",  # noqa: A001
+                  out_dtype=dtypes.complex_dtype)
+
+
+def _linear_unary_jvp(fn):
+    def jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        y = fn(x)
+        return y, Zero(y.aval) if isinstance(t, Zero) else fn(t)
+    return jvp
+
+
+def _real_transpose(ct, x):
+    if isinstance(ct, Zero):
+        return [Zero(x.aval)]
+    return [complex(ct, zeros_like(ct))]
+
+
+def _imag_transpose(ct, x):
+    if isinstance(ct, Zero):
+        return [Zero(x.aval)]
+    return [complex(zeros_like(ct), neg(ct))]  # Re(c * imag(t)) = Re(-i c * t)
+
+
+def _conj_transpose(ct, x):
+    return [Zero(x.aval) if isinstance(ct, Zero) else conj(ct)]
+
+
+def _complex_jvp(primals, tangents):
+    (x, y), (tx, ty) = primals, tangents
+    out = complex(x, y)
+    if isinstance(tx, Zero) and isinstance(ty, Zero):
+        return out, Zero(out.aval)
+    return out, complex(instantiate(tx), instantiate(ty))
+
+
+def _complex_transpose(ct, x, y):
+    if isinstance(ct, Zero):
+        return [Zero(x.aval) if isinstance(x, UndefinedPrimal) else None,
+                Zero(y.aval) if isinstance(y, UndefinedPrimal) else None]
+    return [real(ct) if isinstance(x, UndefinedPrimal) else None,
+            neg(imag(ct)) if isinstance(y, UndefinedPrimal) else None]
+
+
+for _f, _transpose in ((real, _real_transpose), (imag, _imag_transpose),
+                       (conj, _conj_transpose)):
+    _f.prim.def_jvp(_linear_unary_jvp(_f))
+    _f.prim.def_transpose(_transpose)
+complex.prim.def_jvp(_complex_jvp)
+complex.prim.def_transpose(_complex_transpose)
+
+
 # --- select and convert ----------------------------------------------------------------------
 
 select_p = Primitive("select")
@@ -481,6 +608,11 @@ convert_p = Primitive("convert")
 
 @convert_p.def_abstract_eval
 def _convert_rule(x: ArrayType, *, dtype: np.dtype, weak: bool = False) -> ArrayType:
+    # The array API forbids complex -> real casts (NumPy silently drops the imaginary part):
+    # the user says which part they mean. Complex -> bool (x != 0) is allowed.
+    if dtypes.is_complex(x.dtype) and not dtypes.is_complex(dtype) and dtype != dtypes.bool_:
+        raise op_error(DTypeError, "convert", f"cannot cast {x.dtype} to {dtype}: take "
+                       "real(x), imag(x) or abs(x) first")
     return ArrayType(x.shape, dtype, weak=weak)
 
 
@@ -510,7 +642,8 @@ def convert(x: Any, dtype: Any, weak: bool = False) -> Any:
 def _convert_jvp(primals, tangents, *, dtype, weak=False):
     (x,), (t,) = primals, tangents
     out = convert_p.bind(x, dtype=dtype, weak=weak)
-    if isinstance(t, Zero) or not dtypes.is_float(dtype) or not dtypes.is_float(x.aval.dtype):
+    if isinstance(t, Zero) or not dtypes.is_inexact(dtype) or \
+            not dtypes.is_inexact(x.aval.dtype):
         return out, Zero(out.aval)
     return out, convert_p.bind(t, dtype=dtype, weak=weak)
 
@@ -519,6 +652,8 @@ def _convert_jvp(primals, tangents, *, dtype, weak=False):
 def _convert_transpose(ct, x, *, dtype, weak=False):
     if isinstance(ct, Zero):
         return [Zero(x.aval)]
+    if dtypes.is_complex(dtype) and not dtypes.is_complex(x.aval.dtype):
+        ct = real(ct)  # real -> complex embeds x as x + 0j; its adjoint keeps the real part
     return [convert_p.bind(ct, dtype=x.aval.dtype, weak=x.aval.weak)]
 
 

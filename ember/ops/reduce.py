@@ -1,4 +1,8 @@
-"""Reductions (sum, max, min, prod, argmax, argmin) and cumulative scans along one axis."""
+"""Reductions (sum, max, min, prod, argmax, argmin) and cumulative scans along one axis.
+
+Sums and products accept complex numbers; the order-based ones (max, min, argmax, cummax...)
+refuse them, since complex numbers have no order.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,21 @@ __all__ = ["reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "a
            "cumsum", "cumprod", "cummax", "cummin"]
 
 
+_ORDERED = ("reduce_max", "reduce_min", "argmax", "argmin", "cummax", "cummin")
+
+
+def _check_dtype(name: str, dtype: np.dtype) -> None:
+    if name in ("reduce_sum", "cumsum") and dtype == dtypes.bool_:
+        raise op_error(DTypeError, name, "cannot sum bool values; cast first")
+    if name in _ORDERED and dtypes.is_complex(dtype):
+        raise op_error(DTypeError, name, f"is not defined on complex numbers, got {dtype} "
+                       "(they have no order: apply it to real(x), imag(x) or abs(x))")
+
+
 def _reduce_rule(name: str):
     def rule(x: ArrayType, *, axes: tuple[int, ...]) -> ArrayType:
         normalize_axes(name, axes, x.ndim)
-        if name == "reduce_sum" and x.dtype == dtypes.bool_:
-            raise op_error(DTypeError, name, "cannot sum bool values; cast first")
+        _check_dtype(name, x.dtype)
         return ArrayType(tuple(n for i, n in enumerate(x.shape) if i not in axes), x.dtype,
                          weak=x.weak)
     return rule
@@ -152,6 +166,7 @@ def _arg_extremum(name: str, np_fn):
     @prim.def_abstract_eval
     def rule(x: ArrayType, *, axis: int, index_dtype: np.dtype) -> ArrayType:
         normalize_axis(name, axis, x.ndim)
+        _check_dtype(name, x.dtype)
         if x.shape[axis] == 0:
             raise op_error(ShapeError, name, f"attempt to get {name} of an empty sequence")
         return ArrayType(tuple(n for i, n in enumerate(x.shape) if i != axis), index_dtype)
@@ -185,8 +200,7 @@ def _cumulative(name: str, np_fn):
     @prim.def_abstract_eval
     def rule(x: ArrayType, *, axis: int, reverse: bool) -> ArrayType:
         normalize_axis(name, axis, x.ndim)
-        if name == "cumsum" and x.dtype == dtypes.bool_:
-            raise op_error(DTypeError, name, "cannot sum bool values; cast first")
+        _check_dtype(name, x.dtype)
         return x
 
     def impl(x, *, axis, reverse):

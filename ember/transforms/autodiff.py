@@ -169,8 +169,9 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
                              f"  at {user_frame()}\nUse vjp or jacrev-style vmap for "
                              "non-scalar outputs.")
         if not dtypes.is_float(aval_of(_as_value(out_leaves[0])).dtype):
-            raise DTypeError("grad: the function must return a floating-point scalar, got "
-                             f"{aval_of(_as_value(out_leaves[0])).dtype}")
+            raise DTypeError("grad: the function must return a real floating-point scalar, "
+                             f"got {aval_of(_as_value(out_leaves[0])).dtype} (for a complex "
+                             "result, differentiate its real part, imaginary part or abs)")
         grads = vjp_fn(tree_unflatten(tree_flatten(out)[1],
                                       [full_like(_as_value(out_leaves[0]), 1.0)]))
         grads = grads if multiple else grads[0]
@@ -196,10 +197,10 @@ def _check_differentiable(args: Sequence[Any], nums: Sequence[int]) -> None:
     for n in nums:
         for leaf in tree_flatten(args[n])[0]:
             dt = aval_of(_as_value(leaf)).dtype
-            if not dtypes.is_float(dt):
+            if not dtypes.is_inexact(dt):
                 raise DTypeError(f"grad: argument {n} has dtype {dt}; gradients are only "
-                                 f"defined for floating-point inputs (cast it, or leave it out "
-                                 f"of argnums)\n  at {user_frame()}")
+                                 f"defined for floating-point and complex inputs (cast it, or "
+                                 f"leave it out of argnums)\n  at {user_frame()}")
 
 
 # --- stop_gradient ---------------------------------------------------------------------------

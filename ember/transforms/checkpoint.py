@@ -73,7 +73,7 @@ def _remat_impl(*args, body, policy):
 def _remat_jvp(primals, tangents, *, body, policy):
     from ember import dtypes
 
-    nz = [not isinstance(t, Zero) and dtypes.is_float(aval_of(p).dtype)
+    nz = [not isinstance(t, Zero) and dtypes.is_inexact(aval_of(p).dtype)
           for p, t in zip(primals, tangents)]
     jbody, out_nz = jvp_graph(body, nz)
     outs = remat_p.bind(*primals, *[t for t, z in zip(tangents, nz) if z], body=jbody,

@@ -60,19 +60,19 @@ def _call_jvp(primals, tangents, *, fun, fwd, bwd, num_consts):
         if (aval_of(o).shape, aval_of(o).dtype) != (a.shape, a.dtype):
             raise op_error(ShapeError, "custom_vjp", f"fwd returns an output of type "
                            f"{aval_of(o)} where the function returns {a}")
-    diff = tuple(dtypes.is_float(aval_of(a).dtype) for a in args)
+    diff = tuple(dtypes.is_inexact(aval_of(a).dtype) for a in args)
     t_outs = custom_vjp_bwd_p.bind(
         *residuals, *[instantiate(t) for t, d in zip(arg_tangents, diff) if d],
         bwd=bwd, num_res=len(residuals), diff=diff,
         out_avals=tuple(a.strong() for a in fun.out_avals))
     t_it = iter(t_outs)
-    return outs, [next(t_it) if dtypes.is_float(a.dtype) else Zero(a)
+    return outs, [next(t_it) if dtypes.is_inexact(a.dtype) else Zero(a)
                   for a, _ in zip(fun.out_avals, outs)]
 
 
 @custom_vjp_bwd_p.def_abstract_eval
 def _bwd_rule(*avals, bwd, num_res, diff, out_avals):
-    return [a for a in out_avals if dtypes.is_float(a.dtype)]
+    return [a for a in out_avals if dtypes.is_inexact(a.dtype)]
 
 
 @custom_vjp_bwd_p.def_impl
@@ -86,7 +86,7 @@ def _bwd_impl(*args, bwd, num_res, diff, out_avals):
 @custom_vjp_bwd_p.def_transpose
 def _bwd_transpose(cts, *args, bwd, num_res, diff, out_avals):
     float_outs = iter(cts)
-    full_cts = [instantiate(next(float_outs)) if dtypes.is_float(a.dtype) else
+    full_cts = [instantiate(next(float_outs)) if dtypes.is_inexact(a.dtype) else
                 to_array(np.zeros(a.shape, a.dtype)) for a in out_avals]
     grads = bwd(list(args[:num_res]), full_cts)
     return [None] * num_res + [g for g, d in zip(grads, diff) if d]

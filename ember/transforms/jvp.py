@@ -31,9 +31,9 @@ class JVPTracer(Tracer):
 
 
 def _tangent_for(primal: Any, tangent: Any) -> Any:
-    """Only floating values have tangents; others get a symbolic zero."""
+    """Only floating and complex values have tangents; others get a symbolic zero."""
     aval = aval_of(primal)
-    if not dtypes.is_float(aval.dtype):
+    if not dtypes.is_inexact(aval.dtype):
         return Zero(aval)
     return tangent
 

@@ -46,7 +46,7 @@ def jvp_graph(closed: ClosedGraph, nonzeros: Sequence[bool],
     which loops need so that a carry's tangent has the same layout on every iteration.
     """
     in_avals = closed.in_avals
-    nonzeros = [nz and dtypes.is_float(a.dtype) for nz, a in zip(nonzeros, in_avals)]
+    nonzeros = [nz and dtypes.is_inexact(a.dtype) for nz, a in zip(nonzeros, in_avals)]
     inst = mask(instantiate, len(closed.out_avals))
     out_nz: list[bool] = []
 
@@ -56,7 +56,7 @@ def jvp_graph(closed: ClosedGraph, nonzeros: Sequence[bool],
         outs, t_outs = jvp_flat(lambda *xs: eval_graph(closed, *xs), primals, tangents)
         kept = []
         for o, t, force in zip(outs, t_outs, inst):
-            if isinstance(t, Zero) and force and dtypes.is_float(aval_of(o).dtype):
+            if isinstance(t, Zero) and force and dtypes.is_inexact(aval_of(o).dtype):
                 t = materialize(t)
             out_nz.append(not isinstance(t, Zero))
             if out_nz[-1]:
