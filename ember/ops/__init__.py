@@ -8,6 +8,7 @@ in :mod:`ember.numpy`.
 
 from ember.ops.decompositions import *  # noqa: F401,F403
 from ember.ops.elementwise import *  # noqa: F401,F403
+from ember.ops.fft import *  # noqa: F401,F403
 from ember.ops.indexing import *  # noqa: F401,F403
 from ember.ops.linalg import *  # noqa: F401,F403
 from ember.ops.random_bits import *  # noqa: F401,F403
