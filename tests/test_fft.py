@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import assert_close, check, numeric_grad
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 import ember
 import ember.numpy as enp
@@ -84,6 +86,41 @@ N_D = [  # (function, input is complex, shape, kwargs)
 def test_n_dimensional_transforms_match_numpy(name, is_complex, shape, kw, norm):
     x = _signal(np.random.default_rng(1), shape, np.complex128 if is_complex else np.float64)
     _check(getattr(efft, name), getattr(np.fft, name), x, norm=norm, **kw)
+
+
+_COMPLEX_INPUT = {"fft": True, "ifft": True, "rfft": False, "irfft": True, "hfft": True,
+                  "ihfft": False, "fftn": True, "ifftn": True, "rfftn": False, "irfftn": True}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=hst.data(), name=hst.sampled_from(sorted(_COMPLEX_INPUT)),
+       norm=hst.sampled_from(NORMS), double=hst.booleans())
+def test_random_shapes_lengths_and_axes_match_numpy(data, name, norm, double):
+    shape = data.draw(hst.lists(hst.integers(1, 5), min_size=1, max_size=3).map(tuple))
+    nd = len(shape)
+    kw: dict = {"norm": norm}
+    if name.endswith("n"):
+        axes = data.draw(hst.none() | hst.permutations(range(nd)).flatmap(
+            lambda p: hst.integers(1, nd).map(lambda k: p[:k])))
+        if axes is not None:
+            kw["axes"] = axes
+            if data.draw(hst.booleans()):
+                kw["s"] = [data.draw(hst.integers(1, 2 * shape[a] + 1)) for a in axes]
+    else:
+        kw["axis"] = data.draw(hst.integers(-nd, nd - 1))
+        kw["n"] = data.draw(hst.none() | hst.integers(1, 9))
+    dtype = {(True, True): np.complex128, (True, False): np.complex64,
+             (False, True): np.float64, (False, False): np.float32}[
+        (_COMPLEX_INPUT[name], double)]
+    x = _signal(np.random.default_rng(data.draw(hst.integers(0, 2**16))), shape, dtype)
+    try:
+        expected = getattr(np.fft, name)(x, **kw)
+    except ValueError:  # irfft of a length-1 axis without n: no data points
+        with pytest.raises(ember.errors.EmberValueError, match="invalid number of data points"):
+            getattr(efft, name)(enp.asarray(x), **kw)
+        return
+    rtol, atol = (1e-10, 1e-10) if double else (1e-4, 1e-4)
+    assert_close(getattr(efft, name)(enp.asarray(x), **kw), expected, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("dtype,complex_result", [
@@ -190,8 +227,11 @@ R = np.ones((2, 4))
     (lambda: efft.irfftn(Z, axes=()), ember.errors.ShapeError,
      r"irfftn: needs at least one axis"),
     (lambda: efft.fftfreq(0), ember.errors.EmberValueError,
-     r"fftfreq: n must be a positive integer, got 0"),
-    (lambda: efft.rfftfreq(2.5), ember.errors.EmberValueError, r"rfftfreq: n must be"),
+     r"fftfreq: invalid number of data points 0"),
+    (lambda: efft.rfftfreq(2.5), ember.errors.EmberValueError,
+     r"rfftfreq: invalid number of data points 2.5"),
+    (lambda: efft.fft(R, n=4.0), ember.errors.EmberValueError,
+     r"fft: invalid number of data points 4.0 along axis 1"),
     (lambda: efft.fftfreq(4, dtype=enp.int32), ember.errors.DTypeError,
      r"fftfreq: dtype must be a real floating dtype, got int32"),
     (lambda: efft.fftfreq(4, device="gpu:7"), ember.errors.EmberValueError,

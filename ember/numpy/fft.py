@@ -15,6 +15,7 @@ Where the standard leaves a choice: ``s`` without ``axes`` transforms the last `
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -99,14 +100,14 @@ def ihfft(x: Any, /, *, n: int | None = None, axis: int = -1, norm: Norm = "back
 
 def fftfreq(n: int, /, *, d: float = 1.0, dtype: Any = None, device: Any = None) -> Any:
     """Sample frequencies ``[0, 1, ..., -2, -1] / (d * n)`` of an ``n``-point transform."""
-    n = _window("fftfreq", n)
+    n = _positive("fftfreq", n)
     cycles = np.concatenate([np.arange((n - 1) // 2 + 1), np.arange(-(n // 2), 0)])
     return _frequencies("fftfreq", cycles, n, d, dtype, device)
 
 
 def rfftfreq(n: int, /, *, d: float = 1.0, dtype: Any = None, device: Any = None) -> Any:
     """Sample frequencies ``[0, 1, ..., n // 2] / (d * n)`` of an ``n``-point ``rfft``."""
-    n = _window("rfftfreq", n)
+    n = _positive("rfftfreq", n)
     return _frequencies("rfftfreq", np.arange(n // 2 + 1), n, d, dtype, device)
 
 
@@ -167,11 +168,19 @@ def _axes_and_lengths(name: str, kind: str, shape: tuple[int, ...], s: Any, axes
         last_of_irfft = kind == "irfft" and i == len(axes) - 1
         if n is None or n == -1:
             n = 2 * (shape[ax] - 1) if last_of_irfft else shape[ax]
-        if int(n) != n or n < 1:
-            raise op_error(EmberValueError, name, f"invalid number of data points {n} along "
-                           f"axis {ax} of an input of shape {shape}")
-        lengths.append(int(n))
+        lengths.append(_positive(name, n, f" along axis {ax} of an input of shape {shape}"))
     return axes, tuple(lengths)
+
+
+def _positive(name: str, n: Any, where: str = "") -> int:
+    """``n`` as a Python int, or an error naming the function if it is not a positive one."""
+    try:
+        count = operator.index(n)
+    except TypeError:
+        count = 0
+    if count < 1 or isinstance(n, bool):
+        raise op_error(EmberValueError, name, f"invalid number of data points {n!r}{where}")
+    return count
 
 
 def _resize(x: Any, sizes: tuple[int, ...]) -> Any:
@@ -204,18 +213,12 @@ def _transform(name: str, kind: str, x: Any, s: Any, axes: Any, norm: Any) -> An
     axes, lengths = _axes_and_lengths(name, kind, shape, s, axes)
     if not axes:  # fftn over no axes: nothing to transform
         return v
-    rest = [i for i in range(len(shape)) if i not in axes]
-    perm = (*rest, *axes)
-    moved = st.transpose(v, perm) if perm != tuple(range(len(shape))) else v
+    perm = (*[i for i in range(len(shape)) if i not in axes], *axes)
+    in_place = perm == tuple(range(len(shape)))
+    moved = v if in_place else st.transpose(v, perm)
     sizes = (*lengths[:-1], half_length(lengths[-1])) if kind == "irfft" else lengths
     y = _scale(fft_op(_resize(moved, sizes), kind, lengths), kind, lengths, norm)
-    return st.transpose(y, np.argsort(perm)) if perm != tuple(range(len(shape))) else y
-
-
-def _window(name: str, n: Any) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise op_error(EmberValueError, name, f"n must be a positive integer, got {n!r}")
-    return int(n)
+    return y if in_place else st.transpose(y, np.argsort(perm))
 
 
 def _frequencies(name: str, cycles: np.ndarray, n: int, d: Any, dtype: Any, device: Any
