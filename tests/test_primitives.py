@@ -11,7 +11,7 @@ import pkgutil
 
 import numpy as np
 import pytest
-from helpers import ALL, FLOATS, NUMBERS, assert_close, rand
+from helpers import ALL, FLOATS, NUMBERS, assert_close, bf16, rand
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 from primitive_specs import NOT_COVERED_HERE, SPECS, cases, make_args
@@ -205,3 +205,59 @@ def test_reductions_with_negative_axes_match_numpy(data, dt):
     if dt in FLOATS:
         assert_close(enp.sum(enp.asarray(x), axis=axis),
                      np.sum(x.astype(np.float64), axis=axis).astype(dt), dt)
+
+
+# --- nextafter: exact, bit for bit -----------------------------------------------------------
+
+def _nextafter_by_bits(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The standard's definition on the bit patterns: one step of the integer that orders
+    floats of one sign; from zero, the smallest subnormal with the sign of ``y``."""
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]
+    xf, yf = x.astype(np.float64), y.astype(np.float64)
+    bits = x.view(uint).astype(np.int64)
+    away_from_zero = (xf < yf) == (xf > 0)
+    stepped = np.where(away_from_zero, bits + 1, bits - 1)
+    tiny = np.where(yf > 0, 1, 1 | (1 << (8 * x.dtype.itemsize - 1)))
+    out = np.where(xf == 0, tiny, stepped).astype(uint).view(x.dtype)
+    return np.where(xf == yf, y, np.where(np.isnan(xf) | np.isnan(yf), np.nan, out)).astype(
+        x.dtype)
+
+
+@pytest.mark.parametrize("dt", FLOATS, ids=lambda d: d.name)
+def test_nextafter_is_exact_in_every_float_dtype(dt):
+    rng = np.random.default_rng(4)
+    x = rand(rng, (64,), dt)
+    y = rand(rng, (64,), dt)
+    x[:6] = np.array([0.0, -0.0, 1.0, np.inf, np.nan, 2.0]).astype(dt)
+    y[:6] = np.array([-1.0, 1.0, 1.0, 0.0, 1.0, np.inf]).astype(dt)
+    expected = _nextafter_by_bits(x, y)
+    for fn in (lax.nextafter, ember.jit(lax.nextafter), enp.nextafter):
+        got = np.asarray(fn(enp.asarray(x), enp.asarray(y)))
+        assert got.dtype == dt
+        np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))
+    assert enp.nextafter(1, 2).dtype == np.float64  # integers are computed in float
+    assert float(enp.nextafter(1, 2)) == 1 + np.finfo(np.float64).eps
+
+
+def test_nextafter_has_the_derivative_of_its_first_operand():
+    x = enp.asarray(np.array([0.5, -2.0]))
+    gx, gy = ember.grad(lambda a, b: enp.sum(enp.nextafter(a, b) * 3.0), (0, 1))(x, x + 1)
+    np.testing.assert_array_equal(gx, [3.0, 3.0])
+    np.testing.assert_array_equal(gy, [0.0, 0.0])
+
+
+# --- the test helpers themselves -------------------------------------------------------------
+
+def test_integer_and_bool_results_compare_exactly_whatever_the_input_dtype():
+    """A bfloat16 input's loose tolerance must not hide an off-by-one index or a flipped bool."""
+    x = bf16([1.0, 3.0, 2.0, 2.5])
+    index = enp.argmax(enp.asarray(x))
+    assert_close(index, np.int64(1), dtype=dtypes.bfloat16)
+    with pytest.raises(AssertionError):
+        assert_close(np.int64(100), np.int64(101), dtype=dtypes.bfloat16)
+    with pytest.raises(AssertionError):
+        assert_close(np.array([True, False]), np.array([True, True]), dtype=dtypes.bfloat16)
+    with pytest.raises(AssertionError):
+        assert_close(np.array([7], np.int32), np.array([8], np.int32), rtol=0.5)
+    assert_close(np.array([1.0], np.float32), np.array([1.01], np.float32),
+                 dtype=dtypes.bfloat16)  # floats keep the input dtype's tolerance

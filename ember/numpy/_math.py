@@ -318,6 +318,7 @@ around = round
 def clip(x: Any, /, min: Any = None, max: Any = None) -> Any:  # noqa: A002
     """Limit values to ``[min, max]`` (either bound may be None)."""
     out = value(x)
+    _refuse_complex("clip", aval_of(out).dtype)
     if min is not None:
         out = maximum(out, min)
     if max is not None:
