@@ -17,6 +17,7 @@ from hypothesis import strategies as hst
 import ember
 import ember.numpy as enp
 from ember import dtypes
+from ember import ops as lax
 from ember.numpy import fft as efft
 
 NORMS = ("backward", "ortho", "forward")
@@ -242,6 +243,25 @@ def test_bad_arguments_raise_errors_naming_the_function_and_the_line(call, kind,
     with pytest.raises(kind, match=match) as info:
         call()
     assert "test_fft.py" in str(info.value)
+
+
+@pytest.mark.parametrize("operand,kind,lengths,error,match", [
+    (R, "fft", (4,), ember.errors.DTypeError, r"fft: fft needs a complex dtype, got float64"),
+    (Z, "rfft", (4,), ember.errors.DTypeError, r"fft: rfft needs float32 or float64"),
+    (np.ones((2, 4), np.float16), "rfft", (4,), ember.errors.DTypeError, r"got float16"),
+    (Z, "irfft", (4,), ember.errors.ShapeError,
+     r"fft: irfft of lengths \(4,\) needs trailing axes \(3,\), got shape \(2, 4\)"),
+    (Z, "ifft", (3, 4), ember.errors.ShapeError, r"needs trailing axes \(3, 4\)"),
+    (Z, "fft", (), ember.errors.ShapeError, r"fft: lengths \(\) do not fit"),
+    (Z, "fft", (2, 2, 4), ember.errors.ShapeError, r"lengths \(2, 2, 4\) do not fit"),
+    (Z, "dft", (4,), ember.errors.EmberValueError, r"fft: kind must be one of"),
+])
+def test_primitive_rejects_bad_operands(operand, kind, lengths, error, match):
+    fn = lambda a: lax.fft(a, kind, lengths)  # noqa: E731
+    for runner in (fn, ember.jit(fn)):
+        with pytest.raises(error, match=match) as info:
+            runner(enp.asarray(operand))
+        assert "test_fft.py" in str(info.value)
 
 
 def test_errors_under_jit_name_the_users_line():

@@ -31,7 +31,7 @@ from ember.ops import elementwise as ew
 from ember.ops import structural as st
 from ember.ops._checks import normalize_axes
 from ember.ops.fft import fft as fft_op
-from ember.ops.fft import half_length
+from ember.ops.fft import half_spectrum
 
 __all__ = ["fft", "ifft", "fftn", "ifftn", "rfft", "irfft", "rfftn", "irfftn", "hfft", "ihfft",
            "fftfreq", "rfftfreq", "fftshift", "ifftshift"]
@@ -216,7 +216,7 @@ def _transform(name: str, kind: str, x: Any, s: Any, axes: Any, norm: Any) -> An
     perm = (*[i for i in range(len(shape)) if i not in axes], *axes)
     in_place = perm == tuple(range(len(shape)))
     moved = v if in_place else st.transpose(v, perm)
-    sizes = (*lengths[:-1], half_length(lengths[-1])) if kind == "irfft" else lengths
+    sizes = half_spectrum(lengths) if kind == "irfft" else lengths
     y = _scale(fft_op(_resize(moved, sizes), kind, lengths), kind, lengths, norm)
     return y if in_place else st.transpose(y, np.argsort(perm))
 

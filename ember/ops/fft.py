@@ -34,7 +34,7 @@ import numpy as np
 from ember import dtypes
 from ember.core.primitive import Primitive
 from ember.core.trace import Zero, aval_of, to_array
-from ember.errors import DTypeError, ShapeError, op_error
+from ember.errors import DTypeError, EmberValueError, ShapeError, op_error
 from ember.ir.types import ArrayType
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
@@ -47,27 +47,16 @@ KINDS = ("fft", "ifft", "rfft", "irfft")
 fft_p = Primitive("fft")
 
 
-def half_length(n: int) -> int:
-    """Bins a real signal of length ``n`` keeps: the non-negative frequencies."""
-    return n // 2 + 1
-
-
-def _operand_trailing(kind: str, lengths: tuple[int, ...]) -> tuple[int, ...]:
-    if kind == "irfft":
-        return (*lengths[:-1], half_length(lengths[-1]))
-    return lengths
-
-
-def _result_trailing(kind: str, lengths: tuple[int, ...]) -> tuple[int, ...]:
-    if kind == "rfft":
-        return (*lengths[:-1], half_length(lengths[-1]))
-    return lengths
+def half_spectrum(lengths: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a real signal's spectrum as ``rfft`` keeps it: the last axis holds only
+    the ``n // 2 + 1`` non-negative frequencies."""
+    return (*lengths[:-1], lengths[-1] // 2 + 1)
 
 
 @fft_p.def_abstract_eval
 def _fft_rule(x: ArrayType, *, kind: str, lengths: tuple[int, ...]) -> ArrayType:
     if kind not in KINDS:
-        raise op_error(ShapeError, "fft", f"kind must be one of {KINDS}, got {kind!r}")
+        raise op_error(EmberValueError, "fft", f"kind must be one of {KINDS}, got {kind!r}")
     if not 1 <= len(lengths) <= x.ndim or min(lengths) < 1:
         raise op_error(ShapeError, "fft", f"lengths {lengths} do not fit an operand of shape "
                        f"{x.shape} (1 to {x.ndim} positive lengths)")
@@ -79,12 +68,13 @@ def _fft_rule(x: ArrayType, *, kind: str, lengths: tuple[int, ...]) -> ArrayType
         if not dtypes.is_complex(x.dtype):
             raise op_error(DTypeError, "fft", f"{kind} needs a complex dtype, got {x.dtype}")
         out_dtype = dtypes.real_dtype(x.dtype) if kind == "irfft" else x.dtype
-    k = len(lengths)
-    expected = _operand_trailing(kind, lengths)
-    if x.shape[x.ndim - k:] != expected:
+    batch = x.shape[:x.ndim - len(lengths)]
+    expected = half_spectrum(lengths) if kind == "irfft" else lengths
+    if x.shape[len(batch):] != expected:
         raise op_error(ShapeError, "fft", f"{kind} of lengths {lengths} needs trailing axes "
                        f"{expected}, got shape {x.shape}")
-    return ArrayType((*x.shape[:x.ndim - k], *_result_trailing(kind, lengths)), out_dtype)
+    return ArrayType((*batch, *(half_spectrum(lengths) if kind == "rfft" else lengths)),
+                     out_dtype)
 
 
 _NUMPY = {"fft": np.fft.fftn, "ifft": np.fft.ifftn, "rfft": np.fft.rfftn,
@@ -114,7 +104,7 @@ def _bin_weights(like: Any, lengths: tuple[int, ...], power: int) -> Any:
     """``(c / N) ** power`` along the last axis of the half spectrum ``like``, where ``c[k]``
     counts the appearances of bin ``k`` in the full spectrum and ``N = prod(lengths)``."""
     n = lengths[-1]
-    counts = np.full(half_length(n), 2.0)
+    counts = np.full(half_spectrum(lengths)[-1], 2.0)
     counts[0] = 1.0
     if n % 2 == 0:
         counts[-1] = 1.0
