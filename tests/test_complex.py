@@ -180,6 +180,7 @@ _Z = np.array([1 + 1j, 2 - 1j])
     ("copysign", lambda z: enp.copysign(z, z)), ("signbit", enp.signbit), ("cbrt", enp.cbrt),
     ("fabs", enp.fabs), ("deg2rad", enp.deg2rad), ("heaviside", lambda z: enp.heaviside(z, z)),
     ("nextafter", lambda z: enp.nextafter(z, z)), ("erf", lambda z: enp.special.erf(z)),
+    ("expit", lambda z: enp.special.expit(z)), ("softmax", lambda z: enp.special.softmax(z)),
     ("reduce_max", enp.max), ("argmax", enp.argmax), ("cummax", lambda z: ops.cummax(z, 0)),
     ("convert", lambda z: z.astype(enp.float32)),
 ])
