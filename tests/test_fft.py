@@ -129,7 +129,8 @@ def test_random_shapes_lengths_and_axes_match_numpy(data, name, norm, double):
     (np.int32, np.complex128), (np.uint8, np.complex128), (np.bool_, np.complex128),
     (dtypes.bfloat16, np.complex64),
 ])
-def test_real_and_integer_inputs_promote_like_numpy(dtype, complex_result):
+def test_real_and_integer_inputs_compute_in_single_or_double_precision(dtype, complex_result):
+    """As NumPy, except that half-precision irfft/hfft results are float32 (NumPy's float16)."""
     x = np.random.default_rng(2).uniform(0, 3, size=(2, 6)).astype(dtype)
     real_result = np.float32 if complex_result == np.complex64 else np.float64
     high = x.astype(np.float32 if complex_result == np.complex64 else np.float64)
