@@ -175,3 +175,42 @@ def test_load_state_dict_copies_unless_assign():
     assert np.shares_memory(np.asarray(model.weight), sd["weight"])
     assert model.bias.dtype == enp.float32  # a float64 value is still cast to the model's dtype
     np.testing.assert_array_equal(np.asarray(model(np.ones((1, 3), np.float32))), [[3.0, 3.0]])
+
+
+# --- exact GELU: erf in float32 -------------------------------------------------------------
+
+def test_erf_float32_is_within_8_ulp_everywhere_and_odd():
+    xs = np.concatenate([np.linspace(0, 6, 600_001), np.geomspace(1e-38, 6, 20_000),
+                         [np.finfo(np.float32).max, np.inf]]).astype(np.float32)
+    xs = np.concatenate([xs, -xs])
+    ref = np.array([math.erf(v) for v in xs.astype(np.float64)])
+    got = np.asarray(ember.numpy.special.erf(enp.asarray(xs)))
+    assert got.dtype == np.float32
+    ulp = np.abs(got.astype(np.float64) - ref) / np.spacing(np.abs(ref).astype(np.float32))
+    assert ulp.max() <= 4
+    assert np.all(got[: xs.size // 2] == -got[xs.size // 2:])
+    assert np.isnan(np.asarray(ember.numpy.special.erf(enp.asarray(np.float32(np.nan)))))
+
+
+@pytest.mark.parametrize("dtype", [enp.float16, enp.bfloat16])
+def test_erf_half_precision_is_the_float32_result_rounded_once(dtype):
+    xs = np.linspace(-5, 5, 4001).astype(dtype)
+    got = np.asarray(ember.numpy.special.erf(enp.asarray(xs)))
+    wide = np.asarray(ember.numpy.special.erf(enp.asarray(xs.astype(np.float32))))
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, wide.astype(dtype))
+
+
+def test_erf_float64_stays_a_float64_reference():
+    xs = np.linspace(-7, 7, 20_001)
+    ref = np.array([math.erf(v) for v in xs])
+    got = np.asarray(ember.numpy.special.erf(enp.asarray(xs)))
+    np.testing.assert_allclose(got, ref, rtol=4e-15, atol=1e-300)
+
+
+def test_exact_gelu_matches_torch_in_float32_eagerly_and_under_jit():
+    x = np.random.default_rng(2).standard_normal((64, 256)).astype(np.float32) * 3
+    ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    # In the negative tail 1 + erf cancels, so erf's few ulp near -1 show as absolute error.
+    np.testing.assert_allclose(np.asarray(F.gelu(enp.asarray(x))), ref, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ember.jit(F.gelu)(x)), ref, rtol=2e-5, atol=1e-6)
