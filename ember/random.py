@@ -18,10 +18,12 @@ Floats take only as many random bits as the dtype's significand holds and scale 
 of two, so every value is exact and ``uniform`` stays in ``[minval, maxval)``; ``float64``
 (NumPy's default, used when ``dtype`` is None) reads 53 bits of a 64-bit draw.
 
-For quick scripts, ``seed(n)`` and ``rand``/``randn``/``random``/``next_key`` use a hidden
-global key that each call advances (reproducible after ``seed``). Hidden state cannot work
-inside a traced function (``jit`` would freeze one draw into the program), so those raise
-:class:`ember.TracerError` while any transformation is active: pass a key instead.
+For quick scripts and PyTorch habits (``F.dropout(x, 0.1)`` with no key), ``seed(n)`` and
+``rand``/``randn``/``random``/``next_key`` use a global key that each call advances
+(reproducible after ``seed``). It is a :class:`ember.core.hidden_state.HiddenState`: ``jit``
+passes it into the compiled program and stores the advanced key after each call, so a jitted
+step draws fresh numbers every call, exactly as eagerly. Inside ``lax`` loop/branch bodies and
+``checkpoint`` it cannot flow out: pass a key there.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import numpy as np
 
 from ember import dtypes
 from ember.core.array import Array, Tracer
-from ember.core.trace import aval_of, to_array, tracing_active
-from ember.errors import DTypeError, EmberValueError, ShapeError, TracerError, op_error, user_frame
+from ember.core.hidden_state import HiddenState
+from ember.core.trace import aval_of, to_array
+from ember.errors import DTypeError, EmberValueError, ShapeError, op_error
 from ember.numpy._core import value
 from ember.ops import elementwise as ew
 from ember.ops import indexing as ix
@@ -473,32 +476,22 @@ def choice(key: Any, a: Any, shape: ShapeLike = (), replace: bool = True, p: Any
 
 # --- the global convenience generator --------------------------------------------------------
 
-_global_key: list[Any] = [None]
-
-
-def _eager_only(op: str) -> None:
-    if tracing_active():
-        raise TracerError(
-            f"ember.random.{op} uses the hidden global generator, which cannot be used inside "
-            f"jit, grad or vmap (one draw would be frozen into the traced program).\n"
-            f"  at {user_frame()}\nPass a key instead: ember.random.normal(key, shape), with "
-            f"key = ember.random.key(seed) split as needed.")
+_GLOBAL_KEY = HiddenState(
+    "ember.random's global generator", lambda: key(secrets.randbits(64)),
+    "Pass a key instead: ember.random.normal(key, shape), with key = ember.random.key(seed) "
+    "split as needed (or draw the key before the loop and pass it in).")
 
 
 def seed(seed: int | None = None) -> None:
     """Reset the global generator: the same seed gives the same sequence of draws; None picks
     a fresh seed from the operating system."""
-    _eager_only("seed")
-    _global_key[0] = key(secrets.randbits(64) if seed is None else seed)
+    _GLOBAL_KEY.set(key(secrets.randbits(64) if seed is None else seed))
 
 
 def next_key() -> Array:
     """A fresh key from the global generator (advancing it)."""
-    _eager_only("next_key")
-    if _global_key[0] is None:
-        seed(None)
-    keys = split(_global_key[0])
-    _global_key[0] = st.index_in_dim(keys, 0)
+    keys = split(_GLOBAL_KEY.get())
+    _GLOBAL_KEY.set(st.index_in_dim(keys, 0))
     return st.index_in_dim(keys, 1)
 
 
@@ -508,17 +501,14 @@ def _size(args: tuple[Any, ...]) -> tuple[int, ...]:
 
 def rand(*shape: int) -> Array:
     """Uniform float64 samples in [0, 1) of the given shape, from the global generator."""
-    _eager_only("rand")
     return uniform(next_key(), _size(shape))
 
 
 def randn(*shape: int) -> Array:
     """Standard normal float64 samples of the given shape, from the global generator."""
-    _eager_only("randn")
     return normal(next_key(), _size(shape))
 
 
 def random(size: ShapeLike = None) -> Array:
     """Uniform float64 samples in [0, 1) (``numpy.random.random``), from the global generator."""
-    _eager_only("random")
     return uniform(next_key(), size)

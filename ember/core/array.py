@@ -83,17 +83,19 @@ class Array:
 
     def __dlpack__(self, *, stream: Any = None, max_version: tuple[int, int] | None = None,
                    dl_device: Any = None, copy: bool | None = None) -> Any:
-        """Export through DLPack: read-only (DLPack 1.0 flags it) where the consumer allows,
-        else a private copy, so a consumer can never write into this array."""
+        """Export through DLPack: a private copy, so a consumer can never write into this array
+        (consumers such as PyTorch ignore DLPack's read-only flag). ``copy=False`` shares the
+        memory, flagged read-only, with consumers that speak DLPack 1.0."""
         view = self.to_numpy()
-        if max_version is not None and max_version >= (1, 0) and not copy:
-            return view.__dlpack__(stream=stream, max_version=max_version)
         if copy is False:
-            raise BufferError("ember arrays are read-only; DLPack before 1.0 cannot export "
-                              "read-only memory without a copy (copy=False was given)")
+            if max_version is None or max_version < (1, 0):
+                raise BufferError("ember arrays are read-only, and DLPack before 1.0 cannot "
+                                  "say so: it cannot share one without a copy")
+            return view.__dlpack__(stream=stream, max_version=max_version)
         out = view.copy()
-        return (out.__dlpack__(stream=stream) if max_version is None
-                else out.__dlpack__(stream=stream, max_version=max_version))
+        if max_version is None:
+            return out.__dlpack__(stream=stream)
+        return out.__dlpack__(stream=stream, max_version=max_version)
 
     def __dlpack_device__(self) -> tuple[int, int]:
         return (1, 0)  # kDLCPU

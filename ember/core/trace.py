@@ -116,6 +116,12 @@ def innermost_main() -> MainTrace:
     return _stack[-1]
 
 
+def innermost_dynamic() -> MainTrace:
+    """The innermost transformation that stages every operation (a jit or body trace), or the
+    eval trace when none is active."""
+    return _dynamic[-1]
+
+
 def tracing_active() -> bool:
     """True when some transformation other than the eval trace is active."""
     return len(_stack) > 1

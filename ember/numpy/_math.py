@@ -315,8 +315,12 @@ def round(x: Any, decimals: int = 0) -> Any:  # noqa: A001
 around = round
 
 
-def clip(x: Any, /, min: Any = None, max: Any = None) -> Any:  # noqa: A002
-    """Limit values to ``[min, max]`` (either bound may be None)."""
+def clip(x: Any, /, min: Any = None, max: Any = None, *,  # noqa: A002
+         a_min: Any = None, a_max: Any = None) -> Any:
+    """Limit values to ``[min, max]`` (either bound may be None); ``a_min``/``a_max`` are
+    NumPy's older names for them."""
+    min = a_min if min is None else min  # noqa: A001
+    max = a_max if max is None else max  # noqa: A001
     out = value(x)
     _refuse_complex("clip", aval_of(out).dtype)
     if min is not None:

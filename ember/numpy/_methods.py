@@ -10,7 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from ember.core.array import Array
-from ember.numpy import _creation, _indexing, _info, _linalg, _math, _reductions, _search, _shape
+from ember.numpy import (
+    _creation,
+    _dispatch,
+    _indexing,
+    _info,
+    _linalg,
+    _math,
+    _reductions,
+    _search,
+    _shape,
+)
 from ember.numpy import _shape_more as _more
 
 
@@ -87,6 +97,8 @@ _PROPERTIES = {"T": _T, "mT": _mT, "at": _indexing.at_property,
 
 
 def install() -> None:
+    Array.__array_function__ = _dispatch.array_function
+    Array.__array_ufunc__ = _dispatch.array_ufunc
     for name, fn in _OPERATORS.items():
         setattr(Array, name, fn)
     for name, fn in _METHODS.items():

@@ -20,7 +20,8 @@ from typing import Any
 
 from ember.backends import get_backend
 from ember.core.array import Array
-from ember.core.trace import aval_of, make_graph, to_array, tracing_active
+from ember.core.hidden_state import HiddenState, make_graph_with_state
+from ember.core.trace import aval_of, to_array, tracing_active
 from ember.errors import EmberError, user_frame
 from ember.ir.graph import ClosedGraph
 from ember.ir.passes import optimize
@@ -58,6 +59,8 @@ class Lowered:
     out_tree: TreeDef
     backend: str = "numpy"
     donate: tuple[bool, ...] = ()
+    # Global state the function used (the ember.random key): trailing inputs and outputs.
+    hidden: tuple[HiddenState, ...] = ()
 
     def as_text(self) -> str:
         return str(self.graph)
@@ -82,8 +85,11 @@ class Lowered:
         donated = [i for i, d in enumerate(self.donate) if d]
         overwrites = getattr(program, "overwrites", ())
 
+        hidden = self.hidden
+
         def run(leaves: list[Any]) -> Any:
             buffers = [x._buffer for x in leaves]
+            buffers += [s.current()._buffer for s in hidden]
             if donated:
                 # The donated Arrays let go of their buffers first, so that a buffer nothing
                 # else sees is written in place; one that is still seen (another Array, a NumPy
@@ -100,8 +106,12 @@ class Lowered:
                     raise
             else:
                 outs = program(*buffers)
-            return tree_unflatten(self.out_tree, [Array(o, a, backend)
-                                                  for o, a in zip(outs, out_avals)])
+            results = [Array(o, a, backend) for o, a in zip(outs, out_avals)]
+            if hidden:
+                for s, value in zip(hidden, results[-len(hidden):]):
+                    s.set(value)
+                results = results[:-len(hidden)]
+            return tree_unflatten(self.out_tree, results)
         return run
 
 
@@ -216,10 +226,11 @@ class Jitted:
         fun = self._rebuild(args, kwargs)
         store: list = []
         flat = flatten_fun(fun, key.tree, store)
-        closed = make_graph(flat, key.avals)
+        closed, hidden = make_graph_with_state(flat, key.avals)
         closed = optimize(closed)
         verify(closed)
-        return Lowered(closed, key.tree, store[-1], self.backend, self._donated_leaves(args))
+        return Lowered(closed, key.tree, store[-1], self.backend, self._donated_leaves(args),
+                       tuple(hidden))
 
     def _donated_leaves(self, args: tuple) -> tuple[bool, ...]:
         """One flag per dynamic leaf: does it belong to a ``donate_argnums`` argument?"""
