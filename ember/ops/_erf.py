@@ -47,7 +47,7 @@ def erf_numpy(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype == np.float64:
         return _erf_float64(x)
-    return _erf_float32(np.ascontiguousarray(x, dtype=np.float32)).astype(x.dtype, copy=False)
+    return _erf_float32(np.asarray(x, dtype=np.float32, order="C")).astype(x.dtype, copy=False)
 
 
 def _horner(coeffs: tuple[np.float32, ...], u: np.ndarray) -> np.ndarray:
