@@ -214,3 +214,49 @@ def test_exact_gelu_matches_torch_in_float32_eagerly_and_under_jit():
     # In the negative tail 1 + erf cancels, so erf's few ulp near -1 show as absolute error.
     np.testing.assert_allclose(np.asarray(F.gelu(enp.asarray(x))), ref, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(ember.jit(F.gelu)(x)), ref, rtol=2e-5, atol=1e-6)
+
+
+# --- dropout in a jitted training step without keys --------------------------------------------
+
+class DropNet(nn.Module):
+    def __init__(self):
+        self.fc = nn.Linear(32, 32)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.fc(x))
+
+
+def _dropout_step():
+    def loss(model, x):
+        return enp.sum(model(x))
+
+    @ember.jit
+    def step(model, x):
+        value, grads = nn.value_and_grad(loss)(model, x)
+        return value, grads["fc.bias"]
+    return step
+
+
+def test_dropout_in_a_jitted_training_step_needs_no_keys():
+    ember.random.seed(0)
+    model = DropNet()
+    x = np.ones((4, 32), dtype=np.float32)
+    step = _dropout_step()
+    ember.random.seed(11)
+    first = [np.asarray(step(model, x)[1]) for _ in range(3)]
+    # The bias gradient counts the kept units per feature, scaled by 1/(1-p): it is the mask.
+    assert all(set(np.unique(g)) <= {0.0, 2.0, 4.0, 6.0, 8.0} for g in first)
+    assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
+    ember.random.seed(11)
+    again = [np.asarray(step(model, x)[1]) for _ in range(3)]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    assert step.trace_count == 1
+    # The compiled step draws exactly what the eager step draws from the same seed.
+    ember.random.seed(11)
+    eager = nn.value_and_grad(lambda m, x: enp.sum(m(x)))(model, x)[1]["fc.bias"]
+    np.testing.assert_array_equal(np.asarray(eager), first[0])
+    # eval() turns dropout off (and retraces: the mode is static structure).
+    model.eval()
+    np.testing.assert_array_equal(np.asarray(step(model, x)[1]), np.full(32, 4.0))

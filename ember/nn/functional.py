@@ -102,8 +102,10 @@ def log_softmax(x: Any, axis: int = -1) -> Any:
 def dropout(x: Any, p: float = 0.5, training: bool = True, key: Any = None) -> Any:
     """Zero elements with probability ``p`` and scale the rest by ``1/(1-p)``.
 
-    Under ``jit`` or ``grad`` pass ``key`` (an ``ember.random`` key); eagerly the global
-    generator is used when it is omitted.
+    Without ``key`` the mask comes from the global generator (``ember.random.seed``), also
+    under ``jit``, which threads that generator through the compiled program: each call of a
+    jitted training step draws a fresh mask. Pass ``key`` for masks you control, and inside
+    ``lax`` loop bodies or ``checkpoint``, where the global generator cannot be used.
     """
     if not 0.0 <= p <= 1.0:
         raise op_error(EmberValueError, "dropout", f"p must be in [0, 1], got {p}")

@@ -78,7 +78,8 @@ class LayerNorm(Module):
 
 
 class Dropout(Module):
-    """Dropout while ``training``; pass ``key=`` when called under ``jit``/``grad``."""
+    """Dropout while ``training``, with masks from the global generator (fresh at every call
+    of a jitted step, reproducible after ``ember.random.seed``) unless a ``key`` is passed."""
 
     def __init__(self, p: float = 0.5):
         self.p = p
