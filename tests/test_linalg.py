@@ -197,7 +197,7 @@ def test_singular_matrices():
     (lambda a, b: lax.triangular_solve(a, b, True), [np.ones((3, 3)), np.ones((2, 3))],
      r"triangular_solve: a \(3, 3\) and b \(2, 3\) do not fit"),
     (lambda a: lax.cholesky(a), [np.ones((3, 3), np.int32)],
-     r"cholesky: needs float32 or float64, got int32"),
+     r"cholesky: needs float32, float64, complex64, complex128, got int32"),
 ])
 def test_bad_input_raises_an_ember_error_naming_the_function(fn, args, match):
     ember_args = [enp.asarray(a) for a in args]
@@ -282,3 +282,81 @@ def test_vmap_of_composed_functions_matches_a_loop():
     np.testing.assert_allclose(ember.vmap(LA.solve, in_axes=(0, 0))(enp.asarray(xs),
                                                                      enp.asarray(bs)),
                                np.linalg.solve(xs, bs[..., None])[..., 0], rtol=1e-10)
+
+
+# --- complex matrices ------------------------------------------------------------------------
+
+def _complex(*shape):
+    return _general(*shape) + 1j * _general(*shape)
+
+
+def _hermitian(*shape):
+    a = _complex(*shape)
+    return a + np.conj(np.swapaxes(a, -1, -2))
+
+
+def _hpd(*shape):
+    a = _complex(*shape)
+    return a @ np.conj(np.swapaxes(a, -1, -2)) + 2 * shape[-1] * np.eye(shape[-1])
+
+
+COMPLEX_CASES = [
+    ("det", LA.det, np.linalg.det, [_complex(2, 4, 4)]),
+    ("slogdet", lambda x: tuple(LA.slogdet(x)), lambda x: tuple(np.linalg.slogdet(x)),
+     [_complex(3, 3)]),
+    ("inv", LA.inv, np.linalg.inv, [_complex(2, 3, 3)]),
+    ("solve", LA.solve, np.linalg.solve, [_complex(3, 3), _complex(2, 3, 2)]),
+    ("cholesky-upper", lambda x: LA.cholesky(x, upper=True),
+     lambda x: np.linalg.cholesky(x, upper=True), [_hpd(2, 3, 3)]),
+    ("qr", lambda x: tuple(LA.qr(x)), lambda x: tuple(np.linalg.qr(x)), [_complex(4, 3)]),
+    ("eigh", lambda x: tuple(LA.eigh(x)), lambda x: tuple(np.linalg.eigh(x)),
+     [_hermitian(2, 3, 3)]),
+    ("eigvalsh", LA.eigvalsh, np.linalg.eigvalsh, [_hermitian(4, 4)]),
+    ("svd", lambda x: tuple(LA.svd(x)), lambda x: tuple(np.linalg.svd(x)), [_complex(3, 5)]),
+    ("svdvals", LA.svdvals, np.linalg.svdvals, [_complex(2, 4, 3)]),
+    ("pinv", LA.pinv, np.linalg.pinv, [_complex(4, 3)]),
+    ("matrix_rank", LA.matrix_rank, np.linalg.matrix_rank, [_complex(3, 3)]),
+    ("matrix_power", lambda x: LA.matrix_power(x, -2),
+     lambda x: np.linalg.matrix_power(x, -2), [_hpd(3, 3) / 6]),
+    ("cross", LA.cross, np.linalg.cross, [_complex(2, 3), _complex(3)]),
+    ("vecdot-conjugates-x1", LA.vecdot, np.linalg.vecdot, [_complex(2, 3), _complex(3)]),
+    ("vdot-conjugates-a", enp.vdot, np.vdot, [_complex(2, 3), _complex(2, 3)]),
+    *[(f"matrix_norm-{o}", lambda x, o=o: LA.matrix_norm(x, ord=o),
+       lambda x, o=o: np.linalg.matrix_norm(x, ord=o), [_complex(2, 3, 4)])
+      for o in ("fro", "nuc", 1, 2, -np.inf)],
+]
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+@pytest.mark.parametrize("name,fn,ref,inputs", COMPLEX_CASES, ids=[c[0] for c in COMPLEX_CASES])
+def test_complex_matches_numpy(name, fn, ref, inputs, dtype):
+    tol = (2e-4, 2e-5) if dtype == np.complex64 else (1e-9, 1e-11)
+    check(fn, ref, *[x.astype(dtype) for x in inputs], rtol=tol[0], atol=tol[1])
+
+
+COMPLEX_GRAD_CASES = [
+    ("det", LA.det, _complex(3, 3)),
+    ("slogdet-logabsdet", lambda x: LA.slogdet(x).logabsdet, _complex(2, 3, 3)),
+    ("slogdet-sign", lambda x: LA.slogdet(x).sign, _complex(3, 3)),
+    ("inv", LA.inv, _complex(3, 3) + 3 * np.eye(3)),
+    ("solve", lambda x: LA.solve(x, np.arange(3.0)), _complex(3, 3) + 3 * np.eye(3)),
+    ("pinv", LA.pinv, _complex(3, 2)),
+    ("cholesky", LA.cholesky, _hpd(3, 3)),
+    ("eigvalsh", LA.eigvalsh, _hermitian(3, 3)),
+    ("svdvals", LA.svdvals, _complex(2, 3)),
+]
+
+
+@pytest.mark.parametrize("name,fn,x", COMPLEX_GRAD_CASES, ids=[c[0] for c in COMPLEX_GRAD_CASES])
+def test_complex_gradients_follow_jax_convention(name, fn, x):
+    """For real ``f(z)``, ``grad`` is ``df/dRe(z) - i df/dIm(z)`` (JAX's convention)."""
+    shape = np.shape(fn(enp.asarray(x)))
+    weights = RNG.normal(size=shape) + 1j * RNG.normal(size=shape)
+
+    def loss(z):
+        return enp.sum(enp.real(fn(z) * weights))
+
+    g = np.asarray(ember.grad(loss)(enp.asarray(x)))
+    d_re = numeric_grad(lambda re: loss(enp.asarray(re + 1j * x.imag)), x.real)
+    d_im = numeric_grad(lambda im: loss(enp.asarray(x.real + 1j * im)), x.imag)
+    np.testing.assert_allclose(g, d_re - 1j * d_im, rtol=1e-6, atol=1e-7)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ember import dtypes
 from ember.core.trace import aval_of
 from ember.errors import ShapeError, op_error
 from ember.numpy._core import normalize_axis_arg, promote_args, value
@@ -21,8 +22,6 @@ __all__ = ["matmul", "dot", "vdot", "vecdot", "inner", "outer", "tensordot",
 
 
 def _promoted(op: str, a: Any, b: Any) -> tuple[Any, Any]:
-    from ember import dtypes
-
     x, y = value(a), value(b)
     dt = dtypes.result_type(x, y)
     return ew.convert(x, dt), ew.convert(y, dt)
@@ -97,7 +96,10 @@ def dot(a: Any, b: Any) -> Any:
 
 
 def vdot(a: Any, b: Any, /) -> Any:
+    """Dot product of the flattened arrays, conjugating ``a`` (as NumPy)."""
     x, y = _promoted("vdot", a, b)
+    if dtypes.is_complex(aval_of(x).dtype):
+        x = ew.conj(x)
     return dot(st.reshape(x, (aval_of(x).size,)), st.reshape(y, (aval_of(y).size,)))
 
 
@@ -112,8 +114,9 @@ def inner(a: Any, b: Any, /) -> Any:
 
 
 def vecdot(x1: Any, x2: Any, /, *, axis: int = -1) -> Any:
-    """Dot product of vectors along ``axis`` of the broadcast shape (array API); the other axes
-    broadcast, the vectors must have equal lengths."""
+    """Dot product of vectors along ``axis`` of the broadcast shape (array API), conjugating
+    ``x1`` (``sum(conj(x1) * x2)``); the other axes broadcast, the vectors must have equal
+    lengths."""
     shapes = [aval_of(value(x)).shape for x in (x1, x2)]
     a, b = promote_args("vecdot", x1, x2)
     nd = aval_of(a).ndim
@@ -122,6 +125,8 @@ def vecdot(x1: Any, x2: Any, /, *, axis: int = -1) -> Any:
     if any(len(s) < -back or s[back] != aval_of(a).shape[ax] for s in shapes):
         raise op_error(ShapeError, "vecdot", f"vectors along axis {axis} must have equal "
                        f"lengths, got shapes {shapes[0]} and {shapes[1]}")
+    if dtypes.is_complex(aval_of(a).dtype):
+        a = ew.conj(a)
     return reduce_sum(ew.mul(a, b), (ax,))
 
 

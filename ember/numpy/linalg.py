@@ -5,11 +5,12 @@ composed from them, so gradients, ``jit`` and ``vmap`` come for free: ``det``, `
 ``solve`` and ``inv`` from ``lu`` and triangular solves, ``pinv``, ``matrix_rank``, ``svdvals``
 and the spectral norms from ``svd``, ``eigvalsh`` from ``eigh``. Every function takes stacks of
 matrices in the last two axes. Integer inputs compute in float64 and half precision in float32
-(rounded back), since LAPACK has neither.
+(rounded back), since LAPACK has neither. Complex matrices work wherever NumPy's do: Hermitian
+``eigh``, unitary ``qr`` and ``svd``, with real eigenvalues, singular values and ``logabsdet``.
 
 Like JAX, and unlike NumPy, a failed factorisation does not raise: it gives NaN (``cholesky`` of
 a matrix that is not positive definite, ``solve``/``inv`` of a singular one). Symmetric inputs
-of ``cholesky``, ``eigh`` and ``eigvalsh`` are symmetrised, ``(x + x^T) / 2``, where NumPy reads
+of ``cholesky``, ``eigh`` and ``eigvalsh`` are symmetrised, ``(x + x^H) / 2``, where NumPy reads
 the lower triangle: the same for a symmetric ``x``, and it makes their gradients symmetric.
 """
 
@@ -26,7 +27,7 @@ from ember.errors import EmberValueError, ShapeError, op_error
 from ember.numpy._core import broadcast_shapes, float_dtype, normalize_axis_arg, promote_args, value
 from ember.numpy._creation import eye, triu
 from ember.numpy._linalg import matmul, matrix_transpose, outer, tensordot, vecdot
-from ember.numpy._math import where
+from ember.numpy._math import conj, where
 from ember.numpy._reductions import max as max_
 from ember.numpy._reductions import min as min_
 from ember.numpy._reductions import sum as sum_
@@ -76,13 +77,17 @@ def _matrices(op: str, x: Any, square: bool = False) -> tuple[Any, np.dtype]:
     if square and shape[-1] != shape[-2]:
         raise op_error(ShapeError, op, f"needs square matrices in the last two dimensions, got "
                        f"shape {shape}")
-    out = dt if dtypes.is_float(dt) else dtypes.float64
+    out = dt if dtypes.is_inexact(dt) else dtypes.float64
     compute = dtypes.float32 if out in (dtypes.float16, dtypes.bfloat16) else out
     return ew.convert(v, compute), out
 
 
 def _cast(x: Any, dtype: np.dtype) -> Any:
     return x if aval_of(x).dtype == dtype else ew.convert(x, dtype)
+
+
+def _adjoint(x: Any) -> Any:
+    return conj(matrix_transpose(x))
 
 
 def _eye_like(a: Any) -> Any:
@@ -94,11 +99,11 @@ def _eye_like(a: Any) -> Any:
 # --- factorisations --------------------------------------------------------------------------
 
 def cholesky(x: Any, /, *, upper: bool = False) -> Any:
-    """Cholesky factor of a symmetric positive-definite ``x``: lower ``L`` with ``x = L L^T``
-    (``upper=True``: ``U = L^T``). NaN for a matrix that is not positive definite."""
+    """Cholesky factor of a Hermitian positive-definite ``x``: lower ``L`` with ``x = L L^H``
+    (``upper=True``: ``U = L^H``). NaN for a matrix that is not positive definite."""
     a, out = _matrices("cholesky", x, square=True)
     low = dec.cholesky(a)
-    return _cast(matrix_transpose(low) if upper else low, out)
+    return _cast(_adjoint(low) if upper else low, out)
 
 
 def qr(x: Any, /, *, mode: str = "reduced") -> Any:
@@ -115,15 +120,15 @@ def qr(x: Any, /, *, mode: str = "reduced") -> Any:
 
 
 def eigh(x: Any, /) -> EighResult:
-    """``EighResult(eigenvalues, eigenvectors)`` of a symmetric ``x``: eigenvalues ascending,
-    eigenvectors as columns. Gradients need distinct eigenvalues."""
+    """``EighResult(eigenvalues, eigenvectors)`` of a Hermitian ``x``: real eigenvalues
+    ascending, eigenvectors as columns. Gradients need distinct eigenvalues."""
     a, out = _matrices("eigh", x, square=True)
     w, v = dec.eigh(a)
-    return EighResult(_cast(w, out), _cast(v, out))
+    return EighResult(_cast(w, dtypes.real_dtype(out)), _cast(v, out))
 
 
 def eigvalsh(x: Any, /) -> Any:
-    """Eigenvalues of a symmetric ``x``, ascending."""
+    """Eigenvalues of a Hermitian ``x``, ascending."""
     return eigh(x).eigenvalues
 
 
@@ -133,9 +138,10 @@ def svd(x: Any, /, full_matrices: bool = True, compute_uv: bool = True) -> Any:
     singular values, and ``full_matrices=False`` for a non-square ``x``."""
     a, out = _matrices("svd", x)
     u, s, vh = dec.svd(a, full_matrices=bool(full_matrices) and compute_uv)
+    s = _cast(s, dtypes.real_dtype(out))
     if not compute_uv:
-        return _cast(s, out)
-    return SVDResult(_cast(u, out), _cast(s, out), _cast(vh, out))
+        return s
+    return SVDResult(_cast(u, out), s, _cast(vh, out))
 
 
 def svdvals(x: Any, /) -> Any:
@@ -173,11 +179,20 @@ def det(x: Any, /) -> Any:
 
 def slogdet(x: Any, /) -> SlogdetResult:
     """``SlogdetResult(sign, logabsdet)``, with ``det = sign * exp(logabsdet)``; a singular
-    matrix gives ``(0, -inf)``."""
+    matrix gives ``(0, -inf)``. For complex ``x`` the sign is ``det / |det|`` and has a
+    derivative."""
     d, sign, out = _lu_diagonal("slogdet", x)
     last = (aval_of(d).ndim - 1,)
-    sign = ew.mul(sign, reduce_prod(ew.sign(d), last))
-    return SlogdetResult(_cast(sign, out), _cast(reduce_sum(ew.log(ew.abs(d)), last), out))
+    size = ew.abs(d)
+    if dtypes.is_complex(aval_of(d).dtype):
+        nonzero = ew.ne(size, ew.zeros_like(size))
+        safe = ew.convert(where(nonzero, size, ew.full_like(size, 1)), aval_of(d).dtype)
+        phase = where(nonzero, ew.div(d, safe), ew.zeros_like(d))
+    else:
+        phase = ew.sign(d)
+    sign = ew.mul(sign, reduce_prod(phase, last))
+    logabsdet = reduce_sum(ew.log(size), last)
+    return SlogdetResult(_cast(sign, out), _cast(logabsdet, dtypes.real_dtype(out)))
 
 
 def solve(x1: Any, x2: Any, /) -> Any:
@@ -271,10 +286,11 @@ def pinv(x: Any, /, *, rtol: Any = None) -> Any:
     # Divide only where kept, so a zero singular value gives no inf (nor a NaN gradient).
     one = ew.full_like(s, 1)
     s_inv = where(keep, ew.div(one, where(keep, s, one)), ew.zeros_like(s))
-    v = matrix_transpose(vh)
+    v = _adjoint(vh)
     nd = aval_of(v).ndim
+    s_inv = ew.convert(s_inv, aval_of(v).dtype)
     scaled = ew.mul(v, st.broadcast_in_dim(s_inv, aval_of(v).shape, (*range(nd - 2), nd - 1)))
-    return _cast(matmul(scaled, matrix_transpose(u)), out)
+    return _cast(matmul(scaled, _adjoint(u)), out)
 
 
 # --- products and structure ------------------------------------------------------------------
@@ -350,7 +366,7 @@ def matrix_norm(x: Any, /, *, keepdims: bool = False, ord: Any = "fro") -> Any:
         a, out = _matrices("matrix_norm", v)
         s = svdvals(a)
         pick = sum_ if ord == "nuc" else max_ if ord == 2 else min_
-        result = _cast(pick(s, axis=-1), out)
+        result = _cast(pick(s, axis=-1), dtypes.real_dtype(out))
         return expand_dims(result, (-2, -1)) if keepdims else result
     a = ew.abs(ew.convert(v, float_dtype(aval_of(v).dtype)))
     pick = max_ if ord > 0 else min_

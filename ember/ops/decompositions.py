@@ -6,7 +6,9 @@ rule only moves the mapped axis to the front. The NumPy implementations call LAP
 ``numpy.linalg`` (LU is written out, since NumPy does not expose it).
 
 JVPs are the standard matrix-calculus formulas, written with primitives so that they are linear
-in the tangent (reverse mode transposes them) and differentiable again. Only
+in the tangent (reverse mode transposes them) and differentiable again. Complex matrices use
+the conjugate transpose where real ones use the transpose (Hermitian ``eigh``, unitary ``qr``
+and ``svd``); the derivatives follow JAX's convention for complex numbers. Only
 ``triangular_solve`` is linear in an operand, so only it has a transpose rule. Where a formula
 divides by a difference of eigenvalues or singular values, repeated ones give non-finite
 derivatives, as in JAX and PyTorch.
@@ -36,7 +38,7 @@ from ember.ops.reduce import reduce_sum
 
 __all__ = ["cholesky", "lu", "lu_solve", "permute_rows", "qr", "eigh", "svd", "triangular_solve"]
 
-_DTYPES = (dtypes.float32, dtypes.float64)
+_DTYPES = (dtypes.float32, dtypes.float64, dtypes.complex64, dtypes.complex128)
 
 
 # --- shape/dtype rules -----------------------------------------------------------------------
@@ -49,12 +51,7 @@ def _check_matrix(op: str, x: ArrayType, square: bool = False) -> None:
         raise op_error(ShapeError, op, f"needs square matrices in the last two dimensions, got "
                        f"shape {x.shape}")
     if x.dtype not in _DTYPES:
-        raise op_error(DTypeError, op, f"needs {' or '.join(map(str, _DTYPES))}, got {x.dtype}")
-
-
-def _real_dtype(dtype: np.dtype) -> np.dtype:
-    """The real dtype of the same precision (eigenvalues and singular values are real)."""
-    return np.finfo(dtype).dtype
+        raise op_error(DTypeError, op, f"needs {', '.join(map(str, _DTYPES))}, got {x.dtype}")
 
 
 # --- helpers the rules share -----------------------------------------------------------------
@@ -63,6 +60,25 @@ def _mT(x: Any) -> Any:
     """Swap the last two axes."""
     nd = aval_of(x).ndim
     return st.transpose(x, (*range(nd - 2), nd - 1, nd - 2))
+
+
+def _is_complex(x: Any) -> bool:
+    return dtypes.is_complex(aval_of(x).dtype)
+
+
+def _H(x: Any) -> Any:
+    """Conjugate transpose of each matrix (the transpose of a real one)."""
+    return ew.conj(_mT(x)) if _is_complex(x) else _mT(x)
+
+
+def _real(x: Any) -> Any:
+    return ew.real(x) if _is_complex(x) else x
+
+
+def _like(x: Any, other: Any) -> Any:
+    """``x`` (real) in ``other``'s dtype, to multiply complex matrices by real factors."""
+    dt = aval_of(other).dtype
+    return x if aval_of(x).dtype == dt else ew.convert(x, dt)
 
 
 def _mm(a: Any, b: Any) -> Any:
@@ -115,12 +131,20 @@ def _inverse_gaps(values: Any, like: Any, square: Callable[[Any], Any]) -> Any:
     fv = square(values)
     gaps = ew.sub(_row(fv, like), _col(fv, like))
     eye = _eye(gaps)
-    return ew.mul(ew.div(ew.full_like(gaps, 1), ew.add(gaps, eye)), ew.sub(ew.full_like(eye, 1),
-                                                                           eye))
+    inverse = ew.mul(ew.div(ew.full_like(gaps, 1), ew.add(gaps, eye)),
+                     ew.sub(ew.full_like(eye, 1), eye))
+    return _like(inverse, like)
 
 
 def _symmetrize(x: Any) -> Any:
-    return ew.mul(ew.add(x, _mT(x)), ew.full_like(x, 0.5))
+    """The Hermitian part ``(x + x^H) / 2``."""
+    return ew.mul(ew.add(x, _H(x)), ew.full_like(x, 0.5))
+
+
+def _imaginary_diagonal(x: Any) -> Any:
+    """``i * imag(diag(x))`` as a diagonal matrix: the part of ``x`` a gauge (phase) choice
+    removes from a complex factorisation."""
+    return ew.mul(ew.mul(ew.sub(x, ew.conj(x)), ew.full_like(x, 0.5)), _eye(x))
 
 
 def _batch_leading(prim: Primitive) -> Callable[..., Any]:
@@ -232,15 +256,19 @@ def _cholesky_rule(x: ArrayType) -> ArrayType:
     return ArrayType(x.shape, x.dtype)
 
 
+def _hermitian_part(x):
+    return (x + np.conj(np.swapaxes(x, -1, -2))) / 2
+
+
 def _cholesky_impl(x):
-    return _nan_on_failure(np.linalg.cholesky, (x + np.swapaxes(x, -1, -2)) / 2)
+    return _nan_on_failure(np.linalg.cholesky, _hermitian_part(x))
 
 
 cholesky_p.def_impl(_cholesky_impl)
 
 
 def cholesky(x: Any) -> Any:
-    """Lower Cholesky factor ``L`` of ``(x + x^T) / 2`` (symmetrised, so its gradient is
+    """Lower Cholesky factor ``L`` of ``(x + x^H) / 2`` (symmetrised, so its gradient is
     symmetric); NaN where that matrix is not positive definite."""
     return cholesky_p.bind(x)
 
@@ -251,9 +279,9 @@ def _cholesky_jvp(primals, tangents):
     low = cholesky(x)
     if isinstance(t, Zero):
         return low, Zero(low.aval)
-    # dL = L Phi(L^-1 dA L^-T), Phi = lower triangle with the diagonal halved. L^-1 dA L^-T is
-    # symmetric, so it equals L^-1 (L^-1 dA)^T: two triangular solves.
-    inner = triangular_solve(low, _mT(triangular_solve(low, _symmetrize(t), lower=True)),
+    # dL = L Phi(L^-1 dA L^-H), Phi = lower triangle with the diagonal halved. L^-1 dA L^-H is
+    # Hermitian, so it equals L^-1 (L^-1 dA)^H: two triangular solves.
+    inner = triangular_solve(low, _H(triangular_solve(low, _symmetrize(t), lower=True)),
                              lower=True)
     n = aval_of(x).shape[-1]
     phi = np.tri(n, n, -1, dtype=aval_of(x).dtype) + 0.5 * np.eye(n, dtype=aval_of(x).dtype)
@@ -343,11 +371,11 @@ eigh_p = _declare("eigh", multiple_results=True)
 @eigh_p.def_abstract_eval
 def _eigh_rule(x: ArrayType) -> list[ArrayType]:
     _check_matrix("eigh", x, square=True)
-    return [ArrayType(x.shape[:-1], _real_dtype(x.dtype)), ArrayType(x.shape, x.dtype)]
+    return [ArrayType(x.shape[:-1], dtypes.real_dtype(x.dtype)), ArrayType(x.shape, x.dtype)]
 
 
 def _eigh_impl(x):
-    w, v = np.linalg.eigh((x + np.swapaxes(x, -1, -2)) / 2)
+    w, v = np.linalg.eigh(_hermitian_part(x))
     return [w, v]
 
 
@@ -355,7 +383,7 @@ eigh_p.def_impl(_eigh_impl)
 
 
 def eigh(x: Any) -> tuple[Any, Any]:
-    """Eigenvalues (ascending) and eigenvectors (columns) of ``(x + x^T) / 2``."""
+    """Eigenvalues (ascending, real) and eigenvectors (columns) of ``(x + x^H) / 2``."""
     w, v = eigh_p.bind(x)
     return w, v
 
@@ -366,9 +394,9 @@ def _eigh_jvp(primals, tangents):
     w, v = eigh(x)
     if isinstance(t, Zero):
         return [w, v], [Zero(w.aval), Zero(v.aval)]
-    # With M = V^T dA V: dw = diag(M), dV = V (F * M), F[i, j] = 1 / (w_j - w_i) off the diagonal.
-    m = _mm(_mT(v), _mm(_symmetrize(t), v))
-    return [w, v], [_diag(m), _mm(v, ew.mul(_inverse_gaps(w, m, lambda s: s), m))]
+    # With M = V^H dA V: dw = diag(M), dV = V (F * M), F[i, j] = 1 / (w_j - w_i) off the diagonal.
+    m = _mm(_H(v), _mm(_symmetrize(t), v))
+    return [w, v], [_real(_diag(m)), _mm(v, ew.mul(_inverse_gaps(w, m, lambda s: s), m))]
 
 
 # --- svd -------------------------------------------------------------------------------------
@@ -382,7 +410,8 @@ def _svd_rule(x: ArrayType, *, full_matrices: bool) -> list[ArrayType]:
     *batch, m, n = x.shape
     k = min(m, n)
     cols_u, rows_vh = (m, n) if full_matrices else (k, k)
-    return [ArrayType((*batch, m, cols_u), x.dtype), ArrayType((*batch, k), _real_dtype(x.dtype)),
+    return [ArrayType((*batch, m, cols_u), x.dtype),
+            ArrayType((*batch, k), dtypes.real_dtype(x.dtype)),
             ArrayType((*batch, rows_vh, n), x.dtype)]
 
 
@@ -411,23 +440,26 @@ def _svd_jvp(primals, tangents, *, full_matrices):
         raise op_error(UnsupportedError, "svd", f"the derivative of svd(full_matrices=True) of "
                        f"a {m}x{n} matrix is not defined (the extra singular vectors are not "
                        "unique); use full_matrices=False")
-    v = _mT(vh)
-    dp = _mm(_mT(u), _mm(t, v))  # U^T dA V, k x k
-    sj = _row(s, dp)  # s_j in column j
-    si = _col(s, dp)  # s_i in row i
+    v = _H(vh)
+    dp = _mm(_H(u), _mm(t, v))  # U^H dA V, k x k
+    sj = _like(_row(s, dp), dp)  # s_j in column j
+    si = _like(_col(s, dp), dp)  # s_i in row i
     f = _inverse_gaps(s, dp, lambda s: ew.mul(s, s))
     dps = ew.mul(dp, sj)  # dP S
     sdp = ew.mul(si, dp)  # S dP
-    du = _mm(u, ew.mul(f, ew.add(dps, _mT(dps))))
-    dv = _mm(v, ew.mul(f, ew.add(sdp, _mT(sdp))))
-    # Directions outside the span of U (tall) or V (wide): (I - U U^T) dA V / S and its mirror.
+    inner_u = ew.mul(f, ew.add(dps, _H(dps)))
+    if _is_complex(dp):  # the phase of each pair of singular vectors: put it all on U
+        inner_u = ew.add(inner_u, ew.div(_imaginary_diagonal(dp), sj))
+    du = _mm(u, inner_u)
+    dv = _mm(v, ew.mul(f, ew.add(sdp, _H(sdp))))
+    # Directions outside the span of U (tall) or V (wide): (I - U U^H) dA V / S and its mirror.
     if m > n:
         dav = _mm(t, v)
-        du = ew.add(du, ew.div(ew.sub(dav, _mm(u, _mm(_mT(u), dav))), _row(s, dav)))
+        du = ew.add(du, ew.div(ew.sub(dav, _mm(u, _mm(_H(u), dav))), _like(_row(s, dav), dav)))
     if n > m:
-        dau = _mm(_mT(t), u)
-        dv = ew.add(dv, ew.div(ew.sub(dau, _mm(v, _mm(vh, dau))), _row(s, dau)))
-    return [u, s, vh], [du, _diag(dp), _mT(dv)]
+        dau = _mm(_H(t), u)
+        dv = ew.add(dv, ew.div(ew.sub(dau, _mm(v, _mm(vh, dau))), _like(_row(s, dau), dau)))
+    return [u, s, vh], [du, _real(_diag(dp)), _H(dv)]
 
 
 # --- qr --------------------------------------------------------------------------------------
@@ -452,7 +484,8 @@ qr_p.def_impl(_qr_impl)
 
 
 def qr(x: Any, full_matrices: bool = False) -> tuple[Any, Any]:
-    """``(Q, R)`` with ``x = Q @ R``, ``Q`` orthonormal columns, ``R`` upper triangular."""
+    """``(Q, R)`` with ``x = Q @ R``, ``Q`` orthonormal columns, ``R`` upper triangular with a
+    real diagonal."""
     q, r = qr_p.bind(x, full_matrices=bool(full_matrices))
     return q, r
 
@@ -474,16 +507,19 @@ def _qr_jvp(primals, tangents, *, full_matrices):
     lead = [0] * len(batch)
     r1 = st.slice(r, [*lead, 0, 0], [*batch, k, k])
     t1 = st.slice(t, [*lead, 0, 0], [*batch, m, k])
-    # With C = Q^T dA R^-1: Q^T dQ = Omega, the skew part of C's strict lower triangle.
+    # With C = Q^H dA R^-1: Q^H dQ = Omega, skew-Hermitian, from C's strict lower triangle (and,
+    # for complex x, the imaginary part of its diagonal, which keeps R's diagonal real).
     dx_rinv = _mT(triangular_solve(r1, _mT(t1), lower=False, transpose_a=True))
-    c = _mm(_mT(q), dx_rinv)
+    c = _mm(_H(q), dx_rinv)
     low = _tri(c, True, -1)
-    omega = ew.sub(low, _mT(low))
+    omega = ew.sub(low, _H(low))
+    if _is_complex(c):
+        omega = ew.add(omega, _imaginary_diagonal(c))
     dq = ew.add(_mm(q, ew.sub(omega, c)), dx_rinv)
     dr = _mm(ew.sub(c, omega), r1)
     if n > m:
         x2 = st.slice(x, [*lead, 0, m], [*batch, m, n])
         t2 = st.slice(t, [*lead, 0, m], [*batch, m, n])
-        dr2 = ew.add(_mm(_mT(dq), x2), _mm(_mT(q), t2))
+        dr2 = ew.add(_mm(_H(dq), x2), _mm(_H(q), t2))
         dr = st.concatenate([dr, dr2], len(batch) + 1)
     return [q, r], [dq, dr]
