@@ -16,6 +16,7 @@ import weakref
 import ml_dtypes
 import numpy as np
 import pytest
+from tiny_models import write_gguf
 
 import ember
 from ember import nn
@@ -238,54 +239,10 @@ def test_loading_errors_are_clear_and_leave_nothing_half_done(tmp_path):
 
 def _write_gguf(path, hf, family: str, quantize: str | None = None, extra=None):
     """A GGUF file of ``hf``'s weights as llama.cpp's converter lays them out."""
-    gguf = pytest.importorskip("gguf")
-    from ember.io.gguf import permute_qk
-
-    cfg = hf.config
-    arch = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}[family]
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    w.add_token_merges(["t 0"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
-             "output_norm.weight", "lm_head.weight": "output.weight"}
-    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, value in hf.state_dict().items():
-        value = value.detach().numpy()
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        if name not in names:
-            _, _, layer, *rest = name.split(".")
-            part, kind = ".".join(rest[:-1]), rest[-1]
-            names[name] = f"blk.{layer}.{parts[part]}.{kind}"
-            if arch == "llama" and part in ("self_attn.q_proj", "self_attn.k_proj"):
-                heads = cfg.num_attention_heads if "q_proj" in part else cfg.num_key_value_heads
-                value = permute_qk(value, heads)
-        if quantize == "Q8_0" and value.ndim == 2 and value.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(names[name], q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(names[name], value.astype(np.float32))
-    for name, value in (extra or {}).items():
-        w.add_tensor(name, np.asarray(value, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    pytest.importorskip("gguf")
+    config = LlamaConfig.from_hf({**hf.config.to_dict(), "model_type": family})
+    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    write_gguf(path, config, state, quantize, extra)
 
 
 @pytest.mark.parametrize("variant", ["llama3", "qwen2"])

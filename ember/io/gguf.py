@@ -94,7 +94,8 @@ def _open_reader(path: str) -> GGUFReader:
             f"found {magic!r})"
         )
     try:
-        reader = GGUFReader(path)
+        with np.errstate(over="ignore"):  # a damaged offset overflows, then fails to map
+            reader = GGUFReader(path)
     except _READER_ERRORS as exc:
         raise EmberValueError(
             f"{path}: corrupt or truncated GGUF file ({type(exc).__name__}: {exc})"

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,11 @@ def load(path: str | os.PathLike | None = None, dtype: Any = enp.float32
     path = os.fspath(path) if path is not None else default_model_path()
     if _is_gguf(path):
         gguf = GGUFFile(path)
-        return _load_gguf(gguf, dtype), Tokenizer.from_gguf(gguf.metadata)
+        model = _load_gguf(gguf, dtype)
+        try:
+            return model, Tokenizer.from_gguf(gguf.metadata)
+        except EmberError as e:
+            raise EmberError(f"{path}: {e}") from None
     return load_model(path, dtype), Tokenizer.from_pretrained(path)
 
 
@@ -95,7 +100,7 @@ def load_model(path: str | os.PathLike, dtype: Any = enp.float32) -> LlamaForCau
         _check_finite(path, name, value)
     with skip_init():
         model = LlamaForCausalLM(config, dtype)
-    model.load_state_dict(tensors)
+    _fill(model, tensors, config_path)
     return model.eval()
 
 
@@ -121,16 +126,37 @@ def _check_config(config: LlamaConfig, shapes: dict[str, tuple[int, ...]], sourc
     }
     for name, dims in expected.items():
         shape = shapes.get(name)
-        if shape is None or len(shape) != len(dims):
-            continue  # missing or odd tensors are load_state_dict's to report, by name
+        if shape is None:  # without it the sizes are unchecked: a damaged config could
+            # ask for a model of any size
+            raise EmberError(f"{source}: the weights have no tensor {name}")
+        if len(shape) != len(dims):
+            raise EmberError(f"{source}: {name} has shape {list(shape)}, expected 2 dimensions")
         for size, (want, field) in zip(shape, dims):
             if size != want:
                 raise EmberError(f"{source}: {field} = {want} does not match the weights: "
                                  f"{name} has shape {list(shape)}")
     layers = {int(m.group(1)) for n in shapes if (m := re.match(r"model\.layers\.(\d+)\.", n))}
-    if layers and max(layers) + 1 != c.num_hidden_layers:
+    if max(layers) + 1 != c.num_hidden_layers:
         raise EmberError(f"{source}: num_hidden_layers = {c.num_hidden_layers} does not match "
                          f"the weights, which have {max(layers) + 1} layers")
+
+
+def _fill(model: LlamaForCausalLM, tensors: dict[str, np.ndarray], source: str) -> None:
+    """``model.load_state_dict(tensors)``, with the first mismatch as one line naming the
+    file (the model's own error lists every tensor, one per line)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in want if k not in tensors]
+    unexpected = [k for k in tensors if k not in want]
+    wrong = [k for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
+    if missing or unexpected or wrong:
+        problems = [f"{len(missing)} missing, e.g. {missing[0]}" if missing else "",
+                    f"{len(unexpected)} unknown, e.g. {unexpected[0]}" if unexpected else "",
+                    f"{len(wrong)} of other shapes, e.g. {wrong[0]} is "
+                    f"{list(tensors[wrong[0]].shape)}, the config makes it {list(want[wrong[0]])}"
+                    if wrong else ""]
+        raise EmberError(f"{source}: the weights do not fit the config: tensors "
+                         + "; ".join(p for p in problems if p))
+    model.load_state_dict(tensors)
 
 
 def _check_finite(source: str, name: str, value: np.ndarray) -> None:
@@ -141,7 +167,9 @@ def _check_finite(source: str, name: str, value: np.ndarray) -> None:
     """
     if value.dtype.kind not in "fV" or value.size == 0:
         return
-    if np.isfinite(np.add.reduce(value, axis=None, dtype=np.float64)):
+    with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf is the NaN we look for
+        total = np.add.reduce(value, axis=None, dtype=np.float64)
+    if np.isfinite(total):
         return
     bad = int(np.count_nonzero(~np.isfinite(value.astype(np.float32))))
     raise EmberError(f"{source}: tensor {name} holds {bad} NaN or infinite values of "
@@ -184,6 +212,15 @@ def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
         if value is None:
             raise EmberError(f"{gguf.path}: GGUF metadata lacks {arch}.{key}")
         return value
+    try:
+        return _gguf_config(gguf, get)
+    except (EmberError, TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
+        raise EmberError(f"{gguf.path}: GGUF metadata does not describe a valid model "
+                         f"({str(e).removeprefix(gguf.path + ': ')})") from None
+
+
+def _gguf_config(gguf: GGUFFile, get: Callable[..., Any]) -> LlamaConfig:
+    meta, arch = gguf.metadata, gguf.architecture
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
     scaling = None
@@ -243,7 +280,7 @@ def _load_gguf(gguf: GGUFFile, dtype: Any) -> LlamaForCausalLM:
     tensors = _gguf_state_dict(gguf, config, dtype)
     with skip_init():
         model = LlamaForCausalLM(config, dtype)
-    model.load_state_dict(tensors)
+    _fill(model, tensors, gguf.path)
     if "rope_freqs.weight" in gguf.tensor_names:  # llama3-style scaling stored as factors
         model.inv_freq = (np.asarray(model.inv_freq) / gguf.tensor("rope_freqs.weight")
                           ).astype(np.float32)
