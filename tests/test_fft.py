@@ -164,6 +164,21 @@ def test_s_without_axes_transforms_the_last_axes():
            lambda a, **kw: np.fft.irfftn(a, s=(3, 4), axes=(1, 2), **kw), x)
 
 
+def test_numpy_positional_arguments_and_norm_none_work():
+    """The standard's keyword arguments may also be given by position, as NumPy code does; so
+    ``np.fft.*`` on Ember arrays (which dispatches here) takes NumPy's calls unchanged."""
+    x = _signal(np.random.default_rng(12), (3, 6), np.float64)
+    a = enp.asarray(x)
+    assert_close(efft.rfft(a, 4, 0, None), np.fft.rfft(x, 4, 0, None))
+    assert_close(efft.fftn(a, (2, 5), (1, 0), "ortho"), np.fft.fftn(x, (2, 5), (1, 0), "ortho"),
+                 rtol=1e-12, atol=1e-12)
+    assert_close(efft.fftfreq(5, 0.1), np.fft.fftfreq(5, 0.1))
+    assert_close(efft.fftshift(a, 1), np.fft.fftshift(x, 1))
+    through_numpy = np.fft.irfft(a, 7)
+    assert isinstance(through_numpy, ember.Array)
+    assert_close(through_numpy, np.fft.irfft(x, 7), rtol=1e-12, atol=1e-12)
+
+
 def test_fftn_over_no_axes_returns_the_input_as_complex():
     x = np.arange(6.0).reshape(2, 3)
     out = efft.fftn(enp.asarray(x), axes=())

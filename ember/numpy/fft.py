@@ -42,81 +42,81 @@ Norm = Literal["backward", "ortho", "forward"]
 _SWAPPED: dict[str, Norm] = {"backward": "forward", "ortho": "ortho", "forward": "backward"}
 
 
-def fft(x: Any, /, *, n: int | None = None, axis: int = -1, norm: Norm = "backward") -> Any:
+def fft(x: Any, /, n: int | None = None, axis: int = -1, norm: Norm | None = "backward") -> Any:
     """The one-dimensional discrete Fourier transform along ``axis``."""
     return _transform("fft", "fft", x, _one(n), (axis,), norm)
 
 
-def ifft(x: Any, /, *, n: int | None = None, axis: int = -1, norm: Norm = "backward") -> Any:
+def ifft(x: Any, /, n: int | None = None, axis: int = -1, norm: Norm | None = "backward") -> Any:
     """The one-dimensional inverse discrete Fourier transform along ``axis``."""
     return _transform("ifft", "ifft", x, _one(n), (axis,), norm)
 
 
-def fftn(x: Any, /, *, s: Sequence[int] | None = None, axes: Sequence[int] | None = None,
-         norm: Norm = "backward") -> Any:
+def fftn(x: Any, /, s: Sequence[int] | None = None, axes: Sequence[int] | None = None,
+         norm: Norm | None = "backward") -> Any:
     """The n-dimensional discrete Fourier transform over ``axes`` (default: all)."""
     return _transform("fftn", "fft", x, s, axes, norm)
 
 
-def ifftn(x: Any, /, *, s: Sequence[int] | None = None, axes: Sequence[int] | None = None,
-          norm: Norm = "backward") -> Any:
+def ifftn(x: Any, /, s: Sequence[int] | None = None, axes: Sequence[int] | None = None,
+          norm: Norm | None = "backward") -> Any:
     """The n-dimensional inverse discrete Fourier transform over ``axes`` (default: all)."""
     return _transform("ifftn", "ifft", x, s, axes, norm)
 
 
-def rfft(x: Any, /, *, n: int | None = None, axis: int = -1, norm: Norm = "backward") -> Any:
+def rfft(x: Any, /, n: int | None = None, axis: int = -1, norm: Norm | None = "backward") -> Any:
     """The transform of a real signal: its ``n // 2 + 1`` non-negative frequencies."""
     return _transform("rfft", "rfft", x, _one(n), (axis,), norm)
 
 
-def irfft(x: Any, /, *, n: int | None = None, axis: int = -1, norm: Norm = "backward") -> Any:
+def irfft(x: Any, /, n: int | None = None, axis: int = -1, norm: Norm | None = "backward") -> Any:
     """The inverse of ``rfft``: a real signal of length ``n`` (default ``2 * (m - 1)``)."""
     return _transform("irfft", "irfft", x, _one(n), (axis,), norm)
 
 
-def rfftn(x: Any, /, *, s: Sequence[int] | None = None, axes: Sequence[int] | None = None,
-          norm: Norm = "backward") -> Any:
+def rfftn(x: Any, /, s: Sequence[int] | None = None, axes: Sequence[int] | None = None,
+          norm: Norm | None = "backward") -> Any:
     """The n-dimensional transform of a real signal (half spectrum along the last axis)."""
     return _transform("rfftn", "rfft", x, s, axes, norm)
 
 
-def irfftn(x: Any, /, *, s: Sequence[int] | None = None, axes: Sequence[int] | None = None,
-           norm: Norm = "backward") -> Any:
+def irfftn(x: Any, /, s: Sequence[int] | None = None, axes: Sequence[int] | None = None,
+           norm: Norm | None = "backward") -> Any:
     """The inverse of ``rfftn``: a real signal of shape ``s`` over ``axes``."""
     return _transform("irfftn", "irfft", x, s, axes, norm)
 
 
-def hfft(x: Any, /, *, n: int | None = None, axis: int = -1, norm: Norm = "backward") -> Any:
+def hfft(x: Any, /, n: int | None = None, axis: int = -1, norm: Norm | None = "backward") -> Any:
     """The transform of a Hermitian-symmetric signal given by its first half: a real result."""
     v = _convert("hfft", x, "irfft")
     return _transform("hfft", "irfft", ew.conj(v), _one(n), (axis,), _norm("hfft", norm, True))
 
 
-def ihfft(x: Any, /, *, n: int | None = None, axis: int = -1, norm: Norm = "backward") -> Any:
+def ihfft(x: Any, /, n: int | None = None, axis: int = -1, norm: Norm | None = "backward") -> Any:
     """The inverse of ``hfft``: the half spectrum of a real signal, conjugated."""
     return ew.conj(_transform("ihfft", "rfft", x, _one(n), (axis,),
                               _norm("ihfft", norm, True)))
 
 
-def fftfreq(n: int, /, *, d: float = 1.0, dtype: Any = None, device: Any = None) -> Any:
+def fftfreq(n: int, /, d: float = 1.0, *, dtype: Any = None, device: Any = None) -> Any:
     """Sample frequencies ``[0, 1, ..., -2, -1] / (d * n)`` of an ``n``-point transform."""
     n = _positive("fftfreq", n)
     cycles = np.concatenate([np.arange((n - 1) // 2 + 1), np.arange(-(n // 2), 0)])
     return _frequencies("fftfreq", cycles, n, d, dtype, device)
 
 
-def rfftfreq(n: int, /, *, d: float = 1.0, dtype: Any = None, device: Any = None) -> Any:
+def rfftfreq(n: int, /, d: float = 1.0, *, dtype: Any = None, device: Any = None) -> Any:
     """Sample frequencies ``[0, 1, ..., n // 2] / (d * n)`` of an ``n``-point ``rfft``."""
     n = _positive("rfftfreq", n)
     return _frequencies("rfftfreq", np.arange(n // 2 + 1), n, d, dtype, device)
 
 
-def fftshift(x: Any, /, *, axes: int | Sequence[int] | None = None) -> Any:
+def fftshift(x: Any, /, axes: int | Sequence[int] | None = None) -> Any:
     """Move the zero frequency to the middle: roll each of ``axes`` by half its length."""
     return _shift(x, axes, 1)
 
 
-def ifftshift(x: Any, /, *, axes: int | Sequence[int] | None = None) -> Any:
+def ifftshift(x: Any, /, axes: int | Sequence[int] | None = None) -> Any:
     """The inverse of ``fftshift`` (they differ by one sample on odd lengths)."""
     return _shift(x, axes, -1)
 
@@ -141,6 +141,8 @@ def _convert(name: str, x: Any, kind: str) -> Any:
 
 
 def _norm(name: str, norm: Any, swap: bool = False) -> Norm:
+    if norm is None:  # NumPy's spelling of the default
+        norm = "backward"
     if norm not in _SWAPPED:
         raise op_error(EmberValueError, name, f"norm must be 'backward', 'ortho' or 'forward', "
                        f"got {norm!r}")
