@@ -192,6 +192,18 @@ def test_functions_undefined_on_complex_raise_naming_the_function(name, fn):
         assert "complex" in str(info.value) and "test_complex.py" in str(info.value)
 
 
+def test_complex_values_written_into_real_arrays_raise():
+    x = enp.zeros(3)
+    with pytest.raises(ember.DTypeError, match="at: cannot cast Python complex") as info:
+        x[0] = 1j
+    assert "test_complex.py" in str(info.value)
+    with pytest.raises(ember.DTypeError, match="cannot cast complex128 to float64"):
+        x.at[1].set(enp.asarray(2j))
+    z = enp.zeros(2, dtype=enp.complex64)
+    z[0] = 1.5  # real into complex is fine
+    assert_close(z, np.array([1.5, 0], np.complex64))
+
+
 def test_grad_needs_a_real_output():
     with pytest.raises(ember.DTypeError, match="real floating-point scalar"):
         ember.grad(lambda z: enp.sum(z * z))(enp.asarray(_Z))

@@ -149,6 +149,9 @@ def promote_args(op: str, *args: Any, dtype: np.dtype | None = None) -> list[Any
             except OverflowError as e:
                 raise op_error(DTypeError, op, f"Python integer {a} out of bounds for "
                                f"{target}") from e
+            except TypeError as e:  # a Python complex where a real dtype is required
+                raise op_error(DTypeError, op, f"cannot cast Python complex {a} to {target}: "
+                               "take its real or imaginary part") from e
             arr = to_array(host)
             vals.append(Array(host, arr.aval.update(weak=True)) if all_weak else arr)
         else:
