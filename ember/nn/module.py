@@ -13,7 +13,7 @@ freezing retrace instead of silently reusing the wrong program.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -153,6 +153,16 @@ class Module:
 
     def modules(self) -> Iterator[Module]:
         return (m for _, m in self.named_modules())
+
+    def apply(self, fn: Callable[[Module], Any]) -> Module:
+        """Call ``fn`` on every submodule, then on this one (PyTorch's order), e.g. to
+        initialise weights with ``nn.init``; returns ``self``."""
+        for _, value in self._children():
+            for _, leaf in _walk(value, ""):
+                if isinstance(leaf, Module):
+                    leaf.apply(fn)
+        fn(self)
+        return self
 
     def _arrays(self, prefix: str = "") -> Iterator[_Slot]:
         """Every array reachable from this module (buffers included), in definition order."""
