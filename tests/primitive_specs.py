@@ -318,9 +318,9 @@ def _unary_specs() -> list[Spec]:
         Spec("abs", lax.abs, ew_ref(np.abs, dtypes.real_dtype), [away_from_zero()],
              NUMBERS + COMPLEX, ELEMENTWISE_SHAPES, diff=(0,)),
         Spec("sign", lax.sign, ew_ref(np.sign), [u], NUMBERS, ELEMENTWISE_SHAPES, diff=(0,)),
-        # z / |z| has a derivative, but sign's jvp is zero by convention (as JAX): no diff.
+        # Complex sign is z / |z|, smooth away from 0 (unlike real sign, piecewise constant).
         Spec("sign", lax.sign, ew_ref(np.sign), [away_from_zero()], COMPLEX, ELEMENTWISE_SHAPES,
-             id="sign_complex"),
+             diff=(0,), id="sign_complex"),
         Spec("floor", lax.floor, ew_ref(np.floor), [u], FLOATS, ELEMENTWISE_SHAPES, diff=(0,)),
         Spec("ceil", lax.ceil, ew_ref(np.ceil), [u], FLOATS, ELEMENTWISE_SHAPES, diff=(0,)),
         Spec("round", lax.round, ew_ref(np.round), [halves], INEXACT, ELEMENTWISE_SHAPES),

@@ -249,13 +249,21 @@ logistic = _unary("logistic", _logistic_impl, lambda x, y: mul(y, sub(full_like(
                   kind="float")
 # |z| of a complex z is real (float32 for complex64); sign(z) is z / |z| (0 at 0), as NumPy 2.
 abs = _unary("abs", np.abs, None, kind="number", out_dtype=dtypes.real_dtype)  # noqa: A001
-sign = _zero_derivative("sign", np.sign, "number")
+sign = _unary("sign", np.sign, None, kind="number")
 floor = _zero_derivative("floor", np.floor, "float")
 ceil = _zero_derivative("ceil", np.ceil, "float")
 # Half to even, as NumPy; complex numbers round their two components.
 round = _zero_derivative("round", np.round, "inexact")  # noqa: A001
 is_finite = _zero_derivative("is_finite", np.isfinite, "inexact", dtypes.bool_)
 not_ = _zero_derivative("not", np.invert, "intbool")
+
+
+def _unit(x):
+    """``(conj(z) / |z|, |z|)`` for complex ``z``, written with differentiable primitives (so
+    second derivatives are right) and 0 in place of ``conj(z) / |z|`` at 0."""
+    r = abs(x)
+    safe = select(eq(r, zeros_like(r)), full_like(r, 1), r)
+    return div(conj(x), convert(safe, x.aval.dtype)), r
 
 
 def _abs_jvp(primals, tangents):
@@ -265,11 +273,27 @@ def _abs_jvp(primals, tangents):
         return y, Zero(y.aval)
     if dtypes.is_complex(x.aval.dtype):
         # d|z| = Re(conj(z) dz) / |z|: |z| is real, so only the tangent's part along z counts.
-        return y, real(mul(conj(sign(x)), t))
+        return y, real(mul(_unit(x)[0], t))
     return y, mul(t, sign(x))
 
 
+def _sign_jvp(primals, tangents):
+    # Real sign is piecewise constant. Complex sign(z) = z / |z| moves with the tangent's part
+    # across z: d(z / |z|) = (dz - s Re(conj(s) dz)) / |z| (taken as 0 at z = 0).
+    (x,), (t,) = primals, tangents
+    s = sign(x)
+    if isinstance(t, Zero) or not dtypes.is_complex(x.aval.dtype):
+        return s, Zero(s.aval)
+    inv, r = _unit(x)
+    along = convert(real(mul(inv, t)), x.aval.dtype)  # d|z|
+    at_zero = eq(r, zeros_like(r))
+    safe = convert(select(at_zero, full_like(r, 1), r), x.aval.dtype)
+    ds = div(sub(t, mul(s, along)), safe)
+    return s, select(at_zero, zeros_like(ds), ds)
+
+
 abs.prim.def_jvp(_abs_jvp)
+sign.prim.def_jvp(_sign_jvp)
 
 
 # --- binary ----------------------------------------------------------------------------------
