@@ -351,3 +351,16 @@ def test_eye_and_tri_take_any_offset(k):
 def test_isdtype_matches_numpy(kind):
     for dt in (np.bool_, np.int8, np.uint64, np.float32, np.float64, np.complex64):
         assert enp.isdtype(dtype=dt, kind=kind) == np.isdtype(np.dtype(dt), kind), (dt, kind)
+
+
+def test_scans_and_searchsorted_under_vmap():
+    x = RNG.normal(size=(3, 5))
+    out = ember.vmap(lambda r: enp.cumulative_sum(r, include_initial=True))(enp.asarray(x))
+    assert_close(out, np.cumulative_sum(x, axis=1, include_initial=True))
+    a = np.sort(RNG.normal(size=(3, 6)), axis=1)
+    v = RNG.normal(size=(3, 4))
+    out = ember.vmap(lambda p, q: enp.searchsorted(p, q, side="right"))(enp.asarray(a),
+                                                                        enp.asarray(v))
+    assert_close(out, np.stack([np.searchsorted(p, q, side="right") for p, q in zip(a, v)]))
+    out = ember.vmap(lambda r: enp.diff(r, prepend=0.0))(enp.asarray(x))
+    assert_close(out, np.diff(x, axis=1, prepend=0.0))
