@@ -300,36 +300,29 @@ def test_grad_of_a_real_input_through_complex_intermediates_is_real():
     assert_close(g, 2 * x)  # |exp(iv)|^2 |v + 2j|^2 = v^2 + 4
 
 
-@pytest.mark.parametrize("wrap", ["plain", "scan", "checkpoint", "cond"])
-def test_grad_through_control_flow_and_checkpoint_with_complex_values(wrap):
+def _chain(v):
+    c = v[0]
+    for x in v[1:]:
+        c = c * x + 0.5j
+    return enp.abs(c) ** 2
+
+
+def _chain_scan(v):
+    c, ys = ember.lax.scan(lambda c, x: (c * x + 0.5j, enp.abs(c)), v[0], v[1:])
+    return enp.abs(c) ** 2 + enp.sum(ys)
+
+
+def _branches(v):
+    return ember.lax.cond(enp.real(v[0]) > 0, lambda u: enp.sum(enp.abs(u * u)),
+                          lambda u: enp.sum(enp.real(u) * enp.imag(u)), v)
+
+
+@pytest.mark.parametrize("f", [_chain_scan, ember.checkpoint(_chain), _branches],
+                         ids=["scan", "checkpoint", "cond"])
+@pytest.mark.parametrize("seed", [13, 18])  # the first has Re z[0] > 0, the second < 0
+def test_grad_through_control_flow_and_checkpoint_with_complex_values(f, seed):
     """Complex carries, residuals and branch outputs keep their tangents."""
-    z = _z((4,), seed=13)
-
-    def step(c, x):
-        return c * x + 0.5j, enp.abs(c)
-
-    def body(v):
-        if wrap == "scan":
-            c, ys = ember.lax.scan(step, v[0], v[1:])
-            return enp.abs(c) ** 2 + enp.sum(ys)
-        if wrap == "cond":
-            return ember.lax.cond(True, lambda u: enp.sum(enp.abs(u * u)), lambda u: enp.sum(
-                enp.real(u)), v)
-        c = v[0]
-        ys = []
-        for x in v[1:]:
-            c, y = step(c, x)
-            ys.append(y)
-        return enp.abs(c) ** 2 + sum(ys) if wrap == "plain" else None
-
-    f = ember.checkpoint(lambda v: body_plain(v)) if wrap == "checkpoint" else body
-
-    def body_plain(v):
-        c = v[0]
-        for x in v[1:]:
-            c = c * x + 0.5j
-        return enp.abs(c) ** 2
-
+    z = _z((4,), seed=seed)
     g = ember.grad(f)(enp.asarray(z))
     assert g.dtype == np.complex128
     assert_close(g, _fd_grad(f, z), rtol=1e-6, atol=1e-8)
