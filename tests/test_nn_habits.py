@@ -260,3 +260,28 @@ def test_dropout_in_a_jitted_training_step_needs_no_keys():
     # eval() turns dropout off (and retraces: the mode is static structure).
     model.eval()
     np.testing.assert_array_equal(np.asarray(step(model, x)[1]), np.full(32, 4.0))
+
+
+# --- the module API ---------------------------------------------------------------------------
+
+def test_apply_visits_submodules_first_as_torch():
+    seen = []
+    model = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU(), nn.Linear(3, 1)))
+    assert model.apply(lambda m: seen.append(type(m).__name__)) is model
+    ref = []
+    torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sequential(
+        torch.nn.ReLU(), torch.nn.Linear(3, 1))).apply(lambda m: ref.append(type(m).__name__))
+    assert seen == ref
+
+
+def test_the_examples_of_docs_nn_run():
+    """docs/nn.md's code blocks, in order, as a reader would paste them."""
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "nn.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    scope: dict = {}
+    for block in blocks[:2]:  # the module and the complete training step (LoRA needs a model)
+        exec(compile(block, "docs/nn.md", "exec"), scope)
+    assert scope["train_step"].trace_count == 1
