@@ -258,12 +258,12 @@ is_finite = _zero_derivative("is_finite", np.isfinite, "inexact", dtypes.bool_)
 not_ = _zero_derivative("not", np.invert, "intbool")
 
 
-def _unit(x):
-    """``(conj(z) / |z|, |z|)`` for complex ``z``, written with differentiable primitives (so
-    second derivatives are right) and 0 in place of ``conj(z) / |z|`` at 0."""
+def _modulus_divisor(x):
+    """For complex ``z``: where ``z == 0``, and ``|z|`` as a complex divisor that is 1 there.
+    Built from differentiable primitives, so second derivatives through abs/sign are right."""
     r = abs(x)
-    safe = select(eq(r, zeros_like(r)), full_like(r, 1), r)
-    return div(conj(x), convert(safe, x.aval.dtype)), r
+    at_zero = eq(r, zeros_like(r))
+    return at_zero, convert(select(at_zero, full_like(r, 1), r), x.aval.dtype)
 
 
 def _abs_jvp(primals, tangents):
@@ -273,22 +273,21 @@ def _abs_jvp(primals, tangents):
         return y, Zero(y.aval)
     if dtypes.is_complex(x.aval.dtype):
         # d|z| = Re(conj(z) dz) / |z|: |z| is real, so only the tangent's part along z counts.
-        return y, real(mul(_unit(x)[0], t))
+        _, modulus = _modulus_divisor(x)
+        return y, real(div(mul(conj(x), t), modulus))
     return y, mul(t, sign(x))
 
 
 def _sign_jvp(primals, tangents):
     # Real sign is piecewise constant. Complex sign(z) = z / |z| moves with the tangent's part
-    # across z: d(z / |z|) = (dz - s Re(conj(s) dz)) / |z| (taken as 0 at z = 0).
+    # across z: d(z / |z|) = (dz - s d|z|) / |z| (taken as 0 at z = 0).
     (x,), (t,) = primals, tangents
     s = sign(x)
     if isinstance(t, Zero) or not dtypes.is_complex(x.aval.dtype):
         return s, Zero(s.aval)
-    inv, r = _unit(x)
-    along = convert(real(mul(inv, t)), x.aval.dtype)  # d|z|
-    at_zero = eq(r, zeros_like(r))
-    safe = convert(select(at_zero, full_like(r, 1), r), x.aval.dtype)
-    ds = div(sub(t, mul(s, along)), safe)
+    at_zero, modulus = _modulus_divisor(x)
+    d_modulus = convert(_abs_jvp(primals, tangents)[1], x.aval.dtype)
+    ds = div(sub(t, mul(s, d_modulus)), modulus)
     return s, select(at_zero, zeros_like(ds), ds)
 
 
