@@ -115,6 +115,9 @@ class Array:
     def __float__(self) -> float:
         return float(self.to_numpy())
 
+    def __complex__(self) -> complex:
+        return complex(self.to_numpy())
+
     def __index__(self) -> int:
         if not dtypes.is_int(self.dtype):
             raise TypeError(f"only integer arrays can be used as an index, not {self.dtype}")
@@ -192,6 +195,9 @@ class Tracer(Array):
 
     def __float__(self) -> float:
         return float(self._concrete("float()"))
+
+    def __complex__(self) -> complex:
+        return complex(self._concrete("complex()"))
 
     def __index__(self) -> int:
         return self._concrete("using an array as a Python index").__index__()

@@ -1,8 +1,8 @@
 """Structural primitives: they move, copy or select elements without arithmetic.
 
 ``copy``, ``broadcast_in_dim``, ``reshape``, ``transpose``, ``slice``, ``pad``, ``concatenate``,
-``rev``, ``dynamic_slice``, ``dynamic_update_slice`` and ``iota``. All are linear in their array operand,
-so each has a transpose rule, which is what reverse-mode differentiation runs.
+``rev``, ``dynamic_slice``, ``dynamic_update_slice`` and ``iota``. All are linear in their array
+operand, so each has a transpose rule, which is what reverse-mode differentiation runs.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from ember.ir.types import ArrayType
 from ember.ops._checks import normalize_axis, same_dtypes
 
 __all__ = [
-    "copy", "broadcast_in_dim", "reshape", "transpose", "moveaxis", "expand_dims", "squeeze", "slice",
-    "index_in_dim", "pad", "concatenate", "rev", "dynamic_slice", "dynamic_update_slice", "iota",
-    "broadcast_to_shape",
+    "copy", "broadcast_in_dim", "reshape", "transpose", "moveaxis", "expand_dims", "squeeze",
+    "slice", "index_in_dim", "pad", "concatenate", "rev", "dynamic_slice", "dynamic_update_slice",
+    "iota", "broadcast_to_shape",
 ]
 
 
