@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 TESTS = os.path.dirname(__file__)
 
 
