@@ -81,10 +81,11 @@ def searchsorted(a: Any, v: Any, side: str = "left", sorter: Any = None) -> Any:
     v_b = st.broadcast_in_dim(vals, (*vshape, n), tuple(range(nd)))
     before = ew.lt(a_b, v_b) if side == "left" else ew.le(a_b, v_b)
     if dtypes.is_float(aval_of(arr).dtype):
-        # Every number sorts before a NaN; for ``right``, NaNs sort at or before a NaN too.
+        # ``<`` is false against NaN, but in sort order every number precedes a NaN query,
+        # and for ``right`` so do the NaNs of ``a``.
         v_nan = ew.ne(v_b, v_b)
-        after_nan = v_nan if side == "right" else ew.and_(v_nan, ew.eq(a_b, a_b))
-        before = ew.or_(before, after_nan)
+        precedes_nan = v_nan if side == "right" else ew.and_(v_nan, ew.eq(a_b, a_b))
+        before = ew.or_(before, precedes_nan)
     return rd.reduce_sum(ew.convert(before, dtypes.int64), (nd,))
 
 
