@@ -643,9 +643,11 @@ def make_args(spec: Spec, rng: np.random.Generator, dtype: np.dtype, shape: tupl
 
 
 def _representatives(dts: Sequence[np.dtype]) -> list[np.dtype]:
-    """One real dtype (the last, usually float64) and complex128 where the spec has it."""
+    """One real dtype (the last, usually float64) and complex128 where the spec has them;
+    else the spec's last dtype."""
     real = [d for d in dts if not dtypes.is_complex(np.dtype(d))]
-    return real[-1:] + [d for d in dts if np.dtype(d) == dtypes.complex128]
+    chosen = real[-1:] + [d for d in dts if np.dtype(d) == dtypes.complex128]
+    return chosen or list(dts[-1:])
 
 
 def cases(filter_fn: Callable[[Spec], bool] = lambda s: True, all_dtypes: bool = True

@@ -87,8 +87,8 @@ def test_jvp_matches_finite_differences(spec, dtype, shape):
                            [enp.asarray(t) for t in tangents])
     for o, t in zip(_as_list(out), _as_list(t_out)):
         assert t.shape == o.shape and t.dtype == o.dtype
-    low_precision = any(o.dtype not in (dtypes.float64, dtypes.complex128)
-                        for o in _as_list(out))
+    low_precision = any(v.dtype not in (dtypes.float64, dtypes.complex128)
+                        for v in _as_list(out) + primals)
     eps = 1e-3 if low_precision else 1e-6
     expected = _finite_difference(f, primals, tangents, eps)
     for o, t, e in zip(_as_list(out), _as_list(t_out), expected):
