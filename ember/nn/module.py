@@ -66,28 +66,39 @@ def _flatten(module: Module) -> tuple[list[Any], _Spec]:
     def entry(leaf: Any) -> Any:
         if isinstance(leaf, Module):
             return spec(leaf)
-        if _is_array(leaf) and id(leaf) in seen:
-            return seen[id(leaf)]
-        seen[id(leaf)] = len(leaves)
+        if _is_array(leaf):
+            index = seen.get(id(leaf))
+            if index is not None:
+                return index
+            seen[id(leaf)] = len(leaves)
         leaves.append(leaf)
         return len(leaves) - 1
 
     def spec(m: Module) -> _Spec:
         static, children = [], []
         for name, value in m.__dict__.items():
-            if _is_child(value):
-                parts, treedef = tree_flatten(value, is_leaf=_is_module)
-                children.append((name, treedef, tuple(entry(p) for p in parts)))
-            else:
-                static.append((name, value))
-        bad = [n for n, v in static if not _hashable(v)]
-        if bad:
+            if isinstance(value, _CONTAINERS):
+                if _is_child(value):
+                    parts, treedef = tree_flatten(value, is_leaf=_is_module)
+                    children.append((name, treedef, tuple(entry(p) for p in parts)))
+                    continue
+            elif isinstance(value, Module) or _is_array(value):
+                children.append((name, _LEAF, (entry(value),)))  # the common case, no walk
+                continue
+            static.append((name, value))
+        try:
+            hash(tuple(static))
+        except TypeError:
+            bad = [n for n, v in static if not _hashable(v)]
             raise EmberError(f"{type(m).__name__}: attribute(s) {bad} are neither arrays nor "
-                             f"modules and are not hashable; a module's static attributes must "
-                             f"be hashable (they are part of the jit cache key)")
+                             f"modules and are not hashable; a module's static attributes "
+                             f"must be hashable (they are part of the jit cache key)") from None
         return _Spec(type(m), tuple(static), tuple(children))
 
     return leaves, spec(module)
+
+
+_LEAF = TreeDef(None, None, ())
 
 
 def _is_module(value: Any) -> bool:
@@ -107,7 +118,7 @@ def _unflatten(spec: _Spec, leaves: list[Any]) -> Module:
     module.__dict__.update(spec.static)
     for name, treedef, entries in spec.children:
         parts = [_unflatten(e, leaves) if isinstance(e, _Spec) else leaves[e] for e in entries]
-        module.__dict__[name] = tree_unflatten(treedef, parts)
+        module.__dict__[name] = parts[0] if treedef is _LEAF else tree_unflatten(treedef, parts)
     return module
 
 
