@@ -132,12 +132,14 @@ def _read_text(flag: str, path: str) -> str:
 def _claim_output_dir(flag: str, path: str, command: str, force: bool) -> None:
     """Make ``path`` this command's output directory, or refuse before any work is done.
 
-    A new directory is created and marked as ember's; an existing one is used only when empty,
-    marked by the same command (a rerun or a resume), or with ``--force``. The directory must
+    A new or empty directory is marked as this command's; an existing one is used only when
+    empty, marked by the same command (a rerun or a resume), or with ``--force`` (which does
+    not mark it: the next run needs ``--force`` again). The directory must
     take a file now, not at the first checkpoint fifty steps later.
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise _UserError(f"{flag} {path}: exists and is not a directory")
+    others = []
     if os.path.isdir(path):
         others = sorted(e for e in os.listdir(path) if e != OUTPUT_MARKER)
         if others and _output_owner(path) != command and not force:
@@ -159,7 +161,7 @@ def _claim_output_dir(flag: str, path: str, command: str, force: bool) -> None:
     except OSError as e:
         raise _UserError(f"{flag} {path}: cannot write into the directory "
                          f"({e.strerror or e})") from None
-    if _output_owner(path) is None:
+    if not others and _output_owner(path) is None:  # new or empty: now the command's own
         from ember.io.files import write_text_atomic
 
         write_text_atomic(os.path.join(path, OUTPUT_MARKER), json.dumps({"command": command}))
@@ -288,6 +290,7 @@ def _convert(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     args.model = args.source
     model, tokenizer = _load(args, args.dtype)
+    print(f"[writing {args.out}]", file=sys.stderr, flush=True)
     save_pretrained(model, tokenizer, args.out)
     print(f"wrote {args.out} (config.json, model.safetensors, tokenizer.json)")
     return 0

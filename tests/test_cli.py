@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from tiny_models import tiny_model_dir
+from tiny_models import tiny_model, tiny_model_dir, write_gguf
 
 from ember import cli
 from ember.io import safetensors
@@ -270,6 +270,10 @@ def test_a_directory_the_command_did_not_create_is_not_touched(model_dir, data, 
     (out / "keep.txt").write_text("keep")
     assert cli.main(train_args(model_dir, data, out, "--force")) == 0
     assert (out / "keep.txt").read_text() == "keep"
+    assert not (out / cli.OUTPUT_MARKER).exists()  # still not ember's: --force each time
+    capsys.readouterr()
+    assert cli.main(train_args(model_dir, data, out)) == 2
+    assert "--force" in error_line(capsys, "train")
 
 
 def test_convert_refuses_a_foreign_directory(tmp_path, capsys):
@@ -367,6 +371,25 @@ def test_config_of_another_size_is_one_line_naming_the_field(model_dir, tmp_path
         assert cli.main(["generate", "--model", str(bad), "hi"]) == 2
         assert f"{field} = {value} does not match the weights" in error_line(capsys,
                                                                              "generate")
+
+
+def test_convert_says_what_the_dtype_costs_and_writes_it(tmp_path, capsys):
+    model = tiny_model(40)
+    source = tmp_path / "tiny.gguf"
+    write_gguf(source, model.config, {k: np.asarray(v) for k, v in model.state_dict().items()})
+    out = tmp_path / "hf"
+    assert cli.main(["convert", str(source), str(out), "--dtype", "bfloat16"]) == 0
+    err = capsys.readouterr().err
+    assert "[writing bfloat16 weights" in err and "x the GGUF file]" in err
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ids = np.asarray([[3, 5, 7, 9]])
+    again = loading.load_model(out)
+    np.testing.assert_allclose(np.asarray(again(ids)), np.asarray(model(ids)), atol=0.05)
+    # the directory is convert's own now: converting again (float32) replaces its files
+    assert cli.main(["convert", str(source), str(out)]) == 0
+    assert "--dtype bfloat16 halves that" in capsys.readouterr().err
+    np.testing.assert_allclose(np.asarray(loading.load_model(out)(ids)), np.asarray(model(ids)),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

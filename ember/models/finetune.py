@@ -29,7 +29,7 @@ import ember.numpy as enp
 from ember import lax, nn, optim, random
 from ember.errors import EmberError
 from ember.io import safetensors
-from ember.io.files import read_json, write_text_atomic
+from ember.io.files import atomic_write, read_json, write_text_atomic
 from ember.models.llama import LlamaForCausalLM
 from ember.models.loading import save_pretrained
 from ember.transforms.jit import jit
@@ -299,6 +299,7 @@ def _finish(model: LlamaForCausalLM, tokenizer: Any, out_dir: str,
         nn.merge_lora(model)
     model.unfreeze()
     model.eval()
+    tqdm.write(f"writing the model to {os.path.join(out_dir, 'model')}")
     save_pretrained(model, tokenizer, os.path.join(out_dir, "model"))
     write_text_atomic(os.path.join(out_dir, "history.json"), json.dumps(history, indent=1))
     plot_history(history, os.path.join(out_dir, "loss.png"))
@@ -326,6 +327,6 @@ def plot_history(history: dict[str, Any], path: str) -> bool:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True

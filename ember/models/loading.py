@@ -4,9 +4,12 @@ A Hugging Face directory holds ``config.json``, ``model.safetensors`` (or shards
 ``model.safetensors.index.json``) and ``tokenizer.json``. A GGUF file holds all three; its
 tensors are renamed to Hugging Face's names, dequantised to the requested dtype and, for the
 ``llama`` architecture, the q/k rows are un-permuted back to the rotate-half rotary layout
-(llama.cpp's converter permutes them for its interleaved kernels). Either way the model is
-built first and filled by ``load_state_dict``, which checks every name and shape before
-assigning anything: a checkpoint that does not match its config fails as a whole.
+(llama.cpp's converter permutes them for its interleaved kernels). Either way the config is
+checked against the weights' shapes first (a mismatch is one line naming the config field),
+every tensor is checked for NaN and infinity (a damaged checkpoint would load and then generate
+nothing), and the model is filled by ``load_state_dict(assign=True)``: the arrays the loader
+made (memory maps of safetensors files, dequantised GGUF tensors) become the parameters without
+a second copy.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def load_model(path: str | os.PathLike, dtype: Any = enp.float32) -> LlamaForCau
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     _check_config(config, {k: v.shape for k, v in tensors.items()}, config_path)
-    for name, value in tensors.items():
+    for name, value in tqdm(tensors.items(), desc="checking weights", unit="tensor",
+                            leave=False, disable=len(tensors) < 64):
         _check_finite(path, name, value)
     with skip_init():
         model = LlamaForCausalLM(config, dtype)
@@ -156,7 +160,9 @@ def _fill(model: LlamaForCausalLM, tensors: dict[str, np.ndarray], source: str) 
                     if wrong else ""]
         raise EmberError(f"{source}: the weights do not fit the config: tensors "
                          + "; ".join(p for p in problems if p))
-    model.load_state_dict(tensors)
+    # The loaders made these arrays (memory maps, dequantised copies) and nothing else holds
+    # them: the model takes them as they are instead of copying the checkpoint a second time.
+    model.load_state_dict(tensors, assign=True)
 
 
 def _check_finite(source: str, name: str, value: np.ndarray) -> None:
@@ -271,7 +277,7 @@ def _gguf_state_dict(gguf: GGUFFile, config: LlamaConfig, dtype: Any) -> dict[st
                 value = unpermute_qk(value, config.num_attention_heads)
             elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
                 value = unpermute_qk(value, config.num_key_value_heads)
-        out[hf] = value.astype(enp.dtype(dtype))
+        out[hf] = value.astype(enp.dtype(dtype), copy=False)
     return out
 
 
