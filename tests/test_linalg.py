@@ -259,6 +259,25 @@ def test_gradients_match_finite_differences(name, fn, inputs):
         assert_close(gj, np.asarray(g), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name,fn,x", [
+    ("logabsdet", lambda a: LA.slogdet(a).logabsdet, _general(3, 3) + 3 * np.eye(3)),
+    ("inv", lambda a: enp.sum(LA.inv(a) ** 2), _general(3, 3) + 3 * np.eye(3)),
+    ("eigvalsh", lambda a: enp.sum(LA.eigvalsh(a) ** 3), _sym(3, 3)),
+    ("cholesky", lambda a: enp.sum(LA.cholesky(a) ** 3), _spd(3, 3)),
+    ("qr", lambda a: enp.sum(LA.qr(a).R ** 3), _general(4, 3)),
+    ("svdvals", lambda a: enp.sum(LA.svdvals(a) ** 3), _general(3, 4)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_second_derivatives_forward_over_reverse(name, fn, x):
+    """The jvp rules are written with differentiable primitives, so Hessians work."""
+    v = RNG.normal(size=x.shape)
+    g = ember.grad(fn)
+    _, hvp = ember.jvp(g, (enp.asarray(x),), (enp.asarray(v),))
+    eps = 1e-5
+    fd = (np.asarray(g(enp.asarray(x + eps * v))) - np.asarray(g(enp.asarray(x - eps * v)))) \
+        / (2 * eps)
+    np.testing.assert_allclose(hvp, fd, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_of_det_is_det_times_inverse_transpose():
     x = _general(4, 4)
     np.testing.assert_allclose(ember.grad(LA.det)(enp.asarray(x)),

@@ -211,12 +211,26 @@ def solve(x1: Any, x2: Any, /) -> Any:
     if vector:
         b = st.reshape(b, (sb[0], 1))
     batch = broadcast_shapes("solve", sa[:-2], aval_of(b).shape[:-2])
-    a = st.broadcast_to_shape(a, (*batch, *sa[-2:]))
     b = st.broadcast_to_shape(b, (*batch, *aval_of(b).shape[-2:]))
-    x = dec.lu_solve(*dec.lu(a), b)
+    if batch and int(np.prod(sa[:-2], dtype=np.int64)) == 1:
+        x = _solve_columns(st.reshape(a, sa[-2:]), b)
+    else:
+        x = dec.lu_solve(*dec.lu(st.broadcast_to_shape(a, (*batch, *sa[-2:]))), b)
     if vector:
         x = st.reshape(x, (*batch, sa[-1]))
     return _cast(x, out)
+
+
+def _solve_columns(a: Any, b: Any) -> Any:
+    """One matrix ``a`` for a stack ``b``: factor ``a`` once and solve every column of the
+    stack as one ``(M, batch * K)`` right-hand side."""
+    shape = aval_of(b).shape
+    nd = len(shape)
+    columns = st.transpose(b, (nd - 2, *range(nd - 2), nd - 1))
+    width = int(np.prod(shape, dtype=np.int64)) // shape[-2] if shape[-2] else 0
+    x = dec.lu_solve(*dec.lu(a), st.reshape(columns, (shape[-2], width)))
+    x = st.reshape(x, aval_of(columns).shape)
+    return st.transpose(x, (*range(1, nd - 1), 0, nd - 1))
 
 
 def inv(x: Any, /) -> Any:
