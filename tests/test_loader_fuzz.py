@@ -237,6 +237,13 @@ def test_damaged_config_json_fails_cleanly(model_dir, tmp_path):
     config = json.loads(good)
     cases = [(f"{field} = {value!r}", json.dumps({**config, field: value}).encode())
              for field in CONFIG_FIELDS for value in BAD_VALUES]
+    cases += [(f"rope_parameters = {value!r}",
+               json.dumps({**config, "rope_parameters": value}).encode())
+              for value in ({"rope_type": "llama3"}, {"rope_type": "yarn", "factor": 2},
+                            {"rope_type": "linear", "factor": "x"}, {"type": "dynamic"},
+                            {"rope_type": 5}, {"rope_type": "llama3", "factor": 8,
+                                               "low_freq_factor": 1, "high_freq_factor": 1,
+                                               "original_max_position_embeddings": 8})]
     cases += [(f"{field} removed", json.dumps({k: v for k, v in config.items() if k != field}
                                               ).encode()) for field in CONFIG_FIELDS]
     cases += truncations(good, 20, seed=7) + [("not UTF-8", good.replace(b'"', b'\xff"', 1)),

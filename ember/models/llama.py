@@ -94,10 +94,29 @@ class LlamaConfig:
             if type(value) not in (int, float) or not 0 < value < float("inf"):
                 raise EmberError(f"LlamaConfig: {name} must be a positive number, got "
                                  f"{value!r}")
+        self._check_rope_scaling()
         if self.sliding_window is not None and (type(self.sliding_window) is not int
                                                 or self.sliding_window < 1):
             raise EmberError(f"LlamaConfig: sliding_window must be a positive integer or "
                              f"null, got {self.sliding_window!r}")
+
+    def _check_rope_scaling(self) -> None:
+        scaling = dict(self.rope_scaling or {})
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        needs = {"default": (), "linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings")}
+        if kind not in needs:
+            raise EmberError(f"LlamaConfig: rope_scaling type {kind!r} is not supported "
+                             f"(supported: {', '.join(needs)})")
+        for key in needs[kind]:
+            value = scaling.get(key)
+            if type(value) not in (int, float) or not 0 < value < float("inf"):
+                raise EmberError(f"LlamaConfig: rope_scaling {kind!r} needs a positive number "
+                                 f"{key}, got {value!r}")
+        if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+            raise EmberError("LlamaConfig: rope_scaling 'llama3' needs low_freq_factor < "
+                             "high_freq_factor")
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> LlamaConfig:
