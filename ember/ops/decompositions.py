@@ -299,24 +299,35 @@ def _lu_rule(x: ArrayType) -> list[ArrayType]:
     return [ArrayType(x.shape, x.dtype), ArrayType(x.shape[:-1], dtypes.int32)]
 
 
-def _lu_impl(x):
-    """Doolittle elimination with partial pivoting, vectorised over the stack.
+_LU_BLOCK = 32
 
-    A zero pivot (a singular matrix) is left in place, as LAPACK's getrf does, so the
-    determinant of a singular matrix comes out as exactly zero.
+
+def _lu_impl(x):
+    """Blocked right-looking elimination with partial pivoting, vectorised over the stack.
+
+    Each panel of ``_LU_BLOCK`` columns is eliminated column by column (row swaps apply to
+    whole rows, as LAPACK's getrf does); the rest of the matrix is then updated with one
+    triangular solve and one matrix product, so most of the work runs in BLAS. A zero pivot (a
+    singular matrix) is left in place, so the determinant of a singular matrix is exactly 0.
     """
     n = x.shape[-1]
     a = np.array(x, copy=True).reshape(int(np.prod(x.shape[:-2])), n, n)
     perm = np.tile(np.arange(n, dtype=np.int32), (a.shape[0], 1))
     stack = np.arange(a.shape[0])
-    for k in range(n):
-        p = k + np.argmax(np.abs(a[:, k:, k]), axis=1)
-        # Swap rows k and p (fancy indexing on the right copies, so this is safe).
-        a[stack, k], a[stack, p] = a[stack, p], a[stack, k]
-        perm[stack, k], perm[stack, p] = perm[stack, p], perm[stack, k]
-        pivot = a[:, k, k][:, None]
-        np.divide(a[:, k + 1:, k], pivot, out=a[:, k + 1:, k], where=pivot != 0)
-        a[:, k + 1:, k + 1:] -= a[:, k + 1:, k, None] * a[:, k, None, k + 1:]
+    for j0 in range(0, n, _LU_BLOCK):
+        j1 = min(j0 + _LU_BLOCK, n)
+        for k in range(j0, j1):
+            p = k + np.argmax(np.abs(a[:, k:, k]), axis=1)
+            # Swap rows k and p (fancy indexing on the right copies, so this is safe).
+            a[stack, k], a[stack, p] = a[stack, p], a[stack, k]
+            perm[stack, k], perm[stack, p] = perm[stack, p], perm[stack, k]
+            pivot = a[:, k, k][:, None]
+            np.divide(a[:, k + 1:, k], pivot, out=a[:, k + 1:, k], where=pivot != 0)
+            a[:, k + 1:, k + 1:j1] -= a[:, k + 1:, k, None] * a[:, k, None, k + 1:j1]
+        if j1 < n:
+            unit_lower = np.tril(a[:, j0:j1, j0:j1], -1) + np.eye(j1 - j0, dtype=a.dtype)
+            a[:, j0:j1, j1:] = np.linalg.solve(unit_lower, a[:, j0:j1, j1:])
+            a[:, j1:, j1:] -= a[:, j1:, j0:j1] @ a[:, j0:j1, j1:]
     return [a.reshape(x.shape), perm.reshape(x.shape[:-1])]
 
 
