@@ -106,6 +106,18 @@ def _check_model_flag(args: argparse.Namespace) -> None:
     if os.path.isfile(args.model) and not args.model.endswith(".gguf"):
         raise _UserError(f"--model {args.model}: expected a Hugging Face model directory or a "
                          f".gguf file")
+    if os.path.isdir(args.model):
+        from ember.io import safetensors
+
+        weights = (safetensors.SINGLE_FILE, safetensors.INDEX_FILE)
+        missing = [name for name in ("config.json", "tokenizer.json")
+                   if not os.path.isfile(os.path.join(args.model, name))]
+        if not any(os.path.isfile(os.path.join(args.model, w)) for w in weights):
+            missing.append(" or ".join(weights))
+        if missing:
+            raise _UserError(f"--model {args.model}: the directory has no {', '.join(missing)} "
+                             f"(a Hugging Face model directory holds config.json, "
+                             f"model.safetensors and tokenizer.json)")
 
 
 def _read_text(flag: str, path: str) -> str:

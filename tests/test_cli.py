@@ -205,6 +205,16 @@ def test_no_model_and_empty_prompt(model_dir, no_load, capsys):
         capsys, "generate")
 
 
+def test_a_model_directory_missing_files_is_refused_before_loading(model_dir, tmp_path,
+                                                                   no_load, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    assert cli.main(["generate", "--model", str(partial), "hi"]) == 2
+    line = error_line(capsys, "generate")
+    assert "has no tokenizer.json, model.safetensors or model.safetensors.index.json" in line
+
+
 def test_unknown_flag_is_one_line(capsys):
     assert cli.main(["generate", "--temprature", "0.5"]) == 2
     assert "unrecognized arguments: --temprature" in error_line(capsys, "generate")
