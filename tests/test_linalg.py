@@ -93,6 +93,19 @@ VALUE_CASES = [
     *[(f"matrix_norm-{o}", lambda x, o=o: LA.matrix_norm(x, ord=o, keepdims=k),
        lambda x, o=o: np.linalg.matrix_norm(x, ord=o, keepdims=k), [_general(2, 3, 4)])
       for o in ("fro", "nuc", 1, -1, 2, -2, np.inf, -np.inf) for k in (False, True)],
+    *[(f"cond-{p}", lambda x, p=p: LA.cond(x, p), lambda x, p=p: np.linalg.cond(x, p),
+       [_general(2, 4, 4)]) for p in (None, 2, -2, "fro", "nuc", 1, -1, np.inf, -np.inf)],
+    ("lstsq-tall", lambda a, b: tuple(LA.lstsq(a, b)), lambda a, b: tuple(np.linalg.lstsq(a, b)),
+     [_general(6, 3), _general(6, 2)]),
+    ("lstsq-vector", lambda a, b: tuple(LA.lstsq(a, b)),
+     lambda a, b: tuple(np.linalg.lstsq(a, b)), [_general(5, 3), _general(5)]),
+    # NumPy leaves the residuals empty for wide or rank-deficient a: compare the rest.
+    ("lstsq-wide", lambda a, b: (lambda x, _, r, s: (x, r, s))(*LA.lstsq(a, b)),
+     lambda a, b: (lambda x, _, r, s: (x, r, s))(*np.linalg.lstsq(a, b)),
+     [_general(3, 5), _general(3, 2)]),
+    ("lstsq-rank-deficient", lambda a, b: (lambda x, _, r, s: (x, r, s))(*LA.lstsq(a, b, 1e-5)),
+     lambda a, b: (lambda x, _, r, s: (x, r, s))(*np.linalg.lstsq(a, b, 1e-5)),
+     [_rank_deficient(5, 4), _general(5)]),
     ("norm-nuc-axes", lambda x: LA.norm(x, "nuc", (2, 0)),
      lambda x: np.linalg.norm(x, "nuc", (2, 0)), [_general(3, 2, 4)]),
     ("norm-2-keepdims", lambda x: LA.norm(x, 2, (0, 1), keepdims=True),
@@ -194,6 +207,8 @@ def test_singular_matrices():
     (lambda x: LA.matrix_norm(x, ord=3), [np.ones((2, 2))], r"matrix_norm: ord=3 is not"),
     (lambda x: LA.qr(x, mode="raw"), [np.ones((2, 2))], r"qr: mode='raw'"),
     (lambda x: LA.matrix_power(x, 1.5), [np.ones((2, 2))], r"matrix_power: n must be an int"),
+    (LA.lstsq, [np.ones((2, 4, 3)), np.ones(4)], r"lstsq: needs a of shape \(M, N\) .*\(2, 4, 3\)"),
+    (LA.lstsq, [np.ones((4, 3)), np.ones(3)], r"lstsq: needs a of shape .*\(4, 3\) and \(3,\)"),
     (lambda x: LA.matrix_power(x, 2), [np.ones((2, 3))], r"matrix_power: needs square"),
     (lambda a, b: lax.triangular_solve(a, b, True), [np.ones((3, 3)), np.ones((2, 3))],
      r"triangular_solve: a \(3, 3\) and b \(2, 3\) do not fit"),
@@ -236,6 +251,8 @@ GRAD_CASES = [
     ("matrix_norm-nuc", lambda x: LA.matrix_norm(x, ord="nuc"), [_general(4, 3)]),
     ("matrix_norm-2", lambda x: LA.matrix_norm(x, ord=2), [_general(2, 3, 3)]),
     ("cross", LA.cross, [_general(2, 3), _general(3)]),
+    ("lstsq", lambda a, b: LA.lstsq(a, b)[0], [_general(5, 3), _general(5, 2)]),
+    ("cond", LA.cond, [_general(3, 3)]),
     ("vecdot", LA.vecdot, [_general(2, 3), _general(3)]),
 ]
 

@@ -38,10 +38,10 @@ from ember.ops import elementwise as ew
 from ember.ops import structural as st
 from ember.ops.reduce import reduce_prod, reduce_sum
 
-__all__ = ["cholesky", "cross", "det", "diagonal", "eigh", "eigvalsh", "inv", "matmul",
-           "matrix_norm", "matrix_power", "matrix_rank", "matrix_transpose", "norm", "outer",
-           "pinv", "qr", "slogdet", "solve", "svd", "svdvals", "tensordot", "trace", "vecdot",
-           "vector_norm", "EighResult", "QRResult", "SlogdetResult", "SVDResult"]
+__all__ = ["cholesky", "cond", "cross", "det", "diagonal", "eigh", "eigvalsh", "inv", "lstsq",
+           "matmul", "matrix_norm", "matrix_power", "matrix_rank", "matrix_transpose", "norm",
+           "outer", "pinv", "qr", "slogdet", "solve", "svd", "svdvals", "tensordot", "trace",
+           "vecdot", "vector_norm", "EighResult", "QRResult", "SlogdetResult", "SVDResult"]
 
 
 class EighResult(NamedTuple):
@@ -291,12 +291,11 @@ def matrix_rank(x: Any, /, tol: Any = None, *, rtol: Any = None) -> Any:
     return sum_(big, axis=-1, dtype=dtypes.int64)
 
 
-def pinv(x: Any, /, *, rtol: Any = None) -> Any:
-    """Moore-Penrose pseudo-inverse from the SVD: singular values at most ``rtol * largest``
-    (default ``max(M, N) * eps``) count as zero."""
-    a, out = _matrices("pinv", x)
+def _svd_inverse(op: str, a: Any, rtol: Any) -> tuple[Any, Any, Any, Any]:
+    """The pseudo-inverse of ``a`` as two factors, ``V / S`` and ``U^H`` (singular values at
+    most ``rtol * largest`` count as zero), plus ``S`` and the mask of those kept."""
     u, s, vh = dec.svd(a, full_matrices=False)
-    keep = ew.gt(*promote_args("pinv", s, _cutoff("pinv", s, aval_of(a).shape, rtol)))
+    keep = ew.gt(*promote_args(op, s, _cutoff(op, s, aval_of(a).shape, rtol)))
     # Divide only where kept, so a zero singular value gives no inf (nor a NaN gradient).
     one = ew.full_like(s, 1)
     s_inv = where(keep, ew.div(one, where(keep, s, one)), ew.zeros_like(s))
@@ -304,7 +303,53 @@ def pinv(x: Any, /, *, rtol: Any = None) -> Any:
     nd = aval_of(v).ndim
     s_inv = ew.convert(s_inv, aval_of(v).dtype)
     scaled = ew.mul(v, st.broadcast_in_dim(s_inv, aval_of(v).shape, (*range(nd - 2), nd - 1)))
-    return _cast(matmul(scaled, _adjoint(u)), out)
+    return scaled, _adjoint(u), s, keep
+
+
+def pinv(x: Any, /, *, rtol: Any = None) -> Any:
+    """Moore-Penrose pseudo-inverse from the SVD: singular values at most ``rtol * largest``
+    (default ``max(M, N) * eps``) count as zero."""
+    a, out = _matrices("pinv", x)
+    scaled, u_h, _, _ = _svd_inverse("pinv", a, rtol)
+    return _cast(matmul(scaled, u_h), out)
+
+
+def lstsq(a: Any, b: Any, rcond: Any = None) -> tuple[Any, Any, Any, Any]:
+    """``numpy.linalg.lstsq``: ``(x, residuals, rank, s)`` for the ``x`` minimising
+    ``|b - a @ x|``, from the SVD (singular values at most ``rcond * largest`` count as zero,
+    default ``max(M, N) * eps`` of the input's precision). ``a`` is one ``(M, N)`` matrix, ``b``
+    is ``(M,)`` or ``(M, K)``; ``rank`` is int32, as NumPy's. Unlike NumPy, ``residuals``
+    (shape ``(K,)``, ``(1,)`` for a vector ``b``) is always computed: NumPy returns it empty for
+    rank-deficient or wide ``a``, a shape that would depend on the data."""
+    m, out_a = _matrices("lstsq", a)
+    rhs = value(b)
+    sa, sb = aval_of(m).shape, aval_of(rhs).shape
+    if len(sa) != 2 or len(sb) not in (1, 2) or sb[0] != sa[0]:
+        raise op_error(ShapeError, "lstsq", f"needs a of shape (M, N) and b of shape (M,) or "
+                       f"(M, K), got {sa} and {sb}")
+    out = dtypes.result_type(out_a, aval_of(rhs).dtype)
+    compute = aval_of(m).dtype if out in (dtypes.float16, dtypes.bfloat16) else out
+    m, rhs = ew.convert(m, compute), ew.convert(rhs, compute)
+    columns = st.reshape(rhs, (sa[0], 1)) if len(sb) == 1 else rhs
+    scaled, u_h, s, keep = _svd_inverse("lstsq", m, rcond)
+    x = matmul(scaled, matmul(u_h, columns))
+    residual = ew.abs(ew.sub(columns, matmul(m, x)))
+    real = dtypes.real_dtype(out)
+    return (_cast(st.reshape(x, (sa[1],)) if len(sb) == 1 else x, out),
+            _cast(sum_(ew.mul(residual, residual), axis=0), real),
+            sum_(keep, axis=-1, dtype=dtypes.int32), _cast(s, real))
+
+
+def cond(x: Any, p: Any = None) -> Any:
+    """Condition number (``numpy.linalg.cond``): largest over smallest singular value for
+    ``p`` None or 2 (-2: the inverse ratio), else ``norm(x, p) * norm(inv(x), p)``."""
+    if p in (None, 2, -2):
+        s = svdvals(x)
+        last = aval_of(s).ndim - 1
+        big = st.index_in_dim(s, 0, last)
+        small = st.index_in_dim(s, aval_of(s).shape[-1] - 1, last)
+        return ew.div(small, big) if p == -2 else ew.div(big, small)
+    return ew.mul(matrix_norm(x, ord=p), matrix_norm(inv(x), ord=p))
 
 
 # --- products and structure ------------------------------------------------------------------
