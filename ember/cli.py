@@ -153,7 +153,11 @@ def _claim_output_dir(flag: str, path: str, command: str, force: bool) -> None:
         raise _UserError(f"{flag} {path}: exists and is not a directory")
     others = []
     if os.path.isdir(path):
-        others = sorted(e for e in os.listdir(path) if e != OUTPUT_MARKER)
+        try:
+            others = sorted(e for e in os.listdir(path) if e != OUTPUT_MARKER)
+        except OSError as e:
+            raise _UserError(f"{flag} {path}: cannot read the directory "
+                             f"({e.strerror or e})") from None
         if others and _output_owner(path) != command and not force:
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise _UserError(f"{flag} {path}: the directory holds files `ember {command}` did "
@@ -173,7 +177,7 @@ def _claim_output_dir(flag: str, path: str, command: str, force: bool) -> None:
     except OSError as e:
         raise _UserError(f"{flag} {path}: cannot write into the directory "
                          f"({e.strerror or e})") from None
-    if not others and _output_owner(path) is None:  # new or empty: now the command's own
+    if not others and _output_owner(path) != command:  # new or empty: the command's own
         from ember.io.files import write_text_atomic
 
         write_text_atomic(os.path.join(path, OUTPUT_MARKER), json.dumps({"command": command}))
@@ -364,7 +368,7 @@ def _resume_hint(out: str) -> str:
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a mistake as one line (no usage dump) via :func:`main`."""
 
-    def error(self, message: str) -> Any:  # noqa: D102 - argparse's hook
+    def error(self, message: str) -> Any:
         raise _UsageError(self.prog, message)
 
 
@@ -419,8 +423,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ember", description=__doc__.splitlines()[0], formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
-        return sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, formatter_class=_Help)
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=None, help="Hugging Face directory or .gguf file "
