@@ -210,10 +210,10 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
             state = new_state
             history["train"].append(record)
             history["step"] = step + 1
-            consistent = True
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
                 value = _evaluate(eval_fn, model, eval_data, config)
                 history["eval"].append({"step": step + 1, "loss": value})
+            consistent = True  # a resumed run would not redo this step's evaluation
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
