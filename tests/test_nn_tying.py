@@ -170,3 +170,27 @@ def test_tied_and_untied_models_are_different_jit_structures():
     f(untied, ids)
     assert f.trace_count == 2
     np.testing.assert_allclose(np.asarray(f(untied, ids)), np.asarray(untied(ids)), rtol=1e-6)
+
+
+def test_a_donated_tied_model_is_donated_once_and_stays_tied():
+    model, _ = pair()
+    ids, targets = batch()
+
+    def sgd(model, ids, targets):
+        grads = nn.value_and_grad(loss_fn)(model, ids, targets)[1]
+        return model.replace({k: v - 0.1 * grads[k]
+                              for k, v in model.trainable_parameters().items()})
+
+    expected = ember.jit(sgd)(model, ids, targets)
+    stepped = ember.jit(sgd, donate_argnums=0)(model, ids, targets)
+    assert stepped.head.weight is stepped.wte.weight
+    np.testing.assert_array_equal(np.asarray(stepped.wte.weight), np.asarray(expected.wte.weight))
+
+
+def test_the_first_name_decides_whether_a_tied_array_is_frozen():
+    model, _ = pair()
+    model.head.freeze()  # the second name: still trained through wte
+    assert "wte.weight" in model.trainable_parameters()
+    model.wte.freeze()
+    assert set(model.trainable_parameters()) == {"norm.weight", "norm.bias"}
+    assert model.num_parameters(trainable_only=True) == 2 * D
