@@ -74,6 +74,33 @@ def test_killed_run_resumes_onto_the_same_loss_curve(base_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(again.state_dict()[k]), np.asarray(v))
 
 
+def test_ctrl_c_during_an_evaluation_resumes_onto_the_same_curve(base_dir, tmp_path,
+                                                                 monkeypatch):
+    from ember.models import finetune
+
+    config = TrainConfig(steps=6, batch_size=2, seq_len=16, lr=5e-3, warmup_steps=2,
+                         lora_rank=4, eval_every=3, save_every=2)
+    model, tok = fresh(base_dir)
+    straight = train(model, tok, TEXT, tmp_path / "a", config)
+    real, calls = finetune._evaluate, []
+
+    def evaluate(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation after step 3, whose checkpoint is not written
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(finetune, "_evaluate", evaluate)
+    model, tok = fresh(base_dir)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, TEXT, tmp_path / "b", config)
+    assert (tmp_path / "b/checkpoints/latest").read_text() == "step-2"
+    monkeypatch.setattr(finetune, "_evaluate", real)
+    model, tok = fresh(base_dir)
+    resumed = train(model, tok, TEXT, tmp_path / "b", config)
+    assert resumed["eval"] == straight["eval"]
+    assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in straight["train"]]
+
+
 def test_full_fine_tune_with_accumulation_and_checkpointing(base_dir, tmp_path):
     model, tok = fresh(base_dir)
     config = TrainConfig(steps=12, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=2,
