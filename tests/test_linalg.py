@@ -39,6 +39,11 @@ def _rank_deficient(*shape):
     return RNG.normal(size=(*batch, m, 2)) @ RNG.normal(size=(*batch, 2, n))
 
 
+def _sign_free(w, v):
+    weights = np.arange(1.0, v.shape[-1] + 1).astype(v.dtype)
+    return w, (v * weights) @ v.mT
+
+
 # (id, ember function, NumPy reference, inputs)
 VALUE_CASES = [
     ("det", LA.det, np.linalg.det, [_general(4, 4)]),
@@ -62,6 +67,14 @@ VALUE_CASES = [
      [_general(3, 5)]),
     ("eigh", lambda x: tuple(LA.eigh(x)), lambda x: tuple(np.linalg.eigh(x)), [_sym(2, 4, 4)]),
     ("eigvalsh", LA.eigvalsh, np.linalg.eigvalsh, [_sym(3, 5, 5)]),
+    # LAPACK reads the other triangle for 'U', so the eigenvectors may differ in sign: compare
+    # sum_i c_i v_i v_i^T, which does not depend on the signs.
+    *[(f"eigh-uplo-{u}", lambda x, u=u: _sign_free(*LA.eigh(x, UPLO=u)),
+       lambda x, u=u: _sign_free(*np.linalg.eigh(x, UPLO=u)), [_general(2, 4, 4)])
+      for u in "LU"],
+    ("eigvalsh-uplo", lambda x: LA.eigvalsh(x, "U"), lambda x: np.linalg.eigvalsh(x, "U"),
+     [_general(4, 4)]),
+    ("pinv-rcond", lambda x: LA.pinv(x, 0.3), lambda x: np.linalg.pinv(x, 0.3), [_general(4, 4)]),
     ("svd", lambda x: tuple(LA.svd(x)), lambda x: tuple(np.linalg.svd(x)), [_general(2, 5, 3)]),
     ("svd-reduced", lambda x: tuple(LA.svd(x, full_matrices=False)),
      lambda x: tuple(np.linalg.svd(x, full_matrices=False)), [_general(3, 5)]),
@@ -206,6 +219,7 @@ def test_singular_matrices():
     (LA.vecdot, [np.ones((2, 3)), np.ones((2, 1))], r"vecdot: vectors along axis -1 must have"),
     (lambda x: LA.matrix_norm(x, ord=3), [np.ones((2, 2))], r"matrix_norm: ord=3 is not"),
     (lambda x: LA.qr(x, mode="raw"), [np.ones((2, 2))], r"qr: mode='raw'"),
+    (lambda x: LA.eigh(x, "X"), [np.ones((2, 2))], r"eigh: UPLO='X' is not"),
     (lambda x: LA.matrix_power(x, 1.5), [np.ones((2, 2))], r"matrix_power: n must be an int"),
     (LA.lstsq, [np.ones((2, 4, 3)), np.ones(4)], r"lstsq: needs a of shape \(M, N\) .*\(2, 4, 3\)"),
     (LA.lstsq, [np.ones((4, 3)), np.ones(3)], r"lstsq: needs a of shape .*\(4, 3\) and \(3,\)"),

@@ -25,7 +25,7 @@ from ember import dtypes
 from ember.core.trace import aval_of
 from ember.errors import EmberValueError, ShapeError, op_error
 from ember.numpy._core import broadcast_shapes, float_dtype, normalize_axis_arg, promote_args, value
-from ember.numpy._creation import eye, triu
+from ember.numpy._creation import eye, tril, triu
 from ember.numpy._linalg import matmul, matrix_transpose, outer, tensordot, vecdot
 from ember.numpy._math import conj, where
 from ember.numpy._reductions import max as max_
@@ -119,17 +119,30 @@ def qr(x: Any, /, *, mode: str = "reduced") -> Any:
     return QRResult(_cast(q, out), _cast(r, out))
 
 
-def eigh(x: Any, /) -> EighResult:
+def _from_triangle(op: str, a: Any, uplo: str | None) -> Any:
+    """The Hermitian matrix NumPy's ``UPLO`` names: built from the lower ('L') or upper ('U')
+    triangle of ``a``; ``None`` keeps ``a`` (the primitives use ``(a + a^H) / 2``, as JAX)."""
+    if uplo is None:
+        return a
+    if uplo not in ("L", "U"):
+        raise op_error(EmberValueError, op, f"UPLO={uplo!r} is not one of 'L', 'U', None")
+    tri = tril(a) if uplo == "L" else triu(a)
+    strict = tril(a, -1) if uplo == "L" else triu(a, 1)
+    return ew.add(tri, _adjoint(strict))
+
+
+def eigh(x: Any, /, UPLO: str | None = None) -> EighResult:  # noqa: N803
     """``EighResult(eigenvalues, eigenvectors)`` of a Hermitian ``x``: real eigenvalues
-    ascending, eigenvectors as columns. Gradients need distinct eigenvalues."""
+    ascending, eigenvectors as columns. Gradients need distinct eigenvalues. ``UPLO='L'`` or
+    ``'U'`` reads one triangle, as NumPy (whose default is 'L')."""
     a, out = _matrices("eigh", x, square=True)
-    w, v = dec.eigh(a)
+    w, v = dec.eigh(_from_triangle("eigh", a, UPLO))
     return EighResult(_cast(w, dtypes.real_dtype(out)), _cast(v, out))
 
 
-def eigvalsh(x: Any, /) -> Any:
-    """Eigenvalues of a Hermitian ``x``, ascending."""
-    return eigh(x).eigenvalues
+def eigvalsh(x: Any, /, UPLO: str | None = None) -> Any:  # noqa: N803
+    """Eigenvalues of a Hermitian ``x``, ascending (``UPLO`` as in :func:`eigh`)."""
+    return eigh(x, UPLO).eigenvalues
 
 
 def svd(x: Any, /, full_matrices: bool = True, compute_uv: bool = True) -> Any:
@@ -306,11 +319,11 @@ def _svd_inverse(op: str, a: Any, rtol: Any) -> tuple[Any, Any, Any, Any]:
     return scaled, _adjoint(u), s, keep
 
 
-def pinv(x: Any, /, *, rtol: Any = None) -> Any:
+def pinv(x: Any, /, rcond: Any = None, *, rtol: Any = None) -> Any:
     """Moore-Penrose pseudo-inverse from the SVD: singular values at most ``rtol * largest``
-    (default ``max(M, N) * eps``) count as zero."""
+    (default ``max(M, N) * eps``) count as zero. ``rcond`` is NumPy's older name for ``rtol``."""
     a, out = _matrices("pinv", x)
-    scaled, u_h, _, _ = _svd_inverse("pinv", a, rtol)
+    scaled, u_h, _, _ = _svd_inverse("pinv", a, rtol if rcond is None else rcond)
     return _cast(matmul(scaled, u_h), out)
 
 
