@@ -2,16 +2,18 @@
 
 Factorisations bind the primitives of :mod:`ember.ops.decompositions`; everything else is
 composed from them, so gradients, ``jit`` and ``vmap`` come for free: ``det``, ``slogdet``,
-``solve`` and ``inv`` from ``lu`` and triangular solves, ``pinv``, ``matrix_rank``, ``svdvals``
-and the spectral norms from ``svd``, ``eigvalsh`` from ``eigh``. Every function takes stacks of
-matrices in the last two axes. Integer inputs compute in float64 and half precision in float32
-(rounded back), since LAPACK has neither. Complex matrices work wherever NumPy's do: Hermitian
-``eigh``, unitary ``qr`` and ``svd``, with real eigenvalues, singular values and ``logabsdet``.
+``solve`` and ``inv`` from ``lu`` and triangular solves, ``pinv``, ``matrix_rank``, ``svdvals``,
+``lstsq``, ``cond`` and the spectral norms from ``svd``, ``eigvalsh`` from ``eigh``. Every
+function takes stacks of matrices in the last two axes. Integer inputs compute in float64 and
+half precision in float32 (rounded back), since LAPACK has neither. Complex matrices work
+wherever NumPy's do: Hermitian ``eigh``, unitary ``qr`` and ``svd``, with real eigenvalues,
+singular values and ``logabsdet``.
 
 Like JAX, and unlike NumPy, a failed factorisation does not raise: it gives NaN (``cholesky`` of
 a matrix that is not positive definite, ``solve``/``inv`` of a singular one). Symmetric inputs
 of ``cholesky``, ``eigh`` and ``eigvalsh`` are symmetrised, ``(x + x^H) / 2``, where NumPy reads
-the lower triangle: the same for a symmetric ``x``, and it makes their gradients symmetric.
+the lower triangle (``UPLO='L'`` asks for that): the same for a symmetric ``x``, and it makes
+their gradients symmetric.
 """
 
 from __future__ import annotations

@@ -126,9 +126,9 @@ def _col(v: Any, like: Any) -> Any:
     return st.broadcast_in_dim(v, shape, tuple(range(nd - 1)))
 
 
-def _inverse_gaps(values: Any, like: Any, square: Callable[[Any], Any]) -> Any:
-    """``F[i, j] = 1 / (f(v_j) - f(v_i))`` off the diagonal and 0 on it (``f`` = ``square``)."""
-    fv = square(values)
+def _inverse_gaps(values: Any, like: Any, f: Callable[[Any], Any]) -> Any:
+    """``F[i, j] = 1 / (f(v_j) - f(v_i))`` off the diagonal and 0 on it, in ``like``'s dtype."""
+    fv = f(values)
     gaps = ew.sub(_row(fv, like), _col(fv, like))
     eye = _eye(gaps)
     inverse = ew.mul(ew.div(ew.full_like(gaps, 1), ew.add(gaps, eye)),
@@ -155,8 +155,8 @@ def _batch_leading(prim: Primitive) -> Callable[..., Any]:
         for a, d in zip(args, dims):
             if d is None:
                 shape = aval_of(a).shape
-                dims_ = tuple(range(1, len(shape) + 1))
-                moved.append(st.broadcast_in_dim(a, (size, *shape), dims_))
+                kept = tuple(range(1, len(shape) + 1))
+                moved.append(st.broadcast_in_dim(a, (size, *shape), kept))
             else:
                 moved.append(st.moveaxis(a, d, 0))
         out = prim.bind(*moved, **params)
@@ -369,8 +369,8 @@ def _lu_jvp(primals, tangents):
     low = ew.add(_tri(packed, True, -1), _eye(packed))
     up = _tri(packed, False)
     y = triangular_solve(low, permute_rows(t, perm), lower=True)
-    z = _mT(triangular_solve(up, _mT(y), lower=False, transpose_a=True))
-    d = ew.add(_mm(low, _tri(z, True, -1)), _mm(_tri(z, False), up))
+    x_ = _mT(triangular_solve(up, _mT(y), lower=False, transpose_a=True))  # X = Y U^-1
+    d = ew.add(_mm(low, _tri(x_, True, -1)), _mm(_tri(x_, False), up))
     return [packed, perm], [d, tangent_perm]
 
 
@@ -407,7 +407,7 @@ def _eigh_jvp(primals, tangents):
         return [w, v], [Zero(w.aval), Zero(v.aval)]
     # With M = V^H dA V: dw = diag(M), dV = V (F * M), F[i, j] = 1 / (w_j - w_i) off the diagonal.
     m = _mm(_H(v), _mm(_symmetrize(t), v))
-    return [w, v], [_real(_diag(m)), _mm(v, ew.mul(_inverse_gaps(w, m, lambda s: s), m))]
+    return [w, v], [_real(_diag(m)), _mm(v, ew.mul(_inverse_gaps(w, m, lambda e: e), m))]
 
 
 # --- svd -------------------------------------------------------------------------------------
@@ -455,7 +455,7 @@ def _svd_jvp(primals, tangents, *, full_matrices):
     dp = _mm(_H(u), _mm(t, v))  # U^H dA V, k x k
     sj = _like(_row(s, dp), dp)  # s_j in column j
     si = _like(_col(s, dp), dp)  # s_i in row i
-    f = _inverse_gaps(s, dp, lambda s: ew.mul(s, s))
+    f = _inverse_gaps(s, dp, lambda v: ew.mul(v, v))
     dps = ew.mul(dp, sj)  # dP S
     sdp = ew.mul(si, dp)  # S dP
     inner_u = ew.mul(f, ew.add(dps, _H(dps)))
@@ -512,8 +512,8 @@ def _qr_jvp(primals, tangents, *, full_matrices):
         raise op_error(UnsupportedError, "qr", f"the derivative of qr(mode='complete') of a "
                        f"{m}x{n} matrix is not defined (the extra columns of Q are not unique); "
                        "use mode='reduced'")
-    # A wide matrix [A1 A2] factors as Q [R1 Q^T A2]: differentiate the square part, then
-    # R2 = Q^T A2 by the product rule.
+    # A wide matrix [A1 A2] factors as Q [R1 Q^H A2]: differentiate the square part, then
+    # R2 = Q^H A2 by the product rule.
     k = min(m, n)
     lead = [0] * len(batch)
     r1 = st.slice(r, [*lead, 0, 0], [*batch, k, k])
