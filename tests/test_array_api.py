@@ -62,6 +62,14 @@ def test_inspection_dtypes_match_numpy(kind):
     assert all(ours[name] == theirs[name] for name in theirs)
 
 
+def test_every_listed_dtype_makes_arrays_on_every_device():
+    info = enp.__array_namespace_info__()
+    for device in info.devices():
+        for name, dt in info.dtypes(device=device).items():
+            x = enp.empty(2, dtype=dt, device=device)
+            assert x.dtype == np.dtype(name) and x.device == device
+
+
 def test_inspection_dtypes_refuses_unknown_kind():
     with pytest.raises(EmberValueError, match="unknown kind 'float'"):
         enp.__array_namespace_info__().dtypes(kind="float")
