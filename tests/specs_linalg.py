@@ -69,6 +69,15 @@ def _distinct_spectrum(rng, dt, shape):
     return ((q * w[..., None, :]) @ _adjoint(q)).astype(dt)
 
 
+def _diagonalizable(rng, dt, shape):
+    """``S diag(w) S^-1`` with a well-conditioned ``S`` and eigenvalues at least 0.5 apart (real
+    for a real dtype, with imaginary parts for a complex one)."""
+    n = shape[-1]
+    s = np.eye(n) + 0.3 * _uniform(rng, dt, shape, -1, 1)
+    w = _uniform(rng, dt, shape[:-1], -0.2, 0.2) + np.arange(n) - 1.5
+    return ((s * w[..., None, :]) @ np.linalg.inv(s)).astype(dt)
+
+
 def _distinct_singular_values(rng, dt, shape):
     """Singular values 1, 2, 3... (plus noise), so gaps and the smallest are far from zero."""
     *batch, m, n = shape
@@ -148,6 +157,18 @@ def _eigh_ref(x):
     return [w, _weighted_outer(v, _adjoint(v), np)]
 
 
+def _eig_fn(x):
+    w, v = lax.eig(x)
+    return [w, _weighted_outer(v, enp.linalg.inv(v), enp), enp.abs(v)]
+
+
+def _eig_ref(x):
+    w, v = np.linalg.eig(x)
+    out = dtypes.complex_dtype(x.dtype)
+    w, v = w.astype(out), v.astype(out)
+    return [w, _weighted_outer(v, np.linalg.inv(v), np), np.abs(v)]
+
+
 def _svd_fn(x, full):
     u, s, vh = lax.svd(x, full)
     k = s.shape[-1]
@@ -168,6 +189,10 @@ def _factorisation_specs(dts, tag) -> list[Spec]:
              STACKS, diff=(0,), id=f"lu{tag}"),
         Spec("eigh", _eigh_fn, _eigh_ref, [_distinct_spectrum], dts, STACKS, diff=(0,),
              id=f"eigh{tag}"),
+        # Eigenvectors are unique up to a phase: compare sum_i c_i v_i w_i^T (w_i the rows of
+        # V^-1) and |V|, which also checks that the derivative keeps each |v_i| = 1.
+        Spec("eig", _eig_fn, _eig_ref, [_diagonalizable], dts, STACKS, diff=(0,),
+             id=f"eig{tag}"),
     ]
     for full in (False, True):
         mode = "full" if full else "reduced"

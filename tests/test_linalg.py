@@ -44,6 +44,11 @@ def _sign_free(w, v):
     return w, (v * weights) @ v.mT
 
 
+def _phase_free(w, v):
+    """Eigenvalues and ``|V|``: LAPACK fixes each eigenvector's phase; both sides call it."""
+    return w, abs(v)
+
+
 # (id, ember function, NumPy reference, inputs)
 VALUE_CASES = [
     ("det", LA.det, np.linalg.det, [_general(4, 4)]),
@@ -75,6 +80,11 @@ VALUE_CASES = [
     ("eigvalsh-uplo", lambda x: LA.eigvalsh(x, "U"), lambda x: np.linalg.eigvalsh(x, "U"),
      [_general(4, 4)]),
     ("pinv-rcond", lambda x: LA.pinv(x, 0.3), lambda x: np.linalg.pinv(x, 0.3), [_general(4, 4)]),
+    ("eig", lambda x: _phase_free(*LA.eig(x)),
+     lambda x: _phase_free(*(v.astype(np.result_type(v, np.complex64))
+                             for v in np.linalg.eig(x))), [_general(2, 4, 4)]),
+    ("eigvals", LA.eigvals, lambda x: np.linalg.eigvals(x).astype(np.result_type(x, np.complex64)),
+     [_general(5, 5)]),
     ("svd", lambda x: tuple(LA.svd(x)), lambda x: tuple(np.linalg.svd(x)), [_general(2, 5, 3)]),
     ("svd-reduced", lambda x: tuple(LA.svd(x, full_matrices=False)),
      lambda x: tuple(np.linalg.svd(x, full_matrices=False)), [_general(3, 5)]),
@@ -261,6 +271,7 @@ GRAD_CASES = [
     ("matrix_power-3", lambda x: LA.matrix_power(x, 3), [_general(3, 3)]),
     ("cholesky-upper", lambda x: LA.cholesky(x, upper=True), [_spd(3, 3)]),
     ("eigvalsh", LA.eigvalsh, [_sym(4, 4)]),
+    ("eigvals", lambda x: enp.real(LA.eigvals(x)), [_spd(4, 4) @ _spd(4, 4)]),
     ("svdvals", LA.svdvals, [_general(3, 5)]),
     ("matrix_norm-nuc", lambda x: LA.matrix_norm(x, ord="nuc"), [_general(4, 3)]),
     ("matrix_norm-2", lambda x: LA.matrix_norm(x, ord=2), [_general(2, 3, 3)]),
@@ -394,6 +405,7 @@ COMPLEX_GRAD_CASES = [
     ("pinv", LA.pinv, _complex(3, 2)),
     ("cholesky", LA.cholesky, _hpd(3, 3)),
     ("eigvalsh", LA.eigvalsh, _hermitian(3, 3)),
+    ("eigvals", LA.eigvals, _complex(3, 3)),
     ("svdvals", LA.svdvals, _complex(2, 3)),
 ]
 

@@ -3,7 +3,8 @@
 Factorisations bind the primitives of :mod:`ember.ops.decompositions`; everything else is
 composed from them, so gradients, ``jit`` and ``vmap`` come for free: ``det``, ``slogdet``,
 ``solve`` and ``inv`` from ``lu`` and triangular solves, ``pinv``, ``matrix_rank``, ``svdvals``,
-``lstsq``, ``cond`` and the spectral norms from ``svd``, ``eigvalsh`` from ``eigh``. Every
+``lstsq``, ``cond`` and the spectral norms from ``svd``, ``eigvalsh`` from ``eigh``, ``eigvals``
+from ``eig``. Every
 function takes stacks of matrices in the last two axes. Integer inputs compute in float64 and
 half precision in float32 (rounded back), since LAPACK has neither. Complex matrices work
 wherever NumPy's do: Hermitian ``eigh``, unitary ``qr`` and ``svd``, with real eigenvalues,
@@ -40,10 +41,16 @@ from ember.ops import elementwise as ew
 from ember.ops import structural as st
 from ember.ops.reduce import reduce_prod, reduce_sum
 
-__all__ = ["cholesky", "cond", "cross", "det", "diagonal", "eigh", "eigvalsh", "inv", "lstsq",
-           "matmul", "matrix_norm", "matrix_power", "matrix_rank", "matrix_transpose", "norm",
-           "outer", "pinv", "qr", "slogdet", "solve", "svd", "svdvals", "tensordot", "trace",
-           "vecdot", "vector_norm", "EighResult", "QRResult", "SlogdetResult", "SVDResult"]
+__all__ = ["cholesky", "cond", "cross", "det", "diagonal", "eig", "eigh", "eigvals", "eigvalsh",
+           "inv", "lstsq", "matmul", "matrix_norm", "matrix_power", "matrix_rank",
+           "matrix_transpose", "norm", "outer", "pinv", "qr", "slogdet", "solve", "svd", "svdvals",
+           "tensordot", "trace", "vecdot", "vector_norm", "EigResult", "EighResult", "QRResult",
+           "SlogdetResult", "SVDResult"]
+
+
+class EigResult(NamedTuple):
+    eigenvalues: Any
+    eigenvectors: Any
 
 
 class EighResult(NamedTuple):
@@ -145,6 +152,22 @@ def eigh(x: Any, /, UPLO: str | None = None) -> EighResult:  # noqa: N803
 def eigvalsh(x: Any, /, UPLO: str | None = None) -> Any:  # noqa: N803
     """Eigenvalues of a Hermitian ``x``, ascending (``UPLO`` as in :func:`eigh`)."""
     return eigh(x, UPLO).eigenvalues
+
+
+def eig(x: Any, /) -> EigResult:
+    """``EigResult(eigenvalues, eigenvectors)`` of a general square ``x``: unit-norm right
+    eigenvectors as columns. Always complex, where NumPy returns real arrays when all
+    eigenvalues happen to be real (a dtype that would depend on the data). Gradients need
+    distinct eigenvalues."""
+    a, out = _matrices("eig", x, square=True)
+    w, v = dec.eig(a)
+    out = dtypes.complex_dtype(out)
+    return EigResult(_cast(w, out), _cast(v, out))
+
+
+def eigvals(x: Any, /) -> Any:
+    """Eigenvalues of a general square ``x``, complex (see :func:`eig`)."""
+    return eig(x).eigenvalues
 
 
 def svd(x: Any, /, full_matrices: bool = True, compute_uv: bool = True) -> Any:

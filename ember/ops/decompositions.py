@@ -1,6 +1,6 @@
 """Matrix factorisations and triangular solves: the linear algebra that cannot be composed.
 
-``cholesky``, ``lu``, ``qr``, ``eigh``, ``svd`` and ``triangular_solve`` work on stacks of
+``cholesky``, ``lu``, ``qr``, ``eigh``, ``eig``, ``svd`` and ``triangular_solve`` work on stacks of
 matrices: the last two axes hold the matrix and every leading axis is a batch axis, so a vmap
 rule only moves the mapped axis to the front. The NumPy implementations call LAPACK through
 ``numpy.linalg`` (LU is written out, since NumPy does not expose it).
@@ -36,7 +36,8 @@ from ember.ops.indexing import take_along_axis
 from ember.ops.linalg import dot_general
 from ember.ops.reduce import reduce_sum
 
-__all__ = ["cholesky", "lu", "lu_solve", "permute_rows", "qr", "eigh", "svd", "triangular_solve"]
+__all__ = ["cholesky", "eig", "eigh", "lu", "lu_solve", "permute_rows", "qr", "svd",
+           "triangular_solve"]
 
 _DTYPES = (dtypes.float32, dtypes.float64, dtypes.complex64, dtypes.complex128)
 
@@ -408,6 +409,49 @@ def _eigh_jvp(primals, tangents):
     # With M = V^H dA V: dw = diag(M), dV = V (F * M), F[i, j] = 1 / (w_j - w_i) off the diagonal.
     m = _mm(_H(v), _mm(_symmetrize(t), v))
     return [w, v], [_real(_diag(m)), _mm(v, ew.mul(_inverse_gaps(w, m, lambda e: e), m))]
+
+
+# --- eig -------------------------------------------------------------------------------------
+
+eig_p = _declare("eig", multiple_results=True)
+
+
+@eig_p.def_abstract_eval
+def _eig_rule(x: ArrayType) -> list[ArrayType]:
+    _check_matrix("eig", x, square=True)
+    out = dtypes.complex_dtype(x.dtype)
+    return [ArrayType(x.shape[:-1], out), ArrayType(x.shape, out)]
+
+
+def _eig_impl(x):
+    w, v = np.linalg.eig(x)
+    out = dtypes.complex_dtype(x.dtype)
+    return [w.astype(out, copy=False), v.astype(out, copy=False)]
+
+
+eig_p.def_impl(_eig_impl)
+
+
+def eig(x: Any) -> tuple[Any, Any]:
+    """Eigenvalues and right eigenvectors (unit-norm columns) of a general square ``x``, always
+    complex (NumPy returns real arrays when every eigenvalue happens to be real)."""
+    w, v = eig_p.bind(x)
+    return w, v
+
+
+@eig_p.def_jvp
+def _eig_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    w, v = eig(x)
+    if isinstance(t, Zero):
+        return [w, v], [Zero(w.aval), Zero(v.aval)]
+    # With M = V^-1 dA V: dw = diag(M) and dV = V (F * M), F[i, j] = 1 / (w_j - w_i) off the
+    # diagonal; then remove from each dv_j its real part along v_j, which keeps |v_j| = 1.
+    m = lu_solve(*lu(v), _mm(_like(t, v), v))
+    dv = _mm(v, ew.mul(_inverse_gaps(w, m, lambda e: e), m))
+    along = _real(reduce_sum(ew.mul(ew.conj(v), dv), (aval_of(v).ndim - 2,)))
+    dv = ew.sub(dv, ew.mul(v, _like(_row(along, v), v)))
+    return [w, v], [_diag(m), dv]
 
 
 # --- svd -------------------------------------------------------------------------------------
