@@ -276,6 +276,17 @@ def test_searchsorted_sorter_and_dtypes(side, dtype):
           lambda x, y, s: np.searchsorted(x, y, side=side, sorter=s), a, v, order)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 16, 33])
+def test_searchsorted_binary_search_with_duplicates(n):
+    a = np.sort(RNG.integers(0, 5, size=n)).astype(np.float64)
+    if n >= 4:
+        a[-(n // 4):] = np.nan  # NaNs sort last
+    v = np.array([-1.0, 0.0, 1.0, 2.5, 4.0, 5.0, np.nan])
+    for side in ("left", "right"):
+        check(lambda x, y: enp.searchsorted(x, y, side=side),
+              lambda x, y: np.searchsorted(x, y, side=side), a, v)
+
+
 @pytest.mark.parametrize(("a", "v"), [(np.zeros(0), np.array([1.0, -1.0])),
                                       (np.arange(4.0), np.zeros((0, 2))),
                                       (np.arange(4), np.array(2))])

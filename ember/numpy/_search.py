@@ -13,7 +13,6 @@ from ember.core.trace import aval_of, to_array
 from ember.errors import EmberValueError, TracerError, op_error, user_frame
 from ember.numpy._core import value
 from ember.ops import elementwise as ew
-from ember.ops import reduce as rd
 from ember.ops import structural as st
 from ember.ops.sort import argsort as _argsort
 from ember.ops.sort import sort as _sort
@@ -59,9 +58,10 @@ def argpartition(a: Any, kth: int, axis: int = -1) -> Any:
 
 
 def searchsorted(a: Any, v: Any, side: str = "left", sorter: Any = None) -> Any:
-    """Insertion points of ``v`` in sorted 1-d ``a`` (a count of smaller elements, so it works
-    under jit and vmap). NaNs sort last, as in ``sort``: ``a`` holds them at its end, and a NaN
-    in ``v`` goes before them (``left``) or after them (``right``)."""
+    """Insertion points of ``v`` in sorted 1-d ``a``, by a branch-free binary search (so it
+    works under jit and vmap, in ``log2(len(a))`` gathers of ``v``'s size). NaNs sort last, as
+    in ``sort``: ``a`` holds them at its end, and a NaN in ``v`` goes before them (``left``) or
+    after them (``right``)."""
     if side not in ("left", "right"):
         raise op_error(EmberValueError, "searchsorted", f"side must be 'left' or 'right', got "
                        f"{side!r}")
@@ -69,24 +69,36 @@ def searchsorted(a: Any, v: Any, side: str = "left", sorter: Any = None) -> Any:
     if aval_of(arr).ndim != 1:
         raise op_error(EmberValueError, "searchsorted", f"a must be 1-d, got shape "
                        f"{aval_of(arr).shape}")
-    if sorter is not None:
-        from ember.numpy._indexing import take
+    from ember.numpy._indexing import take
 
+    if sorter is not None:
         arr = take(arr, sorter)
     arr, vals = _promote_pair(arr, v)
-    vshape = aval_of(vals).shape
     n = aval_of(arr).shape[0]
-    nd = len(vshape)
-    a_b = st.broadcast_in_dim(arr, (*vshape, n), (nd,))
-    v_b = st.broadcast_in_dim(vals, (*vshape, n), tuple(range(nd)))
-    before = ew.lt(a_b, v_b) if side == "left" else ew.le(a_b, v_b)
-    if dtypes.is_float(aval_of(arr).dtype):
-        # ``<`` is false against NaN, but in sort order every number precedes a NaN query,
-        # and for ``right`` so do the NaNs of ``a``.
-        v_nan = ew.ne(v_b, v_b)
-        precedes_nan = v_nan if side == "right" else ew.and_(v_nan, ew.eq(a_b, a_b))
-        before = ew.or_(before, precedes_nan)
-    return rd.reduce_sum(ew.convert(before, dtypes.int64), (nd,))
+    # ``count`` grows by halving steps while the element just past it still precedes ``v``:
+    # the predicate is monotone along sorted ``a``, so this finds how many elements precede.
+    count = ew.convert(ew.zeros_like(vals), dtypes.int64)
+    step = 1 << max(n.bit_length() - 1, 0)
+    while n and step:
+        trial = ew.add(count, ew.full_like(count, step))
+        last = ew.min(ew.sub(trial, ew.full_like(trial, 1)), ew.full_like(trial, n - 1))
+        ok = ew.and_(ew.le(trial, ew.full_like(trial, n)),
+                     _precedes(take(arr, last), vals, side))
+        count = ew.select(ok, trial, count)
+        step >>= 1
+    return count
+
+
+def _precedes(x: Any, v: Any, side: str) -> Any:
+    """Whether ``x`` sorts before ``v`` (``left``) or at or before it (``right``)."""
+    before = ew.lt(x, v) if side == "left" else ew.le(x, v)
+    if not dtypes.is_float(aval_of(x).dtype):
+        return before
+    # ``<`` is false against NaN, but in sort order every number precedes a NaN query, and for
+    # ``right`` so does a NaN of ``a``.
+    v_nan = ew.ne(v, v)
+    precedes_nan = v_nan if side == "right" else ew.and_(v_nan, ew.eq(x, x))
+    return ew.or_(before, precedes_nan)
 
 
 def _promote_pair(arr: Any, v: Any) -> tuple[Any, Any]:
