@@ -24,8 +24,6 @@ DEFAULT_PROMPT = "Write a haiku about compilers"
 # Written into every directory a command creates: only such a directory is written to again
 # (resumed, overwritten) without --force.
 OUTPUT_MARKER = ".ember-output.json"
-# Prompts at least this long take seconds to read on a CPU: say so before starting.
-_LONG_PROMPT = 512
 
 
 class _UserError(Exception):
@@ -215,15 +213,13 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_room(model: Any, prompt_tokens: int, args: argparse.Namespace, what: str) -> None:
-    """The prompt and ``--max-new-tokens`` must fit the model's context; say so before the
-    (possibly long) prompt is read, and announce a long prompt."""
+    """The prompt and ``--max-new-tokens`` must fit the model's context: say so, naming the
+    flag, before the (possibly long) prompt is read."""
     limit = model.config.max_position_embeddings
     if prompt_tokens + args.max_new_tokens > limit:
         raise _UserError(f"{what} ({prompt_tokens} tokens) + --max-new-tokens "
                          f"{args.max_new_tokens} exceeds the model's context of {limit} tokens; "
                          f"shorten it or lower --max-new-tokens")
-    if prompt_tokens >= _LONG_PROMPT:
-        print(f"[reading the {prompt_tokens}-token {what}]", file=sys.stderr, flush=True)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -344,11 +344,11 @@ def test_prompt_longer_than_the_context_names_the_flag(model_dir, capsys):
     assert "prompt (250 tokens) + --max-new-tokens 16 exceeds the model's context of 256" in line
 
 
-def test_a_long_prompt_is_announced(model_dir, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_LONG_PROMPT", 10)
+def test_a_long_prompt_shows_progress(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 8)
     assert cli.main(["generate", "--model", model_dir, "--raw", "--max-new-tokens", "2",
-                     "a prompt of thirty-one tokens."]) == 0
-    assert "[reading the 30-token prompt]" in capsys.readouterr().err
+                     "a prompt of thirty tokens, or so"]) == 0
+    assert "reading the prompt" in capsys.readouterr().err
 
 
 def test_non_finite_weights_are_refused_naming_the_tensor(model_dir, tmp_path, capsys):

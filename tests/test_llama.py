@@ -123,7 +123,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(variant):
 
 def test_decode_step_is_traced_once_and_updates_the_cache_in_place():
     _, model = make_pair("qwen2")
-    decode = ember.jit(gen._decode_fn, donate_argnums=1)
+    decode = ember.jit(gen._extend_fn, donate_argnums=1)
     cache = KVCache.allocate(model.config, 1, 16)
     key_mask = np.ones((1, 16), dtype=bool)
     _, cache = decode(model, cache, np.array([[5]]), np.array([[0]]), np.int32(0), key_mask)
@@ -180,6 +180,19 @@ def test_batched_prompts_with_padding_equal_single_runs():
                list(tokens((4,), seed=13))]
     batched = gen.generate_ids(model, prompts, 6)
     assert batched == [gen.generate_ids(model, [p], 6)[0] for p in prompts]
+
+
+def test_a_prompt_read_in_chunks_gives_what_one_call_gives(monkeypatch, capsys):
+    hf, model = make_pair("mistral")  # a sliding window of 4 crosses the chunk borders
+    prompts = [list(tokens((23,), seed=14)), list(tokens((9,), seed=15))]
+    whole = gen.generate_ids(model, prompts, 5)
+    assert "reading the prompt" not in capsys.readouterr().err
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 4)
+    assert gen.generate_ids(model, prompts, 5) == whole
+    assert "reading the prompt" in capsys.readouterr().err  # progress for a long prompt
+    ref = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=5, do_sample=False,
+                      eos_token_id=None)[0, 23:].tolist()
+    assert whole[0] == ref
 
 
 def test_generation_rejects_bad_input():

@@ -1,10 +1,12 @@
 """Text generation for causal language models with a preallocated KV cache.
 
-Three jitted functions do the work, each traced once per shape and reused across calls and
-positions: ``_prefill`` runs the (left-padded) prompts and fills the cache, ``_decode`` runs one
-token per sequence at a traced ``cache_pos``, and ``_sample`` turns logits into tokens (greedy,
-temperature, top-k, top-p, repetition penalty) on the device. The cache is donated to both
-model steps, so its buffers are updated in place rather than reallocated per token.
+Two jitted functions do the work, each traced once per shape and reused across calls and
+positions: ``_extend`` runs some tokens per sequence at a traced ``cache_pos`` and writes their
+keys and values into the cache (the prompt in chunks, then one token per step), and ``_sample``
+turns logits into tokens (greedy, temperature, top-k, top-p, repetition penalty) on the device.
+The cache is donated to ``_extend``, so its buffers are updated in place rather than
+reallocated per token. Reading the prompt in chunks bounds the attention scores' memory and
+shows progress on a long prompt.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 import ember.numpy as enp
 from ember import random
@@ -52,22 +55,36 @@ class SamplingConfig:
                                   f"got {self.repetition_penalty}")
 
 
-def _prefill_fn(model: LlamaForCausalLM, cache: KVCache, ids: Any, positions: Any,
-                key_mask: Any) -> tuple[Any, KVCache]:
-    logits, cache = model(ids, positions=positions, attention_mask=key_mask, cache=cache,
-                          cache_pos=0)
-    return logits[:, -1].astype(enp.float32), cache
-
-
-def _decode_fn(model: LlamaForCausalLM, cache: KVCache, token: Any, position: Any,
+def _extend_fn(model: LlamaForCausalLM, cache: KVCache, ids: Any, positions: Any,
                cache_pos: Any, key_mask: Any) -> tuple[Any, KVCache]:
-    logits, cache = model(token, positions=position, attention_mask=key_mask, cache=cache,
+    """Run ``ids [batch, length]`` written at ``cache_pos``: last logits and the new cache."""
+    logits, cache = model(ids, positions=positions, attention_mask=key_mask, cache=cache,
                           cache_pos=cache_pos)
     return logits[:, -1].astype(enp.float32), cache
 
 
-_prefill = jit(_prefill_fn, donate_argnums=1)
-_decode = jit(_decode_fn, donate_argnums=1)
+_extend = jit(_extend_fn, donate_argnums=1)
+# Prompt tokens per prefill call: a few seconds' work on a CPU, so a long prompt shows progress.
+PREFILL_CHUNK = 512
+
+
+def _prefill(model: LlamaForCausalLM, cache: KVCache, ids: np.ndarray, positions: np.ndarray,
+             key_mask: np.ndarray) -> tuple[Any, KVCache]:
+    """Fill the cache with the (left-padded) prompts, ``PREFILL_CHUNK`` tokens at a time.
+
+    The first chunk takes the remainder, so every other chunk has the same shape and one trace
+    serves them all.
+    """
+    length = ids.shape[1]
+    first = length % PREFILL_CHUNK or min(length, PREFILL_CHUNK)
+    starts = [0, *range(first, length, PREFILL_CHUNK)]
+    with tqdm(total=length, desc="reading the prompt", unit="token", leave=False,
+              disable=len(starts) < 2) as bar:
+        for start, end in zip(starts, [*starts[1:], length]):
+            logits, cache = _extend(model, cache, ids[:, start:end], positions[:, start:end],
+                                    np.int32(start), key_mask)
+            bar.update(end - start)
+    return logits, cache
 
 
 def _sample_fn(logits: Any, seen: Any, key: Any, step: Any, temperature: Any, top_p: Any,
@@ -157,7 +174,7 @@ def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
         if done.all() or step == max_new_tokens - 1:
             break
         seen[np.arange(batch), tokens] = True
-        logits, cache = _decode(model, cache, tokens[:, None], next_pos[:, None] + step,
+        logits, cache = _extend(model, cache, tokens[:, None], next_pos[:, None] + step,
                                 np.int32(longest + step), key_mask)
     return out
 
