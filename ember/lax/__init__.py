@@ -13,10 +13,15 @@ from typing import Any
 from ember.lax.control_flow import cond, fori_loop, map, scan, switch, while_loop  # noqa: A004
 from ember.ops import (  # noqa: F401
     broadcast_in_dim,
+    complex,  # noqa: A004  (jax.lax.complex)
+    conj,
     dynamic_slice,
     dynamic_update_slice,
+    fft,
     gather,
+    imag,
     iota,
+    real,
     scatter,
     select,
     sort,
@@ -30,7 +35,7 @@ from ember.transforms.autodiff import stop_gradient
 __all__ = ["cond", "switch", "while_loop", "fori_loop", "scan", "map", "broadcast_in_dim",
            "dynamic_slice", "dynamic_update_slice", "dynamic_index_in_dim", "dot_general",
            "gather", "iota", "scatter", "select", "sort", "top_k", "convert_element_type",
-           "stop_gradient"]
+           "stop_gradient", "complex", "conj", "real", "imag", "fft"]
 
 
 def dot_general(lhs: Any, rhs: Any, dimension_numbers: tuple[tuple[Sequence[int], Sequence[int]],
