@@ -129,6 +129,10 @@ VALUE_CASES = [
     ("lstsq-rank-deficient", lambda a, b: (lambda x, _, r, s: (x, r, s))(*LA.lstsq(a, b, 1e-5)),
      lambda a, b: (lambda x, _, r, s: (x, r, s))(*np.linalg.lstsq(a, b, 1e-5)),
      [_rank_deficient(5, 4), _general(5)]),
+    ("multi_dot", lambda *xs: LA.multi_dot(xs), lambda *xs: np.linalg.multi_dot(xs),
+     [_general(3), _general(3, 6), _general(6, 2), _general(2, 4), _general(4)]),
+    ("multi_dot-two", lambda *xs: LA.multi_dot(xs), lambda *xs: np.linalg.multi_dot(xs),
+     [_general(2, 3), _general(3, 4)]),
     ("norm-nuc-axes", lambda x: LA.norm(x, "nuc", (2, 0)),
      lambda x: np.linalg.norm(x, "nuc", (2, 0)), [_general(3, 2, 4)]),
     ("norm-2-keepdims", lambda x: LA.norm(x, 2, (0, 1), keepdims=True),
@@ -177,6 +181,13 @@ def test_results_are_named_tuples_also_under_jit():
         assert res.eigenvalues.shape == (3,) and res.eigenvectors.shape == (3, 3)
     assert LA.svd(x).Vh.shape == (3, 3) and LA.qr(x).R.shape == (3, 3)
     assert LA.slogdet(x).logabsdet.shape == ()
+
+
+def test_multi_dot_multiplies_in_the_cheapest_order():
+    a, b, c = enp.ones((10, 100)), enp.ones((100, 5)), enp.ones((5, 50))
+    graph = ember.jit(lambda *xs: LA.multi_dot(xs)).lower(a, b, c).graph.graph
+    products = [e.outputs[0].aval.shape for e in graph.eqns if e.prim.name == "dot_general"]
+    assert products == [(10, 5), (10, 50)]  # (a @ b) @ c: 7,500 multiplications, not 75,000
 
 
 @pytest.mark.parametrize("n", [5, 70])  # 70: several blocks of the blocked elimination
@@ -230,6 +241,9 @@ def test_singular_matrices():
     (lambda x: LA.matrix_norm(x, ord=3), [np.ones((2, 2))], r"matrix_norm: ord=3 is not"),
     (lambda x: LA.qr(x, mode="raw"), [np.ones((2, 2))], r"qr: mode='raw'"),
     (lambda x: LA.eigh(x, "X"), [np.ones((2, 2))], r"eigh: UPLO='X' is not"),
+    (lambda x: LA.multi_dot([x]), [np.ones((2, 2))], r"multi_dot: needs at least two arrays"),
+    (lambda a, b, c: LA.multi_dot([a, b, c]), [np.ones((2, 2)), np.ones(2), np.ones((2, 2))],
+     r"multi_dot: needs 2-D arrays .*\(2,\)"),
     (lambda x: LA.matrix_power(x, 1.5), [np.ones((2, 2))], r"matrix_power: n must be an int"),
     (LA.lstsq, [np.ones((2, 4, 3)), np.ones(4)], r"lstsq: needs a of shape \(M, N\) .*\(2, 4, 3\)"),
     (LA.lstsq, [np.ones((4, 3)), np.ones(3)], r"lstsq: needs a of shape .*\(4, 3\) and \(3,\)"),

@@ -42,7 +42,7 @@ from ember.ops import structural as st
 from ember.ops.reduce import reduce_prod, reduce_sum
 
 __all__ = ["cholesky", "cond", "cross", "det", "diagonal", "eig", "eigh", "eigvals", "eigvalsh",
-           "inv", "lstsq", "matmul", "matrix_norm", "matrix_power", "matrix_rank",
+           "inv", "lstsq", "matmul", "multi_dot", "matrix_norm", "matrix_power", "matrix_rank",
            "matrix_transpose", "norm", "outer", "pinv", "qr", "slogdet", "solve", "svd", "svdvals",
            "tensordot", "trace", "vecdot", "vector_norm", "EigResult", "EighResult", "QRResult",
            "SlogdetResult", "SVDResult"]
@@ -391,6 +391,42 @@ def cond(x: Any, p: Any = None) -> Any:
 
 
 # --- products and structure ------------------------------------------------------------------
+
+def multi_dot(arrays: Any, *, out: Any = None) -> Any:
+    """``numpy.linalg.multi_dot``: the product of a chain of matrices, multiplied in the order
+    that needs the fewest scalar multiplications (chosen from the shapes, as NumPy). The first
+    array may be 1-D (a row vector) and the last 1-D (a column vector)."""
+    if out is not None:
+        raise op_error(EmberValueError, "multi_dot", "out= is not supported (arrays are values)")
+    xs = [value(a) for a in arrays]
+    if len(xs) < 2:
+        raise op_error(EmberValueError, "multi_dot", f"needs at least two arrays, got {len(xs)}")
+    shapes = [aval_of(x).shape for x in xs]
+    inner = [i for i, sh in enumerate(shapes) if len(sh) != 2 and 0 < i < len(xs) - 1]
+    if inner or len(shapes[0]) not in (1, 2) or len(shapes[-1]) not in (1, 2):
+        raise op_error(ShapeError, "multi_dot", f"needs 2-D arrays (1-D allowed first and last), "
+                       f"got shapes {shapes}")
+    # dims[i], dims[i + 1]: the shape of the i-th matrix (a vector end counts as one row/column).
+    dims = [shapes[0][0] if len(shapes[0]) == 2 else 1] + [sh[-1] if len(sh) == 2 else 1
+                                                            for sh in shapes]
+    n = len(xs)
+    cost = [[0] * n for _ in range(n)]
+    split = [[0] * n for _ in range(n)]
+    for length in range(1, n):
+        for i in range(n - length):
+            j = i + length
+            cost[i][j], split[i][j] = min(
+                (cost[i][k] + cost[k + 1][j] + dims[i] * dims[k + 1] * dims[j + 1], k)
+                for k in range(i, j))
+
+    def product(i: int, j: int) -> Any:
+        if i == j:
+            return xs[i]
+        k = split[i][j]
+        return matmul(product(i, k), product(k + 1, j))
+
+    return product(0, n - 1)
+
 
 def cross(x1: Any, x2: Any, /, *, axis: int = -1) -> Any:
     """Cross product of 3-vectors along ``axis``; the other axes broadcast."""
