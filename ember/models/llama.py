@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -86,17 +87,16 @@ class LlamaConfig:
         for name in sizes:
             value = getattr(self, name)
             optional = name in ("num_key_value_heads", "head_dim") and value is None
-            if not optional and (type(value) is not int or value < 1):
+            if not optional and not _positive(value, integer=True):
                 raise EmberError(f"LlamaConfig: {name} must be a positive integer, got "
                                  f"{value!r}")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if type(value) not in (int, float) or not 0 < value < float("inf"):
+            if not _positive(value):
                 raise EmberError(f"LlamaConfig: {name} must be a positive number, got "
                                  f"{value!r}")
         self._check_rope_scaling()
-        if self.sliding_window is not None and (type(self.sliding_window) is not int
-                                                or self.sliding_window < 1):
+        if self.sliding_window is not None and not _positive(self.sliding_window, integer=True):
             raise EmberError(f"LlamaConfig: sliding_window must be a positive integer or "
                              f"null, got {self.sliding_window!r}")
 
@@ -111,7 +111,7 @@ class LlamaConfig:
                              f"(supported: {', '.join(needs)})")
         for key in needs[kind]:
             value = scaling.get(key)
-            if type(value) not in (int, float) or not 0 < value < float("inf"):
+            if not _positive(value):
                 raise EmberError(f"LlamaConfig: rope_scaling {kind!r} needs a positive number "
                                  f"{key}, got {value!r}")
         if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
@@ -163,6 +163,13 @@ class LlamaConfig:
 
     def to_json(self, dtype: Any = enp.float32) -> str:
         return json.dumps(self.to_hf(dtype), indent=2, sort_keys=True)
+
+
+def _positive(value: Any, integer: bool = False) -> bool:
+    """``value`` is a finite number > 0 (an integer if asked); a bool, a string, None or a
+    list is not, whatever a config file says."""
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    return isinstance(value, kinds) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 @register_dataclass

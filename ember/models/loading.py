@@ -116,11 +116,12 @@ def _check_config(config: LlamaConfig, shapes: dict[str, tuple[int, ...]], sourc
 
     A config of another model size would otherwise fail in ``load_state_dict`` with one line
     per tensor; the first layer's tensors pin down every size field, so they are checked
-    first, against the field names the user can fix.
+    first, against the field names the user can fix. They must be present: without them a
+    damaged config could ask for a model of any size.
     """
     c = config
-    q, kv = f"{c.num_attention_heads} heads x head_dim {c.head_dim}", \
-        f"{c.num_key_value_heads} kv heads x head_dim {c.head_dim}"
+    q = f"{c.num_attention_heads} heads x head_dim {c.head_dim}"
+    kv = f"{c.num_key_value_heads} kv heads x head_dim {c.head_dim}"
     expected = {
         "model.embed_tokens.weight": ((c.vocab_size, "vocab_size"),
                                       (c.hidden_size, "hidden_size")),
@@ -133,8 +134,7 @@ def _check_config(config: LlamaConfig, shapes: dict[str, tuple[int, ...]], sourc
     }
     for name, dims in expected.items():
         shape = shapes.get(name)
-        if shape is None:  # without it the sizes are unchecked: a damaged config could
-            # ask for a model of any size
+        if shape is None:
             raise EmberError(f"{source}: the weights have no tensor {name}")
         if len(shape) != len(dims):
             raise EmberError(f"{source}: {name} has shape {list(shape)}, expected 2 dimensions")
