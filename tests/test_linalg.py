@@ -335,6 +335,15 @@ def test_second_derivatives_forward_over_reverse(name, fn, x):
     np.testing.assert_allclose(hvp, fd, rtol=1e-5, atol=1e-6)
 
 
+def test_gradients_of_repeated_eigenvalues_and_singular_values_stay_finite():
+    """Only eigenvectors and singular vectors divide by gaps; grad skips them when unused."""
+    eye = enp.asarray(np.eye(3))
+    weights = enp.asarray([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(ember.grad(lambda a: enp.sum(LA.eigvalsh(a) * weights))(eye),
+                               np.diag([1.0, 2.0, 3.0]))
+    np.testing.assert_allclose(ember.grad(lambda a: LA.matrix_norm(a, ord="nuc"))(eye), np.eye(3))
+
+
 def test_gradient_of_det_is_det_times_inverse_transpose():
     x = _general(4, 4)
     np.testing.assert_allclose(ember.grad(LA.det)(enp.asarray(x)),
