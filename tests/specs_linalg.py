@@ -187,6 +187,8 @@ def _factorisation_specs(dts, tag) -> list[Spec]:
              STACKS, diff=(0,), id=f"cholesky{tag}"),
         Spec("lu", lambda x: _lu_product(*lax.lu(x), enp), lambda x: x, [_general], dts,
              STACKS, diff=(0,), id=f"lu{tag}"),
+        Spec("det", lax.det, np.linalg.det, [_general], dts, ((3, 3), (2, 4, 4), (1, 1), (0, 0)),
+             diff=(0,), id=f"det{tag}"),
         Spec("eigh", _eigh_fn, _eigh_ref, [_distinct_spectrum], dts, STACKS, diff=(0,),
              id=f"eigh{tag}"),
         # Eigenvectors are unique up to a phase: compare sum_i c_i v_i w_i^T (w_i the rows of

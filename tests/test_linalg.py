@@ -344,6 +344,25 @@ def test_gradients_of_repeated_eigenvalues_and_singular_values_stay_finite():
     np.testing.assert_allclose(ember.grad(lambda a: LA.matrix_norm(a, ord="nuc"))(eye), np.eye(3))
 
 
+def _cofactors(x):
+    n = x.shape[-1]
+    return np.array([[(-1) ** (i + j) * np.linalg.det(np.delete(np.delete(x, i, 0), j, 1))
+                      for j in range(n)] for i in range(n)])
+
+
+@pytest.mark.parametrize("x", [
+    np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 1.0, 5.0]]),  # rank 2
+    np.outer([1.0, 2.0, 3.0], [1.0, -1.0, 2.0]),  # rank 1: the cofactors are all 0
+    _rank_deficient(4, 2) @ _general(2, 4),
+    np.array([[2.0, 1.0], [4.0, 2.0]]) * (1 + 2j),
+], ids=["rank-2", "rank-1", "rank-2-of-4", "complex"])
+def test_gradient_of_det_at_singular_matrices_is_the_cofactor_matrix(x):
+    # det is holomorphic, so grad of Re(det) is d det/dx itself (JAX's convention).
+    real_det = lambda a: enp.real(LA.det(a))  # noqa: E731
+    for run in (ember.grad(real_det), ember.jit(ember.grad(real_det))):
+        np.testing.assert_allclose(run(enp.asarray(x)), _cofactors(x), atol=1e-12)
+
+
 def test_gradient_of_det_is_det_times_inverse_transpose():
     x = _general(4, 4)
     np.testing.assert_allclose(ember.grad(LA.det)(enp.asarray(x)),

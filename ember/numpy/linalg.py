@@ -1,8 +1,8 @@
 """``ember.numpy.linalg``: the array API's ``linalg`` extension (2023.12) with NumPy's names.
 
 Factorisations bind the primitives of :mod:`ember.ops.decompositions`; everything else is
-composed from them, so gradients, ``jit`` and ``vmap`` come for free: ``det``, ``slogdet``,
-``solve`` and ``inv`` from ``lu`` and triangular solves, ``pinv``, ``matrix_rank``, ``svdvals``,
+composed from them, so gradients, ``jit`` and ``vmap`` come for free: ``slogdet``, ``solve``
+and ``inv`` from ``lu`` and triangular solves, ``pinv``, ``matrix_rank``, ``svdvals``,
 ``lstsq``, ``cond`` and the spectral norms from ``svd``, ``eigvalsh`` from ``eigh``, ``eigvals``
 from ``eig``. Every
 function takes stacks of matrices in the last two axes. Integer inputs compute in float64 and
@@ -189,37 +189,21 @@ def svdvals(x: Any, /) -> Any:
 
 # --- determinants and solves (from LU) -------------------------------------------------------
 
-def _permutation_sign(perm: Any, dtype: np.dtype) -> Any:
-    """+1 or -1: the parity of the number of inversions (pairs i < j with perm_i > perm_j)."""
-    n = aval_of(perm).shape[-1]
-    shape = (*aval_of(perm).shape, n)
-    nd = len(shape)
-    earlier = st.broadcast_in_dim(perm, shape, tuple(range(nd - 1)))
-    later = st.broadcast_in_dim(perm, shape, (*range(nd - 2), nd - 1))
-    inversions = sum_(triu(ew.gt(earlier, later), 1), axis=(-2, -1))
-    odd = ew.convert(ew.rem(inversions, ew.full_like(inversions, 2)), dtype)
-    return ew.sub(ew.full_like(odd, 1), ew.add(odd, odd))
-
-
-def _lu_diagonal(op: str, x: Any) -> tuple[Any, Any, np.dtype]:
-    """The diagonal of U and the sign of the row permutation of ``lu(x)``."""
-    a, out = _matrices(op, x, square=True)
-    packed, perm = dec.lu(a)
-    dt = aval_of(a).dtype
-    return diagonal_(packed, 0, -2, -1), _permutation_sign(perm, dt), out
-
-
 def det(x: Any, /) -> Any:
-    """Determinant: the product of U's diagonal times the sign of the pivoting permutation."""
-    d, sign, out = _lu_diagonal("det", x)
-    return _cast(ew.mul(sign, reduce_prod(d, (aval_of(d).ndim - 1,))), out)
+    """Determinant. Its gradient is the cofactor matrix, also at a singular ``x`` (except a
+    rank n-1 one whose LU meets its zero pivot before the last step)."""
+    a, out = _matrices("det", x, square=True)
+    return _cast(dec.det(a), out)
 
 
 def slogdet(x: Any, /) -> SlogdetResult:
-    """``SlogdetResult(sign, logabsdet)``, with ``det = sign * exp(logabsdet)``; a singular
-    matrix gives ``(0, -inf)``. For complex ``x`` the sign is ``det / |det|`` and has a
-    derivative."""
-    d, sign, out = _lu_diagonal("slogdet", x)
+    """``SlogdetResult(sign, logabsdet)`` from the diagonal of ``lu(x)``, with
+    ``det = sign * exp(logabsdet)``; a singular matrix gives ``(0, -inf)``. For complex ``x``
+    the sign is ``det / |det|`` and has a derivative."""
+    a, out = _matrices("slogdet", x, square=True)
+    packed, perm = dec.lu(a)
+    d = diagonal_(packed, 0, -2, -1)
+    sign = dec.permutation_sign(perm, aval_of(a).dtype)
     last = (aval_of(d).ndim - 1,)
     size = ew.abs(d)
     if dtypes.is_complex(aval_of(d).dtype):

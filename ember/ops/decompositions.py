@@ -1,6 +1,7 @@
 """Matrix factorisations and triangular solves: the linear algebra that cannot be composed.
 
-``cholesky``, ``lu``, ``qr``, ``eigh``, ``eig``, ``svd`` and ``triangular_solve`` work on stacks of
+``cholesky``, ``lu``, ``det``, ``qr``, ``eigh``, ``eig``, ``svd`` and ``triangular_solve`` work on
+stacks of
 matrices: the last two axes hold the matrix and every leading axis is a batch axis, so a vmap
 rule only moves the mapped axis to the front. The NumPy implementations call LAPACK through
 ``numpy.linalg`` (LU is written out, since NumPy does not expose it).
@@ -34,10 +35,10 @@ from ember.ops import elementwise as ew
 from ember.ops import structural as st
 from ember.ops.indexing import take_along_axis
 from ember.ops.linalg import dot_general
-from ember.ops.reduce import reduce_sum
+from ember.ops.reduce import reduce_prod, reduce_sum
 
-__all__ = ["cholesky", "eig", "eigh", "lu", "lu_solve", "permute_rows", "qr", "svd",
-           "triangular_solve"]
+__all__ = ["cholesky", "det", "eig", "eigh", "lu", "lu_solve", "permutation_sign", "permute_rows",
+           "qr", "svd", "triangular_solve"]
 
 _DTYPES = (dtypes.float32, dtypes.float64, dtypes.complex64, dtypes.complex128)
 
@@ -111,6 +112,12 @@ def _eye(x: Any) -> Any:
 def _diag(x: Any) -> Any:
     """The main diagonal of each square matrix, as a vector."""
     return reduce_sum(ew.mul(x, _eye(x)), (aval_of(x).ndim - 1,))
+
+
+def _per_matrix(v: Any, like: Any) -> Any:
+    """One value per matrix (``v`` has the batch shape) broadcast over each matrix of ``like``."""
+    shape = aval_of(like).shape
+    return st.broadcast_in_dim(v, shape, tuple(range(len(shape) - 2)))
 
 
 def _row(v: Any, like: Any) -> Any:
@@ -373,6 +380,88 @@ def _lu_jvp(primals, tangents):
     x_ = _mT(triangular_solve(up, _mT(y), lower=False, transpose_a=True))  # X = Y U^-1
     d = ew.add(_mm(low, _tri(x_, True, -1)), _mm(_tri(x_, False), up))
     return [packed, perm], [d, tangent_perm]
+
+
+def permutation_sign(perm: Any, dtype: Any) -> Any:
+    """+1 or -1 per permutation: the parity of its inversions (pairs i < j, perm_i > perm_j)."""
+    n = aval_of(perm).shape[-1]
+    shape = (*aval_of(perm).shape, n)
+    nd = len(shape)
+    earlier = st.broadcast_in_dim(perm, shape, tuple(range(nd - 1)))  # (i, j) -> perm_i
+    later = st.broadcast_in_dim(perm, shape, (*range(nd - 2), nd - 1))  # (i, j) -> perm_j
+    inverted = ew.and_(ew.gt(earlier, later), _constant(~np.tri(n, n, 0, dtype=bool), earlier))
+    count = reduce_sum(ew.convert(inverted, dtypes.int32), (nd - 2, nd - 1))
+    odd = ew.convert(ew.rem(count, ew.full_like(count, 2)), dtype)
+    return ew.sub(ew.full_like(odd, 1), ew.add(odd, odd))
+
+
+# --- det -------------------------------------------------------------------------------------
+
+det_p = _declare("det")
+
+
+@det_p.def_abstract_eval
+def _det_rule(x: ArrayType) -> ArrayType:
+    _check_matrix("det", x, square=True)
+    return ArrayType(x.shape[:-2], x.dtype)
+
+
+def _det_impl(x):
+    with np.errstate(all="ignore"):  # overflow is inf, as in a compiled kernel
+        return np.asarray(np.linalg.det(x), dtype=x.dtype)
+
+
+det_p.def_impl(_det_impl)
+
+
+def det(x: Any) -> Any:
+    """Determinant of each square matrix (LAPACK's LU on the NumPy backend)."""
+    return det_p.bind(x)
+
+
+def _adjugate(x: Any) -> Any:
+    """``adj(x) = det(x) x^-1``, finite also where ``x`` is singular.
+
+    From ``P x = L U`` with ``U = [[U1, u], [0, u_nn]]``: ``det(x) U^-1`` equals ``U'^-1`` applied
+    after scaling all rows but the last by ``det(x)``, where ``U'`` is ``U`` with ``u_nn``
+    replaced by ``1 / (sign(P) det(U1))``; no step divides by ``u_nn``, so a zero last pivot
+    (the usual rank n-1 case) is fine. Where ``U1`` is singular too the adjugate is taken as 0:
+    right for rank n-2 or less, wrong only for a rank n-1 matrix whose zero pivot comes early
+    (JAX has the same limit).
+    """
+    n = aval_of(x).shape[-1]
+    if n <= 1:
+        return ew.full_like(x, 1)
+    packed, perm = lu(x)
+    d = _diag(packed)
+    last = aval_of(d).ndim - 1
+    leading = st.slice(d, [0] * (last + 1), (*aval_of(d).shape[:-1], n - 1))
+    lead = ew.mul(permutation_sign(perm, aval_of(x).dtype), reduce_prod(leading, (last,)))
+    full = ew.mul(lead, st.index_in_dim(d, n - 1, last))  # det(x)
+    invertible = ew.ne(lead, ew.zeros_like(lead))
+    safe = ew.select(invertible, lead, ew.full_like(lead, 1))
+    corner = np.zeros((n, n), dtype=bool)
+    corner[-1, -1] = True
+    up = ew.select(_constant(corner, packed), _per_matrix(ew.div(ew.full_like(safe, 1), safe),
+                                                          packed), packed)
+    low = ew.add(_tri(packed, True, -1), _eye(packed))
+    y = triangular_solve(low, permute_rows(_eye(packed), perm), lower=True)  # L^-1 P
+    above_last = np.ones((n, n), dtype=bool)
+    above_last[-1] = False
+    y = ew.select(_constant(above_last, y), ew.mul(y, _per_matrix(full, y)), y)
+    adj = triangular_solve(up, y, lower=False)
+    return ew.select(_per_matrix(invertible, adj), adj, ew.zeros_like(adj))
+
+
+@det_p.def_jvp
+def _det_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    out = det(x)
+    if isinstance(t, Zero):
+        return out, Zero(out.aval)
+    # d det(A) = trace(adj(A) dA), with the adjugate also defined for singular A.
+    nd = aval_of(x).ndim
+    return out, reduce_sum(ew.mul(_mT(_adjugate(x)), t), (nd - 2, nd - 1))
 
 
 # --- eigh ------------------------------------------------------------------------------------
