@@ -1,13 +1,12 @@
 """``ember.numpy.linalg``: the array API's ``linalg`` extension (2023.12) with NumPy's names.
 
 Factorisations bind the primitives of :mod:`ember.ops.decompositions`; everything else is
-composed from them, so gradients, ``jit`` and ``vmap`` come for free: ``slogdet``, ``solve``
-and ``inv`` from ``lu`` and triangular solves, ``pinv``, ``matrix_rank``, ``svdvals``,
-``lstsq``, ``cond`` and the spectral norms from ``svd``, ``eigvalsh`` from ``eigh``, ``eigvals``
-from ``eig``. Every
-function takes stacks of matrices in the last two axes. Integer inputs compute in float64 and
-half precision in float32 (rounded back), since LAPACK has neither. Complex matrices work
-wherever NumPy's do: Hermitian ``eigh``, unitary ``qr`` and ``svd``, with real eigenvalues,
+composed from them, so gradients, ``jit`` and ``vmap`` come for free: ``slogdet``, ``solve`` and
+``inv`` from ``lu`` and triangular solves, ``pinv``, ``matrix_rank``, ``svdvals``, ``lstsq``,
+``cond`` and the spectral norms from ``svd``, ``eigvalsh`` from ``eigh``, ``eigvals`` from
+``eig``. Every function takes stacks of matrices in the last two axes. Integer inputs compute in
+float64 and half precision in float32 (rounded back), since LAPACK has neither. Complex matrices
+work wherever NumPy's do: Hermitian ``eigh``, unitary ``qr`` and ``svd``, with real eigenvalues,
 singular values and ``logabsdet``.
 
 Like JAX, and unlike NumPy, a failed factorisation does not raise: it gives NaN (``cholesky`` of
