@@ -316,7 +316,8 @@ def _lu_impl(x):
     Each panel of ``_LU_BLOCK`` columns is eliminated column by column (row swaps apply to
     whole rows, as LAPACK's getrf does); the rest of the matrix is then updated with one
     triangular solve and one matrix product, so most of the work runs in BLAS. A zero pivot (a
-    singular matrix) is left in place, so the determinant of a singular matrix is exactly 0.
+    singular matrix) is left in place: U's diagonal shows an exact 0, so ``slogdet`` gives
+    ``(0, -inf)``.
     """
     n = x.shape[-1]
     a = np.array(x, copy=True).reshape(int(np.prod(x.shape[:-2])), n, n)
