@@ -80,6 +80,13 @@ VALUE_CASES = [
     ("eigvalsh-uplo", lambda x: LA.eigvalsh(x, "U"), lambda x: np.linalg.eigvalsh(x, "U"),
      [_general(4, 4)]),
     ("pinv-rcond", lambda x: LA.pinv(x, 0.3), lambda x: np.linalg.pinv(x, 0.3), [_general(4, 4)]),
+    # NumPy's hermitian=True hint (an eigh-based algorithm there) gives the same results.
+    ("pinv-hermitian", lambda x: LA.pinv(x, hermitian=True),
+     lambda x: np.linalg.pinv(x, hermitian=True), [_sym(2, 4, 4)]),
+    ("matrix_rank-hermitian", lambda x: LA.matrix_rank(x, hermitian=True),
+     lambda x: np.linalg.matrix_rank(x, hermitian=True), [(lambda a: a @ a.T)(_general(4, 2))]),
+    ("svd-hermitian", lambda x: LA.svd(x, hermitian=True, compute_uv=False),
+     lambda x: np.linalg.svd(x, hermitian=True, compute_uv=False), [_sym(3, 3)]),
     ("eig", lambda x: _phase_free(*LA.eig(x)),
      lambda x: _phase_free(*(v.astype(np.result_type(v, np.complex64))
                              for v in np.linalg.eig(x))), [_general(2, 4, 4)]),

@@ -169,10 +169,12 @@ def eigvals(x: Any, /) -> Any:
     return eig(x).eigenvalues
 
 
-def svd(x: Any, /, full_matrices: bool = True, compute_uv: bool = True) -> Any:
+def svd(x: Any, /, full_matrices: bool = True, compute_uv: bool = True,
+        hermitian: bool = False) -> Any:
     """``SVDResult(U, S, Vh)`` with ``x = U[..., :k] * S @ Vh[..., :k, :]`` and ``S``
     descending (``compute_uv=False``: ``S`` only, as NumPy). Gradients need distinct non-zero
-    singular values, and ``full_matrices=False`` for a non-square ``x``."""
+    singular values, and ``full_matrices=False`` for a non-square ``x``. ``hermitian`` is
+    NumPy's hint that ``x`` is Hermitian; the general SVD serves either way."""
     a, out = _matrices("svd", x)
     u, s, vh = dec.svd(a, full_matrices=bool(full_matrices) and compute_uv)
     s = _cast(s, dtypes.real_dtype(out))
@@ -300,9 +302,10 @@ def _cutoff(op: str, s: Any, shape: tuple[int, ...], rtol: Any) -> Any:
     return ew.mul(*promote_args(op, largest, ew.convert(tol, aval_of(s).dtype)))
 
 
-def matrix_rank(x: Any, /, tol: Any = None, *, rtol: Any = None) -> Any:
+def matrix_rank(x: Any, /, tol: Any = None, hermitian: bool = False, *, rtol: Any = None
+                ) -> Any:
     """Number of singular values above ``tol`` (absolute) or ``rtol * largest`` (default
-    ``rtol = max(M, N) * eps``), as int64."""
+    ``rtol = max(M, N) * eps``), as int64. ``hermitian`` as in :func:`svd`."""
     a, _ = _matrices("matrix_rank", x)
     s = svdvals(a)
     cutoff = value(tol) if tol is not None else _cutoff("matrix_rank", s, aval_of(a).shape, rtol)
@@ -327,9 +330,10 @@ def _svd_inverse(op: str, a: Any, rtol: Any) -> tuple[Any, Any, Any, Any]:
     return scaled, _adjoint(u), s, keep
 
 
-def pinv(x: Any, /, rcond: Any = None, *, rtol: Any = None) -> Any:
+def pinv(x: Any, /, rcond: Any = None, hermitian: bool = False, *, rtol: Any = None) -> Any:
     """Moore-Penrose pseudo-inverse from the SVD: singular values at most ``rtol * largest``
-    (default ``max(M, N) * eps``) count as zero. ``rcond`` is NumPy's older name for ``rtol``."""
+    (default ``max(M, N) * eps``) count as zero. ``rcond`` is NumPy's older name for ``rtol``;
+    ``hermitian`` as in :func:`svd`."""
     a, out = _matrices("pinv", x)
     scaled, u_h, _, _ = _svd_inverse("pinv", a, rtol if rcond is None else rcond)
     return _cast(matmul(scaled, u_h), out)
