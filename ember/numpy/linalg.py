@@ -43,8 +43,8 @@ from ember.ops.reduce import reduce_prod, reduce_sum
 __all__ = ["cholesky", "cond", "cross", "det", "diagonal", "eig", "eigh", "eigvals", "eigvalsh",
            "inv", "lstsq", "matmul", "multi_dot", "matrix_norm", "matrix_power", "matrix_rank",
            "matrix_transpose", "norm", "outer", "pinv", "qr", "slogdet", "solve", "svd", "svdvals",
-           "tensordot", "trace", "vecdot", "vector_norm", "EigResult", "EighResult", "QRResult",
-           "SlogdetResult", "SVDResult"]
+           "tensordot", "tensorinv", "tensorsolve", "trace", "vecdot", "vector_norm", "EigResult",
+           "EighResult", "QRResult", "SlogdetResult", "SVDResult"]
 
 
 class EigResult(NamedTuple):
@@ -254,6 +254,36 @@ def _solve_columns(a: Any, b: Any) -> Any:
     x = dec.lu_solve(*dec.lu(a), st.reshape(columns, (shape[-2], width)))
     x = st.reshape(x, aval_of(columns).shape)
     return st.transpose(x, (*range(1, nd - 1), 0, nd - 1))
+
+
+def tensorinv(a: Any, ind: int = 2) -> Any:
+    """``numpy.linalg.tensorinv``: the inverse of ``a`` seen as a matrix whose rows are its
+    first ``ind`` axes, shaped ``a.shape[ind:] + a.shape[:ind]``."""
+    x = value(a)
+    shape = aval_of(x).shape
+    rows = int(np.prod(shape[:ind], dtype=np.int64))
+    if ind <= 0 or rows != int(np.prod(shape[ind:], dtype=np.int64)):
+        raise op_error(ShapeError, "tensorinv", f"the first {ind} axes of shape {shape} must "
+                       "hold as many elements as the rest (ind > 0)")
+    return st.reshape(inv(st.reshape(x, (rows, rows))), (*shape[ind:], *shape[:ind]))
+
+
+def tensorsolve(a: Any, b: Any, axes: Any = None) -> Any:
+    """``numpy.linalg.tensorsolve``: ``x`` with ``tensordot(a, x, x.ndim) == b``; ``axes`` of
+    ``a`` are first moved to the end."""
+    x, y = value(a), value(b)
+    if axes is not None:
+        x = moveaxis(x, tuple(axes), tuple(range(-len(tuple(axes)), 0)))
+    shape, rhs = aval_of(x).shape, aval_of(y).shape
+    rows = int(np.prod(rhs, dtype=np.int64))
+    unknown = shape[len(rhs):]
+    if int(np.prod(shape[:len(rhs)], dtype=np.int64)) != rows or \
+            int(np.prod(unknown, dtype=np.int64)) != rows:
+        raise op_error(ShapeError, "tensorsolve", f"a of shape {shape} does not fit b of shape "
+                       f"{rhs}: a's first {len(rhs)} axes and the rest must each hold b.size "
+                       "elements")
+    solution = solve(st.reshape(x, (rows, rows)), st.reshape(y, (rows,)))
+    return st.reshape(solution, unknown)
 
 
 def inv(x: Any, /) -> Any:
