@@ -409,6 +409,15 @@ def _convert_specs() -> list[Spec]:
         specs.append(Spec("convert", lambda x, dst=dst: lax.convert(x, dst),
                           lambda x, dst=dst: x.astype(dst), [uniform()], (src,), diff=(0,),
                           id=f"convert-grad-{dtypes.short_name(src)}-{dtypes.short_name(dst)}"))
+    for src in ANY:
+        for dst in ANY:
+            if src.itemsize == dst.itemsize and dtypes.bool_ not in (src, dst) and src != dst:
+                specs.append(Spec(
+                    "bitcast_convert", lambda x, dst=dst: lax.bitcast_convert(x, dst),
+                    lambda x, dst=dst: x.view(dst),
+                    [with_specials if dtypes.is_inexact(src) else uniform()], (src,),
+                    ELEMENTWISE_SHAPES,
+                    id=f"bitcast_convert-{src}-{dst}"))
     return specs
 
 

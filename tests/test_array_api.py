@@ -383,3 +383,28 @@ def test_scans_and_searchsorted_under_vmap():
     assert_close(out, np.stack([np.searchsorted(p, q, side="right") for p, q in zip(a, v)]))
     out = ember.vmap(lambda r: enp.diff(r, prepend=0.0))(enp.asarray(x))
     assert_close(out, np.diff(x, axis=1, prepend=0.0))
+
+
+# --- special cases the public suite found -----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_signbit_reads_the_sign_bit_of_zeros_and_nans(dtype):
+    x = np.array([-np.nan, np.nan, -0.0, 0.0, -2.0, 2.0, -np.inf, np.inf]).astype(
+        enp.dtype(dtype))
+    want = np.array([True, False, True, False, True, False, True, False])
+    check(enp.signbit, lambda a: want, x)
+    assert_close(enp.copysign(enp.ones(8), enp.asarray(x)), np.where(want, -1.0, 1.0))
+
+
+@pytest.mark.parametrize("index", [True, False, np.bool_(True), (Ellipsis, True), (0, False),
+                                   (True, 1)], ids=str)
+def test_zero_d_boolean_indices_add_an_axis(index):
+    x = np.arange(6.0).reshape(2, 3)
+    got = enp.asarray(x)[index]
+    assert_close(got, x[index])
+    assert_close(enp.asarray(x)[enp.asarray(np.bool_(False))], x[np.bool_(False)])
+    y = enp.asarray(x)
+    y[index] = -1.0
+    want = x.copy()
+    want[index] = -1.0
+    assert_close(y, want)

@@ -81,6 +81,10 @@ def _parse(shape: tuple[int, ...], index: Any) -> _Parsed:
             entries.append(("slice", i))
         elif _is_int_scalar(i):
             entries.append(("int", int(i)))
+        elif _is_concrete_bool_scalar(i):
+            # NumPy: a 0-d boolean index adds an axis of length 1 (True) or 0 (False).
+            new_axes.append(len(entries))
+            entries.append(("array", to_array(np.zeros(int(bool(i)), np.int64))))
         else:
             arr = value(i)
             if aval_of(arr).dtype == dtypes.bool_:
@@ -92,6 +96,14 @@ def _parse(shape: tuple[int, ...], index: Any) -> _Parsed:
                                f"None and integer or boolean arrays are valid indices, got "
                                f"{aval_of(arr).dtype} array")
     return _Parsed(entries, new_axes)
+
+
+def _is_concrete_bool_scalar(i: Any) -> bool:
+    if isinstance(i, (bool, np.bool_)):
+        return True
+    aval = getattr(i, "aval", None)
+    return (aval is not None and aval.dtype == dtypes.bool_ and aval.ndim == 0
+            and not isinstance(i, Tracer))
 
 
 def _axes_used(i: Any) -> int:

@@ -410,10 +410,11 @@ def signbit(x: Any, /) -> Any:
     if not dtypes.is_float(aval_of(a).dtype):
         return ew.lt(a, ew.zeros_like(a)) if aval_of(a).dtype != dtypes.bool_ else \
             ew.full_like(a, False, dtypes.bool_)
-    # -0.0 has its sign bit set although it compares equal to 0: 1/-0.0 is -inf.
-    neg_zero = ew.and_(ew.eq(a, ew.zeros_like(a)),
-                       ew.lt(ew.div(ew.full_like(a, 1), a), ew.zeros_like(a)))
-    return ew.or_(ew.lt(a, ew.zeros_like(a)), neg_zero)
+    # The sign bit itself (set for -0.0 and -NaN too, which no comparison can see): the top
+    # bit of the same-width unsigned integer.
+    bits = np.dtype(f"uint{8 * aval_of(a).dtype.itemsize}")
+    as_int = ew.bitcast_convert(a, bits)
+    return ew.ge(as_int, ew.full_like(as_int, 1 << (8 * bits.itemsize - 1)))
 
 
 def copysign(x1: Any, x2: Any, /) -> Any:

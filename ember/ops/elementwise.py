@@ -30,8 +30,8 @@ __all__ = [
     "abs", "sign", "floor", "ceil", "round", "is_finite", "not_", "add", "sub", "mul", "div",
     "floor_div", "rem", "pow", "max", "min", "atan2", "nextafter", "and_", "or_", "xor",
     "shift_left", "shift_right", "eq", "ne", "lt", "le", "gt", "ge", "real", "imag", "conj",
-    "complex", "select", "convert", "full_like", "zeros_like", "instantiate", "add_any",
-    "stop_gradient",
+    "complex", "select", "convert", "bitcast_convert", "full_like", "zeros_like", "instantiate",
+    "add_any", "stop_gradient",
 ]
 
 # --- shape/dtype rules -----------------------------------------------------------------------
@@ -678,6 +678,30 @@ def _convert_transpose(ct, x, *, dtype, weak=False):
     if dtypes.is_complex(dtype) and not dtypes.is_complex(x.aval.dtype):
         ct = real(ct)  # real -> complex embeds x as x + 0j; its adjoint keeps the real part
     return [convert_p.bind(ct, dtype=x.aval.dtype, weak=x.aval.weak)]
+
+
+bitcast_convert_p = Primitive("bitcast_convert")
+
+
+@bitcast_convert_p.def_abstract_eval
+def _bitcast_rule(x: ArrayType, *, dtype: np.dtype) -> ArrayType:
+    if x.dtype.itemsize != dtype.itemsize or dtypes.bool_ in (x.dtype, dtype):
+        raise op_error(DTypeError, "bitcast_convert", f"needs two non-bool dtypes of one "
+                       f"width, got {x.dtype} -> {dtype}")
+    return ArrayType(x.shape, dtype)
+
+
+bitcast_convert_p.def_impl(lambda x, *, dtype: x.view(dtype))
+bitcast_convert_p.def_jvp(lambda primals, tangents, *, dtype: (
+    (out := bitcast_convert_p.bind(*primals, dtype=dtype)), Zero(out.aval)))
+bitcast_convert_p.def_batch(lambda args, dims, *, dtype: (
+    bitcast_convert_p.bind(args[0], dtype=dtype), dims[0]))
+
+
+def bitcast_convert(x: Any, dtype: Any) -> Any:
+    """Reinterpret the bits of each element as ``dtype`` of the same width (a float's sign bit,
+    exponent and mantissa as an unsigned integer...), as ``jax.lax.bitcast_convert_type``."""
+    return bitcast_convert_p.bind(x, dtype=dtypes.canonicalize(dtype))
 
 
 stop_gradient_p = Primitive("stop_gradient")
