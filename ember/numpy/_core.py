@@ -88,13 +88,15 @@ def _copy_needed(what: str) -> EmberValueError:
 
 
 def check_device(op: str, device: Any) -> None:
-    """Refuse a ``device=`` that is not one of the default backend's devices."""
+    """Accept ``None`` (the default device) or one of the default backend's devices, as the
+    object, its name (``"cpu:0"``) or its platform (``"cpu"``, as PyTorch users write it)."""
     if device is None:
         return
-    devices = default_backend().devices
-    if device not in devices and str(device) not in {str(d) for d in devices} | {"cpu"}:
-        raise op_error(EmberValueError, op, f"unknown device {device!r}; ember runs on "
-                       f"{', '.join(str(d) for d in devices)}")
+    known = default_backend().devices
+    if device in known or any(str(device) in (str(d), d.platform) for d in known):
+        return
+    raise op_error(EmberValueError, op, f"unsupported device {device!r}; ember arrays live on "
+                   f"{', '.join(str(d) for d in known)}")
 
 
 def _contains_tracer(seq: Any) -> bool:

@@ -10,8 +10,7 @@ import numpy as np
 from ember import dtypes
 from ember.core.trace import aval_of, to_array
 from ember.errors import EmberValueError, op_error
-from ember.numpy._core import asarray, is_python_scalar, value
-from ember.numpy._info import check_device
+from ember.numpy._core import asarray, check_device, is_python_scalar, value
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
 

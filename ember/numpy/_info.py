@@ -15,7 +15,7 @@ import numpy as np
 from ember import dtypes
 from ember.backends import Device, default_backend
 from ember.errors import EmberValueError, op_error
-from ember.numpy._core import value
+from ember.numpy._core import check_device, value
 from ember.ops import elementwise as ew
 
 __all__ = ["__array_api_version__", "__array_namespace_info__", "astype"]
@@ -43,18 +43,6 @@ _COMPOSITE_KINDS = {
 def devices() -> list[Device]:
     """Every device an array can be placed on (today: the default backend's)."""
     return list(default_backend().devices)
-
-
-def check_device(op: str, device: Any) -> None:
-    """Accept ``None`` (the default device) or one of :func:`devices`, as the object, its name
-    (``"cpu:0"``) or its platform (``"cpu"``, as PyTorch users write it)."""
-    if device is None:
-        return
-    known = devices()
-    if device in known or any(str(device) in (str(d), d.platform) for d in known):
-        return
-    raise op_error(EmberValueError, op, f"unsupported device {device!r}; ember arrays live on "
-                   f"{', '.join(str(d) for d in known)}")
 
 
 def _dtype_names(kind: Any) -> list[str]:

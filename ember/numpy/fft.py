@@ -24,8 +24,7 @@ import numpy as np
 from ember import dtypes
 from ember.core.trace import aval_of, to_array
 from ember.errors import DTypeError, EmberValueError, ShapeError, op_error
-from ember.numpy._core import asarray, value
-from ember.numpy._info import check_device
+from ember.numpy._core import asarray, check_device, value
 from ember.numpy._shape_more import roll
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
