@@ -9,7 +9,7 @@ correct; they make a current NumPy pick a slower GEMM kernel, which would unders
 ember's NumPy backend alike. Unset both for benchmarking only (never in tests or CI); the script
 prints which kernel NumPy's BLAS uses when threadpoolctl is installed.
 
-Three parts, each measured in one process so the ratios compare like with like (targets.md):
+Four parts, each measured in one process so the ratios compare like with like (targets.md):
 
 1. Eager overhead: microseconds per call of small operations on 8x8 float32 arrays, for ember,
    NumPy and PyTorch, with the ratios ember/numpy and ember/torch. At this size the time is all
@@ -21,6 +21,7 @@ Three parts, each measured in one process so the ratios compare like with like (
    the same step in PyTorch eager (``torch.set_num_threads(2)``): steps/s, the ratio, and the
    fraction of the measured GEMM peak reached, counting the exact matmul FLOPs of a step. Also
    the forward pass, ember jit against ember eager.
+4. Exact GELU (``erf``) of a 256x1024 float32 array: ember jit against PyTorch eager.
 
 Timings are the minimum over repeats (``timeit``), the least noisy statistic on a shared machine.
 The whole run takes well under two minutes.
@@ -271,11 +272,35 @@ def mlp(peak_gflops: float) -> None:
           f"{len(step_graph.eqns)} equations")
 
 
+GELU_SHAPE = (256, 1024)
+
+
+def gelu() -> None:
+    """Exact GELU (``x * (1 + erf(x / sqrt 2)) / 2``) of a float32 activation, jitted, against
+    ``torch.nn.functional.gelu``: ``erf`` used to dominate a small GPT's training step."""
+    from ember.nn.functional import gelu as ember_gelu
+
+    x = np.random.default_rng(0).standard_normal(GELU_SHAPE).astype(np.float32)
+    x_em = enp.asarray(x)
+    fn = ember.jit(ember_gelu)
+    fn(x_em)
+    s = per_call_s(lambda: fn(x_em), repeats=5, target_s=0.2)
+    moved = 2 * x.nbytes  # read once, write once: the least any implementation moves
+    print(f"\n== 4. exact GELU of a {GELU_SHAPE[0]}x{GELU_SHAPE[1]} float32 array ==")
+    print(f"ember jit:   {s * 1e3:8.3f} ms  ({moved / s / 1e9:5.2f} GB/s moved)")
+    if torch is not None:
+        t = torch.from_numpy(x)
+        s_t = per_call_s(lambda: torch.nn.functional.gelu(t), repeats=5, target_s=0.2)
+        print(f"torch eager: {s_t * 1e3:8.3f} ms  ({moved / s_t / 1e9:5.2f} GB/s moved)")
+        print(f"ratio ember jit / torch eager: {s_t / s:.2f}x speed")
+
+
 def main() -> None:
     describe_environment()
     eager_overhead()
     peak = gemm_peak()
     mlp(peak)
+    gelu()
 
 
 if __name__ == "__main__":
