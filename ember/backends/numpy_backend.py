@@ -146,16 +146,18 @@ def _dead_buffer(env: list[Any], free: list[int], args: list[Any], shape: tuple[
     return None
 
 
-def _refs_seen_by_writable(buffer: Any) -> int:
-    return sys.getrefcount(buffer)
+class _Probe:
+    def refs(self, buffer: Any) -> int:  # called exactly as ``backend.writable(list[i])`` is
+        return sys.getrefcount(buffer)
 
 
 def _measure_private_refs() -> int | None:
-    """The reference count ``writable`` sees for a buffer held only by the caller's list."""
+    """The reference count ``writable`` sees for a buffer held only by the caller's list (it
+    differs between Python versions, so it is measured rather than assumed)."""
     if sys.implementation.name != "cpython":
         return None  # no reliable reference counts: always copy donated buffers
     held = [np.empty(1)]
-    return _refs_seen_by_writable(held[0])
+    return _Probe().refs(held[0])
 
 
 _REFS_OF_PRIVATE = _measure_private_refs()
