@@ -84,7 +84,6 @@ class Lowered:
         out_avals = self.graph.out_avals
         donated = [i for i, d in enumerate(self.donate) if d]
         overwrites = getattr(program, "overwrites", ())
-
         hidden = self.hidden
 
         def run(leaves: list[Any]) -> Any:
