@@ -351,13 +351,18 @@ def test_a_long_prompt_shows_progress(model_dir, capsys, monkeypatch):
     assert "reading the prompt" in capsys.readouterr().err
 
 
-def test_non_finite_weights_are_refused_naming_the_tensor(model_dir, tmp_path, capsys):
-    bad = tmp_path / "nan-model"
-    os.mkdir(bad)
+def _copy_of(model_dir, dest):
+    """A copy of the model directory's files (not its hidden marker files)."""
+    os.mkdir(dest)
     for name in os.listdir(model_dir):
         if not name.startswith("."):
             with open(os.path.join(model_dir, name), "rb") as f:
-                (bad / name).write_bytes(f.read())
+                (dest / name).write_bytes(f.read())
+    return dest
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(model_dir, tmp_path, capsys):
+    bad = _copy_of(model_dir, tmp_path / "nan-model")
     tensors = {k: np.array(v) for k, v in safetensors.load(bad).items()}
     tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = math.inf
     tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = math.nan
@@ -368,12 +373,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(model_dir, tmp_path, c
 
 
 def test_config_of_another_size_is_one_line_naming_the_field(model_dir, tmp_path, capsys):
-    bad = tmp_path / "wrong-config"
-    os.mkdir(bad)
-    for name in os.listdir(model_dir):
-        if not name.startswith("."):
-            with open(os.path.join(model_dir, name), "rb") as f:
-                (bad / name).write_bytes(f.read())
+    bad = _copy_of(model_dir, tmp_path / "wrong-config")
     config = json.loads((bad / "config.json").read_text())
     for field, value in [("hidden_size", 64), ("intermediate_size", 65),
                          ("num_hidden_layers", 3), ("vocab_size", 7)]:
