@@ -87,6 +87,13 @@ def _copy_needed(what: str) -> EmberValueError:
     return op_error(EmberValueError, "asarray", f"{what} needs a copy, but copy=False was given")
 
 
+def refuse_complex(name: str, dt: np.dtype) -> None:
+    """Functions that need an order (or have no complex definition) name themselves."""
+    if dtypes.is_complex(dt):
+        raise op_error(DTypeError, name, f"is not defined on complex numbers, got {dt} (apply "
+                       "it to real(x), imag(x) or abs(x))")
+
+
 def check_device(op: str, device: Any) -> None:
     """Accept ``None`` (the default device) or one of the default backend's devices, as the
     object, its name (``"cpu:0"``) or its platform (``"cpu"``, as PyTorch users write it)."""

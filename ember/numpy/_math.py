@@ -15,7 +15,7 @@ import numpy as np
 from ember import dtypes
 from ember.core.trace import aval_of
 from ember.errors import DTypeError, EmberValueError, op_error
-from ember.numpy._core import float_dtype, promote_args, result_dtype, value
+from ember.numpy._core import float_dtype, promote_args, refuse_complex, result_dtype, value
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
 
@@ -50,7 +50,7 @@ def _binary(name: str, op: Callable[[Any, Any], Any], kind: str = "number") -> C
 
 def _check_kind(name: str, dt: np.dtype, kind: str) -> None:
     if kind in ("real", "realnumber"):
-        _refuse_complex(name, dt)
+        refuse_complex(name, dt)
     if kind in ("number", "realnumber") and dt == dtypes.bool_ and name not in (
             "add", "multiply", "maximum", "minimum"):
         raise op_error(DTypeError, name, "not supported for bool arrays; use logical_* instead")
@@ -58,12 +58,6 @@ def _check_kind(name: str, dt: np.dtype, kind: str) -> None:
         raise op_error(DTypeError, name, f"only defined for integer and bool arrays, got {dt}")
     if kind == "int" and not dtypes.is_int(dt):
         raise op_error(DTypeError, name, f"only defined for integer arrays, got {dt}")
-
-
-def _refuse_complex(name: str, dt: np.dtype) -> None:
-    if dtypes.is_complex(dt):
-        raise op_error(DTypeError, name, f"is not defined on complex numbers, got {dt} (apply "
-                       "it to real(x), imag(x) or abs(x))")
 
 
 def _bool_or(op_bool, op_num):
@@ -103,7 +97,7 @@ def _to_float_args(name: str, *xs: Any, complex_ok: bool = True) -> list[Any]:
     args = promote_args(name, *xs)
     dt = float_dtype(aval_of(args[0]).dtype)
     if not complex_ok:
-        _refuse_complex(name, dt)
+        refuse_complex(name, dt)
     return [ew.convert(a, dt, weak=aval_of(a).weak) for a in args]
 
 
@@ -155,7 +149,7 @@ def nextafter(x1: Any, x2: Any, /) -> Any:
 
 def fmod(x1: Any, x2: Any, /) -> Any:
     a, b = promote_args("fmod", x1, x2)
-    _refuse_complex("fmod", aval_of(a).dtype)
+    refuse_complex("fmod", aval_of(a).dtype)
     r = ew.rem(a, b)
     # C fmod has the sign of the dividend; floor-mod has the divisor's: fix where they differ.
     zero = ew.zeros_like(r)
@@ -272,7 +266,7 @@ def square(x: Any, /) -> Any:
 def _rounding(name: str, op: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def fn(x: Any, /) -> Any:
         a = value(x)
-        _refuse_complex(name, aval_of(a).dtype)
+        refuse_complex(name, aval_of(a).dtype)
         return op(a) if dtypes.is_float(aval_of(a).dtype) else a
 
     fn.__name__ = fn.__qualname__ = name
@@ -322,7 +316,7 @@ def clip(x: Any, /, min: Any = None, max: Any = None, *,  # noqa: A002
     min = a_min if min is None else min  # noqa: A001
     max = a_max if max is None else max  # noqa: A001
     out = value(x)
-    _refuse_complex("clip", aval_of(out).dtype)
+    refuse_complex("clip", aval_of(out).dtype)
     if min is not None:
         out = maximum(out, min)
     if max is not None:
@@ -406,7 +400,7 @@ def isinf(x: Any, /) -> Any:
 
 def signbit(x: Any, /) -> Any:
     a = value(x)
-    _refuse_complex("signbit", aval_of(a).dtype)
+    refuse_complex("signbit", aval_of(a).dtype)
     if not dtypes.is_float(aval_of(a).dtype):
         return ew.lt(a, ew.zeros_like(a)) if aval_of(a).dtype != dtypes.bool_ else \
             ew.full_like(a, False, dtypes.bool_)
@@ -433,7 +427,7 @@ def sinc(x: Any, /) -> Any:
 
 def heaviside(x1: Any, x2: Any, /) -> Any:
     a, b = promote_args("heaviside", x1, x2)
-    _refuse_complex("heaviside", aval_of(a).dtype)
+    refuse_complex("heaviside", aval_of(a).dtype)
     zero = ew.zeros_like(a)
     return where(ew.lt(a, zero), zero, where(ew.gt(a, zero), ew.full_like(a, 1), b))
 

@@ -9,7 +9,7 @@ import numpy as np
 from ember import dtypes
 from ember.core.trace import aval_of, to_array
 from ember.errors import ShapeError, op_error
-from ember.numpy._core import float_dtype, normalize_axis_arg, value
+from ember.numpy._core import float_dtype, normalize_axis_arg, refuse_complex, value
 from ember.ops import elementwise as ew
 from ember.ops import reduce as rd
 from ember.ops import structural as st
@@ -107,6 +107,7 @@ def _extremum(name: str, op):
     def fn(a: Any, axis: Any = None, keepdims: bool = False, initial: Any = None,
            where: Any = None) -> Any:
         x = value(a)
+        refuse_complex(name, aval_of(x).dtype)
         axes = normalize_axis_arg(name, axis, aval_of(x).ndim)
         if where is not None:
             from ember.numpy._math import where as where_
