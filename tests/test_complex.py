@@ -181,8 +181,9 @@ _Z = np.array([1 + 1j, 2 - 1j])
     ("fabs", enp.fabs), ("deg2rad", enp.deg2rad), ("heaviside", lambda z: enp.heaviside(z, z)),
     ("nextafter", lambda z: enp.nextafter(z, z)), ("erf", lambda z: enp.special.erf(z)),
     ("expit", lambda z: enp.special.expit(z)), ("softmax", lambda z: enp.special.softmax(z)),
-    ("max", enp.max), ("min", lambda z: enp.min(z, axis=0)), ("reduce_max", lambda z: ops.reduce_max(z, (0,))),
-    ("argmax", enp.argmax), ("cummax", lambda z: ops.cummax(z, 0)),
+    ("max", enp.max), ("min", lambda z: enp.min(z, axis=0)),
+    ("reduce_max", lambda z: ops.reduce_max(z, (0,))), ("argmax", enp.argmax),
+    ("cummax", lambda z: ops.cummax(z, 0)),
     ("convert", lambda z: z.astype(enp.float32)),
 ])
 def test_functions_undefined_on_complex_raise_naming_the_function(name, fn):
