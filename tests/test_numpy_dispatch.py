@@ -96,6 +96,9 @@ def test_out_fills_numpy_arrays_and_refuses_ember_arrays():
         np.add(x, x, out=enp.zeros((2, 3)))
     with pytest.raises(ember.EmberError, match="in place"):
         np.add.at(x, [0], 1.0)
+    host = np.zeros(3)
+    np.add.at(host, [0, 0, 2], enp.ones(3))  # into a NumPy array: NumPy's own semantics
+    np.testing.assert_array_equal(host, [2, 0, 1])
 
 
 def test_arguments_ember_does_not_take_are_named_not_dropped():

@@ -65,7 +65,7 @@ def array_ufunc(self: Array, ufunc: np.ufunc, method: str, *inputs: Any, **kwarg
         qualified = f"numpy.{name}.outer"
     else:
         target, qualified = None, f"numpy.{name}.{method}"
-    if method == "at":
+    if method == "at" and isinstance(inputs[0], Array):
         raise UnsupportedError(f"{qualified}: ember arrays cannot be changed in place; use "
                                f"x = x.at[idx].add(v) (or .set, .multiply...)\n"
                                f"  at {user_frame()}")
