@@ -127,6 +127,7 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
 
 _UFUNC_DEFAULTS = {"casting": "same_kind", "order": "K", "subok": True, "where": True,
                    "signature": None, "dtype": None}
+_MISSING = object()
 
 
 def _drop_defaults(kwargs: dict) -> dict:
@@ -135,9 +136,6 @@ def _drop_defaults(kwargs: dict) -> dict:
         d = _UFUNC_DEFAULTS.get(k, _MISSING)
         return v is d or (isinstance(v, str) and v == d)
     return {k: v for k, v in kwargs.items() if not default(k, v)}
-
-
-_MISSING = object()
 
 
 def _outer(fn: Callable[..., Any], a: Any, b: Any, **kwargs: Any) -> Any:
@@ -156,8 +154,7 @@ def _in_numpy(name: str, call: Callable[..., Any], args: tuple, kwargs: dict) ->
             f"{name} is not in ember.numpy, so it would run in NumPy, outside the traced "
             f"program, on a traced value ({traced[0].aval}).\n  at {user_frame()}\n"
             f"Write it with ember.numpy functions, or call it outside jit/grad/vmap.")
-    if isinstance(kwargs.get("out"), Array) or any(isinstance(o, Array)
-                                                    for o in _as_tuple(kwargs.get("out"))):
+    if any(isinstance(o, Array) for o in _as_tuple(kwargs.get("out"))):
         raise _no_out(name)
     host_args, host_kwargs = tree_unflatten(
         tree, [np.asarray(x) if isinstance(x, Array) else x for x in leaves])
