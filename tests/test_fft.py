@@ -314,33 +314,33 @@ GRAD_CASES = [  # (function, input is complex, kwargs)
 GRAD_IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(GRAD_CASES)]
 
 
-@pytest.mark.parametrize("name,is_complex,kw", GRAD_CASES, ids=GRAD_IDS)
-def test_jvp_matches_finite_differences(name, is_complex, kw):
-    rng = np.random.default_rng(4)
+def _grad_case(seed, name, is_complex, kw):
+    """A random input, a tangent direction, the function, and its jvp there."""
+    rng = np.random.default_rng(seed)
     x = _signal(rng, (4, 6), np.complex128 if is_complex else np.float64)
     t = _directions(rng, x)
     f = lambda a: getattr(efft, name)(a, **kw)  # noqa: E731
     out, tangent = ember.jvp(f, (enp.asarray(x),), (enp.asarray(t),))
+    assert tangent.dtype == out.dtype and tangent.shape == out.shape
+    return rng, x, t, f, out, tangent
+
+
+@pytest.mark.parametrize("name,is_complex,kw", GRAD_CASES, ids=GRAD_IDS)
+def test_jvp_matches_finite_differences(name, is_complex, kw):
+    _, x, t, f, _, tangent = _grad_case(4, name, is_complex, kw)
     eps = 1e-6
     fd = (np.asarray(f(enp.asarray(x + eps * t))) - np.asarray(f(enp.asarray(x - eps * t)))) \
         / (2 * eps)
-    assert tangent.dtype == out.dtype and tangent.shape == out.shape
     np.testing.assert_allclose(np.asarray(tangent), fd, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("name,is_complex,kw", GRAD_CASES, ids=GRAD_IDS)
 def test_vjp_is_the_transpose_of_jvp_with_complex_cotangents(name, is_complex, kw):
-    rng = np.random.default_rng(5)
-    x = _signal(rng, (4, 6), np.complex128 if is_complex else np.float64)
-    t = _directions(rng, x)
-    f = lambda a: getattr(efft, name)(a, **kw)  # noqa: E731
-    out, tangent = ember.jvp(f, (enp.asarray(x),), (enp.asarray(t),))
-    ct = _signal(rng, out.shape, out.dtype)
-    for vjp_of in (ember.vjp, lambda f, x: ember.jit(lambda x, c: ember.vjp(f, x)[1](c))):
-        if vjp_of is ember.vjp:
-            (g,) = ember.vjp(f, enp.asarray(x))[1](enp.asarray(ct))
-        else:
-            (g,) = vjp_of(f, x)(enp.asarray(x), enp.asarray(ct))
+    rng, x, t, f, out, tangent = _grad_case(5, name, is_complex, kw)
+    ct = enp.asarray(_signal(rng, out.shape, out.dtype))
+    pullback = lambda a, c: ember.vjp(f, a)[1](c)  # noqa: E731
+    for run in (pullback, ember.jit(pullback)):
+        (g,) = run(enp.asarray(x), ct)
         assert g.dtype == x.dtype and g.shape == x.shape
         np.testing.assert_allclose(_pair(g, t), _pair(ct, tangent), rtol=1e-10)
 
