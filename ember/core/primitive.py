@@ -14,6 +14,23 @@ from typing import Any
 
 REGISTRY: dict[str, Primitive] = {}
 
+# What kind of computation a primitive is: compilers group and lower by kind, never by name.
+#
+# - ``elementwise``: operands of one shape, ``out[i] = f(in[i])`` (casts, select, copy too);
+# - ``generator``: a value computed from indices alone (``iota``);
+# - ``movement``: moves or repeats elements without arithmetic (broadcast, reshape, transpose,
+#   slice, pad, concatenate, rev);
+# - ``reduction``: combines elements along axes (sums, max, argmax);
+# - ``cumulative``: running reductions along one axis (cumsum...);
+# - ``contraction``: products summed over axes (``dot_general``);
+# - ``indexing``: reads or writes at data-dependent positions (gather, scatter, dynamic slices);
+# - ``sort``: sort, argsort, top_k;
+# - ``random``: random bits from a key;
+# - ``library``: computed by a library routine (linear-algebra factorisations, FFT);
+# - ``control``: holds subgraphs (cond, while, scan, remat, custom_vjp, call, fused).
+KINDS = frozenset({"elementwise", "generator", "movement", "reduction", "cumulative",
+                   "contraction", "indexing", "sort", "random", "library", "control"})
+
 
 class Primitive:
     """A primitive operation and its rules.
@@ -33,16 +50,26 @@ class Primitive:
     - ``inplace_impls[backend]``: like ``impls`` but allowed to overwrite operand 0 and return
       it; a compiled program uses it when operand 0 is a donated input read by nothing else
       (the KV cache update of a decode step).
+    - ``lowerings[target]``: how a code generator renders the primitive for ``target`` (``"c"``
+      for the compiled CPU backend). Registered by the backend that owns the target, as JAX's
+      lowering rules are, so this layer knows nothing of C.
+
+    ``kind`` (one of :data:`KINDS`) says what sort of computation the primitive is, so fusion
+    and code generation decide by kind, never by name.
     """
 
-    def __init__(self, name: str, *, multiple_results: bool = False):
+    def __init__(self, name: str, *, kind: str, multiple_results: bool = False):
         if name in REGISTRY:
             raise ValueError(f"primitive {name!r} is declared twice")
+        if kind not in KINDS:
+            raise ValueError(f"primitive {name!r}: unknown kind {kind!r}")
         self.name = name
+        self.kind = kind
         self.multiple_results = multiple_results
         self.abstract_eval: Callable[..., Any] | None = None
         self.impls: dict[str, Callable[..., Any]] = {}
         self.inplace_impls: dict[str, Callable[..., Any]] = {}
+        self.lowerings: dict[str, Any] = {}
         self.jvp: Callable[..., Any] | None = None
         self.transpose: Callable[..., Any] | None = None
         self.batch: Callable[..., Any] | None = None
@@ -66,6 +93,10 @@ class Primitive:
                          ) -> Callable[..., Any]:
         self.inplace_impls[backend] = fn
         return fn
+
+    def def_lowering(self, target: str, rule: Any) -> Any:
+        self.lowerings[target] = rule
+        return rule
 
     def def_jvp(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         self.jvp = fn

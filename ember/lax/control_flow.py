@@ -109,7 +109,7 @@ def _select_batched(pred: Any, on_true: Any, on_false: Any) -> Any:
 
 # --- cond ------------------------------------------------------------------------------------
 
-cond_p = Primitive("cond", multiple_results=True)
+cond_p = Primitive("cond", kind="control", multiple_results=True)
 
 
 @cond_p.def_abstract_eval
@@ -368,7 +368,7 @@ def _check_tree(op: str, what: str, got: TreeDef, expected: TreeDef) -> None:
 
 # --- while -----------------------------------------------------------------------------------
 
-while_p = Primitive("while", multiple_results=True)
+while_p = Primitive("while", kind="control", multiple_results=True)
 
 
 @while_p.def_abstract_eval
@@ -499,7 +499,7 @@ def while_loop(cond_fun: Callable[[Any], Any], body_fun: Callable[[Any], Any],
 
 # --- scan ------------------------------------------------------------------------------------
 
-scan_p = Primitive("scan", multiple_results=True)
+scan_p = Primitive("scan", kind="control", multiple_results=True)
 
 
 @scan_p.def_abstract_eval

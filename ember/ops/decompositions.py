@@ -191,7 +191,7 @@ def _nan_on_failure(fn: Callable[..., Any], *xs: np.ndarray) -> np.ndarray:
 
 
 def _declare(name: str, multiple_results: bool = False) -> Primitive:
-    prim = Primitive(name, multiple_results=multiple_results)
+    prim = Primitive(name, kind="library", multiple_results=multiple_results)
     prim.def_batch(_batch_leading(prim))
     return prim
 

@@ -109,7 +109,7 @@ def _quiet(np_fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _declare(name: str, np_fn: Callable[..., Any], kind: str, nargs: int,
              out_dtype: OutDtype = None) -> Primitive:
-    prim = Primitive(name)
+    prim = Primitive(name, kind="elementwise")
     prim.def_abstract_eval(_elementwise_rule(name, kind, out_dtype))
     prim.def_impl(_quiet(np_fn))
     prim.def_batch(_batch_elementwise(prim))
@@ -582,7 +582,7 @@ complex.prim.def_transpose(_complex_transpose)
 
 # --- select and convert ----------------------------------------------------------------------
 
-select_p = Primitive("select")
+select_p = Primitive("select", kind="elementwise")
 
 
 @select_p.def_abstract_eval
@@ -626,7 +626,7 @@ def _select_transpose(ct, pred, a, b):
             select(pred, zeros, ct) if isinstance(b, UndefinedPrimal) else None]
 
 
-convert_p = Primitive("convert")
+convert_p = Primitive("convert", kind="elementwise")
 
 
 @convert_p.def_abstract_eval
@@ -680,7 +680,7 @@ def _convert_transpose(ct, x, *, dtype, weak=False):
     return [convert_p.bind(ct, dtype=x.aval.dtype, weak=x.aval.weak)]
 
 
-bitcast_convert_p = Primitive("bitcast_convert")
+bitcast_convert_p = Primitive("bitcast_convert", kind="elementwise")
 
 
 @bitcast_convert_p.def_abstract_eval
@@ -704,7 +704,7 @@ def bitcast_convert(x: Any, dtype: Any) -> Any:
     return bitcast_convert_p.bind(x, dtype=dtypes.canonicalize(dtype))
 
 
-stop_gradient_p = Primitive("stop_gradient")
+stop_gradient_p = Primitive("stop_gradient", kind="elementwise")
 stop_gradient_p.def_abstract_eval(lambda x: x)
 stop_gradient_p.def_impl(lambda x: x)
 stop_gradient_p.def_jvp(lambda primals, tangents: (stop_gradient_p.bind(*primals),

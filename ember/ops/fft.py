@@ -44,7 +44,7 @@ __all__ = ["fft"]
 
 KINDS = ("fft", "ifft", "rfft", "irfft")
 
-fft_p = Primitive("fft")
+fft_p = Primitive("fft", kind="library")
 
 
 def half_spectrum(lengths: tuple[int, ...]) -> tuple[int, ...]:

@@ -41,7 +41,7 @@ def _index_tuple(indices: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray,
     return tuple(np.clip(indices[..., i], 0, max(shape[i] - 1, 0)) for i in range(k))
 
 
-gather_p = Primitive("gather")
+gather_p = Primitive("gather", kind="indexing")
 
 
 @gather_p.def_abstract_eval
@@ -131,7 +131,7 @@ def _gather_batch(args, dims):
 
 # --- scatter ---------------------------------------------------------------------------------
 
-scatter_p = Primitive("scatter")
+scatter_p = Primitive("scatter", kind="indexing")
 _SCATTER_MODES = {"set", "add", "mul", "min", "max"}
 
 

@@ -24,7 +24,7 @@ __all__ = ["dot_general"]
 
 Dims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
 
-dot_general_p = Primitive("dot_general")
+dot_general_p = Primitive("dot_general", kind="contraction")
 
 
 def _free(ndim: int, contract: Sequence[int], batch: Sequence[int]) -> list[int]:

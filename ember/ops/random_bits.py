@@ -26,7 +26,7 @@ __all__ = ["threefry2x32"]
 _ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)
 _PARITY = np.uint32(0x1BD11BDA)
 
-threefry_p = Primitive("threefry2x32", multiple_results=True)
+threefry_p = Primitive("threefry2x32", kind="random", multiple_results=True)
 
 
 @threefry_p.def_abstract_eval

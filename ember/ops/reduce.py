@@ -52,7 +52,7 @@ def _reduce_batch(prim):
 
 
 def _declare_reduce(name: str, np_fn) -> Primitive:
-    prim = Primitive(name)
+    prim = Primitive(name, kind="reduction")
     prim.def_abstract_eval(_reduce_rule(name))
 
     def impl(x, *, axes):
@@ -161,7 +161,7 @@ def reduce_prod(x: Any, axes: Sequence[int]) -> Any:
 # --- argmax / argmin -------------------------------------------------------------------------
 
 def _arg_extremum(name: str, np_fn):
-    prim = Primitive(name)
+    prim = Primitive(name, kind="reduction")
 
     @prim.def_abstract_eval
     def rule(x: ArrayType, *, axis: int, index_dtype: np.dtype) -> ArrayType:
@@ -195,7 +195,7 @@ argmin = _arg_extremum("argmin", np.argmin)
 # --- cumulative ops --------------------------------------------------------------------------
 
 def _cumulative(name: str, np_fn):
-    prim = Primitive(name)
+    prim = Primitive(name, kind="cumulative")
 
     @prim.def_abstract_eval
     def rule(x: ArrayType, *, axis: int, reverse: bool) -> ArrayType:

@@ -29,8 +29,8 @@ def _argsort_numpy(x, axis, descending):
     return np.argsort(x, axis=axis, kind="stable")
 
 
-sort_p = Primitive("sort")
-argsort_p = Primitive("argsort")
+sort_p = Primitive("sort", kind="sort")
+argsort_p = Primitive("argsort", kind="sort")
 
 
 @sort_p.def_abstract_eval
@@ -89,7 +89,7 @@ def _axis_batch(prim):
 sort_p.def_batch(_axis_batch(sort_p))
 argsort_p.def_batch(_axis_batch(argsort_p))
 
-top_k_p = Primitive("top_k", multiple_results=True)
+top_k_p = Primitive("top_k", kind="sort", multiple_results=True)
 
 
 @top_k_p.def_abstract_eval

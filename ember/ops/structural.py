@@ -43,7 +43,7 @@ def _linear_jvp(prim):
 
 # --- copy ------------------------------------------------------------------------------------
 
-copy_p = Primitive("copy")
+copy_p = Primitive("copy", kind="elementwise")
 copy_p.def_abstract_eval(lambda x: x)
 # Buffers are immutable, so a copy can share its operand's buffer: what makes it a copy is that
 # it is a new value (a new Array, or a new tracer under a transformation), which ``x[i] = v`` on
@@ -61,7 +61,7 @@ def copy(x: Any) -> Any:
 
 # --- broadcast_in_dim ------------------------------------------------------------------------
 
-broadcast_in_dim_p = Primitive("broadcast_in_dim")
+broadcast_in_dim_p = Primitive("broadcast_in_dim", kind="movement")
 
 
 @broadcast_in_dim_p.def_abstract_eval
@@ -121,7 +121,7 @@ def broadcast_to_shape(x: Any, shape: Sequence[int]) -> Any:
 
 # --- reshape ---------------------------------------------------------------------------------
 
-reshape_p = Primitive("reshape")
+reshape_p = Primitive("reshape", kind="movement")
 
 
 @reshape_p.def_abstract_eval
@@ -164,7 +164,7 @@ def squeeze(x: Any, axes: Sequence[int]) -> Any:
 
 # --- transpose -------------------------------------------------------------------------------
 
-transpose_p = Primitive("transpose")
+transpose_p = Primitive("transpose", kind="movement")
 
 
 @transpose_p.def_abstract_eval
@@ -206,7 +206,7 @@ def moveaxis(x: Any, src: int, dst: int) -> Any:
 
 # --- slice -----------------------------------------------------------------------------------
 
-slice_p = Primitive("slice")
+slice_p = Primitive("slice", kind="movement")
 
 
 @slice_p.def_abstract_eval
@@ -277,7 +277,7 @@ def index_in_dim(x: Any, i: int, axis: int = 0, keepdims: bool = False) -> Any:
 
 # --- pad -------------------------------------------------------------------------------------
 
-pad_p = Primitive("pad")
+pad_p = Primitive("pad", kind="movement")
 
 
 @pad_p.def_abstract_eval
@@ -367,7 +367,7 @@ def pad(x: Any, value: Any, lo: Sequence[int], hi: Sequence[int],
 
 # --- concatenate -----------------------------------------------------------------------------
 
-concatenate_p = Primitive("concatenate")
+concatenate_p = Primitive("concatenate", kind="movement")
 
 
 @concatenate_p.def_abstract_eval
@@ -441,7 +441,7 @@ def concatenate(xs: Sequence[Any], axis: int) -> Any:
 
 # --- rev -------------------------------------------------------------------------------------
 
-rev_p = Primitive("rev")
+rev_p = Primitive("rev", kind="movement")
 
 
 @rev_p.def_abstract_eval
@@ -482,7 +482,7 @@ def _clamped_starts(shape, sizes, starts):
     return tuple(int(np.clip(int(s), 0, n - k)) for s, n, k in zip(starts, shape, sizes))
 
 
-dynamic_slice_p = Primitive("dynamic_slice")
+dynamic_slice_p = Primitive("dynamic_slice", kind="indexing")
 
 
 @dynamic_slice_p.def_abstract_eval
@@ -530,7 +530,7 @@ def dynamic_slice(x: Any, starts: Sequence[Any], sizes: Sequence[int]) -> Any:
     return dynamic_slice_p.bind(x, *starts, sizes=tuple(int(k) for k in sizes))
 
 
-dynamic_update_slice_p = Primitive("dynamic_update_slice")
+dynamic_update_slice_p = Primitive("dynamic_update_slice", kind="indexing")
 
 
 @dynamic_update_slice_p.def_abstract_eval
@@ -619,7 +619,7 @@ def dynamic_update_slice(x: Any, update: Any, starts: Sequence[Any]) -> Any:
 
 # --- iota ------------------------------------------------------------------------------------
 
-iota_p = Primitive("iota")
+iota_p = Primitive("iota", kind="generator")
 
 
 @iota_p.def_abstract_eval

@@ -56,7 +56,7 @@ __all__ = ["checkpoint", "remat", "checkpoint_policies", "remat_p"]
 
 Policy = Callable[..., bool]
 
-remat_p = Primitive("remat", multiple_results=True)
+remat_p = Primitive("remat", kind="control", multiple_results=True)
 
 
 @remat_p.def_abstract_eval

@@ -34,8 +34,8 @@ from ember.tree import TreeDef, tree_flatten, tree_unflatten
 
 __all__ = ["custom_vjp", "custom_vjp_call_p", "custom_vjp_bwd_p"]
 
-custom_vjp_call_p = Primitive("custom_vjp_call", multiple_results=True)
-custom_vjp_bwd_p = Primitive("custom_vjp_bwd", multiple_results=True)
+custom_vjp_call_p = Primitive("custom_vjp_call", kind="control", multiple_results=True)
+custom_vjp_bwd_p = Primitive("custom_vjp_bwd", kind="control", multiple_results=True)
 
 
 @custom_vjp_call_p.def_abstract_eval
