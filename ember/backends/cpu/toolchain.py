@@ -1,0 +1,191 @@
+"""The C toolchain: find the system compiler, build shared libraries, cache them on disk.
+
+Every compiled CPU program and kernel goes through :func:`build`, which turns one C translation
+unit into a loaded ``ctypes.CDLL``. Compiling costs a compiler start (tens to hundreds of
+milliseconds), so results are memoised twice: in this process by source, and on disk under a
+key that covers everything the machine code depends on (source, flags, compiler version, CPU
+features). Writes go to a private temporary file renamed into place, so two processes building
+the same library never see each other's half-written file; an entry that fails to load is
+rebuilt. A compile error is ember's bug (the user never wrote the C): it is raised as
+:class:`CompilerBugError`, with the source kept on disk for the report.
+
+Environment: ``EMBER_CC`` (the compiler; default ``cc``, then ``gcc``), ``EMBER_CACHE_DIR``
+(default ``~/.cache/ember``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+
+# -O3 -march=native: vectorised loops for this CPU (the CPU features are in the cache key).
+# -ffp-contract=off: no fused multiply-adds the reference does not do, so elementwise results
+# match NumPy bit for bit where the operation order is the same. -fno-math-errno lets sqrt and
+# friends vectorise (errno is never read). -fopenmp: kernels split loops across cores.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11",
+         "-ffp-contract=off", "-fno-math-errno")
+
+
+class CompilerBugError(RuntimeError):
+    """The C compiler rejected code ember generated: a bug in ember, not in the user's program."""
+
+
+@dataclass(frozen=True)
+class Compiler:
+    """A usable C compiler: its path and the version line that goes into cache keys."""
+
+    path: str
+    version: str
+
+
+def _resolve(name: str) -> str | None:
+    return shutil.which(name) if os.sep not in name else (name if os.access(name, os.X_OK)
+                                                           else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(requested: str | None) -> Compiler | None:
+    names = [requested] if requested else ["cc", "gcc"]
+    for name in names:
+        path = _resolve(name)
+        if path is None:
+            continue
+        try:
+            done = subprocess.run([path, "--version"], capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.returncode == 0:
+            return Compiler(path, done.stdout.splitlines()[0] if done.stdout else path)
+    return None
+
+
+def compiler() -> Compiler | None:
+    """The C compiler named by ``EMBER_CC`` (else ``cc``/``gcc`` on ``PATH``), or None."""
+    return _probe(os.environ.get("EMBER_CC") or None)
+
+
+def available() -> bool:
+    """Whether a C compiler is there to build compiled programs."""
+    return compiler() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> str:
+    """The CPU's model and feature flags: ``-march=native`` code is only valid on such a CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("flags", "model name", "Features"))]
+        # One core's lines suffice (all cores are alike); sorted for a stable key.
+        return platform.machine() + "|" + "|".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + "|" + platform.processor()
+
+
+def cache_dir() -> str:
+    return os.environ.get("EMBER_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "ember")
+
+
+@dataclass(frozen=True)
+class Library:
+    """Extra compile and link arguments for a library a translation unit uses (BLAS)."""
+
+    cflags: tuple[str, ...] = ()
+    ldflags: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=1)
+def blas() -> Library:
+    """OpenBLAS from the ``scipy-openblas32`` wheel: 32-bit integers, symbols prefixed with
+    ``scipy_`` (so it never clashes with the OpenBLAS that NumPy loads)."""
+    import scipy_openblas32 as ob
+
+    lib = ob.get_lib_dir()
+    return Library(cflags=(f"-I{ob.get_include_dir()}",),
+                   ldflags=(f"-L{lib}", f"-l{ob.get_library()}", f"-Wl,-rpath,{lib}"))
+
+
+def cache_key(source: str, library: Library = Library()) -> str:
+    """Hash of everything the built library depends on."""
+    cc = compiler()
+    parts = [source, " ".join(FLAGS), " ".join(library.cflags), " ".join(library.ldflags),
+             cc.path if cc else "", cc.version if cc else "", cpu_features()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+_MEMO: dict[tuple[str, str], ctypes.CDLL] = {}
+_MEMO_LOCK = threading.Lock()
+
+
+def build(source: str, library: Library = Library()) -> ctypes.CDLL:
+    """Compile ``source`` into a shared library and load it (memoised in-process and on disk).
+
+    Raises :class:`CompilerBugError` when the compiler rejects the source, and
+    :class:`FileNotFoundError` when there is no compiler (check :func:`available` first).
+    """
+    key = cache_key(source, library)
+    directory = cache_dir()
+    with _MEMO_LOCK:
+        lib = _MEMO.get((directory, key))
+        if lib is None:
+            lib = _MEMO[directory, key] = _load_or_build(source, library, key, directory)
+    return lib
+
+
+def _load_or_build(source: str, library: Library, key: str, directory: str) -> ctypes.CDLL:
+    os.makedirs(directory, exist_ok=True)
+    so_path = os.path.join(directory, key + ".so")
+    if os.path.exists(so_path):
+        try:
+            return ctypes.CDLL(so_path)
+        except OSError:
+            pass  # a corrupt or truncated entry (a crash mid-write elsewhere): rebuild it
+    _compile(source, library, key, directory, so_path)
+    return ctypes.CDLL(so_path)
+
+
+def _compile(source: str, library: Library, key: str, directory: str, so_path: str) -> None:
+    cc = compiler()
+    if cc is None:
+        raise FileNotFoundError("no C compiler found (set EMBER_CC)")
+    c_path = os.path.join(directory, key + ".c")
+    _write_atomically(c_path, source.encode())
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".so", dir=directory)
+    os.close(fd)
+    cmd = [cc.path, *FLAGS, *library.cflags, c_path, "-o", tmp, *library.ldflags, "-lm"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CompilerBugError(
+                "ember generated C code that the C compiler rejected. This is a bug in ember, "
+                "not in your program; please report it with the kept source.\n"
+                f"  source: {c_path}\n  command: {' '.join(cmd)}\n"
+                f"  compiler says:\n{_tail(done.stderr)}")
+        os.replace(tmp, so_path)  # atomic: readers see the old file or the whole new one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join("    " + ln for ln in text.strip().splitlines()[-lines:])
