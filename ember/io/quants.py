@@ -1,18 +1,24 @@
-"""Dequantisation of GGML block formats to float32, written from the format definitions.
+"""GGML block formats: one description per format, serving whole tensors and rows of blocks.
 
 GGUF files store most weights in *blocks*: a run of 32 (or 256) elements shares one or two float16
-scale factors and packs each element into 4, 6 or 8 bits. Each format is described here by a NumPy
-structured dtype that mirrors the C struct of one block, so a whole tensor is unpacked by
-whole-array operations on the fields (no Python loop per block). The arithmetic is done in float32
-in the same order as llama.cpp's reference C code; the tests check the results bit for bit
-against the ``gguf`` package's own (slower) decoder.
+scale factors and packs each element into 4, 6 or 8 bits. Each format is described here once, by
+a :class:`BlockFormat`: a NumPy structured dtype that mirrors the C struct of one block, a decoder
+and (for the formats ``ember convert`` writes) an encoder. Blocks are unpacked by whole-array
+operations on the struct's fields (no Python loop per block), in float32 and in the same order as
+llama.cpp's reference C code; the tests check decoders and encoders bit for bit against the
+``gguf`` package's own (slower) implementations.
 
-Large tensors are processed in chunks of blocks: the intermediate arrays then stay in the CPU cache,
+Two users share the decoders: loading, which may dequantise a whole tensor once, and the
+``quant_matmul`` primitive (``ember.ops.quantized``), which keeps a weight packed as rows of
+blocks (``uint8 [rows, row_bytes]``) and dequantises a tile of rows at a time.
+
+Large inputs are processed in chunks of blocks: the intermediate arrays then stay in the CPU cache,
 which is about twice as fast as unpacking a 30M-element tensor in one pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import ml_dtypes
@@ -20,6 +26,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ember.errors import EmberValueError, UnsupportedError
+
+__all__ = ["BlockFormat", "FORMATS", "SUPPORTED_TYPES", "block_format", "dequantize",
+           "dequantize_rows", "quantize_rows"]
 
 _Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
 _Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
@@ -36,13 +45,38 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.stack([qs & 0x0F, qs >> 4], axis=-2)
 
 
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_nibbles` for 32-element blocks: element j low, element j + 16 high."""
+    q = q.astype(np.uint8)
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
 def _f32(x: np.ndarray) -> np.ndarray:
     """A float16 scale field as float32, with a trailing axis to broadcast over its block."""
     return x.astype(np.float32)[..., None]
 
 
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's ``roundf`` (halves away from zero); NumPy's ``round`` rounds halves to even."""
+    return np.trunc(x + np.copysign(np.float32(0.5), x))
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """``1 / d``, and 0 where ``d`` is 0 (an all-zero block)."""
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d)
+
+
 def _q8_0(b: np.ndarray) -> np.ndarray:
     return _f32(b["d"]) * b["qs"].astype(np.float32)
+
+
+def _encode_q8_0(x: np.ndarray) -> np.ndarray:
+    d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
+    out = np.empty(len(x), _Q8_0)
+    out["d"] = d[:, 0]
+    out["qs"] = _round_half_away(x * _inverse(d))
+    return out
 
 
 def _q4_0(b: np.ndarray) -> np.ndarray:
@@ -50,9 +84,30 @@ def _q4_0(b: np.ndarray) -> np.ndarray:
     return _f32(b["d"]) * q.astype(np.float32)
 
 
+def _encode_q4_0(x: np.ndarray) -> np.ndarray:
+    # The scale maps the element of largest magnitude, with its sign, to -8.
+    extreme = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+    d = extreme / np.float32(-8)
+    q = np.minimum(np.trunc(x * _inverse(d) + np.float32(8.5)), 15)
+    out = np.empty(len(x), _Q4_0)
+    out["d"] = d[:, 0]
+    out["qs"] = _pack_nibbles(q)
+    return out
+
+
 def _q4_1(b: np.ndarray) -> np.ndarray:
     q = _nibbles(b["qs"]).reshape(len(b), 32).astype(np.float32)
     return _f32(b["d"]) * q + _f32(b["m"])
+
+
+def _encode_q4_1(x: np.ndarray) -> np.ndarray:
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = (hi - lo) / np.float32(15)
+    q = np.minimum(np.trunc((x - lo) * _inverse(d) + np.float32(0.5)), 15)
+    out = np.empty(len(x), _Q4_1)
+    out["d"], out["m"] = d[:, 0], lo[:, 0]
+    out["qs"] = _pack_nibbles(q)
+    return out
 
 
 def _q4_k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,13 +151,43 @@ def _q6_k(b: np.ndarray) -> np.ndarray:
     return d[..., None] * q.reshape(n, 2, 4, 2, 16)
 
 
-_BLOCK_KERNELS: dict[GGMLQuantizationType, tuple[np.dtype, int, Callable]] = {
-    GGMLQuantizationType.Q4_0: (_Q4_0, 32, _q4_0),
-    GGMLQuantizationType.Q4_1: (_Q4_1, 32, _q4_1),
-    GGMLQuantizationType.Q8_0: (_Q8_0, 32, _q8_0),
-    GGMLQuantizationType.Q4_K: (_Q4_K, 256, _q4_k),
-    GGMLQuantizationType.Q6_K: (_Q6_K, 256, _q6_k),
-}
+@dataclasses.dataclass(frozen=True)
+class BlockFormat:
+    """One GGML block format: ``block`` elements stored in one ``struct`` of bytes.
+
+    ``decode(blocks)`` maps a 1-D array of structs to float32 values reshapable to
+    ``(len(blocks), block)``; ``encode(values (n, block) float32)`` is its inverse up to rounding,
+    for the formats ember writes (None for the others).
+    """
+
+    name: str
+    ggml_type: GGMLQuantizationType
+    block: int
+    struct: np.dtype
+    decode: Callable[[np.ndarray], np.ndarray]
+    encode: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def block_bytes(self) -> int:
+        return self.struct.itemsize
+
+    def row_bytes(self, k: int) -> int:
+        """Bytes of one packed row of ``k`` elements (``k`` a multiple of ``block``)."""
+        return k // self.block * self.block_bytes
+
+    def row_elements(self, nbytes: int) -> int:
+        """Elements of one packed row of ``nbytes`` bytes."""
+        return nbytes // self.block_bytes * self.block
+
+
+FORMATS: dict[str, BlockFormat] = {f.name: f for f in (
+    BlockFormat("q4_0", GGMLQuantizationType.Q4_0, 32, _Q4_0, _q4_0, _encode_q4_0),
+    BlockFormat("q4_1", GGMLQuantizationType.Q4_1, 32, _Q4_1, _q4_1, _encode_q4_1),
+    BlockFormat("q8_0", GGMLQuantizationType.Q8_0, 32, _Q8_0, _q8_0, _encode_q8_0),
+    BlockFormat("q4_k", GGMLQuantizationType.Q4_K, 256, _Q4_K, _q4_k),
+    BlockFormat("q6_k", GGMLQuantizationType.Q6_K, 256, _Q6_K, _q6_k),
+)}
+_BY_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
 _PLAIN_TYPES: dict[GGMLQuantizationType, np.dtype] = {
     GGMLQuantizationType.F32: np.dtype("<f4"),
@@ -110,7 +195,7 @@ _PLAIN_TYPES: dict[GGMLQuantizationType, np.dtype] = {
     GGMLQuantizationType.BF16: np.dtype(ml_dtypes.bfloat16),
 }
 
-SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (*_PLAIN_TYPES, *_BLOCK_KERNELS)
+SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (*_PLAIN_TYPES, *_BY_TYPE)
 
 
 def _supported_names() -> str:
@@ -124,6 +209,61 @@ def _as_ggml_type(value: int | GGMLQuantizationType) -> GGMLQuantizationType:
         raise UnsupportedError(
             f"unknown GGML type number {int(value)}; supported: {_supported_names()}"
         ) from None
+
+
+def block_format(fmt: str | int | GGMLQuantizationType) -> BlockFormat:
+    """The :class:`BlockFormat` named ``fmt`` (``"q8_0"``) or of GGML type ``fmt``."""
+    if isinstance(fmt, str):
+        found = FORMATS.get(fmt.lower())
+        if found is None:
+            raise UnsupportedError(f"unknown block format {fmt!r}; supported: "
+                                   f"{', '.join(FORMATS)}")
+        return found
+    qtype = _as_ggml_type(fmt)
+    if qtype not in _BY_TYPE:
+        names = ", ".join(t.name for t in _BY_TYPE)
+        raise UnsupportedError(f"GGML type {qtype.name} is not a supported block format; "
+                               f"supported: {names}")
+    return _BY_TYPE[qtype]
+
+
+def _decode_blocks(fmt: BlockFormat, blocks: np.ndarray, out: np.ndarray) -> None:
+    """Decode a 1-D array of block structs into ``out`` ``(len(blocks), block)``, by chunks."""
+    step = max(1, _CHUNK_ELEMENTS // fmt.block)
+    for start in range(0, len(blocks), step):
+        out[start:start + step] = fmt.decode(blocks[start:start + step]).reshape(-1, fmt.block)
+
+
+def dequantize_rows(packed: np.ndarray, fmt: str | BlockFormat) -> np.ndarray:
+    """Rows of blocks ``uint8 [..., row_bytes]`` to a new float32 array ``[..., k]``."""
+    fmt = fmt if isinstance(fmt, BlockFormat) else block_format(fmt)
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    if packed.ndim == 0 or packed.shape[-1] % fmt.block_bytes:
+        raise EmberValueError(f"{fmt.name} rows must hold whole {fmt.block_bytes}-byte blocks, "
+                              f"got rows of shape {packed.shape}")
+    k = fmt.row_elements(packed.shape[-1])
+    out = np.empty((*packed.shape[:-1], k), dtype=np.float32)
+    _decode_blocks(fmt, packed.reshape(-1).view(fmt.struct), out.reshape(-1, fmt.block))
+    return out
+
+
+def quantize_rows(values: np.ndarray, fmt: str | BlockFormat) -> np.ndarray:
+    """Float rows ``[..., k]`` to blocks ``uint8 [..., row_bytes]``, as llama.cpp's reference
+    quantisers round them (``k`` a multiple of the block size)."""
+    fmt = fmt if isinstance(fmt, BlockFormat) else block_format(fmt)
+    if fmt.encode is None:
+        raise UnsupportedError(f"ember does not write {fmt.name} blocks; it writes "
+                               f"{', '.join(n for n, f in FORMATS.items() if f.encode)}")
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim == 0 or values.shape[-1] % fmt.block:
+        raise EmberValueError(f"{fmt.name} packs rows of whole {fmt.block}-element blocks, got "
+                              f"shape {values.shape}")
+    blocks = values.reshape(-1, fmt.block)
+    out = np.empty(len(blocks), fmt.struct)
+    step = max(1, _CHUNK_ELEMENTS // fmt.block)
+    for start in range(0, len(blocks), step):
+        out[start:start + step] = fmt.encode(blocks[start:start + step])
+    return out.view(np.uint8).reshape(*values.shape[:-1], fmt.row_bytes(values.shape[-1]))
 
 
 def dequantize(
@@ -140,10 +280,8 @@ def dequantize(
             f"cannot dequantize GGML type {qtype.name}; supported: {_supported_names()}"
         )
     data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
-    if qtype in _PLAIN_TYPES:
-        dtype, block, kernel = _PLAIN_TYPES[qtype], 1, None
-    else:
-        dtype, block, kernel = _BLOCK_KERNELS[qtype]
+    fmt = _BY_TYPE.get(qtype)
+    dtype, block = (fmt.struct, fmt.block) if fmt else (_PLAIN_TYPES[qtype], 1)
     n_blocks, rest = divmod(n_elements, block)
     if rest or data.size != n_blocks * dtype.itemsize:
         raise EmberValueError(
@@ -152,10 +290,8 @@ def dequantize(
             f"bytes), got {data.size} bytes"
         )
     blocks = data.view(dtype)
-    if kernel is None:
+    if fmt is None:
         return blocks.astype(np.float32)
     out = np.empty((n_blocks, block), dtype=np.float32)
-    step = max(1, _CHUNK_ELEMENTS // block)
-    for start in range(0, n_blocks, step):
-        out[start : start + step] = kernel(blocks[start : start + step]).reshape(-1, block)
+    _decode_blocks(fmt, blocks, out)
     return out.reshape(-1)
