@@ -185,4 +185,6 @@ def _format_param(v: Any) -> str:
         return short_name(v)
     if callable(v) and hasattr(v, "__name__"):
         return v.__name__
+    if isinstance(v, str):  # names print bare, as in ``call[name=layer]``
+        return v
     return repr(v)

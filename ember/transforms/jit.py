@@ -5,9 +5,11 @@ every array leaf (shape, dtype, weak flag, sharding) and the values of static ar
 miss is a trace, counted per function and explained: ``f.cache_info()`` reports the number of
 traces and hits and, for the last retrace, which part of the key changed.
 
-Called from inside another transformation (``grad(jit(f))``, ``vmap(jit(f))``) or another
-``jit``, the function is traced inline into the enclosing computation: the outer transformation
-sees its primitives directly, so no transformation needs rules for "a jitted call".
+Called from inside another transformation (``grad(jit(f))``, ``vmap(jit(f))``, another
+``jit``, a ``scan`` body, ``checkpoint``), the function stays a compile boundary: its graph
+(traced once per signature, from the same cache) is applied as one ``call`` equation
+(:mod:`ember.transforms.call`), whose rules make transformed calls. ``donate_argnums`` does not
+apply there: the enclosing transformation or program owns the buffers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.backends import get_backend
-from ember.core.array import Array
+from ember.core.array import Array, Tracer
 from ember.core.hidden_state import HiddenState, make_graph_with_state
 from ember.core.trace import aval_of, to_array, tracing_active
 from ember.errors import EmberError, user_frame
@@ -28,6 +30,8 @@ from ember.ir.passes import optimize
 from ember.ir.types import ArrayType
 from ember.ir.verify import verify
 from ember.transforms.autodiff import flatten_fun
+from ember.transforms.call import call_p
+from ember.transforms.subgraphs import hoist_consts
 from ember.tree import TreeDef, tree_flatten, tree_unflatten
 
 __all__ = ["jit", "Jitted", "Lowered"]
@@ -117,7 +121,16 @@ class Lowered:
 @dataclass
 class _Entry:
     lowered: Lowered
-    run: Callable[..., Any]
+    run: Callable[..., Any] | None = None  # compiled on the first call made outside any trace
+    # The graph bound by ``call`` under a transformation (constants hoisted into leading
+    # operands) and those constants; made on the first such call.
+    body: ClosedGraph | None = None
+    consts: list[Any] = field(default_factory=list)
+
+
+# Why a function traced under a transformation is traced again at its next call.
+_CLOSES_OVER_TRACERS = ("the function closes over values of an enclosing transformation, so "
+                        "its graph is traced anew at each call (pass them as arguments)")
 
 
 @dataclass
@@ -142,7 +155,10 @@ class Jitted:
         self._cache: dict[CacheKey, _Entry] = {}
         self._stats = _Stats()
         self._signature = _safe_signature(fun)
-        functools.update_wrapper(self, fun)
+        # Name and docstring only: merging ``fun.__dict__`` would let a wrapped Jitted's own
+        # attributes (``grad(jit(f))`` copies them onto its wrapper) replace this one's.
+        functools.update_wrapper(self, fun, updated=())
+        self._name = getattr(fun, "__name__", type(fun).__name__)  # printed as call[name=...]
 
     @property
     def trace_count(self) -> int:
@@ -242,21 +258,47 @@ class Jitted:
         return tuple(flags)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if tracing_active():
-            return self.fun(*args, **kwargs)
         key, values = self._key(args, kwargs)
         entry = self._cache.get(key)
         if entry is None:
-            stats = self._stats
-            if stats.keys:
-                stats.last_retrace_reason = key.difference(stats.keys[-1])
-            lowered = self._lower(key, args, kwargs)
-            entry = self._cache[key] = _Entry(lowered, lowered.compile_leaves())
-            stats.traces += 1
-            stats.keys.append(key)
+            entry = self._trace(key, args, kwargs)
         else:
             self._stats.hits += 1
+        if tracing_active():
+            return self._bind_call(entry, values)
+        if entry.run is None:
+            entry.run = entry.lowered.compile_leaves()
         return entry.run(values)
+
+    def _trace(self, key: CacheKey, args: tuple, kwargs: dict) -> _Entry:
+        """Trace for a new signature, count it, and keep the graph for the next calls unless
+        it captured values of an enclosing transformation (they are gone after it ends)."""
+        stats = self._stats
+        if stats.keys:
+            stats.last_retrace_reason = (_CLOSES_OVER_TRACERS if key in stats.keys
+                                         else key.difference(stats.keys[-1]))
+        entry = _Entry(self._lower(key, args, kwargs))
+        stats.traces += 1
+        stats.keys.append(key)
+        if not any(isinstance(c, Tracer) for c in entry.lowered.graph.consts):
+            self._cache[key] = entry
+        return entry
+
+    def _bind_call(self, entry: _Entry, values: list[Any]) -> Any:
+        """Apply the traced graph as one ``call`` equation, for the enclosing transformation.
+
+        Hidden state (the ``ember.random`` key) is read and written around the call, as the
+        compiled program does: the enclosing ``jit`` threads it on, eager ``grad`` stores it.
+        """
+        if entry.body is None:
+            entry.body, entry.consts = hoist_consts(entry.lowered.graph)
+        hidden = entry.lowered.hidden
+        outs = call_p.bind(*entry.consts, *values, *[s.get() for s in hidden], body=entry.body,
+                           name=self._name)
+        n = len(outs) - len(hidden)
+        for s, value in zip(hidden, outs[n:]):
+            s.set(value)
+        return tree_unflatten(entry.lowered.out_tree, outs[:n])
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         return self if obj is None else functools.partial(self, obj)

@@ -8,7 +8,7 @@ from typing import Any
 from ember import dtypes
 from ember.core.array import Array, Tracer
 from ember.core.primitive import Primitive
-from ember.core.trace import Trace, Zero, aval_of, new_main
+from ember.core.trace import Trace, Zero, aval_of, full_lower, new_main
 from ember.errors import UnsupportedError, op_error
 from ember.ir.types import ArrayType
 
@@ -24,6 +24,11 @@ class JVPTracer(Tracer):
     @property
     def aval(self) -> ArrayType:
         return aval_of(self.primal)
+
+    def full_lower(self) -> Any:
+        # A value with no tangent is not differentiated: handing back its primal keeps it
+        # usable after this trace ends (the random key a jitted call returns under ``grad``).
+        return full_lower(self.primal) if isinstance(self.tangent, Zero) else self
 
     def concrete_value(self) -> Array | None:
         p = self.primal
