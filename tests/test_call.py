@@ -99,6 +99,8 @@ def test_vjp_jvp_linearize_vmap_of_jit():
     tree_close(ember.vjp(jf, W1, X)[1](ct), ember.vjp(f, W1, X)[1](ct))
     xs = RNG.normal(size=(3, 6, 4))
     close(ember.vmap(jf, in_axes=(None, 0))(W1, xs), ember.vmap(f, in_axes=(None, 0))(W1, xs))
+    ws = RNG.normal(size=(4, 2, 5))
+    close(ember.vmap(jf, in_axes=(1, None))(ws, X), ember.vmap(f, in_axes=(1, None))(ws, X))
     # finite differences of the jvp
     eps = 1e-6
     fd = (np.asarray(f(W1 + eps * t_w, X)) - np.asarray(f(W1 - eps * t_w, X))) / (2 * eps)
@@ -169,6 +171,18 @@ def test_multiple_integer_and_passthrough_outputs_and_unused_inputs():
     close(batched["n"], np.stack([n, n]))
 
 
+def test_integer_and_python_scalar_operands():
+    w, idx = RNG.normal(size=(4, 3)), np.array([0, 2, 2])
+    f = lambda w, idx, s: enp.sum(w[idx] ** 2) * s  # noqa: E731
+    jf = ember.jit(f)
+    expected = ember.grad(f, argnums=(0, 2))(w, idx, 2.0)
+    tree_close(ember.grad(jf, argnums=(0, 2))(w, idx, 2.0), expected)
+    tree_close(ember.jit(ember.grad(jf, argnums=(0, 2)))(w, idx, 2.0), expected)
+    idxs = np.array([[0, 1, 1], [3, 3, 2]])
+    close(ember.vmap(ember.grad(jf), in_axes=(None, 0, None))(w, idxs, 2.0),
+          ember.vmap(ember.grad(f), in_axes=(None, 0, None))(w, idxs, 2.0))
+
+
 def test_nested_jit():
     inner = ember.jit(mlp_vec)
     outer = ember.jit(lambda w, x: enp.sum(ember.jit(inner)(w, x) ** 2))
@@ -202,6 +216,8 @@ def test_jit_inside_scan_cond_while_and_checkpoint_bodies():
             tree_close(ember.grad(run, argnums=(0, 1))(h0, w), expected)
         graph = ember.jit(lambda h, w: wrap(h, w, layer)).lower(h0, w).graph
         assert "<lambda>" in call_names(graph)
+        graph = ember.jit(ember.grad(lambda h, w: wrap(h, w, layer))).lower(h0, w).graph
+        assert "transpose(jvp(<lambda>))" in call_names(graph)
 
     def count_up(h, w):
         return lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, layer(c[1], w)),
@@ -369,6 +385,13 @@ def test_hidden_random_key_under_grad():
         close(got[0], expected[0])
         close(got[1], expected[1])
         close(ember.random.randn(2), after_eager)  # the key was advanced, not leaked
+
+
+def test_hidden_random_key_inside_a_scan_body_is_refused_as_without_jit():
+    jnoisy = ember.jit(noisy)
+    for fn in (noisy, jnoisy):
+        with pytest.raises(ember.TracerError, match="global state"):
+            lax.scan(lambda c, x: (c + fn(x), None), np.zeros(2), np.ones((3, 2)))
 
 
 # --- inline_calls and the shape rule -----------------------------------------------------------
