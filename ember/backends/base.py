@@ -4,10 +4,17 @@ A backend is small (rule 7): it turns host arrays into its own buffers and back,
 primitive on buffers (eager mode), and compiles a whole :class:`ember.ir.Graph` into a callable
 program (jit). Primitives declare their per-backend implementations themselves
 (``Primitive.impls[name]``), so a backend never switches on primitive names.
+
+A primitive that holds subgraphs (``cond``, ``scan``, ``remat``...) declares one generic
+implementation instead, under :data:`ANY_BACKEND`: it takes the backend that runs it as its first
+argument and runs its bodies through that backend's :meth:`Backend.compile`, so a new backend
+gets control flow without writing any, and a body always runs where the program around it runs.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +22,10 @@ from typing import Any
 import numpy as np
 
 from ember.ir.graph import ClosedGraph
+
+# The key of ``Primitive.impls`` for implementations that work on every backend, written
+# against this interface; they are called as ``impl(backend, *buffers, **params)``.
+ANY_BACKEND = "any"
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,23 @@ class Backend:
 
     name: str = ""
     devices: tuple[Device, ...] = ()
+    # The entry of ``Primitive.impls`` that computes on this backend's buffers: its own name,
+    # unless it runs another backend's implementations (a backend built on NumPy arrays).
+    impls_key: str = ""
+
+    def implementation(self, prim: Any) -> Callable[..., Any]:
+        """The function that runs ``prim`` on this backend's buffers: the primitive's own
+        implementation for this backend, else its generic one bound to this backend."""
+        impl = prim.impls.get(self.impls_key or self.name)
+        if impl is not None:
+            return impl
+        generic = prim.impls.get(ANY_BACKEND)
+        if generic is None:
+            from ember.errors import UnsupportedError
+
+            raise UnsupportedError(f"{prim.name} has no implementation for the {self.name} "
+                                   "backend")
+        return functools.partial(generic, self)
 
     def from_host(self, array: np.ndarray) -> Any:
         """Copy a NumPy array into a buffer of this backend."""
@@ -67,14 +95,26 @@ _BACKENDS: dict[str, Backend] = {}
 _DEFAULT = ["numpy"]
 
 
+# Backends imported on first use, by module name: one in a layer above this one (the compiled
+# CPU backend needs the compiler) is announced by a module allowed to import it.
+_LAZY: dict[str, str] = {}
+
+
 def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
+
+
+def register_lazy_backend(name: str, module: str) -> None:
+    """Make backend ``name`` available: importing ``module`` (on first use) registers it."""
+    _LAZY[name] = module
 
 
 def get_backend(name: str | None = None) -> Backend:
     name = name or _DEFAULT[0]
     if name not in _BACKENDS and name == "numpy":
         import ember.backends.numpy_backend  # noqa: F401  (registers itself)
+    if name not in _BACKENDS and name in _LAZY:
+        importlib.import_module(_LAZY[name])
     try:
         return _BACKENDS[name]
     except KeyError:

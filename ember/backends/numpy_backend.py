@@ -23,7 +23,7 @@ def _as_array(value: Any, dtype: np.dtype) -> np.ndarray:
 
 
 class NumpyBackend(Backend):
-    name = "numpy"
+    name = impls_key = "numpy"
     devices = (Device("cpu", 0),)
 
     def from_host(self, array: np.ndarray) -> np.ndarray:
@@ -37,7 +37,8 @@ class NumpyBackend(Backend):
         return view
 
     def run_primitive(self, prim: Any, buffers: Sequence[Any], params: dict[str, Any]) -> Any:
-        return prim.impls["numpy"](*buffers, **params)
+        impl = prim.impls.get("numpy") or self.implementation(prim)
+        return impl(*buffers, **params)
 
     def compile(self, closed: ClosedGraph, donate: Sequence[bool] = ()) -> Callable[..., list]:
         graph = closed.graph
@@ -66,8 +67,8 @@ class NumpyBackend(Backend):
         written: set[int] = set()
         steps = []
         for i, eqn in enumerate(graph.eqns):
-            fn = eqn.prim.impls["numpy"]
-            fn = getattr(fn, "unguarded", fn)  # the program runs under one np.errstate
+            impl = self.implementation(eqn.prim)
+            fn = getattr(impl, "unguarded", impl)  # the program runs under one np.errstate
             first = eqn.inputs[0] if eqn.inputs else None
             if (first is not None and not isinstance(first, Literal)
                     and slots[first.id] in overwritable and "numpy" in eqn.prim.inplace_impls):
@@ -76,10 +77,11 @@ class NumpyBackend(Backend):
             ins = [("lit", a.value) if isinstance(a, Literal) else ("slot", slots[a.id])
                    for a in eqn.inputs]
             outs = [(slots[v.id], v.aval.dtype) for v in eqn.outputs]
-            # An elementwise ufunc may write into an input buffer that dies here (checked at
-            # run time: see _dead_buffer), saving an allocation and a pass of page faults.
+            # An elementwise implementation that can write its result into a given buffer may
+            # reuse an input buffer that dies here (checked at run time: see _dead_buffer),
+            # saving an allocation and a pass of page faults.
             reuse = ((eqn.outputs[0].aval.shape, eqn.outputs[0].aval.dtype)
-                     if isinstance(fn, np.ufunc) and not eqn.params else None)
+                     if _writes_out(eqn.prim, impl) and not eqn.params else None)
             steps.append((fn, ins, outs, eqn.params, eqn.prim.multiple_results,
                           dies_at.get(i, []), reuse))
         # Snapshot the constants' buffers now: a captured array later rebound by ``x[i] = v``
@@ -110,6 +112,12 @@ class NumpyBackend(Backend):
                 and sys.getrefcount(buffer) <= _REFS_OF_PRIVATE):
             return buffer
         return buffer.copy()
+
+
+def _writes_out(prim: Any, impl: Any) -> bool:
+    """Whether a program may call ``impl.unguarded(*args, out=buffer)``: an elementwise
+    implementation declares it (``impl.writes_out``, set where NumPy ufuncs are wrapped)."""
+    return prim.kind == "elementwise" and getattr(impl, "writes_out", False)
 
 
 def _run(env: list[Any], steps: list[tuple]) -> None:

@@ -4,6 +4,11 @@ Every primitive in Ember is pure (random numbers come from explicit keys), so an
 results are unused can be dropped, two equations with the same primitive, operands and params
 compute the same value, and an equation whose operands are all known constants can be computed
 once at compile time.
+
+Each pass also rewrites the bodies of control-flow equations (``cond`` branches, loop bodies,
+``remat``...), keeping every body's inputs and outputs as they are, since the equation holding
+it is typed by them. A pass returns its argument itself when it changes nothing, so whatever a
+backend memoised on an unchanged graph (its compiled program) stays valid.
 """
 
 from __future__ import annotations
@@ -14,10 +19,32 @@ import numpy as np
 
 from ember.errors import TracerError
 from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
+from ember.ir.params import array_key, aval_key, bodies, map_bodies, param_key
 
 # Constant folding keeps results up to this many elements; bigger ones stay as computations
 # so that compiled programs do not balloon with materialised constants.
 FOLD_LIMIT = 1 << 16
+
+
+def _with_bodies(eqn: Eqn, rewrite: Any, inputs: list[Var | Literal] | None = None) -> Eqn:
+    """``eqn`` with its bodies rewritten and, if given, new inputs (itself if nothing changed)."""
+    params = map_bodies(eqn, rewrite)
+    inputs = eqn.inputs if inputs is None else inputs
+    if params is eqn.params and all(a is b for a, b in zip(inputs, eqn.inputs)):
+        return eqn
+    return Eqn(eqn.prim, inputs, eqn.outputs, params)
+
+
+def _rebuilt(closed: ClosedGraph, constvars: list[Var], consts: list[Any], eqns: list[Eqn],
+             outvars: list[Var | Literal]) -> ClosedGraph:
+    """A graph with these parts, or ``closed`` itself when they are the ones it has."""
+    g = closed.graph
+    same = (len(constvars) == len(g.constvars) and len(eqns) == len(g.eqns)
+            and all(a is b for a, b in zip(eqns, g.eqns))
+            and all(a is b for a, b in zip(outvars, g.outvars)))
+    if same:
+        return closed
+    return ClosedGraph(Graph(constvars, g.invars, eqns, outvars), consts)
 
 
 def dce(closed: ClosedGraph) -> ClosedGraph:
@@ -27,34 +54,27 @@ def dce(closed: ClosedGraph) -> ClosedGraph:
     kept: list[Eqn] = []
     for eqn in reversed(graph.eqns):
         if any(v.id in live for v in eqn.outputs):
-            kept.append(eqn)
+            kept.append(_with_bodies(eqn, dce))
             live.update(a.id for a in eqn.inputs if isinstance(a, Var))
     kept.reverse()
     pairs = [(v, c) for v, c in zip(graph.constvars, closed.consts) if v.id in live]
-    new = Graph([v for v, _ in pairs], graph.invars, kept, graph.outvars)
-    return ClosedGraph(new, [c for _, c in pairs])
-
-
-def _param_key(value: Any) -> Any:
-    if isinstance(value, (ClosedGraph, Graph)):
-        return ("graph", id(value))
-    if isinstance(value, (list, tuple)):
-        return tuple(_param_key(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _param_key(v)) for k, v in value.items()))
-    hash(value)
-    return value
+    return _rebuilt(closed, [v for v, _ in pairs], [c for _, c in pairs], kept, graph.outvars)
 
 
 def _atom_key(a: Var | Literal) -> Any:
     if isinstance(a, Var):
         return ("var", a.id)
-    v = np.asarray(a.value)
-    return ("lit", v.dtype.str, v.tobytes())
+    # The type too: a weak literal 1 and a strong one give results of different types.
+    return ("lit", aval_key(a.aval), array_key(a.value))
 
 
 def cse(closed: ClosedGraph) -> ClosedGraph:
-    """Reuse the result of an earlier identical equation."""
+    """Reuse the result of an earlier identical equation.
+
+    Identical means the same primitive on the same operands with params of equal
+    :func:`~ember.ir.params.param_key`: two loops whose bodies were traced separately from the
+    same code are one loop.
+    """
     graph = closed.graph
     rename: dict[int, Var | Literal] = {}
     seen: dict[Any, list[Var]] = {}
@@ -64,22 +84,21 @@ def cse(closed: ClosedGraph) -> ClosedGraph:
         return rename.get(a.id, a) if isinstance(a, Var) else a
 
     for eqn in graph.eqns:
-        inputs = [sub(a) for a in eqn.inputs]
+        new_eqn = _with_bodies(eqn, cse, [sub(a) for a in eqn.inputs])
         try:
-            key = (eqn.prim.name, tuple(_atom_key(a) for a in inputs),
-                   _param_key(eqn.params))
-        except TypeError:
+            key = (eqn.prim.name, tuple(_atom_key(a) for a in new_eqn.inputs),
+                   param_key(new_eqn.params))
+        except TypeError:  # a param with no canonical key: never merged
             key = None
         if key is not None and key in seen:
             for old, new in zip(eqn.outputs, seen[key]):
                 rename[old.id] = new
             continue
-        new_eqn = Eqn(eqn.prim, inputs, eqn.outputs, eqn.params)
         eqns.append(new_eqn)
         if key is not None:
             seen[key] = eqn.outputs
     outvars = [sub(a) for a in graph.outvars]
-    return ClosedGraph(Graph(graph.constvars, graph.invars, eqns, outvars), closed.consts)
+    return _rebuilt(closed, graph.constvars, closed.consts, eqns, outvars)
 
 
 def fold_constants(closed: ClosedGraph) -> ClosedGraph:
@@ -104,12 +123,13 @@ def fold_constants(closed: ClosedGraph) -> ClosedGraph:
         out_size = sum(o.aval.size for o in eqn.outputs)
         in_size = sum(np.size(v) for v in vals if v is not None)
         # Results bigger than the operands (broadcasts, iota) stay computations: folding them
-        # would only trade a cheap op for a large constant.
-        foldable = (impl is not None and vals and all(v is not None for v in vals) and
-                    not any(isinstance(p, (Graph, ClosedGraph)) for p in eqn.params.values())
+        # would only trade a cheap op for a large constant. Control flow is not run here (its
+        # bodies are folded inside instead).
+        foldable = (impl is not None and vals and all(v is not None for v in vals)
+                    and next(bodies(eqn), None) is None
                     and out_size <= min(FOLD_LIMIT, max(in_size, 1)))
         if not foldable:
-            eqns.append(Eqn(eqn.prim, inputs, eqn.outputs, eqn.params))
+            eqns.append(_with_bodies(eqn, fold_constants, inputs))
             continue
         result = impl(*vals, **eqn.params)
         results = result if eqn.prim.multiple_results else [result]
@@ -123,7 +143,7 @@ def fold_constants(closed: ClosedGraph) -> ClosedGraph:
     outvars = [rename.get(a.id, a) if isinstance(a, Var) else a for a in graph.outvars]
     constvars = list(graph.constvars) + [v for v, _ in new_consts]
     consts = list(closed.consts) + [c for _, c in new_consts]
-    return dce(ClosedGraph(Graph(constvars, graph.invars, eqns, outvars), consts))
+    return dce(_rebuilt(closed, constvars, consts, eqns, outvars))
 
 
 def _host_value(c: Any) -> np.ndarray | None:
@@ -135,5 +155,6 @@ def _host_value(c: Any) -> np.ndarray | None:
 
 
 def optimize(closed: ClosedGraph) -> ClosedGraph:
-    """The pass pipeline jit runs: fold constants, share common subexpressions, drop dead code."""
+    """The pass pipeline jit runs: fold constants, share common subexpressions, drop dead code,
+    in the bodies of control flow too."""
     return dce(cse(fold_constants(closed)))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ember import dtypes
+from ember.backends.base import ANY_BACKEND
 from ember.core.array import Array
 from ember.core.primitive import Primitive
 from ember.core.trace import (
@@ -44,6 +45,7 @@ from ember.transforms.subgraphs import (
     add_unused_inputs,
     batch_graph,
     hoist_consts,
+    hoist_shared_consts,
     jvp_graph,
     move_batch_axis,
     permute,
@@ -125,11 +127,13 @@ def _cond_rule(index: ArrayType, *ops: ArrayType, branches: tuple[ClosedGraph, .
             for i, a in enumerate(outs)]
 
 
-@cond_p.def_impl
-def _cond_impl(index, *ops, branches):
+def _cond_impl(backend, index, *ops, branches):
     # Out-of-range indices are clamped, as in jax.lax.switch.
-    i = int(np.clip(int(index), 0, len(branches) - 1))
-    return program(branches[i])(*ops)
+    i = int(np.clip(int(backend.to_host(index)), 0, len(branches) - 1))
+    return program(branches[i], backend)(*ops)
+
+
+cond_p.def_impl(_cond_impl, ANY_BACKEND)
 
 
 @cond_p.def_jvp
@@ -245,16 +249,7 @@ def _trace_branches(op: str, funs: Sequence[Callable[..., Any]], names: Sequence
             raise op_error(EmberError, op, f"{names[i]} returns a value of structure {tree}, "
                            f"{names[0]} returns {trees[0]}; branches must return the same "
                            "structure")
-    traced = _unify_branch_outputs(op, traced, names)
-    hoisted = [hoist_consts(c) for c in traced]
-    const_avals = [[v.aval for v in c.graph.constvars] for c in traced]
-    graphs, consts = [], []
-    for i, (graph, cs) in enumerate(hoisted):
-        before = [a for avals_ in const_avals[:i] for a in avals_]
-        after = [a for avals_ in const_avals[i + 1:] for a in avals_]
-        graph = add_unused_inputs(graph, before, 0)
-        graphs.append(add_unused_inputs(graph, after, len(before) + len(cs)))
-        consts.extend(cs)
+    graphs, consts = hoist_shared_consts(_unify_branch_outputs(op, traced, names))
     return consts, leaves, tuple(graphs), trees[0]
 
 
@@ -380,13 +375,15 @@ def _while_rule(*avals: ArrayType, cond: ClosedGraph, body: ClosedGraph, cond_nc
     return body.out_avals
 
 
-@while_p.def_impl
-def _while_impl(*args, cond, body, cond_nconsts, body_nconsts):
+def _while_impl(backend, *args, cond, body, cond_nconsts, body_nconsts):
     cc, bc, carry = _split(args, cond_nconsts, body_nconsts)
-    test, step = program(cond), program(body)
-    while bool(test(*cc, *carry)[0]):
+    test, step = program(cond, backend), program(body, backend)
+    while bool(backend.to_host(test(*cc, *carry)[0])):
         carry = step(*bc, *carry)
     return carry
+
+
+while_p.def_impl(_while_impl, ANY_BACKEND)
 
 
 @while_p.def_jvp
@@ -516,17 +513,23 @@ def _scan_rule(*avals: ArrayType, body: ClosedGraph, num_consts: int, num_carry:
     return [*outs[:num_carry], *[a.update(shape=(length, *a.shape)) for a in outs[num_carry:]]]
 
 
-@scan_p.def_impl
-def _scan_impl(*args, body, num_consts, num_carry, length, reverse):
+def _scan_impl(backend, *args, body, num_consts, num_carry, length, reverse):
+    """Run the body once per step. Slices of ``xs`` and ``ys`` are taken and assembled on the
+    host, through the backend's copies: cheap on a CPU backend (views), correct on any; a
+    backend that can do better lowers ``scan`` itself."""
     consts, carry, xs = _split(args, num_consts, num_carry)
-    step = program(body)
+    step = program(body, backend)
+    xs = [backend.to_host(x) for x in xs]
     ys = [np.empty((length, *a.shape), a.dtype) for a in body.out_avals[num_carry:]]
     for i in (range(length - 1, -1, -1) if reverse else range(length)):
-        outs = step(*consts, *carry, *[x[i] for x in xs])
+        outs = step(*consts, *carry, *[backend.from_host(x[i, ...]) for x in xs])
         carry = outs[:num_carry]
         for y, o in zip(ys, outs[num_carry:]):
-            y[i] = o
-    return [*carry, *ys]
+            y[i] = backend.to_host(o)
+    return [*carry, *[backend.from_host(y) for y in ys]]
+
+
+scan_p.def_impl(_scan_impl, ANY_BACKEND)
 
 
 @scan_p.def_jvp

@@ -13,17 +13,21 @@ wrapped in a ``remat`` equation so that common-subexpression elimination under `
 merge it back into the forward pass.
 
 A ``policy`` may let chosen intermediates be saved anyway (for instance matrix products, which
-are expensive to recompute): ``policy(prim, *in_avals, **params) -> bool``; see
-:data:`checkpoint_policies`.
+are expensive to recompute): a function ``policy(prim, *in_avals, **params) -> bool``, or one of
+:data:`checkpoint_policies`. The ``remat`` equation holds it as a :class:`Policy`, a name that
+hashes canonically (an equation's params must: CSE and compilers compare them), under which the
+function is registered once.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from ember.backends.base import ANY_BACKEND
 from ember.core.array import Array
 from ember.core.primitive import Primitive
 from ember.core.trace import (
@@ -36,6 +40,7 @@ from ember.core.trace import (
     make_graph,
     to_array,
 )
+from ember.errors import EmberError, op_error
 from ember.ir.graph import ClosedGraph, Eqn, Graph, Var
 from ember.ir.passes import dce
 from ember.ir.types import ArrayType
@@ -52,9 +57,57 @@ from ember.transforms.subgraphs import (
 )
 from ember.tree import tree_flatten, tree_unflatten
 
-__all__ = ["checkpoint", "remat", "checkpoint_policies", "remat_p"]
+__all__ = ["checkpoint", "remat", "checkpoint_policies", "remat_p", "Policy"]
 
-Policy = Callable[..., bool]
+SaveRule = Callable[..., bool]  # rule(prim, *in_avals, **params) -> may its results be saved?
+
+# Every policy's rule, by the policy's name.
+_RULES: dict[str, SaveRule] = {}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A checkpoint policy as equation params hold it: the name of a registered rule.
+
+    Two ``remat`` equations with the same body and policy name are the same computation, in
+    this process and in the next, which a function object (compared by identity) cannot say.
+    """
+
+    name: str
+
+    def saves(self, prim: Primitive, avals: list[ArrayType], params: dict[str, Any]) -> bool:
+        """Whether the results of ``prim`` applied to ``avals`` may be kept for the backward
+        pass instead of recomputed."""
+        return bool(_RULES[self.name](prim, *avals, **params))
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def as_policy(policy: Policy | SaveRule | None) -> Policy | None:
+    """The :class:`Policy` for a ``checkpoint(policy=...)`` argument.
+
+    A function is registered the first time it is seen, under its qualified name (with ``#2``,
+    ``#3``... when another function has that name), and keeps that name for the whole process:
+    define a policy function once, not anew at each call.
+    """
+    if policy is None or isinstance(policy, Policy):
+        return policy
+    if not callable(policy):
+        raise op_error(EmberError, "checkpoint", f"policy must be a function or one of "
+                       f"checkpoint_policies, got {type(policy).__name__}")
+    for name, rule in _RULES.items():
+        if rule is policy:
+            return Policy(name)
+    base = f"{getattr(policy, '__module__', None) or '?'}." \
+           f"{getattr(policy, '__qualname__', type(policy).__qualname__)}"
+    name, n = base, 1
+    while name in _RULES:
+        n += 1
+        name = f"{base}#{n}"
+    _RULES[name] = policy
+    return Policy(name)
+
 
 remat_p = Primitive("remat", kind="control", multiple_results=True)
 
@@ -64,9 +117,11 @@ def _remat_rule(*avals, body: ClosedGraph, policy: Policy | None):
     return body.out_avals
 
 
-@remat_p.def_impl
-def _remat_impl(*args, body, policy):
-    return program(body)(*args)
+def _remat_impl(backend, *args, body, policy):
+    return program(body, backend)(*args)
+
+
+remat_p.def_impl(_remat_impl, ANY_BACKEND)
 
 
 @remat_p.def_jvp
@@ -128,7 +183,7 @@ def _saveable(known: ClosedGraph, n_kout: int, policy: Policy | None) -> list[Va
     live = dce(ClosedGraph(Graph(g.constvars, g.invars, g.eqns, g.outvars[n_kout:]),
                            known.consts)).graph.eqns
     return [v for eqn in live
-            if policy(eqn.prim, *[a.aval for a in eqn.inputs], **eqn.params)
+            if policy.saves(eqn.prim, [a.aval for a in eqn.inputs], eqn.params)
             for v in eqn.outputs]
 
 
@@ -186,8 +241,8 @@ def _remat_transpose(cts, *args, body, policy):
     return [next(outs) if lin else None for lin in linear]
 
 
-def checkpoint(fun: Callable[..., Any] | None = None, *, policy: Policy | None = None,
-               prevent_cse: bool = True) -> Any:
+def checkpoint(fun: Callable[..., Any] | None = None, *,
+               policy: Policy | SaveRule | None = None, prevent_cse: bool = True) -> Any:
     """Make ``grad`` recompute ``fun``'s intermediates instead of storing them.
 
     Usable as ``checkpoint(f)``, ``@checkpoint`` or ``@checkpoint(policy=...)``. Results are
@@ -195,6 +250,7 @@ def checkpoint(fun: Callable[..., Any] | None = None, *, policy: Policy | None =
     accepted for JAX compatibility: the recomputation is always kept apart from the forward pass.
     """
     del prevent_cse
+    policy = as_policy(policy)
     if fun is None:
         return functools.partial(checkpoint, policy=policy)
 
@@ -214,13 +270,15 @@ def checkpoint(fun: Callable[..., Any] | None = None, *, policy: Policy | None =
 remat = checkpoint
 
 
-def _dots_saveable(prim: Primitive, *avals: Any, **params: Any) -> bool:
-    return prim.name == "dot_general"
+def _builtin(name: str, rule: SaveRule) -> Policy:
+    _RULES[name] = rule
+    return Policy(name)
 
 
 checkpoint_policies = SimpleNamespace(
-    nothing_saveable=lambda prim, *avals, **params: False,
-    everything_saveable=lambda prim, *avals, **params: True,
-    dots_saveable=_dots_saveable,
+    nothing_saveable=_builtin("nothing_saveable", lambda prim, *avals, **params: False),
+    everything_saveable=_builtin("everything_saveable", lambda prim, *avals, **params: True),
+    dots_saveable=_builtin("dots_saveable",
+                           lambda prim, *avals, **params: prim.kind == "contraction"),
 )
-checkpoint_policies.__doc__ = "Ready-made ``policy`` functions for :func:`checkpoint`."
+checkpoint_policies.__doc__ = "Ready-made policies for :func:`checkpoint`."

@@ -4,12 +4,18 @@ For numerical stability (``log1p(exp(x))``), for speed (a fused backward kernel)
 what is differentiated (gradient clipping), a user supplies ``fwd(*args) -> (out, residuals)``
 and ``bwd(residuals, cotangent) -> tuple of input cotangents``.
 
-Two primitives carry it. ``custom_vjp_call`` holds the traced function: evaluated (eagerly, under
-``jit`` or ``vmap``) it just runs it. Its jvp rule is where ``grad`` meets it: it runs ``fwd``
-on the primal values and returns, as the output tangent, a ``custom_vjp_bwd`` of the input
-tangents, a primitive linear in them whose transpose rule calls ``bwd``. ``linearize`` stages that
-primitive and reverse mode transposes it, so ``bwd`` runs in the backward pass; forward mode
-would have to evaluate it, which a VJP cannot do, so it raises (as in JAX).
+Two primitives carry it. ``custom_vjp_call`` holds the function and both rules, each traced into
+a graph when the decorated function is called (the argument types are known then, so are the
+residuals' types, hence ``bwd``'s argument types). Graphs, not Python functions, because an
+equation's params must hash canonically (the same code traced twice is the same computation to
+CSE and to a compiler's cache) and because the backend that runs the program compiles the
+bodies. Evaluated (eagerly, under ``jit`` or ``vmap``) the primitive runs the function. Its jvp
+rule is where ``grad`` meets it: it runs ``fwd`` on the primal values and returns, as the output
+tangent, a ``custom_vjp_bwd`` of the input tangents, a primitive linear in them whose transpose
+runs the ``bwd`` graph. ``linearize`` stages that primitive and reverse mode transposes it, so
+``bwd`` runs in the backward pass; forward mode would have to evaluate it, which a VJP cannot
+do, so it raises (as in JAX). Since ``bwd`` is traced, it must not branch in Python on the
+values of its arguments (as under ``jit``).
 """
 
 from __future__ import annotations
@@ -21,15 +27,16 @@ from typing import Any
 import numpy as np
 
 from ember import dtypes
+from ember.backends.base import ANY_BACKEND
 from ember.core.array import Array
 from ember.core.primitive import Primitive
-from ember.core.trace import Zero, aval_of, make_graph, to_array
+from ember.core.trace import Zero, aval_of, eval_graph, make_graph, to_array
 from ember.errors import EmberError, ShapeError, UnsupportedError, op_error
 from ember.ir.graph import ClosedGraph
 from ember.ir.types import ArrayType
 from ember.ops.elementwise import instantiate
 from ember.transforms.autodiff import flatten_fun
-from ember.transforms.subgraphs import hoist_consts, program
+from ember.transforms.subgraphs import hoist_shared_consts, program
 from ember.tree import TreeDef, tree_flatten, tree_unflatten
 
 __all__ = ["custom_vjp", "custom_vjp_call_p", "custom_vjp_bwd_p"]
@@ -37,33 +44,39 @@ __all__ = ["custom_vjp", "custom_vjp_call_p", "custom_vjp_bwd_p"]
 custom_vjp_call_p = Primitive("custom_vjp_call", kind="control", multiple_results=True)
 custom_vjp_bwd_p = Primitive("custom_vjp_bwd", kind="control", multiple_results=True)
 
+# custom_vjp_call(*consts, *args; fun, fwd, bwd, num_consts, nonzero_cts):
+#   fun: (consts, args) -> outs;  fwd: (consts, args) -> (outs, residuals);
+#   bwd: (consts, residuals, output cotangents) -> the cotangents bwd returns, one per argument
+#   whose ``nonzero_cts`` flag is set (bwd returned None for the others).
+
 
 @custom_vjp_call_p.def_abstract_eval
-def _call_rule(*avals, fun: ClosedGraph, fwd: Callable, bwd: Callable, num_consts: int):
+def _call_rule(*avals, fun: ClosedGraph, fwd: ClosedGraph, bwd: ClosedGraph, num_consts: int,
+               nonzero_cts: tuple[bool, ...]):
     return fun.out_avals
 
 
-@custom_vjp_call_p.def_impl
-def _call_impl(*args, fun, fwd, bwd, num_consts):
-    return program(fun)(*args)
+def _call_impl(backend, *args, fun, fwd, bwd, num_consts, nonzero_cts):
+    return program(fun, backend)(*args)
+
+
+custom_vjp_call_p.def_impl(_call_impl, ANY_BACKEND)
 
 
 @custom_vjp_call_p.def_jvp
-def _call_jvp(primals, tangents, *, fun, fwd, bwd, num_consts):
+def _call_jvp(primals, tangents, *, fun, fwd, bwd, num_consts, nonzero_cts):
     if any(not isinstance(t, Zero) for t in tangents[:num_consts]):
         raise op_error(UnsupportedError, "custom_vjp", "the function closes over a value that "
                        "is being differentiated; pass it as an argument instead, so that bwd "
                        "returns its cotangent")
-    args, arg_tangents = primals[num_consts:], tangents[num_consts:]
-    outs, residuals = fwd(*args)
-    for o, a in zip(outs, fun.out_avals):
-        if (aval_of(o).shape, aval_of(o).dtype) != (a.shape, a.dtype):
-            raise op_error(ShapeError, "custom_vjp", f"fwd returns an output of type "
-                           f"{aval_of(o)} where the function returns {a}")
+    consts, args, arg_tangents = primals[:num_consts], primals[num_consts:], tangents[num_consts:]
+    n_out = len(fun.out_avals)
+    fwd_outs = eval_graph(fwd, *consts, *args)
+    outs, residuals = fwd_outs[:n_out], fwd_outs[n_out:]
     diff = tuple(dtypes.is_inexact(aval_of(a).dtype) for a in args)
     t_outs = custom_vjp_bwd_p.bind(
-        *residuals, *[instantiate(t) for t, d in zip(arg_tangents, diff) if d],
-        bwd=bwd, num_res=len(residuals), diff=diff,
+        *consts, *residuals, *[instantiate(t) for t, d in zip(arg_tangents, diff) if d],
+        bwd=bwd, num_res=num_consts + len(residuals), diff=diff, nonzero_cts=nonzero_cts,
         out_avals=tuple(a.strong() for a in fun.out_avals))
     t_it = iter(t_outs)
     return outs, [next(t_it) if dtypes.is_inexact(a.dtype) else Zero(a)
@@ -71,25 +84,30 @@ def _call_jvp(primals, tangents, *, fun, fwd, bwd, num_consts):
 
 
 @custom_vjp_bwd_p.def_abstract_eval
-def _bwd_rule(*avals, bwd, num_res, diff, out_avals):
+def _bwd_rule(*avals, bwd, num_res, diff, nonzero_cts, out_avals):
     return [a for a in out_avals if dtypes.is_inexact(a.dtype)]
 
 
-@custom_vjp_bwd_p.def_impl
-def _bwd_impl(*args, bwd, num_res, diff, out_avals):
+def _bwd_impl(backend, *args, bwd, num_res, diff, nonzero_cts, out_avals):
     raise op_error(UnsupportedError, "custom_vjp",
                    "forward-mode differentiation (jvp, or evaluating linearize's tangent map) "
                    "of a custom_vjp function is not supported: it only defines a reverse-mode "
                    "derivative. Use grad/vjp, or don't wrap the function in custom_vjp")
 
 
+custom_vjp_bwd_p.def_impl(_bwd_impl, ANY_BACKEND)
+
+
 @custom_vjp_bwd_p.def_transpose
-def _bwd_transpose(cts, *args, bwd, num_res, diff, out_avals):
+def _bwd_transpose(cts, *args, bwd, num_res, diff, nonzero_cts, out_avals):
     float_outs = iter(cts)
     full_cts = [instantiate(next(float_outs)) if dtypes.is_inexact(a.dtype) else
                 to_array(np.zeros(a.shape, a.dtype)) for a in out_avals]
-    grads = bwd(list(args[:num_res]), full_cts)
-    return [None] * num_res + [g for g, d in zip(grads, diff) if d]
+    given = iter(eval_graph(bwd, *args[:num_res], *full_cts))
+    grads = [next(given) if nz else None for nz in nonzero_cts]
+    linear = iter(args[num_res:])
+    return [None] * num_res + [Zero(next(linear).aval) if g is None else g
+                               for g, d in zip(grads, diff) if d]
 
 
 class custom_vjp:  # noqa: N801  (named like the JAX decorator it mirrors)
@@ -97,7 +115,8 @@ class custom_vjp:  # noqa: N801  (named like the JAX decorator it mirrors)
 
     ``fwd`` takes ``fun``'s arguments and returns ``(output, residuals)`` (any pytree);
     ``bwd(residuals, cotangent)`` returns a tuple with one cotangent per argument (``None``
-    for zero). Without differentiation the decorated function simply calls ``fun``.
+    for zero). Both are traced at each call, as ``fun`` is; without differentiation the
+    decorated function simply runs ``fun``.
     """
 
     def __init__(self, fun: Callable[..., Any]):
@@ -117,22 +136,26 @@ class custom_vjp:  # noqa: N801  (named like the JAX decorator it mirrors)
         leaves = [x if isinstance(x, Array) else to_array(x) for x in leaves]
         avals = [aval_of(x) for x in leaves]
         store: list = []
-        closed = make_graph(flatten_fun(self.fun, in_tree, store), avals)
-        body, consts = hoist_consts(closed)
+        fun = make_graph(flatten_fun(self.fun, in_tree, store), avals)
         out_tree = store[-1]
-        fwd, bwd = self._flat_rules(args, in_tree, out_tree, avals)
-        outs = custom_vjp_call_p.bind(*consts, *leaves, fun=body, fwd=fwd, bwd=bwd,
-                                      num_consts=len(consts))
+        fwd, bwd, nonzero_cts = self._trace_rules(args, in_tree, out_tree, fun.out_avals, avals)
+        (fun, fwd, bwd), consts = hoist_shared_consts([fun, fwd, bwd])
+        outs = custom_vjp_call_p.bind(*consts, *leaves, fun=fun, fwd=fwd, bwd=bwd,
+                                      num_consts=len(consts), nonzero_cts=nonzero_cts)
         return tree_unflatten(out_tree, outs)
 
-    def _flat_rules(self, args: tuple, in_tree: TreeDef, out_tree: TreeDef,
-                    avals: list[ArrayType]) -> tuple[Callable, Callable]:
-        """``fwd``/``bwd`` as functions of flat leaves, which is what the primitives carry."""
+    def _trace_rules(self, args: tuple, in_tree: TreeDef, out_tree: TreeDef,
+                     out_avals: list[ArrayType], avals: list[ArrayType]
+                     ) -> tuple[ClosedGraph, ClosedGraph, tuple[bool, ...]]:
+        """``fwd`` and ``bwd`` traced as graphs of flat leaves, checking what they return, and
+        which arguments ``bwd`` gives a cotangent for."""
         res_trees: list[TreeDef] = []
+        nonzero: list[bool] = []
         arg_trees = [tree_flatten(a)[1] for a in args]
         name = self.__name__
+        as_value = lambda x: x if isinstance(x, Array) else to_array(x)  # noqa: E731
 
-        def fwd(*leaves: Any) -> tuple[list[Any], list[Any]]:
+        def fwd(*leaves: Any) -> list[Any]:
             user_args, _ = tree_unflatten(in_tree, list(leaves))
             result = self.fwd(*user_args)
             if not (isinstance(result, tuple) and len(result) == 2):
@@ -142,14 +165,18 @@ class custom_vjp:  # noqa: N801  (named like the JAX decorator it mirrors)
             if tree != out_tree:
                 raise op_error(EmberError, "custom_vjp", f"fwd of {name} returns an output of "
                                f"structure {tree}; the function returns {out_tree}")
+            for o, a in zip(out_leaves, out_avals):
+                if (aval_of(o).shape, aval_of(o).dtype) != (a.shape, a.dtype):
+                    raise op_error(ShapeError, "custom_vjp", f"fwd of {name} returns an output "
+                                   f"of type {aval_of(o)} where the function returns {a}")
             res_leaves, res_tree = tree_flatten(result[1])
             res_trees.append(res_tree)
-            as_value = lambda x: x if isinstance(x, Array) else to_array(x)
-            return [as_value(o) for o in out_leaves], [as_value(r) for r in res_leaves]
+            return [as_value(x) for x in [*out_leaves, *res_leaves]]
 
-        def bwd(res_leaves: list[Any], ct_leaves: list[Any]) -> list[Any]:
-            grads = self.bwd(tree_unflatten(res_trees[-1], res_leaves),
-                             tree_unflatten(out_tree, ct_leaves))
+        def bwd(*leaves: Any) -> list[Any]:
+            res_leaves, ct_leaves = leaves[:n_res], leaves[n_res:]
+            grads = self.bwd(tree_unflatten(res_trees[-1], list(res_leaves)),
+                             tree_unflatten(out_tree, list(ct_leaves)))
             if not (isinstance(grads, (tuple, list)) and len(grads) == len(args)):
                 raise op_error(EmberError, "custom_vjp", f"bwd of {name} must return a tuple "
                                f"of {len(args)} cotangents (one per argument)")
@@ -166,10 +193,10 @@ class custom_vjp:  # noqa: N801  (named like the JAX decorator it mirrors)
                 flat.extend(g_leaves)
             out = []
             for g, a in zip(flat, avals):
+                nonzero.append(g is not None)
                 if g is None:
-                    out.append(Zero(a))
                     continue
-                g = g if isinstance(g, Array) else to_array(g)
+                g = as_value(g)
                 if aval_of(g).shape != a.shape:
                     raise op_error(ShapeError, "custom_vjp", f"bwd of {name} returns a "
                                    f"cotangent of shape {aval_of(g).shape} for an argument "
@@ -177,4 +204,8 @@ class custom_vjp:  # noqa: N801  (named like the JAX decorator it mirrors)
                 out.append(g)
             return out
 
-        return fwd, bwd
+        fwd_graph = make_graph(fwd, avals)
+        n_res = len(fwd_graph.out_avals) - len(out_avals)
+        res_avals = fwd_graph.out_avals[len(out_avals):]
+        bwd_graph = make_graph(bwd, [*res_avals, *[a.strong() for a in out_avals]])
+        return fwd_graph, bwd_graph, tuple(nonzero)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ember import dtypes
-from ember.backends import get_backend
+from ember.backends import Backend
 from ember.core.trace import Zero, aval_of, eval_graph, make_graph, new_main
 from ember.ir.graph import ClosedGraph, Graph, Var
 from ember.ir.types import ArrayType
@@ -27,8 +27,8 @@ from ember.transforms.transpose import backward_pass
 from ember.transforms.vmap import BatchTrace, BatchTracer
 
 __all__ = ["jvp_graph", "batch_graph", "transpose_apply", "transpose_graph", "permute",
-           "hoist_consts", "add_unused_inputs", "select_outputs", "mask", "program",
-           "move_batch_axis"]
+           "hoist_consts", "hoist_shared_consts", "add_unused_inputs", "select_outputs", "mask",
+           "program", "move_batch_axis"]
 
 
 def mask(flags: bool | Sequence[bool], n: int) -> list[bool]:
@@ -127,12 +127,15 @@ def transpose_graph(closed: ClosedGraph, linear: Sequence[bool]) -> ClosedGraph:
     return make_graph(fn, [*res_avals, *ct_avals])
 
 
-def program(closed: ClosedGraph) -> Callable[..., list[Any]]:
-    """The NumPy backend's compiled form of a body (eager implementations run it), memoised on
-    the graph."""
-    prog = closed.cache.get("numpy")
+def program(closed: ClosedGraph, backend: Backend) -> Callable[..., list[Any]]:
+    """``backend``'s compiled form of a body, memoised on the graph per backend.
+
+    The generic implementations of control flow (registered for ``ANY_BACKEND``) run their
+    bodies through it, with the backend that runs the program around them.
+    """
+    prog = closed.cache.get(backend.name)
     if prog is None:
-        prog = closed.cache["numpy"] = get_backend("numpy").compile(closed)
+        prog = closed.cache[backend.name] = backend.compile(closed)
     return prog
 
 
@@ -162,6 +165,22 @@ def select_outputs(closed: ClosedGraph, keep: Sequence[bool]) -> ClosedGraph:
     g = closed.graph
     outvars = [v for v, k in zip(g.outvars, keep) if k]
     return dce(ClosedGraph(Graph(g.constvars, g.invars, g.eqns, outvars), closed.consts))
+
+
+def hoist_shared_consts(graphs: Sequence[ClosedGraph]) -> tuple[list[ClosedGraph], list[Any]]:
+    """Hoist the constants of several graphs held by one equation (``cond``'s branches,
+    ``custom_vjp``'s function and rules) into leading inputs that all of them take, each graph
+    ignoring the others' constants."""
+    hoisted = [hoist_consts(c) for c in graphs]
+    const_avals = [[v.aval for v in c.graph.constvars] for c in graphs]
+    out, consts = [], []
+    for i, (graph, cs) in enumerate(hoisted):
+        before = [a for avals in const_avals[:i] for a in avals]
+        after = [a for avals in const_avals[i + 1:] for a in avals]
+        graph = add_unused_inputs(graph, before, 0)
+        out.append(add_unused_inputs(graph, after, len(before) + len(cs)))
+        consts.extend(cs)
+    return out, consts
 
 
 def hoist_consts(closed: ClosedGraph) -> tuple[ClosedGraph, list[Any]]:
