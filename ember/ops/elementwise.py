@@ -104,6 +104,8 @@ def _quiet(np_fn: Callable[..., Any]) -> Callable[..., Any]:
         with np.errstate(all="ignore"):
             return np_fn(*args)
     impl.unguarded = np_fn  # for programs that silence NumPy once around the whole run
+    # A ufunc writes into a given buffer (``out=``): a program may reuse a dying operand's.
+    impl.writes_out = isinstance(np_fn, np.ufunc)
     return impl
 
 
