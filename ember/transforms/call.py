@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ember import dtypes
+from ember.backends.base import ANY_BACKEND, Backend
 from ember.core.primitive import Primitive
 from ember.core.trace import GraphTrace, GraphTracer, UndefinedPrimal, Zero, aval_of
 from ember.errors import DTypeError, ShapeError, op_error
@@ -65,9 +66,11 @@ def _call_rule(*avals: ArrayType, body: ClosedGraph, name: str) -> list[ArrayTyp
     return body.out_avals
 
 
-@call_p.def_impl
-def _call_impl(*args: Any, body: ClosedGraph, name: str) -> list[Any]:
-    return program(body)(*args)
+def _call_impl(backend: Backend, *args: Any, body: ClosedGraph, name: str) -> list[Any]:
+    return program(body, backend)(*args)
+
+
+call_p.def_impl(_call_impl, ANY_BACKEND)  # the body runs where the program around it runs
 
 
 def _derived(body: ClosedGraph, key: tuple, make: Callable[[], Any]) -> Any:
