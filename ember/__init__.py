@@ -11,6 +11,7 @@ modules and optimizers in ``ember.nn`` and ``ember.optim``. The built-in models
 # ember.numpy first: importing it installs Array's NumPy methods.
 from ember import numpy  # noqa: I001
 from ember import lax, nn, optim, random, tree
+from ember.backends.base import register_lazy_backend
 from ember.core.array import Array
 from ember.errors import DTypeError, EmberError, ShapeError, TracerError, UnsupportedError
 from ember.transforms.autodiff import grad, jvp, linearize, stop_gradient, value_and_grad, vjp
@@ -18,6 +19,9 @@ from ember.transforms.checkpoint import checkpoint, checkpoint_policies, remat
 from ember.transforms.custom_vjp import custom_vjp
 from ember.transforms.jit import jit
 from ember.transforms.vmap import vmap
+
+# The compiled CPU backend sits above the compiler layer; it is imported when first named.
+register_lazy_backend("cpu", "ember.backends.cpu.backend")
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,312 @@
+"""C for the equations the program generator emits itself: contractions and indexing.
+
+Fused elementwise/reduction groups are rendered as kernels by ``kernels.py``; what is left for
+this module is the work that is not a loop nest over one iteration domain: matrix products
+(handed to BLAS, with strides instead of copies), and reads and writes at computed positions
+(``dynamic_slice``, ``dynamic_update_slice``, ``gather``, ``scatter``). Each rule is registered
+on its primitive as ``prim.def_lowering("c", rule)`` and called as ``rule(eqn)``; it returns a
+:class:`Statement` or None when this instance is not supported (a dtype without a C rule): the
+program then runs that equation through NumPy.
+
+Index semantics follow the primitives' NumPy implementations exactly (starts clamped so the
+window fits, gather indices clamped, scatter updates outside the operand dropped), so results
+are bitwise those of the reference, except matrix products, whose summation order is BLAS's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ember.ir.graph import Eqn
+from ember.ops.indexing import gather_p, scatter_p
+from ember.ops.linalg import dot_general_p
+from ember.ops.structural import dynamic_slice_p, dynamic_update_slice_p
+
+
+@dataclass(frozen=True)
+class Statement:
+    """How one equation runs in C.
+
+    ``emit(outs, ins)`` returns the C code, given a ``void *`` C expression for each output
+    and input; ``helpers`` are shared C definitions it calls (emitted once per translation
+    unit); ``writes_over`` is the input position the output may be stored over when that
+    input dies here (the code then works whether or not the two pointers are equal).
+    """
+
+    emit: Callable[[Sequence[str], Sequence[str]], str]
+    helpers: tuple[str, ...] = ()
+    writes_over: int | None = None
+    uses_blas: bool = False
+
+
+# C scalar types by NumPy dtype, for the arithmetic this module does (everything else moves
+# bytes and needs only the item size).
+_ARITH = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
+          np.dtype(np.int32): "int32_t", np.dtype(np.int64): "int64_t"}
+_INDEX = {np.dtype(t): f"{'u' if t.startswith('u') else ''}int{np.dtype(t).itemsize * 8}_t"
+          for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")}
+_INT_MAX = 2**31 - 1  # the BLAS interface takes 32-bit sizes
+
+
+def _strides(shape: Sequence[int]) -> list[int]:
+    """Row-major element strides."""
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return out[::-1]
+
+
+def _longs(values: Sequence[int]) -> str:
+    return "{" + ", ".join(f"{int(v)}" for v in values) + ("}" if values else "0}")
+
+
+def _read_index(pointer: str, dtype: np.dtype) -> str:
+    return f"(int64_t)*(const {_INDEX[dtype]} *)({pointer})"
+
+
+# --- copies of rectangular windows ---------------------------------------------------------
+
+_COPY_BOX = r"""
+/* Copy a box of size[] elements between row-major arrays, starting at dst_at[] in dst (of
+   shape dst_shape[]) and src_at[] in src; the innermost axis is one memcpy. */
+static void ember_copy_box(int rank, const int64_t *size, int64_t item,
+                           char *dst, const int64_t *dst_shape, const int64_t *dst_at,
+                           const char *src, const int64_t *src_shape, const int64_t *src_at) {
+    int64_t total = 1, idx[16] = {0};
+    for (int d = 0; d < rank; ++d) total *= size[d];
+    if (total == 0) return;
+    if (rank == 0) { memcpy(dst, src, item); return; }
+    int64_t run = size[rank - 1] * item;
+    for (;;) {
+        int64_t di = 0, si = 0;
+        for (int d = 0; d < rank; ++d) {
+            int64_t last = d == rank - 1 ? 0 : idx[d];
+            di = di * dst_shape[d] + dst_at[d] + last;
+            si = si * src_shape[d] + src_at[d] + last;
+        }
+        memcpy(dst + di * item, src + si * item, run);
+        int d = rank - 2;
+        while (d >= 0 && ++idx[d] == size[d]) idx[d--] = 0;
+        if (d < 0) return;
+    }
+}
+"""
+
+
+def _clamped_starts(starts: Sequence[str], dtypes_: Sequence[np.dtype], limits: Sequence[int]
+                    ) -> str:
+    """C initialiser of the starts clamped to ``[0, limit]`` (the primitives' rule)."""
+    parts = []
+    for s, dt, hi in zip(starts, dtypes_, limits):
+        v = _read_index(s, dt)
+        parts.append(f"{v} < 0 ? 0 : {v} > {hi} ? {hi} : {v}")
+    return "{" + ", ".join(parts) + "}" if parts else "{0}"
+
+
+def _box_ok(eqn: Eqn) -> bool:
+    return (eqn.outputs[0].aval.ndim <= 16
+            and all(a.aval.dtype in _INDEX for a in eqn.inputs[2 if _is_dus(eqn) else 1:]))
+
+
+def _is_dus(eqn: Eqn) -> bool:
+    return eqn.prim is dynamic_update_slice_p
+
+
+def _dynamic_slice(eqn: Eqn) -> Statement | None:
+    if not _box_ok(eqn):
+        return None
+    x = eqn.inputs[0].aval
+    sizes = eqn.params["sizes"]
+    starts_t = [a.aval.dtype for a in eqn.inputs[1:]]
+
+    def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+        starts = _clamped_starts(ins[1:], starts_t, [n - k for n, k in zip(x.shape, sizes)])
+        return (f"{{ const int64_t size[] = {_longs(sizes)}, shape[] = {_longs(x.shape)}, "
+                f"zero[16] = {{0}};\n  const int64_t at[] = {starts};\n"
+                f"  ember_copy_box({x.ndim}, size, {x.dtype.itemsize}, (char *){outs[0]}, size,"
+                f" zero, (const char *){ins[0]}, shape, at); }}")
+    return Statement(emit, (_COPY_BOX,))
+
+
+def _copy_unless_same(out: str, x: str, nbytes: int) -> str:
+    """The operand's data into the result, skipped when the plan stored one over the other."""
+    return f"if ({out} != {x}) memcpy({out}, {x}, {nbytes});"
+
+
+def _dynamic_update_slice(eqn: Eqn) -> Statement | None:
+    if not _box_ok(eqn):
+        return None
+    x, u = eqn.inputs[0].aval, eqn.inputs[1].aval
+    starts_t = [a.aval.dtype for a in eqn.inputs[2:]]
+    nbytes = x.size * x.dtype.itemsize
+
+    def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+        starts = _clamped_starts(ins[2:], starts_t, [n - k for n, k in zip(x.shape, u.shape)])
+        return (f"{{ {_copy_unless_same(outs[0], ins[0], nbytes)}\n"
+                f"  const int64_t size[] = {_longs(u.shape)}, shape[] = {_longs(x.shape)}, "
+                f"zero[16] = {{0}};\n  const int64_t at[] = {starts};\n"
+                f"  ember_copy_box({x.ndim}, size, {x.dtype.itemsize}, (char *){outs[0]}, shape,"
+                f" at, (const char *){ins[1]}, size, zero); }}")
+    return Statement(emit, (_COPY_BOX,), writes_over=0)
+
+
+# --- gather and scatter ----------------------------------------------------------------------
+
+def _index_loop(eqn: Eqn, body: Callable[[str], str], clamp: bool) -> Callable[..., str]:
+    """Code looping over the index vectors of a gather/scatter: ``off`` is the element offset
+    of the selected block in the operand; out-of-range components are clamped (gather) or
+    skip the vector (scatter)."""
+    operand, indices = eqn.inputs[0].aval, eqn.inputs[1].aval
+    k = indices.shape[-1]
+    count = indices.size // k if k else int(np.prod(indices.shape[:-1], dtype=np.int64))
+    strides = _strides(operand.shape)
+    ctype = _INDEX[indices.dtype]
+
+    def emit(idx: str) -> str:
+        lines = [f"for (int64_t b = 0; b < {count}; ++b) {{", "    int64_t off = 0;"]
+        for j in range(k):
+            n = operand.shape[j]
+            lines.append(f"    {{ int64_t i = (int64_t)(({ctype} const *)({idx}))[b * {k} + {j}];")
+            if clamp:
+                lines.append(f"      i = i < 0 ? 0 : i > {n - 1} ? {n - 1} : i;")
+            else:
+                lines.append(f"      if (i < 0 || i >= {n}) continue;")
+            lines.append(f"      off += i * {strides[j] if j < len(strides) else 1}; }}")
+        lines.append("    " + body("b"))
+        lines.append("}")
+        return "\n  ".join(lines)
+    return emit
+
+
+def _gather(eqn: Eqn) -> Statement | None:
+    operand, indices = eqn.inputs[0].aval, eqn.inputs[1].aval
+    if indices.dtype not in _INDEX:
+        return None
+    k = indices.shape[-1]
+    item = operand.dtype.itemsize
+    block = math.prod(operand.shape[k:]) * item
+
+    def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+        loop = _index_loop(eqn, lambda b: f"memcpy((char *){outs[0]} + {b} * {block}, "
+                           f"(const char *){ins[0]} + off * {item}, {block});", clamp=True)
+        return "{ " + loop(ins[1]) + " }"
+    return Statement(emit)
+
+
+def _scatter(eqn: Eqn) -> Statement | None:
+    operand, indices = eqn.inputs[0].aval, eqn.inputs[1].aval
+    mode = eqn.params["mode"]
+    if indices.dtype not in _INDEX or mode not in ("set", "add"):
+        return None
+    if mode == "add" and operand.dtype not in _ARITH:
+        return None
+    k = indices.shape[-1]
+    n = math.prod(operand.shape[k:])
+    item = operand.dtype.itemsize
+    nbytes = operand.size * item
+
+    def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+        if mode == "set":
+            body = lambda b: (f"memcpy((char *){outs[0]} + off * {item}, "  # noqa: E731
+                              f"(const char *){ins[2]} + {b} * {n * item}, {n * item});")
+        else:
+            t = _ARITH[operand.dtype]
+            body = lambda b: (f"for (int64_t e = 0; e < {n}; ++e) "  # noqa: E731
+                              f"(({t} *){outs[0]})[off + e] += "
+                              f"((const {t} *){ins[2]})[{b} * {n} + e];")
+        loop = _index_loop(eqn, body, clamp=False)
+        return f"{{ {_copy_unless_same(outs[0], ins[0], nbytes)}\n  {loop(ins[1])} }}"
+    return Statement(emit, writes_over=0)
+
+
+# --- matrix products -------------------------------------------------------------------------
+
+def _group(shape: Sequence[int], strides: Sequence[int], axes: Sequence[int]
+           ) -> tuple[int, int | None] | None:
+    """Axes ``axes`` (in that order) merged into one: (size, element stride), the stride None
+    when the size is at most 1; None when they are not evenly spaced in memory."""
+    kept = [a for a in axes if shape[a] != 1]
+    size = math.prod(shape[a] for a in axes)
+    if size <= 1 or not kept:
+        return size, None
+    for a, b in zip(kept, kept[1:]):
+        if strides[a] != strides[b] * shape[b]:
+            return None
+    return size, strides[kept[-1]]
+
+
+def _matrix(rows: tuple[int, int | None], cols: tuple[int, int | None]
+            ) -> tuple[bool, int] | None:
+    """A row-major BLAS operand for a [rows, cols] matrix with these strides: (transposed,
+    leading dimension), or None when neither layout fits."""
+    (r, sr), (c, sc) = rows, cols
+    if sc in (None, 1) and (sr is None or sr >= max(1, c)):
+        return False, sr if sr is not None else max(1, c)
+    if sr in (None, 1) and (sc is None or sc >= max(1, r)):
+        return True, sc if sc is not None else max(1, r)
+    return None
+
+
+_BLAS = {np.dtype(np.float32): ("s", "float", "f"), np.dtype(np.float64): ("d", "double", "")}
+
+
+def _free(ndim: int, contract: Sequence[int], batch: Sequence[int]) -> list[int]:
+    return [i for i in range(ndim) if i not in contract and i not in batch]
+
+
+def _dot_general(eqn: Eqn) -> Statement | None:
+    lhs, rhs = eqn.inputs[0].aval, eqn.inputs[1].aval
+    if lhs.dtype not in _BLAS:
+        return None
+    (lc, rc), (lb, rb) = eqn.params["dims"]
+    ls, rs = _strides(lhs.shape), _strides(rhs.shape)
+    lf, rf = _free(lhs.ndim, lc, lb), _free(rhs.ndim, rc, rb)
+    m, k, n = _group(lhs.shape, ls, lf), _group(lhs.shape, ls, lc), _group(rhs.shape, rs, rf)
+    k_rhs = _group(rhs.shape, rs, rc)
+    out_bytes = eqn.outputs[0].aval.size * lhs.dtype.itemsize
+    if out_bytes == 0 or lhs.size == 0 or rhs.size == 0:  # nothing to sum: zeros
+        return Statement(lambda outs, ins: f"memset({outs[0]}, 0, {out_bytes});")
+    if None in (m, k, n, k_rhs):
+        return None
+    a, b = _matrix(m, k), _matrix(k_rhs, n)
+    if a is None or b is None or max(m[0], n[0], k[0], a[1], b[1]) > _INT_MAX:
+        return None
+    prefix, ctype, suffix = _BLAS[lhs.dtype]
+    batch = [lhs.shape[i] for i in lb]
+    out_block = m[0] * n[0]
+
+    def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+        loops, a_off, b_off = [], ["0"], ["0"]
+        for d, (size, li, ri) in enumerate(zip(batch, lb, rb)):
+            loops.append(f"for (int64_t i{d} = 0; i{d} < {size}; ++i{d})")
+            a_off.append(f"i{d} * {ls[li]}")
+            b_off.append(f"i{d} * {rs[ri]}")
+        if m[0] == 1:  # a single row: matrix-vector, streaming the weights once
+            trans, ld = b
+            rows, cols = (n[0], k[0]) if trans else (k[0], n[0])
+            call = (f"scipy_cblas_{prefix}gemv(CblasRowMajor, "
+                    f"{'CblasNoTrans' if trans else 'CblasTrans'}, {rows}, {cols}, 1.0{suffix}, "
+                    f"B + {' + '.join(b_off)}, {ld}, A + {' + '.join(a_off)}, "
+                    f"{k[1] or 1}, 0.0{suffix}, C + nb * {out_block}, 1);")
+        else:
+            call = (f"scipy_cblas_{prefix}gemm(CblasRowMajor, "
+                    f"{'CblasTrans' if a[0] else 'CblasNoTrans'}, "
+                    f"{'CblasTrans' if b[0] else 'CblasNoTrans'}, {m[0]}, {n[0]}, {k[0]}, "
+                    f"1.0{suffix}, A + {' + '.join(a_off)}, {a[1]}, B + {' + '.join(b_off)}, "
+                    f"{b[1]}, 0.0{suffix}, C + nb * {out_block}, {max(1, n[0])});")
+        return (f"{{ const {ctype} *A = (const {ctype} *){ins[0]}, *B = (const {ctype} *){ins[1]};"
+                f"\n  {ctype} *C = ({ctype} *){outs[0]}; int64_t nb = 0;\n  "
+                + " ".join(loops) + f" {{ {call} ++nb; }} }}")
+    return Statement(emit, uses_blas=True)
+
+
+dot_general_p.def_lowering("c", _dot_general)
+dynamic_slice_p.def_lowering("c", _dynamic_slice)
+dynamic_update_slice_p.def_lowering("c", _dynamic_update_slice)
+gather_p.def_lowering("c", _gather)
+scatter_p.def_lowering("c", _scatter)

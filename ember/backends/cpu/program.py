@@ -1,0 +1,312 @@
+"""A graph compiled to one C translation unit, run from one arena.
+
+The equations that have C (fused kernels, contractions, indexing: ``lowerings.py``) are
+grouped into *segments*, maximal runs of consecutive C equations, and each segment becomes one
+C function ``ember_segment_N(char *ember_arena, void **ember_ext)``. A graph that is all C is
+one segment: one foreign call per ``jit`` call, no Python per equation. Equations with no C
+(control flow, sort, random, library routines, and whatever a rule declines) run through the
+NumPy backend between segments, reading the arena through NumPy views, so every graph runs
+today and each new C rule removes Python from the path without changing anything else.
+
+Where values live:
+
+- temporaries computed in C: at their offset in the arena (the static memory plan of
+  ``ember.compiler.memory``), which the program owns and reuses from call to call;
+- inputs, constants, outputs, and values computed by NumPy: in ``ext``, a table of pointers
+  filled on each call. Outputs are fresh arrays on every call (the caller owns them), except
+  those the plan stores over a donated input, which are that input's buffer.
+
+``EMBER_DEBUG_FILL_FREED=1`` (read when a program is compiled) fills every arena buffer with
+NaN (integers with the byte 0xAB) right after its last reader, so a read of freed memory shows
+up as wrong results in any test.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ember.backends.cpu import toolchain
+from ember.backends.cpu.lowerings import Statement
+from ember.compiler.memory import ALIGNMENT, MemoryAnalysis, plan_memory
+from ember.ir.graph import ClosedGraph, Eqn, Literal, Var
+from ember.ir.liveness import liveness
+
+_PRELUDE = """#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+"""
+
+_POISON = r"""
+/* Debug mode: overwrite a freed buffer with a poison pattern (NaN for floats). */
+static void ember_poison(char *p, int64_t units, int unit, uint64_t pattern) {
+    for (int64_t i = 0; i < units; ++i) memcpy(p + i * unit, &pattern, unit);
+}
+"""
+
+
+def statement(eqn: Eqn) -> Statement | None:
+    """How ``eqn`` runs in C, or None when it runs through NumPy."""
+    rule = eqn.prim.lowerings.get("c")
+    if rule is None or eqn.prim.kind not in ("contraction", "indexing"):
+        return None
+    return rule(eqn)
+
+
+def poison(dtype: np.dtype) -> tuple[int, int]:
+    """(unit size in bytes, pattern) that the debug mode writes over freed memory."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "fc":
+        unit = dtype.itemsize // (2 if dtype.kind == "c" else 1)
+        exponent = {2: 5 if dtype.name == "float16" else 8, 4: 8, 8: 11}[unit]
+        mantissa = unit * 8 - 1 - exponent
+        return unit, ((1 << exponent) - 1) << mantissa | 1 << (mantissa - 1)
+    return 1, 0xAB
+
+
+@dataclass(frozen=True)
+class _Home:
+    """Where a value is: ``arena`` offset, or ``ext`` slot."""
+
+    arena: int | None = None
+    ext: int | None = None
+
+    def c(self) -> str:
+        return (f"(ember_arena + {self.arena})" if self.arena is not None
+                else f"ember_ext[{self.ext}]")
+
+
+class Program:
+    """A compiled graph: ``program(*buffers) -> list of output buffers``."""
+
+    def __init__(self, closed: ClosedGraph, donate: Sequence[bool], run_numpy: Any):
+        graph = self.graph = closed.graph
+        self._run_numpy = run_numpy  # runs one equation eagerly (the NumPy backend's path)
+        self.live = live = liveness(graph, donate)
+        statements = {i: s for i, e in enumerate(graph.eqns) if (s := statement(e)) is not None}
+        temps = {v.id for i in statements for v in graph.eqns[i].outputs
+                 if not live[v].is_output}
+        writes = {graph.eqns[i].outputs[0].id: graph.eqns[i].inputs[s.writes_over].id
+                  for i, s in statements.items()
+                  if s.writes_over is not None and isinstance(graph.eqns[i].inputs[s.writes_over],
+                                                              Var)}
+        self.plan = plan_memory(graph, live, temps, writes)
+        self._debug = os.environ.get("EMBER_DEBUG_FILL_FREED") == "1"
+        self._homes(closed)
+        self._steps(statements)
+        self.source = self._render(statements)
+        self._library = None
+        self._functions: list[Any] = []
+        if self.segments:
+            needs_blas = any(s.uses_blas for s in statements.values())
+            self._library = toolchain.build(
+                self.source, toolchain.blas() if needs_blas else toolchain.Library())
+            self._library.ember_init(_threads())
+        self._functions = [getattr(self._library, f"ember_segment_{n}")
+                           for n in range(len(self.segments))]
+        self._arena = _Arena(self.plan.arena_bytes)
+        self.overwrites = tuple(i for i, v in enumerate(graph.invars)
+                                if v.id in self.plan.home)
+
+    # --- layout ----------------------------------------------------------------------------
+
+    def _homes(self, closed: ClosedGraph) -> None:
+        graph, plan = self.graph, self.plan
+        self.home: dict[int, _Home] = {}
+        ext = 0
+        for v in [*graph.constvars, *graph.invars]:
+            self.home[v.id], ext = _Home(ext=ext), ext + 1
+        for eqn in graph.eqns:
+            for v in eqn.outputs:
+                buffer = plan.home.get(v.id)
+                if buffer is not None and buffer.offset is not None:
+                    self.home[v.id] = _Home(arena=buffer.offset)
+                elif buffer is not None:  # stored over a donated input
+                    self.home[v.id] = self.home[buffer.root.id]
+                else:
+                    self.home[v.id], ext = _Home(ext=ext), ext + 1
+        self.n_ext = ext
+        self.consts = [np.ascontiguousarray(c) for c in closed.consts]
+
+    def _steps(self, statements: dict[int, Statement]) -> None:
+        """The run order: ("c", segment index) or ("numpy", equation index), each with the
+        ext slots of the values that die in it (dropped afterwards, freeing their memory)."""
+        graph, live = self.graph, self.live
+        schedule: list[tuple[str, int]] = []
+        spans: list[list[int]] = []  # the equations of each schedule entry
+        self.segments: list[list[int]] = []
+        for i in range(len(graph.eqns)):
+            if i not in statements:
+                schedule.append(("numpy", i))
+                spans.append([i])
+            elif schedule and schedule[-1][0] == "c":
+                spans[-1].append(i)
+            else:
+                schedule.append(("c", len(self.segments)))
+                spans.append([i])
+                self.segments.append(spans[-1])
+        self._schedule = schedule
+        self._drops = [[self.home[v.id].ext for i in span for v in live.dying_at(i)
+                        if self.home[v.id].ext is not None and not live[v].is_input]
+                       for span in spans]
+        # Outputs computed in C into fresh arrays (not stored over a donated input).
+        self._fresh = [v for i in statements for v in graph.eqns[i].outputs
+                       if live[v].is_output and v.id not in self.plan.home]
+
+    # --- C ---------------------------------------------------------------------------------
+
+    def _render(self, statements: dict[int, Statement]) -> str:
+        helpers: dict[str, None] = {}
+        literals: list[str] = []
+        bodies = []
+        for n, segment in enumerate(self.segments):
+            lines = []
+            for i in segment:
+                eqn, st = self.graph.eqns[i], statements[i]
+                for h in st.helpers:
+                    helpers[h] = None
+                ins = []
+                for a in eqn.inputs:
+                    if isinstance(a, Literal):
+                        ins.append(f"(void *)L{len(literals)}")
+                        literals.append(_literal(f"L{len(literals)}", a))
+                    else:
+                        ins.append(self.home[a.id].c())
+                outs = [self.home[v.id].c() for v in eqn.outputs]
+                lines.append(f"  /* {_describe(eqn)} */")
+                lines.append("  " + st.emit(outs, ins))
+                if self._debug:
+                    helpers[_POISON] = None
+                    for b in self.plan.freed_after(i):
+                        unit, pattern = poison(b.values[-1].aval.dtype)
+                        lines.append(f"  ember_poison(ember_arena + {b.offset}, "
+                                     f"{b.nbytes // unit}, {unit}, {pattern}ull);")
+            bodies.append(f"void ember_segment_{n}(char *ember_arena, void **ember_ext) {{\n"
+                          + "\n".join(lines) + "\n}\n")
+        blas = "#include <cblas.h>\n" if any(s.uses_blas for s in statements.values()) else ""
+        init = ("void ember_init(int threads) {\n  omp_set_num_threads(threads);\n"
+                + ("  scipy_openblas_set_num_threads(threads);\n" if blas else "") + "}\n")
+        return "\n".join([_PRELUDE + blas, *helpers, *literals, init, *bodies])
+
+    def as_text(self) -> str:
+        """The C translation unit of this program."""
+        return self.source
+
+    def memory_analysis(self) -> MemoryAnalysis:
+        return self.plan.analysis
+
+    # --- running ---------------------------------------------------------------------------
+
+    def __call__(self, *buffers: Any) -> list[Any]:
+        graph, home = self.graph, self.home
+        env: list[Any] = [None] * self.n_ext
+        ext = (ctypes.c_void_p * max(1, self.n_ext))()
+        for slot, buf in enumerate([*self.consts, *buffers]):
+            _bind(env, ext, slot, buf if buf.flags.c_contiguous else np.ascontiguousarray(buf))
+        for v in self._fresh:
+            _bind(env, ext, home[v.id].ext, np.empty(v.aval.shape, v.aval.dtype))
+        arena = self._arena.acquire()
+        try:
+            base = arena.ctypes.data
+            for (kind, idx), drops in zip(self._schedule, self._drops):
+                if kind == "c":
+                    self._functions[idx](ctypes.c_void_p(base), ext)
+                else:
+                    self._run_equation(idx, arena, env, ext)
+                for slot in drops:
+                    env[slot] = None
+            # The plan never places an output in the arena: every one has an ext slot.
+            return [np.asarray(a.value) if isinstance(a, Literal) else env[home[a.id].ext]
+                    for a in graph.outvars]
+        finally:
+            self._arena.release(arena)
+
+    def _run_equation(self, i: int, arena: np.ndarray, env: list[Any], ext: Any) -> None:
+        eqn, home = self.graph.eqns[i], self.home
+        args = [a.value if isinstance(a, Literal)
+                else _arena_view(arena, home[a.id].arena, a.aval) if home[a.id].ext is None
+                else env[home[a.id].ext] for a in eqn.inputs]
+        result = self._run_numpy(eqn.prim, args, eqn.params)
+        results = result if eqn.prim.multiple_results else [result]
+        for v, r in zip(eqn.outputs, results):
+            r = np.asarray(r)
+            if r.dtype != v.aval.dtype:
+                r = r.astype(v.aval.dtype)
+            if np.may_share_memory(r, arena):
+                r = r.copy()  # a view of the arena would change when the arena is reused
+            elif not r.flags.c_contiguous:
+                r = np.ascontiguousarray(r)
+            _bind(env, ext, home[v.id].ext, r)
+        if self._debug:
+            for b in self.plan.freed_after(i):
+                unit, pattern = poison(b.values[-1].aval.dtype)
+                region = arena[b.offset: b.offset + b.nbytes]
+                region.view(np.dtype(f"u{unit}")).fill(pattern)
+
+
+def _bind(env: list[Any], ext: Any, slot: int, array: np.ndarray) -> None:
+    env[slot] = array
+    ext[slot] = array.ctypes.data
+
+
+def _arena_view(arena: np.ndarray, offset: int, aval: Any) -> np.ndarray:
+    view = np.ndarray(aval.shape, aval.dtype, buffer=arena, offset=offset)
+    view.flags.writeable = False
+    return view
+
+
+def _literal(name: str, atom: Literal) -> str:
+    data = np.broadcast_to(np.asarray(atom.value), atom.aval.shape).astype(atom.aval.dtype)
+    raw = data.tobytes() or b"\0"
+    return (f"static const unsigned char {name}[{len(raw)}] __attribute__((aligned(64))) = "
+            "{" + ", ".join(str(b) for b in raw) + "};")
+
+
+def _describe(eqn: Eqn) -> str:
+    outs = ", ".join(str(v.aval) for v in eqn.outputs)
+    ins = ", ".join(str(a.aval) for a in eqn.inputs)
+    return f"{outs} = {eqn.prim.name}({ins})"
+
+
+def _threads() -> int:
+    """Threads for OpenMP kernels and for OpenBLAS: ``EMBER_NUM_THREADS``, else the cores this
+    process may run on. The two pools never run at once (BLAS is called between kernels, not
+    inside them), so each may use every core without oversubscribing."""
+    if os.environ.get("EMBER_NUM_THREADS"):
+        return max(1, int(os.environ["EMBER_NUM_THREADS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+class _Arena:
+    """The program's arena, reused across calls; a call that finds it busy (another thread)
+    gets a fresh one, so concurrent calls never share temporaries."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self._lock = threading.Lock()
+        self._memory: np.ndarray | None = None
+
+    def acquire(self) -> np.ndarray:
+        if self._lock.acquire(blocking=False):
+            if self._memory is None:
+                self._memory = _aligned_bytes(self.nbytes)
+            return self._memory
+        return _aligned_bytes(self.nbytes)
+
+    def release(self, memory: np.ndarray) -> None:
+        if memory is self._memory:
+            self._lock.release()
+
+
+def _aligned_bytes(nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start: start + nbytes]
+

@@ -1,0 +1,290 @@
+"""The compiled CPU backend against the NumPy backend: primitives, an MLP, a tiny Llama (forward,
+gradient, a decode step with its cache donated), random graphs, the debug fill, the fallback."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+from helpers import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from primitive_specs import cases, make_args
+from tiny_models import tiny_model
+
+import ember
+import ember.numpy as enp
+from ember import ops as lax
+from ember.backends import get_backend
+from ember.backends.cpu import toolchain
+
+pytestmark = pytest.mark.skipif(not toolchain.available(), reason="no C compiler")
+
+C_KINDS = ("contraction", "indexing")
+
+
+def _program(fn, *args, donate=()):
+    """The compiled program of ``fn`` on the cpu backend (for its C and its memory plan)."""
+    lowered = ember.jit(fn, backend="cpu", donate_argnums=donate).lower(*args)
+    return get_backend("cpu").compile(lowered.graph, lowered.donate)
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in ember.tree.tree_leaves(tree)]
+
+
+def _same(fn, *args, rtol=2e-5, atol=1e-6, **jit_kwargs):
+    """``fn`` jitted on the cpu backend equals ``fn`` jitted on the NumPy backend."""
+    expected = ember.jit(fn, **jit_kwargs)(*args)
+    actual = ember.jit(fn, backend="cpu", **jit_kwargs)(*args)
+    for a, e in zip(_leaves(actual), _leaves(expected), strict=True):
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+    return actual
+
+
+# --- every primitive ---------------------------------------------------------------------------
+
+def _is_c_kind(spec):
+    from ember.core.primitive import REGISTRY
+
+    return REGISTRY[spec.name].kind in C_KINDS
+
+
+def test_contraction_and_indexing_specs_in_one_program():
+    """All cases of the primitives with C rules in one jit: one translation unit, one compile."""
+    rng = np.random.default_rng(0)
+    chosen = [p.values for p in cases(_is_c_kind)]
+    arg_lists = [make_args(spec, rng, dt, shape) for spec, dt, shape in chosen]
+    flat = [a for args in arg_lists for a in args]
+    sizes = [len(args) for args in arg_lists]
+
+    def everything(*xs):
+        outs, i = [], 0
+        for (spec, _, _), n in zip(chosen, sizes):
+            outs.append(spec.fn(*xs[i: i + n]))
+            i += n
+        return outs
+
+    start = time.perf_counter()
+    results = ember.jit(everything, backend="cpu")(*[enp.asarray(a) for a in flat])
+    elapsed = time.perf_counter() - start
+    for (spec, dt, shape), args, out in zip(chosen, arg_lists, results):
+        assert_close(out, spec.ref(*args), dt, err_msg=f"{spec.case_id}-{dt}-{shape}")
+    source = _program(everything, *flat).as_text()
+    for routine in ("cblas_sgemm", "cblas_dgemm", "ember_copy_box", "gather", "scatter"):
+        assert routine in source
+    print(f"{len(chosen)} contraction/indexing cases in one program: {elapsed:.2f} s")
+
+
+@pytest.mark.parametrize("spec,dtype,shape",
+                         cases(lambda s: not _is_c_kind(s), all_dtypes=False))
+def test_other_primitive_specs_run_through_the_fallback(spec, dtype, shape):
+    args = make_args(spec, np.random.default_rng(0), dtype, shape)
+    out = ember.jit(spec.fn, backend="cpu")(*[enp.asarray(a) for a in args])
+    assert_close(out, spec.ref(*args), dtype)
+
+
+@pytest.mark.parametrize("dims,lhs,rhs", [
+    ((((1,), (0,)), ((), ())), (5, 3), (3, 4)),           # plain
+    ((((0,), (0,)), ((), ())), (3, 5), (3, 4)),           # lhs transposed
+    ((((1,), (1,)), ((), ())), (5, 3), (4, 3)),           # x @ W.T (a linear layer)
+    ((((1,), (1,)), ((), ())), (1, 3), (4, 3)),           # one row: matrix-vector
+    ((((2,), (1,)), ((0,), (0,))), (2, 5, 3), (2, 3, 4)),  # batched
+    ((((2,), (2,)), ((1,), (1,))), (5, 2, 3), (4, 2, 3)),  # heads in the middle
+    ((((1, 2), (0, 1)), ((), ())), (4, 2, 3), (2, 3, 5)),  # two contracted axes
+    ((((1,), (0,)), ((), ())), (2, 0), (0, 3)),           # nothing to sum: zeros
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dot_general_layouts_call_blas_without_copies(dims, lhs, rhs, dtype):
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal(lhs).astype(dtype), rng.standard_normal(rhs).astype(dtype)
+    f = lambda a, b: lax.dot_general(a, b, dims[0], dims[1])  # noqa: E731
+    _same(f, x, y)
+    program = _program(f, x, y)
+    # every equation in C, in one segment (the empty product may be folded away entirely)
+    assert [len(s) for s in program.segments] == ([len(program.graph.eqns)]
+                                                  if program.graph.eqns else [])
+
+
+# --- models --------------------------------------------------------------------------------------
+
+def _mlp_loss(params, x, y):
+    h = x
+    for w, b in params[:-1]:
+        h = enp.tanh(h @ w + b)
+    w, b = params[-1]
+    return enp.mean((h @ w + b - y) ** 2)
+
+
+def _mlp(rng, sizes=(8, 16, 16, 4)):
+    return [(rng.standard_normal((m, n)).astype(np.float32) / np.sqrt(m),
+             rng.standard_normal(n).astype(np.float32)) for m, n in zip(sizes, sizes[1:])]
+
+
+def test_mlp_forward_and_gradient():
+    rng = np.random.default_rng(2)
+    params = _mlp(rng)
+    x, y = rng.standard_normal((6, 8)).astype(np.float32), rng.standard_normal((6, 4))
+    y = y.astype(np.float32)
+    _same(ember.value_and_grad(_mlp_loss), params, x, y)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model(vocab_size=64, seed=3)
+
+
+def test_llama_forward_and_value_and_grad(llama):
+    ids = np.random.default_rng(4).integers(0, 64, size=(2, 7))
+    _same(lambda m, i: m(i), llama, ids, rtol=1e-4, atol=1e-5)
+    _same(ember.value_and_grad(lambda m, i: m.loss(i)), llama, ids, rtol=1e-4, atol=1e-5)
+
+
+def _decode(model, cache, ids, pos):
+    return model(ids, cache=cache, cache_pos=pos)
+
+
+def test_decode_step_updates_the_donated_cache_in_place(llama):
+    from ember.models.llama import KVCache
+
+    config = llama.config
+    step = ember.jit(_decode, donate_argnums=1, backend="cpu")
+    reference = ember.jit(_decode, donate_argnums=1)
+    cache, ref_cache = (KVCache.allocate(config, 1, 16) for _ in range(2))
+    for pos, token in enumerate([5, 9, 2]):
+        ids = np.array([[token]])
+        before = [x._buffer.ctypes.data for x in cache.keys]  # addresses: no extra reference
+        logits, cache = step(llama, cache, ids, pos)
+        ref_logits, ref_cache = reference(llama, ref_cache, ids, pos)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-4,
+                                   atol=1e-5)
+        for a, b in zip(_leaves(cache), _leaves(ref_cache)):
+            np.testing.assert_array_equal(a, b)
+        if pos > 0:  # from the second step on, the cache is ours: written where it is
+            assert [x._buffer.ctypes.data for x in cache.keys] == before
+    program = _program(_decode, llama, cache, np.array([[1]]), 3, donate=1)
+    assert len(program.overwrites) == 2 * config.num_hidden_layers
+
+
+def test_donated_array_the_user_still_sees_is_not_written(llama):
+    x = np.zeros((4, 3), np.float32)
+    kept = enp.asarray(x)
+    alias = kept  # a second reference: the program must not write into kept's buffer
+    f = ember.jit(lambda c, u: lax.dynamic_update_slice(c, u, (1, 0)), donate_argnums=0,
+                  backend="cpu")
+    out = f(kept, enp.ones((1, 3), np.float32))
+    np.testing.assert_array_equal(np.asarray(out)[1], 1.0)
+    del alias
+    np.testing.assert_array_equal(x, 0.0)
+
+
+def test_llama_step_memory_plan_is_near_its_lower_bound(llama):
+    ids = np.random.default_rng(5).integers(0, 64, size=(2, 7))
+    program = _program(ember.value_and_grad(lambda m, i: m.loss(i)), llama, ids)
+    analysis = program.memory_analysis()
+    assert analysis.temp_lower_bound <= analysis.temp_bytes <= 1.1 * analysis.temp_lower_bound
+    assert analysis.output_bytes > 0 and analysis.argument_bytes > 0
+
+
+# --- random graphs ----------------------------------------------------------------------------
+
+@st.composite
+def graphs(draw):
+    """Chains mixing matrix products, indexing and elementwise work on [n, n] matrices."""
+    ops = draw(st.lists(st.sampled_from(["matmul", "matmul_t", "take", "update", "window",
+                                         "tanh", "add", "scatter_add"]),
+                        min_size=1, max_size=8))
+    starts = draw(st.lists(st.integers(-2, 6), min_size=len(ops), max_size=len(ops)))
+    return ops, starts
+
+
+def _apply(ops, starts, x, w, idx):
+    values = [x]
+    for op, s in zip(ops, starts):
+        v = values[-1]
+        if op == "matmul":
+            v = v @ w
+        elif op == "matmul_t":
+            v = v @ values[0].T
+        elif op == "take":
+            v = lax.gather(v, idx)
+        elif op == "update":
+            v = lax.dynamic_update_slice(v, values[0][:2], (s, 0))
+        elif op == "window":
+            v = enp.concatenate([lax.dynamic_slice(v, (s, 0), (2, v.shape[1])), v[2:]])
+        elif op == "tanh":
+            v = enp.tanh(v)
+        elif op == "add":
+            v = v + values[len(values) // 2]
+        else:
+            v = lax.scatter(v, idx, values[0], "add")
+        values.append(v)
+    return values[-1], values[len(values) // 2]
+
+
+@settings(max_examples=12, deadline=None)
+@given(graphs())
+def test_random_graphs_match_the_numpy_backend(graph):
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((2, 5, 5)).astype(np.float32) / 2
+    idx = rng.integers(-1, 6, size=(5, 1))
+    _same(lambda x, w, i: _apply(*graph, x, w, i), x, w, idx, rtol=1e-4, atol=1e-5)
+
+
+# --- debug fill, fallback ---------------------------------------------------------------------
+
+def test_debug_fill_of_freed_memory_changes_no_result(monkeypatch, llama):
+    monkeypatch.setenv("EMBER_DEBUG_FILL_FREED", "1")
+    rng = np.random.default_rng(7)
+    params = _mlp(rng)
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    y = rng.standard_normal((6, 4)).astype(np.float32)
+    _same(ember.value_and_grad(_mlp_loss), params, x, y)
+    ids = rng.integers(0, 64, size=(1, 5))
+    _same(ember.value_and_grad(lambda m, i: m.loss(i)), llama, ids, rtol=1e-4, atol=1e-5)
+    program = _program(ember.grad(_mlp_loss), params, x, y)
+    assert "ember_poison" in program.as_text()
+
+
+def test_freed_memory_is_poisoned_in_debug_mode(monkeypatch):
+    """The fill itself: a temporary's bytes are NaN once its last reader has run."""
+    monkeypatch.setenv("EMBER_DEBUG_FILL_FREED", "1")
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+    def f(a):
+        t = a @ a.T          # a temporary in the arena, dead after the next product
+        return (t @ a).sum()
+    program = _program(f, a)
+    temps = [b for b in program.plan.buffers if b.offset is not None]
+    assert len(temps) == 2
+    (total,) = program(a)
+    assert total == (a @ a.T @ a).sum()
+    for b in temps:  # freed in C (after the product) and in Python (after the NumPy sum)
+        arena = program._arena._memory[b.offset: b.offset + b.nbytes]
+        assert np.isnan(arena.view(np.float32)).all()
+
+
+def test_without_a_compiler_jit_warns_once_and_computes(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMBER_CC", str(tmp_path / "nonexistent"))
+    backend = get_backend("cpu")
+    monkeypatch.setattr(backend, "_warned", False)
+    x = np.arange(6.0).reshape(2, 3)
+    with pytest.warns(UserWarning, match="no C compiler") as record:
+        out = ember.jit(lambda a: a @ a.T, backend="cpu")(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out2 = ember.jit(lambda a: (a @ a.T) * 2, backend="cpu")(x)  # no second warning
+    assert len(record) == 1
+    np.testing.assert_allclose(np.asarray(out), x @ x.T)
+    np.testing.assert_allclose(np.asarray(out2), 2 * x @ x.T)
+
+
+def test_program_is_one_translation_unit_with_one_segment_per_c_run():
+    a = np.ones((3, 3), np.float32)
+    program = _program(lambda a: (a @ a) @ a, a)
+    assert len(program.segments) == 1  # all C: one foreign call
+    assert program.as_text().count("void ember_segment_") == 1
+    program = _program(lambda a: enp.sort(a @ a) @ a, a)
+    assert len(program.segments) == 2  # the sort runs through NumPy between two segments
