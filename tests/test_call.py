@@ -442,6 +442,24 @@ def test_inline_calls_flattens_every_level():
     expected = np.asarray(net(X, ws))
     close(get_backend("numpy").compile(flat)(X, ws)[0], expected)
     close(get_backend("numpy").compile(closed)(X, ws)[0], expected)
+    # derived bodies (jvp, transpose) with constants of their own, and pass-through outputs
+    closed = ember.jit(ember.grad(ember.jit(mlp), argnums=(0, 3))).lower(W1, B1, W2, X).graph
+    flat = inline_calls(closed)
+    assert call_names(flat) == []
+    verify(flat)
+    tree_close(get_backend("numpy").compile(flat)(W1, B1, W2, X),
+               list(ember.grad(mlp, argnums=(0, 3))(W1, B1, W2, X)))
+    # a body that closes over a constant (calls bound directly; jit hoists constants itself)
+    c = enp.asarray(np.arange(3.0) + 1)
+    f64 = ArrayType((3,), np.dtype("float64"))
+    body = make_graph(lambda x: [x * c], [f64])
+    assert len(body.consts) == 1
+    closed = make_graph(lambda x: call_p.bind(call_p.bind(x, body=body, name="f")[0],
+                                              body=body, name="f"), [f64])
+    flat = inline_calls(closed)
+    assert call_names(flat) == [] and len(flat.consts) == 2
+    verify(flat)
+    close(get_backend("numpy").compile(flat)(np.ones(3))[0], (np.arange(3.0) + 1) ** 2)
     graph_without_calls = ember.jit(lambda x: x + 1).lower(X).graph
     assert inline_calls(graph_without_calls) is graph_without_calls
 
