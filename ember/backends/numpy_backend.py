@@ -2,7 +2,8 @@
 
 Buffers are NumPy arrays. Eager ops call the primitive's NumPy implementation; a compiled
 program is the graph's equations flattened into a list of closures that run those same
-implementations, with buffers freed as soon as their last use has passed.
+implementations, with buffers freed as soon as their last use has passed (the backend-neutral
+live intervals of :mod:`ember.ir.liveness`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from ember.backends.base import Backend, Device, register_backend
-from ember.ir.graph import ClosedGraph, Literal
+from ember.ir.graph import ClosedGraph, Literal, Var
+from ember.ir.liveness import liveness
 
 
 def _as_array(value: Any, dtype: np.dtype) -> np.ndarray:
@@ -37,42 +39,30 @@ class NumpyBackend(Backend):
         return view
 
     def run_primitive(self, prim: Any, buffers: Sequence[Any], params: dict[str, Any]) -> Any:
-        impl = prim.impls.get("numpy") or self.implementation(prim)
+        impl = prim.impls.get(self.impls_key) or self.implementation(prim)
         return impl(*buffers, **params)
 
     def compile(self, closed: ClosedGraph, donate: Sequence[bool] = ()) -> Callable[..., list]:
         graph = closed.graph
+        live = liveness(graph, donate)
         slots: dict[int, int] = {}
         for v in [*graph.constvars, *graph.invars]:
             slots[v.id] = len(slots)
         for eqn in graph.eqns:
             for v in eqn.outputs:
                 slots[v.id] = len(slots)
-        last_use: dict[int, int] = {}
-        uses: dict[int, int] = {}
-        for i, eqn in enumerate(graph.eqns):
-            for a in eqn.inputs:
-                if not isinstance(a, Literal):
-                    last_use[slots[a.id]] = i
-                    uses[slots[a.id]] = uses.get(slots[a.id], 0) + 1
-        keep = {slots[a.id] for a in graph.outvars if not isinstance(a, Literal)}
-        dies_at: dict[int, list[int]] = {}
-        for slot, last in last_use.items():
-            if slot not in keep:
-                dies_at.setdefault(last, []).append(slot)
-        # Donated inputs read by exactly one equation (and not returned): that equation may
-        # write into the buffer instead of copying it.
-        overwritable = {slots[v.id] for v, d in zip(graph.invars, donate)
-                        if d and uses.get(slots[v.id]) == 1 and slots[v.id] not in keep}
         written: set[int] = set()
         steps = []
         for i, eqn in enumerate(graph.eqns):
             impl = self.implementation(eqn.prim)
             fn = getattr(impl, "unguarded", impl)  # the program runs under one np.errstate
+            # A donated input read only by this equation (and not returned) may be written in
+            # place. Only donated inputs: a value the program made may be a view of another.
             first = eqn.inputs[0] if eqn.inputs else None
-            if (first is not None and not isinstance(first, Literal)
-                    and slots[first.id] in overwritable and "numpy" in eqn.prim.inplace_impls):
-                fn = eqn.prim.inplace_impls["numpy"]
+            inplace = eqn.prim.inplace_impls.get(self.impls_key)
+            if (isinstance(first, Var) and inplace is not None and live[first].donated
+                    and live.overwritable(first, i)):
+                fn = inplace
                 written.add(slots[first.id])
             ins = [("lit", a.value) if isinstance(a, Literal) else ("slot", slots[a.id])
                    for a in eqn.inputs]
@@ -83,7 +73,7 @@ class NumpyBackend(Backend):
             reuse = ((eqn.outputs[0].aval.shape, eqn.outputs[0].aval.dtype)
                      if _writes_out(eqn.prim, impl) and not eqn.params else None)
             steps.append((fn, ins, outs, eqn.params, eqn.prim.multiple_results,
-                          dies_at.get(i, []), reuse))
+                          [slots[v.id] for v in live.dying_at(i)], reuse))
         # Snapshot the constants' buffers now: a captured array later rebound by ``x[i] = v``
         # must not change what an already compiled program computes.
         const_values = [np.asarray(c) for c in closed.consts]
