@@ -236,6 +236,22 @@ def test_jit_inside_scan_cond_while_and_checkpoint_bodies():
               (h0,), (t,))[1])
 
 
+def test_jit_inside_and_around_custom_vjp():
+    jsin = ember.jit(enp.sin)
+
+    @ember.custom_vjp
+    def f(x):
+        return jsin(x)
+
+    f.defvjp(lambda x: (jsin(x), x), lambda x, g: (g * ember.jit(enp.cos)(x) * 2,))
+    x = np.linspace(0, 1, 4)
+    expected = 2 * np.cos(x)  # the custom rule doubles the true gradient
+    for g in (ember.grad(lambda x: enp.sum(f(x))), ember.grad(lambda x: enp.sum(ember.jit(f)(x))),
+              ember.jit(ember.grad(lambda x: enp.sum(ember.jit(f)(x)))),
+              ember.vmap(ember.grad(lambda x: ember.jit(f)(x)))):
+        close(g(x), expected)
+
+
 # --- structure: calls in the IR, one program each way, one trace -------------------------------
 
 def test_ir_of_jit_grad_jit_shows_calls():
