@@ -62,6 +62,49 @@ def test_checkpoint_policy_saves_dots():
     assert residual_count(nothing, X, W) == 2
 
 
+def saves_sin(prim, *avals, **params):
+    return prim.name == "sin"
+
+
+POLICIES = [None, ember.checkpoint_policies.nothing_saveable,
+            ember.checkpoint_policies.everything_saveable,
+            ember.checkpoint_policies.dots_saveable, saves_sin]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: getattr(p, "__name__", repr(p)))
+def test_every_policy_gives_the_gradients_of_the_plain_function(policy):
+    cf = ember.checkpoint(mlp, policy=policy)
+    expected = ember.grad(mlp, argnums=(0, 1))(X, W)
+    for g in (ember.grad(cf, argnums=(0, 1))(X, W),
+              ember.jit(ember.grad(cf, argnums=(0, 1)))(X, W)):
+        np.testing.assert_allclose(g[0], expected[0], rtol=1e-12)
+        np.testing.assert_allclose(g[1], expected[1], rtol=1e-12)
+
+
+def test_a_user_policy_saves_what_it_selects_and_prints_by_name():
+    saved = ember.checkpoint(mlp, policy=saves_sin)
+    _, lin = linearize_flat(lambda x, w: [saved(x, w)], [X, W])
+    # The sines the backward pass needs (the last one only feeds the sum) are kept.
+    assert sum(np.shape(c) == (3,) for c in lin.consts) == 1 + 2
+    assert residual_count(saved, X, W) > residual_count(ember.checkpoint(mlp), X, W)
+    text = ember.jit(ember.grad(saved)).lower(X, W).as_text()
+    assert "policy=test_checkpoint_custom_vjp.saves_sin" in text
+    assert "policy=dots_saveable" in ember.jit(ember.grad(ember.checkpoint(
+        mlp, policy=ember.checkpoint_policies.dots_saveable))).lower(X, W).as_text()
+
+
+def test_policies_are_values_named_once_per_function():
+    from ember.transforms.checkpoint import as_policy
+
+    assert as_policy(saves_sin) == as_policy(saves_sin)
+    first, second = (lambda prim, *a, **p: False), (lambda prim, *a, **p: False)
+    assert as_policy(first) != as_policy(second)
+    assert as_policy(first).name.endswith("<lambda>")
+    assert hash(as_policy(first)) == hash(as_policy(first))
+    with pytest.raises(ember.EmberError, match="policy must be a function"):
+        ember.checkpoint(mlp, policy="dots")
+
+
 def test_checkpoint_decorator_grad_of_grad_jvp_vmap():
     @ember.checkpoint
     def f(a):
@@ -174,3 +217,30 @@ def test_custom_vjp_errors():
     g.defvjp(lambda x: (x, None), lambda _, ct: (ct[:2],))
     with pytest.raises(ember.ShapeError, match=r"cotangent of shape \(2,\)"):
         ember.grad(lambda x: enp.sum(g(x)))(X)
+
+
+def test_custom_vjp_rules_that_close_over_arrays():
+    scale = np.array([1.0, 2.0, 3.0])
+    shift = np.array([0.5, 0.5, 0.5])
+
+    @ember.custom_vjp
+    def f(x):
+        return x * scale
+
+    f.defvjp(lambda x: (x * scale, x + shift), lambda r, g: (g * scale * 10.0 + 0.0 * r,))
+    loss = lambda x: enp.sum(f(x))  # noqa: E731
+    for g in (ember.grad(loss)(X), ember.jit(ember.grad(loss))(X)):
+        np.testing.assert_allclose(g, 10.0 * scale)
+    np.testing.assert_allclose(ember.jit(f)(X), X * scale)
+
+    def closes_over(w):
+        @ember.custom_vjp
+        def h(x):
+            return x * w
+
+        h.defvjp(lambda x: (x * w, None), lambda _, g: (g * w,))
+        return enp.sum(h(X))
+
+    with pytest.raises(ember.UnsupportedError, match="closes over a value that is being "
+                                                     "differentiated"):
+        ember.grad(closes_over)(scale)

@@ -76,7 +76,7 @@ def cse(closed: ClosedGraph) -> ClosedGraph:
     same code are one loop.
     """
     graph = closed.graph
-    rename: dict[int, Var | Literal] = {}
+    rename: dict[int, Var | Literal] = _equal_consts(closed)
     seen: dict[Any, list[Var]] = {}
     eqns: list[Eqn] = []
 
@@ -99,6 +99,31 @@ def cse(closed: ClosedGraph) -> ClosedGraph:
             seen[key] = eqn.outputs
     outvars = [sub(a) for a in graph.outvars]
     return _rebuilt(closed, graph.constvars, closed.consts, eqns, outvars)
+
+
+def _equal_consts(closed: ClosedGraph) -> dict[int, Var | Literal]:
+    """Constants with the same type and bytes, renamed to the first of them.
+
+    A NumPy array that two bodies close over is copied into each when they are traced, so
+    without this the loops that use it could not be recognised as the same. Contents are
+    compared only between constants whose type and sampled elements already agree.
+    """
+    rename: dict[int, Var | Literal] = {}
+    groups: dict[Any, list[tuple[Var, np.ndarray]]] = {}
+    for v, c in zip(closed.graph.constvars, closed.consts):
+        host = _host_value(c)
+        if host is None:
+            continue
+        flat = np.ascontiguousarray(host).reshape(-1)
+        sample = flat[::max(1, flat.size // 16)]
+        group = groups.setdefault((aval_key(v.aval), array_key(sample)), [])
+        for first, other in group:
+            if np.array_equal(other.view(np.uint8), flat.view(np.uint8)):
+                rename[v.id] = first
+                break
+        else:
+            group.append((v, flat))
+    return rename
 
 
 def fold_constants(closed: ClosedGraph) -> ClosedGraph:
