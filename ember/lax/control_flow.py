@@ -10,6 +10,9 @@ params close over no traced value. Every primitive has a jvp and a batch rule; `
 ``scan`` also have ``partial_eval`` and ``transpose`` rules, so ``grad`` works through them.
 ``while`` has no transpose (its trip count is unknown before it runs, so there is nowhere to keep
 residuals): reverse mode raises and points to ``fori_loop`` with static bounds or ``scan``.
+
+Their implementations are generic (registered for ``ANY_BACKEND``): they run their bodies on the
+backend that runs them, compiled by it (:func:`ember.transforms.subgraphs.program`).
 """
 
 from __future__ import annotations
