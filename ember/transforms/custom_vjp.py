@@ -5,8 +5,8 @@ what is differentiated (gradient clipping), a user supplies ``fwd(*args) -> (out
 and ``bwd(residuals, cotangent) -> tuple of input cotangents``.
 
 Two primitives carry it. ``custom_vjp_call`` holds the function and both rules, each traced into
-a graph when the decorated function is called (the argument types are known then, so are the
-residuals' types, hence ``bwd``'s argument types). Graphs, not Python functions, because an
+a graph when the decorated function is called under a transformation (the argument types are
+known then, so are the residuals' types, hence ``bwd``'s argument types). Graphs, not Python functions, because an
 equation's params must hash canonically (the same code traced twice is the same computation to
 CSE and to a compiler's cache) and because the backend that runs the program compiles the
 bodies. Evaluated (eagerly, under ``jit`` or ``vmap``) the primitive runs the function. Its jvp
@@ -30,7 +30,7 @@ from ember import dtypes
 from ember.backends.base import ANY_BACKEND
 from ember.core.array import Array
 from ember.core.primitive import Primitive
-from ember.core.trace import Zero, aval_of, eval_graph, make_graph, to_array
+from ember.core.trace import Zero, aval_of, eval_graph, make_graph, to_array, tracing_active
 from ember.errors import EmberError, ShapeError, UnsupportedError, op_error
 from ember.ir.graph import ClosedGraph
 from ember.ir.types import ArrayType
@@ -115,8 +115,8 @@ class custom_vjp:  # noqa: N801  (named like the JAX decorator it mirrors)
 
     ``fwd`` takes ``fun``'s arguments and returns ``(output, residuals)`` (any pytree);
     ``bwd(residuals, cotangent)`` returns a tuple with one cotangent per argument (``None``
-    for zero). Both are traced at each call, as ``fun`` is; without differentiation the
-    decorated function simply runs ``fun``.
+    for zero). Under a transformation (``grad``, ``jit``...) all three are traced at each call;
+    outside any, the decorated function simply runs ``fun``.
     """
 
     def __init__(self, fun: Callable[..., Any]):
@@ -132,6 +132,10 @@ class custom_vjp:  # noqa: N801  (named like the JAX decorator it mirrors)
         if self.fwd is None or self.bwd is None:
             raise op_error(EmberError, "custom_vjp", f"{self.__name__} has no derivative "
                            "rules yet; call .defvjp(fwd, bwd) first")
+        if not tracing_active():
+            # Plain eager values: no transformation can differentiate the result any more,
+            # so the rules need not be traced.
+            return self.fun(*args)
         leaves, in_tree = tree_flatten((args, {}))
         leaves = [x if isinstance(x, Array) else to_array(x) for x in leaves]
         avals = [aval_of(x) for x in leaves]
