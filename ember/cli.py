@@ -284,6 +284,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# convert's --dtype: the float dtypes (either container) and the block formats (GGUF only).
+_CONVERT_DTYPES = {**{d: d for d in _DTYPES}, "bf16": "bfloat16", "f16": "float16",
+                   "q8_0": "q8_0", "q4_0": "q4_0"}
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -294,19 +297,47 @@ def _convert(args: argparse.Namespace) -> int:
         raise _UserError(f"SOURCE {args.source}: expected a .gguf file")
     if not os.path.isfile(args.source):
         raise _UserError(f"SOURCE {args.source}: no such file")
+    dtype = _CONVERT_DTYPES[args.dtype]
+    if args.out.endswith(".gguf"):
+        return _convert_to_gguf(args, dtype)
+    if dtype not in _DTYPES:
+        raise _UserError(f"--dtype {args.dtype} keeps the weights quantised, which a Hugging "
+                         f"Face directory cannot hold: give an OUT file ending in .gguf")
     _claim_output_dir("OUT", args.out, "convert", args.force)
     gguf = GGUFFile(args.source)
     elements = sum(math.prod(gguf.tensor_info(n)[0]) for n in gguf.tensor_names)
-    size = elements * (4 if args.dtype == "float32" else 2)
+    size = elements * (4 if dtype == "float32" else 2)
     ratio = size / os.path.getsize(args.source)
-    print(f"[writing {args.dtype} weights: {size / 1e6:.0f} MB, {ratio:.1f}x the GGUF file"
-          + ("; --dtype bfloat16 halves that" if args.dtype == "float32" else "") + "]",
+    print(f"[writing {dtype} weights: {size / 1e6:.0f} MB, {ratio:.1f}x the GGUF file"
+          + ("; --dtype bfloat16 halves that" if dtype == "float32" else "") + "]",
           file=sys.stderr, flush=True)
     args.model = args.source
-    model, tokenizer = _load(args, args.dtype, gguf)
+    model, tokenizer = _load(args, dtype, gguf)
     print(f"[writing {args.out}]", file=sys.stderr, flush=True)
     save_pretrained(model, tokenizer, args.out)
     print(f"wrote {args.out} (config.json, model.safetensors, tokenizer.json)")
+    return 0
+
+
+def _convert_to_gguf(args: argparse.Namespace, dtype: str) -> int:
+    """GGUF -> GGUF with the matrices stored as ``dtype`` (llama.cpp's llama-quantize)."""
+    from ember.models.loading import quantize_gguf
+
+    out = os.path.abspath(args.out)
+    if out == os.path.abspath(args.source):
+        raise _UserError(f"OUT {args.out}: is SOURCE; write the converted file elsewhere")
+    if os.path.isdir(out):
+        raise _UserError(f"OUT {args.out}: is a directory; a GGUF OUT is a file name")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise _UserError(f"OUT {args.out}: no directory {os.path.dirname(args.out)!r}")
+    if os.path.exists(out) and not args.force:
+        raise _UserError(f"OUT {args.out}: exists; choose a new file name, or pass --force to "
+                         f"replace it")
+    print(f"[writing {args.out}: {dtype} matrices, float32 norms]", file=sys.stderr,
+          flush=True)
+    quantize_gguf(args.source, out, dtype)
+    size, before = os.path.getsize(out), os.path.getsize(args.source)
+    print(f"wrote {args.out} ({size / 1e6:.0f} MB, {size / before:.2f}x the source)")
     return 0
 
 
@@ -479,15 +510,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     t.add_argument("--seed", type=_number(int, 0), default=0, help="data and LoRA seed")
-    v = command("convert", "GGUF file -> Hugging Face safetensors directory")
+    v = command("convert", "GGUF file -> Hugging Face safetensors directory, or another GGUF "
+                "file with re-quantised weights")
     v.add_argument("source", metavar="SOURCE", help="a .gguf file")
-    v.add_argument("out", metavar="OUT", help="output directory; new, empty, or made by an "
-                   "earlier `ember convert`")
-    v.add_argument("--dtype", choices=_DTYPES, default="float32",
-                   help="dtype of the written weights (quantised GGUF weights grow 4-8x as "
-                   "float32)")
+    v.add_argument("out", metavar="OUT", help="a file name ending in .gguf, or an output "
+                   "directory (new, empty, or made by an earlier `ember convert`)")
+    v.add_argument("--dtype", choices=tuple(_CONVERT_DTYPES), default="float32",
+                   help="dtype of the written weights: float32, bfloat16 (bf16), float16 (f16), "
+                   "or, for a .gguf OUT, the block formats q8_0 and q4_0 (quantised GGUF weights "
+                   "grow 4-8x as float32)")
     v.add_argument("--force", action="store_true",
-                   help="write into an OUT directory that holds other files")
+                   help="write into an OUT directory that holds other files, or replace an "
+                   "existing OUT file")
     command("info", "versions, backends, devices and the default model")
     command("demo", "run the framework end to end and check it against NumPy")
     return parser

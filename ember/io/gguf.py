@@ -1,10 +1,11 @@
-"""Read GGUF files (llama.cpp's single-file model format): metadata and float32 tensors.
+"""Read and write GGUF files (llama.cpp's single-file model format).
 
 Parsing is left to the ``gguf`` package's memory-mapped reader; this module turns what it finds
 into what a model loader wants: metadata as plain Python values, tensors dequantised to float32 in
-NumPy's row-major shape (GGUF lists dimensions fastest-first, so every shape is reversed), and
-errors that say which file and tensor are at fault instead of a NumPy traceback from deep inside
-the reader.
+NumPy's row-major shape (GGUF lists dimensions fastest-first, so every shape is reversed) or kept
+as stored (quantised tensors as rows of packed blocks, see :mod:`ember.io.quants`), and errors
+that say which file and tensor are at fault instead of a NumPy traceback from deep inside the
+reader. :func:`write_gguf` writes a file with another file's metadata and new tensors, atomically.
 
 llama.cpp's converter also reorders the rows of Llama query/key projections for its RoPE kernel;
 :func:`unpermute_qk` undoes that so the weights match the Hugging Face layout.
@@ -13,14 +14,26 @@ llama.cpp's converter also reorders the rows of Llama query/key projections for 
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, ReaderField, ReaderTensor
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    GGUFWriter,
+    ReaderField,
+    ReaderTensor,
+)
+from tqdm.auto import tqdm
 
 from ember.errors import EmberValueError, ShapeError, UnsupportedError
-from ember.io.quants import SUPPORTED_TYPES, dequantize
+from ember.io.quants import FLOAT_TYPES, SUPPORTED_TYPES, block_format, dequantize
 
 _MAGIC = b"GGUF"
 # What the reader raises on a damaged file: short reads surface as IndexError or failed reshapes.
@@ -65,14 +78,30 @@ class GGUFFile:
 
     def tensor(self, name: str) -> np.ndarray:
         """Tensor ``name`` dequantised to a new float32 array of its NumPy-order shape."""
+        entry = self._supported_entry(name)
+        values = dequantize(entry.data, entry.tensor_type, entry.n_elements)
+        return values.reshape(_numpy_shape(entry))
+
+    def stored_tensor(self, name: str) -> tuple[np.ndarray, str | None]:
+        """Tensor ``name`` as stored, without a copy: ``(values, None)`` for a float tensor
+        (float32, float16 or bfloat16 in its NumPy-order shape), ``(rows, format)`` for a
+        quantised one: ``uint8 [..., row_bytes]`` rows of ``format`` blocks (``"q4_1"``)."""
+        entry = self._supported_entry(name)
+        shape = _numpy_shape(entry)
+        data = np.ascontiguousarray(entry.data).reshape(-1).view(np.uint8)
+        if entry.tensor_type in FLOAT_TYPES:
+            return data.view(FLOAT_TYPES[entry.tensor_type]).reshape(shape), None
+        fmt = block_format(entry.tensor_type)
+        return data.reshape(*shape[:-1], fmt.row_bytes(shape[-1])), fmt.name
+
+    def _supported_entry(self, name: str) -> ReaderTensor:
         entry = self._entry(name)
         if entry.tensor_type not in SUPPORTED_TYPES:
             raise UnsupportedError(
                 f"{self.path}: tensor {name!r} is stored as {entry.tensor_type.name}, which "
                 f"Ember cannot dequantize; supported: {', '.join(t.name for t in SUPPORTED_TYPES)}"
             )
-        values = dequantize(entry.data, entry.tensor_type, entry.n_elements)
-        return values.reshape(_numpy_shape(entry))
+        return entry
 
     def _entry(self, name: str) -> ReaderTensor:
         try:
@@ -81,6 +110,55 @@ class GGUFFile:
             close = difflib.get_close_matches(name, self._tensors, n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise EmberValueError(f"{self.path}: no tensor named {name!r}{hint}") from None
+
+
+def write_gguf(path: str | os.PathLike[str], source: GGUFFile,
+               tensors: Sequence[tuple[str, GGMLQuantizationType, tuple[int, ...]]],
+               data: Callable[[str], np.ndarray], metadata: dict[str, int] | None = None
+               ) -> None:
+    """Write a GGUF file holding ``source``'s metadata and ``tensors``, atomically.
+
+    ``tensors`` lists each tensor's name, GGML type and NumPy-order shape (the header needs them
+    all before any data); ``data(name)`` then returns its bytes (or an array over them) one
+    tensor at a time, so a model is never held twice in memory. ``metadata`` replaces unsigned
+    integer fields (``general.file_type``...). The file appears at ``path`` only once complete.
+    """
+    path = os.fspath(path)
+    fd, staging = tempfile.mkstemp(prefix=".ember-", suffix=".gguf", dir=os.path.dirname(path)
+                                   or ".")
+    os.close(fd)
+    try:
+        writer = GGUFWriter(staging, source.architecture)
+        overrides = dict(metadata or {})
+        for name, field in source._reader.fields.items():
+            if name.startswith("GGUF.") or name == "general.architecture":
+                continue
+            if name in overrides:
+                writer.add_uint32(name, overrides.pop(name))
+                continue
+            if name == "general.alignment":  # the writer must pad to it, not only record it
+                writer.add_custom_alignment(int(field.contents()))
+                continue
+            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+        for name, value in overrides.items():
+            writer.add_uint32(name, value)
+        for name, qtype, shape in tensors:
+            block, size = GGML_QUANT_SIZES[qtype]
+            nbytes = math.prod(shape) // block * size
+            writer.add_tensor_info(name, (*shape[:-1], nbytes // max(1, math.prod(shape[:-1]))),
+                                   np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, _, _ in tqdm(tensors, desc="writing GGUF", unit="tensor", leave=False,
+                               disable=len(tensors) < 64):
+            writer.write_tensor_data(np.ascontiguousarray(data(name)).reshape(-1).view(np.uint8))
+        writer.close()
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
 
 
 def _open_reader(path: str) -> GGUFReader:

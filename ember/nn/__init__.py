@@ -22,9 +22,10 @@ from ember.nn.layers import (
 )
 from ember.nn.lora import LoRALinear, apply_lora, merge_lora
 from ember.nn.module import Module, ModuleList, Sequential
+from ember.nn.quantized import QuantizedWeight, quantize
 from ember.nn.training import value_and_grad
 
 __all__ = ["GELU", "Dropout", "Embedding", "Identity", "LayerNorm", "Linear", "LoRALinear",
-           "Module", "ModuleList", "RMSNorm", "ReLU", "Sequential", "SiLU", "Sigmoid",
-           "Softmax", "Tanh", "apply_lora", "functional", "init", "merge_lora",
-           "value_and_grad"]
+           "Module", "ModuleList", "QuantizedWeight", "RMSNorm", "ReLU", "Sequential", "SiLU",
+           "Sigmoid", "Softmax", "Tanh", "apply_lora", "functional", "init", "merge_lora",
+           "quantize", "value_and_grad"]

@@ -16,6 +16,7 @@ import ember.numpy as enp
 from ember import lax, random
 from ember.core.array import Tracer
 from ember.errors import EmberValueError, ShapeError, op_error
+from ember.nn.quantized import QuantizedWeight
 from ember.numpy import special
 from ember.transforms.autodiff import stop_gradient
 
@@ -29,6 +30,8 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Any:
     if x.shape[-1] != weight.shape[-1]:
         raise op_error(ShapeError, "linear", f"input {x.shape} has {x.shape[-1]} features, "
                        f"weight {weight.shape} expects {weight.shape[-1]}")
+    if isinstance(weight, QuantizedWeight):  # packed blocks: one quant_matmul, no float copy
+        return weight.linear(x, bias)
     x, weight = enp.asarray(x), enp.asarray(weight)
     if x.dtype != weight.dtype:
         common = enp.result_type(x, weight)
@@ -45,6 +48,8 @@ def embedding(ids: Any, weight: Any) -> Any:
     as ``enp.arange(T)`` inside ``jit``) are checked on the host and raise; ids only known when
     the compiled program runs are clamped to ``[0, num_embeddings)``.
     """
+    if isinstance(weight, QuantizedWeight):  # gather packed rows, dequantise only those
+        return weight.decode_rows(embedding(ids, weight.packed))
     ids = enp.asarray(ids)
     if not enp.isdtype(ids.dtype, "integral"):
         raise op_error(EmberValueError, "embedding", f"ids must be integers, got {ids.dtype}")

@@ -3,6 +3,8 @@
 ``LoRALinear`` keeps the base layer's ``weight``/``bias`` under their original names (so a
 LoRA model still loads the base checkpoint) and adds ``lora_A [r, in]`` and
 ``lora_B [out, r]``; ``B`` starts at zero, so a fresh adapter leaves the model unchanged.
+The base weight may be a packed :class:`~ember.nn.quantized.QuantizedWeight` (QLoRA: a frozen
+quantised base, float32 adapters); ``F.linear`` multiplies by it without unpacking it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ember.errors import EmberValueError
 from ember.nn import init
 from ember.nn.layers import Linear
 from ember.nn.module import Module
+from ember.nn.quantized import QuantizedWeight
 
 __all__ = ["LoRALinear", "apply_lora", "merge_lora"]
 
@@ -39,11 +42,14 @@ class LoRALinear(Linear):
         return super().forward(x) + update * self.scale
 
     def merged(self) -> Linear:
-        """A plain ``Linear`` with the adapter folded into the weight."""
+        """A plain ``Linear`` with the adapter folded into the weight (a float32 weight when
+        the base is quantised: the sum is not a whole number of quantisation steps)."""
         out = object.__new__(Linear)
         out.in_features, out.out_features = self.in_features, self.out_features
         delta = enp.matmul(self.lora_B, self.lora_A) * self.scale
-        out.weight = (self.weight + delta).astype(self.weight.dtype)
+        base = self.weight.dequantize() if isinstance(self.weight, QuantizedWeight) \
+            else self.weight
+        out.weight = (base + delta).astype(base.dtype)
         out.bias = self.bias
         # The merged weight is the base weight: it keeps its frozen flag and the mode.
         out._frozen = self.__dict__.get("_frozen", frozenset()) & {"weight", "bias"}
