@@ -179,7 +179,9 @@ class Index:
                 s = name(a)
             else:
                 op = div if isinstance(a, Div) else mod
-                s = f"({a.expr.format(name, div, mod)}{op}{a.divisor})"
+                inner = a.expr.format(name, div, mod)
+                inner = inner if a.expr.single() or a.expr.is_const() else f"({inner})"
+                s = f"({inner}{op}{a.divisor})"
             parts.append(s if c == 1 else f"{s}*{c}")
         if self.const or not parts:
             parts.append(str(self.const))

@@ -1,0 +1,534 @@
+"""C kernels for fused equations: one C function per distinct group.
+
+:func:`render` turns a ``fused`` equation (:mod:`ember.compiler.fusion`) into a
+:class:`Kernel`: the C function ``void NAME(void **args)`` where ``args`` are the outputs then
+the inputs, each a pointer to a contiguous row-major buffer of its dtype (shapes are static and
+baked into the code), outputs never overlapping inputs. ``NAME`` is a hash of the function's
+text, so the identical groups of 30 identical layers are one function. The code follows the
+group's loop description (:mod:`ember.compiler.loops`): nested loops over the outer axes,
+split across cores with OpenMP when the work is big enough, with row loops for the reductions
+inside; the innermost loops read contiguous memory through ``restrict`` pointers and are marked
+``#pragma omp simd``.
+
+Each elementwise primitive's C expression is registered on it with
+``prim.def_lowering("c", rule)`` from this module (``rule(args, eqn) -> str | None``), each
+reduction's as a :class:`CReduction`; a group using a primitive or dtype without a rule is not
+rendered (``render`` returns None) and the backend runs it through NumPy.
+
+Precision, against the NumPy reference:
+
+- ``+ - * /``, ``sqrt``, comparisons, ``max``/``min`` (NaN-propagating, as NumPy), ``select``,
+  casts, ``floor``/``ceil``/``round`` and every movement are exact, so results are bitwise those
+  of the reference; integer arithmetic wraps as NumPy's does.
+- float32 stays float32 (no promotion to double; no fused multiply-add, see the toolchain's
+  ``-ffp-contract=off``). bfloat16 and float16 are computed in float and rounded to their type
+  after every operation, as ml_dtypes and NumPy do, so they are bitwise too.
+- Functions NumPy computes with its own vectorised routines or libm (``exp``, ``log``,
+  ``tanh``, ``sin``...) use the C library here: results may differ by a few ulps (float32: 4
+  ulps is the tolerance the tests use; after rounding to bfloat16/float16 nearly always equal).
+- Sums and products accumulate sequentially in the operand's type (float for bfloat16 and
+  float16, rounded once at the end), while NumPy sums pairwise (and bfloat16 per step): results
+  agree to the rounding error of the sum, about ``n * eps`` relative to the sum of magnitudes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ember import dtypes
+from ember.compiler.loops import (
+    Const,
+    Index,
+    IndexValue,
+    Init,
+    Let,
+    Load,
+    LoopNest,
+    Ref,
+    RowLoop,
+    ScratchLoad,
+    ScratchStore,
+    Store,
+    Update,
+    Where,
+    describe,
+)
+from ember.ir.graph import Eqn
+
+__all__ = ["Kernel", "CReduction", "render", "c_type", "translation_unit", "HELPERS"]
+
+# Definitions every kernel may use; a translation unit includes them once.
+HELPERS = r"""#include <stdint.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+static inline float ember_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t ember_f32_to_bf16(float f) {  /* round to nearest even, quiet NaNs */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static inline float ember_round_bf16(float f) { return ember_bf16_to_f32(ember_f32_to_bf16(f)); }
+static inline float ember_round_f16(float f) { return (float)(_Float16)f; }
+"""
+
+# Below this many points of the domain a kernel runs on one thread: waking the others costs
+# more than the loop.
+PARALLEL_MIN = 1 << 15
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One C function: ``void name(void **args)`` (outputs, then inputs)."""
+
+    name: str
+    source: str
+    helpers: tuple[str, ...] = (HELPERS,)
+
+
+def translation_unit(kernels: Iterable[Kernel]) -> str:
+    """C source defining every distinct kernel once, after the helpers they use."""
+    helpers: list[str] = []
+    bodies: dict[str, str] = {}
+    for k in kernels:
+        helpers += [h for h in k.helpers if h not in helpers]
+        bodies.setdefault(k.name, k.source)
+    return "\n".join([*helpers, *bodies.values()])
+
+
+# --- types -----------------------------------------------------------------------------------
+
+_STORAGE = {np.dtype(np.bool_): "bool", np.dtype(np.float32): "float",
+            np.dtype(np.float64): "double", np.dtype(np.float16): "_Float16",
+            dtypes.bfloat16: "uint16_t"}
+for _t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+    _STORAGE[np.dtype(_t)] = f"{_t}_t"
+
+
+def c_type(dtype: np.dtype) -> str | None:
+    """The C type of one element of a buffer of ``dtype`` (None: not supported here)."""
+    return _STORAGE.get(np.dtype(dtype))
+
+
+def _half(dtype: np.dtype) -> bool:
+    return np.dtype(dtype) in (dtypes.bfloat16, np.dtype(np.float16))
+
+
+def _calc(dtype: np.dtype) -> str:
+    """The C type arithmetic on ``dtype`` is done in (float for 16-bit floats)."""
+    return "float" if _half(dtype) else _STORAGE[np.dtype(dtype)]
+
+
+def _unsigned(dtype: np.dtype) -> str:
+    return f"uint{np.dtype(dtype).itemsize * 8}_t"
+
+
+def _round(expr: str, dtype: np.dtype) -> str:
+    """``expr`` (computed in float) rounded to a 16-bit float type, as the reference rounds."""
+    if np.dtype(dtype) == dtypes.bfloat16:
+        return f"ember_round_bf16({expr})"
+    if np.dtype(dtype) == np.dtype(np.float16):
+        return f"ember_round_f16({expr})"
+    return expr
+
+
+def _literal(value: object, dtype: np.dtype) -> str:
+    dtype = np.dtype(dtype)
+    v = np.asarray(value).astype(dtype).item() if dtype != dtypes.bfloat16 else \
+        float(np.asarray(value).astype(dtype).astype(np.float32))
+    if dtype == np.bool_:
+        return "1" if v else "0"
+    if dtypes.is_int(dtype):
+        if dtype == np.int64 and v == -2**63:
+            return "((int64_t)(-9223372036854775807LL - 1))"
+        suffix = "ULL" if dtype.kind == "u" else "LL"
+        return f"(({_STORAGE[dtype]}){v}{suffix})"
+    f = "f" if _calc(dtype) == "float" else ""
+    if math.isnan(v):
+        return f"(({_calc(dtype)})NAN)"
+    if math.isinf(v):
+        return f"(({_calc(dtype)}){'-' if v < 0 else ''}INFINITY)"
+    text = f"{float(v).hex()}{f}"
+    return f"({text})" if text.startswith("-") else text
+
+
+# --- elementwise rules -----------------------------------------------------------------------
+
+Rule = Callable[[list[str], Eqn], "str | None"]
+
+
+def _in(eqn: Eqn, k: int = 0) -> np.dtype:
+    return np.dtype(eqn.inputs[k].aval.dtype)
+
+
+def _libm(name: str) -> Rule:
+    """A C library function: ``expf`` for float32 (and the 16-bit floats), ``exp`` for
+    float64."""
+    def rule(args: list[str], eqn: Eqn) -> str | None:
+        dt = _in(eqn)
+        if not dtypes.is_float(dt):
+            return None
+        return f"{name}{'' if dt == np.float64 else 'f'}({', '.join(args)})"
+    return rule
+
+
+def _arith_code(op: str, bool_op: str | None, dt: np.dtype, a: str, b: str) -> str | None:
+    if dt == np.bool_:
+        return f"({a} {bool_op} {b})" if bool_op else None
+    if dtypes.is_int(dt):  # wrap around as NumPy does (signed overflow is undefined in C)
+        u = _unsigned(dt)
+        return f"(({_STORAGE[dt]})(({u}){a} {op} ({u}){b}))"
+    return f"({a} {op} {b})" if dtypes.is_float(dt) else None
+
+
+def _extremum_code(op: str, dt: np.dtype, a: str, b: str) -> str | None:
+    if dtypes.is_float(dt):  # NaN wins, as in np.maximum
+        return f"(({a} {op}= {b} || {a} != {a}) ? {a} : {b})"
+    if dtypes.is_int(dt) or dt == np.bool_:
+        return f"({a} {op} {b} ? {a} : {b})"
+    return None
+
+
+def _arith(op: str, bool_op: str | None = None) -> Rule:
+    return lambda args, eqn: _arith_code(op, bool_op, _in(eqn), *args)
+
+
+def _extremum(op: str) -> Rule:
+    return lambda args, eqn: _extremum_code(op, _in(eqn), *args)
+
+
+def _real(template: str, ints: bool = False) -> Rule:
+    def rule(args: list[str], eqn: Eqn) -> str | None:
+        dt = _in(eqn)
+        if dtypes.is_float(dt) or (ints and (dtypes.is_int(dt) or dt == np.bool_)):
+            return template.format(*args)
+        return None
+    return rule
+
+
+def _neg(args: list[str], eqn: Eqn) -> str | None:
+    dt = _in(eqn)
+    if dt == np.bool_:
+        return args[0]
+    if dtypes.is_int(dt):
+        return f"(({_STORAGE[dt]})(0 - ({_unsigned(dt)}){args[0]}))"
+    return f"(-{args[0]})" if dtypes.is_float(dt) else None
+
+
+def _logistic(args: list[str], eqn: Eqn) -> str | None:
+    dt = _in(eqn)
+    if not dtypes.is_float(dt):
+        return None
+    if dt == np.float64:
+        return f"(1.0 / (1.0 + exp(-{args[0]})))"
+    # The reference rounds after each step (the negation is exact); the division is rounded
+    # as every result is.
+    e = _round(f"expf(-{args[0]})", dt)
+    return f"(1.0f / {_round(f'(1.0f + {e})', dt)})"
+
+
+def _sign(args: list[str], eqn: Eqn) -> str | None:
+    a, dt = args[0], _in(eqn)
+    if dtypes.is_float(dt):
+        return f"({a} > 0 ? 1 : ({a} < 0 ? -1 : ({a} == 0 ? 0 : {a})))"
+    if dtypes.is_int(dt):
+        return f"(({_STORAGE[dt]})(({a} > 0) - ({a} < 0)))"
+    return None
+
+
+def _not(args: list[str], eqn: Eqn) -> str | None:
+    dt = _in(eqn)
+    if dt == np.bool_:
+        return f"(!{args[0]})"
+    return f"(({_STORAGE[dt]})~{args[0]})" if dtypes.is_int(dt) else None
+
+
+def _bitwise(op: str) -> Rule:
+    def rule(args: list[str], eqn: Eqn) -> str | None:
+        dt = _in(eqn)
+        return f"({args[0]} {op} {args[1]})" if dtypes.is_int(dt) or dt == np.bool_ else None
+    return rule
+
+
+def _compare(op: str) -> Rule:
+    def rule(args: list[str], eqn: Eqn) -> str | None:
+        return None if dtypes.is_complex(_in(eqn)) else f"({args[0]} {op} {args[1]})"
+    return rule
+
+
+def _convert(args: list[str], eqn: Eqn) -> str | None:
+    src, dst = _in(eqn), np.dtype(eqn.outputs[0].aval.dtype)
+    if c_type(src) is None or c_type(dst) is None:
+        return None
+    if dst == np.bool_:
+        return f"({args[0]} != 0)"
+    if dst == np.float16 and src == np.float64:  # one rounding, as NumPy's double -> half
+        return f"((float)(_Float16){args[0]})"
+    return f"(({_calc(dst)}){args[0]})"  # the result is rounded to a 16-bit type after
+
+
+def _select(args: list[str], eqn: Eqn) -> str | None:
+    return f"({args[0]} ? {args[1]} : {args[2]})"
+
+
+def _identity(args: list[str], eqn: Eqn) -> str | None:
+    return args[0]
+
+
+@dataclass(frozen=True)
+class CReduction:
+    """How a reduction accumulates in C: its start value, ``combine(acc, x)``, and the OpenMP
+    ``simd reduction`` operator that may reorder it (None: keep the order)."""
+
+    init: Callable[[np.dtype], str | None]
+    combine: Callable[[str, str, np.dtype], str | None]
+    simd: str | None = None
+
+
+def _int_limit(dtype: np.dtype, low: bool) -> str:
+    info = np.iinfo(dtype)
+    return _literal(info.min if low else info.max, dtype)
+
+
+def _extreme_init(low: bool) -> Callable[[np.dtype], str | None]:
+    """-inf for a max, +inf for a min (the type's limits for integers)."""
+    def init(dt: np.dtype) -> str | None:
+        if dt == np.bool_:
+            return "0" if low else "1"
+        if dtypes.is_int(dt):
+            return _int_limit(dt, low)
+        return f"({'-' if low else ''}INFINITY)" if dtypes.is_float(dt) else None
+    return init
+
+
+def _numeric(dt: np.dtype) -> bool:
+    return dtypes.is_int(dt) or dtypes.is_float(dt)
+
+
+_REDUCTIONS = {
+    "reduce_sum": CReduction(lambda dt: "0" if _numeric(dt) else None,
+                             lambda acc, x, dt: _arith_code("+", None, dt, acc, x), "+"),
+    "reduce_prod": CReduction(lambda dt: "1" if _numeric(dt) else None,
+                              lambda acc, x, dt: _arith_code("*", None, dt, acc, x), "*"),
+    "reduce_max": CReduction(_extreme_init(True),
+                             lambda acc, x, dt: _extremum_code(">", dt, acc, x)),
+    "reduce_min": CReduction(_extreme_init(False),
+                             lambda acc, x, dt: _extremum_code("<", dt, acc, x)),
+}
+
+_ELEMENTWISE: dict[str, Rule] = {
+    "add": _arith("+", "|"), "sub": _arith("-"), "mul": _arith("*", "&"),
+    "div": _real("({0} / {1})"), "max": _extremum(">"), "min": _extremum("<"),
+    "neg": _neg, "sign": _sign, "logistic": _logistic, "select": _select,
+    "convert": _convert, "copy": _identity, "stop_gradient": _identity, "not": _not,
+    "and": _bitwise("&"), "or": _bitwise("|"), "xor": _bitwise("^"),
+    "eq": _compare("=="), "ne": _compare("!="), "lt": _compare("<"), "le": _compare("<="),
+    "gt": _compare(">"), "ge": _compare(">="), "is_finite": _real("isfinite({0})"),
+    "abs": _libm("fabs"), "floor": _libm("floor"), "ceil": _libm("ceil"),
+    "round": _libm("nearbyint"), "sqrt": _libm("sqrt"), "cbrt": _libm("cbrt"),
+    "exp": _libm("exp"), "exp2": _libm("exp2"), "expm1": _libm("expm1"), "log": _libm("log"),
+    "log1p": _libm("log1p"), "sin": _libm("sin"), "cos": _libm("cos"), "tan": _libm("tan"),
+    "asin": _libm("asin"), "acos": _libm("acos"), "atan": _libm("atan"),
+    "sinh": _libm("sinh"), "cosh": _libm("cosh"), "tanh": _libm("tanh"),
+    "asinh": _libm("asinh"), "acosh": _libm("acosh"), "atanh": _libm("atanh"),
+    "atan2": _libm("atan2"), "pow": _libm("pow"),
+}
+
+
+def _register() -> None:
+    from ember.core.primitive import REGISTRY
+    from ember.ops import elementwise, reduce, structural  # noqa: F401  (declare them)
+
+    for name, rule in {**_ELEMENTWISE, **_REDUCTIONS}.items():
+        REGISTRY[name].def_lowering("c", rule)
+
+
+_register()
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+class _UnsupportedError(Exception):
+    """The group uses a primitive or dtype without C: the backend runs it through NumPy."""
+
+
+def _axis_name(axis) -> str:
+    return axis.name
+
+
+def _index(idx: Index) -> str:
+    return idx.format(_axis_name)
+
+
+class _Renderer:
+    def __init__(self, nest: LoopNest):
+        self.nest = nest
+        for aval in [*nest.inputs, *nest.outputs]:
+            if c_type(aval.dtype) is None:
+                raise _UnsupportedError(aval.dtype)
+
+    def expr(self, e) -> str:
+        if isinstance(e, Load):
+            ref = f"in{e.input}[{_index(e.index)}]"
+            if np.dtype(e.dtype) == dtypes.bfloat16:
+                return f"ember_bf16_to_f32({ref})"
+            return f"((float){ref})" if _half(e.dtype) else ref
+        if isinstance(e, Const):
+            if c_type(e.dtype) is None:
+                raise _UnsupportedError(e.dtype)
+            return _literal(e.value, e.dtype)
+        if isinstance(e, IndexValue):
+            return _round(f"(({_calc(e.dtype)})({_index(e.index)}))", e.dtype)
+        if isinstance(e, Where):
+            cond = " && ".join(self.pred(p) for p in e.preds)
+            return f"(({cond}) ? {self.expr(e.then)} : {self.expr(e.other)})"
+        if isinstance(e, Ref):
+            return f"v{e.local}"
+        if isinstance(e, ScratchLoad):
+            return f"s{e.scratch}[{_index(e.index)}]"
+        raise AssertionError(f"unknown expression {e!r}")  # an ember bug
+
+    @staticmethod
+    def pred(p) -> str:
+        x = _index(p.expr)
+        parts = []
+        if p.lo is not None:
+            parts.append(f"{x} >= {p.lo}")
+        if p.hi is not None:
+            parts.append(f"{x} < {p.hi}")
+        if p.step != 1:
+            parts.append(f"({x}) % {p.step} == 0")
+        return " && ".join(parts) or "1"
+
+    def statement(self, s, lines: list[str], pad: str, accs: dict[int, Eqn]) -> None:
+        if isinstance(s, Let):
+            out = np.dtype(s.eqn.outputs[0].aval.dtype)
+            rule = s.eqn.prim.lowerings.get("c")
+            code = rule([self.expr(a) for a in s.args], s.eqn) if callable(rule) else None
+            if code is None or c_type(out) is None:
+                raise _UnsupportedError(s.eqn.prim.name)
+            lines.append(f"{pad}const {_calc(out)} v{s.local} = {_round(code, out)};")
+        elif isinstance(s, Init):
+            red, dt = self.reduction(s.eqn)
+            init = red.init(dt)
+            if init is None:
+                raise _UnsupportedError(s.eqn.prim.name)
+            accs[s.local] = s.eqn
+            lines.append(f"{pad}{_calc(dt)} v{s.local} = {init};")
+        elif isinstance(s, Update):
+            red, dt = self.reduction(s.eqn)
+            code = red.combine(f"v{s.local}", self.expr(s.value), dt)
+            if code is None:
+                raise _UnsupportedError(s.eqn.prim.name)
+            lines.append(f"{pad}v{s.local} = {code};")
+        elif isinstance(s, Store):
+            dt = np.dtype(self.nest.outputs[s.output].dtype)
+            value = self.expr(s.value)
+            if dt == dtypes.bfloat16:
+                value = f"ember_f32_to_bf16({value})"
+            lines.append(f"{pad}out{s.output}[{_index(s.index)}] = ({c_type(dt)}){value};")
+        elif isinstance(s, ScratchStore):
+            lines.append(f"{pad}s{s.scratch}[{_index(s.index)}] = {self.expr(s.value)};")
+        else:
+            raise AssertionError(f"unknown statement {s!r}")  # an ember bug
+
+    @staticmethod
+    def reduction(eqn: Eqn) -> tuple[CReduction, np.dtype]:
+        red = eqn.prim.lowerings.get("c")
+        dt = np.dtype(eqn.inputs[0].aval.dtype)
+        if not isinstance(red, CReduction) or c_type(dt) is None:
+            raise _UnsupportedError(eqn.prim.name)
+        return red, dt
+
+    def row_loop(self, loop: RowLoop, lines: list[str], pad: str,
+                 accs: dict[int, Eqn]) -> None:
+        axes = [(k, n) for k, n in enumerate(self.nest.row) if n != 1]
+        updated = {s.local: s.eqn for s in loop.body if isinstance(s, Update)}
+        by_op: dict[str | None, list[str]] = {}
+        for local, e in updated.items():
+            by_op.setdefault(self.reduction(e)[0].simd, []).append(f"v{local}")
+        inner: list[str] = []
+        for depth, (k, n) in enumerate(axes):
+            if depth == len(axes) - 1 and None not in by_op:
+                # Sums may be reordered into vector lanes; a max/min keeps its order (NaNs).
+                clause = "".join(f" reduction({op}:{', '.join(vs)})"
+                                 for op, vs in sorted(by_op.items()))
+                inner.append(f"{pad}{'  ' * depth}#pragma omp simd{clause}")
+            inner.append(f"{pad}{'  ' * depth}for (long r{k} = 0; r{k} < {n}; r{k}++) {{")
+        body_pad = pad + "  " * len(axes)
+        for s in loop.body:
+            self.statement(s, inner, body_pad, accs)
+        inner += [f"{pad}{'  ' * d}}}" for d in reversed(range(len(axes)))]
+        lines.extend(inner)
+        for local in updated:
+            dt = np.dtype(accs[local].outputs[0].aval.dtype)
+            if _half(dt):
+                lines.append(f"{pad}v{local} = {_round(f'v{local}', dt)};")
+
+    def function(self, name: str) -> str:
+        nest = self.nest
+        lines = [f"void {name}(void **args) {{"]
+        for k, aval in enumerate(nest.outputs):
+            t = c_type(aval.dtype)
+            lines.append(f"  {t} *restrict out{k} = ({t} *)args[{k}];")
+        for k, aval in enumerate(nest.inputs):
+            t = c_type(aval.dtype)
+            at = len(nest.outputs) + k
+            lines.append(f"  const {t} *restrict in{k} = (const {t} *)args[{at}];")
+        outer = [(k, n) for k, n in enumerate(nest.outer) if n != 1]
+        points = math.prod(nest.outer) * math.prod(nest.row)
+        # A map kernel keeps its innermost axis as the vectorised loop; a row kernel
+        # vectorises its row loops and spreads whole rows over the threads.
+        spread = outer[:-1] if not nest.row and len(outer) > 1 else outer
+        parallel = points >= PARALLEL_MIN and bool(spread)
+        scratch = [f"{_calc(dt)} *s{k} = malloc({math.prod(nest.row)} * sizeof({_calc(dt)}));"
+                   for k, dt in enumerate(nest.scratch)]
+        pad = "  "
+        if parallel:
+            lines.append(f"{pad}#pragma omp parallel")
+        lines.append(f"{pad}{{")
+        pad += "  "
+        lines += [pad + s for s in scratch]
+        for depth, (k, n) in enumerate(outer):
+            simd = not nest.row and depth == len(outer) - 1
+            if depth == 0 and parallel:
+                collapse = f" collapse({len(spread)})" if len(spread) > 1 else ""
+                lines.append(f"{pad}#pragma omp for{' simd' if simd else ''}{collapse}")
+            elif simd:
+                lines.append(f"{pad}#pragma omp simd")
+            lines.append(f"{pad}for (long o{k} = 0; o{k} < {n}; o{k}++)")
+        lines.append(f"{pad}{{")
+        body_pad = pad + "  "
+        accs: dict[int, Eqn] = {}
+        for s in nest.body:
+            if isinstance(s, RowLoop):
+                self.row_loop(s, lines, body_pad, accs)
+            else:
+                self.statement(s, lines, body_pad, accs)
+        lines.append(f"{pad}}}")
+        lines += [f"{pad}free(s{k});" for k in range(len(nest.scratch))]
+        lines.append("  }")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+def render(eqn: Eqn) -> Kernel | None:
+    """The C kernel of a ``fused`` equation, or None when it uses a primitive or dtype this
+    module has no C for (the backend then runs the equation's body through NumPy)."""
+    try:
+        renderer = _Renderer(describe(eqn))
+        text = renderer.function("EMBER_KERNEL")
+    except _UnsupportedError:
+        return None
+    name = "ember_k" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return Kernel(name, text.replace("EMBER_KERNEL", name))

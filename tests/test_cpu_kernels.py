@@ -1,0 +1,292 @@
+"""C kernels of fused equations (ember.backends.cpu.kernels) against the NumPy reference.
+
+Every kernel of every case is compiled in one translation unit (one compiler start for the
+module; the hypothesis tests build one per batch of graphs), then each kernel runs on the inputs
+the NumPy reference gave its fused equation and its outputs are compared with the reference's:
+
+- ``exact``: bitwise (``+ - * /``, max/min, select, comparisons, casts, movement, sqrt, and
+  bfloat16/float16 rounded after every operation as the reference rounds);
+- ``ulp``: C library functions (exp, tanh, sin...) against NumPy's own: a few ulps;
+- ``sum``: sums in another order than NumPy's pairwise summation: the rounding of the sum.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_fusion import random_programs
+
+import ember
+import ember.nn.functional as F
+import ember.numpy as enp
+from ember import dtypes
+from ember.backends import get_backend
+from ember.backends.cpu import kernels, toolchain
+from ember.compiler.fusion import fuse, fused_equations
+from ember.ir.graph import Literal
+from ember.ops import structural
+from ember.optim import AdamW
+from ember.tree import tree_leaves
+
+pytestmark = pytest.mark.skipif(not toolchain.available(), reason="no C compiler found")
+
+
+def rand(*shape, dtype=np.float32, seed=0, scale=1.0):
+    x = np.random.default_rng(seed).standard_normal(shape) * scale
+    return enp.asarray(x.astype(dtype))
+
+
+# --- running kernels -------------------------------------------------------------------------
+
+class Program:
+    """A function's fused graph, the NumPy reference's value of every var, and the kernels of
+    its fused equations (None where ``render`` declined)."""
+
+    def __init__(self, fn, args):
+        self.lowered = ember.jit(fn).lower(*args)
+        self.graph = fuse(self.lowered.graph)
+        self.leaves = [np.asarray(x) for x in tree_leaves((args, {}))]
+        self.env = _interpret(self.graph, self.leaves)
+        self.eqns = fused_equations(self.graph)
+        self.kernels = [kernels.render(e) for e in self.eqns]
+
+    def check(self, lib, how: str) -> int:
+        """Run every rendered kernel on the reference inputs; compare; count the kernels."""
+        for eqn, kernel in zip(self.eqns, self.kernels):
+            if kernel is None:
+                continue
+            ins = [np.asarray(a.value if isinstance(a, Literal) else self.env[a.id])
+                   for a in eqn.inputs]
+            got = call(lib, kernel, eqn, ins)
+            for v, g in zip(eqn.outputs, got):
+                compare(self.env[v.id], g, how, f"{eqn.params['name']}\n{kernel.source}")
+        return sum(k is not None for k in self.kernels)
+
+
+def _interpret(closed, leaves):
+    backend = get_backend("numpy")
+    env = {v.id: np.asarray(c) for v, c in zip(closed.graph.constvars, closed.consts)}
+    env.update((v.id, x) for v, x in zip(closed.graph.invars, leaves))
+    for eqn in closed.graph.eqns:
+        args = [a.value if isinstance(a, Literal) else env[a.id] for a in eqn.inputs]
+        out = backend.run_primitive(eqn.prim, args, eqn.params)
+        for v, o in zip(eqn.outputs, out if eqn.prim.multiple_results else [out]):
+            env[v.id] = np.asarray(o, dtype=v.aval.dtype)
+    return env
+
+
+def call(lib, kernel, eqn, inputs):
+    """Call a kernel: ``args`` are the outputs, then the inputs, as contiguous buffers."""
+    ins = [np.ascontiguousarray(x, dtype=v.aval.dtype) for x, v in zip(inputs, eqn.inputs)]
+    outs = [np.full(v.aval.shape, 7, dtype=v.aval.dtype) for v in eqn.outputs]
+    pointers = (ctypes.c_void_p * (len(outs) + len(ins)))(
+        *[a.ctypes.data for a in [*outs, *ins]])
+    getattr(lib, kernel.name)(pointers)
+    return outs
+
+
+def _eps(dtype) -> float:
+    return float(np.finfo(dtype).eps) if dtype != dtypes.bfloat16 else 2.0 ** -7
+
+
+def compare(want, got, how: str, what: str) -> None:
+    want, got = np.asarray(want), np.asarray(got)
+    assert want.shape == got.shape and want.dtype == got.dtype, what
+    if how == "exact" or not dtypes.is_float(want.dtype):
+        assert want.tobytes() == got.tobytes(), f"not bitwise equal: {what}"
+        return
+    w, g = want.astype(np.float64), got.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(w), np.isnan(g), err_msg=what)
+    eps = _eps(want.dtype)
+    if how == "ulp":  # a few ulps of each value (libm against NumPy's routines)
+        tol = 4 * eps * np.abs(w) + np.finfo(np.float32).tiny
+    else:  # a reordered sum: its rounding, relative to the values' magnitude
+        tol = 64 * eps * max(1.0, float(np.nanmax(np.abs(w), initial=0)))
+    ok = np.isnan(w) | (np.abs(w - g) <= tol) | (w == g)
+    assert ok.all(), f"max error {np.nanmax(np.abs(w - g))}: {what}"
+
+
+# --- cases -----------------------------------------------------------------------------------
+
+def _pad_mix(x):
+    return enp.pad(enp.flip(x, 1), [(1, 0), (2, 3)], constant_values=-1.5)
+
+
+def _softmax_of_computed(x):  # a computed value read by two row loops: kept in scratch
+    return F.softmax(x * 2.0 + 1.0)
+
+
+CASES = {
+    # name: (function, arguments, how)
+    "arith_broadcast": (lambda x, y: (x + y) * (x - y) / (y * y + 1.0),
+                        (rand(4, 1, 8), rand(3, 8, seed=1)), "exact"),
+    "max_min_select_compare": (lambda x, y: enp.where(x > y, enp.maximum(x, y * 0.5),
+                                                      enp.minimum(x, -y)),
+                               (rand(5, 7), rand(5, 7, seed=1)), "exact"),
+    "nan_propagation": (lambda x, y: enp.maximum(x, y) + enp.minimum(y, x),
+                        (enp.asarray(np.array([np.nan, 1, -2, np.nan], np.float32)),
+                         enp.asarray(np.array([0, np.nan, 3, np.nan], np.float32))), "exact"),
+    "casts": (lambda x: (x.astype(enp.int32) + 3, (x * 5).astype(enp.int8),
+                         x.astype(enp.bfloat16).astype(enp.float32) + x,
+                         x.astype(enp.float16), (x > 0).astype(enp.float32),
+                         x.astype(enp.float64) * 3.0),
+              (rand(6, 9, scale=4.0),), "exact"),
+    "int_wraparound": (lambda a, b: (a * b + a, a - b, -a, a.sum(axis=-1)),
+                       (enp.asarray(np.array([[2**30, -2**31, 7], [5, 2**31 - 1, -3]],
+                                              np.int32)),
+                        enp.asarray(np.array([[4, 3, -2**31], [2**30, 9, 11]], np.int32))),
+                       "exact"),
+    "bool_logic": (lambda a, b: (a & b) | ~a ^ (a == b),
+                   (enp.asarray(np.arange(12).reshape(3, 4) % 3 == 0),
+                    enp.asarray(np.arange(12).reshape(3, 4) % 2 == 0)), "exact"),
+    "bfloat16_rounds_per_op": (lambda x, y: (x * y + x) / (y - 0.75) * x,
+                               (rand(8, 33, dtype=dtypes.bfloat16),
+                                rand(8, 33, dtype=dtypes.bfloat16, seed=1)), "exact"),
+    "float16_rounds_per_op": (lambda x, y: enp.sqrt(enp.abs(x * y + x)) - y / (x * x + 1.0),
+                              (rand(8, 33, dtype=np.float16),
+                               rand(8, 33, dtype=np.float16, seed=1)), "exact"),
+    "float64": (lambda x, y: (x * y - x / (y * y + 1.0), enp.sqrt(enp.abs(x))),
+                (rand(7, 5, dtype=np.float64), rand(7, 5, dtype=np.float64, seed=1)),
+                "exact"),
+    "transpose_reshape_slice": (lambda x: (x.T[1:7:2] * 2.0).reshape(3, 2, 5) + 1.0,
+                                (rand(10, 8),), "exact"),
+    "pad_flip_concatenate": (lambda x, y: enp.concatenate([_pad_mix(x), y * 3.0], axis=0),
+                             (rand(4, 5), rand(2, 10, seed=1)), "exact"),
+    "interior_pad": (lambda x: structural.pad(x, enp.asarray(np.float32(0.5)), (2, -1),
+                                              (-1, 2), (1, 2)) * 2.0,
+                     (rand(4, 5),), "exact"),
+    "iota": (lambda x: x * enp.arange(9, dtype=enp.float32) + enp.arange(9)[:, None],
+             (rand(9, 9),), "exact"),
+    "rotate_half": (F.apply_rotary, (rand(2, 4, 8, 16), rand(8, 8, seed=1),
+                                     rand(8, 8, seed=2)), "exact"),
+    "max_over_rows": (lambda x: (x.max(axis=-1), x.min(axis=(1, 2)), x.max(axis=0)),
+                      (rand(4, 6, 35),), "exact"),
+    "big_parallel_map": (lambda x, y: x * y + y, (rand(256, 300), rand(300, seed=1)),
+                         "exact"),
+    "transcendental": (lambda x: (enp.exp(x), enp.tanh(x), enp.sin(x), enp.log(enp.abs(x)),
+                                  F.sigmoid(x), enp.log1p(enp.abs(x)), x ** 1.5),
+                       (rand(7, 31, scale=3.0),), "ulp"),
+    "transcendental_bfloat16": (lambda x: (enp.exp(x), F.sigmoid(x), enp.tanh(x)),
+                                (rand(7, 31, dtype=dtypes.bfloat16, scale=3.0),), "ulp"),
+    "sums": (lambda x: (x.sum(axis=-1), x.sum(axis=0), x.mean(axis=(1, 2)),
+                        (x * x).sum(axis=-1, keepdims=True) * x),
+             (rand(5, 6, 70),), "sum"),
+    "rms_norm": (lambda x, w: F.rms_norm(x, w), (rand(4, 16, 64), rand(64, seed=1)), "sum"),
+    "rms_norm_bfloat16": (lambda x, w: F.rms_norm(x, w),
+                          (rand(4, 16, 64, dtype=dtypes.bfloat16),
+                           rand(64, dtype=dtypes.bfloat16, seed=1)), "sum"),
+    "softmax": (lambda x: F.softmax(x), (rand(3, 5, 37, scale=3.0),), "sum"),
+    "softmax_big_rows": (lambda x: F.softmax(x), (rand(128, 512, scale=3.0),), "sum"),
+    "softmax_of_computed": (_softmax_of_computed, (rand(6, 40),), "sum"),
+    "log_softmax": (lambda x: F.log_softmax(x), (rand(6, 50, scale=3.0),), "sum"),
+    "cross_entropy": (lambda x, t: F.cross_entropy(x, t),
+                      (rand(8, 50, scale=3.0), enp.asarray(np.arange(8) * 7 % 50)), "sum"),
+    "swiglu": (lambda g, u: F.silu(g) * u, (rand(4, 64, scale=2.0), rand(4, 64, seed=1)),
+               "ulp"),
+}
+
+
+def _adamw_case():
+    params = {"w": rand(16, 8), "b": rand(8, seed=1)}
+    grads = {"w": rand(16, 8, seed=2), "b": rand(8, seed=3)}
+    opt = AdamW(1e-2)
+    state = opt.update(params, grads, opt.init(params))[1]
+    return opt.update, (params, grads, state), "ulp"
+
+
+def _llama_cases():
+    from tiny_models import tiny_model
+
+    model = tiny_model(64)
+    ids = enp.asarray(np.arange(16).reshape(2, 8) * 5 % 64)
+
+    def loss(m, ids):
+        return F.cross_entropy(m(ids)[:, :-1], ids[:, 1:])
+
+    return {"llama_forward": (lambda m, ids: m(ids), (model, ids), "sum"),
+            "llama_value_and_grad": (ember.value_and_grad(loss), (model, ids), "sum")}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cases = {**CASES, "adamw": _adamw_case(), **_llama_cases()}
+    programs = {name: (Program(fn, args), how) for name, (fn, args, how) in cases.items()}
+    source = kernels.translation_unit(k for p, _ in programs.values() for k in p.kernels if k)
+    return programs, toolchain.build(source)
+
+
+@pytest.mark.parametrize("name", [*CASES, "adamw", "llama_forward", "llama_value_and_grad"])
+def test_kernels_match_the_numpy_reference(compiled, name):
+    programs, lib = compiled
+    program, how = programs[name]
+    assert program.check(lib, how) == len(program.eqns)  # every group was rendered
+
+
+def test_identical_groups_share_one_kernel(compiled):
+    programs, _ = compiled
+    program, _ = programs["llama_forward"]
+    names = [k.name for k in program.kernels]
+    assert len(set(names)) < len(names)  # the two layers' groups are the same functions
+    rms = {k.name for e, k in zip(program.eqns, program.kernels)
+           if e.outputs[0].aval.shape == (2, 8, 32) and "reduce_sum" in k.source}
+    assert len(rms) <= 2  # the first norm reads the embedding, the others a residual sum
+
+
+def test_kernel_text_shows_the_loop_structure(compiled):
+    programs, _ = compiled
+    softmax, _ = programs["softmax_big_rows"]
+    (k,) = softmax.kernels
+    assert k.source.startswith(f"void {k.name}(void **args)")
+    assert "#pragma omp parallel" in k.source and "#pragma omp for" in k.source
+    assert k.source.count("for (long r0") == 3  # max, sum of exponentials, normalise
+    assert "reduction(+:" in k.source and "double" not in k.source
+    small, _ = programs["softmax"]
+    assert "#pragma omp parallel" not in small.kernels[0].source
+    scratch, _ = programs["softmax_of_computed"]
+    assert "malloc" in scratch.kernels[0].source
+
+
+def test_render_declines_what_it_has_no_c_for():
+    x = rand(3, 4)
+    for fn in (lambda x: ember.numpy.special.erf(x) * 2.0,
+               lambda x: (x + 1j).real * 2.0,
+               lambda x: enp.argmax(x * 2.0, axis=-1)):
+        graph = fuse(ember.jit(fn).lower(x).graph)
+        rendered = [kernels.render(e) for e in fused_equations(graph)]
+        assert None in rendered
+
+
+def test_c_type_of_each_dtype():
+    assert kernels.c_type(np.dtype(np.float32)) == "float"
+    assert kernels.c_type(dtypes.bfloat16) == "uint16_t"
+    assert kernels.c_type(np.dtype(np.float16)) == "_Float16"
+    assert kernels.c_type(np.dtype(np.int64)) == "int64_t"
+    assert kernels.c_type(np.dtype(np.bool_)) == "bool"
+    assert kernels.c_type(np.dtype(np.complex64)) is None
+
+
+# --- random graphs ----------------------------------------------------------------------------
+
+def _check_batch(batch, how: str) -> None:
+    programs = [Program(fn, inputs) for fn, inputs in batch]
+    for p in programs:
+        assert all(k is not None for k in p.kernels), "a group was not rendered"
+    lib = toolchain.build(kernels.translation_unit(k for p in programs for k in p.kernels))
+    for p in programs:
+        p.check(lib, how)
+
+
+@settings(max_examples=3, deadline=None)
+@given(st.lists(random_programs(exact=True), min_size=15, max_size=15))
+def test_random_graphs_compile_and_match_bitwise(batch):
+    _check_batch(batch, "exact")
+
+
+@settings(max_examples=2, deadline=None)
+@given(st.lists(random_programs(), min_size=15, max_size=15))
+def test_random_graphs_with_libm_and_sums_compile_and_match(batch):
+    _check_batch(batch, "sum")
