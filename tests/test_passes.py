@@ -264,6 +264,13 @@ def test_verify_reports_operands_the_shape_rule_rejects():
         verify(closed)
 
 
+def test_verify_refuses_a_function_in_params():
+    x, y = Var(F64), Var(F64)
+    eqn = Eqn(ew.sin.prim, [x], [y], {"hook": print})
+    with pytest.raises(VerifyError, match="equation 0 .*sin.*no canonical key"):
+        verify(ClosedGraph(Graph([], [x], [eqn], [y]), []))
+
+
 def test_verify_recurses_and_names_the_body():
     closed = make_graph(lambda h, xs: list(lax.scan(step, h, xs)),
                         [F64, ArrayType((4, 3), F64.dtype)])

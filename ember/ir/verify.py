@@ -1,10 +1,11 @@
 """The verifier: checks that a graph is well formed before it is compiled.
 
 Each var is defined once, before its uses; outputs are defined; every equation's result types
-are what its primitive's shape rule gives for its operand types; and the same holds inside
-every body of control flow. ``jit`` runs it after the passes, so a pass that breaks a graph is
-caught at the equation it broke rather than as a wrong number later. A failure is an Ember bug,
-not a user error: it raises :class:`VerifyError` naming the equation and where it sits.
+are what its primitive's shape rule gives for its operand types; its params are data with a
+canonical key (no functions); and the same holds inside every body of control flow. ``jit``
+runs it after the passes, so a pass that breaks a graph is caught at the equation it broke
+rather than as a wrong number later. A failure is an Ember bug, not a user error: it raises
+:class:`VerifyError` naming the equation and where it sits.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ember.ir.graph import ClosedGraph, Eqn, Literal, Var
-from ember.ir.params import bodies
+from ember.ir.params import bodies, param_key
 
 __all__ = ["verify", "VerifyError"]
 
@@ -44,6 +45,10 @@ def verify(closed: ClosedGraph, where: str = "graph") -> None:
         for a in eqn.inputs:
             if not isinstance(a, Literal) and a.id not in defined:
                 _fail(where, f"{what} uses {a} before it is defined")
+        try:
+            param_key(eqn.params)
+        except TypeError as e:
+            _fail(where, f"{what}: a param has no canonical key (params must be data): {e}")
         _check_types(eqn, where, what)
         for name, body in bodies(eqn):
             verify(body, f"{where} > {what} > {name}")
