@@ -635,11 +635,13 @@ def _threefry_spec() -> Spec:
 
 def _extension_specs() -> list[Spec]:
     # Imported here, once the generators above exist: these modules build on them.
+    import specs_attention
     import specs_fft
     import specs_linalg
     import specs_quantized
 
-    return specs_linalg.specs() + specs_fft.specs() + specs_quantized.specs()
+    return (specs_linalg.specs() + specs_fft.specs() + specs_attention.specs()
+            + specs_quantized.specs())
 
 
 SPECS: list[Spec] = (_unary_specs() + _binary_specs() + _convert_specs() + _structural_specs()

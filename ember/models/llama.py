@@ -10,8 +10,10 @@ The attention keeps Hugging Face's rotate-half rotary layout; GGUF files store q
 permuted for the interleaved layout and are un-permuted on load (``ember.models.loading``).
 
 A forward pass either sees the whole sequence (training, scoring) or writes into a
-preallocated :class:`KVCache` at ``cache_pos`` and attends over the whole cache with a mask:
-the shapes never depend on the position, so a jitted decode step is traced once.
+preallocated :class:`KVCache` at ``cache_pos`` and attends over its filled part, the first
+``cache_pos + length`` keys: the attention primitive takes that length as a traced operand,
+so the shapes never depend on the position, a jitted decode step is traced once, and it reads
+only the keys written so far.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ember.nn import functional as F  # noqa: N812
 from ember.nn import init
 from ember.nn.layers import Embedding, Linear, RMSNorm
 from ember.nn.module import Module, ModuleList
+from ember.ops.attention import attention
 from ember.transforms.checkpoint import checkpoint
 from ember.tree import register_dataclass
 
@@ -219,13 +222,15 @@ class Attention(Module):
         q = F.apply_rotary(heads(self.q_proj(x), self.num_heads), cos, sin)
         k = F.apply_rotary(heads(self.k_proj(x), self.num_kv_heads), cos, sin)
         v = heads(self.v_proj(x), self.num_kv_heads)
+        kv_len, q_offset = None, 0
         if cache is not None:
             start = (0, 0, cache_pos, 0)
             k = lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
             v = lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             cache = (k, v)
-        out = F.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                             attn_mask=mask, enable_gqa=True)
+            kv_len, q_offset = cache_pos + t, cache_pos  # read only the filled part
+        out, _ = attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True, kv_len=kv_len,
+                           q_offset=q_offset, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), cache
 
@@ -329,21 +334,22 @@ class LlamaForCausalLM(Module):
 
     def _mask(self, b: int, t: int, cache: KVCache | None, cache_pos: Any,
               attention_mask: Any) -> Any:
-        """Boolean ``[batch, 1, queries, keys]``: causal, padding and sliding window."""
+        """What the causal attention cannot say itself: a boolean mask for the sliding window
+        (``[1, 1, queries, keys]``) and padding (``[batch, 1, 1, keys]``), or None."""
         src = t if cache is None else cache.max_len
-        query = enp.arange(t, dtype=enp.int32)[:, None] + cache_pos
-        key = enp.arange(src, dtype=enp.int32)[None, :]
-        mask = key <= query
+        mask = None
         window = self.config.sliding_window
         if window is not None and window < max(src, 1):
-            mask = enp.logical_and(mask, key > query - window)
-        mask = enp.broadcast_to(mask[None, None], (b, 1, t, src))
+            query = enp.arange(t, dtype=enp.int32)[:, None] + cache_pos
+            key = enp.arange(src, dtype=enp.int32)[None, :]
+            mask = (key > query - window)[None, None]
         if attention_mask is not None:
             attention_mask = enp.asarray(attention_mask)
             if tuple(attention_mask.shape) != (b, src):
                 raise EmberError(f"LlamaForCausalLM: attention_mask must be [batch, keys] = "
                                  f"{(b, src)}, got {attention_mask.shape}")
-            mask = enp.logical_and(mask, attention_mask.astype(enp.bool_)[:, None, None, :])
+            padding = attention_mask.astype(enp.bool_)[:, None, None, :]
+            mask = padding if mask is None else enp.logical_and(mask, padding)
         return mask
 
     def loss(self, ids: Any, labels: Any = None, attention_mask: Any = None) -> Any:

@@ -1,8 +1,9 @@
 """``ember.nn.functional``: the stateless operations behind the layers, PyTorch's names.
 
-Everything here is written with ``ember.numpy``, so it runs eagerly, under ``jit`` and under
-every transformation, and differentiates without extra rules. Shapes and argument names follow
-``torch.nn.functional`` (attention takes ``[..., heads, length, head_dim]``).
+Everything here is written with ``ember.numpy`` (attention with its own primitive), so it runs
+eagerly, under ``jit`` and under every transformation, and differentiates without extra rules.
+Shapes and argument names follow ``torch.nn.functional`` (attention takes
+``[..., heads, length, head_dim]``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import numpy as np
 import ember.numpy as enp
 from ember import lax, random
 from ember.core.array import Tracer
-from ember.errors import EmberValueError, ShapeError, op_error
+from ember.errors import DTypeError, EmberValueError, ShapeError, op_error
 from ember.nn.quantized import QuantizedWeight
 from ember.numpy import special
+from ember.ops.attention import attention
 from ember.transforms.autodiff import stop_gradient
 
 __all__ = ["linear", "embedding", "relu", "silu", "gelu", "sigmoid", "tanh", "softmax",
@@ -185,13 +187,6 @@ def cross_entropy(logits: Any, target: Any, ignore_index: int = -100,
     return total / enp.sum(valid).astype(nll.dtype)
 
 
-def _mask_value(dtype: Any) -> float:
-    # A large finite negative instead of -inf: a fully masked row (a padding query) then gives
-    # finite garbage that is ignored, not NaNs that poison gradients. Half of the smallest
-    # float, so that adding scores (or a second mask) cannot overflow to -inf.
-    return float(enp.finfo(dtype).min) / 2
-
-
 def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None,
                                  dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, enable_gqa: bool = False,
@@ -201,68 +196,100 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     ``attn_mask`` is boolean (True = may attend) or additive, broadcast to
     ``[..., heads, L, S]``; ``is_causal`` masks the upper triangle (top-left aligned, as
     PyTorch). With ``enable_gqa`` the query heads are grouped over fewer key/value heads
-    (query head ``h`` reads key/value head ``h // (Hq // Hkv)``), computed by folding the
-    group into the query length so that keys and values are never copied.
+    (query head ``h`` reads key/value head ``h // (Hq // Hkv)``), and keys and values are never
+    copied. A query row that may attend to no key gives zeros (PyTorch's math kernel gives NaN).
+
+    It is one ``attention`` primitive (:func:`ember.ops.attention.attention`): computed in
+    tiles, never building the ``[L, S]`` scores, and differentiated by one fused backward
+    primitive. With ``dropout_p > 0`` the attention weights must exist to be dropped, so that
+    case runs the decomposed formula, which materialises them.
     """
     q, k, v = enp.asarray(query), enp.asarray(key), enp.asarray(value)
+    op = "scaled_dot_product_attention"
     if q.ndim < 3 or k.ndim != q.ndim or v.ndim != q.ndim:
-        raise op_error(ShapeError, "scaled_dot_product_attention", f"query {q.shape}, key "
-                       f"{k.shape} and value {v.shape} must all be [..., heads, length, dim]")
+        raise op_error(ShapeError, op, f"query {q.shape}, key {k.shape} and value {v.shape} "
+                       f"must all be [..., heads, length, dim]")
     hq, length, dim = q.shape[-3:]
     hk, src = k.shape[-3], k.shape[-2]
     if k.shape[-1] != dim or v.shape[-3:-1] != (hk, src):
-        raise op_error(ShapeError, "scaled_dot_product_attention", f"query {q.shape}, key "
-                       f"{k.shape} and value {v.shape} do not fit together")
-    if hq != hk and not (enable_gqa and hq % hk == 0):
-        raise op_error(ShapeError, "scaled_dot_product_attention", f"{hq} query heads and {hk} "
-                       f"key/value heads need enable_gqa=True and {hq} divisible by {hk}")
-    group = hq // hk
-    batch = q.shape[:-3]
+        raise op_error(ShapeError, op, f"query {q.shape}, key {k.shape} and value {v.shape} "
+                       f"do not fit together")
+    if hq != hk and not (enable_gqa and hk and hq % hk == 0):
+        raise op_error(ShapeError, op, f"{hq} query heads and {hk} key/value heads need "
+                       f"enable_gqa=True and {hq} divisible by {hk}")
+    dtype = enp.result_type(q, k, v)
+    if not enp.isdtype(dtype, "real floating"):
+        raise op_error(DTypeError, op, f"needs floating-point query, key and value, got "
+                       f"{q.dtype}, {k.dtype} and {v.dtype}")
+    try:
+        batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except ValueError:
+        raise op_error(ShapeError, op, f"the leading axes of query {q.shape}, key {k.shape} "
+                       f"and value {v.shape} do not broadcast together") from None
+    q, k, v = (_leading(x.astype(dtype), batch) for x in (q, k, v))
+    mask = None if attn_mask is None else \
+        _attention_mask(attn_mask, dtype, (*batch, hq, length, src))
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    # [..., Hk, G*L, D] @ [..., Hk, D, S]: one batched matmul per key/value head; the scale
-    # goes on the queries, which are smaller than the scores.
+    if dropout_p:
+        return _decomposed_attention(q, k, v, mask, is_causal, scale, dropout_p, dropout_key)
+    out, _ = attention(q, k, v, scale=scale, causal=is_causal, mask=mask)
+    return out
+
+
+def _leading(x: Any, batch: tuple[int, ...]) -> Any:
+    """``x`` broadcast to the leading axes ``batch`` (untouched when it has them)."""
+    return x if tuple(x.shape[:-3]) == batch else enp.broadcast_to(x, (*batch, *x.shape[-3:]))
+
+
+def _attention_mask(mask: Any, dtype: Any, scores: tuple[int, ...]) -> Any:
+    """``mask`` with one axis per axis of the scores (each 1 or full): boolean, or additive in
+    the inputs' dtype."""
+    mask = enp.asarray(mask)
+    if mask.ndim > len(scores):
+        raise op_error(ShapeError, "scaled_dot_product_attention", f"attn_mask {mask.shape} "
+                       f"has more dimensions than the scores {scores}")
+    mask = mask.reshape((1,) * (len(scores) - mask.ndim) + tuple(mask.shape))
+    if any(m not in (1, n) for m, n in zip(mask.shape, scores)):
+        raise op_error(ShapeError, "scaled_dot_product_attention", f"attn_mask "
+                       f"{mask.shape} does not broadcast to the scores {scores}")
+    return mask if mask.dtype == enp.bool_ else mask.astype(dtype)
+
+
+def _decomposed_attention(q: Any, k: Any, v: Any, mask: Any, is_causal: bool, scale: float,
+                          dropout_p: float, dropout_key: Any) -> Any:
+    """Attention as matmuls and a softmax, the ``[L, S]`` weights materialised (for dropout)."""
+    *batch, hq, length, dim = q.shape
+    hk, src = k.shape[-3], k.shape[-2]
+    group = hq // hk
+    # [..., Hk, G*L, D] @ [..., Hk, D, S]: one batched matmul per key/value head.
     qg = (q * scale).reshape(*batch, hk, group * length, dim)
-    scores = enp.matmul(qg, enp.swapaxes(k, -1, -2))
-    scores = scores.reshape(*batch, hk, group, length, src)
-    mask, bias = None, None
+    scores = enp.matmul(qg, enp.swapaxes(k, -1, -2)).reshape(*batch, hk, group, length, src)
+    allowed, bias = None, None
     if is_causal:
-        mask = enp.asarray(np.tril(np.ones((length, src), dtype=bool)))
-    if attn_mask is not None:
-        attn_mask = enp.asarray(attn_mask)
-        grouped = _group_mask(attn_mask, batch, hq, hk, group, length, src)
-        if attn_mask.dtype == enp.bool_:
-            mask = grouped if mask is None else enp.logical_and(mask, grouped)
-        else:
-            bias = grouped.astype(scores.dtype)
+        allowed = enp.asarray(np.tril(np.ones((length, src), dtype=bool)))
     if mask is not None:
-        # An additive bias built at the mask's (broadcast) shape: adding it to the scores costs
-        # one pass, and its backward is the identity, where a select would need a second.
-        masked = enp.where(mask, 0.0, _mask_value(scores.dtype)).astype(scores.dtype)
+        grouped = _group_heads(mask, hk, group)
+        if mask.dtype == enp.bool_:
+            allowed = grouped if allowed is None else enp.logical_and(allowed, grouped)
+        else:
+            bias = grouped
+    if allowed is not None:
+        # A large finite negative instead of -inf: a fully masked row gives finite garbage
+        # that is ignored, not NaNs that poison gradients. Built in the scores' dtype.
+        low = enp.asarray(float(enp.finfo(scores.dtype).min) / 2, dtype=scores.dtype)
+        masked = enp.where(allowed, enp.zeros((), scores.dtype), low)
         bias = masked if bias is None else bias + masked
     if bias is not None:
         scores = scores + bias
-    weights = softmax(scores, axis=-1)
-    if dropout_p:
-        weights = dropout(weights, dropout_p, key=dropout_key)
-    weights = weights.reshape(*batch, hk, group * length, src)
-    out = enp.matmul(weights, v)
+    weights = dropout(softmax(scores, axis=-1), dropout_p, key=dropout_key)
+    out = enp.matmul(weights.reshape(*batch, hk, group * length, src), v)
     return out.reshape(*batch, hq, length, v.shape[-1])
 
 
-def _group_mask(mask: Any, batch: tuple[int, ...], hq: int, hk: int, group: int,
-                length: int, src: int) -> Any:
-    """Reshape a mask broadcastable to ``[..., Hq, L, S]`` to ``[..., Hk, G, L, S]``."""
-    full = (*batch, hq, length, src)
-    if mask.ndim > len(full):
-        raise op_error(ShapeError, "scaled_dot_product_attention", f"attn_mask {mask.shape} "
-                       f"has more dimensions than the scores {full}")
-    m = mask.reshape((1,) * (len(full) - mask.ndim) + tuple(mask.shape))
-    if m.shape[-3] == 1:
-        return m[..., None, :, :]
-    if m.shape[-3] != hq:
-        raise op_error(ShapeError, "scaled_dot_product_attention", f"attn_mask {mask.shape} "
-                       f"does not broadcast to the scores {full}")
-    return m.reshape(*m.shape[:-3], hk, group, m.shape[-2], m.shape[-1])
+def _group_heads(mask: Any, hk: int, group: int) -> Any:
+    """A mask ``[..., Hq or 1, L, S]`` as ``[..., Hk or 1, G or 1, L, S]``."""
+    heads = (hk, group) if mask.shape[-3] != 1 else (1, 1)
+    return mask.reshape(*mask.shape[:-3], *heads, *mask.shape[-2:])
 
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0, scaling: dict[str, Any] | None = None
