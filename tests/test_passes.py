@@ -79,6 +79,7 @@ def test_plain_params_are_canonical():
     keys = {param_key(1), param_key(1.0), param_key(True), param_key(np.float32(1.0))}
     assert len(keys) == 4
     assert param_key(float("nan")) == param_key(float("nan"))
+    assert param_key(np.float32(2.0)) != param_key(np.array([2.0], np.float32))
     assert param_key(0.0) != param_key(-0.0)
     assert param_key(np.dtype(dtypes.bfloat16)) != param_key(np.dtype(np.float16))
     assert param_key(ArrayType((2,), np.dtype(np.float32), weak=True)) != \

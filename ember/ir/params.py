@@ -97,10 +97,10 @@ def aval_key(aval: ArrayType) -> tuple:
 
 def array_key(value: Any) -> tuple:
     """A concrete array (or scalar) by dtype, shape and content."""
-    a = np.ascontiguousarray(value)
-    data = a.tobytes()
-    if len(data) > _INLINE_BYTES:
-        data = hashlib.blake2b(data, digest_size=20).digest()
+    a = np.asarray(value)
+    raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)  # its bytes, copied only if strided
+    data = (raw.tobytes() if raw.nbytes <= _INLINE_BYTES
+            else hashlib.blake2b(raw, digest_size=20).digest())
     return ("array", str(a.dtype), a.shape, data)
 
 
