@@ -3,8 +3,10 @@ gradient, a decode step with its cache donated), random graphs, the debug fill, 
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -236,12 +238,14 @@ def _apply(ops, starts, x, w, idx):
 
 
 @settings(max_examples=12, deadline=None)
-@given(graphs())
-def test_random_graphs_match_the_numpy_backend(graph):
+@given(graphs(), st.booleans())
+def test_random_graphs_match_the_numpy_backend(graph, fill_freed):
+    """Also with freed memory poisoned: a program reading a dead buffer would differ."""
     rng = np.random.default_rng(6)
     x, w = rng.standard_normal((2, 5, 5)).astype(np.float32) / 2
     idx = rng.integers(-1, 6, size=(5, 1))
-    _same(lambda x, w, i: _apply(*graph, x, w, i), x, w, idx, rtol=1e-4, atol=1e-5)
+    with mock.patch.dict(os.environ, {"EMBER_DEBUG_FILL_FREED": "1" if fill_freed else "0"}):
+        _same(lambda x, w, i: _apply(*graph, x, w, i), x, w, idx, rtol=1e-4, atol=1e-5)
 
 
 # --- debug fill, fallback ---------------------------------------------------------------------
