@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ember.errors import UnsupportedError
 from ember.ir.graph import ClosedGraph
 
 # The key of ``Primitive.impls`` for implementations that work on every backend, written
@@ -56,8 +57,6 @@ class Backend:
             return impl
         generic = prim.impls.get(ANY_BACKEND)
         if generic is None:
-            from ember.errors import UnsupportedError
-
             raise UnsupportedError(f"{prim.name} has no implementation for the {self.name} "
                                    "backend")
         return functools.partial(generic, self)
