@@ -84,13 +84,30 @@ class Mod:
 Atom = Axis | Div | Mod
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Index:
     """``sum(coefficient * atom) + const``; build with :meth:`axis`, :meth:`of`, ``+``, ``*``,
-    ``//`` and ``%`` (integers only), which keep the normal form."""
+    ``//`` and ``%`` (integers only), which keep the normal form.
+
+    Terms keep the order they were built in (so the code reads ``i0*8 + i1``); two indices
+    with the same terms in another order are equal and hash alike.
+    """
 
     terms: tuple[tuple[Atom, int], ...] = ()
     const: int = 0
+
+    def _key(self) -> tuple[frozenset, int]:
+        key = self.__dict__.get("_cached_key")
+        if key is None:
+            key = (frozenset(self.terms), self.const)
+            object.__setattr__(self, "_cached_key", key)
+        return key
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Index) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @staticmethod
     def of(value: int) -> Index:
@@ -103,8 +120,7 @@ class Index:
 
     @staticmethod
     def _make(terms: dict[Atom, int], const: int) -> Index:
-        kept = tuple(sorted(((a, c) for a, c in terms.items() if c), key=lambda t: repr(t[0])))
-        return Index(kept, const)
+        return Index(tuple((a, c) for a, c in terms.items() if c), const)
 
     def __add__(self, other: Index | int) -> Index:
         other = other if isinstance(other, Index) else Index.of(other)
