@@ -286,7 +286,7 @@ def _chat(args: argparse.Namespace) -> int:
 _DTYPES = ("float32", "bfloat16", "float16")
 # convert's --dtype: the float dtypes (either container) and the block formats (GGUF only).
 _CONVERT_DTYPES = {**{d: d for d in _DTYPES}, "bf16": "bfloat16", "f16": "float16",
-                   "q8_0": "q8_0", "q4_0": "q4_0"}
+                   "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1"}
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -517,8 +517,8 @@ def _parser() -> argparse.ArgumentParser:
                    "directory (new, empty, or made by an earlier `ember convert`)")
     v.add_argument("--dtype", choices=tuple(_CONVERT_DTYPES), default="float32",
                    help="dtype of the written weights: float32, bfloat16 (bf16), float16 (f16), "
-                   "or, for a .gguf OUT, the block formats q8_0 and q4_0 (quantised GGUF weights "
-                   "grow 4-8x as float32)")
+                   "or, for a .gguf OUT, the block formats q8_0, q4_0 and q4_1 (quantised GGUF "
+                   "weights grow 4-8x as float32)")
     v.add_argument("--force", action="store_true",
                    help="write into an OUT directory that holds other files, or replace an "
                    "existing OUT file")

