@@ -35,7 +35,7 @@ from ember.ir.types import ArrayType
 from ember.ops import structural as st
 from ember.ops.batching import batch_by_loop
 
-__all__ = ["quant_matmul", "dequantize", "FORMATS"]
+__all__ = ["quant_matmul", "dequantize"]
 
 quant_matmul_p = Primitive("quant_matmul", kind="contraction")
 dequantize_p = Primitive("dequantize", kind="library")
