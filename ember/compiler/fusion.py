@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.backends.base import ANY_BACKEND, Backend
-from ember.compiler.loops import same_site, view_rule
+from ember.compiler.loops import reduced_axes, same_site, view_rule
 from ember.core.primitive import Primitive
 from ember.ir.graph import ClosedGraph, Eqn, Graph, Var
 from ember.ir.types import ArrayType
@@ -85,14 +85,6 @@ def fused_equations(closed: ClosedGraph) -> list[Eqn]:
 
 
 # --- shapes of a group -----------------------------------------------------------------------
-
-def reduced_axes(eqn: Eqn) -> tuple[int, ...]:
-    """The axes a reduction equation combines (``axes`` for sums and extrema, ``axis`` for
-    argmax/argmin)."""
-    if "axes" in eqn.params:
-        return tuple(eqn.params["axes"])
-    return (eqn.params["axis"],)
-
 
 def domain_level(shape: tuple[int, ...], outer: tuple[int, ...], row: tuple[int, ...]
                  ) -> str | None:

@@ -41,7 +41,7 @@ from ember.ir.types import ArrayType
 __all__ = ["Index", "Axis", "Div", "Mod", "Pred", "Load", "Const", "IndexValue", "Where",
            "Ref", "ScratchLoad", "Let", "Init", "Update", "Store", "ScratchStore", "RowLoop",
            "LoopNest", "ViewRule", "describe", "flat_index", "site", "domain_of", "view_rule",
-           "same_site"]
+           "same_site", "reduced_axes"]
 
 
 # --- index expressions -----------------------------------------------------------------------
@@ -235,18 +235,13 @@ class Pred:
         lo, hi = self.expr.bounds()
         if (self.lo is not None and hi < self.lo) or (self.hi is not None and lo >= self.hi):
             return False
+        decided = (self.lo is None or lo >= self.lo) and (self.hi is None or hi < self.hi)
         if self.step != 1:
-            m = self.expr % self.step
-            if m.is_const():
-                return m.const == 0 and self.value_without_step()
-            return None
-        return self.value_without_step()
-
-    def value_without_step(self) -> bool | None:
-        lo, hi = self.expr.bounds()
-        ok_lo = self.lo is None or lo >= self.lo
-        ok_hi = self.hi is None or hi < self.hi
-        return True if ok_lo and ok_hi else None
+            rest = self.expr % self.step
+            if rest.is_const() and rest.const != 0:
+                return False
+            decided = decided and rest.is_const()
+        return True if decided else None
 
 
 # --- scalar expressions and statements -------------------------------------------------------
@@ -492,6 +487,14 @@ _register_view_rules()
 
 # --- domains and sites -----------------------------------------------------------------------
 
+def reduced_axes(eqn: Eqn) -> tuple[int, ...]:
+    """The axes a reduction equation combines (``axes`` for sums and extrema, ``axis`` for
+    argmax/argmin)."""
+    if "axes" in eqn.params:
+        return tuple(eqn.params["axes"])
+    return (eqn.params["axis"],)
+
+
 def site(shape: Sequence[int], outer: tuple[int, ...], row: tuple[int, ...]
          ) -> tuple[Index, ...] | None:
     """The element of a value of ``shape`` that the domain point ``(o..., r...)`` computes:
@@ -509,10 +512,6 @@ def site(shape: Sequence[int], outer: tuple[int, ...], row: tuple[int, ...]
     return None
 
 
-def _key(idx: Sequence[Index]) -> tuple:
-    return tuple(idx)
-
-
 def same_site(eqn: Eqn, outer: tuple[int, ...], row: tuple[int, ...]) -> bool:
     """Whether a one-operand view reads, at each domain point, exactly the element of its
     operand that the point computes: then the view costs nothing inside the group (a reshape
@@ -523,7 +522,7 @@ def same_site(eqn: Eqn, outer: tuple[int, ...], row: tuple[int, ...]) -> bool:
     if rule is None or out is None or src is None:
         return False
     picks = rule.gather(eqn, out)
-    return len(picks) == 1 and picks[0][1][0] == 0 and _key(picks[0][1][1]) == _key(src)
+    return len(picks) == 1 and picks[0][1][0] == 0 and tuple(picks[0][1][1]) == src
 
 
 def domain_of(body: ClosedGraph) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -532,8 +531,6 @@ def domain_of(body: ClosedGraph) -> tuple[tuple[int, ...], tuple[int, ...]]:
     graph = body.graph
     for eqn in graph.eqns:
         if eqn.prim.kind == "reduction":
-            from ember.compiler.fusion import reduced_axes
-
             axes = reduced_axes(eqn)
             shape = _shape(eqn.inputs[0])
             return (tuple(n for k, n in enumerate(shape) if k not in axes),
@@ -593,7 +590,7 @@ class _Builder:
             return Const(a.value, a.aval.dtype)
         if a.id in self.inputs:
             return Load(self.inputs[a.id], flat_index(idx, _shape(a)), a.aval.dtype)
-        key = (a.id, _key(idx))
+        key = (a.id, tuple(idx))
         known = self.lookup(key)
         if known is not None:
             return known
@@ -601,7 +598,7 @@ class _Builder:
         kind = eqn.prim.kind
         if kind == "elementwise":
             if (loop_phase is not None and self.in_row(a) and self.phase[a.id] < loop_phase
-                    and _key(idx) == _key(self.site(a))):
+                    and tuple(idx) == self.site(a)):
                 return self.scratch_of[a.id]  # computed by an earlier row loop
             args = tuple(self.value(x, idx, out, loop_phase) for x in eqn.inputs)
             ref = Ref(self.local(), a.aval.dtype)
@@ -677,7 +674,7 @@ class _Builder:
             for e in updates:
                 acc[e.outputs[0].id] = Ref(self.local(), e.outputs[0].aval.dtype)
                 body.append(Init(acc[e.outputs[0].id].local, e))
-                self.scopes[0][(e.outputs[0].id, _key(self.site(e.outputs[0])))] = \
+                self.scopes[0][(e.outputs[0].id, self.site(e.outputs[0]))] = \
                     acc[e.outputs[0].id]
             if self.row and needs[p]:
                 loop = RowLoop()
@@ -701,8 +698,6 @@ class _Builder:
                         [v.aval for v in graph.outvars], self.scratch, body)
 
     def _operand_site(self, eqn: Eqn) -> tuple[Index, ...]:
-        from ember.compiler.fusion import reduced_axes
-
         axes = reduced_axes(eqn)
         o = iter(self.site(eqn.outputs[0])[:len(self.outer)])
         r = iter(Index.axis(f"r{k}", n) for k, n in enumerate(self.row))

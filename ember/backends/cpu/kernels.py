@@ -362,12 +362,8 @@ class _UnsupportedError(Exception):
     """The group uses a primitive or dtype without C: the backend runs it through NumPy."""
 
 
-def _axis_name(axis) -> str:
-    return axis.name
-
-
 def _index(idx: Index) -> str:
-    return idx.format(_axis_name)
+    return idx.format()
 
 
 class _Renderer:
