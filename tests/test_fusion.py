@@ -14,6 +14,17 @@ import ember.numpy as enp
 from ember import dtypes
 from ember.backends import get_backend
 from ember.compiler.fusion import COMPUTE_KINDS, VIEW_KINDS, fuse, fused_equations
+from ember.compiler.loops import (
+    Index,
+    Let,
+    Pred,
+    RowLoop,
+    Store,
+    Update,
+    describe,
+    flat_index,
+    unflatten,
+)
 from ember.ir.graph import Literal
 from ember.ir.verify import verify
 from ember.optim import AdamW
@@ -383,3 +394,50 @@ def test_random_graphs_fused_equal_unfused_bitwise(program):
     lowered, fused = lower_and_fuse(fn, *inputs)
     check_structure(fused)
     assert_bitwise(lowered, fused, *inputs)
+
+
+# --- the loop description ---------------------------------------------------------------------
+
+def test_index_algebra_simplifies_a_reshape_and_its_inverse():
+    i, j = Index.axis("i", 8), Index.axis("j", 32)
+    flat = flat_index((i, j), (8, 32))
+    heads = unflatten(flat, (8, 4, 8))  # [8, 32] -> [8, 4, 8]
+    assert heads[0] == i and heads[1] == j // 8 and heads[2] == j % 8
+    assert flat_index(heads, (8, 4, 8)) == flat
+    assert unflatten(flat, (256,)) == (flat,)
+    assert Index.axis("k", 1) == Index.of(0)  # an axis of size 1 is the constant 0
+    assert ((i * 4 + 3) // 4) == i and ((i * 4 + 3) % 4) == Index.of(3)
+    assert ((i - 2) // 2).format() == "(i/2) - 1"  # evaluated only where i - 2 >= 0
+
+
+def test_index_predicates_are_decided_by_ranges():
+    i = Index.axis("i", 8)
+    assert Pred(i, 0, 8).value() is True
+    assert Pred(i, 8, None).value() is False
+    assert Pred(i, 2, 5).value() is None
+    assert Pred(i * 2, None, None, step=2).value() is True
+    assert Pred(i * 2 + 1, None, None, step=2).value() is False
+
+
+def test_softmax_loop_nest_has_three_row_loops_and_no_recomputation():
+    x = rand(4, 37)
+    _, fused = lower_and_fuse(lambda x: F.softmax(x * 2.0 + 1.0), x)
+    (group,) = fused_equations(fused)
+    nest = describe(group)
+    assert (nest.outer, nest.row) == ((4,), (37,))
+    loops = [s for s in nest.body if isinstance(s, RowLoop)]
+    assert len(loops) == 3  # max; sum of exponentials; normalise
+    lets = [s.eqn.prim.name for s in nest.statements() if isinstance(s, Let)]
+    assert lets.count("exp") == 1 and lets.count("mul") == 2
+    assert len(nest.scratch) == 2  # x * 2 + 1 for the second loop, exp(...) for the third
+    assert sum(isinstance(s, Update) for s in nest.statements()) == 2
+
+
+def test_rotate_half_loop_nest_writes_both_halves_from_one_domain():
+    x, cos, sin = rand(2, 4, 8, 16), rand(8, 8, seed=1), rand(8, 8, seed=2)
+    _, fused = lower_and_fuse(F.apply_rotary, x, cos, sin)
+    nest = describe(fused_equations(fused)[0])
+    assert nest.outer == (2, 4, 8, 8) and nest.row == ()
+    stores = [s for s in nest.statements() if isinstance(s, Store)]
+    assert len(stores) == 2
+    assert stores[1].index == stores[0].index + 8  # the second half, 8 elements along

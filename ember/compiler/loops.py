@@ -120,6 +120,15 @@ class Index:
 
     @staticmethod
     def _make(terms: dict[Atom, int], const: int) -> Index:
+        # d * (x // d) + x % d == x: an axis a reshape split, merged back by another.
+        for a, c in list(terms.items()):
+            if isinstance(a, Mod) and c and a in terms:
+                div = Div(a.expr, a.divisor)
+                if terms.get(div, 0) == c * a.divisor:
+                    del terms[a], terms[div]
+                    for b, cb in a.expr.terms:
+                        terms[b] = terms.get(b, 0) + c * cb
+                    const += c * a.expr.const
         return Index(tuple((a, c) for a, c in terms.items() if c), const)
 
     def __add__(self, other: Index | int) -> Index:
