@@ -161,8 +161,8 @@ def specs() -> list[Spec]:
              id="attention-additive-mask"),
         Spec("attention_jvp", _jvp_fn, _jvp_ref,
              [*data, _kv_len, _additive_mask, _data(K), _data(V), _additive_mask], FLOATS,
-             shapes=(Q,)),
+             shapes=(Q,), diff=(0, 1, 2, 4, 5, 6, 7)),
         Spec("attention_bwd", _bwd_fn, _bwd_ref,
              [*data, _kv_len, _additive_mask, _data(Q[:-1] + V[-1:]), _lse_cotangent], FLOATS,
-             shapes=(Q,)),
+             shapes=(Q,), diff=(0, 1, 2, 4, 5, 6)),
     ]

@@ -168,6 +168,36 @@ def test_gradients_match_finite_differences_with_a_cache_and_the_lse():
         np.testing.assert_allclose(g, numeric_grad(f, [q, k, v][i]), rtol=1e-6, atol=1e-8)
 
 
+def test_second_derivatives_match_torch():
+    """grad of a function of the gradient: the backward's own derivative (dense formulas)."""
+    q, k, v = (_randn(2, 4, 3, 4, dtype=np.float64), _randn(2, 2, 6, 4, dtype=np.float64),
+               _randn(2, 2, 6, 4, dtype=np.float64))
+    mask = _randn(2, 1, 1, 6, dtype=np.float64)
+    w = _randn(2, 4, 3, 4, dtype=np.float64)
+
+    def outer(q, k, v, m, attend):
+        gq, gk, gv, gm = attend(q, k, v, m)
+        return (gq * gq).sum() + (gk * gv).sum() + (gm * gm).sum()
+
+    def ours(q, k, v, m):
+        def inner(q, k, v, m):
+            out = A.attention(q, k, v, causal=True, kv_len=5, q_offset=3, mask=m)[0]
+            return enp.sum(out * w)
+        return ember.grad(inner, (0, 1, 2, 3))(q, k, v, m)
+
+    def theirs(q, k, v, m):
+        out = _torch_attention(q, k, v, 5, 3, True, m)
+        return torch.autograd.grad((out * torch.tensor(w)).sum(), (q, k, v, m),
+                                   create_graph=True)
+
+    args = (q, k, v, mask)
+    grads = ember.grad(lambda *a: outer(*a, ours), (0, 1, 2, 3))(*map(enp.asarray, args))
+    t_args = [torch.tensor(a, requires_grad=True) for a in args]
+    outer(*t_args, theirs).backward()
+    for g, t in zip(grads, t_args):
+        _close(g, t.grad, np.float64)
+
+
 def test_grad_is_one_backward_equation():
     q, k = enp.asarray(_randn(1, 4, 3, 8)), enp.asarray(_randn(1, 2, 5, 8))
 

@@ -17,6 +17,9 @@ Three primitives, all ``contraction``:
   transpose of ``attention_jvp``, so ``grad`` of attention is exactly one ``attention_bwd``
   equation, which a compiler lowers to the fused flash-attention backward.
 
+The two derived primitives are differentiated again (second derivatives) through their dense
+formulas, written with primitives at the end of this module.
+
 Shapes: ``q [..., Hq, L, D]``, ``k [..., Hk, S, D]``, ``v [..., Hk, S, Dv]`` with the same
 leading axes; query head ``h`` reads key/value head ``h // (Hq // Hk)`` (grouped-query
 attention, keys and values never copied). ``kv_len`` and ``q_offset`` are int32, scalars or one
@@ -49,6 +52,8 @@ from ember.errors import DTypeError, ShapeError, op_error
 from ember.ir.types import ArrayType
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
+from ember.ops.linalg import dot_general
+from ember.ops.reduce import reduce_sum
 
 __all__ = ["attention"]
 
@@ -485,3 +490,182 @@ def _batch(prim: Primitive, args, dims, **params):
 
 for _p in (attention_p, attention_jvp_p, attention_bwd_p):
     _p.def_batch(lambda args, dims, _prim=_p, **params: _batch(_prim, args, dims, **params))
+
+
+# --- second derivatives: the dense formulas, written in primitives ---------------------------
+#
+# ``attention_jvp`` and ``attention_bwd`` are differentiated again only for second derivatives
+# (grad of grad, Hessian-vector products), rare enough that materialising ``[L, S]`` is fine.
+# Their jvp rules are the forward-mode derivatives of the dense formulas written with
+# primitives: linear in the tangents (so reverse mode transposes them) and differentiable again.
+
+def _bc(*xs: Any) -> list[Any]:
+    """Broadcast operands NumPy-style to one shape (primitives take equal shapes)."""
+    shape = tuple(np.broadcast_shapes(*(aval_of(x).shape for x in xs)))
+    return [st.broadcast_to_shape(x, shape) for x in xs]
+
+
+def _add(*xs: Any) -> Any:
+    out = xs[0]
+    for x in xs[1:]:
+        out = ew.add(*_bc(out, x))
+    return out
+
+
+def _sub(a: Any, b: Any) -> Any:
+    return ew.sub(*_bc(a, b))
+
+
+def _mul(a: Any, b: Any) -> Any:
+    return ew.mul(*_bc(a, b))
+
+
+def _mm(a: Any, b: Any) -> Any:
+    """``a [..., M, K] @ b [..., K, N]`` over equal leading axes."""
+    n = aval_of(a).ndim
+    lead = tuple(range(n - 2))
+    return dot_general(a, b, ((n - 1,), (n - 2,)), (lead, lead))
+
+
+def _mT(x: Any) -> Any:
+    n = aval_of(x).ndim
+    return st.transpose(x, (*range(n - 2), n - 1, n - 2))
+
+
+def _rowsum(x: Any) -> Any:
+    return reduce_sum(x, (aval_of(x).ndim - 1,))
+
+
+def _col(x: Any) -> Any:
+    return st.expand_dims(x, aval_of(x).ndim)
+
+
+class _Dense:
+    """One attention problem as whole ``[..., Hq, L, S]`` arrays, in the accumulation dtype:
+    keys and values repeated per query head and zero past ``kv_len``, ``visible`` the scores a
+    query may see."""
+
+    def __init__(self, q, k, v, kv_len, q_offset, mask, scale, causal):
+        qa = aval_of(q)
+        self.acc = _acc_dtype(qa.dtype)
+        self.hq, length = qa.shape[-3:-1]
+        self.hk, src = aval_of(k).shape[-3:-1]
+        self.scale = scale
+        self.zero = to_array(np.zeros((), self.acc))
+
+        def lengths(x):  # [...] -> [..., 1, 1, 1]
+            return st.reshape(x, (*aval_of(x).shape, 1, 1, 1))
+
+        int32 = dtypes.int32
+        self.key_ok = ew.lt(*_bc(st.iota(int32, (src, 1)), lengths(kv_len)))
+        visible = ew.lt(*_bc(st.iota(int32, (1, src), 1), lengths(kv_len)))
+        if causal:
+            last = _add(st.iota(int32, (length, 1)), lengths(q_offset))
+            visible = ew.and_(*_bc(visible, ew.le(*_bc(st.iota(int32, (1, src), 1), last))))
+        self.bias = None
+        if mask is not None and aval_of(mask).dtype == dtypes.bool_:
+            visible = ew.and_(*_bc(visible, mask))
+        elif mask is not None:
+            self.bias = ew.convert(mask, self.acc)
+        self.visible = visible
+
+    def value(self, x: Any, like: Any, keys: bool = False) -> Any:
+        """An operand (or tangent: zeros for a symbolic zero) in the accumulation dtype, keys
+        and values repeated per query head."""
+        x = ew.convert(ew.instantiate(Zero(aval_of(like)) if x is None else x), self.acc)
+        if not keys:
+            return x
+        *batch, hk, src, dim = aval_of(x).shape
+        nb, group = len(batch), self.hq // hk
+        x = st.broadcast_in_dim(x, (*batch, hk, group, src, dim), (*range(nb), nb, nb + 2, nb + 3))
+        return ew.select(*_bc(self.key_ok, st.reshape(x, (*batch, self.hq, src, dim)), self.zero))
+
+    def sum_groups(self, x: Any) -> Any:
+        """``[..., Hq, S, X] -> [..., Hk, S, X]``: a key's gradient sums over its query heads."""
+        *batch, _, src, dim = aval_of(x).shape
+        return reduce_sum(st.reshape(x, (*batch, self.hk, self.hq // self.hk, src, dim)),
+                          (len(batch) + 1,))
+
+    def scores(self, a: Any, b: Any, bias: Any = None) -> Any:
+        """``scale * a @ b^T (+ bias)``: the scores, or a tangent of them."""
+        s = _mul(to_array(np.asarray(self.scale, self.acc)), _mm(a, _mT(b)))
+        return s if bias is None else _add(s, bias)
+
+    def probabilities(self, q: Any, keys: Any, lse: Any) -> Any:
+        lse = ew.convert(lse, self.acc)
+        safe = ew.select(ew.is_finite(lse), lse, ew.zeros_like(lse))
+        e = ew.exp(_sub(self.scores(q, keys, self.bias), _col(safe)))
+        return ew.select(*_bc(self.visible, e, self.zero))
+
+
+def _reduce_to(x: Any, like: Any) -> Any:
+    """Sum ``x`` over the unit axes of ``like`` and cast it to ``like``'s dtype."""
+    shape = aval_of(like).shape
+    axes = [i for i, (n, m) in enumerate(zip(aval_of(x).shape, shape)) if m == 1 and n != 1]
+    return ew.convert(st.reshape(reduce_sum(x, axes), shape), aval_of(like).dtype)
+
+
+def _tangents_of(tangents: Sequence[Any], which: Sequence[bool]) -> list[Any]:
+    """The tangents of the operands ``which`` selects, in the order of ``(q, k, v, mask)``."""
+    return _tangent_arrays([None if isinstance(t, Zero) else t for t in tangents], which)
+
+
+@attention_bwd_p.def_jvp
+def _attention_bwd_jvp(primals, tangents, *, scale, causal, has_mask, which):
+    grads = attention_bwd_p.bind(*primals, scale=scale, causal=causal, has_mask=has_mask,
+                                 which=which)
+    (q, k, v, *lengths), mask, (out, lse, dout, dlse) = _split(primals, has_mask)
+    (tq, tk, tv, _, _), t_mask, (t_out, t_lse, t_dout, t_dlse) = _split(
+        [None if isinstance(t, Zero) else t for t in tangents], has_mask)
+    d = _Dense(q, k, v, *lengths, mask, scale, causal)
+    qw, keys, values = d.value(q, q), d.value(k, k, True), d.value(v, v, True)
+    tq, tk, tv = d.value(tq, q), d.value(tk, k, True), d.value(tv, v, True)
+    dout, out, t_dout, t_out = (d.value(x, dout) for x in (dout, out, t_dout, t_out))
+    p = d.probabilities(qw, keys, lse)
+    dp = _mm(dout, _mT(values))
+    delta = _sub(_rowsum(_mul(dout, out)), d.value(dlse, dlse))
+    ds = _mul(p, _sub(dp, _col(delta)))
+    t_bias = None if t_mask is None or aval_of(mask).dtype == dtypes.bool_ else \
+        d.value(t_mask, mask)
+    t_p = _mul(p, _sub(_add(d.scores(tq, keys), d.scores(qw, tk), *(
+        [t_bias] if t_bias is not None else [])), _col(d.value(t_lse, lse))))
+    t_dp = _add(_mm(t_dout, _mT(values)), _mm(dout, _mT(tv)))
+    t_delta = _sub(_rowsum(_add(_mul(t_dout, out), _mul(dout, t_out))), d.value(t_dlse, dlse))
+    t_ds = _add(_mul(t_p, _sub(dp, _col(delta))), _mul(p, _sub(t_dp, _col(t_delta))))
+    scale_ = to_array(np.asarray(scale, d.acc))
+    t_grads = [(_mul(scale_, _add(_mm(t_ds, keys), _mm(ds, tk))), q),
+               (d.sum_groups(_mul(scale_, _add(_mm(_mT(t_ds), qw), _mm(_mT(ds), tq)))), k),
+               (d.sum_groups(_add(_mm(_mT(t_p), dout), _mm(_mT(p), t_dout))), v)]
+    if has_mask:
+        t_grads.append((t_ds, mask))
+    return grads, [_reduce_to(g, like) for (g, like), w in zip(t_grads, which) if w]
+
+
+@attention_jvp_p.def_jvp
+def _attention_jvp_jvp(primals, tangents, *, scale, causal, has_mask, which):
+    outs = attention_jvp_p.bind(*primals, scale=scale, causal=causal, has_mask=has_mask,
+                                which=which)
+    (q, k, v, *lengths), mask, (out, lse, *lin) = _split(primals, has_mask)
+    (tq, tk, tv, _, _), t_mask, (t_out, t_lse, *t_lin) = _split(
+        [None if isinstance(t, Zero) else t for t in tangents], has_mask)
+    lq, lk, lv, lm = _tangent_arrays(lin, which)  # the linear operands...
+    lq_, lk_, lv_, lm_ = _tangents_of(t_lin, which)  # ...and their tangents
+    d = _Dense(q, k, v, *lengths, mask, scale, causal)
+    additive = mask is not None and aval_of(mask).dtype != dtypes.bool_
+    qw, keys, values = d.value(q, q), d.value(k, k, True), d.value(v, v, True)
+    tq, tk, tv = d.value(tq, q), d.value(tk, k, True), d.value(tv, v, True)
+    lq, lk, lv = d.value(lq, q), d.value(lk, k, True), d.value(lv, v, True)
+    lq_, lk_, lv_ = d.value(lq_, q), d.value(lk_, k, True), d.value(lv_, v, True)
+    lm, lm_, t_bias = ([d.value(x, mask)] if additive else [] for x in (lm, lm_, t_mask))
+    out, t_out = d.value(out, out), d.value(t_out, out)
+    p = d.probabilities(qw, keys, lse)
+    t_p = _mul(p, _sub(_add(d.scores(tq, keys), d.scores(qw, tk), *t_bias),
+                       _col(d.value(t_lse, lse))))
+    ds = _add(d.scores(lq, keys), d.scores(qw, lk), *lm)
+    t_ds = _add(d.scores(lq_, keys), d.scores(qw, lk_), d.scores(lq, tk), d.scores(tq, lk),
+                *lm_)
+    pds, t_pds = _mul(p, ds), _add(_mul(t_p, ds), _mul(p, t_ds))
+    dlse, t_dlse = _rowsum(pds), _rowsum(t_pds)
+    t_dout = _add(_mm(t_pds, values), _mm(pds, tv), _mm(t_p, lv), _mm(p, lv_))
+    t_dout = _sub(t_dout, _add(_mul(_col(t_dlse), out), _mul(_col(dlse), t_out)))
+    return outs, [ew.convert(t_dout, aval_of(q).dtype), t_dlse]
