@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +61,7 @@ from ember.compiler.loops import (
     describe,
 )
 from ember.ir.graph import Eqn
+from ember.ir.params import param_key
 
 __all__ = ["Kernel", "CReduction", "render", "c_type", "translation_unit", "HELPERS"]
 
@@ -518,13 +521,29 @@ class _Renderer:
         return "\n".join(lines) + "\n"
 
 
+# Kernels rendered in this process, by the structure of their group (the 30 layers of a model
+# are 30 equal bodies): most recent last, at most _MEMO_SIZE.
+_MEMO: OrderedDict[Any, Kernel | None] = OrderedDict()
+_MEMO_SIZE = 4096
+
+
 def render(eqn: Eqn) -> Kernel | None:
     """The C kernel of a ``fused`` equation, or None when it uses a primitive or dtype this
     module has no C for (the backend then runs the equation's body through NumPy)."""
     try:
-        renderer = _Renderer(describe(eqn))
-        text = renderer.function("EMBER_KERNEL")
+        key = param_key(eqn.params["body"])
+    except TypeError:  # a param without a canonical key: render it every time
+        key = object()
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]
+    try:
+        text = _Renderer(describe(eqn)).function("EMBER_KERNEL")
+        name = "ember_k" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        kernel: Kernel | None = Kernel(name, text.replace("EMBER_KERNEL", name))
     except _UnsupportedError:
-        return None
-    name = "ember_k" + hashlib.sha256(text.encode()).hexdigest()[:16]
-    return Kernel(name, text.replace("EMBER_KERNEL", name))
+        kernel = None
+    _MEMO[key] = kernel
+    if len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return kernel
