@@ -39,6 +39,7 @@ leave visible.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -85,7 +86,9 @@ def attention(q: Any, k: Any, v: Any, *, scale: float | None = None, causal: boo
             _int32(q_offset, "q_offset")]
     if mask is not None:
         args.append(mask)
-    return attention_p.bind(*args, scale=scale, causal=bool(causal), has_mask=mask is not None)
+    out, lse = attention_p.bind(*args, scale=scale, causal=bool(causal),
+                                has_mask=mask is not None)
+    return out, lse
 
 
 def _int32(x: Any, name: str) -> Any:
@@ -235,8 +238,10 @@ class _Tiles:
         return x.astype(self.acc, copy=False) if cast else x
 
     def keyed(self, x: np.ndarray) -> np.ndarray:
-        """``[..., Hk, S, X] -> [..., Hk, 1, S, X]`` in the accumulation dtype."""
-        return x[..., None, :, :].astype(self.acc, copy=False)
+        """``[..., Hk, S, X] -> [..., Hk, 1, S, X]``, a view: keys and values are converted
+        to the accumulation dtype a tile at a time, so the unfilled part of a cache is never
+        touched."""
+        return x[..., None, :, :]
 
     def ungrouped(self, x: np.ndarray) -> np.ndarray:
         """``[..., Hk, G, L, X] -> [..., H, L, X]``."""
@@ -259,7 +264,7 @@ class _Tiles:
         """Rows ``j0:j1`` of a keyed ``[..., Hk, 1, S, X]`` array, zero past each ``kv_len``
         (a partly filled cache may hold anything there, NaN included)."""
         rows = np.arange(j0, j1)[:, None]
-        return np.where(rows < self.kv_len, x[..., j0:j1, :], 0)
+        return np.where(rows < self.kv_len, x[..., j0:j1, :].astype(self.acc), 0)
 
     def scores(self, qb: np.ndarray, kb: np.ndarray, i0: int, i1: int, j0: int, j1: int
                ) -> np.ndarray:
@@ -294,8 +299,9 @@ def _finite_or_zero(m: np.ndarray) -> np.ndarray:
     return np.where(np.isneginf(m), 0, m)
 
 
-def _attention_impl(q, k, v, kv_len, q_offset, *mask, scale, causal, has_mask):
-    t = _Tiles(q, k, v, kv_len, q_offset, mask[0] if has_mask else None, scale, causal)
+def _attention_impl(*args, scale, causal, has_mask):
+    (q, k, v, kv_len, q_offset), mask, _ = _split(args, has_mask)
+    t = _Tiles(q, k, v, kv_len, q_offset, mask, scale, causal)
     qg = t.grouped(q, cast=False)
     out = np.zeros((*qg.shape[:-1], v.shape[-1]), t.acc)
     lse = np.full(qg.shape[:-1], -np.inf, t.acc)
@@ -315,10 +321,9 @@ def _attention_impl(q, k, v, kv_len, q_offset, *mask, scale, causal, has_mask):
                 acc = acc * rescale[..., None] + p @ t.keys(t.v, j0, j1)
                 m = m_new
             seen = total > 0
-            out[..., i0:i1, :] = np.where(seen[..., None], acc / np.where(seen, total, 1)[
-                ..., None], 0)
-            lse[..., i0:i1] = np.where(seen, _finite_or_zero(m) + np.log(np.where(
-                seen, total, 1)), -np.inf)
+            divisor = np.where(seen, total, 1)
+            out[..., i0:i1, :] = np.where(seen[..., None], acc / divisor[..., None], 0)
+            lse[..., i0:i1] = np.where(seen, _finite_or_zero(m) + np.log(divisor), -np.inf)
     return [t.ungrouped(out).astype(q.dtype), t.ungrouped(lse[..., None])[..., 0]]
 
 
@@ -332,9 +337,8 @@ def _tangent_arrays(tangents: Sequence[Any], which: Sequence[bool]) -> list[Any]
     return full + [None] * (4 - len(full))
 
 
-def _attention_jvp_impl(q, k, v, kv_len, q_offset, *rest, scale, causal, has_mask, which):
-    mask, rest = (rest[0], rest[1:]) if has_mask else (None, rest)
-    out, lse, *tangents = rest
+def _attention_jvp_impl(*args, scale, causal, has_mask, which):
+    (q, k, v, kv_len, q_offset), mask, (out, lse, *tangents) = _split(args, has_mask)
     tq, tk, tv, tm = _tangent_arrays(tangents, which)
     t = _Tiles(q, k, v, kv_len, q_offset, mask, scale, causal)
     tq = None if tq is None else t.grouped(tq)
@@ -375,9 +379,8 @@ def _sum_to(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return x.sum(axis=axes, keepdims=True) if axes else x
 
 
-def _attention_bwd_impl(q, k, v, kv_len, q_offset, *rest, scale, causal, has_mask, which):
-    mask, rest = (rest[0], rest[1:]) if has_mask else (None, rest)
-    out, lse, dout, dlse = rest
+def _attention_bwd_impl(*args, scale, causal, has_mask, which):
+    (q, k, v, kv_len, q_offset), mask, (out, lse, dout, dlse) = _split(args, has_mask)
     t = _Tiles(q, k, v, kv_len, q_offset, mask, scale, causal)
     qg, dog = t.grouped(q), t.grouped(dout)
     lseg = t.grouped(lse[..., None])[..., 0]
@@ -417,16 +420,14 @@ attention_bwd_p.def_impl(_attention_bwd_impl)
 @attention_p.def_jvp
 def _attention_jvp(primals, tangents, *, scale, causal, has_mask):
     out, lse = attention_p.bind(*primals, scale=scale, causal=causal, has_mask=has_mask)
-    lead, mask, _ = _split(primals, has_mask)
     t_lead, t_mask, _ = _split(tangents, has_mask)
     diff = _differentiable(t_lead, t_mask)
     which = tuple(not isinstance(x, Zero) for x in diff)
-    if not any(which):
+    present = [x for x in diff if not isinstance(x, Zero)]
+    if not present:
         return [out, lse], [Zero(aval_of(out)), Zero(aval_of(lse))]
-    t_out, t_lse = attention_jvp_p.bind(*primals, out, lse, *[x for x in diff if
-                                                               not isinstance(x, Zero)],
-                                        scale=scale, causal=causal, has_mask=has_mask,
-                                        which=which)
+    t_out, t_lse = attention_jvp_p.bind(*primals, out, lse, *present, scale=scale,
+                                        causal=causal, has_mask=has_mask, which=which)
     return [out, lse], [t_out, t_lse]
 
 
@@ -488,8 +489,9 @@ def _batch(prim: Primitive, args, dims, **params):
     return out, [0] * len(out)
 
 
-for _p in (attention_p, attention_jvp_p, attention_bwd_p):
-    _p.def_batch(lambda args, dims, _prim=_p, **params: _batch(_prim, args, dims, **params))
+attention_p.def_batch(functools.partial(_batch, attention_p))
+attention_jvp_p.def_batch(functools.partial(_batch, attention_jvp_p))
+attention_bwd_p.def_batch(functools.partial(_batch, attention_bwd_p))
 
 
 # --- second derivatives: the dense formulas, written in primitives ---------------------------
@@ -543,7 +545,7 @@ def _col(x: Any) -> Any:
 class _Dense:
     """One attention problem as whole ``[..., Hq, L, S]`` arrays, in the accumulation dtype:
     keys and values repeated per query head and zero past ``kv_len``, ``visible`` the scores a
-    query may see."""
+    query may see, ``bias`` an additive mask (or None)."""
 
     def __init__(self, q, k, v, kv_len, q_offset, mask, scale, causal):
         qa = aval_of(q)
@@ -572,7 +574,7 @@ class _Dense:
     def value(self, x: Any, like: Any, keys: bool = False) -> Any:
         """An operand (or tangent: zeros for a symbolic zero) in the accumulation dtype, keys
         and values repeated per query head."""
-        x = ew.convert(ew.instantiate(Zero(aval_of(like)) if x is None else x), self.acc)
+        x = ew.convert(ew.zeros_like(like) if x is None else x, self.acc)
         if not keys:
             return x
         *batch, hk, src, dim = aval_of(x).shape
@@ -605,9 +607,9 @@ def _reduce_to(x: Any, like: Any) -> Any:
     return ew.convert(st.reshape(reduce_sum(x, axes), shape), aval_of(like).dtype)
 
 
-def _tangents_of(tangents: Sequence[Any], which: Sequence[bool]) -> list[Any]:
-    """The tangents of the operands ``which`` selects, in the order of ``(q, k, v, mask)``."""
-    return _tangent_arrays([None if isinstance(t, Zero) else t for t in tangents], which)
+def _nonzero(tangents: Sequence[Any]) -> list[Any]:
+    """Tangents with None for symbolic zeros (``_Dense.value`` makes them zeros)."""
+    return [None if isinstance(t, Zero) else t for t in tangents]
 
 
 @attention_bwd_p.def_jvp
@@ -615,29 +617,28 @@ def _attention_bwd_jvp(primals, tangents, *, scale, causal, has_mask, which):
     grads = attention_bwd_p.bind(*primals, scale=scale, causal=causal, has_mask=has_mask,
                                  which=which)
     (q, k, v, *lengths), mask, (out, lse, dout, dlse) = _split(primals, has_mask)
-    (tq, tk, tv, _, _), t_mask, (t_out, t_lse, t_dout, t_dlse) = _split(
-        [None if isinstance(t, Zero) else t for t in tangents], has_mask)
+    (tq, tk, tv, _, _), t_mask, (t_out, t_lse, t_dout, t_dlse) = _split(_nonzero(tangents),
+                                                                        has_mask)
     d = _Dense(q, k, v, *lengths, mask, scale, causal)
     qw, keys, values = d.value(q, q), d.value(k, k, True), d.value(v, v, True)
     tq, tk, tv = d.value(tq, q), d.value(tk, k, True), d.value(tv, v, True)
-    dout, out, t_dout, t_out = (d.value(x, dout) for x in (dout, out, t_dout, t_out))
+    out, t_out = d.value(out, out), d.value(t_out, out)
+    dout, t_dout = d.value(dout, dout), d.value(t_dout, dout)
+    t_bias = [d.value(t_mask, mask)] if d.bias is not None else []
     p = d.probabilities(qw, keys, lse)
+    t_p = _mul(p, _sub(_add(d.scores(tq, keys), d.scores(qw, tk), *t_bias),
+                       _col(d.value(t_lse, lse))))
     dp = _mm(dout, _mT(values))
-    delta = _sub(_rowsum(_mul(dout, out)), d.value(dlse, dlse))
-    ds = _mul(p, _sub(dp, _col(delta)))
-    t_bias = None if t_mask is None or aval_of(mask).dtype == dtypes.bool_ else \
-        d.value(t_mask, mask)
-    t_p = _mul(p, _sub(_add(d.scores(tq, keys), d.scores(qw, tk), *(
-        [t_bias] if t_bias is not None else [])), _col(d.value(t_lse, lse))))
     t_dp = _add(_mm(t_dout, _mT(values)), _mm(dout, _mT(tv)))
+    delta = _sub(_rowsum(_mul(dout, out)), d.value(dlse, dlse))
     t_delta = _sub(_rowsum(_add(_mul(t_dout, out), _mul(dout, t_out))), d.value(t_dlse, dlse))
+    ds = _mul(p, _sub(dp, _col(delta)))
     t_ds = _add(_mul(t_p, _sub(dp, _col(delta))), _mul(p, _sub(t_dp, _col(t_delta))))
     scale_ = to_array(np.asarray(scale, d.acc))
     t_grads = [(_mul(scale_, _add(_mm(t_ds, keys), _mm(ds, tk))), q),
                (d.sum_groups(_mul(scale_, _add(_mm(_mT(t_ds), qw), _mm(_mT(ds), tq)))), k),
-               (d.sum_groups(_add(_mm(_mT(t_p), dout), _mm(_mT(p), t_dout))), v)]
-    if has_mask:
-        t_grads.append((t_ds, mask))
+               (d.sum_groups(_add(_mm(_mT(t_p), dout), _mm(_mT(p), t_dout))), v),
+               (t_ds, mask)]
     return grads, [_reduce_to(g, like) for (g, like), w in zip(t_grads, which) if w]
 
 
@@ -646,21 +647,21 @@ def _attention_jvp_jvp(primals, tangents, *, scale, causal, has_mask, which):
     outs = attention_jvp_p.bind(*primals, scale=scale, causal=causal, has_mask=has_mask,
                                 which=which)
     (q, k, v, *lengths), mask, (out, lse, *lin) = _split(primals, has_mask)
-    (tq, tk, tv, _, _), t_mask, (t_out, t_lse, *t_lin) = _split(
-        [None if isinstance(t, Zero) else t for t in tangents], has_mask)
+    (tq, tk, tv, _, _), t_mask, (t_out, t_lse, *t_lin) = _split(_nonzero(tangents), has_mask)
     lq, lk, lv, lm = _tangent_arrays(lin, which)  # the linear operands...
-    lq_, lk_, lv_, lm_ = _tangents_of(t_lin, which)  # ...and their tangents
+    lq_, lk_, lv_, lm_ = _tangent_arrays(_nonzero(t_lin), which)  # ...and their tangents
     d = _Dense(q, k, v, *lengths, mask, scale, causal)
-    additive = mask is not None and aval_of(mask).dtype != dtypes.bool_
     qw, keys, values = d.value(q, q), d.value(k, k, True), d.value(v, v, True)
     tq, tk, tv = d.value(tq, q), d.value(tk, k, True), d.value(tv, v, True)
     lq, lk, lv = d.value(lq, q), d.value(lk, k, True), d.value(lv, v, True)
     lq_, lk_, lv_ = d.value(lq_, q), d.value(lk_, k, True), d.value(lv_, v, True)
-    lm, lm_, t_bias = ([d.value(x, mask)] if additive else [] for x in (lm, lm_, t_mask))
+    lm, lm_, t_bias = ([d.value(x, mask)] if d.bias is not None else []
+                       for x in (lm, lm_, t_mask))
     out, t_out = d.value(out, out), d.value(t_out, out)
     p = d.probabilities(qw, keys, lse)
     t_p = _mul(p, _sub(_add(d.scores(tq, keys), d.scores(qw, tk), *t_bias),
                        _col(d.value(t_lse, lse))))
+    # The linear operands' score tangent ``ds`` and its derivative.
     ds = _add(d.scores(lq, keys), d.scores(qw, lk), *lm)
     t_ds = _add(d.scores(lq_, keys), d.scores(qw, lk_), d.scores(lq, tk), d.scores(tq, lk),
                 *lm_)
