@@ -32,7 +32,8 @@ from ember.ops import structural
 from ember.optim import AdamW
 from ember.tree import tree_leaves
 
-pytestmark = pytest.mark.skipif(not toolchain.available(), reason="no C compiler found")
+# Rendering needs no compiler; compiling and running kernels does.
+needs_cc = pytest.mark.skipif(not toolchain.available(), reason="no C compiler found")
 
 
 def rand(*shape, dtype=np.float32, seed=0, scale=1.0):
@@ -229,13 +230,19 @@ def _llama_cases():
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def programs():
     cases = {**CASES, "adamw": _adamw_case(), **_llama_cases()}
-    programs = {name: (Program(fn, args), how) for name, (fn, args, how) in cases.items()}
+    return {name: (Program(fn, args), how) for name, (fn, args, how) in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def compiled(programs):
+    """Every case's kernels, built as one translation unit."""
     source = kernels.translation_unit(k for p, _ in programs.values() for k in p.kernels if k)
     return programs, toolchain.build(source)
 
 
+@needs_cc
 @pytest.mark.parametrize("name", [*CASES, "adamw", "llama_forward", "llama_value_and_grad"])
 def test_kernels_match_the_numpy_reference(compiled, name):
     programs, lib = compiled
@@ -243,6 +250,7 @@ def test_kernels_match_the_numpy_reference(compiled, name):
     assert program.check(lib, how) == len(program.eqns)  # every group was rendered
 
 
+@needs_cc
 def test_llama_step_with_every_group_compiled_matches_the_reference(compiled):
     programs, lib = compiled
     program, _ = programs["llama_value_and_grad"]
@@ -252,8 +260,7 @@ def test_llama_step_with_every_group_compiled_matches_the_reference(compiled):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(w).max()))
 
 
-def test_identical_groups_share_one_kernel(compiled):
-    programs, _ = compiled
+def test_identical_groups_share_one_kernel(programs):
     program, _ = programs["llama_forward"]
     names = [k.name for k in program.kernels]
     assert len(set(names)) < len(names)  # the two layers' groups are the same functions
@@ -262,8 +269,7 @@ def test_identical_groups_share_one_kernel(compiled):
     assert len(rms) <= 2  # the first norm reads the embedding, the others a residual sum
 
 
-def test_kernel_text_shows_the_loop_structure(compiled):
-    programs, _ = compiled
+def test_kernel_text_shows_the_loop_structure(programs):
     softmax, _ = programs["softmax_big_rows"]
     (k,) = softmax.kernels
     assert k.source.startswith(f"void {k.name}(void **args)")
@@ -306,12 +312,14 @@ def _check_batch(batch, how: str) -> None:
         p.check(lib, how)
 
 
+@needs_cc
 @settings(max_examples=3, deadline=None)
 @given(st.lists(random_programs(exact=True), min_size=15, max_size=15))
 def test_random_graphs_compile_and_match_bitwise(batch):
     _check_batch(batch, "exact")
 
 
+@needs_cc
 @settings(max_examples=2, deadline=None)
 @given(st.lists(random_programs(), min_size=15, max_size=15))
 def test_random_graphs_with_libm_and_sums_compile_and_match(batch):
