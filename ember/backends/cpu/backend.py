@@ -22,6 +22,7 @@ from ember.backends.cpu import toolchain
 from ember.backends.cpu.program import Program
 from ember.backends.numpy_backend import NumpyBackend
 from ember.compiler.contractions import fold_transposes
+from ember.compiler.fusion import fuse
 from ember.ir.graph import ClosedGraph
 from ember.ir.types import type_of
 
@@ -44,7 +45,7 @@ class CpuBackend(NumpyBackend):
                               "backend runs programs on the NumPy backend instead",
                               NoCompilerWarning, stacklevel=2)
             return super().compile(closed, donate)
-        return Program(fold_transposes(closed), donate, self.run_primitive)
+        return Program(fuse(fold_transposes(closed)), donate, self.run_primitive)
 
     def run_primitive(self, prim: Any, buffers: Sequence[Any], params: dict[str, Any]) -> Any:
         # NumPy may return a scalar for a 0-d result or widen a dtype; eager results of

@@ -32,11 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from ember.backends.cpu import toolchain
+from ember.backends.cpu import kernels, toolchain
 from ember.backends.cpu.lowerings import Statement
+from ember.compiler.fusion import fused_p
 from ember.compiler.memory import ALIGNMENT, MemoryAnalysis, plan_memory
-from ember.ir.graph import ClosedGraph, Eqn, Literal, Var
+from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
 from ember.ir.liveness import liveness
+from ember.ops.structural import copy_p
 
 _PRELUDE = """#include <stdint.h>
 #include <string.h>
@@ -54,10 +56,71 @@ static void ember_poison(char *p, int64_t units, int unit, uint64_t pattern) {
 
 def statement(eqn: Eqn) -> Statement | None:
     """How ``eqn`` runs in C, or None when it runs through NumPy."""
+    if all(v.aval.size == 0 for v in eqn.outputs):
+        return Statement(lambda outs, ins: "/* empty result: nothing to compute */")
+    if eqn.prim is fused_p:
+        kernel = kernels.render(eqn)
+        return None if kernel is None else _kernel_call(kernel)
     rule = eqn.prim.lowerings.get("c")
     if rule is None or eqn.prim.kind not in ("contraction", "indexing"):
         return None
     return rule(eqn)
+
+
+def _kernel_call(kernel: kernels.Kernel) -> Statement:
+    def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+        return f"{{ void *args[] = {{{', '.join([*outs, *ins])}}}; {kernel.name}(args); }}"
+    return Statement(emit, (*kernel.helpers, kernel.source))
+
+
+def lower(closed: ClosedGraph) -> tuple[ClosedGraph, dict[int, Statement]]:
+    """The graph as the program runs it, and the C of each equation that has C (by index).
+
+    A fused group with no kernel (a dtype or primitive without C) is replaced by the
+    equations it holds, which then run one by one through NumPy: running the group itself
+    would compile its body, which this backend would fuse into the same group again.
+    """
+    graph = closed.graph
+    eqns: list[Eqn] = []
+    statements: dict[int, Statement] = {}
+    inlined_any = False
+    for eqn in graph.eqns:
+        st = statement(eqn)
+        if st is None and eqn.prim is fused_p:
+            eqns += _inlined(eqn)
+            inlined_any = True
+            continue
+        if st is not None:
+            statements[len(eqns)] = st
+        eqns.append(eqn)
+    if not inlined_any:
+        return closed, statements
+    inlined = Graph(graph.constvars, graph.invars, eqns, graph.outvars)
+    return ClosedGraph(inlined, closed.consts), statements
+
+
+def _inlined(eqn: Eqn) -> list[Eqn]:
+    """The equations of a fused group's body, reading the group's inputs and writing its
+    outputs (fresh variables inside, so a body shared by several groups stays single-use)."""
+    body = eqn.params["body"].graph
+    rename: dict[int, Any] = {v.id: a for v, a in zip(body.invars, eqn.inputs)}
+    produced = {v.id for e in body.eqns for v in e.outputs}
+    result: dict[int, Var] = {}
+    tail: list[Eqn] = []
+    for out, v in zip(body.outvars, eqn.outputs):
+        if isinstance(out, Var) and out.id in produced and out.id not in result:
+            result[out.id] = v
+        else:  # a group input or constant returned as is, or one value returned twice
+            tail.append(Eqn(copy_p, [out], [v]))
+    eqns = []
+    for e in body.eqns:
+        outs = [result.get(v.id) or Var(v.aval) for v in e.outputs]
+        rename.update((v.id, o) for v, o in zip(e.outputs, outs))
+        ins = [rename.get(a.id, a) if isinstance(a, Var) else a for a in e.inputs]
+        eqns.append(Eqn(e.prim, ins, outs, e.params))
+    for t in tail:
+        t.inputs = [rename.get(a.id, a) if isinstance(a, Var) else a for a in t.inputs]
+    return eqns + tail
 
 
 def poison(dtype: np.dtype) -> tuple[int, int]:
@@ -87,10 +150,10 @@ class Program:
     """A compiled graph: ``program(*buffers) -> list of output buffers``."""
 
     def __init__(self, closed: ClosedGraph, donate: Sequence[bool], run_numpy: Any):
+        closed, statements = lower(closed)
         graph = self.graph = closed.graph
         self._run_numpy = run_numpy  # runs one equation eagerly (the NumPy backend's path)
         self.live = live = liveness(graph, donate)
-        statements = {i: s for i, e in enumerate(graph.eqns) if (s := statement(e)) is not None}
         temps = {v.id for i in statements for v in graph.eqns[i].outputs
                  if not live[v].is_output}
         writes = {graph.eqns[i].outputs[0].id: graph.eqns[i].inputs[s.writes_over].id
