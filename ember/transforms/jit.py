@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ember.backends import get_backend
+from ember.backends import Backend, get_backend
 from ember.core.array import Array, Tracer
 from ember.core.hidden_state import HiddenState, make_graph_with_state
 from ember.core.trace import aval_of, to_array, tracing_active
-from ember.errors import EmberError, user_frame
+from ember.errors import EmberError, UnsupportedError, user_frame
 from ember.ir.graph import ClosedGraph
 from ember.ir.passes import optimize
 from ember.ir.types import ArrayType
@@ -34,7 +34,7 @@ from ember.transforms.call import call_p
 from ember.transforms.subgraphs import hoist_consts
 from ember.tree import TreeDef, tree_flatten, tree_unflatten
 
-__all__ = ["jit", "Jitted", "Lowered"]
+__all__ = ["jit", "Jitted", "Lowered", "Compiled"]
 
 
 @dataclass(frozen=True)
@@ -69,53 +69,86 @@ class Lowered:
     def as_text(self) -> str:
         return str(self.graph)
 
-    def compile(self) -> Callable[..., Any]:
-        run_leaves = self.compile_leaves()
-
-        def run(*args: Any, **kwargs: Any) -> Any:
-            leaves, tree = tree_flatten((args, kwargs))
-            if tree != self.in_tree:
-                raise EmberError(f"compiled function called with structure {tree}, "
-                                 f"expected {self.in_tree}")
-            return run_leaves([to_array(x) for x in leaves])
-        return run
-
-    def compile_leaves(self) -> Callable[[list[Any]], Any]:
-        """The program as a function of the flattened argument arrays (what ``jit`` calls,
-        having flattened them once already to build the cache key)."""
+    def compile(self) -> Compiled:
+        """Compile for this graph's backend: a :class:`Compiled`, called as the function is."""
         backend = get_backend(self.backend)
         program = backend.compile(self.graph, self.donate)
-        out_avals = self.graph.out_avals
-        donated = [i for i, d in enumerate(self.donate) if d]
-        overwrites = getattr(program, "overwrites", ())
-        hidden = self.hidden
+        return Compiled(self, program, _runner(self, backend, program))
 
-        def run(leaves: list[Any]) -> Any:
-            buffers = [x._buffer for x in leaves]
-            buffers += [s.current()._buffer for s in hidden]
-            if donated:
-                # The donated Arrays let go of their buffers first, so that a buffer nothing
-                # else sees is written in place; one that is still seen (another Array, a NumPy
-                # view, a second argument) is copied by ``writable`` instead.
-                for i in donated:
-                    leaves[i]._buffer = None
-                try:
-                    for i in overwrites:
-                        buffers[i] = backend.writable(buffers[i])
-                    outs = program(*buffers)
-                except BaseException:
-                    for i in donated:
-                        leaves[i]._buffer = buffers[i]
-                    raise
-            else:
+
+class Compiled:
+    """A compiled program, called with the arguments the function was lowered for; it also
+    shows the program (:meth:`as_text`) and its memory (:meth:`memory_analysis`)."""
+
+    def __init__(self, lowered: Lowered, program: Callable[..., list[Any]],
+                 run_leaves: Callable[[list[Any]], Any]):
+        self.lowered = lowered
+        self.program = program
+        # The program as a function of the flattened argument arrays (what ``jit`` calls,
+        # having flattened them once already to build its cache key).
+        self.run_leaves = run_leaves
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, tree = tree_flatten((args, kwargs))
+        if tree != self.lowered.in_tree:
+            raise EmberError(f"compiled function called with structure {tree}, "
+                             f"expected {self.lowered.in_tree}\n  at {user_frame()}")
+        return self.run_leaves([to_array(x) for x in leaves])
+
+    def as_text(self) -> str:
+        """The backend's program as text where it has one (the C of the ``cpu`` backend),
+        else the graph the program runs."""
+        as_text = getattr(self.program, "as_text", None)
+        return as_text() if as_text is not None else self.lowered.as_text()
+
+    def memory_analysis(self) -> Any:
+        """The program's memory report (the ``cpu`` backend's ``MemoryAnalysis``: arena,
+        arguments, outputs, peak); an error on a backend whose programs make none."""
+        analysis = getattr(self.program, "memory_analysis", None)
+        if analysis is None:
+            raise UnsupportedError(
+                f"memory_analysis: the {self.lowered.backend!r} backend compiled this function "
+                f"to a program with no memory report (programs the 'cpu' backend compiles to C "
+                f"have one)\n  at {user_frame()}")
+        return analysis()
+
+
+def _runner(lowered: Lowered, backend: Backend,
+            program: Callable[..., list[Any]]) -> Callable[[list[Any]], Any]:
+    """``program`` as a function of argument Arrays: buffers in, donated arguments let go of,
+    hidden state read and written, results wrapped as the function's output tree."""
+    out_avals = lowered.graph.out_avals
+    donated = [i for i, d in enumerate(lowered.donate) if d]
+    overwrites = getattr(program, "overwrites", ())
+    hidden = lowered.hidden
+    out_tree = lowered.out_tree
+
+    def run(leaves: list[Any]) -> Any:
+        buffers = [x._buffer for x in leaves]
+        buffers += [s.current()._buffer for s in hidden]
+        if donated:
+            # The donated Arrays let go of their buffers first, so that a buffer nothing
+            # else sees is written in place; one that is still seen (another Array, a NumPy
+            # view, a second argument) is copied by ``writable`` instead.
+            for i in donated:
+                leaves[i]._buffer = None
+            try:
+                for i in overwrites:
+                    buffers[i] = backend.writable(buffers[i])
                 outs = program(*buffers)
-            results = [Array(o, a, backend) for o, a in zip(outs, out_avals)]
-            if hidden:
-                for s, value in zip(hidden, results[-len(hidden):]):
-                    s.set(value)
-                results = results[:-len(hidden)]
-            return tree_unflatten(self.out_tree, results)
-        return run
+            except BaseException:
+                for i in donated:
+                    leaves[i]._buffer = buffers[i]
+                raise
+        else:
+            outs = program(*buffers)
+        results = [Array(o, a, backend) for o, a in zip(outs, out_avals)]
+        if hidden:
+            for s, value in zip(hidden, results[-len(hidden):]):
+                s.set(value)
+            results = results[:-len(hidden)]
+        return tree_unflatten(out_tree, results)
+    return run
 
 
 @dataclass
@@ -267,7 +300,7 @@ class Jitted:
         if tracing_active():
             return self._bind_call(entry, values)
         if entry.run is None:
-            entry.run = entry.lowered.compile_leaves()
+            entry.run = entry.lowered.compile().run_leaves
         return entry.run(values)
 
     def _trace(self, key: CacheKey, args: tuple, kwargs: dict) -> _Entry:
