@@ -149,7 +149,7 @@ CASES = {
                          x.astype(enp.float16), (x > 0).astype(enp.float32),
                          x.astype(enp.float64) * 3.0),
               (rand(6, 9, scale=4.0),), "exact"),
-    "int_wraparound": (lambda a, b: (a * b + a, a - b, -a, a.sum(axis=-1)),
+    "int_wraparound": (lambda a, b: (a * b + a, a - b, -a, a.sum(axis=-1), enp.abs(b)),
                        (enp.asarray(np.array([[2**30, -2**31, 7], [5, 2**31 - 1, -3]],
                                               np.int32)),
                         enp.asarray(np.array([[4, 3, -2**31], [2**30, 9, 11]], np.int32))),

@@ -228,6 +228,14 @@ def _neg(args: list[str], eqn: Eqn) -> str | None:
     return f"(-{args[0]})" if dtypes.is_float(dt) else None
 
 
+def _abs(args: list[str], eqn: Eqn) -> str | None:
+    dt, a = _in(eqn), args[0]
+    if dtypes.is_int(dt):  # abs of the most negative value wraps to itself, as in NumPy
+        t = _STORAGE[dt]
+        return a if dt.kind == "u" else f"({a} < 0 ? ({t})(0 - ({_unsigned(dt)}){a}) : {a})"
+    return _libm("fabs")(args, eqn)
+
+
 def _logistic(args: list[str], eqn: Eqn) -> str | None:
     dt = _in(eqn)
     if not dtypes.is_float(dt):
@@ -337,7 +345,7 @@ _ELEMENTWISE: dict[str, Rule] = {
     "and": _bitwise("&"), "or": _bitwise("|"), "xor": _bitwise("^"),
     "eq": _compare("=="), "ne": _compare("!="), "lt": _compare("<"), "le": _compare("<="),
     "gt": _compare(">"), "ge": _compare(">="), "is_finite": _real("isfinite({0})"),
-    "abs": _libm("fabs"), "floor": _libm("floor"), "ceil": _libm("ceil"),
+    "abs": _abs, "floor": _libm("floor"), "ceil": _libm("ceil"),
     "round": _libm("nearbyint"), "sqrt": _libm("sqrt"), "cbrt": _libm("cbrt"),
     "exp": _libm("exp"), "exp2": _libm("exp2"), "expm1": _libm("expm1"), "log": _libm("log"),
     "log1p": _libm("log1p"), "sin": _libm("sin"), "cos": _libm("cos"), "tan": _libm("tan"),
