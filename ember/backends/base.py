@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ember.errors import UnsupportedError
+from ember.errors import EmberError, UnsupportedError
 from ember.ir.graph import ClosedGraph
 
 # The key of ``Primitive.impls`` for implementations that work on every backend, written
@@ -91,7 +92,10 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
-_DEFAULT = ["numpy"]
+# The backend used where none is named (new arrays, ``jit`` without ``backend=``): the
+# ``EMBER_BACKEND`` environment variable, read once here, else NumPy; ``set_default_backend``
+# changes it.
+_DEFAULT = [os.environ.get("EMBER_BACKEND") or "numpy"]
 
 
 # Backends imported on first use, by module name: one in a layer above this one (the compiled
@@ -117,10 +121,20 @@ def get_backend(name: str | None = None) -> Backend:
     try:
         return _BACKENDS[name]
     except KeyError:
-        from ember.errors import EmberError
-
-        raise EmberError(f"unknown backend {name!r}; available: {sorted(_BACKENDS)}") from None
+        source = (" (the default, from the EMBER_BACKEND environment variable)"
+                  if name == _DEFAULT[0] == os.environ.get("EMBER_BACKEND") else "")
+        raise EmberError(f"unknown backend {name!r}{source}; available: "
+                         f"{sorted({'numpy', *_BACKENDS, *_LAZY})}") from None
 
 
 def default_backend() -> Backend:
     return get_backend()
+
+
+def set_default_backend(name: str) -> None:
+    """Make ``name`` the backend of new arrays and of every ``jit`` without ``backend=``.
+
+    Jitted functions resolve the default when they trace, so one made earlier (at module
+    level) compiles anew for the new backend at its next call."""
+    get_backend(name)  # an unknown name raises here, not at the next jit call
+    _DEFAULT[0] = name

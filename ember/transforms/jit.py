@@ -1,9 +1,12 @@
 """``jit``: trace a function once per signature into a graph, optimise it, compile it.
 
 The cache key is explicit (rule 5): the pytree structure of the arguments, the abstract type of
-every array leaf (shape, dtype, weak flag, sharding) and the values of static arguments. Each
-miss is a trace, counted per function and explained: ``f.cache_info()`` reports the number of
-traces and hits and, for the last retrace, which part of the key changed.
+every array leaf (shape, dtype, weak flag, sharding), the values of static arguments and the
+backend. Each miss is a trace, counted per function and explained: ``f.cache_info()`` reports
+the number of traces and hits and, for the last retrace, which part of the key changed.
+
+Without ``backend=``, the backend is the default one when the function is called, so a function
+jitted at import follows a later ``ember.backends.set_default_backend``.
 
 Called from inside another transformation (``grad(jit(f))``, ``vmap(jit(f))``, another
 ``jit``, a ``scan`` body, ``checkpoint``), the function stays a compile boundary: its graph
@@ -20,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ember.backends import Backend, get_backend
+from ember.backends import Backend, default_backend, get_backend
 from ember.core.array import Array, Tracer
 from ember.core.hidden_state import HiddenState, make_graph_with_state
 from ember.core.trace import aval_of, to_array, tracing_active
@@ -42,8 +45,12 @@ class CacheKey:
     tree: TreeDef
     avals: tuple[ArrayType, ...]
     static: tuple[Any, ...]
+    # The backend that compiles the program: ``backend=``, else the default when called.
+    backend: str = "numpy"
 
     def difference(self, other: CacheKey) -> str:
+        if self.backend != other.backend:
+            return f"backend changed: {other.backend} -> {self.backend}"
         if self.tree != other.tree:
             return f"argument structure changed: {other.tree} -> {self.tree}"
         if self.static != other.static:
@@ -184,7 +191,8 @@ class Jitted:
         self.static_argnums = tuple(static_argnums)
         self.static_argnames = tuple(static_argnames)
         self.donate_argnums = tuple(donate_argnums)
-        self.backend = get_backend(backend).name
+        # None follows the default backend, resolved at each call (``set_default_backend``).
+        self.backend = None if backend is None else get_backend(backend).name
         self._cache: dict[CacheKey, _Entry] = {}
         self._stats = _Stats()
         self._signature = _safe_signature(fun)
@@ -250,7 +258,8 @@ class Jitted:
                                  f"static with static_argnums/static_argnames\n"
                                  f"  at {user_frame()}") from e
             values.append(leaf)
-        return CacheKey(tree, tuple(aval_of(v) for v in values), static), values
+        backend = self.backend or default_backend().name
+        return CacheKey(tree, tuple(aval_of(v) for v in values), static, backend), values
 
     def _rebuild(self, args: tuple, kwargs: dict) -> Callable[..., Any]:
         """The function of the dynamic arguments only, with static ones bound."""
@@ -277,7 +286,7 @@ class Jitted:
         closed, hidden = make_graph_with_state(flat, key.avals)
         closed = optimize(closed)
         verify(closed)
-        return Lowered(closed, key.tree, store[-1], self.backend, self._donated_leaves(args),
+        return Lowered(closed, key.tree, store[-1], key.backend, self._donated_leaves(args),
                        tuple(hidden))
 
     def _donated_leaves(self, args: tuple) -> tuple[bool, ...]:
