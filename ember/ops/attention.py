@@ -63,8 +63,8 @@ attention_jvp_p = Primitive("attention_jvp", kind="contraction", multiple_result
 attention_bwd_p = Primitive("attention_bwd", kind="contraction", multiple_results=True)
 
 # Tile sizes of the reference implementation (tests shrink them to exercise the tiling).
-BLOCK_Q = 128
-BLOCK_K = 256
+BLOCK_Q = 256
+BLOCK_K = 512
 
 _FLOATS = (dtypes.float16, dtypes.bfloat16, dtypes.float32, dtypes.float64)
 _LEADING = 5  # q, k, v, kv_len, q_offset come first in every attention primitive
@@ -213,23 +213,25 @@ def _bwd_rule(*avals: ArrayType, scale: float, causal: bool, has_mask: bool,
 class _Tiles:
     """One attention problem laid out for tiling, shared by the three implementations.
 
-    Query heads are grouped under their key/value head, ``[..., Hk, G, L, D]``, and keys get a
-    unit group axis, ``[..., Hk, 1, S, D]``, so a tile of scores is one broadcast matmul and
-    keys and values are never repeated per group.
+    Query-side arrays are grouped under their key/value head, ``[..., Hk, G, L, X]``: a tile
+    of them is one matrix of ``G * rows`` rows per key/value head, so every product of a tile
+    is one batched matmul and keys and values are never repeated per group.
     """
 
     def __init__(self, q, k, v, kv_len, q_offset, mask, scale, causal):
         self.acc = _acc_dtype(q.dtype)
-        self.batch = q.shape[:-3]
         self.hk, self.src = k.shape[-3:-1]
         self.group = q.shape[-3] // self.hk
         self.length = q.shape[-2]
         self.scale, self.causal = scale, causal
-        tail = (1, 1, 1, 1)  # so that lengths broadcast against [..., Hk, G, rows, cols]
-        self.kv_len = np.clip(np.asarray(kv_len), 0, self.src).reshape(kv_len.shape + tail)
-        self.q_offset = np.asarray(q_offset).reshape(q_offset.shape + tail)
+        self.k, self.v = k, v
+        kv_len = np.clip(np.asarray(kv_len), 0, self.src)
+        # Lengths broadcast against [..., Hk, G, rows, cols] scores.
+        self.kv_len = kv_len.reshape(kv_len.shape + (1, 1, 1, 1))
+        self.q_offset = np.asarray(q_offset).reshape(q_offset.shape + (1, 1, 1, 1))
+        self.min_kv_len = int(kv_len.min(initial=self.src))
+        self.min_offset = int(self.q_offset.min(initial=0))
         self.mask = None if mask is None else self.grouped(mask, cast=mask.dtype != bool)
-        self.k, self.v = self.keyed(k), self.keyed(v)
 
     def grouped(self, x: np.ndarray, cast: bool = True) -> np.ndarray:
         """``[..., H, L, X] -> [..., Hk, G, L, X]`` (a unit head axis stays unit)."""
@@ -237,15 +239,27 @@ class _Tiles:
         x = x.reshape(*x.shape[:-3], *heads, *x.shape[-2:])
         return x.astype(self.acc, copy=False) if cast else x
 
-    def keyed(self, x: np.ndarray) -> np.ndarray:
-        """``[..., Hk, S, X] -> [..., Hk, 1, S, X]``, a view: keys and values are converted
-        to the accumulation dtype a tile at a time, so the unfilled part of a cache is never
-        touched."""
-        return x[..., None, :, :]
-
-    def ungrouped(self, x: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def ungrouped(x: np.ndarray) -> np.ndarray:
         """``[..., Hk, G, L, X] -> [..., H, L, X]``."""
         return x.reshape(*x.shape[:-4], x.shape[-4] * x.shape[-3], *x.shape[-2:])
+
+    def rows(self, x: np.ndarray, i0: int, i1: int) -> np.ndarray:
+        """Rows ``i0:i1`` of a grouped array, contiguous in the accumulation dtype."""
+        return np.ascontiguousarray(x[..., i0:i1, :], dtype=self.acc)
+
+    @staticmethod
+    def mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``a [..., Hk, G, r, X] @ b [..., Hk, X, N]`` as one ``[G * r, X]`` matrix per head."""
+        out = a.reshape(*a.shape[:-3], -1, a.shape[-1]) @ b
+        return out.reshape(*a.shape[:-1], b.shape[-1])
+
+    @staticmethod
+    def mm_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``a^T @ b`` for ``a [..., Hk, G, r, N]``, ``b [..., Hk, G, r, X]``: summed over the
+        group and the rows, ``[..., Hk, N, X]`` (a key's or value's gradient)."""
+        a2 = a.reshape(*a.shape[:-3], -1, a.shape[-1])
+        return np.swapaxes(a2, -1, -2) @ b.reshape(*b.shape[:-3], -1, b.shape[-1])
 
     def query_blocks(self) -> Iterator[tuple[int, int]]:
         for i0 in range(0, self.length, BLOCK_Q):
@@ -261,28 +275,33 @@ class _Tiles:
             yield j0, min(j0 + BLOCK_K, end)
 
     def keys(self, x: np.ndarray, j0: int, j1: int) -> np.ndarray:
-        """Rows ``j0:j1`` of a keyed ``[..., Hk, 1, S, X]`` array, zero past each ``kv_len``
-        (a partly filled cache may hold anything there, NaN included)."""
-        rows = np.arange(j0, j1)[:, None]
-        return np.where(rows < self.kv_len, x[..., j0:j1, :].astype(self.acc), 0)
+        """Rows ``j0:j1`` of ``x [..., Hk, S, X]`` in the accumulation dtype, zero past each
+        ``kv_len`` (a partly filled cache may hold anything there, NaN included)."""
+        tile = x[..., j0:j1, :].astype(self.acc)
+        if j1 <= self.min_kv_len:
+            return tile
+        return np.where(np.arange(j0, j1)[:, None] < self.kv_len[..., 0], tile, 0)
 
     def scores(self, qb: np.ndarray, kb: np.ndarray, i0: int, i1: int, j0: int, j1: int
                ) -> np.ndarray:
-        """Scaled scores of one tile, ``-inf`` where a query may not see a key."""
-        s = (qb @ np.swapaxes(kb, -1, -2)) * self.scale
+        """Scores of one tile from scaled queries, ``-inf`` where a query may not see a key.
+        Visibility is computed only for tiles that cross a boundary."""
+        s = self.mm(qb, np.swapaxes(kb, -1, -2))
         cols = np.arange(j0, j1)
-        valid = cols < self.kv_len
-        if self.causal:
-            valid = valid & (cols <= self.q_offset + np.arange(i0, i1)[:, None])
+        valid = cols < self.kv_len if j1 > self.min_kv_len else None
+        if self.causal and j1 - 1 > self.min_offset + i0:
+            below = cols <= self.q_offset + np.arange(i0, i1)[:, None]
+            valid = below if valid is None else valid & below
         if self.mask is not None:
             block = self.mask_block(self.mask, i0, i1, j0, j1)
             if block.dtype == bool:
-                valid = valid & block
+                valid = block if valid is None else valid & block
             else:
-                s = s + block
-        return np.where(valid, s, -np.inf)
+                s += block
+        return s if valid is None else np.where(valid, s, -np.inf)
 
-    def mask_block(self, x: np.ndarray, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+    @staticmethod
+    def mask_block(x: np.ndarray, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
         """The tile of a mask-shaped array (a unit row or column axis is broadcast)."""
         rows = slice(i0, i1) if x.shape[-2] != 1 else slice(None)
         cols = slice(j0, j1) if x.shape[-1] != 1 else slice(None)
@@ -307,18 +326,18 @@ def _attention_impl(*args, scale, causal, has_mask):
     lse = np.full(qg.shape[:-1], -np.inf, t.acc)
     with np.errstate(all="ignore"):
         for i0, i1 in t.query_blocks():
-            qb = qg[..., i0:i1, :].astype(t.acc)
+            qb = t.rows(qg, i0, i1) * scale
             m = np.full(qb.shape[:-1], -np.inf, t.acc)
             total = np.zeros_like(m)
             acc = np.zeros((*m.shape, v.shape[-1]), t.acc)
             for j0, j1 in t.key_blocks(i1):
-                s = t.scores(qb, t.keys(t.k, j0, j1), i0, i1, j0, j1)
+                s = t.scores(qb, t.keys(k, j0, j1), i0, i1, j0, j1)
                 m_new = np.maximum(m, s.max(axis=-1))
                 shift = _finite_or_zero(m_new)
                 p = np.exp(s - shift[..., None])
                 rescale = np.exp(m - shift)  # 0 while m is -inf
                 total = total * rescale + p.sum(axis=-1)
-                acc = acc * rescale[..., None] + p @ t.keys(t.v, j0, j1)
+                acc = acc * rescale[..., None] + t.mm(p, t.keys(v, j0, j1))
                 m = m_new
             seen = total > 0
             divisor = np.where(seen, total, 1)
@@ -341,30 +360,31 @@ def _attention_jvp_impl(*args, scale, causal, has_mask, which):
     (q, k, v, kv_len, q_offset), mask, (out, lse, *tangents) = _split(args, has_mask)
     tq, tk, tv, tm = _tangent_arrays(tangents, which)
     t = _Tiles(q, k, v, kv_len, q_offset, mask, scale, causal)
-    tq = None if tq is None else t.grouped(tq)
-    tk, tv = (None if x is None else t.keyed(x) for x in (tk, tv))
+    tq = None if tq is None else t.grouped(tq, cast=False)
     tm = None if tm is None else t.grouped(tm)
-    qg, outg, lseg = t.grouped(q), t.grouped(out), t.grouped(lse[..., None])[..., 0]
+    qg, outg = t.grouped(q, cast=False), t.grouped(out)
+    lseg = t.grouped(lse[..., None])[..., 0]
     dout = np.zeros(outg.shape, t.acc)
     dlse = np.zeros(lseg.shape, t.acc)
     with np.errstate(all="ignore"):
         for i0, i1 in t.query_blocks():
-            qb, lse_b = qg[..., i0:i1, :], lseg[..., i0:i1]
+            qb, lse_b = t.rows(qg, i0, i1) * scale, lseg[..., i0:i1]
+            tqb = None if tq is None else t.rows(tq, i0, i1) * scale
             for j0, j1 in t.key_blocks(i1):
-                kb, vb = t.keys(t.k, j0, j1), t.keys(t.v, j0, j1)
+                kb, vb = t.keys(k, j0, j1), t.keys(v, j0, j1)
                 p = t.probabilities(t.scores(qb, kb, i0, i1, j0, j1), lse_b)
-                ds = np.zeros_like(p)
-                if tq is not None:
-                    ds = ds + tq[..., i0:i1, :] @ np.swapaxes(kb, -1, -2) * scale
+                ds = np.zeros_like(p)  # the tangent of the scores
+                if tqb is not None:
+                    ds += t.mm(tqb, np.swapaxes(kb, -1, -2))
                 if tk is not None:
-                    ds = ds + qb @ np.swapaxes(t.keys(tk, j0, j1), -1, -2) * scale
+                    ds += t.mm(qb, np.swapaxes(t.keys(tk, j0, j1), -1, -2))
                 if tm is not None:
-                    ds = ds + t.mask_block(tm, i0, i1, j0, j1)
+                    ds += t.mask_block(tm, i0, i1, j0, j1)
                 pds = np.where(p > 0, p * ds, 0)
                 dlse[..., i0:i1] += pds.sum(axis=-1)
-                dout[..., i0:i1, :] += pds @ vb
+                dout[..., i0:i1, :] += t.mm(pds, vb)
                 if tv is not None:
-                    dout[..., i0:i1, :] += p @ t.keys(tv, j0, j1)
+                    dout[..., i0:i1, :] += t.mm(p, t.keys(tv, j0, j1))
         # sum_j p (ds - dlse) v = sum_j p ds v - dlse * out: one pass over the keys.
         dout -= dlse[..., None] * outg
     return [t.ungrouped(dout).astype(q.dtype), t.ungrouped(dlse[..., None])[..., 0]]
@@ -382,31 +402,30 @@ def _sum_to(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def _attention_bwd_impl(*args, scale, causal, has_mask, which):
     (q, k, v, kv_len, q_offset), mask, (out, lse, dout, dlse) = _split(args, has_mask)
     t = _Tiles(q, k, v, kv_len, q_offset, mask, scale, causal)
-    qg, dog = t.grouped(q), t.grouped(dout)
+    qg, dog = t.grouped(q, cast=False), t.grouped(dout, cast=False)
     lseg = t.grouped(lse[..., None])[..., 0]
     # The rows' sum_j p dp, minus the lse cotangent (d lse / d s = p), computed once.
-    delta = (dog * t.grouped(out)).sum(axis=-1) - t.grouped(dlse[..., None])[..., 0]
+    delta = (t.grouped(dout) * t.grouped(out)).sum(axis=-1) - t.grouped(dlse[..., None])[..., 0]
     dq = np.zeros(qg.shape, t.acc)
-    dk = np.zeros(t.k.shape, t.acc)
-    dv = np.zeros(t.v.shape, t.acc)
+    dk = np.zeros(k.shape, t.acc)
+    dv = np.zeros(v.shape, t.acc)
     dmask = np.zeros(t.mask.shape, t.acc) if has_mask and which[3] else None
     with np.errstate(all="ignore"):
         for i0, i1 in t.query_blocks():
-            qb, dob, lse_b = qg[..., i0:i1, :], dog[..., i0:i1, :], lseg[..., i0:i1]
+            qb, dob, lse_b = t.rows(qg, i0, i1) * scale, t.rows(dog, i0, i1), lseg[..., i0:i1]
             for j0, j1 in t.key_blocks(i1):
-                kb, vb = t.keys(t.k, j0, j1), t.keys(t.v, j0, j1)
+                kb, vb = t.keys(k, j0, j1), t.keys(v, j0, j1)
                 p = t.probabilities(t.scores(qb, kb, i0, i1, j0, j1), lse_b)
-                dv[..., j0:j1, :] += (np.swapaxes(p, -1, -2) @ dob).sum(axis=-3, keepdims=True)
-                ds = np.where(p > 0, p * (dob @ np.swapaxes(vb, -1, -2)
-                                          - delta[..., i0:i1, None]), 0)
-                dq[..., i0:i1, :] += ds @ kb * scale
-                dk[..., j0:j1, :] += (np.swapaxes(ds, -1, -2) @ qb).sum(axis=-3,
-                                                                        keepdims=True) * scale
+                dv[..., j0:j1, :] += t.mm_t(p, dob)
+                ds = t.mm(dob, np.swapaxes(vb, -1, -2))
+                ds -= delta[..., i0:i1, None]
+                ds = np.where(p > 0, p * ds, 0)
+                dq[..., i0:i1, :] += t.mm(ds, kb * scale)
+                dk[..., j0:j1, :] += t.mm_t(ds, qb)  # qb holds scale * q
                 if dmask is not None:
                     block = t.mask_block(dmask, i0, i1, j0, j1)
                     block += _sum_to(ds, block.shape)
-    grads = [t.ungrouped(dq).astype(q.dtype), dk[..., 0, :, :].astype(q.dtype),
-             dv[..., 0, :, :].astype(q.dtype)]
+    grads = [t.ungrouped(dq).astype(q.dtype), dk.astype(q.dtype), dv.astype(q.dtype)]
     if dmask is not None:
         grads.append(t.ungrouped(dmask).reshape(mask.shape).astype(mask.dtype))
     return [g for g, w in zip(grads, which) if w]
