@@ -6,7 +6,8 @@ the NumPy reference gave its fused equation and its outputs are compared with th
 
 - ``exact``: bitwise (``+ - * /``, max/min, select, comparisons, casts, movement, sqrt, and
   bfloat16/float16 rounded after every operation as the reference rounds);
-- ``ulp``: C library functions (exp, tanh, sin...) against NumPy's own: a few ulps;
+- ``ulp``: C library functions (exp, tanh, sin...) against NumPy's own: a few ulps (8 allowed;
+  measured against NumPy on float32: exp 4, log 6, sin/cos 2, tanh 1);
 - ``sum``: sums in another order than NumPy's pairwise summation: the rounding of the sum.
 """
 
@@ -116,8 +117,8 @@ def compare(want, got, how: str, what: str) -> None:
     w, g = want.astype(np.float64), got.astype(np.float64)
     np.testing.assert_array_equal(np.isnan(w), np.isnan(g), err_msg=what)
     eps = _eps(want.dtype)
-    if how == "ulp":  # a few ulps of each value (libm against NumPy's routines)
-        tol = 4 * eps * np.abs(w) + np.finfo(np.float32).tiny
+    if how == "ulp":  # a few ulps of each value (glibc's vector maths against NumPy's)
+        tol = 8 * eps * np.abs(w) + np.finfo(np.float32).tiny
     else:  # a reordered sum: its rounding, relative to the values' magnitude
         tol = 64 * eps * max(1.0, float(np.nanmax(np.abs(w), initial=0)))
     ok = np.isnan(w) | (np.abs(w - g) <= tol) | (w == g)
@@ -154,7 +155,7 @@ CASES = {
                                               np.int32)),
                         enp.asarray(np.array([[4, 3, -2**31], [2**30, 9, 11]], np.int32))),
                        "exact"),
-    "bool_logic": (lambda a, b: (a & b) | ~a ^ (a == b),
+    "bool_logic": (lambda a, b: ((a & b) | ~a ^ (a == b), a.any(axis=-1), b.all(axis=0)),
                    (enp.asarray(np.arange(12).reshape(3, 4) % 3 == 0),
                     enp.asarray(np.arange(12).reshape(3, 4) % 2 == 0)), "exact"),
     "bfloat16_rounds_per_op": (lambda x, y: (x * y + x) / (y - 0.75) * x,
@@ -179,6 +180,10 @@ CASES = {
                                      rand(8, 8, seed=2)), "exact"),
     "max_over_rows": (lambda x: (x.max(axis=-1), x.min(axis=(1, 2)), x.max(axis=0)),
                       (rand(4, 6, 35),), "exact"),
+    "nan_wins_a_max": (lambda x: (x.max(axis=-1), x.min(axis=-1)),
+                       (enp.asarray(np.where(np.arange(40).reshape(4, 10) % 7 == 3, np.nan,
+                                             np.arange(40.0).reshape(4, 10))
+                                    .astype(np.float32)),), "sum"),
     "big_parallel_map": (lambda x, y: x * y + y, (rand(256, 300), rand(300, seed=1)),
                          "exact"),
     "zero_size": (lambda x: (x * 2.0, x.sum(axis=0), enp.concatenate([x, x], axis=1)),

@@ -23,9 +23,13 @@ Precision, against the NumPy reference:
 - float32 stays float32 (no promotion to double; no fused multiply-add, see the toolchain's
   ``-ffp-contract=off``). bfloat16 and float16 are computed in float and rounded to their type
   after every operation, as ml_dtypes and NumPy do, so they are bitwise too.
-- Functions NumPy computes with its own vectorised routines or libm (``exp``, ``log``,
-  ``tanh``, ``sin``...) use the C library here: results may differ by a few ulps (float32: 4
-  ulps is the tolerance the tests use; after rounding to bfloat16/float16 nearly always equal).
+- Functions NumPy computes with its own vectorised routines (``exp``, ``log``, ``tanh``,
+  ``sin``...) use the C library here, in vector form where glibc's libmvec has one (declared in
+  :data:`HELPERS`, so loops calling them vectorise): results differ by a few ulps (measured on
+  float32 against NumPy: exp 4, log 6, sin/cos 2, tanh 1; the tests allow 8); after rounding
+  to bfloat16/float16 they are nearly always equal.
+- A max/min reduction is exact, but a NaN operand gives the C ``NAN`` rather than that
+  operand's own NaN bits (the NaN is tracked in a flag so the comparison loop vectorises).
 - Sums and products accumulate sequentially in the operand's type (float for bfloat16 and
   float16, rounded once at the end), while NumPy sums pairwise (and bfloat16 per step): results
   agree to the rounding error of the sum, about ``n * eps`` relative to the sum of magnitudes.
@@ -83,6 +87,31 @@ static inline uint16_t ember_f32_to_bf16(float f) {  /* round to nearest even, q
 }
 static inline float ember_round_bf16(float f) { return ember_bf16_to_f32(ember_f32_to_bf16(f)); }
 static inline float ember_round_f16(float f) { return (float)(_Float16)f; }
+#if defined(__x86_64__) && defined(__GLIBC__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 35)
+/* glibc's vector math library (libmvec, linked through libm) has SIMD versions of these:
+   declared so, the loops that call them vectorise (math.h declares them only for
+   -ffast-math). */
+#pragma omp declare simd notinbranch
+float expf(float);
+#pragma omp declare simd notinbranch
+float logf(float);
+#pragma omp declare simd notinbranch
+float log1pf(float);
+#pragma omp declare simd notinbranch
+float expm1f(float);
+#pragma omp declare simd notinbranch
+float tanhf(float);
+#pragma omp declare simd notinbranch
+float sinf(float);
+#pragma omp declare simd notinbranch
+float cosf(float);
+#pragma omp declare simd notinbranch
+double exp(double);
+#pragma omp declare simd notinbranch
+double log(double);
+#pragma omp declare simd notinbranch
+double tanh(double);
+#endif
 """
 
 # Below this many points of the domain a kernel runs on one thread: waking the others costs
@@ -299,11 +328,20 @@ def _identity(args: list[str], eqn: Eqn) -> str | None:
 @dataclass(frozen=True)
 class CReduction:
     """How a reduction accumulates in C: its start value, ``combine(acc, x)``, and the OpenMP
-    ``simd reduction`` operator that may reorder it (None: keep the order)."""
+    ``simd reduction`` operator that may reorder it (None: keep the order).
+
+    ``nan_wins``: for floats, a NaN operand makes the result NaN whatever ``combine`` does
+    (a flag kept beside the accumulator), so a max can be a plain comparison that
+    vectorises; the result is then the C ``NAN``, not the NaN operand itself.
+    """
 
     init: Callable[[np.dtype], str | None]
     combine: Callable[[str, str, np.dtype], str | None]
     simd: str | None = None
+    nan_wins: bool = False
+
+    def tracks_nan(self, dtype: np.dtype) -> bool:
+        return self.nan_wins and dtypes.is_float(dtype)
 
 
 def _int_limit(dtype: np.dtype, low: bool) -> str:
@@ -332,9 +370,9 @@ _REDUCTIONS = {
     "reduce_prod": CReduction(lambda dt: "1" if _numeric(dt) else None,
                               lambda acc, x, dt: _arith_code("*", None, dt, acc, x), "*"),
     "reduce_max": CReduction(_extreme_init(True),
-                             lambda acc, x, dt: _extremum_code(">", dt, acc, x)),
+                             lambda acc, x, dt: f"({x} > {acc} ? {x} : {acc})", "max", True),
     "reduce_min": CReduction(_extreme_init(False),
-                             lambda acc, x, dt: _extremum_code("<", dt, acc, x)),
+                             lambda acc, x, dt: f"({x} < {acc} ? {x} : {acc})", "min", True),
 }
 
 _ELEMENTWISE: dict[str, Rule] = {
@@ -432,12 +470,18 @@ class _Renderer:
                 raise _UnsupportedError(s.eqn.prim.name)
             accs[s.local] = s.eqn
             lines.append(f"{pad}{_calc(dt)} v{s.local} = {init};")
+            if red.tracks_nan(dt):
+                lines.append(f"{pad}int v{s.local}_nan = 0;")
         elif isinstance(s, Update):
             red, dt = self.reduction(s.eqn)
-            code = red.combine(f"v{s.local}", self.expr(s.value), dt)
+            x = f"u{s.local}"
+            code = red.combine(f"v{s.local}", x, dt)
             if code is None:
                 raise _UnsupportedError(s.eqn.prim.name)
+            lines.append(f"{pad}const {_calc(dt)} {x} = {self.expr(s.value)};")
             lines.append(f"{pad}v{s.local} = {code};")
+            if red.tracks_nan(dt):
+                lines.append(f"{pad}v{s.local}_nan |= {x} != {x};")
         elif isinstance(s, Store):
             dt = np.dtype(self.nest.outputs[s.output].dtype)
             value = self.expr(s.value)
@@ -463,11 +507,14 @@ class _Renderer:
         updated = {s.local: s.eqn for s in loop.body if isinstance(s, Update)}
         by_op: dict[str | None, list[str]] = {}
         for local, e in updated.items():
-            by_op.setdefault(self.reduction(e)[0].simd, []).append(f"v{local}")
+            red, dt = self.reduction(e)
+            by_op.setdefault(red.simd, []).append(f"v{local}")
+            if red.tracks_nan(dt):
+                by_op.setdefault("|", []).append(f"v{local}_nan")
         inner: list[str] = []
         for depth, (k, n) in enumerate(axes):
             if depth == len(axes) - 1 and None not in by_op:
-                # Sums may be reordered into vector lanes; a max/min keeps its order (NaNs).
+                # Accumulators may be split into vector lanes (sums reordered).
                 clause = "".join(f" reduction({op}:{', '.join(vs)})"
                                  for op, vs in sorted(by_op.items()))
                 inner.append(f"{pad}{'  ' * depth}#pragma omp simd{clause}")
@@ -477,8 +524,10 @@ class _Renderer:
             self.statement(s, inner, body_pad, accs)
         inner += [f"{pad}{'  ' * d}}}" for d in reversed(range(len(axes)))]
         lines.extend(inner)
-        for local in updated:
+        for local, e in updated.items():
             dt = np.dtype(accs[local].outputs[0].aval.dtype)
+            if self.reduction(e)[0].tracks_nan(dt):
+                lines.append(f"{pad}if (v{local}_nan) v{local} = NAN;")
             if _half(dt):
                 lines.append(f"{pad}v{local} = {_round(f'v{local}', dt)};")
 
