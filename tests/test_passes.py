@@ -326,6 +326,8 @@ PROGRAMS = {
     "custom_vjp": (lambda x: _custom_sin()(x), 1),
     "grad of remat in scan": (ember.grad(lambda x: enp.sum(lax.scan(
         ember.checkpoint(step), x, XS)[0])), 3),
+    "reverse scan over a vector": (lambda x: lax.scan(lambda c, s: (c * s + 1.0, c), x[0], x,
+                                                      reverse=True)[1], 1),
 }
 
 
@@ -343,6 +345,14 @@ def test_bodies_are_compiled_by_the_backend_running_the_program(counting, name):
         assert "counting" in body.cache and "numpy" not in body.cache
     held = [b for eqn in top.graph.eqns for _, b in bodies(eqn)]
     assert held and all("numpy" not in b.cache for b in held)
+
+
+def test_eager_control_flow_runs_on_the_backend_of_its_operands(counting):
+    x = ember.jit(lambda v: v * 1.0, backend="counting")(X)
+    counting.compiled.clear()
+    out = lax.cond(x[0] > 0, enp.sin, enp.cos, x)
+    np.testing.assert_allclose(out, np.sin(X) if X[0] > 0 else np.cos(X))
+    assert len(counting.compiled) == 1  # the branch that ran
 
 
 def test_a_body_is_compiled_once_per_backend(counting):

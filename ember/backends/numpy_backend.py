@@ -34,7 +34,7 @@ class NumpyBackend(Backend):
     def to_host(self, buffer: np.ndarray) -> np.ndarray:
         # A read-only view: the caller must not be able to write into an Array's buffer. The
         # view also holds a reference to the buffer, which keeps in-place paths away from it.
-        view = buffer.view()
+        view = np.asarray(buffer).view()  # also a NumPy scalar an implementation returned
         view.flags.writeable = False
         return view
 
