@@ -148,6 +148,25 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients():
     assert not np.asarray(empty).any() and np.isneginf(np.asarray(lse)).all()
 
 
+def test_dropout_keeps_the_decomposed_formula():
+    """With ``v`` the identity, the output rows are the attention weights: each one dropped
+    (0) or kept and scaled by ``1 / (1 - p)``; the same key gives the same mask."""
+    q, k = enp.asarray(_randn(2, 4, 5, 6)), enp.asarray(_randn(2, 2, 6, 6))
+    v = enp.asarray(np.broadcast_to(np.eye(6, dtype=np.float32), (2, 2, 6, 6)))
+    mask = enp.asarray(_randn(2, 1, 5, 6))
+    weights = np.asarray(F.scaled_dot_product_attention(q, k, v, mask, is_causal=True,
+                                                        enable_gqa=True))
+    key = ember.random.key(3)
+    dropped = np.asarray(F.scaled_dot_product_attention(
+        q, k, v, mask, dropout_p=0.25, is_causal=True, enable_gqa=True, dropout_key=key))
+    kept = dropped != 0
+    assert 0.5 < kept[weights > 0].mean() < 0.95
+    _close(dropped[kept], weights[kept] / 0.75)
+    again = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=0.25, is_causal=True,
+                                           enable_gqa=True, dropout_key=key)
+    np.testing.assert_array_equal(again, dropped)
+
+
 # --- derivatives, vmap, jit ------------------------------------------------------------------
 
 def test_gradients_match_finite_differences_with_a_cache_and_the_lse():
