@@ -230,7 +230,9 @@ def _llama_cases():
     def loss(m, ids):
         return F.cross_entropy(m(ids)[:, :-1], ids[:, 1:])
 
+    half = tiny_model(64).astype(enp.bfloat16)  # astype casts in place: a model of its own
     return {"llama_forward": (lambda m, ids: m(ids), (model, ids), "sum"),
+            "llama_forward_bfloat16": (lambda m, ids: m(ids), (half, ids), "sum"),
             "llama_value_and_grad": (ember.value_and_grad(loss), (model, ids), "sum")}
 
 
@@ -248,7 +250,8 @@ def compiled(programs):
 
 
 @needs_cc
-@pytest.mark.parametrize("name", [*CASES, "adamw", "llama_forward", "llama_value_and_grad"])
+@pytest.mark.parametrize("name", [*CASES, "adamw", "llama_forward", "llama_forward_bfloat16",
+                                  "llama_value_and_grad"])
 def test_kernels_match_the_numpy_reference(compiled, name):
     programs, lib = compiled
     program, how = programs[name]
