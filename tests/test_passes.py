@@ -61,6 +61,29 @@ def test_the_same_function_traced_twice_has_one_key_and_other_functions_another(
     assert param_key(sub) != param_key(make_graph(lambda x, y: [y - x], [F64, F64]))
 
 
+_KEY_IN_A_NEW_PROCESS = """
+import hashlib, numpy as np, ember, ember.numpy as enp
+from ember import lax
+from ember.ir.params import param_key
+W = np.arange(9.0).reshape(3, 3)
+step = lambda h, x: (enp.tanh(W @ h + x), enp.sum(h))
+f = ember.checkpoint(lambda h, xs: lax.scan(step, h, xs)[0],
+                     policy=ember.checkpoint_policies.dots_saveable)
+graph = ember.jit(ember.grad(lambda h, xs: enp.sum(f(h, xs)))).lower(np.ones(3),
+                                                                   np.ones((4, 3))).graph
+print(hashlib.sha256(repr(param_key(graph)).encode()).hexdigest())
+"""
+
+
+def test_keys_are_the_same_in_every_process():
+    import subprocess
+    import sys
+
+    keys = {subprocess.run([sys.executable, "-c", _KEY_IN_A_NEW_PROCESS], capture_output=True,
+                           text=True, check=True).stdout for _ in range(2)}
+    assert len(keys) == 1 and len(keys.pop().strip()) == 64
+
+
 def test_constants_are_keyed_by_content_small_and_large():
     for n in (3, 1000):  # bytes inline, and a digest of them
         c1, c2 = np.arange(n, dtype=np.float64), np.arange(n, dtype=np.float64)
