@@ -103,6 +103,8 @@ def test_policies_are_values_named_once_per_function():
     assert hash(as_policy(first)) == hash(as_policy(first))
     with pytest.raises(ember.EmberError, match="policy must be a function"):
         ember.checkpoint(mlp, policy="dots")
+    with pytest.raises(ember.EmberError, match="no policy is registered as 'dots'"):
+        ember.checkpoint(mlp, policy=type(as_policy(saves_sin))("dots"))
 
 
 def test_checkpoint_decorator_grad_of_grad_jvp_vmap():

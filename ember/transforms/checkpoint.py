@@ -91,7 +91,12 @@ def as_policy(policy: Policy | SaveRule | None) -> Policy | None:
     ``#3``... when another function has that name), and keeps that name for the whole process:
     define a policy function once, not anew at each call.
     """
-    if policy is None or isinstance(policy, Policy):
+    if policy is None:
+        return None
+    if isinstance(policy, Policy):
+        if policy.name not in _RULES:
+            raise op_error(EmberError, "checkpoint", f"no policy is registered as "
+                           f"{policy.name!r}; pass the policy function itself")
         return policy
     if not callable(policy):
         raise op_error(EmberError, "checkpoint", f"policy must be a function or one of "
