@@ -268,6 +268,31 @@ def test_llama_step_with_every_group_compiled_matches_the_reference(compiled):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(w).max()))
 
 
+@needs_cc
+def test_adamw_update_runs_in_place_over_its_operands(compiled):
+    programs, lib = compiled
+    program, _ = programs["adamw"]
+    for eqn, kernel in zip(program.eqns, program.kernels):
+        if eqn.outputs[0].aval.shape == ():
+            continue  # the step's scalars
+        assert len(kernel.in_place) == 3  # parameter, exp_avg, exp_avg_sq over their old values
+        ins = [np.array(program.env[a.id]) for a in eqn.inputs]  # private copies
+        outs = [ins[j] for _, j in sorted(kernel.in_place)]
+        pointers = (ctypes.c_void_p * (len(outs) + len(ins)))(
+            *[a.ctypes.data for a in [*outs, *ins]])
+        getattr(lib, kernel.name)(pointers)
+        for v, got in zip(eqn.outputs, outs):
+            compare(program.env[v.id], got, "ulp", kernel.source)
+        assert all(f"*restrict out{k} =" not in kernel.source for k, _ in kernel.in_place)
+
+
+def test_row_kernels_and_readers_of_other_points_are_not_in_place(programs):
+    softmax, _ = programs["softmax_of_computed"]
+    assert softmax.kernels[0].in_place == ((0, 0),)  # the output written in the last loop
+    transposed, _ = programs["transpose_reshape_slice"]
+    assert transposed.kernels[0].in_place == ()
+
+
 def test_identical_groups_share_one_kernel(programs):
     program, _ = programs["llama_forward"]
     names = [k.name for k in program.kernels]

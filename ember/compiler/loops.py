@@ -375,6 +375,44 @@ class LoopNest:
             out.extend(s.body if isinstance(s, RowLoop) else [s])
         return out
 
+    def in_place(self) -> tuple[tuple[int, int], ...]:
+        """Pairs ``(output, input)`` that may be one buffer: the output is written once per
+        element, at the only index the input is ever read at, no earlier than the input's
+        last read (the AdamW update writing parameter and moments over their old values)."""
+        stage_of_store: dict[int, tuple[int, Index]] = {}
+        reads: dict[int, list[tuple[int, Index]]] = {}
+        counts: dict[int, int] = {}
+        for stage, block in enumerate(self.body):
+            for st in block.body if isinstance(block, RowLoop) else [block]:
+                if isinstance(st, Store):
+                    counts[st.output] = counts.get(st.output, 0) + 1
+                    stage_of_store[st.output] = (stage, st.index)
+                for load in _loads(st):
+                    reads.setdefault(load.input, []).append((stage, load.index))
+        pairs, taken = [], set()
+        for k, (stage, index) in stage_of_store.items():
+            for j, seen in reads.items():
+                a, b = self.inputs[j], self.outputs[k]
+                if (counts[k] == 1 and j not in taken and (a.shape, a.dtype) == (b.shape, b.dtype)
+                        and all(i == index and s <= stage for s, i in seen)):
+                    pairs.append((k, j))
+                    taken.add(j)
+                    break
+        return tuple(pairs)
+
+
+def _loads(node: Any) -> list[Load]:
+    """The loads of input buffers in a statement or expression."""
+    if isinstance(node, Load):
+        return [node]
+    if isinstance(node, Where):
+        return _loads(node.then) + _loads(node.other)
+    if isinstance(node, Let):
+        return [x for a in node.args for x in _loads(a)]
+    if isinstance(node, (Update, Store, ScratchStore)):
+        return _loads(node.value)
+    return []
+
 
 # --- index rules of views --------------------------------------------------------------------
 

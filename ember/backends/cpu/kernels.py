@@ -3,8 +3,9 @@
 :func:`render` turns a ``fused`` equation (:mod:`ember.compiler.fusion`) into a
 :class:`Kernel`: the C function ``void NAME(void **args)`` where ``args`` are the outputs then
 the inputs, each a pointer to a contiguous row-major buffer of its dtype (shapes are static and
-baked into the code), outputs never overlapping inputs. ``NAME`` is a hash of the function's
-text, so the identical groups of 30 identical layers are one function. The code follows the
+baked into the code), outputs never overlapping inputs except the pairs ``Kernel.in_place``
+names. ``NAME`` is a hash of the function's text, so the identical groups of 30 identical
+layers are one function. The code follows the
 group's loop description (:mod:`ember.compiler.loops`): nested loops over the outer axes,
 split across cores with OpenMP when the work is big enough, with row loops for the reductions
 inside; the innermost loops read contiguous memory through ``restrict`` pointers and are marked
@@ -121,11 +122,16 @@ PARALLEL_MIN = 1 << 15
 
 @dataclass(frozen=True)
 class Kernel:
-    """One C function: ``void name(void **args)`` (outputs, then inputs)."""
+    """One C function: ``void name(void **args)`` (outputs, then inputs).
+
+    ``in_place`` lists ``(output, input)`` positions that may be passed the same buffer (an
+    update written over a donated operand); every other output must not overlap any input.
+    """
 
     name: str
     source: str
     helpers: tuple[str, ...] = (HELPERS,)
+    in_place: tuple[tuple[int, int], ...] = ()
 
 
 def translation_unit(kernels: Iterable[Kernel]) -> str:
@@ -531,16 +537,21 @@ class _Renderer:
             if _half(dt):
                 lines.append(f"{pad}v{local} = {_round(f'v{local}', dt)};")
 
-    def function(self, name: str) -> str:
+    def function(self, name: str, in_place: tuple[tuple[int, int], ...] = ()) -> str:
         nest = self.nest
         lines = [f"void {name}(void **args) {{"]
+        # Buffers that may be shared are not ``restrict``: the compiler must keep their order.
+        shared_out = {k for k, _ in in_place}
+        shared_in = {j for _, j in in_place}
         for k, aval in enumerate(nest.outputs):
             t = c_type(aval.dtype)
-            lines.append(f"  {t} *restrict out{k} = ({t} *)args[{k}];")
+            q = "" if k in shared_out else "restrict "
+            lines.append(f"  {t} *{q}out{k} = ({t} *)args[{k}];")
         for k, aval in enumerate(nest.inputs):
             t = c_type(aval.dtype)
             at = len(nest.outputs) + k
-            lines.append(f"  const {t} *restrict in{k} = (const {t} *)args[{at}];")
+            q = "" if k in shared_in else "restrict "
+            lines.append(f"  const {t} *{q}in{k} = (const {t} *)args[{at}];")
         outer = [(k, n) for k, n in enumerate(nest.outer) if n != 1]
         points = math.prod(nest.outer) * math.prod(nest.row)
         # A map kernel keeps its innermost axis as the vectorised loop; a row kernel
@@ -595,9 +606,12 @@ def render(eqn: Eqn) -> Kernel | None:
         _MEMO.move_to_end(key)
         return _MEMO[key]
     try:
-        text = _Renderer(describe(eqn)).function("EMBER_KERNEL")
+        nest = describe(eqn)
+        in_place = nest.in_place()
+        text = _Renderer(nest).function("EMBER_KERNEL", in_place)
         name = "ember_k" + hashlib.sha256(text.encode()).hexdigest()[:16]
-        kernel: Kernel | None = Kernel(name, text.replace("EMBER_KERNEL", name))
+        kernel: Kernel | None = Kernel(name, text.replace("EMBER_KERNEL", name),
+                                       in_place=in_place)
     except _UnsupportedError:
         kernel = None
     _MEMO[key] = kernel
