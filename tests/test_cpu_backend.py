@@ -29,8 +29,9 @@ C_KINDS = ("contraction", "indexing")
 
 def _program(fn, *args, donate=()):
     """The compiled program of ``fn`` on the cpu backend (for its C and its memory plan)."""
-    lowered = ember.jit(fn, backend="cpu", donate_argnums=donate).lower(*args)
-    return get_backend("cpu").compile(lowered.graph, lowered.donate)
+    compiled = ember.jit(fn, backend="cpu", donate_argnums=donate).lower(*args).compile()
+    assert compiled.as_text() == compiled.program.as_text()  # the public view of the C
+    return compiled.program
 
 
 def _leaves(tree):
@@ -350,3 +351,21 @@ def test_control_flow_bodies_run_on_the_cpu_backend():
     x, w = rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((4, 4))
     _same(f, x, w.astype(np.float32))
     _same(ember.grad(lambda x, w: f(x, w)[0].sum()), x, w.astype(np.float32))
+
+
+def test_scalars_and_inputs_returned_as_they_are():
+    a = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    s, out_a, prod = ember.jit(lambda s, a: (s, a, (a @ a.T) * s), backend="cpu")(2.0, a)
+    assert np.asarray(s).shape == () and float(s) == 2.0
+    np.testing.assert_array_equal(np.asarray(out_a), a)
+    np.testing.assert_allclose(np.asarray(prod), a @ a.T * 2)
+
+
+def test_a_group_without_a_kernel_runs_its_equations_through_numpy():
+    """complex128 has no C kernel: the fused group is replaced by its equations."""
+    z = (np.arange(6.0) + 1j).reshape(2, 3)
+    f = lambda z: enp.exp(z) * 2 + z  # noqa: E731
+    _same(f, z, rtol=1e-12, atol=1e-12)
+    program = _program(f, z)
+    assert not any(e.prim.name == "fused" for e in program.graph.eqns)
+    assert not program.segments

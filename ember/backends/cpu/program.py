@@ -196,7 +196,8 @@ class Program:
                 else:
                     self.home[v.id], ext = _Home(ext=ext), ext + 1
         self.n_ext = ext
-        self.consts = [np.ascontiguousarray(c) for c in closed.consts]
+        self.consts = [np.asarray(c, order="C") for c in closed.consts]
+        self._in_dtypes = [v.aval.dtype for v in [*graph.constvars, *graph.invars]]
 
     def _steps(self, statements: dict[int, Statement]) -> None:
         """The run order: ("c", segment index) or ("numpy", equation index), each with the
@@ -271,8 +272,9 @@ class Program:
         graph, home = self.graph, self.home
         env: list[Any] = [None] * self.n_ext
         ext = (ctypes.c_void_p * max(1, self.n_ext))()
-        for slot, buf in enumerate([*self.consts, *buffers]):
-            _bind(env, ext, slot, buf if buf.flags.c_contiguous else np.ascontiguousarray(buf))
+        for slot, (buf, dtype) in enumerate(zip([*self.consts, *buffers], self._in_dtypes)):
+            # C reads raw memory: hand it contiguous arrays of exactly the declared dtype.
+            _bind(env, ext, slot, np.asarray(buf, dtype, order="C"))
         for v in self._fresh:
             _bind(env, ext, home[v.id].ext, np.empty(v.aval.shape, v.aval.dtype))
         arena = self._arena.acquire()
@@ -305,7 +307,7 @@ class Program:
             if np.may_share_memory(r, arena):
                 r = r.copy()  # a view of the arena would change when the arena is reused
             elif not r.flags.c_contiguous:
-                r = np.ascontiguousarray(r)
+                r = np.asarray(r, order="C")
             _bind(env, ext, home[v.id].ext, r)
         if self._debug:
             for b in self.plan.freed_after(i):
