@@ -10,6 +10,7 @@ which is the layer that knows NumPy semantics; this module holds what an array *
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -32,9 +33,8 @@ class Array:
         self._backend = backend or default_backend()
 
     # --- what an array is -------------------------------------------------------------------
-    @property
-    def aval(self) -> ArrayType:
-        return self._aval
+    # Read on every operation: a C-level getter costs less than a Python property.
+    aval = property(operator.attrgetter("_aval"), doc="The abstract type (ArrayType).")
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -129,6 +129,8 @@ def tracing_active() -> bool:
 
 def bind(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
     """Apply ``prim`` to ``args``: route it to the innermost transformation that owns an arg."""
+    if len(_stack) == 1:  # nothing is traced: run it now (eval_primitive refuses tracers)
+        return eval_primitive(prim, args, params)
     top = _dynamic[-1]
     for a in args:
         if isinstance(a, Tracer):
@@ -190,10 +192,21 @@ def shared_array(value: np.ndarray) -> Array:
 
 
 def eval_primitive(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
-    arrays = [to_array(a) for a in args]
-    out_aval = prim.abstract_eval(*[a.aval for a in arrays], **params)
-    backend: Backend = arrays[0]._backend if arrays else default_backend()
-    out = backend.run_primitive(prim, [a._buffer for a in arrays], params)
+    avals, buffers = [], []
+    backend: Backend | None = None
+    for a in args:
+        if type(a) is not Array or a._buffer is None:  # else nothing to convert or check
+            if isinstance(a, Tracer):  # reached the eval trace: its transformation is over
+                raise escaped_tracer(a)
+            a = to_array(a)
+        avals.append(a._aval)
+        buffers.append(a._buffer)
+        backend = backend or a._backend
+    out_aval = _RULE_MEMO.get((prim, (), *avals)) if not params else None
+    if out_aval is None:
+        out_aval = abstract_eval(prim, avals, params)
+    backend = backend or default_backend()
+    out = backend.run_primitive(prim, buffers, params)
     if prim.multiple_results:
         return [_wrap(o, av, backend) for o, av in zip(out, out_aval)]
     return _wrap(out, out_aval, backend)
@@ -201,13 +214,76 @@ def eval_primitive(prim: Primitive, args: Sequence[Any], params: dict[str, Any])
 
 def _wrap(buffer: Any, aval: ArrayType, backend: Backend) -> Array:
     if backend.name == "numpy":
-        buffer = np.asarray(buffer)
+        # NumPy returns scalars for 0-d results and may widen a dtype: make it the rule's.
+        if type(buffer) is not np.ndarray:
+            buffer = np.asarray(buffer)
         if buffer.dtype != aval.dtype:
             buffer = buffer.astype(aval.dtype)
         if buffer.shape != aval.shape:
             raise EmberError(f"internal: implementation returned {buffer.shape}, rule said "
                              f"{aval.shape}")
     return Array(buffer, aval, backend)
+
+
+# --- result types, memoised -----------------------------------------------------------------
+
+_RULE_MEMO: dict[tuple, Any] = {}
+_RULE_MEMO_SIZE = 4096  # distinct (primitive, types, params) kept; emptied when full
+_PLAIN_TYPES = frozenset({int, bool, str, type(None)})
+
+
+def abstract_eval(prim: Primitive, avals: Sequence[ArrayType], params: dict[str, Any]) -> Any:
+    """``prim``'s result type (a tuple of them for multiple results) for operands of ``avals``.
+
+    Eager code asks the same question over and over (``add`` of two ``f32[8,8]``), and a shape
+    rule builds sets and new types each time. Rules are pure functions of types and params, so
+    the answer is kept when every param is a plain value whose equality means sameness
+    (:func:`_params_key`). A rule that raises is never memoised, so its error is raised anew,
+    naming the caller's line.
+    """
+    pkey = _params_key(params) if params else ()
+    if pkey is None:
+        return prim.abstract_eval(*avals, **params)
+    key = (prim, pkey, *avals)
+    out = _RULE_MEMO.get(key)
+    if out is None:
+        out = prim.abstract_eval(*avals, **params)
+        if isinstance(out, list):
+            out = tuple(out)  # shared between callers: must not be mutable
+        if len(_RULE_MEMO) >= _RULE_MEMO_SIZE:
+            _RULE_MEMO.clear()
+        _RULE_MEMO[key] = out
+    return out
+
+
+def _params_key(params: dict[str, Any]) -> tuple | None:
+    """A key equal for equal params, or None when that cannot be had cheaply and safely.
+
+    Accepted: ints, bools, strings, None, dtypes and (nested) tuples of ints or None, each with
+    its type in the key, since ``1 == 1.0 == True`` but a rule may tell them apart. Floats
+    (``0.0 == -0.0``, NaN), graphs, callables and other objects are not memoised.
+    """
+    key = []
+    for name, v in params.items():
+        t = type(v)
+        if t is tuple:
+            if not _int_tuple(v):
+                return None
+        elif t not in _PLAIN_TYPES and not isinstance(v, np.dtype):
+            return None
+        key.append((name, t, v))
+    return tuple(key)
+
+
+def _int_tuple(value: tuple) -> bool:
+    for e in value:
+        t = type(e)
+        if t is tuple:
+            if not _int_tuple(e):
+                return False
+        elif t is not int and e is not None:
+            return False
+    return True
 
 
 # --- staging into a graph --------------------------------------------------------------------
@@ -329,7 +405,7 @@ class GraphTrace(Trace):
     def stage(self, prim: Primitive, tracers: Sequence[GraphTracer], params: dict[str, Any]
               ) -> Any:
         """Record ``prim`` as an equation and return tracers for its results."""
-        out_aval = prim.abstract_eval(*[t.aval for t in tracers], **params)
+        out_aval = abstract_eval(prim, [t.aval for t in tracers], params)
         avals = out_aval if prim.multiple_results else [out_aval]
         outs = [self.builder.new_tracer(self, a) for a in avals]
         self.builder.eqns.append(Eqn(prim, [self.builder.var(t) for t in tracers],

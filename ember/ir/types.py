@@ -32,6 +32,29 @@ class ArrayType:
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    # Types are dictionary keys on every eager operation (the shape-rule memo) and every jit
+    # call (the cache key), so the hash is computed once per type and equality first tries
+    # identity. The cached hash is never pickled: dtype hashes differ between processes.
+    _hash = None  # not a field: set on first use
+
+    def __hash__(self) -> int:
+        h = self._hash
+        if h is None:
+            h = hash((self.shape, self.dtype, self.weak, self.sharding))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if other.__class__ is not ArrayType:
+            return NotImplemented
+        return (self.shape == other.shape and self.dtype == other.dtype
+                and self.weak == other.weak and self.sharding == other.sharding)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     def update(self, **changes: Any) -> ArrayType:
         fields = {"shape": self.shape, "dtype": self.dtype, "weak": self.weak,
                   "sharding": self.sharding}

@@ -14,7 +14,7 @@ import numpy as np
 from ember import dtypes
 from ember.backends import default_backend
 from ember.core.array import Array, Tracer
-from ember.core.trace import aval_of, shared_array, to_array
+from ember.core.trace import aval_of, innermost_dynamic, shared_array, to_array
 from ember.errors import DTypeError, EmberValueError, ShapeError, op_error
 from ember.ir.types import type_of
 from ember.ops import elementwise as ew
@@ -146,23 +146,19 @@ def broadcast_shapes(op: str, *shapes: Sequence[int]) -> tuple[int, ...]:
 
 def promote_args(op: str, *args: Any, dtype: np.dtype | None = None) -> list[Any]:
     """Cast to the common dtype (or ``dtype``) and broadcast to the common shape."""
-    if dtype is None and _already_agree(args):
-        return list(args)
+    if dtype is None:
+        if _already_agree(args):
+            return list(args)
+        if len(args) == 2:
+            fast = _array_and_scalar(op, *args)
+            if fast is not None:
+                return fast
     target = dtype if dtype is not None else result_dtype(*args)
     all_weak = all(is_python_scalar(a) or (hasattr(a, "aval") and a.aval.weak) for a in args)
     vals = []
     for a in args:
         if is_python_scalar(a):
-            try:
-                host = np.asarray(a, dtype=target)
-            except OverflowError as e:
-                raise op_error(DTypeError, op, f"Python integer {a} out of bounds for "
-                               f"{target}") from e
-            except TypeError as e:  # a Python complex where a real dtype is required
-                raise op_error(DTypeError, op, f"cannot cast Python complex {a} to {target}: "
-                               "take its real or imaginary part") from e
-            arr = to_array(host)
-            vals.append(Array(host, arr.aval.update(weak=True)) if all_weak else arr)
+            vals.append(_scalar_array(op, a, target, all_weak))
         else:
             v = value(a)
             vals.append(ew.convert(v, target, weak=all_weak and v.aval.weak))
@@ -170,15 +166,72 @@ def promote_args(op: str, *args: Any, dtype: np.dtype | None = None) -> list[Any
     return [st.broadcast_to_shape(v, shape) for v in vals]
 
 
+def _scalar_array(op: str, x: Any, dtype: np.dtype, weak: bool) -> Array:
+    """A rank-0 array of the Python scalar ``x`` in ``dtype`` (errors name ``op``)."""
+    try:
+        host = np.asarray(x, dtype=dtype)
+    except OverflowError as e:
+        raise op_error(DTypeError, op, f"Python integer {x} out of bounds for {dtype}") from e
+    except TypeError as e:  # a Python complex where a real dtype is required
+        raise op_error(DTypeError, op, f"cannot cast Python complex {x} to {dtype}: take its "
+                       "real or imaginary part") from e
+    arr = to_array(host)
+    return Array(host, arr.aval.update(weak=True)) if weak else arr
+
+
 def _already_agree(args: Sequence[Any]) -> bool:
     """The common case: Ember arrays of one type; nothing to promote or broadcast."""
-    first = getattr(args[0], "aval", None)
-    if first is None or not isinstance(args[0], Array):
+    first = args[0]
+    if not isinstance(first, Array):
         return False
+    aval = first.aval
     for a in args[1:]:
-        if not isinstance(a, Array) or a.aval != first:
+        if not isinstance(a, Array) or a.aval != aval:
             return False
     return True
+
+
+# --- ``a * 2.0``: an array and a Python scalar ------------------------------------------------
+#
+# The scalar must become an array of the other operand's shape before an elementwise primitive
+# takes it: a conversion and a broadcast primitive on every call. Outside jit that broadcast runs
+# eagerly on a constant, so its result (a read-only broadcast view of one element) is kept per
+# (scalar, operand type) and reused; under jit the broadcast is staged as before. Each call
+# gets a fresh Array around the kept buffer, so rebinding (``x[i] = v``) or donating what a
+# caller received cannot reach the cache.
+
+_PYTHON_SCALAR_TYPES = frozenset({bool, int, float, complex})
+_SCALAR_ARRAYS: dict[tuple, tuple] = {}  # (type, scalar, aval) -> (buffer, aval, backend)
+_SCALAR_ARRAYS_SIZE = 256
+
+
+def _array_and_scalar(op: str, x: Any, y: Any) -> list[Any] | None:
+    """Promote ``(array, scalar)`` or ``(scalar, array)`` outside jit when the array's dtype
+    wins (the common case); None leaves it to the general path."""
+    if type(y) in _PYTHON_SCALAR_TYPES and isinstance(x, Array):
+        arr, scalar = x, y
+    elif type(x) in _PYTHON_SCALAR_TYPES and isinstance(y, Array):
+        arr, scalar = y, x
+    else:
+        return None
+    if innermost_dynamic().level != 0:
+        return None
+    aval = arr.aval
+    # 0.0 and -0.0 (and 0 and False) are equal but make different arrays: zeros key by repr.
+    key = (type(scalar), scalar if scalar else repr(scalar), aval)
+    kept = _SCALAR_ARRAYS.get(key)
+    if kept is None:
+        target = dtypes.promote((aval.dtype, aval.weak), (dtypes.scalar_dtype(scalar), True))
+        if target != aval.dtype:
+            return None
+        const = st.broadcast_to_shape(_scalar_array(op, scalar, target, aval.weak), aval.shape)
+        kept = (const._buffer, const._aval, const._backend)
+        if scalar == scalar:  # NaN never equals itself: keeping it would only fill the cache
+            if len(_SCALAR_ARRAYS) >= _SCALAR_ARRAYS_SIZE:
+                _SCALAR_ARRAYS.clear()
+            _SCALAR_ARRAYS[key] = kept
+    const = Array(*kept)
+    return [arr, const] if arr is x else [const, arr]
 
 
 def float_dtype(dt: np.dtype) -> np.dtype:

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from ember import dtypes
-from ember.core.trace import aval_of
+from ember.core.array import Array
+from ember.core.primitive import Primitive
+from ember.core.trace import aval_of, bind
 from ember.errors import DTypeError, EmberValueError, op_error
 from ember.numpy._core import float_dtype, promote_args, refuse_complex, result_dtype, value
 from ember.ops import elementwise as ew
@@ -37,15 +39,32 @@ __all__ = [
 ]
 
 
-def _binary(name: str, op: Callable[[Any, Any], Any], kind: str = "number") -> Callable:
+def _binary(name: str, op: Callable[[Any, Any], Any], kind: str = "number",
+            on_bool: Callable[[Any, Any], Any] | None = None) -> Callable:
+    """``on_bool`` replaces ``op`` for bool operands (NumPy's add/multiply are or/and)."""
+    chosen: dict[np.dtype, Any] = {}  # per dtype, checked once: what to apply
+
     def fn(x1: Any, x2: Any, /) -> Any:
         a, b = promote_args(name, x1, x2)
-        _check_kind(name, aval_of(a).dtype, kind)
-        return op(a, b)
+        dt = a.aval.dtype
+        target = chosen.get(dt)
+        if target is None:
+            _check_kind(name, dt, kind)
+            target = chosen[dt] = _target(on_bool if on_bool and dt == dtypes.bool_ else op)
+        if type(target) is Primitive:
+            return bind(target, (a, b), {})
+        return target(a, b)
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = f"Elementwise ``numpy.{name}`` with broadcasting and NumPy promotion."
     return fn
+
+
+def _target(op: Callable[..., Any]) -> Any:
+    """The primitive itself when ``op`` is an ``ember.ops`` function that only binds it (it
+    carries ``.prim``), so eager calls go straight to :func:`bind` (the hottest path of eager
+    code; ``Primitive.bind`` adds a call layer and an import); else ``op``."""
+    return getattr(op, "prim", op)
 
 
 def _check_kind(name: str, dt: np.dtype, kind: str) -> None:
@@ -60,16 +79,9 @@ def _check_kind(name: str, dt: np.dtype, kind: str) -> None:
         raise op_error(DTypeError, name, f"only defined for integer arrays, got {dt}")
 
 
-def _bool_or(op_bool, op_num):
-    """NumPy's add/multiply on bools are logical or/and."""
-    def op(a, b):
-        return op_bool(a, b) if aval_of(a).dtype == dtypes.bool_ else op_num(a, b)
-    return op
-
-
-add = _binary("add", _bool_or(ew.or_, ew.add))
+add = _binary("add", ew.add, on_bool=ew.or_)
 subtract = _binary("subtract", ew.sub)
-multiply = _binary("multiply", _bool_or(ew.and_, ew.mul))
+multiply = _binary("multiply", ew.mul, on_bool=ew.and_)
 maximum = _binary("maximum", ew.max, "real")
 minimum = _binary("minimum", ew.min, "real")
 fmax = _binary("fmax", lambda a, b: where(isnan(a), b, where(isnan(b), a, ew.max(a, b))),
@@ -163,9 +175,15 @@ def divmod(x1: Any, x2: Any, /) -> tuple[Any, Any]:  # noqa: A001
 
 def _unary_float(name: str, op: Callable[[Any], Any], complex_ok: bool = True
                  ) -> Callable[[Any], Any]:
+    prim = _target(op)
+    # Operands already of a float (or allowed complex) dtype go straight to the primitive.
+    ready = frozenset(d for d in dtypes.SUPPORTED
+                      if dtypes.is_float(d) or (complex_ok and dtypes.is_complex(d)))
+
     def fn(x: Any, /) -> Any:
-        (a,) = _to_float_args(name, x, complex_ok=complex_ok)
-        return op(a)
+        if not (isinstance(x, Array) and x.aval.dtype in ready):
+            (x,) = _to_float_args(name, x, complex_ok=complex_ok)
+        return bind(prim, (x,), {}) if type(prim) is Primitive else op(x)
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = f"Elementwise ``numpy.{name}``; integer input is computed in float."
