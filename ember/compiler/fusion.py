@@ -10,9 +10,9 @@ Each group iterates over one *domain*: an ``outer`` shape and a possibly empty `
 trailing axes that the group's reductions run over. A value of the group has the full shape
 ``outer + row`` (computed once per point of the domain) or, in a row group, the outer shape
 (computed once per row, as a reduction's result is; also with the reduced axes kept as 1s). So
-softmax is one row group: the max, the subtraction, the exponential, the sum and the division,
-and the AdamW update of a parameter, its two moments and the new parameter is one elementwise
-group with three outputs.
+softmax is one row group (the max, the subtraction, the exponential, the sum and the division),
+and the AdamW update of a parameter is one elementwise group with three outputs (the new
+parameter and both moments).
 
 Rules (decided by ``prim.kind``, never by name):
 
@@ -31,9 +31,10 @@ Rules (decided by ``prim.kind``, never by name):
   value at every point it is read from.
 - ``contraction``, ``indexing``, ``sort``, ``random``, ``library``, ``cumulative`` and ``control``
   equations never join a group.
-- A group never creates a cycle (no path may leave a group and come back into it) and every
-  fusable equation ends up in a group, if only a group of one, so a code generator renders
-  nothing but ``fused`` equations.
+- Grouping never creates a cycle: a group stops growing once anything outside it has read one
+  of its results, so every read goes from a finished group to a later one. Every fusable
+  equation ends up in a group, if only a group of one, so a code generator renders nothing but
+  ``fused`` equations.
 
 Running a fused graph on the NumPy backend runs the same equations in the same order as the
 unfused graph (the body holds them unchanged), so the results are bitwise equal: grouping can
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.backends.base import ANY_BACKEND, Backend
-from ember.compiler.loops import reduced_axes, same_site, view_rule
+from ember.compiler.loops import domain_level, reduced_axes, same_site, view_rule
 from ember.core.primitive import Primitive
 from ember.ir.graph import ClosedGraph, Eqn, Graph, Var
 from ember.ir.types import ArrayType
@@ -85,18 +86,6 @@ def fused_equations(closed: ClosedGraph) -> list[Eqn]:
 
 
 # --- shapes of a group -----------------------------------------------------------------------
-
-def domain_level(shape: tuple[int, ...], outer: tuple[int, ...], row: tuple[int, ...]
-                 ) -> str | None:
-    """Where a value of ``shape`` lives in the domain ``(outer, row)``: ``"full"`` (one element
-    per point), ``"outer"`` (one per row: the outer shape, or it with the row axes kept as 1s),
-    or None when it does not fit."""
-    if shape == outer + row:
-        return "full"
-    if row and (shape == outer or shape == outer + (1,) * len(row)):
-        return "outer"
-    return None
-
 
 @dataclass
 class _Group:

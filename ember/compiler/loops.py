@@ -41,7 +41,7 @@ from ember.ir.types import ArrayType
 __all__ = ["Index", "Axis", "Div", "Mod", "Pred", "Load", "Const", "IndexValue", "Where",
            "Ref", "ScratchLoad", "Let", "Init", "Update", "Store", "ScratchStore", "RowLoop",
            "LoopNest", "ViewRule", "describe", "flat_index", "site", "domain_of", "view_rule",
-           "same_site", "reduced_axes"]
+           "same_site", "reduced_axes", "domain_level"]
 
 
 # --- index expressions -----------------------------------------------------------------------
@@ -542,21 +542,31 @@ def reduced_axes(eqn: Eqn) -> tuple[int, ...]:
     return (eqn.params["axis"],)
 
 
+def domain_level(shape: Sequence[int], outer: tuple[int, ...], row: tuple[int, ...]
+                 ) -> str | None:
+    """Where a value of ``shape`` lives in the domain ``(outer, row)``: ``"full"`` (one element
+    per point), ``"outer"`` (one per row: the outer shape, or it with the row axes kept as 1s),
+    or None when it does not fit."""
+    shape = tuple(shape)
+    if shape == outer + row:
+        return "full"
+    if row and (shape == outer or shape == outer + (1,) * len(row)):
+        return "outer"
+    return None
+
+
 def site(shape: Sequence[int], outer: tuple[int, ...], row: tuple[int, ...]
          ) -> tuple[Index, ...] | None:
     """The element of a value of ``shape`` that the domain point ``(o..., r...)`` computes:
     the point itself for full values, its outer part for per-row values; None if the shape
     fits neither."""
-    shape = tuple(shape)
+    level = domain_level(shape, outer, row)
+    if level is None:
+        return None
     o = tuple(Index.axis(f"o{k}", n) for k, n in enumerate(outer))
-    r = tuple(Index.axis(f"r{k}", n) for k, n in enumerate(row))
-    if shape == outer + row:
-        return o + r
-    if row and shape == outer:
-        return o
-    if row and shape == outer + (1,) * len(row):
-        return o + (Index.of(0),) * len(row)
-    return None
+    if level == "full":
+        return o + tuple(Index.axis(f"r{k}", n) for k, n in enumerate(row))
+    return o if len(shape) == len(outer) else o + (Index.of(0),) * len(row)
 
 
 def same_site(eqn: Eqn, outer: tuple[int, ...], row: tuple[int, ...]) -> bool:
