@@ -313,6 +313,9 @@ def test_kernel_text_shows_the_loop_structure(programs):
     assert "#pragma omp parallel" not in small.kernels[0].source
     scratch, _ = programs["softmax_of_computed"]
     assert "malloc" in scratch.kernels[0].source
+    sums, _ = programs["sums"]  # the sum over the leading axis runs down columns, in order
+    (columns,) = [k for k in sums.kernels if "col_v" in k.source]
+    assert "for (long of = lo; of < hi; of++)" in columns.source
 
 
 def test_render_declines_what_it_has_no_c_for():

@@ -41,7 +41,7 @@ from ember.ir.types import ArrayType
 __all__ = ["Index", "Axis", "Div", "Mod", "Pred", "Load", "Const", "IndexValue", "Where",
            "Ref", "ScratchLoad", "Let", "Init", "Update", "Store", "ScratchStore", "RowLoop",
            "LoopNest", "ViewRule", "describe", "flat_index", "site", "domain_of", "view_rule",
-           "same_site", "reduced_axes", "domain_level"]
+           "same_site", "reduced_axes", "domain_level", "loads_of"]
 
 
 # --- index expressions -----------------------------------------------------------------------
@@ -387,7 +387,7 @@ class LoopNest:
                 if isinstance(st, Store):
                     counts[st.output] = counts.get(st.output, 0) + 1
                     stage_of_store[st.output] = (stage, st.index)
-                for load in _loads(st):
+                for load in loads_of(st):
                     reads.setdefault(load.input, []).append((stage, load.index))
         pairs, taken = [], set()
         for k, (stage, index) in stage_of_store.items():
@@ -401,16 +401,16 @@ class LoopNest:
         return tuple(pairs)
 
 
-def _loads(node: Any) -> list[Load]:
+def loads_of(node: Any) -> list[Load]:
     """The loads of input buffers in a statement or expression."""
     if isinstance(node, Load):
         return [node]
     if isinstance(node, Where):
-        return _loads(node.then) + _loads(node.other)
+        return loads_of(node.then) + loads_of(node.other)
     if isinstance(node, Let):
-        return [x for a in node.args for x in _loads(a)]
+        return [x for a in node.args for x in loads_of(a)]
     if isinstance(node, (Update, Store, ScratchStore)):
-        return _loads(node.value)
+        return loads_of(node.value)
     return []
 
 

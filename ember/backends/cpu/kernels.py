@@ -49,6 +49,7 @@ import numpy as np
 
 from ember import dtypes
 from ember.compiler.loops import (
+    Axis,
     Const,
     Index,
     IndexValue,
@@ -64,6 +65,7 @@ from ember.compiler.loops import (
     Update,
     Where,
     describe,
+    loads_of,
 )
 from ember.ir.graph import Eqn
 from ember.ir.params import param_key
@@ -552,6 +554,8 @@ class _Renderer:
             at = len(nest.outputs) + k
             q = "" if k in shared_in else "restrict "
             lines.append(f"  const {t} *{q}in{k} = (const {t} *)args[{at}];")
+        if self.columnar():
+            return "\n".join(lines + self.columns()) + "\n"
         outer = [(k, n) for k, n in enumerate(nest.outer) if n != 1]
         points = math.prod(nest.outer) * math.prod(nest.row)
         # A map kernel keeps its innermost axis as the vectorised loop; a row kernel
@@ -588,6 +592,93 @@ class _Renderer:
         lines.append("}")
         return "\n".join(lines) + "\n"
 
+
+    def columnar(self) -> bool:
+        """Whether this is a reduction down columns (over leading axes, a bias gradient):
+        one row loop of updates, whose operands are contiguous along the outer axes. Such a
+        kernel runs the row loop outside and a vectorised loop over a block of columns inside,
+        reading memory in order instead of with the row's stride."""
+        nest = self.nest
+        loops = [s for s in nest.body if isinstance(s, RowLoop)]
+        outer = [f"o{k}" for k, n in enumerate(nest.outer) if n != 1]
+        if len(loops) != 1 or nest.scratch or not outer:
+            return False
+        first = nest.body.index(loops[0])
+        if not all(isinstance(s, Init) for s in nest.body[:first]) or \
+                not all(isinstance(s, (Let, Update)) for s in loops[0].body):
+            return False
+        innermost = outer[-1]
+        return any(isinstance(a, Axis) and a.name == innermost and c == 1
+                   for st in loops[0].body for load in loads_of(st) for a, c in load.index.terms)
+
+    def columns(self) -> list[str]:
+        """The body of a column kernel (see :meth:`columnar`)."""
+        nest = self.nest
+        first = next(i for i, s in enumerate(nest.body) if isinstance(s, RowLoop))
+        inits, loop, after = nest.body[:first], nest.body[first], nest.body[first + 1:]
+        n_out = math.prod(nest.outer)
+        block = min(_COLUMN_BLOCK, n_out)
+        blocks = -(-n_out // block)
+        lines = []
+        if blocks > 1 and n_out * math.prod(nest.row) >= PARALLEL_MIN:
+            lines.append("  #pragma omp parallel for")
+        lines.append(f"  for (long blk = 0; blk < {blocks}; blk++) {{")
+        lines.append(f"    const long lo = blk * {block}, hi = lo + {block} < {n_out} ? "
+                     f"lo + {block} : {n_out};")
+        accs: dict[int, Eqn] = {}
+        carried = []  # C declarations of the accumulators' columns, and their names
+        for s in inits:
+            red, dt = self.reduction(s.eqn)
+            init = red.init(dt)
+            if init is None:
+                raise _UnsupportedError(s.eqn.prim.name)
+            accs[s.local] = s.eqn
+            carried.append((f"v{s.local}", _calc(dt), init))
+            if red.tracks_nan(dt):
+                carried.append((f"v{s.local}_nan", "int", "0"))
+        for var, t, init in carried:
+            lines.append(f"    {t} col_{var}[{block}];")
+            lines.append(f"    for (long i = 0; i < hi - lo; i++) col_{var}[i] = {init};")
+        pad = "    "
+        for k, n in enumerate(nest.row):
+            if n != 1:
+                lines.append(f"{pad}for (long r{k} = 0; r{k} < {n}; r{k}++)")
+        lines.append(f"{pad}#pragma omp simd")
+        lines.append(f"{pad}for (long of = lo; of < hi; of++) {{")
+        lines += self._outer_indices(pad + "  ")
+        lines += [f"{pad}  {t} {var} = col_{var}[of - lo];" for var, t, _ in carried]
+        for s in loop.body:
+            self.statement(s, lines, pad + "  ", accs)
+        lines += [f"{pad}  col_{var}[of - lo] = {var};" for var, _, _ in carried]
+        lines.append(f"{pad}}}")
+        lines.append(f"{pad}for (long of = lo; of < hi; of++) {{")
+        lines += self._outer_indices(pad + "  ")
+        for local, e in accs.items():
+            dt = np.dtype(e.outputs[0].aval.dtype)
+            value = f"col_v{local}[of - lo]"
+            if self.reduction(e)[0].tracks_nan(dt):
+                value = f"(col_v{local}_nan[of - lo] ? NAN : {value})"
+            lines.append(f"{pad}  const {_calc(dt)} v{local} = {_round(value, dt)};")
+        for s in after:
+            self.statement(s, lines, pad + "  ", accs)
+        lines += [f"{pad}}}", "  }", "}"]
+        return lines
+
+    def _outer_indices(self, pad: str) -> list[str]:
+        """``o0, o1...`` from the flat column number ``of``."""
+        lines, stride, first = [], math.prod(self.nest.outer), True
+        for k, n in enumerate(self.nest.outer):
+            stride //= n
+            if n != 1:
+                index = "of" if stride == 1 else f"of / {stride}"
+                lines.append(f"{pad}const long o{k} = {index if first else f'({index}) % {n}'};")
+                first = False
+        return lines
+
+
+# Columns a column kernel accumulates at once: one vector register file's worth of partial sums
+# per row, small enough to stay in L1.
+_COLUMN_BLOCK = 256
 
 # Kernels rendered in this process, by the structure of their group (the 30 layers of a model
 # are 30 equal bodies): most recent last, at most _MEMO_SIZE.
