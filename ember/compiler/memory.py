@@ -100,14 +100,16 @@ class MemoryPlan:
 
 
 def plan_memory(graph: Graph, live: Liveness, temps: Set[int],
-                may_write_over: Mapping[int, int] = {}) -> MemoryPlan:
+                may_write_over: Mapping[int, int] = {},
+                copy_free: Set[int] = frozenset()) -> MemoryPlan:
     """Plan the arena for the values in ``temps`` (``Var.id``s of temporaries the backend
     computes into memory it owns).
 
     ``may_write_over[out.id] = operand.id`` says the kernel computing ``out`` may store it
-    over ``operand``; it is done when that operand dies at that equation (read by nothing
-    else, not an output) and is a temporary or a donated input, and when ``out`` is a
-    temporary or the operand's chain is rooted at a donated input.
+    over ``operand``; it is done when that operand dies at that equation (see
+    :meth:`Liveness.overwritable`: earlier readers must be among the ``copy_free``
+    equations), is a temporary or a donated input, and when ``out`` is a temporary or the
+    operand's chain is rooted at a donated input.
     """
     home: dict[int, Buffer] = {}
     for i, eqn in enumerate(graph.eqns):
@@ -116,7 +118,8 @@ def plan_memory(graph: Graph, live: Liveness, temps: Set[int],
             planned = out.id in temps or (iv.is_output and out.id in may_write_over)
             if not planned:
                 continue
-            target = _writable_operand(live, home, out, i, may_write_over.get(out.id))
+            target = _writable_operand(live, home, out, i, may_write_over.get(out.id),
+                                       copy_free)
             if target is not None:
                 target.values.append(out)
                 target.end = iv.end
@@ -138,12 +141,12 @@ def plan_memory(graph: Graph, live: Liveness, temps: Set[int],
 
 
 def _writable_operand(live: Liveness, home: dict[int, Buffer], out: Var, index: int,
-                      operand_id: int | None) -> Buffer | None:
+                      operand_id: int | None, copy_free: Set[int]) -> Buffer | None:
     """The buffer ``out`` may be stored in over a dying operand, or None."""
     if operand_id is None:
         return None
     operand = live.intervals[operand_id]
-    if not live.overwritable(operand.var, index):
+    if not live.overwritable(operand.var, index, copy_free):
         return None
     if operand.is_input:
         if operand.var.id not in home:  # the donated input starts a chain of its own

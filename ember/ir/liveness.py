@@ -10,7 +10,7 @@ last one). A value nobody reads dies where it is born.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 from ember.ir.graph import Graph, Literal, Var
@@ -23,10 +23,15 @@ class Interval:
     var: Var
     start: int
     end: int
-    uses: int           # how many equation operands read it (an equation reading it twice: 2)
+    readers: tuple[int, ...]  # the equations reading it, once per operand (in order)
     is_input: bool      # a graph input or constant: its buffer comes from outside
     is_output: bool     # returned by the graph: the caller will see its buffer
     donated: bool       # an input whose buffer the caller gave up: the program may overwrite it
+
+    @property
+    def uses(self) -> int:
+        """How many equation operands read it (an equation reading it twice counts 2)."""
+        return len(self.readers)
 
     @property
     def nbytes(self) -> int:
@@ -57,37 +62,43 @@ class Liveness:
             if not iv.is_output and iv.end >= 0:
                 self._dying.setdefault(iv.end, []).append(iv.var)
 
-    def overwritable(self, var: Var, index: int) -> bool:
+    def overwritable(self, var: Var, index: int, copy_free: Set[int] = frozenset()) -> bool:
         """Whether equation ``index`` may write its result into ``var``'s buffer: ``var`` is
-        a donated input (or a value of the program), read last and only once, by that
-        equation, and not returned."""
+        a donated input (or a value of the program), not returned, and read last by that
+        equation, as one operand of it.
+
+        Earlier readers must be in ``copy_free``: equations whose results never share memory
+        with their operands (a compiled kernel writes new memory; a NumPy reshape may return
+        a view of the buffer, which the write would change under a later reader). Without
+        them, ``var`` must be read by that equation alone.
+        """
         iv = self[var]
-        return (iv.end == index and iv.uses == 1 and not iv.is_output
-                and (iv.donated or not iv.is_input))
+        return (iv.end == index and iv.readers.count(index) == 1 and not iv.is_output
+                and (iv.donated or not iv.is_input)
+                and all(r in copy_free for r in iv.readers if r != index))
 
 
 def liveness(graph: Graph, donate: Sequence[bool] = ()) -> Liveness:
     """The live intervals of ``graph``'s values; ``donate[i]`` marks input ``i`` as donated."""
     end = len(graph.eqns)
     start: dict[int, int] = {}
-    last: dict[int, int] = {}
-    uses: dict[int, int] = {}
+    readers: dict[int, list[int]] = {}
     variables: dict[int, Var] = {}
     for v in [*graph.constvars, *graph.invars]:
         start[v.id], variables[v.id] = -1, v
     for i, eqn in enumerate(graph.eqns):
         for a in eqn.inputs:
             if not isinstance(a, Literal):
-                last[a.id] = i
-                uses[a.id] = uses.get(a.id, 0) + 1
+                readers.setdefault(a.id, []).append(i)
         for v in eqn.outputs:
             start[v.id], variables[v.id] = i, v
     outputs = {a.id for a in graph.outvars if not isinstance(a, Literal)}
     donated = {v.id for v, d in zip(graph.invars, donate) if d}
     inputs = {v.id for v in [*graph.constvars, *graph.invars]}
-    intervals = {
-        vid: Interval(variables[vid], s, end if vid in outputs else last.get(vid, s),
-                      uses.get(vid, 0), vid in inputs, vid in outputs, vid in donated)
-        for vid, s in start.items()
-    }
+    intervals = {}
+    for vid, s in start.items():
+        read = tuple(readers.get(vid, ()))
+        last = end if vid in outputs else read[-1] if read else s
+        intervals[vid] = Interval(variables[vid], s, last, read, vid in inputs, vid in outputs,
+                                  vid in donated)
     return Liveness(graph, intervals)

@@ -33,13 +33,14 @@ class Statement:
 
     ``emit(outs, ins)`` returns the C code, given a ``void *`` C expression for each output
     and input; ``helpers`` are shared C definitions it calls (emitted once per translation
-    unit); ``writes_over`` is the input position the output may be stored over when that
-    input dies here (the code then works whether or not the two pointers are equal).
+    unit); ``writes_over`` lists ``(output, input)`` positions where the output may be stored
+    over the input when that input dies here (the code then works whether or not the two
+    pointers are equal).
     """
 
     emit: Callable[[Sequence[str], Sequence[str]], str]
     helpers: tuple[str, ...] = ()
-    writes_over: int | None = None
+    writes_over: tuple[tuple[int, int], ...] = ()
     uses_blas: bool = False
 
 
@@ -152,7 +153,7 @@ def _dynamic_update_slice(eqn: Eqn) -> Statement | None:
                 f"zero[16] = {{0}};\n  const int64_t at[] = {starts};\n"
                 f"  ember_copy_box({x.ndim}, size, {x.dtype.itemsize}, (char *){outs[0]}, shape,"
                 f" at, (const char *){ins[1]}, size, zero); }}")
-    return Statement(emit, (_COPY_BOX,), writes_over=0)
+    return Statement(emit, (_COPY_BOX,), writes_over=((0, 0),))
 
 
 # --- gather and scatter ----------------------------------------------------------------------
@@ -221,7 +222,7 @@ def _scatter(eqn: Eqn) -> Statement | None:
                               f"((const {t} *){ins[2]})[{b} * {n} + e];")
         loop = _index_loop(eqn, body, clamp=False)
         return f"{{ {_copy_unless_same(outs[0], ins[0], nbytes)}\n  {loop(ins[1])} }}"
-    return Statement(emit, writes_over=0)
+    return Statement(emit, writes_over=((0, 0),))
 
 
 # --- matrix products -------------------------------------------------------------------------

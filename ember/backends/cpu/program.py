@@ -70,7 +70,7 @@ def statement(eqn: Eqn) -> Statement | None:
 def _kernel_call(kernel: kernels.Kernel) -> Statement:
     def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
         return f"{{ void *args[] = {{{', '.join([*outs, *ins])}}}; {kernel.name}(args); }}"
-    return Statement(emit, (*kernel.helpers, kernel.source))
+    return Statement(emit, (*kernel.helpers, kernel.source), writes_over=kernel.in_place)
 
 
 def lower(closed: ClosedGraph) -> tuple[ClosedGraph, dict[int, Statement]]:
@@ -156,11 +156,11 @@ class Program:
         self.live = live = liveness(graph, donate)
         temps = {v.id for i in statements for v in graph.eqns[i].outputs
                  if not live[v].is_output}
-        writes = {graph.eqns[i].outputs[0].id: graph.eqns[i].inputs[s.writes_over].id
-                  for i, s in statements.items()
-                  if s.writes_over is not None and isinstance(graph.eqns[i].inputs[s.writes_over],
-                                                              Var)}
-        self.plan = plan_memory(graph, live, temps, writes)
+        writes = {graph.eqns[i].outputs[k].id: graph.eqns[i].inputs[j].id
+                  for i, s in statements.items() for k, j in s.writes_over
+                  if isinstance(graph.eqns[i].inputs[j], Var)}
+        # C never returns a view of an operand: its readers may precede an in-place write.
+        self.plan = plan_memory(graph, live, temps, writes, copy_free=set(statements))
         self._debug = os.environ.get("EMBER_DEBUG_FILL_FREED") == "1"
         self._homes(closed)
         self._steps(statements)
