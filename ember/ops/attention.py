@@ -23,9 +23,10 @@ formulas, written with primitives at the end of this module.
 Shapes: ``q [..., Hq, L, D]``, ``k [..., Hk, S, D]``, ``v [..., Hk, S, Dv]`` with the same
 leading axes; query head ``h`` reads key/value head ``h // (Hq // Hk)`` (grouped-query
 attention, keys and values never copied). ``kv_len`` and ``q_offset`` are int32, scalars or one
-per leading index: keys at ``j >= kv_len`` are never read (the unfilled part of a KV cache),
-and with ``causal`` query ``i`` sits at position ``q_offset + i`` and sees keys ``j <= q_offset +
-i``. Both are operands, not parameters, so a compiled decode step traces once and reads only
+per leading index: keys at ``j >= kv_len`` are never read (the unfilled part of a KV cache;
+``kv_len`` is clamped to ``[0, S]`` when the program runs, which never raises), and with
+``causal`` query ``i`` sits at position ``q_offset + i`` and sees keys ``j <= q_offset + i``.
+Both are operands, not parameters, so a compiled decode step traces once and reads only
 the filled part of its cache. ``mask`` has the rank of ``q``, each axis 1 or that of the scores
 ``[..., Hq, L, S]`` (so a padding mask ``[B, 1, 1, S]`` is never broadcast in memory), and is
 boolean (True = may attend) or additive in ``q``'s dtype. A query row that sees no key gives
@@ -34,7 +35,9 @@ zeros and an ``lse`` of ``-inf`` (no NaN, as flash attention).
 The NumPy implementations are the reference a compiled kernel is tested against: they walk
 ``[L, S]`` in tiles of ``BLOCK_Q x BLOCK_K`` with an online softmax, accumulating in float32
 (float64 for float64 inputs), and visit only the key tiles that a causal mask and ``kv_len``
-leave visible.
+leave visible. The backward recomputes each tile's probabilities from ``lse`` (as flash
+attention does) instead of storing them. The tiles are large because NumPy pays per call; a
+kernel picks its own, which changes only the order of float additions.
 """
 
 from __future__ import annotations
