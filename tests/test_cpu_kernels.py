@@ -198,6 +198,8 @@ CASES = {
     "sums": (lambda x: (x.sum(axis=-1), x.sum(axis=0), x.mean(axis=(1, 2)),
                         (x * x).sum(axis=-1, keepdims=True) * x),
              (rand(5, 6, 70),), "sum"),
+    "norm_weight_grad": (lambda x, g: ((x * g).sum(axis=(0, 1)), x * g + 1.0),
+                         (rand(4, 64, 96), rand(4, 64, 96, seed=1)), "sum"),
     "rms_norm": (lambda x, w: F.rms_norm(x, w), (rand(4, 16, 64), rand(64, seed=1)), "sum"),
     "rms_norm_bfloat16": (lambda x, w: F.rms_norm(x, w),
                           (rand(4, 16, 64, dtype=dtypes.bfloat16),
@@ -316,6 +318,8 @@ def test_kernel_text_shows_the_loop_structure(programs):
     sums, _ = programs["sums"]  # the sum over the leading axis runs down columns, in order
     (columns,) = [k for k in sums.kernels if "col_v" in k.source]
     assert "for (long of = lo; of < hi; of++)" in columns.source
+    grad, _ = programs["norm_weight_grad"]  # the product and its column sums: one kernel
+    assert len(grad.kernels) == 1 and "col_v" in grad.kernels[0].source
 
 
 def test_render_declines_what_it_has_no_c_for():

@@ -253,13 +253,24 @@ def test_a_broadcast_of_a_computed_value_is_read_not_recomputed():
     assert_bitwise(lowered, fused, x, y)
 
 
-def test_a_reduction_over_leading_axes_is_its_own_group():
-    x = rand(6, 10)
-    lowered, fused = lower_and_fuse(lambda x: enp.exp(x).sum(axis=0) * 2.0, x)
+def test_a_reduction_over_leading_axes_joins_its_producers():
+    x, g = rand(4, 6, 10), rand(4, 6, 10, seed=1)
+    # A norm weight's gradient: the product summed over the batch and sequence axes.
+    lowered, fused = lower_and_fuse(lambda x, g: ((x * g).sum(axis=(0, 1)), x * g + 1.0), x, g)
     check_structure(fused)
-    groups = fused_equations(fused)
-    (red,) = [e for e in groups if "reduce_sum" in body_prims(e)]
-    assert "exp" not in body_prims(red)
+    (group,) = fused_equations(fused)
+    assert {"mul", "reduce_sum"} <= set(body_prims(group))
+    nest = describe(group)
+    assert (nest.outer, nest.row) == ((10,), (4, 6))
+    assert_bitwise(lowered, fused, x, g)
+
+
+def test_reductions_over_other_axes_of_one_value_are_separate_groups():
+    x = rand(6, 10)
+    lowered, fused = lower_and_fuse(lambda x: (enp.exp(x).sum(axis=0), enp.exp(x).sum(axis=1)),
+                                    x)
+    check_structure(fused)
+    assert sum(body_prims(e).count("exp") for e in fused_equations(fused)) == 1
     assert_bitwise(lowered, fused, x)
 
 

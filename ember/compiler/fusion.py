@@ -6,21 +6,22 @@ and replaces each group by one ``fused`` equation holding the group as a subgrap
 the compiler then deals with only three things: fused equations (rendered as kernels),
 contractions and library calls, and control flow.
 
-Each group iterates over one *domain*: an ``outer`` shape and a possibly empty ``row`` shape of
-trailing axes that the group's reductions run over. A value of the group has the full shape
-``outer + row`` (computed once per point of the domain) or, in a row group, the outer shape
-(computed once per row, as a reduction's result is; also with the reduced axes kept as 1s). So
-softmax is one row group (the max, the subtraction, the exponential, the sum and the division),
-and the AdamW update of a parameter is one elementwise group with three outputs (the new
-parameter and both moments).
+Each group iterates over one *domain*: a ``full`` shape and the (possibly no) axes of it that
+the group's reductions run over, its *row*; the other axes are the *outer* ones. A value of the
+group has the full shape (computed once per point of the domain) or, in a row group, the outer
+shape (computed once per row, as a reduction's result is; also with the reduced axes kept as
+1s). So softmax is one row group (the max, the subtraction, the exponential, the sum and the
+division), the gradient of a norm's weight (a sum over the batch and sequence axes) one group
+with the product it sums, and the AdamW update of a parameter one elementwise group with three
+outputs (the new parameter and both moments).
 
 Rules (decided by ``prim.kind``, never by name):
 
 - ``elementwise`` and ``reduction`` equations compute; they join the group of their producers
   when the shapes fit the domain, possibly merging several producer groups (the AdamW update
-  reads ``m`` and ``v`` from two chains). A reduction over the trailing axes of a group's full
-  values turns an elementwise group into a row group; any other reduction starts a group of its
-  own whose operand is read through a transposed index.
+  reads ``m`` and ``v`` from two chains). A reduction of a group's full values turns an
+  elementwise group into a row group over the reduced axes (or joins a row group reducing the
+  same ones); any other reduction starts a group of its own.
 - ``movement`` and ``generator`` equations are *views*: a view of a group input (or of an iota
   or a literal) is copied into every group that reads it, since it costs only index arithmetic.
   A view of a value the group computed stays inside the group only where it duplicates no work:
@@ -89,15 +90,15 @@ def fused_equations(closed: ClosedGraph) -> list[Eqn]:
 
 @dataclass
 class _Group:
-    outer: tuple[int, ...]
-    row: tuple[int, ...]
+    full: tuple[int, ...]
+    reduced: tuple[int, ...]  # the row axes of ``full``; () for an elementwise group
     members: list[int] = field(default_factory=list)  # equation indices, in graph order
     mask: int = 0  # the members as a bitset of equation indices
     usable: set[int] = field(default_factory=set)  # ids of member outputs later members read
     frozen: bool = False  # something outside has read a result: the group may not grow
 
     def level(self, shape: tuple[int, ...]) -> str | None:
-        return domain_level(shape, self.outer, self.row)
+        return domain_level(shape, self.full, self.reduced)
 
 
 class _Fuser:
@@ -185,15 +186,15 @@ class _Fuser:
         level = g.level(a.aval.shape)
         return (g, level) if level else None
 
-    def join(self, i: int, groups: Sequence[_Group], outer: tuple[int, ...],
-             row: tuple[int, ...], usable: bool = True) -> bool:
-        """Put equation ``i`` and ``groups`` (merged) into one group over ``(outer, row)``."""
+    def join(self, i: int, groups: Sequence[_Group], full: tuple[int, ...],
+             reduced: tuple[int, ...], usable: bool = True) -> bool:
+        """Put equation ``i`` and ``groups`` (merged) into one group over ``(full, reduced)``."""
         mask = 1 << i
         for g in groups:
             mask |= g.mask
         if not self.can_group(i, groups, mask):
             return False
-        merged = _Group(outer, row, mask=mask)
+        merged = _Group(full, reduced, mask=mask)
         for g in groups:
             merged.usable |= g.usable
         merged.members = sorted(_bits(mask))
@@ -206,14 +207,14 @@ class _Fuser:
     def merge_domain(self, groups: Sequence[_Group]) -> tuple[tuple[int, ...], ...] | None:
         """The domain of ``groups`` merged: a row group's, into which elementwise groups of
         its outer or full shape fit; None when they do not fit together."""
-        rows = {(g.outer, g.row) for g in groups if g.row}
+        rows = {(g.full, g.reduced) for g in groups if g.reduced}
         if len(rows) > 1:
             return None
-        outer, row = rows.pop() if rows else (groups[0].outer, ())
+        full, reduced = rows.pop() if rows else (groups[0].full, ())
         for g in groups:
-            if not g.row and domain_level(g.outer, outer, row) is None:
+            if not g.reduced and domain_level(g.full, full, reduced) is None:
                 return None
-        return outer, row
+        return full, reduced
 
     def add_elementwise(self, i: int, eqn: Eqn) -> None:
         shape = eqn.outputs[0].aval.shape
@@ -230,17 +231,13 @@ class _Fuser:
 
     def add_reduction(self, i: int, eqn: Eqn) -> None:
         x = eqn.inputs[0]
-        axes = reduced_axes(eqn)
-        shape = x.aval.shape
-        kept = tuple(n for k, n in enumerate(shape) if k not in axes)
-        reduced = tuple(shape[k] for k in axes)
-        trailing = axes == tuple(range(len(shape) - len(axes), len(shape)))
+        axes = tuple(sorted(reduced_axes(eqn)))
         src = self.source(x)
-        if src is not None and trailing and src[1] == "full" and axes:
+        if src is not None and src[1] == "full" and axes:
             g = src[0]
-            if (not g.row or g.row == reduced) and self.join(i, [g], kept, reduced):
+            if g.reduced in ((), axes) and self.join(i, [g], g.full, axes):
                 return
-        self.join(i, [], kept, reduced)
+        self.join(i, [], tuple(x.aval.shape), axes)
 
     def add_link(self, i: int, eqn: Eqn) -> bool:
         """Keep a view of computed values inside their group where that duplicates no work:

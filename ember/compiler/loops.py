@@ -41,7 +41,7 @@ from ember.ir.types import ArrayType
 __all__ = ["Index", "Axis", "Div", "Mod", "Pred", "Load", "Const", "IndexValue", "Where",
            "Ref", "ScratchLoad", "Let", "Init", "Update", "Store", "ScratchStore", "RowLoop",
            "LoopNest", "ViewRule", "describe", "flat_index", "site", "domain_of", "view_rule",
-           "same_site", "reduced_axes", "domain_level", "loads_of"]
+           "same_site", "reduced_axes", "domain_level", "loads_of", "split"]
 
 
 # --- index expressions -----------------------------------------------------------------------
@@ -542,40 +542,52 @@ def reduced_axes(eqn: Eqn) -> tuple[int, ...]:
     return (eqn.params["axis"],)
 
 
-def domain_level(shape: Sequence[int], outer: tuple[int, ...], row: tuple[int, ...]
+def split(full: tuple[int, ...], reduced: tuple[int, ...]
+          ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The outer and row shapes of the domain ``(full, reduced)``."""
+    return (tuple(n for a, n in enumerate(full) if a not in reduced),
+            tuple(full[a] for a in reduced))
+
+
+def domain_level(shape: Sequence[int], full: tuple[int, ...], reduced: tuple[int, ...]
                  ) -> str | None:
-    """Where a value of ``shape`` lives in the domain ``(outer, row)``: ``"full"`` (one element
-    per point), ``"outer"`` (one per row: the outer shape, or it with the row axes kept as 1s),
-    or None when it does not fit."""
+    """Where a value of ``shape`` lives in the domain ``(full, reduced)``: ``"full"`` (one
+    element per point), ``"outer"`` (one per row: the outer shape, or the full one with the
+    reduced axes kept as 1s), or None when it does not fit."""
     shape = tuple(shape)
-    if shape == outer + row:
+    if shape == full:
         return "full"
-    if row and (shape == outer or shape == outer + (1,) * len(row)):
+    kept = tuple(1 if a in reduced else n for a, n in enumerate(full))
+    if reduced and (shape == split(full, reduced)[0] or shape == kept):
         return "outer"
     return None
 
 
-def site(shape: Sequence[int], outer: tuple[int, ...], row: tuple[int, ...]
+def site(shape: Sequence[int], full: tuple[int, ...], reduced: tuple[int, ...]
          ) -> tuple[Index, ...] | None:
     """The element of a value of ``shape`` that the domain point ``(o..., r...)`` computes:
-    the point itself for full values, its outer part for per-row values; None if the shape
-    fits neither."""
-    level = domain_level(shape, outer, row)
+    the point itself for full values (outer axes ``o``, reduced axes ``r``, in the order of
+    ``full``), its outer part for per-row values; None if the shape fits neither."""
+    level = domain_level(shape, full, reduced)
     if level is None:
         return None
-    o = tuple(Index.axis(f"o{k}", n) for k, n in enumerate(outer))
+    outer, row = split(full, reduced)
+    o = iter(Index.axis(f"o{k}", n) for k, n in enumerate(outer))
+    r = iter(Index.axis(f"r{k}", n) for k, n in enumerate(row))
     if level == "full":
-        return o + tuple(Index.axis(f"r{k}", n) for k, n in enumerate(row))
-    return o if len(shape) == len(outer) else o + (Index.of(0),) * len(row)
+        return tuple(next(r) if a in reduced else next(o) for a in range(len(full)))
+    if len(shape) == len(outer):
+        return tuple(o)
+    return tuple(Index.of(0) if a in reduced else next(o) for a in range(len(full)))
 
 
-def same_site(eqn: Eqn, outer: tuple[int, ...], row: tuple[int, ...]) -> bool:
+def same_site(eqn: Eqn, full: tuple[int, ...], reduced: tuple[int, ...]) -> bool:
     """Whether a one-operand view reads, at each domain point, exactly the element of its
     operand that the point computes: then the view costs nothing inside the group (a reshape
     between per-row shapes, a per-row value broadcast along the row)."""
     rule = view_rule(eqn.prim)
-    out = site(_shape(eqn.outputs[0]), outer, row)
-    src = site(_shape(eqn.inputs[0]), outer, row) if eqn.inputs else None
+    out = site(_shape(eqn.outputs[0]), full, reduced)
+    src = site(_shape(eqn.inputs[0]), full, reduced) if eqn.inputs else None
     if rule is None or out is None or src is None:
         return False
     picks = rule.gather(eqn, out)
@@ -583,15 +595,12 @@ def same_site(eqn: Eqn, outer: tuple[int, ...], row: tuple[int, ...]) -> bool:
 
 
 def domain_of(body: ClosedGraph) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A fused body's domain: the reductions' kept and reduced shapes, else the shape of its
-    computed values (or, for a lone view, of its result)."""
+    """A fused body's domain ``(full, reduced)``: its reductions' operand shape and axes, else
+    the shape of its computed values (or, for a lone view, of its result) and no axes."""
     graph = body.graph
     for eqn in graph.eqns:
         if eqn.prim.kind == "reduction":
-            axes = reduced_axes(eqn)
-            shape = _shape(eqn.inputs[0])
-            return (tuple(n for k, n in enumerate(shape) if k not in axes),
-                    tuple(shape[k] for k in axes))
+            return _shape(eqn.inputs[0]), tuple(sorted(reduced_axes(eqn)))
     for eqn in graph.eqns:
         if eqn.prim.kind == "elementwise":
             return _shape(eqn.outputs[0]), ()
@@ -604,7 +613,8 @@ class _Builder:
     def __init__(self, body: ClosedGraph):
         graph = body.graph
         self.graph = graph
-        self.outer, self.row = domain_of(body)
+        self.full, self.reduced = domain_of(body)
+        self.outer, self.row = split(self.full, self.reduced)
         self.inputs = {v.id: k for k, v in enumerate(graph.invars)}
         self.producer: dict[int, Eqn] = {v.id: e for e in graph.eqns for v in e.outputs}
         self.phase: dict[int, int] = {}
@@ -624,11 +634,11 @@ class _Builder:
         self.scratch_of: dict[int, Any] = {}  # var id -> where a later row loop reads it
 
     def in_row(self, v: Var) -> bool:
-        return bool(self.row) and _shape(v) == self.outer + self.row
+        return bool(self.reduced) and _shape(v) == self.full
 
     def site(self, v: Any) -> tuple[Index, ...]:
-        s = site(_shape(v), self.outer, self.row)
-        assert s is not None, f"{v} does not fit the domain {self.outer}/{self.row}"
+        s = site(_shape(v), self.full, self.reduced)
+        assert s is not None, f"{v} does not fit the domain {self.full}/{self.reduced}"
         return s
 
     def lookup(self, key: Any) -> Any:
@@ -677,7 +687,7 @@ class _Builder:
         return result
 
     def is_link(self, eqn: Eqn) -> bool:
-        return len(eqn.inputs) == 1 and same_site(eqn, self.outer, self.row)
+        return len(eqn.inputs) == 1 and same_site(eqn, self.full, self.reduced)
 
     def stores(self, outputs: list[tuple[int, Var]]) -> list[tuple[Var, tuple, int, Index]]:
         """For each output: (value stored, its site, output number, flat index written)."""
@@ -721,7 +731,7 @@ class _Builder:
             for e in graph.eqns:
                 v = e.outputs[0]
                 if self.phase[v.id] != p or self.in_row(v) or e.prim.kind != "elementwise" \
-                        or site(_shape(v), self.outer, self.row) is None:
+                        or site(_shape(v), self.full, self.reduced) is None:
                     continue
                 self.value(v, self.site(v), body, None)
             for v, at, k, flat in stores:
@@ -739,7 +749,7 @@ class _Builder:
                 for what, item in needs[p]:
                     if what == "update":
                         x = item.inputs[0]
-                        val = self.value(x, self._operand_site(item), loop.body, p)
+                        val = self.value(x, self.site(x), loop.body, p)
                         loop.body.append(Update(acc[item.outputs[0].id].local, item, val))
                     elif what == "store":
                         v, at, k, flat = item
@@ -753,13 +763,6 @@ class _Builder:
                 body.append(loop)
         return LoopNest(self.outer, self.row, [v.aval for v in graph.invars],
                         [v.aval for v in graph.outvars], self.scratch, body)
-
-    def _operand_site(self, eqn: Eqn) -> tuple[Index, ...]:
-        axes = reduced_axes(eqn)
-        o = iter(self.site(eqn.outputs[0])[:len(self.outer)])
-        r = iter(Index.axis(f"r{k}", n) for k, n in enumerate(self.row))
-        return tuple(next(r) if j in axes else next(o)
-                     for j in range(len(_shape(eqn.inputs[0]))))
 
     def _mark_cross(self, a: Any, p: int, needs: dict[int, list[Any]],
                     seen: set | None = None) -> None:
@@ -775,7 +778,7 @@ class _Builder:
         if eqn.prim.kind == "elementwise" and self.phase[a.id] < p:
             if a.id not in self.scratch_of:
                 self.scratch.append(a.aval.dtype)
-                r_idx = flat_index(self.site(a)[len(self.outer):], self.row)
+                r_idx = flat_index([self.site(a)[k] for k in self.reduced], self.row)
                 self.scratch_of[a.id] = ScratchLoad(len(self.scratch) - 1, r_idx, a.aval.dtype)
                 needs[self.phase[a.id]].append(("scratch", (a, self.scratch_of[a.id])))
             return

@@ -595,7 +595,8 @@ class _Renderer:
 
     def columnar(self) -> bool:
         """Whether this is a reduction down columns (over leading axes, a bias gradient):
-        one row loop of updates, whose operands are contiguous along the outer axes. Such a
+        one row loop (of updates and full results), whose operands are contiguous along the
+        outer axes. Such a
         kernel runs the row loop outside and a vectorised loop over a block of columns inside,
         reading memory in order instead of with the row's stride."""
         nest = self.nest
@@ -605,7 +606,7 @@ class _Renderer:
             return False
         first = nest.body.index(loops[0])
         if not all(isinstance(s, Init) for s in nest.body[:first]) or \
-                not all(isinstance(s, (Let, Update)) for s in loops[0].body):
+                not all(isinstance(s, (Let, Update, Store)) for s in loops[0].body):
             return False
         innermost = outer[-1]
         return any(isinstance(a, Axis) and a.name == innermost and c == 1
