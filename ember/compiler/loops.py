@@ -1,8 +1,9 @@
 """The loop description of a fused equation, shared by every code generator.
 
-A ``fused`` equation (see :mod:`ember.compiler.fusion`) iterates over a domain: outer axes
-``o0, o1...`` and, for a group with reductions, row axes ``r0, r1...`` that its reductions run
-over. :func:`describe` turns the group's body into a :class:`LoopNest`:
+A ``fused`` equation (see :mod:`ember.compiler.fusion`) iterates over a domain ``(full,
+reduced)``: a full shape whose ``reduced`` axes (none for an elementwise group) are the row
+axes ``r0, r1...`` its reductions run over, and whose other axes are the outer axes
+``o0, o1...``. :func:`describe` turns the group's body into a :class:`LoopNest`:
 
 - a list of statements run once per outer point, in which :class:`RowLoop` blocks run once per
   row point (a softmax has three: the max, the sum of exponentials, the normalised output);
@@ -11,7 +12,8 @@ over. :func:`describe` turns the group's body into a :class:`LoopNest`:
   :class:`Let` statements computed with an elementwise primitive, and reduction accumulators
   (:class:`Init`, :class:`Update`);
 - :class:`Store` writes an output element; :class:`ScratchStore`/:class:`ScratchLoad` keep a
-  row of a computed value that a later row loop reads again, so nothing is computed twice.
+  row of a computed value that a later row loop reads again, so nothing is computed twice;
+- :meth:`LoopNest.in_place` says which outputs may share a buffer with an input.
 
 Movement primitives never produce statements: they only change index expressions. Their index
 rules (registered as ``prim.lowerings["loops"]``) map a point of the result to the element of
@@ -41,7 +43,7 @@ from ember.ir.types import ArrayType
 __all__ = ["Index", "Axis", "Div", "Mod", "Pred", "Load", "Const", "IndexValue", "Where",
            "Ref", "ScratchLoad", "Let", "Init", "Update", "Store", "ScratchStore", "RowLoop",
            "LoopNest", "ViewRule", "describe", "flat_index", "site", "domain_of", "view_rule",
-           "same_site", "reduced_axes", "domain_level", "loads_of", "split"]
+           "same_site", "reduced_axes", "domain_level", "loads_of", "split", "unflatten"]
 
 
 # --- index expressions -----------------------------------------------------------------------
