@@ -163,3 +163,25 @@ def test_a_value_read_twice_by_one_equation_is_not_overwritten():
     mul = next(e for e in graph.eqns if e.prim.name == "mul")
     plan = plan_memory(graph, live, _temps(graph, live), {mul.outputs[0].id: mul.inputs[0].id})
     assert plan.home[mul.outputs[0].id] is not plan.home[mul.inputs[0].id]
+
+
+def test_earlier_readers_must_be_copy_free_for_an_in_place_write():
+    """``cache`` is read by a reshape (which may return a view of it) and then updated in
+    place: allowed only when the reshape's program writes new memory (``copy_free``)."""
+    def f(x, cache):
+        flat = enp.reshape(cache, (12,))
+        return enp.sum(flat), lax.dynamic_update_slice(cache, x[None], (1, 0))
+    graph, donate = _graph(f, *ARGS, donate=1)
+    live = liveness(graph, donate)
+    cache = graph.invars[1]
+    assert live[cache].uses == 2
+    reshape, dus = (next(i for i, e in enumerate(graph.eqns) if e.prim.name == name)
+                    for name in ("reshape", "dynamic_update_slice"))
+    assert live[cache].readers == (reshape, dus)
+    writes = {graph.eqns[dus].outputs[0].id: cache.id}
+    temps = _temps(graph, live)
+    assert cache.id not in plan_memory(graph, live, temps, writes).home
+    assert not live.overwritable(cache, dus)
+    plan = plan_memory(graph, live, temps, writes, copy_free={reshape})
+    assert plan.home[graph.eqns[dus].outputs[0].id].root is cache
+    assert not live.overwritable(cache, reshape, {dus})  # not its last reader
