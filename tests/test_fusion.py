@@ -452,3 +452,19 @@ def test_rotate_half_loop_nest_writes_both_halves_from_one_domain():
     stores = [s for s in nest.statements() if isinstance(s, Store)]
     assert len(stores) == 2
     assert stores[1].index == stores[0].index + 8  # the second half, 8 elements along
+
+
+def test_adamw_update_writes_each_result_over_its_old_value():
+    params = {"w": rand(16, 8), "b": rand(8, seed=1)}
+    grads = {"w": rand(16, 8, seed=2), "b": rand(8, seed=3)}
+    opt = AdamW(1e-2)
+    lowered, fused = lower_and_fuse(opt.update, params, grads, opt.init(params))
+    invars = lowered.graph.graph.invars
+    gradients = {v.id for v in invars[2:4]}  # params, then grads, then the state
+    for group in fused_equations(fused):
+        if group.outputs[0].aval.shape == ():
+            continue  # the step's scalars
+        pairs = describe(group).in_place()
+        assert len(pairs) == 3  # parameter, exp_avg, exp_avg_sq
+        paired = {group.inputs[j].id for _, j in pairs}
+        assert paired <= {v.id for v in invars} and not paired & gradients

@@ -380,27 +380,65 @@ class LoopNest:
     def in_place(self) -> tuple[tuple[int, int], ...]:
         """Pairs ``(output, input)`` that may be one buffer: the output is written once per
         element, at the only index the input is ever read at, no earlier than the input's
-        last read (the AdamW update writing parameter and moments over their old values)."""
-        stage_of_store: dict[int, tuple[int, Index]] = {}
-        reads: dict[int, list[tuple[int, Index]]] = {}
+        last read. Each output gets the candidate that the fewest other outputs read (the new
+        AdamW parameter pairs with the old parameter, not with the gradient every result
+        reads), so a plan that writes over donated operands finds the natural pairs."""
+        store_at: dict[int, tuple[int, Store]] = {}
+        loads: dict[int, list[tuple[int, Index]]] = {}
         counts: dict[int, int] = {}
         for stage, block in enumerate(self.body):
             for st in block.body if isinstance(block, RowLoop) else [block]:
                 if isinstance(st, Store):
                     counts[st.output] = counts.get(st.output, 0) + 1
-                    stage_of_store[st.output] = (stage, st.index)
+                    store_at[st.output] = (stage, st)
                 for load in loads_of(st):
-                    reads.setdefault(load.input, []).append((stage, load.index))
+                    loads.setdefault(load.input, []).append((stage, load.index))
+        readers = self._readers()
         pairs, taken = [], set()
-        for k, (stage, index) in stage_of_store.items():
-            for j, seen in reads.items():
-                a, b = self.inputs[j], self.outputs[k]
-                if (counts[k] == 1 and j not in taken and (a.shape, a.dtype) == (b.shape, b.dtype)
-                        and all(i == index and s <= stage for s, i in seen)):
-                    pairs.append((k, j))
-                    taken.add(j)
-                    break
+        for k, (stage, store) in store_at.items():
+            out = self.outputs[k]
+            fits = [j for j, seen in loads.items()
+                    if counts[k] == 1 and j not in taken
+                    and (self.inputs[j].shape, self.inputs[j].dtype) == (out.shape, out.dtype)
+                    and all(i == store.index and s <= stage for s, i in seen)]
+            if fits:
+                j = min(fits, key=lambda j: (len(readers.get(j, ())), j))
+                pairs.append((k, j))
+                taken.add(j)
         return tuple(pairs)
+
+    def _readers(self) -> dict[int, set[int]]:
+        """For each input, the outputs whose values depend on it."""
+        defs: dict[int, list[Any]] = {}  # local or scratch -> the expressions it holds
+        for st in self.statements():
+            if isinstance(st, Let):
+                defs.setdefault(("v", st.local), []).extend(st.args)
+            elif isinstance(st, Update):
+                defs.setdefault(("v", st.local), []).append(st.value)
+            elif isinstance(st, ScratchStore):
+                defs.setdefault(("s", st.scratch), []).append(st.value)
+        memo: dict[Any, frozenset[int]] = {}
+
+        def inputs_of(e: Any) -> frozenset[int]:
+            if isinstance(e, Load):
+                return frozenset([e.input])
+            if isinstance(e, Where):
+                return inputs_of(e.then) | inputs_of(e.other)
+            key = ("v", e.local) if isinstance(e, Ref) else \
+                ("s", e.scratch) if isinstance(e, ScratchLoad) else None
+            if key is None:
+                return frozenset()
+            if key not in memo:
+                memo[key] = frozenset()  # a local never depends on itself
+                memo[key] = frozenset().union(*(inputs_of(x) for x in defs.get(key, [])))
+            return memo[key]
+
+        readers: dict[int, set[int]] = {}
+        for st in self.statements():
+            if isinstance(st, Store):
+                for j in inputs_of(st.value):
+                    readers.setdefault(j, set()).add(st.output)
+        return readers
 
 
 def loads_of(node: Any) -> list[Load]:
