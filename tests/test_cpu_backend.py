@@ -399,3 +399,16 @@ def test_optimizer_step_writes_parameters_and_state_in_place():
             # Every result lives in a donated buffer (a kernel may store the new parameter
             # over the old moment of the same shape: any donated buffer of its size will do).
             assert sorted(after) == sorted(before)
+
+
+def test_concurrent_calls_of_one_program_get_separate_arenas():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(12)
+    xs = [rng.standard_normal((32, 32)).astype(np.float32) for _ in range(8)]
+    f = ember.jit(lambda x: enp.tanh(x @ x) @ x, backend="cpu")
+    f(xs[0])  # compile once
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda x: np.asarray(f(x)), xs * 4))
+    for x, r in zip(xs * 4, results):
+        np.testing.assert_allclose(r, np.tanh(x @ x) @ x, rtol=1e-4, atol=1e-4)
