@@ -412,3 +412,15 @@ def test_concurrent_calls_of_one_program_get_separate_arenas():
         results = list(pool.map(lambda x: np.asarray(f(x)), xs * 4))
     for x, r in zip(xs * 4, results):
         np.testing.assert_allclose(r, np.tanh(x @ x) @ x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64", "complex64",
+                                   "complex128"])
+def test_poison_is_a_nan_of_every_float_type(dtype):
+    from ember import dtypes
+    from ember.backends.cpu.program import poison
+
+    dt = dtypes.canonicalize(getattr(dtypes, dtype))
+    unit, pattern = poison(dt)
+    data = np.frombuffer(pattern.to_bytes(8, "little")[:unit] * (dt.itemsize // unit), dt)
+    assert np.isnan(data.astype(np.complex128)).all()

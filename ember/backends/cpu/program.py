@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ember import dtypes
 from ember.backends.cpu import kernels, toolchain
 from ember.backends.cpu.lowerings import Statement
 from ember.compiler.fusion import fused_p
@@ -124,14 +125,15 @@ def _inlined(eqn: Eqn) -> list[Eqn]:
 
 
 def poison(dtype: np.dtype) -> tuple[int, int]:
-    """(unit size in bytes, pattern) that the debug mode writes over freed memory."""
+    """(unit size in bytes, pattern) that the debug mode writes over freed memory: a quiet
+    NaN of the (component) float type, else the byte 0xAB."""
     dtype = np.dtype(dtype)
-    if dtype.kind in "fc":
-        unit = dtype.itemsize // (2 if dtype.kind == "c" else 1)
-        exponent = {2: 5 if dtype.name == "float16" else 8, 4: 8, 8: 11}[unit]
-        mantissa = unit * 8 - 1 - exponent
-        return unit, ((1 << exponent) - 1) << mantissa | 1 << (mantissa - 1)
-    return 1, 0xAB
+    if not dtypes.is_inexact(dtype):
+        return 1, 0xAB
+    unit = dtype.itemsize // (2 if dtypes.is_complex(dtype) else 1)
+    exponent = {2: 5 if dtype == dtypes.float16 else 8, 4: 8, 8: 11}[unit]
+    mantissa = unit * 8 - 1 - exponent
+    return unit, ((1 << exponent) - 1) << mantissa | 1 << (mantissa - 1)
 
 
 @dataclass(frozen=True)
