@@ -24,9 +24,10 @@ Gen = Callable[[np.random.Generator, np.dtype, tuple], np.ndarray]
 ELEMENTWISE_SHAPES = ((3, 4), (), (0, 3))
 ANY = ALL + COMPLEX
 
-# Primitives owned by other modules (control flow, remat, custom rules) have their own tests.
+# Primitives owned by other modules (control flow, remat, custom rules, fusion's groups) have
+# their own tests.
 NOT_COVERED_HERE = ("cond", "while", "scan", "remat", "custom_", "checkpoint", "pjit", "call",
-                    "shard", "collective", "all_", "psum", "ppermute")
+                    "shard", "collective", "all_", "psum", "ppermute", "fused")
 
 
 @dataclass
