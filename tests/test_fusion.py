@@ -341,9 +341,9 @@ def random_programs(draw, exact: bool = False):
         elif op == "reduce":
             if x.ndim == 0:
                 continue
-            axis = draw(st.integers(0, x.ndim - 1))
+            axes = tuple(sorted(draw(st.sets(st.integers(0, x.ndim - 1), min_size=1))))
             kinds = ["max", "min"] if exact else ["sum", "max", "mean"]
-            step = ("reduce", draw(st.sampled_from(kinds)), k, axis, draw(st.booleans()))
+            step = ("reduce", draw(st.sampled_from(kinds)), k, axes, draw(st.booleans()))
         elif op == "move":
             if x.ndim == 0:
                 continue
@@ -378,8 +378,8 @@ def _apply(step, vals):
     if kind == "cast":
         return x.astype(what)
     if kind == "reduce":
-        axis, keep = step[3], step[4]
-        return getattr(enp, what)(x, axis=axis, keepdims=keep)
+        axes, keep = step[3], step[4]
+        return getattr(enp, what)(x, axis=axes, keepdims=keep)
     axis, perm = step[3], step[4]
     if what == "transpose":
         return enp.transpose(x, perm)
