@@ -61,8 +61,8 @@ def test_cpu_program_shows_its_c_and_reports_its_memory(args):
     params, x = args
     compiled = ember.jit(layer, backend="cpu").lower(params, x).compile()
     text = compiled.as_text()
-    assert "void ember_segment_0(char *ember_arena, void **ember_ext)" in text
-    assert "cblas_sgemm" in text or "cblas_sgemv" in text
+    assert text.startswith("#include") and "void ember_" in text  # C functions
+    assert "cblas_sgemm" in text  # the product calls BLAS
     assert text == compiled.program.as_text()
     report = compiled.memory_analysis()
     assert report.argument_bytes == params["w"].nbytes + params["b"].nbytes + x.nbytes
