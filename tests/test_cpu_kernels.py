@@ -29,7 +29,7 @@ from ember.backends import get_backend
 from ember.backends.cpu import kernels, toolchain
 from ember.compiler.fusion import fuse, fused_equations
 from ember.ir.graph import Literal
-from ember.ops import structural
+from ember.ops import reduce, structural
 from ember.optim import AdamW
 from ember.tree import tree_leaves
 
@@ -186,6 +186,9 @@ CASES = {
                                     .astype(np.float32)),), "sum"),
     "big_parallel_map": (lambda x, y: x * y + y, (rand(256, 300), rand(300, seed=1)),
                          "exact"),
+    "reduce_over_no_axes": (lambda x: (reduce.reduce_sum_p.bind(x * 2.0, axes=()),
+                                       reduce.reduce_max.prim.bind(x.T, axes=()) - x.T),
+                            (rand(3, 4),), "exact"),
     "zero_size": (lambda x: (x * 2.0, x.sum(axis=0), enp.concatenate([x, x], axis=1)),
                   (rand(0, 5),), "exact"),
     "scalars": (lambda x, y: (x * y + 1.0, enp.maximum(x, y)),

@@ -233,9 +233,11 @@ class _Fuser:
         x = eqn.inputs[0]
         axes = tuple(sorted(reduced_axes(eqn)))
         src = self.source(x)
-        if src is not None and src[1] == "full" and axes:
+        if src is not None and src[1] == "full":
             g = src[0]
-            if g.reduced in ((), axes) and self.join(i, [g], g.full, axes):
+            # Over no axes a reduction is its operand: it fits any group as an elementwise op.
+            reduced = axes or g.reduced
+            if g.reduced in ((), reduced) and self.join(i, [g], g.full, reduced):
                 return
         self.join(i, [], tuple(x.aval.shape), axes)
 

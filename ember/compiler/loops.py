@@ -441,6 +441,12 @@ class LoopNest:
         return readers
 
 
+def _accumulates(eqn: Eqn) -> bool:
+    """Whether an equation is a reduction over at least one axis (one over none is its
+    operand)."""
+    return eqn.prim.kind == "reduction" and bool(reduced_axes(eqn))
+
+
 def loads_of(node: Any) -> list[Load]:
     """The loads of input buffers in a statement or expression."""
     if isinstance(node, Load):
@@ -639,7 +645,7 @@ def domain_of(body: ClosedGraph) -> tuple[tuple[int, ...], tuple[int, ...]]:
     the shape of its computed values (or, for a lone view, of its result) and no axes."""
     graph = body.graph
     for eqn in graph.eqns:
-        if eqn.prim.kind == "reduction":
+        if _accumulates(eqn):
             return _shape(eqn.inputs[0]), tuple(sorted(reduced_axes(eqn)))
     for eqn in graph.eqns:
         if eqn.prim.kind == "elementwise":
@@ -665,7 +671,7 @@ class _Builder:
             comp = eqn.prim.kind in ("elementwise", "reduction") or \
                 any(a.id in self.computed for a in ins)
             for v in eqn.outputs:
-                self.phase[v.id] = p + (eqn.prim.kind == "reduction")
+                self.phase[v.id] = p + _accumulates(eqn)
                 if comp:
                     self.computed.add(v.id)
         self.n_locals = 0
@@ -703,6 +709,8 @@ class _Builder:
             return known
         eqn = self.producer[a.id]
         kind = eqn.prim.kind
+        if kind == "reduction" and not _accumulates(eqn):
+            return self.value(eqn.inputs[0], idx, out, loop_phase)  # over no axes: itself
         if kind == "elementwise":
             if (loop_phase is not None and self.in_row(a) and self.phase[a.id] < loop_phase
                     and tuple(idx) == self.site(a)):
@@ -750,7 +758,7 @@ class _Builder:
         graph = self.graph
         outputs = [(k, v) for k, v in enumerate(graph.outvars)]
         stores = self.stores(outputs)
-        reductions = [e for e in graph.eqns if e.prim.kind == "reduction"]
+        reductions = [e for e in graph.eqns if _accumulates(e)]
         n_phases = max(self.phase.values(), default=0) + 1
         # Which full values each row loop needs, from the last loop back: a computed full
         # value of an earlier phase is kept in scratch by its own loop.
