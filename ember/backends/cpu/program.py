@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+import ember.backends.cpu.attention  # noqa: F401  (registers the attention kernels)
 from ember import dtypes
 from ember.backends.cpu import kernels, toolchain
 from ember.backends.cpu.lowerings import Statement
