@@ -29,6 +29,8 @@ Precision, against the NumPy reference:
   :data:`HELPERS`, so loops calling them vectorise): results differ by a few ulps (measured on
   float32 against NumPy: exp 4, log 6, sin/cos 2, tanh 1; the tests allow 8); after rounding
   to bfloat16/float16 they are nearly always equal.
+- ``erf`` is the reference's own formula (``ember.ops._erf``) in C: bitwise where it needs
+  no exponential (``|x| <= 1`` in float32), within the exponential's ulps elsewhere.
 - A max/min reduction is exact, but a NaN operand gives the C ``NAN`` rather than that
   operand's own NaN bits (the NaN is tracked in a flag so the comparison loop vectorises).
 - Sums and products accumulate sequentially in the operand's type (float for bfloat16 and
@@ -116,6 +118,53 @@ double log(double);
 double tanh(double);
 #endif
 """
+
+
+
+def _horner_c(coeffs: Iterable[float], u: str, suffix: str) -> str:
+    """``((c_n * u + c_n-1) * u + ...) + c_0``, rounded after each step as NumPy's loop is."""
+    cs = [float(c).hex() + suffix for c in coeffs]
+    out = cs[-1]
+    for c in cs[-2::-1]:
+        out = f"({out} * {u} + {c})"
+    return out
+
+
+def _erf_helpers() -> str:
+    """C versions of the reference ``erf`` (``ember.ops._erf``), the same operations in the
+    same order: bitwise equal where it uses no ``exp`` (``|x| <= 1`` in float32), within the
+    exponential's ulps elsewhere."""
+    from ember.ops import _erf as ref
+
+    return f"""
+static inline float ember_erff(float x) {{
+    const float z = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+    const float u = z * z;
+    const float inner = {_horner_c(ref._P, "u", "f")} * z / {_horner_c(ref._Q, "u", "f")};
+    const float a = fminf(fabsf(x), {float(ref._CLAMP).hex()}f);
+    const float erfc = expf(-a * a) * {_horner_c(ref._TAIL_P, "a", "f")}
+                       / {_horner_c(ref._TAIL_Q, "a", "f")};
+    return fabsf(x) > {float(ref._SPLIT).hex()}f ? copysignf(1.0f - erfc, x) : inner;
+}}
+static inline double ember_erf(double x) {{
+    const double z = fabs(x);
+    const double near = z < {ref._SWITCH!r} ? z : {ref._SWITCH!r}, x2 = near * near;
+    double term = near, total = near;
+    for (int n = 1; n < {ref._SERIES_TERMS}; n++) {{
+        term = term * (2 * x2) / (2 * n + 1);
+        total = total + term;
+    }}
+    const double small = {float(2 / np.sqrt(np.pi)).hex()} * exp(-x2) * total;
+    const double far = z > {ref._SWITCH!r} ? z : {ref._SWITCH!r};
+    double fraction = far;
+    for (int k = {ref._FRACTION_TERMS}; k > 0; k--) fraction = far + (k / 2.0) / fraction;
+    const double large = 1.0 - exp(-far * far) / {float(np.sqrt(np.pi)).hex()} / fraction;
+    return x != x ? NAN : copysign(z < {ref._SWITCH!r} ? small : large, x);
+}}
+"""
+
+
+HELPERS += _erf_helpers()
 
 # Below this many points of the domain a kernel runs on one thread: waking the others costs
 # more than the loop.
@@ -285,6 +334,14 @@ def _logistic(args: list[str], eqn: Eqn) -> str | None:
     return f"(1.0f / {_round(f'(1.0f + {e})', dt)})"
 
 
+def _erf(args: list[str], eqn: Eqn) -> str | None:
+    dt = _in(eqn)
+    if not dtypes.is_float(dt):
+        return None
+    # 16-bit floats: computed in float32 and rounded once, as the reference does.
+    return f"ember_erf({args[0]})" if dt == np.float64 else f"ember_erff({args[0]})"
+
+
 def _sign(args: list[str], eqn: Eqn) -> str | None:
     a, dt = args[0], _in(eqn)
     if dtypes.is_float(dt):
@@ -386,7 +443,7 @@ _REDUCTIONS = {
 _ELEMENTWISE: dict[str, Rule] = {
     "add": _arith("+", "|"), "sub": _arith("-"), "mul": _arith("*", "&"),
     "div": _real("({0} / {1})"), "max": _extremum(">"), "min": _extremum("<"),
-    "neg": _neg, "sign": _sign, "logistic": _logistic, "select": _select,
+    "neg": _neg, "sign": _sign, "erf": _erf, "logistic": _logistic, "select": _select,
     "convert": _convert, "copy": _identity, "stop_gradient": _identity, "not": _not,
     "and": _bitwise("&"), "or": _bitwise("|"), "xor": _bitwise("^"),
     "eq": _compare("=="), "ne": _compare("!="), "lt": _compare("<"), "le": _compare("<="),
