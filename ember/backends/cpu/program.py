@@ -36,7 +36,7 @@ import ember.backends.cpu.attention  # noqa: F401  (registers the attention kern
 from ember import dtypes
 from ember.backends.cpu import kernels, toolchain
 from ember.backends.cpu.lowerings import Statement
-from ember.compiler.fusion import fused_p
+from ember.compiler.fusion import COMPUTE_KINDS, VIEW_KINDS, fused_p
 from ember.compiler.memory import ALIGNMENT, MemoryAnalysis, plan_memory
 from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
 from ember.ir.liveness import liveness
@@ -63,8 +63,10 @@ def statement(eqn: Eqn) -> Statement | None:
     if eqn.prim is fused_p:
         kernel = kernels.render(eqn)
         return None if kernel is None else _kernel_call(kernel)
+    # Fusable kinds have expression rules, used inside kernels; every other kind (contraction,
+    # indexing, library...) may have a statement rule of its own.
     rule = eqn.prim.lowerings.get("c")
-    if rule is None or eqn.prim.kind not in ("contraction", "indexing"):
+    if rule is None or eqn.prim.kind in COMPUTE_KINDS | VIEW_KINDS:
         return None
     return rule(eqn)
 
