@@ -51,6 +51,7 @@ _SOURCE = r"""
 #include <omp.h>
 #define EMBER_ATT_BQ 32          /* query rows per head in a tile */
 #define EMBER_ATT_BK 64          /* keys in a tile */
+#define EMBER_ATT_FEW_ROWS 8     /* fewer query rows per tile: no transposed key tiles */
 #define EMBER_ATT_SPLIT_MIN 128  /* the fewest keys one split of a decode step reads */
 #define EMBER_ATT_PARALLEL_MIN (1 << 16)  /* multiply-adds below which one thread does all */
 
@@ -73,7 +74,7 @@ typedef struct {
     const float *lse, *dlse;
 } ember_att_io;
 
-/* Per-thread scratch: a query tile (rows = group * BQ) and a key tile, all in float. */
+/* Per-thread scratch: a query tile (rows = group * min(BQ, length)) and a key tile, in float. */
 typedef struct {
     float *qs, *dout, *lse, *delta, *s, *dp, *kt, *vt, *keys, *values, *acc, *dk, *dv, *row;
 } ember_att_scratch;
@@ -82,7 +83,7 @@ static int64_t ember_att_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t ember_att_max(int64_t a, int64_t b) { return a > b ? a : b; }
 
 static float *ember_att_scratch_new(const ember_att *p, ember_att_scratch *w) {
-    const int64_t rows = p->group * EMBER_ATT_BQ, bk = EMBER_ATT_BK;
+    const int64_t rows = p->group * ember_att_min(EMBER_ATT_BQ, p->length), bk = EMBER_ATT_BK;
     const int64_t wide = ember_att_max(p->dim, p->vdim);
     const int64_t sizes[] = {rows * p->dim, rows * p->vdim, rows, rows, rows * bk, rows * bk,
                              p->dim * bk, p->vdim * bk, bk * p->dim, bk * p->vdim,
@@ -152,15 +153,22 @@ static int64_t ember_att_mask_at(const ember_att *p, int64_t b, int64_t hq, int6
     return at;
 }
 
+/* Whether dot products with a key tile go through its transpose: worth it when many query
+   rows share each key (prefill, training); a decode step's few rows read the keys row by
+   row. Returns `cols` or NULL. */
+static float *ember_att_transposed(const ember_att *p, float *cols) {
+    return p->group * ember_att_min(EMBER_ATT_BQ, p->length) >= EMBER_ATT_FEW_ROWS ? cols : NULL;
+}
+
 /* Rows [j0, j0 + n) of head h of k or v ([batch, heads, src, width]) in float: row-major into
-   `rows` and transposed into `cols` [width][BK] (zero past n), so that dot products with
-   the tile run along its keys. */
+   `rows` and, unless `cols` is NULL, transposed into `cols` [width][BK] (zero past n), so
+   that dot products with the tile run along its keys. */
 static void ember_att_key_tile(const ember_att *p, const void *x, int64_t width, int64_t b,
                                int64_t h, int64_t j0, int64_t n, float *restrict rows,
                                float *restrict cols) {
     ember_att_load(rows, x, ((b * p->heads + h) * p->src + j0) * width, n * width, p->dtype,
                    1.0f);
-    for (int64_t c = 0; c < width; ++c) {
+    for (int64_t c = 0; cols && c < width; ++c) {
         float *restrict col = cols + c * EMBER_ATT_BK;
         for (int64_t j = 0; j < n; ++j) col[j] = rows[j * width + c];
         for (int64_t j = n; j < EMBER_ATT_BK; ++j) col[j] = 0.0f;
@@ -189,21 +197,79 @@ static void ember_att_query_tile(const ember_att *p, const ember_att_io *io, con
     }
 }
 
-/* s[r][j] = sum_c a[r][c] bt[c][j] over a whole tile of BK keys (bt zero past the tile's
-   keys): the inner loop runs along keys, vectorised, with no horizontal sums. */
-static void ember_att_dots(int64_t rows, int64_t depth, const float *restrict a,
-                           const float *restrict bt, float *restrict s) {
-    for (int64_t r = 0; r < rows; ++r) {
-        float acc[EMBER_ATT_BK] = {0};
-        const float *ar = a + r * depth;
-        for (int64_t c = 0; c < depth; ++c) {
-            const float x = ar[c];
-            const float *restrict bc = bt + c * EMBER_ATT_BK;
-            #pragma omp simd
-            for (int64_t j = 0; j < EMBER_ATT_BK; ++j) acc[j] += x * bc[j];
+/* c[r][j] += sum_k a[r][k] b[k][j] for r < rows, j < cols, k < depth: every product of a tile
+   (scores q k^T against a transposed key tile, p v, ds k, and p^T dout, ds^T q, with a read
+   through its strides a[r * ars + k * acs]). b and c are row-major, read along j. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* nr (1 or 4) rows by 64 columns, held in 4 * nr registers across the whole depth. */
+static inline __attribute__((always_inline)) void ember_att_block(
+        const int nr, int64_t depth, const float *a, int64_t ars, int64_t acs,
+        const float *b, int64_t ldb, float *c, int64_t ldc, const __mmask16 *m) {
+    __m512 acc[4][4];
+    for (int i = 0; i < nr; ++i)
+        for (int t = 0; t < 4; ++t) acc[i][t] = _mm512_maskz_loadu_ps(m[t], c + i * ldc + 16 * t);
+    for (int64_t k = 0; k < depth; ++k) {
+        __m512 bk[4];
+        for (int t = 0; t < 4; ++t) bk[t] = _mm512_maskz_loadu_ps(m[t], b + k * ldb + 16 * t);
+        for (int i = 0; i < nr; ++i) {
+            const __m512 x = _mm512_set1_ps(a[i * ars + k * acs]);
+            for (int t = 0; t < 4; ++t) acc[i][t] = _mm512_fmadd_ps(x, bk[t], acc[i][t]);
         }
-        memcpy(s + r * EMBER_ATT_BK, acc, sizeof acc);
     }
+    for (int i = 0; i < nr; ++i)
+        for (int t = 0; t < 4; ++t) _mm512_mask_storeu_ps(c + i * ldc + 16 * t, m[t], acc[i][t]);
+}
+
+static void ember_att_gemm(int64_t rows, int64_t cols, int64_t depth, const float *a,
+                           int64_t ars, int64_t acs, const float *b, int64_t ldb, float *c,
+                           int64_t ldc) {
+    for (int64_t j0 = 0; j0 < cols; j0 += 64) {
+        __mmask16 m[4];
+        for (int t = 0; t < 4; ++t) {
+            const int64_t left = cols - j0 - 16 * t;
+            m[t] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        }
+        int64_t r = 0;
+        for (; r + 4 <= rows; r += 4)
+            ember_att_block(4, depth, a + r * ars, ars, acs, b + j0, ldb, c + r * ldc + j0, ldc, m);
+        for (; r < rows; ++r)
+            ember_att_block(1, depth, a + r * ars, ars, acs, b + j0, ldb, c + r * ldc + j0, ldc, m);
+    }
+}
+#else
+static void ember_att_gemm(int64_t rows, int64_t cols, int64_t depth, const float *a,
+                           int64_t ars, int64_t acs, const float *b, int64_t ldb, float *c,
+                           int64_t ldc) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float *restrict cr = c + r * ldc;
+        for (int64_t k = 0; k < depth; ++k) {
+            const float x = a[r * ars + k * acs];
+            const float *restrict bk = b + k * ldb;
+            #pragma omp simd
+            for (int64_t j = 0; j < cols; ++j) cr[j] += x * bk[j];
+        }
+    }
+}
+#endif
+
+/* s[r][j] = a[r] . key j of the tile (n keys, row-major in `keys`; kt: the tile transposed,
+   zero past its keys, or NULL). */
+static void ember_att_dots(int64_t rows, int64_t n, int64_t depth, const float *a,
+                           const float *keys, const float *bt, float *s) {
+    if (!bt) {
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < n; ++j) {
+                const float *restrict ar = a + r * depth, *restrict kj = keys + j * depth;
+                float sum = 0.0f;
+                #pragma omp simd reduction(+:sum)
+                for (int64_t c = 0; c < depth; ++c) sum += ar[c] * kj[c];
+                s[r * EMBER_ATT_BK + j] = sum;
+            }
+        return;
+    }
+    memset(s, 0, (size_t)(rows * EMBER_ATT_BK) * sizeof(float));
+    ember_att_gemm(rows, EMBER_ATT_BK, depth, a, depth, 1, bt, EMBER_ATT_BK, s, EMBER_ATT_BK);
 }
 
 /* The scores of a tile, keys [j0, j0 + n): qs . k, plus an additive mask, -inf where the
@@ -212,7 +278,7 @@ static void ember_att_scores(const ember_att *p, const ember_att_io *io, int64_t
                              int64_t i0, int64_t nrow, int64_t j0, int64_t n,
                              ember_att_scratch *w) {
     const int64_t rows = p->group * nrow, offset = ember_att_offset(p, io, b);
-    ember_att_dots(rows, p->dim, w->qs, w->kt, w->s);
+    ember_att_dots(rows, n, p->dim, w->qs, w->keys, ember_att_transposed(p, w->kt), w->s);
     for (int64_t r = 0; r < rows; ++r) {
         float *restrict s = w->s + r * EMBER_ATT_BK;
         const int64_t i = i0 + r % nrow;
@@ -235,36 +301,6 @@ static void ember_att_scores(const ember_att *p, const ember_att_io *io, int64_t
     }
 }
 
-/* acc[r][e] += sum_j p[r][j] x[j][e]: probabilities (or score gradients) times a key tile. */
-static void ember_att_mix(int64_t rows, int64_t n, int64_t width, const float *restrict p,
-                          const float *restrict x, float *restrict acc) {
-    for (int64_t r = 0; r < rows; ++r) {
-        float *restrict out = acc + r * width;
-        for (int64_t j = 0; j < n; ++j) {
-            const float pj = p[r * EMBER_ATT_BK + j];
-            if (pj == 0.0f) continue;  /* invisible keys: never 0 * inf */
-            const float *restrict xj = x + j * width;
-            #pragma omp simd
-            for (int64_t e = 0; e < width; ++e) out[e] += pj * xj[e];
-        }
-    }
-}
-
-/* acc[j][e] += sum_r p[r][j] y[r][e]: a key tile's gradient, summed over the query rows. */
-static void ember_att_mix_t(int64_t rows, int64_t n, int64_t width, const float *restrict p,
-                            const float *restrict y, float *restrict acc) {
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *restrict yr = y + r * width;
-        for (int64_t j = 0; j < n; ++j) {
-            const float pj = p[r * EMBER_ATT_BK + j];
-            if (pj == 0.0f) continue;
-            float *restrict out = acc + j * width;
-            #pragma omp simd
-            for (int64_t e = 0; e < width; ++e) out[e] += pj * yr[e];
-        }
-    }
-}
-
 /* The online softmax of one work item over keys [k0, k1): the state (m, l, acc) of its
    rows, acc unnormalised, each row's maximum m (-inf before any visible key) and sum l. */
 static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, int64_t b,
@@ -278,7 +314,8 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
     ember_att_query_tile(p, io, NULL, b, h, i0, nrow, w, 0);
     for (int64_t j0 = k0; j0 < k1; j0 += EMBER_ATT_BK) {
         const int64_t n = ember_att_min(EMBER_ATT_BK, k1 - j0);
-        ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys, w->kt);
+        ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
+                           ember_att_transposed(p, w->kt));
         ember_att_load(w->values, io->v, ((b * p->heads + h) * p->src + j0) * p->vdim,
                        n * p->vdim, p->dtype, 1.0f);
         ember_att_scores(p, io, b, h, i0, nrow, j0, n, w);
@@ -296,7 +333,8 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
             l[r] = l[r] * rescale + sum;
             m[r] = top;
         }
-        ember_att_mix(rows, n, p->vdim, w->s, w->values, acc);
+        ember_att_gemm(rows, p->vdim, n, w->s, EMBER_ATT_BK, 1, w->values, p->vdim, acc,
+                       p->vdim);  /* acc += p v */
     }
 }
 
@@ -400,7 +438,7 @@ static void ember_att_backward_tile(const ember_att *p, const ember_att_io *io, 
                                     int64_t n, ember_att_scratch *w) {
     const int64_t rows = p->group * nrow;
     ember_att_scores(p, io, b, h, i0, nrow, j0, n, w);
-    ember_att_dots(rows, p->vdim, w->dout, w->vt, w->dp);
+    ember_att_dots(rows, n, p->vdim, w->dout, w->values, ember_att_transposed(p, w->vt), w->dp);
     for (int64_t r = 0; r < rows; ++r) {
         float *restrict s = w->s + r * EMBER_ATT_BK, *restrict dp = w->dp + r * EMBER_ATT_BK;
         const float lse = w->lse[r], delta = w->delta[r];
@@ -425,16 +463,20 @@ static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, cons
     memset(w->dk, 0, (size_t)(width * p->dim) * sizeof(float));
     memset(w->dv, 0, (size_t)(width * p->vdim) * sizeof(float));
     if (n > 0) {
-        ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys, w->kt);
-        ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values, w->vt);
+        ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
+                           ember_att_transposed(p, w->kt));
+        ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values,
+                           ember_att_transposed(p, w->vt));
         /* Causal: rows before the tile's first key's position see none of it. */
         const int64_t first = p->causal ? ember_att_max(0, j0 - ember_att_offset(p, io, b)) : 0;
         for (int64_t i0 = first / bq * bq; i0 < p->length; i0 += bq) {
             const int64_t nrow = ember_att_min(bq, p->length - i0);
             ember_att_query_tile(p, io, delta, b, h, i0, nrow, w, 1);
             ember_att_backward_tile(p, io, b, h, i0, nrow, j0, n, w);
-            ember_att_mix_t(p->group * nrow, n, p->vdim, w->s, w->dout, w->dv);
-            ember_att_mix_t(p->group * nrow, n, p->dim, w->dp, w->qs, w->dk);  /* qs: scaled */
+            const int64_t rows = p->group * nrow;  /* dv += p^T dout, dk += ds^T (q scale) */
+            ember_att_gemm(n, p->vdim, rows, w->s, 1, EMBER_ATT_BK, w->dout, p->vdim, w->dv,
+                           p->vdim);
+            ember_att_gemm(n, p->dim, rows, w->dp, 1, EMBER_ATT_BK, w->qs, p->dim, w->dk, p->dim);
         }
     }
     const int64_t row = (b * p->heads + h) * p->src + j0;
@@ -452,10 +494,13 @@ static void ember_att_query_grads(const ember_att *p, const ember_att_io *io,
     if (end > 0) ember_att_query_tile(p, io, delta, b, h, i0, nrow, w, 1);
     for (int64_t j0 = 0; j0 < end; j0 += EMBER_ATT_BK) {
         const int64_t n = ember_att_min(EMBER_ATT_BK, end - j0);
-        ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys, w->kt);
-        ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values, w->vt);
+        ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
+                           ember_att_transposed(p, w->kt));
+        ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values,
+                           ember_att_transposed(p, w->vt));
         ember_att_backward_tile(p, io, b, h, i0, nrow, j0, n, w);
-        ember_att_mix(rows, n, p->dim, w->dp, w->keys, w->acc);
+        ember_att_gemm(rows, p->dim, n, w->dp, EMBER_ATT_BK, 1, w->keys, p->dim, w->acc,
+                       p->dim);  /* dq += ds k */
     }
     for (int64_t e = 0; e < rows * p->dim; ++e) w->acc[e] *= p->scale;  /* d(q scale)/dq */
     for (int64_t g = 0; g < p->group; ++g) {
