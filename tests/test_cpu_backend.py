@@ -212,9 +212,15 @@ def test_donated_array_the_user_still_sees_is_not_written(llama):
     np.testing.assert_array_equal(x, 0.0)
 
 
-def test_llama_step_memory_plan_is_near_its_lower_bound(llama):
+def test_llama_step_is_one_foreign_call_near_its_memory_lower_bound(llama):
+    from ember.models.llama import KVCache
+
     ids = np.random.default_rng(5).integers(0, 64, size=(2, 7))
     program = _program(ember.value_and_grad(lambda m, i: m.loss(i)), llama, ids)
+    assert [len(s) for s in program.segments] == [len(program.graph.eqns)]  # all C
+    decode = _program(_decode, llama, KVCache.allocate(llama.config, 1, 16), np.array([[1]]), 3,
+                      donate=1)
+    assert [len(s) for s in decode.segments] == [len(decode.graph.eqns)]
     analysis = program.memory_analysis()
     assert analysis.temp_lower_bound <= analysis.temp_bytes <= 1.1 * analysis.temp_lower_bound
     assert analysis.output_bytes > 0 and analysis.argument_bytes > 0
