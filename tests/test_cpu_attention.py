@@ -98,6 +98,7 @@ CASES = [
     Case("decode_split", (1,), 3, 1, 1, 1024, dim=64, causal=True, kv_len=300, q_offset=299),
     Case("decode_per_example", (3,), 4, 2, 1, 400, causal=True, kv_len=[0, 1, 390],
          q_offset=[0, 0, 389]),
+    Case("causal_one_head_long", (1,), 4, 1, 100, 230, causal=True, q_offset=130),
     Case("rows_seeing_nothing", (1,), 2, 1, 6, 8, causal=True, q_offset=-3),
     Case("padding_mask", (2,), 4, 2, 9, 9, causal=True, mask="padding"),
     Case("additive_mask", (2,), 4, 2, 6, 70, mask="additive", kv_len=66),

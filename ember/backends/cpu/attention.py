@@ -9,20 +9,23 @@ additions):
 - **Tiles, no ``[L, S]`` matrix.** A work item is one key/value head's query tile: the
   ``G * BQ`` rows of its ``G`` query heads (grouped-query attention: a key tile is loaded once
   and used by every query head of its group). Keys come in tiles of ``BK``, converted to float
-  and transposed so the dot products run along keys (vectorised, no horizontal sums); the
-  scores of one tile live in per-thread scratch. An online softmax keeps each row's running
-  maximum, sum and output.
+  and transposed so the dot products run along keys (a decode step's few rows read them
+  untransposed); the scores of one tile live in per-thread scratch. An online softmax keeps
+  each row's running maximum, sum and output. Every product of tiles (``q k^T``, ``p v`` and
+  the backward's four) is one register-blocked micro-kernel: AVX-512 FMA where the CPU has it
+  (``__AVX512F__``), a vectorised loop otherwise.
 - **Only visible keys are read.** ``kv_len`` and ``q_offset`` are read when the program runs:
   keys at ``j >= kv_len`` are never loaded (NaN in an unfilled cache cannot leak), and causal
   rows stop at their last visible key.
 - **Decode splits the keys.** With fewer work items than twice the threads (one query row per
   head), the keys are split into chunks processed in parallel, each leaving a partial softmax
   state that a second loop merges ("flash decoding"). Without a split the merge is exact.
-- **Backward in two passes**, each recomputing the tile's probabilities from ``lse``: one
-  parallel over key tiles accumulates ``dk`` and ``dv`` (a key tile's gradient summed over
-  its group's query rows), one parallel over query tiles accumulates ``dq``. No two items
-  write the same memory, so there are no atomics and the result does not depend on the number
-  of threads; the price is computing the scores and ``dout v^T`` twice.
+- **Backward in one sweep over the key tiles**, recomputing each tile's probabilities from
+  ``lse``: a work item is a run of one head's key tiles and owns their ``dk`` and ``dv`` (summed
+  over its group's query rows, no atomics); its ``dq`` terms go to a float accumulator per run,
+  summed in order at the end. With ``batch * heads`` items enough for the threads there is one
+  run; otherwise the key tiles are dealt round-robin into a few runs (so causal work is
+  balanced), and the order of ``dq``'s sums then depends on the thread count.
 
 float32, bfloat16 and float16 inputs compute in float32 (half inputs are rounded once when
 stored, as the reference's ``astype``); float64 and the gradient of an additive mask run
@@ -451,11 +454,12 @@ static void ember_att_backward_tile(const ember_att *p, const ember_att_io *io, 
     }
 }
 
-/* dk and dv of keys [j0, j0 + BK) of head h: summed over every query row that sees them
-   (zero past kv_len). */
+/* The gradients from keys [j0, j0 + BK) of head h: their dk and dv, summed over every query
+   row that sees them (zero past kv_len), and, when dq_acc is not NULL, those rows' dq terms
+   from these keys (added to dq_acc, float, [batch, heads * group, length, dim], unscaled). */
 static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, const float *delta,
                                 int64_t b, int64_t h, int64_t j0, void *dk, void *dv,
-                                ember_att_scratch *w) {
+                                float *dq_acc, ember_att_scratch *w) {
     const int64_t n = ember_att_max(0, ember_att_min(EMBER_ATT_BK,
                                                      ember_att_kv_len(p, io, b) - j0));
     const int64_t width = ember_att_min(EMBER_ATT_BK, p->src - j0);
@@ -477,6 +481,12 @@ static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, cons
             ember_att_gemm(n, p->vdim, rows, w->s, 1, EMBER_ATT_BK, w->dout, p->vdim, w->dv,
                            p->vdim);
             ember_att_gemm(n, p->dim, rows, w->dp, 1, EMBER_ATT_BK, w->qs, p->dim, w->dk, p->dim);
+            for (int64_t g = 0; dq_acc && g < p->group; ++g) {  /* dq += ds k, head by head */
+                const int64_t head_row = (b * p->heads * p->group + h * p->group + g)
+                                         * p->length + i0;
+                ember_att_gemm(nrow, p->dim, n, w->dp + g * nrow * EMBER_ATT_BK, EMBER_ATT_BK,
+                               1, w->keys, p->dim, dq_acc + head_row * p->dim, p->dim);
+            }
         }
     }
     const int64_t row = (b * p->heads + h) * p->src + j0;
@@ -484,65 +494,54 @@ static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, cons
     if (dv) ember_att_store(dv, row * p->vdim, w->dv, width * p->vdim, p->dtype);
 }
 
-/* dq of query rows [i0, i0 + nrow) of the query heads of head h: their score gradients times
-   the keys they see. */
-static void ember_att_query_grads(const ember_att *p, const ember_att_io *io,
-                                  const float *delta, int64_t b, int64_t h, int64_t i0,
-                                  int64_t nrow, void *dq, ember_att_scratch *w) {
-    const int64_t rows = p->group * nrow, end = ember_att_end(p, io, b, i0 + nrow);
-    memset(w->acc, 0, (size_t)(rows * p->dim) * sizeof(float));
-    if (end > 0) ember_att_query_tile(p, io, delta, b, h, i0, nrow, w, 1);
-    for (int64_t j0 = 0; j0 < end; j0 += EMBER_ATT_BK) {
-        const int64_t n = ember_att_min(EMBER_ATT_BK, end - j0);
-        ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
-                           ember_att_transposed(p, w->kt));
-        ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values,
-                           ember_att_transposed(p, w->vt));
-        ember_att_backward_tile(p, io, b, h, i0, nrow, j0, n, w);
-        ember_att_gemm(rows, p->dim, n, w->dp, EMBER_ATT_BK, 1, w->keys, p->dim, w->acc,
-                       p->dim);  /* dq += ds k */
-    }
-    for (int64_t e = 0; e < rows * p->dim; ++e) w->acc[e] *= p->scale;  /* d(q scale)/dq */
-    for (int64_t g = 0; g < p->group; ++g) {
-        const int64_t head_row = (b * p->heads * p->group + h * p->group + g) * p->length + i0;
-        ember_att_store(dq, head_row * p->dim, w->acc + g * nrow * p->dim, nrow * p->dim,
-                        p->dtype);
-    }
-}
-
-/* dq, dk, dv of attention (a null pointer: that gradient is not wanted). Two passes, neither
-   writing where another work item writes: key tiles (dk, dv), then query tiles (dq). */
+/* dq, dk, dv of attention (a null pointer: that gradient is not wanted), in one sweep over
+   the key tiles. A work item is a run of one head's key tiles (every runs-th tile, so that
+   causal work is balanced) and owns their dk and dv; its dq terms go to a float accumulator
+   of its run, and the runs' accumulators are summed, in order, at the end. There are as few
+   runs as keep the threads busy (one when batch * heads suffices). */
 static void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *dq,
                                      void *dk, void *dv) {
-    const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length);
-    const int64_t tiles = (p->length + bq - 1) / bq;
     const int64_t key_tiles = (p->src + EMBER_ATT_BK - 1) / EMBER_ATT_BK;
-    const int64_t work = p->batch * p->heads * p->group * p->length * p->src
-                         * (p->dim + p->vdim);
-    float *delta = (float *)malloc((size_t)(p->batch * p->heads * p->group * p->length)
-                                   * sizeof(float));
+    const int64_t pairs = p->batch * p->heads, rows = pairs * p->group * p->length;
+    const int64_t threads = omp_get_max_threads();
+    const int64_t runs = dq ? ember_att_max(1, ember_att_min(key_tiles,
+                                                             (2 * threads + pairs - 1) / pairs))
+                            : ember_att_max(1, key_tiles);
+    const int64_t work = rows * p->src * (p->dim + p->vdim);
+    float *delta = (float *)malloc((size_t)rows * sizeof(float));
+    float *partial = dq ? (float *)calloc((size_t)(runs * rows * p->dim), sizeof(float)) : NULL;
     ember_att_delta(p, io, delta);
     #pragma omp parallel if (work > EMBER_ATT_PARALLEL_MIN)
     {
         ember_att_scratch w;
         float *block = ember_att_scratch_new(p, &w);
-        if (dk || dv) {
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < p->batch * p->heads * key_tiles; ++t)
-                ember_att_key_grads(p, io, delta, t / (p->heads * key_tiles),
-                                    t / key_tiles % p->heads, t % key_tiles * EMBER_ATT_BK,
-                                    dk, dv, &w);
-        }
-        if (dq) {
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < p->batch * p->heads * tiles; ++t) {
-                const int64_t i0 = t % tiles * bq;
-                ember_att_query_grads(p, io, delta, t / (p->heads * tiles), t / tiles % p->heads,
-                                      i0, ember_att_min(bq, p->length - i0), dq, &w);
-            }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < pairs * runs; ++t) {
+            const int64_t run = t % runs, b = t / (p->heads * runs), h = t / runs % p->heads;
+            for (int64_t tile = run; tile < key_tiles; tile += runs)
+                ember_att_key_grads(p, io, delta, b, h, tile * EMBER_ATT_BK, dk, dv,
+                                    partial ? partial + run * rows * p->dim : NULL, &w);
         }
         free(block);
     }
+    if (dq) {
+        #pragma omp parallel if (work > EMBER_ATT_PARALLEL_MIN)
+        {
+            float *sum = (float *)malloc((size_t)p->dim * sizeof(float));
+            #pragma omp for
+            for (int64_t r = 0; r < rows; ++r) {
+                for (int64_t e = 0; e < p->dim; ++e) sum[e] = 0.0f;
+                for (int64_t run = 0; run < runs; ++run) {
+                    const float *x = partial + (run * rows + r) * p->dim;
+                    for (int64_t e = 0; e < p->dim; ++e) sum[e] += x[e];
+                }
+                for (int64_t e = 0; e < p->dim; ++e) sum[e] *= p->scale;  /* d(q scale)/dq */
+                ember_att_store(dq, r * p->dim, sum, p->dim, p->dtype);
+            }
+            free(sum);
+        }
+    }
+    free(partial);
     free(delta);
 }
 """
