@@ -8,6 +8,7 @@ A :class:`TreeDef` is hashable and compares by structure, so it can be part of t
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
@@ -21,6 +22,10 @@ class _NodeType(NamedTuple):
 
 
 _REGISTRY: dict[type, _NodeType] = {}
+# Classes seen to be leaves or namedtuples, so each class is examined once (flattening runs on
+# every jit call, over every leaf). Registering a class drops what was decided for it.
+_SEEN: dict[type, _NodeType | None] = {}
+_LEAF_CLASSES: set[type] = set()  # the classes _SEEN maps to None
 
 
 def register_pytree_node(cls: type, flatten: Callable[[Any], tuple[list[Any], Hashable]],
@@ -31,13 +36,35 @@ def register_pytree_node(cls: type, flatten: Callable[[Any], tuple[list[Any], Ha
     cache key), so it should hold static configuration, never arrays.
     """
     _REGISTRY[cls] = _NodeType(flatten, unflatten)
+    _SEEN.pop(cls, None)
+    _LEAF_CLASSES.discard(cls)
 
+
+def _flatten_dict(d: dict) -> tuple[list[Any], tuple]:
+    # Keys in repr order, so the order does not depend on insertion. The sort is kept per key
+    # set of string keys (a parameter dict, flattened on every training step); other keys are
+    # sorted each time, as equal keys of other types (1, 1.0, True) can differ in repr.
+    keys = tuple(d)
+    if not keys:
+        return [], keys
+    if set(map(type, keys)) != _STR:
+        order = tuple(sorted(keys, key=repr))
+    else:
+        order = _DICT_ORDERS.get(keys)
+        if order is None:
+            if len(_DICT_ORDERS) >= _DICT_ORDERS_SIZE:
+                _DICT_ORDERS.clear()
+            order = _DICT_ORDERS[keys] = tuple(sorted(keys, key=repr))
+    return [d[k] for k in order], order
+
+
+_STR = {str}
+_DICT_ORDERS: dict[tuple, tuple] = {}
+_DICT_ORDERS_SIZE = 1024
 
 register_pytree_node(tuple, lambda t: (list(t), None), lambda _, c: tuple(c))
 register_pytree_node(list, lambda t: (list(t), None), lambda _, c: list(c))
-register_pytree_node(dict, lambda d: ([d[k] for k in sorted(d, key=repr)],
-                                      tuple(sorted(d, key=repr))),
-                     lambda keys, c: dict(zip(keys, c)))
+register_pytree_node(dict, _flatten_dict, lambda keys, c: dict(zip(keys, c)))
 register_pytree_node(type(None), lambda _: ([], None), lambda _, c: None)
 
 
@@ -54,11 +81,18 @@ def _node_type(x: Any) -> _NodeType | None:
     node = _REGISTRY.get(cls)
     if node is not None:
         return node
+    try:
+        return _SEEN[cls]
+    except KeyError:
+        pass
     if isinstance(x, tuple) and hasattr(cls, "_fields"):  # namedtuple
-        return _NodeType(lambda t: (list(t), None), lambda _, c, cls=cls: cls(*c))
+        node = _SEEN[cls] = _NodeType(lambda t: (list(t), None), lambda _, c: cls(*c))
+        return node
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         register_dataclass(cls)
         return _REGISTRY[cls]
+    _SEEN[cls] = None
+    _LEAF_CLASSES.add(cls)
     return None
 
 
@@ -71,13 +105,15 @@ class TreeDef:
         self.node = node  # None marks a leaf
         self.aux = aux
         self.children = children
-        self.num_leaves = 1 if node is None else sum(c.num_leaves for c in children)
-        self._hash = hash((node, aux, children))
+        self.num_leaves = 1 if node is None else sum(map(_NUM_LEAVES, children))
+        # The children's cached hashes, not the children: no Python-level call per child.
+        self._hash = hash((node, aux, tuple(map(_HASH, children))))
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, TreeDef) and self._hash == other._hash and
-                self.node == other.node and self.aux == other.aux and
-                self.children == other.children)
+        return self is other or (
+            isinstance(other, TreeDef) and self._hash == other._hash and
+            self.node == other.node and self.aux == other.aux and
+            self.children == other.children)
 
     def __hash__(self) -> int:
         return self._hash
@@ -89,43 +125,87 @@ class TreeDef:
         return f"{self.node.__name__}({inner})"
 
     def unflatten(self, leaves: list[Any]) -> Any:
-        it = iter(leaves)
-        out = self._build(it)
-        return out
+        return self._build(iter(leaves))
 
     def _build(self, it):
         if self.node is None:
             return next(it)
-        children = [c._build(it) for c in self.children]
+        children = [next(it) if c is LEAF else c._build(it) for c in self.children]
         cls = self.node
         node = _REGISTRY.get(cls) or _node_type_for_class(cls)
         return node.unflatten(self.aux, children)
 
 
+_NUM_LEAVES = operator.attrgetter("num_leaves")
+_HASH = operator.attrgetter("_hash")
+LEAF = TreeDef(None, None, ())  # every leaf's structure: one object, compared by identity
+
+
 def _node_type_for_class(cls: type) -> _NodeType:
     # namedtuples are recognised by instance; rebuild their node type from the class.
-    return _NodeType(lambda t: (list(t), None), lambda _, c: cls(*c))
+    return _SEEN.get(cls) or _NodeType(lambda t: (list(t), None), lambda _, c: cls(*c))
 
 
 def tree_flatten(tree: Any, is_leaf: Callable[[Any], bool] | None = None
                  ) -> tuple[list[Any], TreeDef]:
     """Leaves in a fixed order (dict keys sorted) and the structure to rebuild the tree."""
     leaves: list[Any] = []
+    return leaves, _walk(tree, leaves, is_leaf)
 
-    def walk(x: Any) -> TreeDef:
-        node = None if (is_leaf is not None and is_leaf(x)) else _node_type(x)
+
+def _walk(x: Any, leaves: list[Any], is_leaf: Callable[[Any], bool] | None) -> TreeDef:
+    if is_leaf is not None and is_leaf(x):
+        leaves.append(x)
+        return LEAF
+    cls = type(x)
+    if cls is tuple or cls is list:
+        children, aux = x, None  # what their registered flatten gives, without the call
+    else:
+        node = _REGISTRY.get(cls) or _node_type(x)
         if node is None:
             leaves.append(x)
-            return TreeDef(None, None, ())
+            return LEAF
         children, aux = node.flatten(x)
-        return TreeDef(type(x), aux, tuple(walk(c) for c in children))
+    if is_leaf is None and _LEAF_CLASSES.issuperset(map(type, children)):
+        # Only leaves below (a list of arrays, a dict of parameters): checked and copied
+        # without a Python step per leaf; their count describes them.
+        leaves.extend(children)
+        defs, described = None, len(children)
+    else:
+        walked = []
+        for c in children:
+            walked.append(_walk(c, leaves, is_leaf))
+        defs = tuple(walked)
+        described = tuple(map(id, defs))  # kept structures (below) are identified by id
+    if cls is tuple or cls is list or (cls is dict and _STR.issuperset(map(type, aux))):
+        # A plain container's structure is kept, one object per structure: flattening the
+        # same arguments again (each jit call) builds nothing, and two structures compare by
+        # identity. Only one whose children are kept structures too is kept.
+        key = (cls, aux, described)
+        treedef = _PLAIN.get(key)
+        if treedef is None and (defs is None or _PLAIN_IDS.issuperset(described)):
+            if len(_PLAIN) >= _PLAIN_SIZE:
+                _clear_plain()
+            treedef = _PLAIN[key] = TreeDef(cls, aux, defs or (LEAF,) * described)
+            _PLAIN_IDS.add(id(treedef))
+        if treedef is not None:
+            return treedef
+    return TreeDef(cls, aux, defs or (LEAF,) * described)
 
-    treedef = walk(tree)
-    return leaves, treedef
+
+_PLAIN: dict[tuple, TreeDef] = {}  # (class, aux, ids of the children) -> the structure
+_PLAIN_IDS = {id(LEAF)}  # ids of the kept structures (alive: _PLAIN holds them)
+_PLAIN_SIZE = 4096
+
+
+def _clear_plain() -> None:
+    _PLAIN.clear()
+    _PLAIN_IDS.clear()
+    _PLAIN_IDS.add(id(LEAF))
 
 
 def tree_unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
-    return treedef.unflatten(list(leaves))
+    return treedef._build(iter(leaves))
 
 
 def tree_leaves(tree: Any) -> list[Any]:

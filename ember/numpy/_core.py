@@ -147,12 +147,13 @@ def broadcast_shapes(op: str, *shapes: Sequence[int]) -> tuple[int, ...]:
 def promote_args(op: str, *args: Any, dtype: np.dtype | None = None) -> list[Any]:
     """Cast to the common dtype (or ``dtype``) and broadcast to the common shape."""
     if dtype is None:
-        if _already_agree(args):
-            return list(args)
-        if len(args) == 2:
+        if len(args) == 2 and (type(args[1]) in _PYTHON_SCALAR_TYPES
+                               or type(args[0]) in _PYTHON_SCALAR_TYPES):
             fast = _array_and_scalar(op, *args)
             if fast is not None:
                 return fast
+        elif _already_agree(args):
+            return list(args)
     target = dtype if dtype is not None else result_dtype(*args)
     all_weak = all(is_python_scalar(a) or (hasattr(a, "aval") and a.aval.weak) for a in args)
     vals = []
@@ -201,7 +202,7 @@ def _already_agree(args: Sequence[Any]) -> bool:
 # caller received cannot reach the cache.
 
 _PYTHON_SCALAR_TYPES = frozenset({bool, int, float, complex})
-_SCALAR_ARRAYS: dict[tuple, tuple] = {}  # (type, scalar, aval) -> (buffer, aval, backend)
+_SCALAR_ARRAYS: dict[tuple, tuple] = {}  # scalar and operand type -> (buffer, aval, backend)
 _SCALAR_ARRAYS_SIZE = 256
 
 
@@ -218,7 +219,8 @@ def _array_and_scalar(op: str, x: Any, y: Any) -> list[Any] | None:
         return None
     aval = arr.aval
     # 0.0 and -0.0 (and 0 and False) are equal but make different arrays: zeros key by repr.
-    key = (type(scalar), scalar if scalar else repr(scalar), aval)
+    # (The constant never carries the operand's sharding, so the key leaves it out.)
+    key = (type(scalar), scalar if scalar else repr(scalar), aval.dtype, aval.shape, aval.weak)
     kept = _SCALAR_ARRAYS.get(key)
     if kept is None:
         target = dtypes.promote((aval.dtype, aval.weak), (dtypes.scalar_dtype(scalar), True))

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from ember.backends import Backend, default_backend, get_backend
@@ -120,19 +122,27 @@ class Compiled:
         return analysis()
 
 
+_BUFFER = operator.attrgetter("_buffer")
+
+
 def _runner(lowered: Lowered, backend: Backend,
             program: Callable[..., list[Any]]) -> Callable[[list[Any]], Any]:
     """``program`` as a function of argument Arrays: buffers in, donated arguments let go of,
     hidden state read and written, results wrapped as the function's output tree."""
-    out_avals = lowered.graph.out_avals
+    # An output of the type of an input gets the input's very type object: fed back at the
+    # next call (a training step's parameters), it then matches the cache key by identity.
+    same = {a: a for a in lowered.graph.in_avals}
+    out_avals = [same.get(a, a) for a in lowered.graph.out_avals]
     donated = [i for i, d in enumerate(lowered.donate) if d]
     overwrites = getattr(program, "overwrites", ())
     hidden = lowered.hidden
     out_tree = lowered.out_tree
 
     def run(leaves: list[Any]) -> Any:
-        buffers = [x._buffer for x in leaves]
-        buffers += [s.current()._buffer for s in hidden]
+        # C-level maps, not comprehensions: this runs over every leaf of every call.
+        buffers = list(map(_BUFFER, leaves))
+        if hidden:
+            buffers += [s.current()._buffer for s in hidden]
         if donated:
             # The donated Arrays let go of their buffers first, so that a buffer nothing
             # else sees is written in place; one that is still seen (another Array, a NumPy
@@ -149,7 +159,7 @@ def _runner(lowered: Lowered, backend: Backend,
                 raise
         else:
             outs = program(*buffers)
-        results = [Array(o, a, backend) for o, a in zip(outs, out_avals)]
+        results = list(map(Array, outs, out_avals, repeat(backend)))
         if hidden:
             for s, value in zip(hidden, results[-len(hidden):]):
                 s.set(value)
@@ -245,21 +255,27 @@ class Jitted:
         return name in names and names.index(name) in self.static_argnums
 
     def _key(self, args: tuple, kwargs: dict) -> tuple[CacheKey, list[Any]]:
-        dyn_args, dyn_kwargs, static = self._split(args, kwargs)
-        leaves, tree = tree_flatten((dyn_args, dyn_kwargs))
-        values = []
-        for leaf in leaves:
+        if self.static_argnums or self.static_argnames:
+            args, kwargs, static = self._split(args, kwargs)
+        else:
+            static = ()
+        leaves, tree = tree_flatten((args, kwargs))
+        avals = []
+        for i, leaf in enumerate(leaves):
+            if type(leaf) is Array and leaf._buffer is not None:  # the common leaf: no checks
+                avals.append(leaf._aval)
+                continue
             try:
-                leaf = to_array(leaf)  # also refuses arrays already donated
+                leaf = leaves[i] = to_array(leaf)  # also refuses arrays already donated
             except EmberError:
                 raise
             except Exception as e:
                 raise EmberError(f"jit: argument leaf {leaf!r} is not an array; mark it "
                                  f"static with static_argnums/static_argnames\n"
                                  f"  at {user_frame()}") from e
-            values.append(leaf)
+            avals.append(aval_of(leaf))
         backend = self.backend or default_backend().name
-        return CacheKey(tree, tuple(aval_of(v) for v in values), static, backend), values
+        return CacheKey(tree, tuple(avals), static, backend), leaves
 
     def _rebuild(self, args: tuple, kwargs: dict) -> Callable[..., Any]:
         """The function of the dynamic arguments only, with static ones bound."""
