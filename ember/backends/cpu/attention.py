@@ -90,7 +90,7 @@ static float *ember_att_scratch_new(const ember_att *p, ember_att_scratch *w) {
     const int64_t wide = ember_att_max(p->dim, p->vdim);
     const int64_t sizes[] = {rows * p->dim, rows * p->vdim, rows, rows, rows * bk, rows * bk,
                              p->dim * bk, p->vdim * bk, bk * p->dim, bk * p->vdim,
-                             rows * wide, bk * p->dim, bk * p->vdim, wide};
+                             rows * wide, bk * p->dim, bk * p->vdim, 2 * wide};
     float **slots[] = {&w->qs, &w->dout, &w->lse, &w->delta, &w->s, &w->dp, &w->kt, &w->vt,
                        &w->keys, &w->values, &w->acc, &w->dk, &w->dv, &w->row};
     int64_t total = 0;
@@ -341,6 +341,37 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
     }
 }
 
+/* out and lse of one work item's rows from the states its splits left (exact without a
+   split: the one state's weight is 1). */
+static void ember_att_merge(const ember_att *p, const float *first, int64_t splits,
+                            int64_t stride, int64_t capacity, int64_t b, int64_t h, int64_t i0,
+                            int64_t nrow, float *row, void *out, float *lse) {
+    for (int64_t r = 0; r < p->group * nrow; ++r) {
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t s = 0; s < splits; ++s)
+            if (first[s * stride + r] > top) top = first[s * stride + r];
+        const float shift = isinf(top) ? 0.0f : top;
+        for (int64_t e = 0; e < p->vdim; ++e) row[e] = 0.0f;
+        for (int64_t s = 0; s < splits; ++s) {
+            const float *state = first + s * stride;
+            const float weight = expf(state[r] - shift);
+            if (weight == 0.0f) continue;
+            total += state[capacity + r] * weight;
+            const float *acc = state + 2 * capacity + r * p->vdim;
+            for (int64_t e = 0; e < p->vdim; ++e) row[e] += acc[e] * weight;
+        }
+        const int64_t at = (b * p->heads * p->group + h * p->group + r / nrow) * p->length
+                           + i0 + r % nrow;
+        if (total > 0.0f) {
+            for (int64_t e = 0; e < p->vdim; ++e) row[e] /= total;
+            lse[at] = shift + logf(total);
+        } else {  /* a row that sees no key: zeros, lse -inf */
+            lse[at] = -INFINITY;
+        }
+        ember_att_store(out, at * p->vdim, row, p->vdim, p->dtype);
+    }
+}
+
 /* out, lse of attention: work items (batch, key/value head, query tile), each split into
    chunks of keys when there are too few items to keep the threads busy; the chunks' states
    are merged per row. */
@@ -375,62 +406,27 @@ static void ember_attention_forward(const ember_att *p, const ember_att_io *io, 
             ember_att_forward_part(p, io, b, h, i0, nrow, k0, k1, states + t * stride,
                                    capacity, &w);
         }
-        free(block);
-    }
-    #pragma omp parallel for if (work > EMBER_ATT_PARALLEL_MIN)
-    for (int64_t item = 0; item < items; ++item) {
-        const int64_t b = item / (p->heads * tiles), h = item / tiles % p->heads;
-        const int64_t i0 = item % tiles * bq, nrow = ember_att_min(bq, p->length - i0);
-        const float *first = states + item * splits * stride;
-        float *row = (float *)malloc((size_t)p->vdim * sizeof(float));
-        for (int64_t r = 0; r < p->group * nrow; ++r) {
-            float top = -INFINITY, total = 0.0f;
-            for (int64_t s = 0; s < splits; ++s)
-                if (first[s * stride + r] > top) top = first[s * stride + r];
-            const float shift = isinf(top) ? 0.0f : top;
-            for (int64_t e = 0; e < p->vdim; ++e) row[e] = 0.0f;
-            for (int64_t s = 0; s < splits; ++s) {
-                const float *state = first + s * stride;
-                const float weight = expf(state[r] - shift);  /* 1 without a split */
-                if (weight == 0.0f) continue;
-                total += state[capacity + r] * weight;
-                const float *acc = state + 2 * capacity + r * p->vdim;
-                for (int64_t e = 0; e < p->vdim; ++e) row[e] += acc[e] * weight;
-            }
-            const int64_t at = (b * p->heads * p->group + h * p->group + r / nrow) * p->length
-                               + i0 + r % nrow;
-            if (total > 0.0f) {
-                for (int64_t e = 0; e < p->vdim; ++e) row[e] /= total;
-                lse[at] = shift + logf(total);
-            } else {  /* a row that sees no key: zeros, lse -inf */
-                lse[at] = -INFINITY;
-            }
-            ember_att_store(out, at * p->vdim, row, p->vdim, p->dtype);
+        #pragma omp for
+        for (int64_t item = 0; item < items; ++item) {
+            const int64_t b = item / (p->heads * tiles), h = item / tiles % p->heads;
+            const int64_t i0 = item % tiles * bq, nrow = ember_att_min(bq, p->length - i0);
+            ember_att_merge(p, states + item * splits * stride, splits, stride, capacity, b, h,
+                            i0, nrow, w.row, out, lse);
         }
-        free(row);
+        free(block);
     }
     free(states);
 }
 
-/* delta = rowsum(dout * out) - dlse for every query row: the part of a score's gradient that
-   does not depend on its key. */
-static void ember_att_delta(const ember_att *p, const ember_att_io *io, float *delta) {
-    const int64_t rows = p->batch * p->heads * p->group * p->length;
-    #pragma omp parallel if (rows * p->vdim > EMBER_ATT_PARALLEL_MIN)
-    {
-        float *dout = (float *)malloc((size_t)(2 * p->vdim) * sizeof(float));
-        float *out = dout + p->vdim;
-        #pragma omp for
-        for (int64_t r = 0; r < rows; ++r) {
-            ember_att_load(dout, io->dout, r * p->vdim, p->vdim, p->dtype, 1.0f);
-            ember_att_load(out, io->out, r * p->vdim, p->vdim, p->dtype, 1.0f);
-            float sum = 0.0f;
-            #pragma omp simd reduction(+:sum)
-            for (int64_t e = 0; e < p->vdim; ++e) sum += dout[e] * out[e];
-            delta[r] = sum - io->dlse[r];
-        }
-        free(dout);
-    }
+/* delta = rowsum(dout * out) - dlse of query row r: the part of its scores' gradients that
+   does not depend on the key. `row` holds 2 * vdim floats. */
+static float ember_att_delta(const ember_att *p, const ember_att_io *io, int64_t r, float *row) {
+    float *dout = row, *out = row + p->vdim, sum = 0.0f;
+    ember_att_load(dout, io->dout, r * p->vdim, p->vdim, p->dtype, 1.0f);
+    ember_att_load(out, io->out, r * p->vdim, p->vdim, p->dtype, 1.0f);
+    #pragma omp simd reduction(+:sum)
+    for (int64_t e = 0; e < p->vdim; ++e) sum += dout[e] * out[e];
+    return sum - io->dlse[r];
 }
 
 /* A tile's probabilities p = exp(s - lse), in place of the scores, and the gradients of its
@@ -510,11 +506,12 @@ static void ember_attention_backward(const ember_att *p, const ember_att_io *io,
     const int64_t work = rows * p->src * (p->dim + p->vdim);
     float *delta = (float *)malloc((size_t)rows * sizeof(float));
     float *partial = dq ? (float *)calloc((size_t)(runs * rows * p->dim), sizeof(float)) : NULL;
-    ember_att_delta(p, io, delta);
     #pragma omp parallel if (work > EMBER_ATT_PARALLEL_MIN)
     {
         ember_att_scratch w;
         float *block = ember_att_scratch_new(p, &w);
+        #pragma omp for
+        for (int64_t r = 0; r < rows; ++r) delta[r] = ember_att_delta(p, io, r, w.row);
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < pairs * runs; ++t) {
             const int64_t run = t % runs, b = t / (p->heads * runs), h = t / runs % p->heads;
@@ -522,24 +519,20 @@ static void ember_attention_backward(const ember_att *p, const ember_att_io *io,
                 ember_att_key_grads(p, io, delta, b, h, tile * EMBER_ATT_BK, dk, dv,
                                     partial ? partial + run * rows * p->dim : NULL, &w);
         }
-        free(block);
-    }
-    if (dq) {
-        #pragma omp parallel if (work > EMBER_ATT_PARALLEL_MIN)
-        {
-            float *sum = (float *)malloc((size_t)p->dim * sizeof(float));
+        if (dq) {
             #pragma omp for
-            for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t r = 0; r < rows; ++r) {  /* dq: the runs' sums, in order, times scale */
+                float *sum = w.row;
                 for (int64_t e = 0; e < p->dim; ++e) sum[e] = 0.0f;
                 for (int64_t run = 0; run < runs; ++run) {
                     const float *x = partial + (run * rows + r) * p->dim;
                     for (int64_t e = 0; e < p->dim; ++e) sum[e] += x[e];
                 }
-                for (int64_t e = 0; e < p->dim; ++e) sum[e] *= p->scale;  /* d(q scale)/dq */
+                for (int64_t e = 0; e < p->dim; ++e) sum[e] *= p->scale;
                 ember_att_store(dq, r * p->dim, sum, p->dim, p->dtype);
             }
-            free(sum);
         }
+        free(block);
     }
     free(partial);
     free(delta);
