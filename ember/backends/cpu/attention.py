@@ -80,6 +80,7 @@ typedef struct {
 /* Per-thread scratch: a query tile (rows = group * min(BQ, length)) and a key tile, in float. */
 typedef struct {
     float *qs, *dout, *lse, *delta, *s, *dp, *kt, *vt, *keys, *values, *acc, *dk, *dv, *row;
+    const float *k_tile, *v_tile;  /* the tile's rows: in keys/values, or float32 operands */
 } ember_att_scratch;
 
 static int64_t ember_att_min(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -163,19 +164,25 @@ static float *ember_att_transposed(const ember_att *p, float *cols) {
     return p->group * ember_att_min(EMBER_ATT_BQ, p->length) >= EMBER_ATT_FEW_ROWS ? cols : NULL;
 }
 
-/* Rows [j0, j0 + n) of head h of k or v ([batch, heads, src, width]) in float: row-major into
-   `rows` and, unless `cols` is NULL, transposed into `cols` [width][BK] (zero past n), so
-   that dot products with the tile run along its keys. */
-static void ember_att_key_tile(const ember_att *p, const void *x, int64_t width, int64_t b,
-                               int64_t h, int64_t j0, int64_t n, float *restrict rows,
-                               float *restrict cols) {
-    ember_att_load(rows, x, ((b * p->heads + h) * p->src + j0) * width, n * width, p->dtype,
-                   1.0f);
+/* Rows [j0, j0 + n) of head h of k or v ([batch, heads, src, width]) in float, row-major:
+   the operand itself when it is float32, else converted into `buffer`; and, unless `cols` is
+   NULL, transposed into `cols` [width][BK] (zero past n), so that dot products with the tile
+   run along its keys. Returns the row-major rows. */
+static const float *ember_att_key_tile(const ember_att *p, const void *x, int64_t width,
+                                       int64_t b, int64_t h, int64_t j0, int64_t n,
+                                       float *buffer, float *restrict cols) {
+    const int64_t at = ((b * p->heads + h) * p->src + j0) * width;
+    const float *rows = buffer;
+    if (p->dtype == EMBER_ATT_F32)
+        rows = (const float *)x + at;
+    else
+        ember_att_load(buffer, x, at, n * width, p->dtype, 1.0f);
     for (int64_t c = 0; cols && c < width; ++c) {
         float *restrict col = cols + c * EMBER_ATT_BK;
         for (int64_t j = 0; j < n; ++j) col[j] = rows[j * width + c];
         for (int64_t j = n; j < EMBER_ATT_BK; ++j) col[j] = 0.0f;
     }
+    return rows;
 }
 
 /* The query-side rows of a tile: rows [i0, i0 + nrow) of every query head of key/value head
@@ -281,7 +288,7 @@ static void ember_att_scores(const ember_att *p, const ember_att_io *io, int64_t
                              int64_t i0, int64_t nrow, int64_t j0, int64_t n,
                              ember_att_scratch *w) {
     const int64_t rows = p->group * nrow, offset = ember_att_offset(p, io, b);
-    ember_att_dots(rows, n, p->dim, w->qs, w->keys, ember_att_transposed(p, w->kt), w->s);
+    ember_att_dots(rows, n, p->dim, w->qs, w->k_tile, ember_att_transposed(p, w->kt), w->s);
     for (int64_t r = 0; r < rows; ++r) {
         float *restrict s = w->s + r * EMBER_ATT_BK;
         const int64_t i = i0 + r % nrow;
@@ -317,10 +324,9 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
     ember_att_query_tile(p, io, NULL, b, h, i0, nrow, w, 0);
     for (int64_t j0 = k0; j0 < k1; j0 += EMBER_ATT_BK) {
         const int64_t n = ember_att_min(EMBER_ATT_BK, k1 - j0);
-        ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
-                           ember_att_transposed(p, w->kt));
-        ember_att_load(w->values, io->v, ((b * p->heads + h) * p->src + j0) * p->vdim,
-                       n * p->vdim, p->dtype, 1.0f);
+        w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
+                                       ember_att_transposed(p, w->kt));
+        w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values, NULL);
         ember_att_scores(p, io, b, h, i0, nrow, j0, n, w);
         for (int64_t r = 0; r < rows; ++r) {
             float *restrict s = w->s + r * EMBER_ATT_BK;
@@ -336,7 +342,7 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
             l[r] = l[r] * rescale + sum;
             m[r] = top;
         }
-        ember_att_gemm(rows, p->vdim, n, w->s, EMBER_ATT_BK, 1, w->values, p->vdim, acc,
+        ember_att_gemm(rows, p->vdim, n, w->s, EMBER_ATT_BK, 1, w->v_tile, p->vdim, acc,
                        p->vdim);  /* acc += p v */
     }
 }
@@ -437,7 +443,7 @@ static void ember_att_backward_tile(const ember_att *p, const ember_att_io *io, 
                                     int64_t n, ember_att_scratch *w) {
     const int64_t rows = p->group * nrow;
     ember_att_scores(p, io, b, h, i0, nrow, j0, n, w);
-    ember_att_dots(rows, n, p->vdim, w->dout, w->values, ember_att_transposed(p, w->vt), w->dp);
+    ember_att_dots(rows, n, p->vdim, w->dout, w->v_tile, ember_att_transposed(p, w->vt), w->dp);
     for (int64_t r = 0; r < rows; ++r) {
         float *restrict s = w->s + r * EMBER_ATT_BK, *restrict dp = w->dp + r * EMBER_ATT_BK;
         const float lse = w->lse[r], delta = w->delta[r];
@@ -463,10 +469,10 @@ static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, cons
     memset(w->dk, 0, (size_t)(width * p->dim) * sizeof(float));
     memset(w->dv, 0, (size_t)(width * p->vdim) * sizeof(float));
     if (n > 0) {
-        ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
-                           ember_att_transposed(p, w->kt));
-        ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values,
-                           ember_att_transposed(p, w->vt));
+        w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
+                                       ember_att_transposed(p, w->kt));
+        w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values,
+                                       ember_att_transposed(p, w->vt));
         /* Causal: rows before the tile's first key's position see none of it. */
         const int64_t first = p->causal ? ember_att_max(0, j0 - ember_att_offset(p, io, b)) : 0;
         for (int64_t i0 = first / bq * bq; i0 < p->length; i0 += bq) {
@@ -481,7 +487,7 @@ static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, cons
                 const int64_t head_row = (b * p->heads * p->group + h * p->group + g)
                                          * p->length + i0;
                 ember_att_gemm(nrow, p->dim, n, w->dp + g * nrow * EMBER_ATT_BK, EMBER_ATT_BK,
-                               1, w->keys, p->dim, dq_acc + head_row * p->dim, p->dim);
+                               1, w->k_tile, p->dim, dq_acc + head_row * p->dim, p->dim);
             }
         }
     }
