@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 import ember.backends.cpu.attention  # noqa: F401  (registers the attention kernels)
+import ember.backends.cpu.quant  # noqa: F401  (registers the quantised kernels)
 from ember import dtypes
 from ember.backends.cpu import kernels, toolchain
 from ember.backends.cpu.lowerings import Statement

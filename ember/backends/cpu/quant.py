@@ -1,0 +1,406 @@
+"""C for products with quantised weights: ``quant_matmul`` and ``dequantize`` on GGUF blocks.
+
+A packed weight ``W [N, K]`` is ``N`` rows of GGUF blocks (``ember.ops.quantized``); the
+kernels here read those bytes as they are, never a float32 copy of the whole matrix:
+
+- **Few rows of activations** (``M <= DIRECT_ROWS``, decode): ``W`` is streamed once. OpenMP
+  splits the output rows across cores; each block is decoded into vector registers (float32
+  values equal to the reference decoder's) and multiplied into float32 accumulators, one per
+  activation row. Decode is bound by memory bandwidth, so the point is to read each weight byte
+  exactly once per call. The adjoint (``g @ W``) splits the columns instead, so two threads
+  never add into the same output.
+- **Many rows** (prefill, training): a panel of ``W`` rows is decoded into a small float32
+  buffer (``PANEL_BYTES``, cache sized) and handed to ``cblas_sgemm``; the next panel reuses
+  the buffer. BLAS is far faster at a real matrix product than a hand-written loop.
+- ``dequantize`` (the rows an embedding gathers) decodes into its result.
+
+Results: activations stay float32 (decision 0014: no 8-bit activations), the decoded weights
+are bitwise the reference's, so the only difference from "dequantise, then multiply" is the
+order of the float32 sums. x in other dtypes declines (None), and runs through NumPy.
+
+The C is layered so that every format is written once: a 16-lane vector layer (``ev_*`` for
+floats, ``ei_*`` for 32-bit integers) in AVX-512, AVX2 or portable C, picked by
+``EMBER_QUANT_SIMD`` (512, 256 or 0; by default the best the compiler targets); one decoder
+per format on top of it, mirroring the NumPy decoders of ``ember.io.quants``; and one kernel
+template per operation, instantiated per format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ember.backends.cpu.lowerings import Statement
+from ember.io.quants import FORMATS, BlockFormat
+from ember.ir.graph import Eqn
+from ember.ops.quantized import dequantize_p, quant_matmul_p
+
+__all__ = ["DIRECT_ROWS", "PANEL_BYTES", "helpers"]
+
+# Activation rows up to which W is streamed once by the direct kernel; above, panels + BLAS.
+DIRECT_ROWS = 8
+# Bytes of the float32 panel of decoded W rows that BLAS multiplies (fits in L2).
+PANEL_BYTES = 1 << 20
+
+SIMD = r"""
+#include <stdlib.h>
+#ifndef EMBER_QUANT_SIMD
+#  if defined(__AVX512F__)
+#    define EMBER_QUANT_SIMD 512
+#  elif defined(__AVX2__) && defined(__FMA__)
+#    define EMBER_QUANT_SIMD 256
+#  else
+#    define EMBER_QUANT_SIMD 0
+#  endif
+#endif
+#if EMBER_QUANT_SIMD || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+/* 16 lanes of float32 (ember_vf) and of int32 (ember_vi): the vector layer every block
+   decoder and kernel below is written against. */
+#if EMBER_QUANT_SIMD == 512
+typedef __m512 ember_vf;
+typedef __m512i ember_vi;
+static inline ember_vf ev_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void ev_store(float *p, ember_vf v) { _mm512_storeu_ps(p, v); }
+static inline ember_vf ev_set1(float a) { return _mm512_set1_ps(a); }
+static inline ember_vf ev_add(ember_vf a, ember_vf b) { return _mm512_add_ps(a, b); }
+static inline ember_vf ev_sub(ember_vf a, ember_vf b) { return _mm512_sub_ps(a, b); }
+static inline ember_vf ev_mul(ember_vf a, ember_vf b) { return _mm512_mul_ps(a, b); }
+static inline ember_vf ev_fma(ember_vf a, ember_vf b, ember_vf c) {
+    return _mm512_fmadd_ps(a, b, c); }
+static inline float ev_sum(ember_vf v) { return _mm512_reduce_add_ps(v); }
+static inline ember_vi ei_u8(const uint8_t *p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline ember_vi ei_i8(const uint8_t *p) {
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline ember_vi ei_bits(ember_vi v, int shift, int mask) {
+    return _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift)),
+                            _mm512_set1_epi32(mask)); }
+static inline ember_vi ei_shl(ember_vi v, int shift) {
+    return _mm512_sll_epi32(v, _mm_cvtsi32_si128(shift)); }
+static inline ember_vi ei_add(ember_vi a, ember_vi b) { return _mm512_add_epi32(a, b); }
+static inline ember_vf ei_float(ember_vi v) { return _mm512_cvtepi32_ps(v); }
+#elif EMBER_QUANT_SIMD == 256
+typedef struct { __m256 lo, hi; } ember_vf;
+typedef struct { __m256i lo, hi; } ember_vi;
+#define EMBER_PAIR(T, a, b) ((T){a, b})
+static inline ember_vf ev_load(const float *p) {
+    return EMBER_PAIR(ember_vf, _mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)); }
+static inline void ev_store(float *p, ember_vf v) {
+    _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
+static inline ember_vf ev_set1(float a) {
+    return EMBER_PAIR(ember_vf, _mm256_set1_ps(a), _mm256_set1_ps(a)); }
+static inline ember_vf ev_add(ember_vf a, ember_vf b) {
+    return EMBER_PAIR(ember_vf, _mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)); }
+static inline ember_vf ev_sub(ember_vf a, ember_vf b) {
+    return EMBER_PAIR(ember_vf, _mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)); }
+static inline ember_vf ev_mul(ember_vf a, ember_vf b) {
+    return EMBER_PAIR(ember_vf, _mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)); }
+static inline ember_vf ev_fma(ember_vf a, ember_vf b, ember_vf c) {
+    return EMBER_PAIR(ember_vf, _mm256_fmadd_ps(a.lo, b.lo, c.lo),
+                      _mm256_fmadd_ps(a.hi, b.hi, c.hi)); }
+static inline float ev_sum(ember_vf v) {
+    __m256 s = _mm256_add_ps(v.lo, v.hi);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))); }
+static inline ember_vi ei_u8(const uint8_t *p) {
+    return EMBER_PAIR(ember_vi, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)),
+                      _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))); }
+static inline ember_vi ei_i8(const uint8_t *p) {
+    return EMBER_PAIR(ember_vi, _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)),
+                      _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))); }
+static inline ember_vi ei_bits(ember_vi v, int shift, int mask) {
+    __m128i s = _mm_cvtsi32_si128(shift); __m256i m = _mm256_set1_epi32(mask);
+    return EMBER_PAIR(ember_vi, _mm256_and_si256(_mm256_srl_epi32(v.lo, s), m),
+                      _mm256_and_si256(_mm256_srl_epi32(v.hi, s), m)); }
+static inline ember_vi ei_shl(ember_vi v, int shift) {
+    __m128i s = _mm_cvtsi32_si128(shift);
+    return EMBER_PAIR(ember_vi, _mm256_sll_epi32(v.lo, s), _mm256_sll_epi32(v.hi, s)); }
+static inline ember_vi ei_add(ember_vi a, ember_vi b) {
+    return EMBER_PAIR(ember_vi, _mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)); }
+static inline ember_vf ei_float(ember_vi v) {
+    return EMBER_PAIR(ember_vf, _mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)); }
+#elif EMBER_QUANT_SIMD == 0
+typedef struct { float f[16]; } ember_vf;
+typedef struct { int32_t i[16]; } ember_vi;
+#define EMBER_LANES(T, expr) { T r; for (int l = 0; l < 16; ++l) r.expr; return r; }
+static inline ember_vf ev_load(const float *p) EMBER_LANES(ember_vf, f[l] = p[l])
+static inline void ev_store(float *p, ember_vf v) { memcpy(p, v.f, sizeof v.f); }
+static inline ember_vf ev_set1(float a) EMBER_LANES(ember_vf, f[l] = a)
+static inline ember_vf ev_add(ember_vf a, ember_vf b) EMBER_LANES(ember_vf, f[l] = a.f[l] + b.f[l])
+static inline ember_vf ev_sub(ember_vf a, ember_vf b) EMBER_LANES(ember_vf, f[l] = a.f[l] - b.f[l])
+static inline ember_vf ev_mul(ember_vf a, ember_vf b) EMBER_LANES(ember_vf, f[l] = a.f[l] * b.f[l])
+static inline ember_vf ev_fma(ember_vf a, ember_vf b, ember_vf c)
+    EMBER_LANES(ember_vf, f[l] = fmaf(a.f[l], b.f[l], c.f[l]))
+static inline float ev_sum(ember_vf v) {
+    float s = 0.0f; for (int l = 0; l < 16; ++l) s += v.f[l]; return s; }
+static inline ember_vi ei_u8(const uint8_t *p) EMBER_LANES(ember_vi, i[l] = p[l])
+static inline ember_vi ei_i8(const uint8_t *p) EMBER_LANES(ember_vi, i[l] = (int8_t)p[l])
+static inline ember_vi ei_bits(ember_vi v, int shift, int mask)
+    EMBER_LANES(ember_vi, i[l] = (v.i[l] >> shift) & mask)
+static inline ember_vi ei_shl(ember_vi v, int shift) EMBER_LANES(ember_vi, i[l] = v.i[l] << shift)
+static inline ember_vi ei_add(ember_vi a, ember_vi b) EMBER_LANES(ember_vi, i[l] = a.i[l] + b.i[l])
+static inline ember_vf ei_float(ember_vi v) EMBER_LANES(ember_vf, f[l] = (float)v.i[l])
+#else
+#error "EMBER_QUANT_SIMD must be 512, 256 or 0"
+#endif
+
+/* The float16 scale stored at p, as float32 (exact). */
+static inline float ember_half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(__F16C__) && EMBER_QUANT_SIMD
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000u | man << 13;            /* inf, NaN */
+    else if (exp) bits = sign | (exp + 112) << 23 | man << 13;        /* normal */
+    else if (!man) bits = sign;                                        /* zero */
+    else {                                                             /* subnormal */
+        uint32_t shifts = 0;
+        while (!(man & 0x400)) { man <<= 1; ++shifts; }
+        bits = sign | (113 - shifts) << 23 | (man & 0x3FF) << 13;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+"""
+
+# One decoder per format: ``ember_decode_<fmt>(block, w)`` writes the block's ``block / 16``
+# vectors of float32 values, computed as the NumPy decoder of ``ember.io.quants`` computes them
+# (same operations in the same order), so they are bitwise the reference's.
+DECODERS = {
+    "q8_0": r"""
+/* q8_0: d (f16), 32 int8 codes; value = d * q. */
+static inline void ember_decode_q8_0(const uint8_t *b, ember_vf *w) {
+    ember_vf d = ev_set1(ember_half(b));
+    w[0] = ev_mul(d, ei_float(ei_i8(b + 2)));
+    w[1] = ev_mul(d, ei_float(ei_i8(b + 18)));
+}
+""",
+    "q4_0": r"""
+/* q4_0: d (f16), 16 bytes: elements 0..15 in the low nibbles, 16..31 in the high ones;
+   value = d * (q - 8). */
+static inline void ember_decode_q4_0(const uint8_t *b, ember_vf *w) {
+    ember_vf d = ev_set1(ember_half(b)), eight = ev_set1(8.0f);
+    ember_vi q = ei_u8(b + 2);
+    w[0] = ev_mul(d, ev_sub(ei_float(ei_bits(q, 0, 15)), eight));
+    w[1] = ev_mul(d, ev_sub(ei_float(ei_bits(q, 4, 15)), eight));
+}
+""",
+    "q4_1": r"""
+/* q4_1: d, m (f16), 16 bytes of nibbles as q4_0; value = d * q + m. */
+static inline void ember_decode_q4_1(const uint8_t *b, ember_vf *w) {
+    ember_vf d = ev_set1(ember_half(b)), m = ev_set1(ember_half(b + 2));
+    ember_vi q = ei_u8(b + 4);
+    w[0] = ev_add(ev_mul(d, ei_float(ei_bits(q, 0, 15))), m);
+    w[1] = ev_add(ev_mul(d, ei_float(ei_bits(q, 4, 15))), m);
+}
+""",
+    "q4_k": r"""
+/* q4_k: d, dmin (f16), 12 bytes of eight 6-bit scales and mins, 128 bytes of nibbles.
+   Sub-block s (32 elements) has value = (d * scale_s) * q - (dmin * min_s); the 32 bytes of
+   group g hold sub-block 2g in their low nibbles and 2g + 1 in their high ones. */
+static inline void ember_decode_q4_k(const uint8_t *b, ember_vf *w) {
+    float d = ember_half(b), dmin = ember_half(b + 2);
+    const uint8_t *s = b + 4, *qs = b + 16;
+    for (int sub = 0; sub < 8; ++sub) {
+        int j = sub & 3, sc, mn;
+        if (sub < 4) { sc = s[j] & 63; mn = s[j + 4] & 63; }
+        else {
+            sc = (s[j + 8] & 0x0F) | (s[j] >> 6) << 4;
+            mn = (s[j + 8] >> 4) | (s[j + 4] >> 6) << 4;
+        }
+        ember_vf scale = ev_set1(d * (float)sc), offset = ev_set1(dmin * (float)mn);
+        const uint8_t *group = qs + (sub >> 1) * 32;
+        int shift = (sub & 1) * 4;
+        for (int h = 0; h < 2; ++h)
+            w[2 * sub + h] = ev_sub(ev_mul(scale, ei_float(ei_bits(ei_u8(group + 16 * h),
+                                                                     shift, 15))), offset);
+    }
+}
+""",
+    "q6_k": r"""
+/* q6_k: 128 bytes ql (low 4 bits), 64 bytes qh (top 2 bits), 16 int8 scales, d (f16).
+   Two halves of 128 elements, each four runs r of 32: element l of run r takes the low (r < 2)
+   or high nibble of ql byte (r & 1) * 32 + l and bits 2r, 2r + 1 of qh byte l; value =
+   (d * scale) * (q - 32), one scale per 16 elements. */
+static inline void ember_decode_q6_k(const uint8_t *b, ember_vf *w) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *scales = (const int8_t *)(b + 192);
+    float d = ember_half(b + 208);
+    ember_vf bias = ev_set1(32.0f);
+    for (int half = 0; half < 2; ++half)
+        for (int r = 0; r < 4; ++r)
+            for (int t = 0; t < 2; ++t) {
+                ember_vi lo = ei_bits(ei_u8(ql + half * 64 + (r & 1) * 32 + 16 * t),
+                                      (r >> 1) * 4, 15);
+                ember_vi hi = ei_bits(ei_u8(qh + half * 32 + 16 * t), 2 * r, 3);
+                ember_vf q = ev_sub(ei_float(ei_add(lo, ei_shl(hi, 4))), bias);
+                int v = half * 8 + r * 2 + t;
+                w[v] = ev_mul(ev_set1(d * (float)scales[v]), q);
+            }
+}
+""",
+}
+
+# The kernels, one instance per format: $F is the format, $B its block elements, $BB its
+# block bytes, $V = $B / 16 vectors per block.
+_DIRECT = r"""
+/* y[m, n] = sum_k x[m, k] W[n, k] for the $M rows of x: W ($F rows) is read once, each block
+   decoded into registers and multiplied into a pair of accumulators per row of x. */
+static void ember_qmv_$F_m$M(int64_t N, int64_t K, const float *x, const uint8_t *w, float *y) {
+    const int64_t blocks = K / $B;
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t *row = w + n * blocks * $BB;
+        ember_vf acc[$M][2];
+        for (int m = 0; m < $M; ++m) acc[m][0] = acc[m][1] = ev_set1(0.0f);
+        for (int64_t b = 0; b < blocks; ++b) {
+            ember_vf v[$V];
+            ember_decode_$F(row + b * $BB, v);
+            for (int m = 0; m < $M; ++m)
+                for (int j = 0; j < $V; ++j)
+                    acc[m][j & 1] = ev_fma(v[j], ev_load(x + m * K + b * $B + 16 * j),
+                                           acc[m][j & 1]);
+        }
+        for (int m = 0; m < $M; ++m) y[m * N + n] = ev_sum(ev_add(acc[m][0], acc[m][1]));
+    }
+}
+
+/* y[m, k] = sum_n g[m, n] W[n, k] for the $M rows of g: each thread owns a run of block
+   columns and walks the rows of W over it, adding into its own part of y. */
+static void ember_qmvt_$F_m$M(int64_t N, int64_t K, const float *g, const uint8_t *w,
+                              float *y) {
+    const int64_t blocks = K / $B;
+    memset(y, 0, sizeof(float) * $M * K);
+    #pragma omp parallel
+    {
+        int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
+        for (int64_t n = 0; n < N; ++n) {
+            const uint8_t *row = w + n * blocks * $BB;
+            ember_vf scale[$M];
+            for (int m = 0; m < $M; ++m) scale[m] = ev_set1(g[m * N + n]);
+            for (int64_t b = b0; b < b1; ++b) {
+                ember_vf v[$V];
+                ember_decode_$F(row + b * $BB, v);
+                for (int m = 0; m < $M; ++m)
+                    for (int j = 0; j < $V; ++j) {
+                        float *out = y + m * K + b * $B + 16 * j;
+                        ev_store(out, ev_fma(scale[m], v[j], ev_load(out)));
+                    }
+            }
+        }
+    }
+}
+"""
+
+_ROWS = r"""
+/* Decode `rows` packed $F rows into float32 rows of K values (dequantize; BLAS panels). */
+static void ember_decode_rows_$F(int64_t rows, int64_t K, const uint8_t *w, float *out) {
+    const int64_t blocks = K / $B;
+    #pragma omp parallel for schedule(static) if (rows * K >= 32768)
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < blocks; ++b) {
+            ember_vf v[$V];
+            ember_decode_$F(w + (r * blocks + b) * $BB, v);
+            for (int j = 0; j < $V; ++j) ev_store(out + r * K + b * $B + 16 * j, v[j]);
+        }
+}
+"""
+
+_PANELS = r"""
+/* Many rows of x: decode panels of W rows into a cache-sized float32 buffer and multiply each
+   with BLAS. Not adjoint: y[:, n0:n0+P] = x @ panel^T. Adjoint: y += g[:, n0:n0+P] @ panel. */
+static void ember_qmm_$F(int adjoint, int64_t M, int64_t N, int64_t K, const float *x,
+                         const uint8_t *w, float *y) {
+    int64_t P = $PANEL / (K * (int64_t)sizeof(float));
+    P = P < 16 ? 16 : P > N ? N : P;
+    float *panel = aligned_alloc(64, (size_t)(P * K * sizeof(float) + 63) / 64 * 64);
+    const int64_t row_bytes = K / $B * $BB;
+    for (int64_t n0 = 0; n0 < N; n0 += P) {
+        int64_t rows = N - n0 < P ? N - n0 : P;
+        ember_decode_rows_$F(rows, K, w + n0 * row_bytes, panel);
+        if (adjoint)
+            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, K, rows, 1.0f,
+                              x + n0, N, panel, K, n0 ? 1.0f : 0.0f, y, K);
+        else
+            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, rows, K, 1.0f,
+                              x, K, panel, K, 0.0f, y + n0, N);
+    }
+    free(panel);
+}
+"""
+
+
+def _instance(template: str, fmt: BlockFormat, m: int = 0) -> str:
+    """``template`` for format ``fmt`` (and ``m`` rows of activations)."""
+    subs = {"$PANEL": str(PANEL_BYTES), "$BB": str(fmt.block_bytes), "$B": str(fmt.block),
+            "$V": str(fmt.block // 16), "$M": str(m), "$F": fmt.name}
+    for key, value in subs.items():  # "$BB" before "$B"
+        template = template.replace(key, value)
+    return template
+
+
+def helpers(fmt: str, m: int = 0) -> tuple[str, ...]:
+    """The C definitions, in order, of the kernels for format ``fmt`` and ``m`` rows of
+    activations: ``ember_qmv_<fmt>_m<m>``/``ember_qmvt_<fmt>_m<m>`` (``1 <= m <=
+    DIRECT_ROWS``), else (``m = 0`` or more rows) ``ember_qmm_<fmt>``, which calls BLAS; and
+    always ``ember_decode_rows_<fmt>``."""
+    f = FORMATS[fmt]
+    kernel = _instance(_DIRECT, f, m) if 1 <= m <= DIRECT_ROWS else _instance(_PANELS, f)
+    return (*_decode_rows(fmt), kernel)
+
+
+def _decode_rows(fmt: str) -> tuple[str, ...]:
+    """The C definitions up to ``ember_decode_rows_<fmt>``."""
+    return SIMD, DECODERS[fmt], _instance(_ROWS, FORMATS[fmt])
+
+
+def _zeros(eqn: Eqn) -> Statement:
+    nbytes = eqn.outputs[0].aval.size * eqn.outputs[0].aval.dtype.itemsize
+    return Statement(lambda outs, ins: f"memset({outs[0]}, 0, {nbytes}); /* nothing to sum */")
+
+
+def _quant_matmul(eqn: Eqn) -> Statement | None:
+    x, w = eqn.inputs[0].aval, eqn.inputs[1].aval
+    fmt, adjoint = eqn.params["format"], eqn.params["adjoint"]
+    if x.dtype != np.float32 or fmt not in DECODERS:
+        return None
+    n, k = w.shape[0], FORMATS[fmt].row_elements(w.shape[1])
+    m = math.prod(x.shape[:-1])
+    if (n if adjoint else k) == 0:
+        return _zeros(eqn)
+    direct = m <= DIRECT_ROWS
+    call = (f"ember_qmv{'t' if adjoint else ''}_{fmt}_m{m}({n}, {k}" if direct
+            else f"ember_qmm_{fmt}({int(adjoint)}, {m}, {n}, {k}")
+
+    def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+        return (f"{call}, (const float *){ins[0]}, (const uint8_t *){ins[1]}, "
+                f"(float *){outs[0]});")
+    return Statement(emit, helpers(fmt, m), uses_blas=not direct)
+
+
+def _dequantize(eqn: Eqn) -> Statement | None:
+    w = eqn.inputs[0].aval
+    fmt = eqn.params["format"]
+    if fmt not in DECODERS:
+        return None
+    rows, k = math.prod(w.shape[:-1]), FORMATS[fmt].row_elements(w.shape[-1])
+
+    def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+        return (f"ember_decode_rows_{fmt}({rows}, {k}, (const uint8_t *){ins[0]}, "
+                f"(float *){outs[0]});")
+    return Statement(emit, _decode_rows(fmt))
+
+
+quant_matmul_p.def_lowering("c", _quant_matmul)
+dequantize_p.def_lowering("c", _dequantize)

@@ -1,0 +1,230 @@
+"""The compiled CPU kernels for quantised weights (``ember/backends/cpu/quant.py``) against the
+NumPy reference: every block format, both directions, the direct kernels (few rows) and the
+BLAS panels (many), in each vector path the CPU runs (AVX-512, AVX2, portable C); compiled
+programs with no NumPy fallback; a tiny packed Llama forward and a QLoRA gradient."""
+
+from __future__ import annotations
+
+import ctypes
+from unittest import mock
+
+import numpy as np
+import pytest
+from specs_quantized import random_blocks
+from tiny_models import tiny_model
+
+import ember
+import ember.numpy as enp
+from ember import nn
+from ember.backends.cpu import quant, toolchain
+from ember.io.quants import FORMATS, dequantize_rows
+from ember.ops.quantized import dequantize, dequantize_p, quant_matmul, quant_matmul_p
+
+pytestmark = pytest.mark.skipif(not toolchain.available(), reason="no C compiler")
+
+RTOL, ATOL = 1e-5, 1e-5  # decision 0014: dequantise-then-multiply up to float32 rounding
+DIRECT = (1, 3, quant.DIRECT_ROWS)  # rows of activations the harness instantiates
+PANELS = (quant.DIRECT_ROWS + 1, 20)
+
+
+def _paths() -> list[int]:
+    """The vector paths this CPU can run: portable C always, AVX2 and AVX-512 when present."""
+    flags = toolchain.cpu_features()
+    return [0] + [256] * ("avx2" in flags and "fma" in flags) + [512] * ("avx512f" in flags)
+
+
+def _reference(x: np.ndarray, packed: np.ndarray, fmt: str, adjoint: bool) -> np.ndarray:
+    w = dequantize_rows(packed, fmt).astype(np.float64)
+    return x.astype(np.float64) @ (w if adjoint else w.T)
+
+
+# --- the kernels themselves, through a small test library per vector path ---------------------
+
+_INCLUDES = "#include <stdint.h>\n#include <string.h>\n#include <math.h>\n#include <omp.h>\n" \
+            "#include <cblas.h>\n"
+_ARGS = "int64_t N, int64_t K, const float *x, const uint8_t *w, float *y"
+
+
+def _harness_source(simd: int) -> str:
+    """Every format's kernels with ``EMBER_QUANT_SIMD`` forced to ``simd``, and exported
+    wrappers ``qmv_<fmt>_<m>(adjoint, ...)``, ``qmm_<fmt>(adjoint, M, ...)``,
+    ``rows_<fmt>(rows, K, w, out)``."""
+    helpers: dict[str, None] = {}
+    wrappers = []
+    for fmt in FORMATS:
+        for m in (*DIRECT, 0):
+            helpers.update(dict.fromkeys(quant.helpers(fmt, m)))
+        for m in DIRECT:
+            wrappers.append(f"void qmv_{fmt}_{m}(int adjoint, {_ARGS}) {{ if (adjoint) "
+                            f"ember_qmvt_{fmt}_m{m}(N, K, x, w, y); "
+                            f"else ember_qmv_{fmt}_m{m}(N, K, x, w, y); }}")
+        wrappers.append(f"void qmm_{fmt}(int adjoint, int64_t M, {_ARGS}) {{ "
+                        f"ember_qmm_{fmt}(adjoint, M, N, K, x, w, y); }}")
+        wrappers.append(f"void rows_{fmt}(int64_t rows, int64_t K, const uint8_t *w, "
+                        f"float *out) {{ ember_decode_rows_{fmt}(rows, K, w, out); }}")
+    return "\n".join([f"#define EMBER_QUANT_SIMD {simd}\n" + _INCLUDES, *helpers, *wrappers])
+
+
+@pytest.fixture(scope="module", params=_paths(), ids=lambda s: f"simd{s}")
+def harness(request):
+    return toolchain.build(_harness_source(request.param), toolchain.blas())
+
+
+def _ptr(a: np.ndarray) -> ctypes.c_void_p:
+    return ctypes.c_void_p(a.ctypes.data)
+
+
+def _run(lib, fmt: str, m: int, x: np.ndarray, packed: np.ndarray, adjoint: bool) -> np.ndarray:
+    n, k = packed.shape[0], FORMATS[fmt].row_elements(packed.shape[1])
+    y = np.full((m, k if adjoint else n), np.nan, np.float32)
+    args = (ctypes.c_int64(n), ctypes.c_int64(k), _ptr(x), _ptr(packed), _ptr(y))
+    if m in DIRECT:
+        getattr(lib, f"qmv_{fmt}_{m}")(int(adjoint), *args)
+    else:
+        getattr(lib, f"qmm_{fmt}")(int(adjoint), ctypes.c_int64(m), *args)
+    return y
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_kernels_match_the_reference(harness, fmt):
+    block = FORMATS[fmt].block
+    rng = np.random.default_rng(1)
+    # N odd and not a multiple of anything; K several blocks; a long row for the panels too.
+    for n, k in ((37, 3 * block), (5, 2 * block), (300, block)):
+        packed = random_blocks(fmt, n, k, seed=n)
+        for adjoint in (False, True):
+            for m in (*DIRECT, *PANELS):
+                x = rng.standard_normal((m, n if adjoint else k)).astype(np.float32)
+                np.testing.assert_allclose(
+                    _run(harness, fmt, m, x, packed, adjoint),
+                    _reference(x, packed, fmt, adjoint), rtol=RTOL, atol=ATOL,
+                    err_msg=f"{fmt} N={n} K={k} M={m} adjoint={adjoint}")
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_decoded_rows_are_bitwise_the_reference(harness, fmt):
+    packed = random_blocks(fmt, 700, 2 * FORMATS[fmt].block, seed=3)  # enough rows to thread
+    k = FORMATS[fmt].row_elements(packed.shape[1])
+    out = np.empty((packed.shape[0], k), np.float32)
+    rows = getattr(harness, f"rows_{fmt}")
+    rows(ctypes.c_int64(packed.shape[0]), ctypes.c_int64(k), _ptr(packed), _ptr(out))
+    np.testing.assert_array_equal(out, dequantize_rows(packed, fmt))
+
+
+def test_every_float16_scale_decodes_exactly(harness):
+    """All 65536 float16 bit patterns as q8_0 scales with every code 1: the values are the
+    scales themselves (subnormals, infinities and NaNs included)."""
+    blocks = np.zeros(1 << 16, FORMATS["q8_0"].struct)
+    blocks["d"] = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    blocks["qs"] = 1
+    packed = blocks.view(np.uint8).reshape(1 << 16, -1)
+    out = np.empty((1 << 16, 32), np.float32)
+    harness.rows_q8_0(ctypes.c_int64(1 << 16), ctypes.c_int64(32), _ptr(packed), _ptr(out))
+    want = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    # assert_array_equal takes NaN as equal to NaN
+    np.testing.assert_array_equal(out, np.repeat(want[:, None], 32, axis=1))
+
+
+# --- compiled programs ------------------------------------------------------------------------
+
+def _products(args):
+    """Products of every format and direction at several row counts: x with batch axes."""
+    return [quant_matmul(x, w, fmt, adjoint) for x, w, fmt, adjoint in args]
+
+
+def _product_cases():
+    rng = np.random.default_rng(2)
+    cases = []
+    for i, fmt in enumerate(FORMATS):
+        n, k = 13, 2 * FORMATS[fmt].block
+        packed = random_blocks(fmt, n, k, seed=i)
+        for adjoint in (False, True):
+            for lead in ((), (2, 3), (3, 7)):  # 1 row (decode), 6 rows (direct), 21 (panels)
+                x = rng.standard_normal((*lead, n if adjoint else k)).astype(np.float32)
+                cases.append((x, packed, fmt, adjoint))
+    return cases
+
+
+def _compile(fn, *args):
+    return ember.jit(fn, backend="cpu").lower(*args).compile()
+
+
+def _no_numpy():
+    """The NumPy implementations of the quantised primitives made unusable."""
+    def refuse(*args, **params):
+        raise AssertionError("a quantised product ran through NumPy")
+    return (mock.patch.dict(quant_matmul_p.impls, {"numpy": refuse}),
+            mock.patch.dict(dequantize_p.impls, {"numpy": refuse}))
+
+
+def test_compiled_products_match_the_numpy_backend_with_no_fallback():
+    cases = _product_cases()
+    xs, ws = [c[0] for c in cases], [c[1] for c in cases]
+
+    def fn(xs, ws):
+        return _products([(x, w, fmt, adj) for x, w, (_, _, fmt, adj) in zip(xs, ws, cases)])
+
+    compiled = _compile(fn, xs, ws)
+    text = compiled.as_text()
+    for fmt in FORMATS:
+        for kernel in (f"ember_qmv_{fmt}_m1", f"ember_qmvt_{fmt}_m1", f"ember_qmv_{fmt}_m6",
+                       f"ember_qmvt_{fmt}_m6", f"ember_qmm_{fmt}"):
+            assert f"{kernel}(" in text, kernel
+    refuse_mm, refuse_dq = _no_numpy()
+    with refuse_mm, refuse_dq:
+        got = compiled(xs, ws)
+    want = ember.jit(fn)(xs, ws)
+    for (x, w, fmt, adjoint), g, e in zip(cases, got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=RTOL, atol=ATOL,
+                                   err_msg=f"{fmt} x{list(x.shape)} adjoint={adjoint}")
+
+
+def test_compiled_dequantize_of_gathered_rows_is_bitwise():
+    packed = {fmt: random_blocks(fmt, 9, FORMATS[fmt].block, seed=4) for fmt in FORMATS}
+    ids = np.array([[3, 0], [8, 3]], np.int32)
+
+    def fn(packed, ids):
+        return [dequantize(packed[fmt][ids], fmt) for fmt in FORMATS]
+
+    compiled = _compile(fn, packed, ids)
+    refuse_mm, refuse_dq = _no_numpy()
+    with refuse_mm, refuse_dq:
+        got = compiled(packed, ids)
+    for fmt, g in zip(FORMATS, got, strict=True):
+        assert g.shape == (2, 2, FORMATS[fmt].block)
+        np.testing.assert_array_equal(np.asarray(g), dequantize_rows(packed[fmt][ids], fmt))
+
+
+def test_other_dtypes_run_through_numpy():
+    packed = random_blocks("q8_0", 4, 32)
+    x = np.random.default_rng(5).standard_normal((2, 32))
+    compiled = _compile(lambda x, w: quant_matmul(x, w, "q8_0"), x, packed)
+    assert "ember_qmv_q8_0" not in compiled.as_text()
+    np.testing.assert_allclose(np.asarray(compiled(x, packed)),
+                               _reference(x, packed, "q8_0", False), rtol=1e-12)
+
+
+# --- a packed model -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+def test_packed_llama_forward_and_qlora_grad_match_the_numpy_backend(fmt):
+    model = nn.quantize(tiny_model(64, seed=1), fmt, embeddings=True)
+    nn.apply_lora(model, rank=4, targets=("q_proj", "down_proj"), key=ember.random.key(0))
+    ids = enp.asarray(np.random.default_rng(6).integers(0, 64, (2, 7)))
+    one = ids[:1, :1]  # decode-sized: one row through the direct kernels
+
+    def forward(m, ids):
+        return m(ids)
+
+    def grad(m, ids):
+        return nn.value_and_grad(lambda m, i: m.loss(i))(m, ids)
+
+    for fn, inputs in ((forward, one), (forward, ids), (grad, ids)):
+        want = ember.jit(fn)(model, inputs)
+        got = ember.jit(fn, backend="cpu")(model, inputs)
+        want, got = ember.tree.tree_leaves(want), ember.tree.tree_leaves(got)
+        assert len(got) == len(want)
+        for g, e in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
+    text = _compile(grad, model, ids).as_text()
+    assert f"ember_qmm_{fmt}(1," in text and f"ember_decode_rows_{fmt}(" in text
