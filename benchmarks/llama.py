@@ -46,6 +46,7 @@ from ember.models import finetune, loading  # noqa: E402
 from ember.models.generate import generate_ids  # noqa: E402
 
 PROMPT, NEW, PREFILL, BATCH = 32, 128, 512, (4, 256)
+first_calls: dict[str, float] = {}  # ember's first call of each part: trace + compile + run
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ember", "bench")
 
 
@@ -75,10 +76,10 @@ def hardware() -> tuple[float, float]:
 class Ember:
     """ember's own model, generation and fine-tuning step on the chosen jit backend."""
 
-    def __init__(self, path: str, backend: str):
-        self.name = f"ember {ember.__version__} ({backend})"
-        self.model, _ = loading.load(path)
-        self.first_call: dict[str, float] = {}
+    def __init__(self, path: str, backend: str, kind: str = "f32"):
+        label = "" if kind == "f32" else f" {kind.upper()}"
+        self.name = f"ember {ember.__version__} ({backend}){label}"
+        self.model, _ = loading.load(path, "native" if kind != "f32" else "float32")
 
     def decode(self, prompt: list[int], new_tokens: int) -> float:
         return timed(lambda: generate_ids(self.model, [prompt], max_new_tokens=new_tokens))()
@@ -160,7 +161,7 @@ def measure(part: str, side: object, repeats: int, rng: np.random.Generator) -> 
         tokens = BATCH[0] * BATCH[1]
     first = run()
     if isinstance(side, Ember):
-        side.first_call[part] = first
+        first_calls[part] = first
     return tokens / best(run, repeats)
 
 
@@ -187,20 +188,32 @@ def main() -> None:
     others = peers(args.peers.split(","), path, parts)
     rng = np.random.default_rng(0)
     for part in parts:
-        sides = ([] if part in ("q8_0", "q4_1") else [me]) + others[part]
+        mine = me
+        if part in ("q8_0", "q4_1"):
+            # The same quantised file llama.cpp runs, kept packed (Q4_1: the shipped file).
+            if part == "q8_0":
+                from peers.llamacpp_peer import model_file
+
+                weights = model_file(path, "q8_0", CACHE_DIR)
+            else:
+                weights = path
+            mine = Ember(weights, backend, part)
+            # Decode reads every packed weight once per token: the file is about that size.
+            limits[part] = bandwidth / os.path.getsize(weights)
+        sides = [mine] + others[part]
         results = [(s.name, measure(part, s, args.repeats, rng)) for s in sides]
         results = [(n, r) for n, r in results if r is not None]
-        mine = dict(results).get(me.name)
+        own = dict(results).get(mine.name)
         limit = limits.get(part)
         lines = [f"\n{part + ' (tokens/s)':<46}{'tok/s':>10}{'ember/peer':>12}{'% of limit':>12}"]
         for name, r in results:
-            ratio = f"{mine / r:>11.2f}x" if mine and name != me.name else f"{'':>12}"
+            ratio = f"{own / r:>11.2f}x" if own and name != mine.name else f"{'':>12}"
             pct = f"{100 * r / limit:>11.1f}%" if limit else f"{'':>12}"
             lines.append(f"  {name:<44}{r:>10.1f}{ratio}{pct}")
         if limit:
             lines.append(f"  {'hardware limit':<44}{limit:>10.0f}")
         print("\n".join(lines), flush=True)
-    for part, seconds in me.first_call.items():
+    for part, seconds in first_calls.items():
         print(f"ember first call ({part}, trace + compile + run): {seconds:.2f} s")
 
 
