@@ -79,7 +79,7 @@ typedef struct {
 
 /* Per-thread scratch: a query tile (rows = group * min(BQ, length)) and a key tile, in float. */
 typedef struct {
-    float *qs, *dout, *lse, *delta, *s, *dp, *kt, *vt, *keys, *values, *acc, *dk, *dv, *row;
+    float *qs, *dout, *lse, *delta, *s, *dp, *kt, *vt, *keys, *values, *dk, *dv, *row;
     const float *k_tile, *v_tile;  /* the tile's rows: in keys/values, or float32 operands */
 } ember_att_scratch;
 
@@ -91,14 +91,15 @@ static float *ember_att_scratch_new(const ember_att *p, ember_att_scratch *w) {
     const int64_t wide = ember_att_max(p->dim, p->vdim);
     const int64_t sizes[] = {rows * p->dim, rows * p->vdim, rows, rows, rows * bk, rows * bk,
                              p->dim * bk, p->vdim * bk, bk * p->dim, bk * p->vdim,
-                             rows * wide, bk * p->dim, bk * p->vdim, 2 * wide};
+                             bk * p->dim, bk * p->vdim, 2 * wide};
     float **slots[] = {&w->qs, &w->dout, &w->lse, &w->delta, &w->s, &w->dp, &w->kt, &w->vt,
-                       &w->keys, &w->values, &w->acc, &w->dk, &w->dv, &w->row};
+                       &w->keys, &w->values, &w->dk, &w->dv, &w->row};
+    const int count = sizeof sizes / sizeof sizes[0];
     int64_t total = 0;
-    for (int i = 0; i < 14; ++i) total += (sizes[i] + 15) & ~(int64_t)15;  /* 64-byte slots */
+    for (int i = 0; i < count; ++i) total += (sizes[i] + 15) & ~(int64_t)15;  /* 64-byte slots */
     float *block = (float *)aligned_alloc(64, (size_t)total * sizeof(float));
     float *at = block;
-    for (int i = 0; i < 14; ++i) { *slots[i] = at; at += (sizes[i] + 15) & ~(int64_t)15; }
+    for (int i = 0; i < count; ++i) { *slots[i] = at; at += (sizes[i] + 15) & ~(int64_t)15; }
     return block;
 }
 
@@ -186,8 +187,8 @@ static const float *ember_att_key_tile(const ember_att *p, const void *x, int64_
 }
 
 /* The query-side rows of a tile: rows [i0, i0 + nrow) of every query head of key/value head
-   h, row r being head r / nrow. Loads q times scale and, for the backward, dout, lse and
-   delta (those pointers non-null). */
+   h, row r being head r / nrow. Loads q times scale and, for the backward, dout, lse (0 for
+   -inf) and delta. */
 static void ember_att_query_tile(const ember_att *p, const ember_att_io *io, const float *delta,
                                  int64_t b, int64_t h, int64_t i0, int64_t nrow,
                                  ember_att_scratch *w, int backward) {
