@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable, Hashable
+from itertools import islice
 from typing import Any, NamedTuple
 
 __all__ = ["TreeDef", "register_pytree_node", "register_dataclass", "tree_flatten",
@@ -130,7 +131,10 @@ class TreeDef:
     def _build(self, it):
         if self.node is None:
             return next(it)
-        children = [next(it) if c is LEAF else c._build(it) for c in self.children]
+        if self.children.count(LEAF) == len(self.children):  # leaves only: taken in C
+            children = list(islice(it, len(self.children)))
+        else:
+            children = [next(it) if c is LEAF else c._build(it) for c in self.children]
         cls = self.node
         node = _REGISTRY.get(cls) or _node_type_for_class(cls)
         return node.unflatten(self.aux, children)

@@ -123,6 +123,8 @@ class Compiled:
 
 
 _BUFFER = operator.attrgetter("_buffer")
+_AVAL = operator.attrgetter("_aval")
+_ARRAY = {Array}
 
 
 def _runner(lowered: Lowered, backend: Backend,
@@ -260,20 +262,23 @@ class Jitted:
         else:
             static = ()
         leaves, tree = tree_flatten((args, kwargs))
-        avals = []
-        for i, leaf in enumerate(leaves):
-            if type(leaf) is Array and leaf._buffer is not None:  # the common leaf: no checks
-                avals.append(leaf._aval)
-                continue
-            try:
-                leaf = leaves[i] = to_array(leaf)  # also refuses arrays already donated
-            except EmberError:
-                raise
-            except Exception as e:
-                raise EmberError(f"jit: argument leaf {leaf!r} is not an array; mark it "
-                                 f"static with static_argnums/static_argnames\n"
-                                 f"  at {user_frame()}") from e
-            avals.append(aval_of(leaf))
+        if _ARRAY.issuperset(map(type, leaves)) and not any(
+                map(operator.is_, map(_BUFFER, leaves), repeat(None))):
+            # Arrays with their buffers, the common arguments: nothing to convert or check,
+            # and no Python step per leaf.
+            avals = list(map(_AVAL, leaves))
+        else:
+            avals = []
+            for i, leaf in enumerate(leaves):
+                try:
+                    leaf = leaves[i] = to_array(leaf)  # also refuses arrays already donated
+                except EmberError:
+                    raise
+                except Exception as e:
+                    raise EmberError(f"jit: argument leaf {leaf!r} is not an array; mark it "
+                                     f"static with static_argnums/static_argnames\n"
+                                     f"  at {user_frame()}") from e
+                avals.append(aval_of(leaf))
         backend = self.backend or default_backend().name
         return CacheKey(tree, tuple(avals), static, backend), leaves
 
