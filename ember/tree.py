@@ -190,11 +190,11 @@ def _walk(x: Any, leaves: list[Any], is_leaf: Callable[[Any], bool] | None) -> T
         if treedef is None and (defs is None or _PLAIN_IDS.issuperset(described)):
             if len(_PLAIN) >= _PLAIN_SIZE:
                 _clear_plain()
-            treedef = _PLAIN[key] = TreeDef(cls, aux, defs or (LEAF,) * described)
+            treedef = _PLAIN[key] = TreeDef(cls, aux, (LEAF,) * described if defs is None else defs)
             _PLAIN_IDS.add(id(treedef))
         if treedef is not None:
             return treedef
-    return TreeDef(cls, aux, defs or (LEAF,) * described)
+    return TreeDef(cls, aux, (LEAF,) * described if defs is None else defs)
 
 
 _PLAIN: dict[tuple, TreeDef] = {}  # (class, aux, ids of the children) -> the structure
