@@ -7,16 +7,15 @@ and ``bwd(residuals, cotangent) -> tuple of input cotangents``.
 Two primitives carry it. ``custom_vjp_call`` holds the function and both rules, each traced into
 a graph when the decorated function is called under a transformation (the argument types are
 known then, so are the residuals' types, hence ``bwd``'s argument types). Graphs, not Python
-functions, because an equation's params must hash canonically (the same code traced twice is
-the same computation to CSE and to a compiler's cache) and because the backend that runs the
-program compiles the bodies. Evaluated (eagerly, under ``jit`` or ``vmap``) the primitive runs the function. Its jvp
-rule is where ``grad`` meets it: it runs ``fwd`` on the primal values and returns, as the output
-tangent, a ``custom_vjp_bwd`` of the input tangents, a primitive linear in them whose transpose
-runs the ``bwd`` graph. ``linearize`` stages that primitive and reverse mode transposes it, so
-``bwd`` runs in the backward pass; forward mode would have to evaluate it, which a VJP cannot
-do, so it raises (as in JAX). Since ``bwd`` is traced, it must not branch in Python on the
-values of its arguments (as under ``jit``).
-"""
+functions, because an equation's params must hash canonically (the same code traced twice is the
+same computation to CSE and to a compiler's cache) and because the backend that runs the program
+compiles the bodies. Evaluated (eagerly, under ``jit`` or ``vmap``) the primitive runs the
+function. Its jvp rule is where ``grad`` meets it: it runs ``fwd`` on the primal values and
+returns, as the output tangent, a ``custom_vjp_bwd`` of the input tangents, a primitive linear
+in them whose transpose runs the ``bwd`` graph. ``linearize`` stages that primitive and reverse
+mode transposes it, so ``bwd`` runs in the backward pass; forward mode would have to evaluate
+it, which a VJP cannot do, so it raises (as in JAX). Since ``bwd`` is traced, it must not branch
+in Python on the values of its arguments (as under ``jit``). """
 
 from __future__ import annotations
 
