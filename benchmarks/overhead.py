@@ -2,7 +2,10 @@
 
 Run it from the repository root (ember importable, torch installed; threadpoolctl optional):
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/overhead.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/overhead.py [--backend NAME]
+
+``--backend`` is passed to every ``ember.jit`` here (``cpu`` for the compiled CPU backend); the
+default is the backend ``jit`` uses without one.
 
 Some machines here set ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` so that old OpenBLAS builds stay
 correct; they make a current NumPy pick a slower GEMM kernel, which would understate the peak and
@@ -14,7 +17,11 @@ Four parts, each measured in one process so the ratios compare like with like (t
 1. Eager overhead: microseconds per call of small operations on 8x8 float32 arrays, for ember,
    NumPy and PyTorch, with the ratios ember/numpy and ember/torch. At this size the time is all
    dispatch, so this measures the cost of ember's Python layers (``bind`` -> ``eval_primitive``
-   -> ``backend.run_primitive``) on top of the NumPy call they end in.
+   -> ``backend.run_primitive``) on top of the NumPy call they end in. Then the dispatch targets
+   of issue 8 (part 4), each printed with PASS or MISS: eager ``a + b`` and ``a * 2.0`` under
+   5 us, and a ``jit`` cache hit under 10 us plus 0.5 us per argument leaf (fitted over 1, 16
+   and 256 leaves). The targets are for the 2-core machine of targets.md with nothing else
+   running; the load average is printed, as a busy machine inflates every figure.
 2. Peak: float32 GEMM 2048x2048 with NumPy (the hardware reference) and with PyTorch.
 3. MLP: a training step (2 hidden layers of 256, tanh, softmax cross-entropy, batch 64, float32,
    plain SGD written functionally over a dict of parameters) compiled with ``ember.jit`` against
@@ -29,6 +36,7 @@ The whole run takes well under two minutes.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -101,25 +109,29 @@ def describe_environment() -> None:
                   f"benchmarks/overhead.py")
 
 
-# --- 1. eager overhead ---------------------------------------------------------------------
+# --- 1. eager overhead and the dispatch targets --------------------------------------------
 
-def eager_overhead() -> None:
+EAGER_TARGET_US = 5.0  # issue 8, part 4: eager elementwise ops, with or without a Python scalar
+JIT_HIT_TARGET_US, JIT_LEAF_TARGET_US = 10.0, 0.5  # a jit cache hit, plus per argument leaf
+
+
+def eager_overhead() -> dict[str, float]:
+    """Print the table; return ember's microseconds per operation."""
     rng = np.random.default_rng(0)
     a_np = rng.standard_normal((8, 8)).astype(np.float32)
     b_np = rng.standard_normal((8, 8)).astype(np.float32)
-    a_em, b_em = enp.asarray(a_np), enp.asarray(b_np)
-    libs = {"ember": (a_em, b_em, enp.tanh), "numpy": (a_np, b_np, np.tanh)}
+    libs = {"ember": (enp.asarray(a_np), enp.asarray(b_np), enp), "numpy": (a_np, b_np, np)}
     if torch is not None:
-        libs["torch"] = (torch.from_numpy(a_np.copy()), torch.from_numpy(b_np.copy()), torch.tanh)
+        libs["torch"] = (torch.from_numpy(a_np.copy()), torch.from_numpy(b_np.copy()), torch)
 
     ops = {
-        "add a+b": lambda a, b, tanh: a + b,
-        "multiply a*b": lambda a, b, tanh: a * b,
-        "tanh(a)": lambda a, b, tanh: tanh(a),
-        "a.sum()": lambda a, b, tanh: a.sum(),
-        "matmul 8x8 a@b": lambda a, b, tanh: a @ b,
-        "index a[1:3]": lambda a, b, tanh: a[1:3],
-        "reshape(4, 16)": lambda a, b, tanh: a.reshape(4, 16),
+        "add a+b": lambda a, b, xp: a + b,
+        "multiply a*2.0": lambda a, b, xp: a * 2.0,
+        "exp(a)": lambda a, b, xp: xp.exp(a),
+        "matmul a@b": lambda a, b, xp: a @ b,
+        "sum(a)": lambda a, b, xp: xp.sum(a),
+        "index a[1:3]": lambda a, b, xp: a[1:3],
+        "reshape(4, 16)": lambda a, b, xp: a.reshape(4, 16),
     }
     names = list(libs)
     header = f"{'operation (8x8 float32)':<26}" + "".join(f"{n + ' us':>11}" for n in names)
@@ -127,16 +139,56 @@ def eager_overhead() -> None:
     print("\n== 1. eager per-operation overhead (microseconds per call, min of "
           f"{REPEATS} repeats) ==")
     print(header)
+    ember_us = {}
     for label, op in ops.items():
         us = {}
-        for name, (a, b, tanh) in libs.items():
-            op(a, b, tanh)  # warm up
-            us[name] = per_call_s(lambda a=a, b=b, tanh=tanh, op=op: op(a, b, tanh)) * 1e6
+        for name, (a, b, xp) in libs.items():
+            op(a, b, xp)  # warm up
+            us[name] = per_call_s(lambda a=a, b=b, xp=xp, op=op: op(a, b, xp)) * 1e6
         row = f"{label:<26}" + "".join(f"{us[n]:>11.2f}" for n in names)
         row += f"{us['ember'] / us['numpy']:>12.1f}x"
         if "torch" in us:
             row += f"{us['ember'] / us['torch']:>12.1f}x"
         print(row)
+        ember_us[label] = us["ember"]
+    return ember_us
+
+
+def jit_hit_us(n_leaves: int, backend: str | None, returns_all: bool = False) -> float:
+    """Microseconds per call of a jitted function of a list of ``n_leaves`` 8x8 arrays, on a
+    cache hit: its first leaf (or, ``returns_all``, the whole list, as a training step returns
+    its parameters)."""
+    xs = [enp.asarray(np.full((8, 8), i, np.float32)) for i in range(n_leaves)]
+    fn = ember.jit((lambda xs: xs) if returns_all else (lambda xs: xs[0]), backend=backend)
+    fn(xs)
+    assert fn.trace_count == 1
+    return per_call_s(lambda: fn(xs)) * 1e6
+
+
+def verdict(value: float, target: float) -> str:
+    return "PASS" if value < target else f"MISS by {value / target - 1:.0%}"
+
+
+def dispatch_targets(ember_us: dict[str, float], backend: str | None) -> None:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\n== 1b. dispatch targets (issue 8, part 4; load average now {load:.1f} on "
+          f"{os.cpu_count()} cores: targets assume an idle 2-core machine) ==")
+    for label in ("add a+b", "multiply a*2.0", "exp(a)"):
+        us = ember_us[label]
+        print(f"eager {label:<20} {us:8.2f} us   target < {EAGER_TARGET_US:.1f} us   "
+              f"{verdict(us, EAGER_TARGET_US)}")
+    counts = (1, 16, 256)
+    for returns_all in (False, True):
+        us = [jit_hit_us(n, backend, returns_all) for n in counts]
+        slope, _ = np.polyfit(counts, us, 1)
+        what = "returning all its leaves" if returns_all else "returning one leaf"
+        print(f"jit cache hit, function {what} (backend {backend or 'default'}):")
+        for n, t in zip(counts, us):
+            target = JIT_HIT_TARGET_US + JIT_LEAF_TARGET_US * (n - 1)
+            print(f"  {n:4d} leaves {t:9.2f} us   target < {target:6.1f} us   "
+                  f"{verdict(t, target)}")
+        print(f"  per leaf   {slope:9.3f} us   target < {JIT_LEAF_TARGET_US:6.1f} us   "
+              f"{verdict(slope, JIT_LEAF_TARGET_US)}  (least-squares slope over {counts})")
 
 
 # --- 2. GEMM peak --------------------------------------------------------------------------
@@ -201,7 +253,7 @@ def step_flops() -> int:
     return 3 * forward - 2 * BATCH * D_IN * HIDDEN
 
 
-def mlp(peak_gflops: float) -> None:
+def mlp(peak_gflops: float, backend: str | None) -> None:
     params_np = init_params()
     rng = np.random.default_rng(2)
     x_np = rng.standard_normal((BATCH, D_IN)).astype(np.float32)
@@ -213,7 +265,7 @@ def mlp(peak_gflops: float) -> None:
 
     params_em = {k: enp.asarray(v) for k, v in params_np.items()}
     x_em, y_em = enp.asarray(x_np), enp.asarray(y_np)
-    step_jit = ember.jit(ember_step)
+    step_jit = ember.jit(ember_step, backend=backend)
 
     def ember_train(steps: int) -> None:
         p = params_em
@@ -255,7 +307,7 @@ def mlp(peak_gflops: float) -> None:
             torch_forward(tp, tx)
             s_ft = per_call_s(lambda: torch_forward(tp, tx), repeats=3, target_s=0.3)
 
-    fwd_jit = ember.jit(ember_forward)
+    fwd_jit = ember.jit(ember_forward, backend=backend)
     fwd_jit(params_em, x_em)
     s_fj = per_call_s(lambda: fwd_jit(params_em, x_em), repeats=3, target_s=0.3)
     s_fe = per_call_s(lambda: ember_forward(params_em, x_em), repeats=3, target_s=0.3)
@@ -275,14 +327,14 @@ def mlp(peak_gflops: float) -> None:
 GELU_SHAPE = (256, 1024)
 
 
-def gelu() -> None:
+def gelu(backend: str | None) -> None:
     """Exact GELU (``x * (1 + erf(x / sqrt 2)) / 2``) of a float32 activation, jitted, against
     ``torch.nn.functional.gelu``: ``erf`` used to dominate a small GPT's training step."""
     from ember.nn.functional import gelu as ember_gelu
 
     x = np.random.default_rng(0).standard_normal(GELU_SHAPE).astype(np.float32)
     x_em = enp.asarray(x)
-    fn = ember.jit(ember_gelu)
+    fn = ember.jit(ember_gelu, backend=backend)
     fn(x_em)
     s = per_call_s(lambda: fn(x_em), repeats=5, target_s=0.2)
     moved = 2 * x.nbytes  # read once, write once: the least any implementation moves
@@ -296,11 +348,16 @@ def gelu() -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default=None,
+                        help="backend for ember.jit (default: the one jit uses without one)")
+    backend = parser.parse_args().backend
     describe_environment()
-    eager_overhead()
+    ember_us = eager_overhead()
+    dispatch_targets(ember_us, backend)
     peak = gemm_peak()
-    mlp(peak)
-    gelu()
+    mlp(peak, backend)
+    gelu(backend)
 
 
 if __name__ == "__main__":

@@ -261,7 +261,9 @@ def _params_key(params: dict[str, Any]) -> tuple | None:
 
     Accepted: ints, bools, strings, None, dtypes and (nested) tuples of ints or None, each with
     its type in the key, since ``1 == 1.0 == True`` but a rule may tell them apart. Floats
-    (``0.0 == -0.0``, NaN), graphs, callables and other objects are not memoised.
+    (``0.0 == -0.0``, NaN), graphs, callables and other objects are not memoised. Equal keys
+    here imply equal :func:`ember.ir.params.param_key`s; that general key is not used because
+    it builds a tagged tuple per value, too slow for every eager operation.
     """
     key = []
     for name, v in params.items():

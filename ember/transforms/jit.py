@@ -37,7 +37,7 @@ from ember.ir.verify import verify
 from ember.transforms.autodiff import flatten_fun
 from ember.transforms.call import call_p
 from ember.transforms.subgraphs import hoist_consts
-from ember.tree import TreeDef, tree_flatten, tree_unflatten
+from ember.tree import LEAF, TreeDef, tree_flatten, tree_unflatten
 
 __all__ = ["jit", "Jitted", "Lowered", "Compiled"]
 
@@ -166,7 +166,7 @@ def _runner(lowered: Lowered, backend: Backend,
             for s, value in zip(hidden, results[-len(hidden):]):
                 s.set(value)
             results = results[:-len(hidden)]
-        return tree_unflatten(out_tree, results)
+        return results[0] if out_tree is LEAF else tree_unflatten(out_tree, results)
     return run
 
 
