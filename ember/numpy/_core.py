@@ -19,6 +19,7 @@ from ember.errors import DTypeError, EmberValueError, ShapeError, op_error
 from ember.ir.types import type_of
 from ember.ops import elementwise as ew
 from ember.ops import structural as st
+from ember.ops._checks import normalize_axes
 
 ArrayLike = Any
 
@@ -245,8 +246,6 @@ def float_dtype(dt: np.dtype) -> np.dtype:
 
 def normalize_axis_arg(op: str, axis: Any, ndim: int) -> tuple[int, ...]:
     """``None`` -> every axis; int or tuple -> non-negative tuple (errors name ``op``)."""
-    from ember.ops._checks import normalize_axes
-
     if axis is None:
         return tuple(range(ndim))
     if isinstance(axis, (list, tuple)):

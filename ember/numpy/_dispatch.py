@@ -88,6 +88,7 @@ def _qualified_name(func: Callable[..., Any]) -> str:
     return prefix + func.__name__
 
 
+@functools.cache  # the namespace does not change: each NumPy name is resolved once
 def _ember_function(name: str) -> Callable[..., Any] | None:
     import ember.numpy as enp
 
@@ -108,7 +109,7 @@ def _call(name: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         out = kwargs.pop("out")
         return _fill(name, out, _call(name, fn, args, kwargs))
     signature = _signature(fn)
-    if signature is not None:
+    if signature is not None and not (not kwargs and _takes_positional(fn, len(args))):
         try:
             signature.bind(*args, **kwargs)
         except TypeError as e:
@@ -123,6 +124,17 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
         return inspect.signature(fn)
     except (TypeError, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: ufunc.outer makes a new partial per call
+def _takes_positional(fn: Callable[..., Any], count: int) -> bool:
+    """Whether ``fn`` accepts ``count`` positional arguments and nothing else (the common call,
+    checked once per function and count instead of binding its signature every call)."""
+    try:
+        _signature(fn).bind(*range(count))
+    except TypeError:
+        return False
+    return True
 
 
 _UFUNC_DEFAULTS = {"casting": "same_kind", "order": "K", "subok": True, "where": True,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ember import dtypes
-from ember.core.array import Array
+from ember.core.array import Array, Tracer
 from ember.core.primitive import Primitive
 from ember.core.trace import aval_of, bind
 from ember.errors import DTypeError, EmberValueError, op_error
@@ -136,8 +136,6 @@ def power(x1: Any, x2: Any, /) -> Any:
 
 def _check_int_power(exponent: Any) -> None:
     """NumPy's error for a known negative exponent (a traced one gives 1 // x**-n)."""
-    from ember.core.array import Tracer
-
     if not isinstance(exponent, Tracer) and (np.asarray(exponent) < 0).any():
         raise op_error(EmberValueError, "power", "integers to negative integer powers are not "
                        "allowed")
