@@ -107,3 +107,10 @@ def test_is_leaf_sees_every_node():
     leaves, _ = tree_flatten([[1, 2], (3,)], is_leaf=lambda x: seen.append(x) or
                              isinstance(x, tuple))
     assert leaves == [1, 2, (3,)] and [1, 2] in seen and 1 in seen
+
+
+def test_empty_nodes_round_trip_with_and_without_is_leaf():
+    tree = {"a": [], "b": (), "c": {}, "d": [1, []]}
+    for is_leaf in (None, lambda x: False):
+        leaves, treedef = tree_flatten(tree, is_leaf=is_leaf)
+        assert leaves == [1] and tree_unflatten(treedef, leaves) == tree
