@@ -180,14 +180,16 @@ def _walk(x: Any, leaves: list[Any], is_leaf: Callable[[Any], bool] | None) -> T
         for c in children:
             walked.append(_walk(c, leaves, is_leaf))
         defs = tuple(walked)
-        described = tuple(map(id, defs))  # kept structures (below) are identified by id
+        # Kept structures (below) are identified by id; leaves only, by their count, as above.
+        n = len(defs)
+        described = n if defs.count(LEAF) == n else tuple(map(id, defs))
     if cls is tuple or cls is list or (cls is dict and _STR.issuperset(map(type, aux))):
         # A plain container's structure is kept, one object per structure: flattening the
         # same arguments again (each jit call) builds nothing, and two structures compare by
         # identity. Only one whose children are kept structures too is kept.
         key = (cls, aux, described)
         treedef = _PLAIN.get(key)
-        if treedef is None and (defs is None or _PLAIN_IDS.issuperset(described)):
+        if treedef is None and (type(described) is int or _PLAIN_IDS.issuperset(described)):
             if len(_PLAIN) >= _PLAIN_SIZE:
                 _clear_plain()
             treedef = _PLAIN[key] = TreeDef(cls, aux, (LEAF,) * described if defs is None else defs)

@@ -223,3 +223,14 @@ def test_jit_hit_with_static_arguments_and_numpy_leaves():
     np.testing.assert_array_equal(np.asarray(f(x, 2)), x * 2)
     np.testing.assert_array_equal(np.asarray(f(x, 3)), x * 3)
     assert f.trace_count == 2
+
+
+def test_positional_array_calls_and_keyword_calls_key_apart():
+    f = ember.jit(lambda x, y=None: x * 2 if y is None else x + y)
+    x, y = enp.ones(2), enp.full(2, 3.0)
+    np.testing.assert_array_equal(np.asarray(f(x)), [2, 2])
+    np.testing.assert_array_equal(np.asarray(f(x)), [2, 2])
+    np.testing.assert_array_equal(np.asarray(f(x, y)), [4, 4])
+    np.testing.assert_array_equal(np.asarray(f(x, y=y)), [4, 4])
+    np.testing.assert_array_equal(np.asarray(f(np.ones(2), y)), [4, 4])  # a NumPy leaf
+    assert f.trace_count == 3 and f.cache_info()["hits"] == 2

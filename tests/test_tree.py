@@ -114,3 +114,12 @@ def test_empty_nodes_round_trip_with_and_without_is_leaf():
     for is_leaf in (None, lambda x: False):
         leaves, treedef = tree_flatten(tree, is_leaf=is_leaf)
         assert leaves == [1] and tree_unflatten(treedef, leaves) == tree
+
+
+def test_a_structure_is_one_object_whichever_way_it_was_reached():
+    class Fresh:  # a leaf class not seen before: the first walk examines it
+        pass
+
+    first = tree_structure([Fresh(), Fresh()])
+    assert tree_structure([Fresh(), Fresh()]) is first
+    assert tree_flatten([1, 2], is_leaf=lambda x: False)[1] is tree_structure([3, 4])

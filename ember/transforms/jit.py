@@ -122,6 +122,12 @@ class Compiled:
         return analysis()
 
 
+@functools.lru_cache(maxsize=64)
+def _positional_tree(count: int) -> TreeDef:
+    """The structure of ``(args, kwargs)`` for ``count`` array arguments and no keywords."""
+    return tree_flatten(((0,) * count, {}))[1]
+
+
 _BUFFER = operator.attrgetter("_buffer")
 _AVAL = operator.attrgetter("_aval")
 _ARRAY = {Array}
@@ -261,7 +267,10 @@ class Jitted:
             args, kwargs, static = self._split(args, kwargs)
         else:
             static = ()
-        leaves, tree = tree_flatten((args, kwargs))
+        if not kwargs and _ARRAY.issuperset(map(type, args)):
+            leaves, tree = list(args), _positional_tree(len(args))  # f(x, y): nothing to walk
+        else:
+            leaves, tree = tree_flatten((args, kwargs))
         if _ARRAY.issuperset(map(type, leaves)) and not any(
                 map(operator.is_, map(_BUFFER, leaves), repeat(None))):
             # Arrays with their buffers, the common arguments: nothing to convert or check,
