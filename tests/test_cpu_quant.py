@@ -23,8 +23,8 @@ from ember.ops.quantized import dequantize, dequantize_p, quant_matmul, quant_ma
 pytestmark = pytest.mark.skipif(not toolchain.available(), reason="no C compiler")
 
 RTOL, ATOL = 1e-5, 1e-5  # decision 0014: dequantise-then-multiply up to float32 rounding
-DIRECT = (1, 3, quant.DIRECT_ROWS)  # rows of activations the harness instantiates
-PANELS = (quant.DIRECT_ROWS + 1, 20)
+DIRECT = (1, 3, quant.DIRECT_ROWS)  # one pass of the direct kernel, as the harness calls it
+PANELS = (quant.DIRECT_ROWS + 1, 20)  # the BLAS panels at any row count
 
 
 def _paths() -> list[int]:
@@ -52,7 +52,7 @@ def _harness_source(simd: int) -> str:
     helpers: dict[str, None] = {}
     wrappers = []
     for fmt in FORMATS:
-        for m in (*DIRECT, 0):
+        for m in (*DIRECT, quant.BLAS_ROWS + 1):
             helpers.update(dict.fromkeys(quant.helpers(fmt, m)))
         for m in DIRECT:
             wrappers.append(f"void qmv_{fmt}_{m}(int adjoint, {_ARGS}) {{ if (adjoint) "
@@ -61,7 +61,7 @@ def _harness_source(simd: int) -> str:
         wrappers.append(f"void qmm_{fmt}(int adjoint, int64_t M, {_ARGS}) {{ "
                         f"ember_qmm_{fmt}(adjoint, M, N, K, x, w, y); }}")
         wrappers.append(f"void rows_{fmt}(int64_t rows, int64_t K, const uint8_t *w, "
-                        f"float *out) {{ ember_decode_rows_{fmt}(rows, K, w, out); }}")
+                        f"float *out) {{ ember_decode_rows_{fmt}(rows, K, w, out, 1); }}")
     return "\n".join([f"#define EMBER_QUANT_SIMD {simd}\n" + _INCLUDES, *helpers, *wrappers])
 
 
@@ -139,7 +139,8 @@ def _product_cases():
         n, k = 13, 2 * FORMATS[fmt].block
         packed = random_blocks(fmt, n, k, seed=i)
         for adjoint in (False, True):
-            for lead in ((), (2, 3), (3, 7)):  # 1 row (decode), 6 rows (direct), 21 (panels)
+            # 1 row (decode), 6 (one direct pass), 21 (three passes), 35 (BLAS panels)
+            for lead in ((), (2, 3), (3, 7), (5, 7)):
                 x = rng.standard_normal((*lead, n if adjoint else k)).astype(np.float32)
                 cases.append((x, packed, fmt, adjoint))
     return cases
@@ -168,8 +169,9 @@ def test_compiled_products_match_the_numpy_backend_with_no_fallback():
     text = compiled.as_text()
     for fmt in FORMATS:
         for kernel in (f"ember_qmv_{fmt}_m1", f"ember_qmvt_{fmt}_m1", f"ember_qmv_{fmt}_m6",
-                       f"ember_qmvt_{fmt}_m6", f"ember_qmm_{fmt}"):
-            assert f"{kernel}(" in text, kernel
+                       f"ember_qmvt_{fmt}_m6", f"ember_qmv_{fmt}_m8", f"ember_qmvt_{fmt}_m5",
+                       f"ember_qmm_{fmt}(0,", f"ember_qmm_{fmt}(1,"):
+            assert kernel + ("" if kernel.endswith(",") else "(") in text, kernel
     refuse_mm, refuse_dq = _no_numpy()
     with refuse_mm, refuse_dq:
         got = compiled(xs, ws)
@@ -227,4 +229,4 @@ def test_packed_llama_forward_and_qlora_grad_match_the_numpy_backend(fmt):
         for g, e in zip(got, want):
             np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
     text = _compile(grad, model, ids).as_text()
-    assert f"ember_qmm_{fmt}(1," in text and f"ember_decode_rows_{fmt}(" in text
+    assert f"ember_qmvt_{fmt}_m" in text and f"ember_decode_rows_{fmt}(" in text

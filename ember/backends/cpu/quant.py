@@ -3,15 +3,15 @@
 A packed weight ``W [N, K]`` is ``N`` rows of GGUF blocks (``ember.ops.quantized``); the
 kernels here read those bytes as they are, never a float32 copy of the whole matrix:
 
-- **Few rows of activations** (``M <= DIRECT_ROWS``, decode): ``W`` is streamed once. OpenMP
-  splits the output rows across cores; each block is decoded into vector registers (float32
-  values equal to the reference decoder's) and multiplied into float32 accumulators, one per
-  activation row. Decode is bound by memory bandwidth, so the point is to read each weight byte
-  exactly once per call. The adjoint (``g @ W``) splits the columns instead, so two threads
-  never add into the same output.
+- **Few rows of activations** (decode; up to ``BLAS_ROWS``): ``W`` is streamed once per
+  ``DIRECT_ROWS`` rows. OpenMP splits the output rows across cores; each block is decoded into
+  vector registers (float32 values equal to the reference decoder's) and multiplied into
+  float32 accumulators, a pair per activation row. Decode is bound by memory bandwidth, so the
+  point is to read each weight byte exactly once per token. The adjoint (``g @ W``) splits the
+  columns instead, so two threads never add into the same output.
 - **Many rows** (prefill, training): a panel of ``W`` rows is decoded into a small float32
   buffer (``PANEL_BYTES``, cache sized) and handed to ``cblas_sgemm``; the next panel reuses
-  the buffer. BLAS is far faster at a real matrix product than a hand-written loop.
+  the buffer. Above ``BLAS_ROWS`` rows BLAS beats re-streaming ``W`` (measured).
 - ``dequantize`` (the rows an embedding gathers) decodes into its result.
 
 Results: activations stay float32 (decision 0014: no 8-bit activations), the decoded weights
@@ -37,10 +37,14 @@ from ember.io.quants import FORMATS, BlockFormat
 from ember.ir.graph import Eqn
 from ember.ops.quantized import dequantize_p, quant_matmul_p
 
-__all__ = ["DIRECT_ROWS", "PANEL_BYTES", "helpers"]
+__all__ = ["BLAS_ROWS", "DIRECT_ROWS", "PANEL_BYTES", "helpers"]
 
-# Activation rows up to which W is streamed once by the direct kernel; above, panels + BLAS.
+# Rows of activations one pass of the direct kernel multiplies (its accumulators stay in
+# registers); more rows take several passes, each reading W again (from cache).
 DIRECT_ROWS = 8
+# Rows of activations above which panels of W go to BLAS instead (measured: at 32 rows the
+# two cost the same; BLAS is 1.5x faster at 128).
+BLAS_ROWS = 32
 # Bytes of the float32 panel of decoded W rows that BLAS multiplies (fits in L2).
 PANEL_BYTES = 1 << 20
 
@@ -305,9 +309,10 @@ static void ember_qmvt_$F_m$M(int64_t N, int64_t K, const float *g, const uint8_
 
 _ROWS = r"""
 /* Decode `rows` packed $F rows into float32 rows of K values (dequantize; BLAS panels). */
-static void ember_decode_rows_$F(int64_t rows, int64_t K, const uint8_t *w, float *out) {
+static void ember_decode_rows_$F(int64_t rows, int64_t K, const uint8_t *w, float *out,
+                                 int threaded) {
     const int64_t blocks = K / $B;
-    #pragma omp parallel for schedule(static) if (rows * K >= 32768)
+    #pragma omp parallel for schedule(static) if (threaded && rows * K >= 32768)
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t b = 0; b < blocks; ++b) {
             ember_vf v[$V];
@@ -319,7 +324,9 @@ static void ember_decode_rows_$F(int64_t rows, int64_t K, const uint8_t *w, floa
 
 _PANELS = r"""
 /* Many rows of x: decode panels of W rows into a cache-sized float32 buffer and multiply each
-   with BLAS. Not adjoint: y[:, n0:n0+P] = x @ panel^T. Adjoint: y += g[:, n0:n0+P] @ panel. */
+   with BLAS. Not adjoint: y[:, n0:n0+P] = x @ panel^T. Adjoint: y += g[:, n0:n0+P] @ panel.
+   The decoding runs on this thread only: OpenMP threads still spinning after a parallel
+   decode would take the cores from the BLAS threads that follow (100x slower on 2 cores). */
 static void ember_qmm_$F(int adjoint, int64_t M, int64_t N, int64_t K, const float *x,
                          const uint8_t *w, float *y) {
     int64_t P = $PANEL / (K * (int64_t)sizeof(float));
@@ -328,7 +335,7 @@ static void ember_qmm_$F(int adjoint, int64_t M, int64_t N, int64_t K, const flo
     const int64_t row_bytes = K / $B * $BB;
     for (int64_t n0 = 0; n0 < N; n0 += P) {
         int64_t rows = N - n0 < P ? N - n0 : P;
-        ember_decode_rows_$F(rows, K, w + n0 * row_bytes, panel);
+        ember_decode_rows_$F(rows, K, w + n0 * row_bytes, panel, 0);
         if (adjoint)
             scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, K, rows, 1.0f,
                               x + n0, N, panel, K, n0 ? 1.0f : 0.0f, y, K);
@@ -350,14 +357,16 @@ def _instance(template: str, fmt: BlockFormat, m: int = 0) -> str:
     return template
 
 
-def helpers(fmt: str, m: int = 0) -> tuple[str, ...]:
+def helpers(fmt: str, m: int) -> tuple[str, ...]:
     """The C definitions, in order, of the kernels for format ``fmt`` and ``m`` rows of
-    activations: ``ember_qmv_<fmt>_m<m>``/``ember_qmvt_<fmt>_m<m>`` (``1 <= m <=
-    DIRECT_ROWS``), else (``m = 0`` or more rows) ``ember_qmm_<fmt>``, which calls BLAS; and
-    always ``ember_decode_rows_<fmt>``."""
+    activations: ``ember_qmv_<fmt>_m<r>`` and ``ember_qmvt_<fmt>_m<r>`` (the direct kernels
+    for ``r`` rows: ``DIRECT_ROWS`` and the remainder) up to ``BLAS_ROWS`` rows, else
+    ``ember_qmm_<fmt>``, which calls BLAS; always ``ember_decode_rows_<fmt>``."""
     f = FORMATS[fmt]
-    kernel = _instance(_DIRECT, f, m) if 1 <= m <= DIRECT_ROWS else _instance(_PANELS, f)
-    return (*_decode_rows(fmt), kernel)
+    if m > BLAS_ROWS:
+        return (*_decode_rows(fmt), _instance(_PANELS, f))
+    passes = [DIRECT_ROWS] * (m >= DIRECT_ROWS) + [m % DIRECT_ROWS] * bool(m % DIRECT_ROWS)
+    return (*_decode_rows(fmt), *(_instance(_DIRECT, f, r) for r in passes))
 
 
 def _decode_rows(fmt: str) -> tuple[str, ...]:
@@ -379,14 +388,27 @@ def _quant_matmul(eqn: Eqn) -> Statement | None:
     m = math.prod(x.shape[:-1])
     if (n if adjoint else k) == 0:
         return _zeros(eqn)
-    direct = m <= DIRECT_ROWS
-    call = (f"ember_qmv{'t' if adjoint else ''}_{fmt}_m{m}({n}, {k}" if direct
-            else f"ember_qmm_{fmt}({int(adjoint)}, {m}, {n}, {k}")
+    if m > BLAS_ROWS:
+        def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+            return (f"ember_qmm_{fmt}({int(adjoint)}, {m}, {n}, {k}, (const float *){ins[0]}, "
+                    f"(const uint8_t *){ins[1]}, (float *){outs[0]});")
+        return Statement(emit, helpers(fmt, m), uses_blas=True)
+    kernel = f"ember_qmv{'t' if adjoint else ''}_{fmt}_m"
+    inner, outer = (n, k) if adjoint else (k, n)
+    full, rest = divmod(m, DIRECT_ROWS)
 
     def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
-        return (f"{call}, (const float *){ins[0]}, (const uint8_t *){ins[1]}, "
-                f"(float *){outs[0]});")
-    return Statement(emit, helpers(fmt, m), uses_blas=not direct)
+        x, w, y = f"(const float *){ins[0]}", f"(const uint8_t *){ins[1]}", f"(float *){outs[0]}"
+        passes = []
+        if full:
+            passes.append(f"for (int64_t c = 0; c < {full}; ++c) {kernel}{DIRECT_ROWS}("
+                          f"{n}, {k}, {x} + c * {DIRECT_ROWS * inner}, {w}, "
+                          f"{y} + c * {DIRECT_ROWS * outer});")
+        if rest:
+            at = full * DIRECT_ROWS
+            passes.append(f"{kernel}{rest}({n}, {k}, {x} + {at * inner}, {w}, {y} + {at * outer});")
+        return "{ " + " ".join(passes) + " }"
+    return Statement(emit, helpers(fmt, m))
 
 
 def _dequantize(eqn: Eqn) -> Statement | None:
@@ -398,7 +420,7 @@ def _dequantize(eqn: Eqn) -> Statement | None:
 
     def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
         return (f"ember_decode_rows_{fmt}({rows}, {k}, (const uint8_t *){ins[0]}, "
-                f"(float *){outs[0]});")
+                f"(float *){outs[0]}, 1);")
     return Statement(emit, _decode_rows(fmt))
 
 
