@@ -64,7 +64,9 @@ SIMD = r"""
 #endif
 
 /* 16 lanes of float32 (ember_vf) and of int32 (ember_vi): the vector layer every block
-   decoder and kernel below is written against. */
+   decoder and kernel below is written against. ev_lookup(idx, table): lane l is
+   table[idx[l] & 15] (one permute in AVX-512): 4-bit codes become values by looking them up
+   in the block's 16 possible values, cheaper than converting and scaling each code. */
 #if EMBER_QUANT_SIMD == 512
 typedef __m512 ember_vf;
 typedef __m512i ember_vi;
@@ -88,6 +90,10 @@ static inline ember_vi ei_shl(ember_vi v, int shift) {
     return _mm512_sll_epi32(v, _mm_cvtsi32_si128(shift)); }
 static inline ember_vi ei_add(ember_vi a, ember_vi b) { return _mm512_add_epi32(a, b); }
 static inline ember_vf ei_float(ember_vi v) { return _mm512_cvtepi32_ps(v); }
+static inline ember_vf ev_iota(void) {
+    return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+static inline ember_vf ev_lookup(ember_vi idx, ember_vf table) {
+    return _mm512_permutexvar_ps(idx, table); }
 #elif EMBER_QUANT_SIMD == 256
 typedef struct { __m256 lo, hi; } ember_vf;
 typedef struct { __m256i lo, hi; } ember_vi;
@@ -129,6 +135,15 @@ static inline ember_vi ei_add(ember_vi a, ember_vi b) {
     return EMBER_PAIR(ember_vi, _mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)); }
 static inline ember_vf ei_float(ember_vi v) {
     return EMBER_PAIR(ember_vf, _mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)); }
+static inline ember_vf ev_iota(void) {
+    return EMBER_PAIR(ember_vf, _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7),
+                      _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15)); }
+static inline __m256 ember_lookup8(__m256i idx, ember_vf t) {  /* bit 3 picks the half */
+    __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx),
+                            _mm256_permutevar8x32_ps(t.hi, idx), high); }
+static inline ember_vf ev_lookup(ember_vi idx, ember_vf table) {
+    return EMBER_PAIR(ember_vf, ember_lookup8(idx.lo, table), ember_lookup8(idx.hi, table)); }
 #elif EMBER_QUANT_SIMD == 0
 typedef struct { float f[16]; } ember_vf;
 typedef struct { int32_t i[16]; } ember_vi;
@@ -150,6 +165,9 @@ static inline ember_vi ei_bits(ember_vi v, int shift, int mask)
 static inline ember_vi ei_shl(ember_vi v, int shift) EMBER_LANES(ember_vi, i[l] = v.i[l] << shift)
 static inline ember_vi ei_add(ember_vi a, ember_vi b) EMBER_LANES(ember_vi, i[l] = a.i[l] + b.i[l])
 static inline ember_vf ei_float(ember_vi v) EMBER_LANES(ember_vf, f[l] = (float)v.i[l])
+static inline ember_vf ev_iota(void) EMBER_LANES(ember_vf, f[l] = (float)l)
+static inline ember_vf ev_lookup(ember_vi idx, ember_vf table)
+    EMBER_LANES(ember_vf, f[l] = table.f[idx.i[l] & 15])
 #else
 #error "EMBER_QUANT_SIMD must be 512, 256 or 0"
 #endif
@@ -175,6 +193,20 @@ static inline float ember_half(const uint8_t *p) {
     return f;
 #endif
 }
+
+/* The two float16 values at p (4 bytes), each broadcast to a vector. */
+static inline void ev_halves(const uint8_t *p, ember_vf *a, ember_vf *b) {
+#if EMBER_QUANT_SIMD == 512
+    int32_t pair;
+    memcpy(&pair, p, 4);  /* one broadcast load, one conversion, two in-lane copies */
+    __m512 both = _mm512_cvtph_ps(_mm256_set1_epi32(pair));
+    *a = _mm512_moveldup_ps(both);
+    *b = _mm512_movehdup_ps(both);
+#else
+    *a = ev_set1(ember_half(p));
+    *b = ev_set1(ember_half(p + 2));
+#endif
+}
 """
 
 # One decoder per format: ``ember_decode_<fmt>(block, w)`` writes the block's ``block / 16``
@@ -184,28 +216,33 @@ DECODERS = {
     "q8_0": r"""
 /* q8_0: d (f16), 32 int8 codes; value = d * q. */
 static inline void ember_decode_q8_0(const uint8_t *b, ember_vf *w) {
-    ember_vf d = ev_set1(ember_half(b));
+    ember_vf d, unused;
+    ev_halves(b, &d, &unused);
     w[0] = ev_mul(d, ei_float(ei_i8(b + 2)));
     w[1] = ev_mul(d, ei_float(ei_i8(b + 18)));
 }
 """,
     "q4_0": r"""
 /* q4_0: d (f16), 16 bytes: elements 0..15 in the low nibbles, 16..31 in the high ones;
-   value = d * (q - 8). */
+   value = d * (q - 8), looked up among the block's 16 values. */
 static inline void ember_decode_q4_0(const uint8_t *b, ember_vf *w) {
-    ember_vf d = ev_set1(ember_half(b)), eight = ev_set1(8.0f);
+    ember_vf d, unused;
+    ev_halves(b, &d, &unused);
+    ember_vf values = ev_mul(d, ev_sub(ev_iota(), ev_set1(8.0f)));
     ember_vi q = ei_u8(b + 2);
-    w[0] = ev_mul(d, ev_sub(ei_float(ei_bits(q, 0, 15)), eight));
-    w[1] = ev_mul(d, ev_sub(ei_float(ei_bits(q, 4, 15)), eight));
+    w[0] = ev_lookup(q, values);
+    w[1] = ev_lookup(ei_bits(q, 4, 15), values);
 }
 """,
     "q4_1": r"""
-/* q4_1: d, m (f16), 16 bytes of nibbles as q4_0; value = d * q + m. */
+/* q4_1: d, m (f16), 16 bytes of nibbles as q4_0; value = d * q + m, looked up. */
 static inline void ember_decode_q4_1(const uint8_t *b, ember_vf *w) {
-    ember_vf d = ev_set1(ember_half(b)), m = ev_set1(ember_half(b + 2));
+    ember_vf d, m;
+    ev_halves(b, &d, &m);
+    ember_vf values = ev_add(ev_mul(d, ev_iota()), m);
     ember_vi q = ei_u8(b + 4);
-    w[0] = ev_add(ev_mul(d, ei_float(ei_bits(q, 0, 15))), m);
-    w[1] = ev_add(ev_mul(d, ei_float(ei_bits(q, 4, 15))), m);
+    w[0] = ev_lookup(q, values);
+    w[1] = ev_lookup(ei_bits(q, 4, 15), values);
 }
 """,
     "q4_k": r"""
@@ -222,12 +259,12 @@ static inline void ember_decode_q4_k(const uint8_t *b, ember_vf *w) {
             sc = (s[j + 8] & 0x0F) | (s[j] >> 6) << 4;
             mn = (s[j + 8] >> 4) | (s[j + 4] >> 6) << 4;
         }
-        ember_vf scale = ev_set1(d * (float)sc), offset = ev_set1(dmin * (float)mn);
+        ember_vf values = ev_sub(ev_mul(ev_set1(d * (float)sc), ev_iota()),
+                                 ev_set1(dmin * (float)mn));
         const uint8_t *group = qs + (sub >> 1) * 32;
         int shift = (sub & 1) * 4;
         for (int h = 0; h < 2; ++h)
-            w[2 * sub + h] = ev_sub(ev_mul(scale, ei_float(ei_bits(ei_u8(group + 16 * h),
-                                                                     shift, 15))), offset);
+            w[2 * sub + h] = ev_lookup(ei_bits(ei_u8(group + 16 * h), shift, 15), values);
     }
 }
 """,
