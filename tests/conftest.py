@@ -41,3 +41,30 @@ def pytest_configure(config: pytest.Config) -> None:
     if missing:
         raise pytest.UsageError("CI runs every reference test, but:\n  "
                                 + "\n  ".join(missing))
+
+
+@pytest.fixture
+def recording_backend():
+    """A second backend: the NumPy backend's buffers and implementations under another name,
+    keeping every graph it compiles (``.compiled``). Registered for one test; the default
+    backend is restored and the backend unregistered afterwards."""
+    from ember.backends import base
+    from ember.backends.numpy_backend import NumpyBackend
+
+    class RecordingBackend(NumpyBackend):
+        name = "recording"
+        impls_key = "numpy"
+
+        def __init__(self):
+            self.compiled = []
+
+        def compile(self, closed, donate=()):
+            self.compiled.append(closed)
+            return super().compile(closed, donate)
+
+    backend = RecordingBackend()
+    base.register_backend(backend)
+    before = base.default_backend().name
+    yield backend
+    base.set_default_backend(before)
+    del base._BACKENDS[backend.name]

@@ -13,35 +13,10 @@ from tiny_models import tiny_model
 
 import ember
 import ember.numpy as enp
-from ember.backends import default_backend, get_backend, register_backend, set_default_backend
+from ember.backends import default_backend, get_backend, set_default_backend
 from ember.backends.cpu import toolchain
-from ember.backends.numpy_backend import NumpyBackend
 from ember.errors import EmberError
 from ember.models import generate as gen
-
-
-class RecordingBackend(NumpyBackend):
-    """The NumPy backend under another name, keeping the graphs it compiles."""
-
-    name = "recording-for-test-backend-select"
-    impls_key = "numpy"
-
-    def __init__(self):
-        self.compiled = []
-
-    def compile(self, closed, donate=()):
-        self.compiled.append(closed)
-        return super().compile(closed, donate)
-
-
-@pytest.fixture
-def recording():
-    """A fresh recording backend; the default backend is restored afterwards."""
-    backend = RecordingBackend()
-    register_backend(backend)
-    before = default_backend().name
-    yield backend
-    set_default_backend(before)
 
 
 def f(x, w):
@@ -52,66 +27,66 @@ X = np.random.default_rng(0).standard_normal((4, 3))
 W = np.random.default_rng(1).standard_normal((3, 2))
 
 
-def test_unknown_name_is_refused_and_the_default_kept(recording):
+def test_unknown_name_is_refused_and_the_default_kept(recording_backend):
     before = default_backend().name
     with pytest.raises(EmberError, match=r"unknown backend 'nope'; available: .*'cpu'.*'numpy'"):
         set_default_backend("nope")
     assert default_backend().name == before
 
 
-def test_jitted_function_follows_a_later_default_with_one_entry_per_backend(recording):
+def test_jitted_function_follows_a_later_default_with_one_entry_per_backend(recording_backend):
     set_default_backend("numpy")
     jf = ember.jit(f)  # made before the switch, as a module-level function is
     np.testing.assert_allclose(np.asarray(jf(X, W)), np.tanh(X @ W).sum(0))
-    assert recording.compiled == []
-    set_default_backend(recording.name)
+    assert recording_backend.compiled == []
+    set_default_backend(recording_backend.name)
     out = jf(X, W)
     np.testing.assert_allclose(np.asarray(out), np.tanh(X @ W).sum(0))
-    assert len(recording.compiled) == 1 and out._backend is recording
+    assert len(recording_backend.compiled) == 1 and out._backend is recording_backend
     info = jf.cache_info()
     assert info["traces"] == 2 and info["entries"] == 2
-    assert info["last_retrace_reason"] == f"backend changed: numpy -> {recording.name}"
+    assert info["last_retrace_reason"] == f"backend changed: numpy -> {recording_backend.name}"
     set_default_backend("numpy")
     jf(X, W)  # the numpy entry is still there: a hit, nothing compiled
     assert jf.cache_info()["traces"] == 2 and jf.cache_info()["hits"] == 1
-    assert len(recording.compiled) == 1
+    assert len(recording_backend.compiled) == 1
     assert jf.lower(X, W).backend == "numpy"
 
 
-def test_explicit_backend_ignores_the_default(recording):
-    set_default_backend(recording.name)
+def test_explicit_backend_ignores_the_default(recording_backend):
+    set_default_backend(recording_backend.name)
     jf = ember.jit(f, backend="numpy")
     np.testing.assert_allclose(np.asarray(jf(X, W)), np.tanh(X @ W).sum(0))
-    assert recording.compiled == [] and jf.lower(X, W).backend == "numpy"
+    assert recording_backend.compiled == [] and jf.lower(X, W).backend == "numpy"
     assert jf.cache_info()["traces"] == 1
 
 
-def test_new_arrays_and_eager_results_live_on_the_default(recording):
-    set_default_backend(recording.name)
+def test_new_arrays_and_eager_results_live_on_the_default(recording_backend):
+    set_default_backend(recording_backend.name)
     a = enp.asarray(X)
-    assert a._backend is recording
-    assert (a + 1)._backend is recording
+    assert a._backend is recording_backend
+    assert (a + 1)._backend is recording_backend
 
 
-def test_grad_of_jit_under_a_new_default(recording):
+def test_grad_of_jit_under_a_new_default(recording_backend):
     jf = ember.jit(lambda x, w: f(x, w).sum())
     g0 = ember.grad(jf, argnums=1)(X, W)
-    set_default_backend(recording.name)
+    set_default_backend(recording_backend.name)
     g1 = ember.jit(ember.grad(jf, argnums=1))(X, W)
     np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-12)
     np.testing.assert_allclose(np.asarray(g0), X.T @ (1 - np.tanh(X @ W) ** 2))
-    assert recording.compiled  # the outer program ran on the new default
+    assert recording_backend.compiled  # the outer program ran on the new default
 
 
-def test_generate_steps_defined_at_module_level_follow_the_default(recording):
+def test_generate_steps_defined_at_module_level_follow_the_default(recording_backend):
     model = tiny_model(40)
     prompts = [[3, 5, 7, 9]]
     want = gen.generate_ids(model, prompts, max_new_tokens=4)
-    set_default_backend(recording.name)
+    set_default_backend(recording_backend.name)
     got = gen.generate_ids(model, prompts, max_new_tokens=4)
     assert got == want
     for step in (gen._extend, gen._sample):
-        assert any(key.backend == recording.name for key in step._cache), step._name
+        assert any(key.backend == recording_backend.name for key in step._cache), step._name
 
 
 def _run(code: str, backend: str) -> subprocess.CompletedProcess:
@@ -137,7 +112,7 @@ def test_environment_variable_sets_the_initial_default():
 
 
 @pytest.mark.skipif(not toolchain.available(), reason="no C compiler")
-def test_default_cpu_compiles_to_c_and_matches_numpy(recording):
+def test_default_cpu_compiles_to_c_and_matches_numpy(recording_backend):
     want = ember.jit(f, backend="numpy")(X, W)
     set_default_backend("cpu")
     jf = ember.jit(f)

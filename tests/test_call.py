@@ -12,8 +12,7 @@ from helpers import numeric_grad
 import ember
 import ember.numpy as enp
 from ember import lax
-from ember.backends import get_backend, register_backend
-from ember.backends.numpy_backend import NumpyBackend
+from ember.backends import get_backend
 from ember.core.trace import make_graph
 from ember.ir import ArrayType, ClosedGraph
 from ember.ir.verify import verify
@@ -325,24 +324,8 @@ def test_layer_called_many_times_is_traced_once():
     assert layer.cache_info()["traces"] == 1
 
 
-class CountingBackend(NumpyBackend):
-    """A second backend (NumPy's implementations under another name) that records what it
-    compiles."""
-
-    name = "counting-for-test-call"
-    impls_key = "numpy"
-
-    def __init__(self):
-        self.compiled = []
-
-    def compile(self, closed, donate=()):
-        self.compiled.append(closed)
-        return super().compile(closed, donate)
-
-
-def test_call_body_runs_on_the_backend_of_the_enclosing_program():
-    backend = CountingBackend()
-    register_backend(backend)
+def test_call_body_runs_on_the_backend_of_the_enclosing_program(recording_backend):
+    backend = recording_backend
     inner = ember.jit(mlp_vec)
     outer = ember.jit(lambda w, x: enp.sum(inner(w, x)), backend=backend.name)
     close(outer(W1, X), np.sum(np.tanh(X @ W1) * 2))

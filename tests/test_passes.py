@@ -9,7 +9,6 @@ import pytest
 import ember
 import ember.numpy as enp
 from ember import dtypes, lax
-from ember.backends.base import _BACKENDS, register_backend
 from ember.backends.numpy_backend import NumpyBackend
 from ember.core.trace import make_graph
 from ember.ir.graph import ClosedGraph, Eqn, Graph, Var
@@ -310,28 +309,6 @@ def test_verify_recurses_and_names_the_body():
 
 # --- bodies run on the backend that runs the program -----------------------------------------
 
-class CountingBackend(NumpyBackend):
-    """A second backend: NumPy's buffers and implementations under another name, counting
-    the graphs it compiles."""
-
-    name = "counting"
-
-    def __init__(self):
-        self.compiled: list[ClosedGraph] = []
-
-    def compile(self, closed, donate=()):
-        self.compiled.append(closed)
-        return super().compile(closed, donate)
-
-
-@pytest.fixture
-def counting():
-    backend = CountingBackend()
-    register_backend(backend)
-    yield backend
-    del _BACKENDS[backend.name]
-
-
 def _custom_sin():
     @ember.custom_vjp
     def f(x):
@@ -355,38 +332,38 @@ PROGRAMS = {
 
 
 @pytest.mark.parametrize("name", list(PROGRAMS))
-def test_bodies_are_compiled_by_the_backend_running_the_program(counting, name):
+def test_bodies_are_compiled_by_the_backend_running_the_program(recording_backend, name):
     fn, n_bodies = PROGRAMS[name]
     x = np.abs(X) + 0.5
     expected = ember.jit(fn)(x)
-    got = ember.jit(fn, backend="counting")(x)
+    got = ember.jit(fn, backend=recording_backend.name)(x)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
-    top, *inner = counting.compiled
+    top, *inner = recording_backend.compiled
     assert len(inner) >= n_bodies
     # Every body it ran was compiled by it (and memoised under its name), none by NumPy.
     for body in inner:
-        assert "counting" in body.cache and "numpy" not in body.cache
+        assert recording_backend.name in body.cache and "numpy" not in body.cache
     held = [b for eqn in top.graph.eqns for _, b in bodies(eqn)]
     assert held and all("numpy" not in b.cache for b in held)
 
 
-def test_eager_control_flow_runs_on_the_backend_of_its_operands(counting):
-    x = ember.jit(lambda v: v * 1.0, backend="counting")(X)
-    counting.compiled.clear()
+def test_eager_control_flow_runs_on_the_backend_of_its_operands(recording_backend):
+    x = ember.jit(lambda v: v * 1.0, backend=recording_backend.name)(X)
+    recording_backend.compiled.clear()
     out = lax.cond(x[0] > 0, enp.sin, enp.cos, x)
     np.testing.assert_allclose(out, np.sin(X) if X[0] > 0 else np.cos(X))
-    assert len(counting.compiled) == 1  # the branch that ran
+    assert len(recording_backend.compiled) == 1  # the branch that ran
 
 
-def test_a_body_is_compiled_once_per_backend(counting):
+def test_a_body_is_compiled_once_per_backend(recording_backend):
     graph = lowered(lambda h: lax.scan(step, h, XS)[0], X)
-    run = counting.compile(graph)
+    run = recording_backend.compile(graph)
     for _ in range(3):
         np.testing.assert_allclose(run(X)[0], lax.scan(step, X, XS)[0])
     (scan,) = eqns_named(graph, "scan")
-    assert counting.compiled.count(scan.params["body"]) == 1
+    assert recording_backend.compiled.count(scan.params["body"]) == 1
     NumpyBackend().compile(graph)(X)
-    assert set(scan.params["body"].cache) >= {"counting", "numpy"}
+    assert set(scan.params["body"].cache) >= {recording_backend.name, "numpy"}
 
 
 def test_control_flow_has_one_implementation_for_every_backend():
