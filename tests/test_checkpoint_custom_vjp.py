@@ -25,15 +25,11 @@ def residual_count(f, *args):
 
 # --- checkpoint ------------------------------------------------------------------------------
 
-def test_checkpoint_same_values_and_gradients():
+def test_checkpoint_same_values():
+    # Its gradients, with every policy: test_every_policy_gives_the_gradients_of_the_plain_...
     cf = ember.checkpoint(mlp)
     np.testing.assert_allclose(cf(X, W), mlp(X, W))
     np.testing.assert_allclose(ember.jit(cf)(X, W), mlp(X, W))
-    expected = ember.grad(mlp, argnums=(0, 1))(X, W)
-    for g in (ember.grad(cf, argnums=(0, 1))(X, W),
-              ember.jit(ember.grad(cf, argnums=(0, 1)))(X, W)):
-        np.testing.assert_allclose(g[0], expected[0], rtol=1e-12)
-        np.testing.assert_allclose(g[1], expected[1], rtol=1e-12)
 
 
 def test_checkpoint_keeps_only_inputs_as_residuals():
