@@ -14,6 +14,14 @@ from typing import Any
 
 REGISTRY: dict[str, Primitive] = {}
 
+
+def _route(prim: Primitive, args: tuple, params: dict[str, Any]) -> Any:
+    """Replaced by :func:`ember.core.trace.bind` when that module loads (it imports this one, so
+    this one cannot import it at the top; a lookup per call would cost every operation)."""
+    from ember.core.trace import bind
+
+    return bind(prim, args, params)
+
 # What kind of computation a primitive is: compilers group and lower by kind, never by name.
 #
 # - ``elementwise``: operands of one shape, ``out[i] = f(in[i])`` (casts, select, copy too);
@@ -77,9 +85,7 @@ class Primitive:
         REGISTRY[name] = self
 
     def bind(self, *args: Any, **params: Any) -> Any:
-        from ember.core.trace import bind
-
-        return bind(self, args, params)
+        return _route(self, args, params)
 
     def def_abstract_eval(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         self.abstract_eval = fn
