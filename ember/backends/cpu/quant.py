@@ -299,7 +299,9 @@ _DIRECT = r"""
    decoded into registers and multiplied into a pair of accumulators per row of x. */
 static void ember_qmv_$F_m$M(int64_t N, int64_t K, const float *x, const uint8_t *w, float *y) {
     const int64_t blocks = K / $B;
-    #pragma omp parallel for schedule(static)
+    /* Dynamic chunks: on a busy machine a thread that loses its core mid-loop leaves its
+       remaining rows to the others instead of holding up the whole product. */
+    #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t *row = w + n * blocks * $BB;
         ember_vf acc[$M][2];
