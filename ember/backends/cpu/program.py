@@ -349,7 +349,8 @@ def _describe(eqn: Eqn) -> str:
 def _threads() -> int:
     """Threads for OpenMP kernels and for OpenBLAS: ``EMBER_NUM_THREADS``, else the cores this
     process may run on. The two pools never run at once (BLAS is called between kernels, not
-    inside them), so each may use every core without oversubscribing."""
+    inside them, and OpenMP's threads wait passively: ``toolchain._passive_openmp``), so each
+    may use every core without oversubscribing."""
     if os.environ.get("EMBER_NUM_THREADS"):
         return max(1, int(os.environ["EMBER_NUM_THREADS"]))
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -122,6 +122,17 @@ def cache_key(source: str, library: Library = Library()) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
+def _passive_openmp() -> None:
+    """Make OpenMP threads sleep, not spin, between kernels (unless the user chose otherwise).
+
+    GNU OpenMP's threads spin for a while after a parallel loop, waiting for the next one; the
+    OpenBLAS threads a program calls between kernels then find the cores busy. Measured on
+    SmolLM2 decode with 2 threads: 8.5 tok/s spinning, 29 tok/s passive. The OpenMP runtime reads
+    the setting once, when the first library that uses it loads, so it is set before any load.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+
 _MEMO: dict[tuple[str, str], ctypes.CDLL] = {}
 _MEMO_LOCK = threading.Lock()
 
@@ -142,6 +153,7 @@ def build(source: str, library: Library = Library()) -> ctypes.CDLL:
 
 
 def _load_or_build(source: str, library: Library, key: str, directory: str) -> ctypes.CDLL:
+    _passive_openmp()
     os.makedirs(directory, exist_ok=True)
     so_path = os.path.join(directory, key + ".so")
     if os.path.exists(so_path):
