@@ -9,11 +9,21 @@ on it directly. Everything that is not an array, a module or a container of them
 flags, the ``training`` switch, the set of frozen names) is static: it is part of the tree's
 structure and therefore of the jit cache key, which is what makes ``train()``/``eval()`` or
 freezing retrace instead of silently reusing the wrong program.
+
+A module's flattening is kept for the next one (a decode step's ``jit`` call would otherwise
+walk the whole model each token). Attribute assignment is what drops it, so change modules by
+assigning attributes (or ``update``, ``load_state_dict``...), never by writing ``__dict__``
+or calling ``object.__setattr__``; lists and dicts among the attributes may be changed in
+place, their items are compared before a kept flattening is reused.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
+import weakref
 from collections.abc import Callable, Iterator
+from itertools import chain
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,17 +53,91 @@ def _is_array(value: Any) -> bool:
     return isinstance(value, (Array, np.ndarray)) or hasattr(value, "aval")
 
 
-class _Spec(NamedTuple):
+class _Spec:
     """One module of a flattened tree without its arrays: class, static attributes, and per
-    child attribute its container structure and entries (a leaf position or a submodule)."""
+    child attribute its container structure and entries (a leaf position or a submodule).
 
-    cls: type
-    static: tuple[tuple[str, Any], ...]
-    children: tuple[tuple[str, TreeDef, tuple[Any, ...]], ...]
+    The hash is computed once, from the submodules' kept hashes: every jit call hashes the
+    structure of its arguments, and a model's spec spans all of its submodules.
+    """
+
+    __slots__ = ("cls", "static", "children", "_hash")
+
+    def __init__(self, cls: type, static: tuple[tuple[str, Any], ...],
+                 children: tuple[tuple[str, TreeDef, tuple[Any, ...]], ...]):
+        self.cls, self.static, self.children = cls, static, children
+        self._hash = hash((cls, static, children))
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, _Spec) and self._hash == other._hash and self.cls is other.cls
+            and self.static == other.static and self.children == other.children)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+class _Kept(NamedTuple):
+    """A module's flattening, kept for the next one: ``jit`` flattens its arguments on every
+    call, and walking a model's tree costs a millisecond where reusing it costs microseconds.
+
+    Assigning an attribute of any module drops every kept flattening (``_forget``). What an
+    assignment does not go through, a list or dict among the attributes changed in place
+    (``model.layers.append(block)``), is compared item by item, by identity, before reuse.
+    """
+
+    root: weakref.ref  # weak: keeping a flattening must not keep the model alive
+    leaves: tuple[Any, ...]
+    spec: _Spec
+    lists: tuple[list, ...]
+    dicts: tuple[dict, ...]
+    lengths: list[int]
+    items: list[Any]
+
+
+_KEPT: dict[int, _Kept] = {}  # id of the flattened module -> its kept flattening
+
+
+def _forget() -> None:
+    """Drop every kept flattening: a module changed (and the arrays it held may be freed)."""
+    if _KEPT:
+        _KEPT.clear()
+
+
+def _drop(key: int, ref: weakref.ref) -> None:
+    """The module behind ``ref`` is gone: so is its kept flattening, which holds its arrays."""
+    kept = _KEPT.get(key)
+    if kept is not None and kept.root is ref:
+        _KEPT.pop(key, None)
+
+
+def _contents(lists: tuple[list, ...], dicts: tuple[dict, ...]) -> tuple[list[int], list[Any]]:
+    """The lengths and items (dict keys and values) of containers, gathered without a Python
+    step per item."""
+    return ([*map(len, lists), *map(len, dicts)],
+            [*chain.from_iterable(lists), *chain.from_iterable(dicts),
+             *chain.from_iterable(map(dict.values, dicts))])
 
 
 def _flatten(module: Module) -> tuple[list[Any], _Spec]:
-    """A module flattens its whole subtree at once, each array object once.
+    """The module's leaves and spec: kept from the last flattening when nothing changed."""
+    kept = _KEPT.get(id(module))
+    if kept is not None and kept.root() is module:
+        lengths, items = _contents(kept.lists, kept.dicts)
+        if lengths == kept.lengths and all(map(operator.is_, items, kept.items)):
+            return list(kept.leaves), kept.spec
+    leaves, spec, lists, dicts = _walk_module(module)
+    if lists is not None:
+        root = weakref.ref(module, functools.partial(_drop, id(module)))
+        _KEPT[id(module)] = _Kept(root, tuple(leaves), spec, lists, dicts,
+                                  *_contents(lists, dicts))
+    return leaves, spec
+
+
+def _walk_module(module: Module) -> tuple[list[Any], _Spec, tuple | None, tuple | None]:
+    """Flatten a module's whole subtree at once, each array object once; also the lists and
+    dicts among its attributes (None when they hold other containers, such as a dataclass,
+    whose changes in place no check would see: such a flattening is not kept).
 
     Flattening submodules as separate nodes would give an array reached by two paths (a tied
     weight) two leaves, and ``jit`` or ``grad`` would then see two independent values. Here a
@@ -62,6 +146,9 @@ def _flatten(module: Module) -> tuple[list[Any], _Spec]:
     """
     leaves: list[Any] = []
     seen: dict[int, int] = {}
+    lists: list[list] = []
+    dicts: list[dict] = []
+    plain = True
 
     def entry(leaf: Any) -> Any:
         if isinstance(leaf, Module):
@@ -75,11 +162,13 @@ def _flatten(module: Module) -> tuple[list[Any], _Spec]:
         return len(leaves) - 1
 
     def spec(m: Module) -> _Spec:
+        nonlocal plain
         static, children = [], []
         for name, value in m.__dict__.items():
             if isinstance(value, _CONTAINERS):
                 if _is_child(value):
                     parts, treedef = tree_flatten(value, is_leaf=_is_module)
+                    plain = _containers(value, treedef, lists, dicts) and plain
                     children.append((name, treedef, tuple(entry(p) for p in parts)))
                     continue
             elif isinstance(value, Module) or _is_array(value):
@@ -87,15 +176,33 @@ def _flatten(module: Module) -> tuple[list[Any], _Spec]:
                 continue
             static.append((name, value))
         try:
-            hash(tuple(static))
+            return _Spec(type(m), tuple(static), tuple(children))
         except TypeError:
             bad = [n for n, v in static if not _hashable(v)]
             raise EmberError(f"{type(m).__name__}: attribute(s) {bad} are neither arrays nor "
                              f"modules and are not hashable; a module's static attributes "
                              f"must be hashable (they are part of the jit cache key)") from None
-        return _Spec(type(m), tuple(static), tuple(children))
 
-    return leaves, spec(module)
+    root = spec(module)
+    if not plain:
+        return leaves, root, None, None
+    return leaves, root, tuple(lists), tuple(dicts)
+
+
+def _containers(value: Any, treedef: TreeDef, lists: list[list], dicts: list[dict]) -> bool:
+    """Collect the lists and dicts that make up ``value`` (flattened as ``treedef``); False
+    when it holds another kind of container."""
+    node = treedef.node
+    if node is None or node is type(None):
+        return True
+    if node is list:
+        lists.append(value)
+    elif node is dict:
+        dicts.append(value)
+        value = [value[k] for k in treedef.aux]
+    elif node is not tuple:
+        return False
+    return all([_containers(v, c, lists, dicts) for v, c in zip(value, treedef.children)])
 
 
 _LEAF = TreeDef(None, None, ())
@@ -146,7 +253,12 @@ class Module:
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, np.ndarray):
             value = asarray(value)
+        _forget()
         object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        _forget()
+        object.__delattr__(self, name)
 
     # --- traversal ------------------------------------------------------------------------------
     def _children(self) -> Iterator[tuple[str, Any]]:
@@ -424,6 +536,7 @@ class _Slot(NamedTuple):
 
     def set(self, value: Any) -> None:
         current = self.owner.__dict__[self.attr]
+        _forget()
         object.__setattr__(self.owner, self.attr, _replace_in(current, self.keys, value))
 
 

@@ -22,13 +22,13 @@ import inspect
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, count, repeat
 from typing import Any
 
 from ember.backends import Backend, default_backend, get_backend
 from ember.core.array import Array, Tracer
 from ember.core.hidden_state import HiddenState, make_graph_with_state
-from ember.core.trace import aval_of, to_array, tracing_active
+from ember.core.trace import to_array, tracing_active
 from ember.errors import EmberError, UnsupportedError, user_frame
 from ember.ir.graph import ClosedGraph
 from ember.ir.passes import optimize
@@ -42,13 +42,32 @@ from ember.tree import LEAF, TreeDef, tree_flatten, tree_unflatten
 __all__ = ["jit", "Jitted", "Lowered", "Compiled"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CacheKey:
     tree: TreeDef
     avals: tuple[ArrayType, ...]
     static: tuple[Any, ...]
     # The backend that compiles the program: ``backend=``, else the default when called.
     backend: str = "numpy"
+
+    # Hashed once: hashing the types of a model's hundreds of leaves is a Python call each.
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.tree, self.avals, self.static,
+                                                self.backend)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, CacheKey) and self._hash == other._hash
+            and self.same(other.tree, other.avals, other.static, other.backend))
+
+    def same(self, tree: TreeDef, avals: tuple[ArrayType, ...], static: tuple[Any, ...],
+             backend: str) -> bool:
+        """Whether this key has these parts (the tuples compare identical types first)."""
+        return (self.tree == tree and self.avals == avals and self.static == static
+                and self.backend == backend)
 
     def difference(self, other: CacheKey) -> str:
         if self.backend != other.backend:
@@ -129,7 +148,7 @@ def _positional_tree(count: int) -> TreeDef:
 
 
 _BUFFER = operator.attrgetter("_buffer")
-_AVAL = operator.attrgetter("_aval")
+_AVAL = operator.attrgetter("aval")  # a slot read for an Array, the property for a tracer
 _ARRAY = {Array}
 
 
@@ -212,6 +231,7 @@ class Jitted:
         # None follows the default backend, resolved at each call (``set_default_backend``).
         self.backend = None if backend is None else get_backend(backend).name
         self._cache: dict[CacheKey, _Entry] = {}
+        self._last_key: CacheKey | None = None
         self._stats = _Stats()
         self._signature = _safe_signature(fun)
         # Name and docstring only: merging ``fun.__dict__`` would let a wrapped Jitted's own
@@ -271,25 +291,26 @@ class Jitted:
             leaves, tree = list(args), _positional_tree(len(args))  # f(x, y): nothing to walk
         else:
             leaves, tree = tree_flatten((args, kwargs))
-        if _ARRAY.issuperset(map(type, leaves)) and not any(
-                map(operator.is_, map(_BUFFER, leaves), repeat(None))):
-            # Arrays with their buffers, the common arguments: nothing to convert or check,
-            # and no Python step per leaf.
-            avals = list(map(_AVAL, leaves))
-        else:
-            avals = []
-            for i, leaf in enumerate(leaves):
-                try:
-                    leaf = leaves[i] = to_array(leaf)  # also refuses arrays already donated
-                except EmberError:
-                    raise
-                except Exception as e:
-                    raise EmberError(f"jit: argument leaf {leaf!r} is not an array; mark it "
-                                     f"static with static_argnums/static_argnames\n"
-                                     f"  at {user_frame()}") from e
-                avals.append(aval_of(leaf))
+        # Arrays, the common leaves (a model's weights), are typed and checked with ``map``,
+        # no Python step per leaf; only the others (NumPy arrays, scalars, tracers) are
+        # converted one by one.
+        types = list(map(type, leaves))
+        arrays = leaves
+        if not _ARRAY.issuperset(types):
+            arrays = list(compress(leaves, map(operator.is_, types, repeat(Array))))
+            for i in compress(count(), map(operator.is_not, types, repeat(Array))):
+                leaves[i] = _argument(leaves[i])
+        if any(map(operator.is_, map(_BUFFER, arrays), repeat(None))):
+            for a in arrays:
+                to_array(a)  # refuses the array already donated
+        avals = tuple(map(_AVAL, leaves))
         backend = self.backend or default_backend().name
-        return CacheKey(tree, tuple(avals), static, backend), leaves
+        # A call like the last one (a decode step) reuses its key and so its kept hash.
+        last = self._last_key
+        if last is not None and last.same(tree, avals, static, backend):
+            return last, leaves
+        key = self._last_key = CacheKey(tree, avals, static, backend)
+        return key, leaves
 
     def _rebuild(self, args: tuple, kwargs: dict) -> Callable[..., Any]:
         """The function of the dynamic arguments only, with static ones bound."""
@@ -374,6 +395,17 @@ class Jitted:
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         return self if obj is None else functools.partial(self, obj)
+
+
+def _argument(leaf: Any) -> Any:
+    """An argument leaf that is not an Array, as one (a tracer stays itself)."""
+    try:
+        return to_array(leaf)
+    except EmberError:
+        raise
+    except Exception as e:
+        raise EmberError(f"jit: argument leaf {leaf!r} is not an array; mark it static with "
+                         f"static_argnums/static_argnames\n  at {user_frame()}") from e
 
 
 def _hashable(value: Any, what: str) -> Any:

@@ -24,10 +24,13 @@ up as wrong results in any test.
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress, count
 from typing import Any
 
 import numpy as np
@@ -202,8 +205,11 @@ class Program:
                 else:
                     self.home[v.id], ext = _Home(ext=ext), ext + 1
         self.n_ext = ext
-        self.consts = [np.asarray(c, order="C") for c in closed.consts]
-        self._in_dtypes = [v.aval.dtype for v in [*graph.constvars, *graph.invars]]
+        # C reads raw memory: constants are contiguous arrays of exactly the declared dtype.
+        self.consts = [np.asarray(c, v.aval.dtype, order="C")
+                       for c, v in zip(closed.consts, graph.constvars)]
+        self._inputs = _Inputs(self.consts, [v.aval.dtype for v in graph.invars], ext)
+        self._unset = [None] * (ext - len(self.consts) - len(graph.invars))
 
     def _steps(self, statements: dict[int, Statement]) -> None:
         """The run order: ("c", segment index) or ("numpy", equation index), each with the
@@ -227,8 +233,12 @@ class Program:
                         if self.home[v.id].ext is not None and not live[v].is_input]
                        for span in spans]
         # Outputs computed in C into fresh arrays (not stored over a donated input).
-        self._fresh = [v for i in statements for v in graph.eqns[i].outputs
+        self._fresh = [(self.home[v.id].ext, v.aval.shape, v.aval.dtype)
+                       for i in statements for v in graph.eqns[i].outputs
                        if live[v].is_output and v.id not in self.plan.home]
+        # The plan never places an output in the arena: every one has an ext slot.
+        self._outputs = [a if isinstance(a, Literal) else self.home[a.id].ext
+                         for a in graph.outvars]
 
     # --- C ---------------------------------------------------------------------------------
 
@@ -275,27 +285,22 @@ class Program:
     # --- running ---------------------------------------------------------------------------
 
     def __call__(self, *buffers: Any) -> list[Any]:
-        graph, home = self.graph, self.home
-        env: list[Any] = [None] * self.n_ext
-        ext = (ctypes.c_void_p * max(1, self.n_ext))()
-        for slot, (buf, dtype) in enumerate(zip([*self.consts, *buffers], self._in_dtypes)):
-            # C reads raw memory: hand it contiguous arrays of exactly the declared dtype.
-            _bind(env, ext, slot, np.asarray(buf, dtype, order="C"))
-        for v in self._fresh:
-            _bind(env, ext, home[v.id].ext, np.empty(v.aval.shape, v.aval.dtype))
+        arrays, ext = self._inputs.bind(buffers)
+        env: list[Any] = [*self.consts, *arrays, *self._unset]
+        for slot, shape, dtype in self._fresh:
+            _bind(env, ext, slot, np.empty(shape, dtype))
         arena = self._arena.acquire()
         try:
-            base = arena.ctypes.data
+            base, table = ctypes.c_void_p(_address(arena)), ctypes.c_void_p(_address(ext))
             for (kind, idx), drops in zip(self._schedule, self._drops):
                 if kind == "c":
-                    self._functions[idx](ctypes.c_void_p(base), ext)
+                    self._functions[idx](base, table)
                 else:
                     self._run_equation(idx, arena, env, ext)
                 for slot in drops:
                     env[slot] = None
-            # The plan never places an output in the arena: every one has an ext slot.
-            return [np.asarray(a.value) if isinstance(a, Literal) else env[home[a.id].ext]
-                    for a in graph.outvars]
+            return [np.asarray(o.value) if isinstance(o, Literal) else env[o]
+                    for o in self._outputs]
         finally:
             self._arena.release(arena)
 
@@ -322,9 +327,62 @@ class Program:
                 region.view(np.dtype(f"u{unit}")).fill(pattern)
 
 
-def _bind(env: list[Any], ext: Any, slot: int, array: np.ndarray) -> None:
+def _bind(env: list[Any], ext: np.ndarray, slot: int, array: np.ndarray) -> None:
     env[slot] = array
-    ext[slot] = array.ctypes.data
+    ext[slot] = _address(array)
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+class _Inputs:
+    """A program's input buffers as C reads them, and the table of their addresses.
+
+    Most inputs of a call are the very arrays of the last one (a model's weights, a KV cache
+    written in place): those keep the address read last time (an array's memory never moves),
+    and only the others are converted (contiguous, the declared dtype) and have their address
+    read, so binding a decode step's hundreds of buffers is a few C-level passes. The last
+    call's arrays are recognised by weak references: the program keeps no input alive, and a
+    donated buffer's reference count, which decides whether it is written in place, is
+    unchanged.
+    """
+
+    def __init__(self, consts: list[np.ndarray], dtypes: list[np.dtype], n_ext: int):
+        self._dtypes = dtypes
+        self._first = len(consts)
+        table = np.zeros(max(1, n_ext), np.uintp)  # ``ember_ext``: consts, inputs, the rest
+        table[:len(consts)] = [_address(c) for c in consts]
+        self._last = ([_gone] * len(dtypes), table)  # one tuple: threads swap it whole
+
+    def bind(self, buffers: Sequence[Any]) -> tuple[list[np.ndarray], np.ndarray]:
+        """The arrays C reads, and a new address table (one per call: calls may overlap)."""
+        if len(buffers) != len(self._dtypes):
+            raise TypeError(f"ember internal error: a program of {len(self._dtypes)} inputs "
+                            f"called with {len(buffers)} buffers")
+        refs, table = self._last
+        arrays = list(buffers)
+        same = list(map(operator.is_, map(operator.call, refs), buffers))
+        if not all(same):
+            refs, table = list(refs), table.copy()
+            for i in compress(count(), map(operator.not_, same)):
+                array = arrays[i] = np.asarray(buffers[i], self._dtypes[i], order="C")
+                table[self._first + i] = _address(array)
+                refs[i] = _weak(array) if array is buffers[i] else _gone
+            self._last = refs, table
+        return arrays, table.copy()
+
+
+def _gone() -> None:
+    """What a dead weak reference returns: stands for an input not to be recognised."""
+    return None
+
+
+def _weak(array: Any) -> Any:
+    try:
+        return weakref.ref(array)
+    except TypeError:  # not an ndarray (a NumPy scalar): converted on every call
+        return _gone
 
 
 def _arena_view(arena: np.ndarray, offset: int, aval: Any) -> np.ndarray:
