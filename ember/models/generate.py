@@ -69,7 +69,7 @@ PREFILL_CHUNK = 512
 
 
 def _prefill(model: LlamaForCausalLM, cache: KVCache, ids: np.ndarray, positions: np.ndarray,
-             key_mask: np.ndarray) -> tuple[Any, KVCache]:
+             key_mask: Any) -> tuple[Any, KVCache]:
     """Fill the cache with the (left-padded) prompts, ``PREFILL_CHUNK`` tokens at a time.
 
     The first chunk takes the remainder, so every other chunk has the same shape and one trace
@@ -144,7 +144,7 @@ def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
     for row, p in enumerate(prompts):
         ids[row, pads[row]:] = p
     positions = np.maximum(np.arange(longest)[None, :] - pads[:, None], 0).astype(np.int32)
-    key_mask = np.arange(total)[None, :] >= pads[:, None]
+    key_mask = enp.asarray(np.arange(total)[None, :] >= pads[:, None])  # one copy, not per step
     seen = np.zeros((batch, vocab), dtype=bool)
     for row, p in enumerate(prompts):
         seen[row, list(p)] = True
@@ -160,8 +160,14 @@ def generate_ids(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]],
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(batch, dtype=bool)
     next_pos = (longest - pads).astype(np.int32)
+    # Greedy with no penalty is the argmax of the logits (a penalty of 1 changes none): taken
+    # here, on the host, it saves a program call per token.
+    argmax_only = greedy and s.repetition_penalty == 1.0
     for step in range(max_new_tokens):
-        tokens = np.asarray(_sample(logits, seen, key, np.int32(step), *knobs))
+        if argmax_only:
+            tokens = np.argmax(np.asarray(logits), axis=-1).astype(np.int32)
+        else:
+            tokens = np.asarray(_sample(logits, seen, key, np.int32(step), *knobs))
         for row, tok in enumerate(tokens.tolist()):
             if done[row]:
                 continue
