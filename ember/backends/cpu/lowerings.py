@@ -3,14 +3,17 @@
 Fused elementwise/reduction groups are rendered as kernels by ``kernels.py``; what is left for
 this module is the work that is not a loop nest over one iteration domain: matrix products
 (handed to BLAS, with strides instead of copies), and reads and writes at computed positions
-(``dynamic_slice``, ``dynamic_update_slice``, ``gather``, ``scatter``). Each rule is registered
+(``dynamic_slice``, ``dynamic_update_slice``, ``gather``, ``scatter``). A float32 product with
+few rows of activations against a weight stored as rows (``x @ W.T``, decode) runs in a kernel of
+this module instead of BLAS (``GEMV_MIN_ROWS`` to ``GEMV_ROWS``). Each rule is registered
 on its primitive as ``prim.def_lowering("c", rule)`` and called as ``rule(eqn)``; it returns a
 :class:`Statement` or None when this instance is not supported (a dtype without a C rule): the
 program then runs that equation through NumPy.
 
 Index semantics follow the primitives' NumPy implementations exactly (starts clamped so the
 window fits, gather indices clamped, scatter updates outside the operand dropped), so results
-are bitwise those of the reference, except matrix products, whose summation order is BLAS's.
+are bitwise those of the reference, except matrix products, whose summation order is BLAS's
+or the kernel's.
 """
 
 from __future__ import annotations
@@ -255,6 +258,71 @@ def _matrix(rows: tuple[int, int | None], cols: tuple[int, int | None]
 
 _BLAS = {np.dtype(np.float32): ("s", "float", "f"), np.dtype(np.float64): ("d", "double", "")}
 
+# Rows of float32 activations for which ``x @ W.T`` runs in the kernel below, not in BLAS:
+# GEMV_MIN_ROWS to GEMV_ROWS. Measured on SmolLM2's shapes (576..49152 x 576..1536, 1 and 2
+# threads, W streamed from memory): at 2 to 8 rows BLAS (sgemm) reads W at 5-8 GB/s, the
+# kernel at 8-15 (it reads W once). One row stays with BLAS's sgemv: alone it streams W as
+# fast as the kernel (12 GB/s a core), and in a decode step its threads, which spin between
+# calls, beat OpenMP's, which sleep and take tens of microseconds to wake (SmolLM2 decode on
+# 2 threads: 33 tok/s with sgemv, 24 with the kernel).
+GEMV_MIN_ROWS = 2
+GEMV_ROWS = 8
+# Elements of W below which the kernel runs on one thread: OpenMP threads that wait passively
+# (``toolchain._passive_openmp``) take tens of microseconds to wake, more than a 1 MB product
+# gains from a second core (measured: 576 x 576 runs as fast on one thread as on two).
+GEMV_THREADED_ELEMENTS = 1 << 19
+
+_GEMV = r"""
+/* y[m, n] = sum_k x[m, k] w[n, k] for $M rows of x (row stride ldx) and N rows of W (row
+   stride ldw); y is [$M, N]. Rows of W go in groups of $R, each group read once, straight
+   through, into $M x $R accumulators; each thread takes one contiguous run of groups (static
+   schedule), so it streams one range of memory. Bound by memory bandwidth: W is read once. */
+static inline __attribute__((always_inline)) void ember_sgemv_rows_m$M(
+        int rows, int64_t K, const float *x, int64_t ldx, const float *w, int64_t ldw,
+        float *y, int64_t N) {
+    const int64_t K16 = K / 16 * 16;
+    ember_vf acc[$M][$R];
+    for (int m = 0; m < $M; ++m)
+        for (int r = 0; r < rows; ++r) acc[m][r] = ev_set1(0.0f);
+    for (int64_t k = 0; k < K16; k += 16) {
+        ember_vf wv[$R];
+        for (int r = 0; r < rows; ++r) wv[r] = ev_load(w + r * ldw + k);
+        for (int m = 0; m < $M; ++m) {
+            ember_vf xv = ev_load(x + m * ldx + k);
+            for (int r = 0; r < rows; ++r) acc[m][r] = ev_fma(wv[r], xv, acc[m][r]);
+        }
+    }
+    for (int m = 0; m < $M; ++m)
+        for (int r = 0; r < rows; ++r) {
+            float s = ev_sum(acc[m][r]);
+            for (int64_t k = K16; k < K; ++k) s += x[m * ldx + k] * w[r * ldw + k];
+            y[m * N + r] = s;
+        }
+}
+
+static void ember_sgemv_m$M(int64_t N, int64_t K, const float *x, int64_t ldx, const float *w,
+                            int64_t ldw, float *y) {
+    const int64_t groups = N / $R;
+    #pragma omp parallel for schedule(static) if (N * K >= $THREADED)
+    for (int64_t g = 0; g < groups; ++g)
+        ember_sgemv_rows_m$M($R, K, x, ldx, w + g * $R * ldw, ldw, y + g * $R, N);
+    for (int64_t n = groups * $R; n < N; ++n)  /* the last N % $R rows, one at a time */
+        ember_sgemv_rows_m$M(1, K, x, ldx, w + n * ldw, ldw, y + n, N);
+}
+"""
+
+
+def _gemv_helpers(m: int) -> tuple[str, ...]:
+    """The C of ``ember_sgemv_m<m>``, on the 16-lane vector layer of the quantised kernels
+    (AVX-512, AVX2 or portable C, by ``EMBER_QUANT_SIMD``). Imported here, not at the top:
+    ``quant`` imports :class:`Statement` from this module."""
+    from ember.backends.cpu.quant import SIMD
+
+    # Accumulators in registers: m x r of them, plus r rows of W and a row of x (of 32).
+    group = 8 if m == 1 else 4 if m <= 4 else 2
+    kernel = _GEMV.replace("$M", str(m)).replace("$R", str(group))
+    return SIMD, kernel.replace("$THREADED", str(GEMV_THREADED_ELEMENTS))
+
 
 def _free(ndim: int, contract: Sequence[int], batch: Sequence[int]) -> list[int]:
     return [i for i in range(ndim) if i not in contract and i not in batch]
@@ -280,6 +348,9 @@ def _dot_general(eqn: Eqn) -> Statement | None:
     prefix, ctype, suffix = _BLAS[lhs.dtype]
     batch = [lhs.shape[i] for i in lb]
     out_block = m[0] * n[0]
+    # Few float32 rows against W stored as rows ([n, k], k contiguous in both): our kernel.
+    gemv = (lhs.dtype == np.float32 and GEMV_MIN_ROWS <= m[0] <= GEMV_ROWS and not a[0]
+            and b[0])
 
     def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
         loops, a_off, b_off = [], ["0"], ["0"]
@@ -287,7 +358,10 @@ def _dot_general(eqn: Eqn) -> Statement | None:
             loops.append(f"for (int64_t i{d} = 0; i{d} < {size}; ++i{d})")
             a_off.append(f"i{d} * {ls[li]}")
             b_off.append(f"i{d} * {rs[ri]}")
-        if m[0] == 1:  # a single row: matrix-vector, streaming the weights once
+        if gemv:
+            call = (f"ember_sgemv_m{m[0]}({n[0]}, {k[0]}, A + {' + '.join(a_off)}, {a[1]}, "
+                    f"B + {' + '.join(b_off)}, {b[1]}, C + nb * {out_block});")
+        elif m[0] == 1:  # a single row: matrix-vector, streaming the weights once
             trans, ld = b
             rows, cols = (n[0], k[0]) if trans else (k[0], n[0])
             call = (f"scipy_cblas_{prefix}gemv(CblasRowMajor, "
@@ -303,6 +377,8 @@ def _dot_general(eqn: Eqn) -> Statement | None:
         return (f"{{ const {ctype} *A = (const {ctype} *){ins[0]}, *B = (const {ctype} *){ins[1]};"
                 f"\n  {ctype} *C = ({ctype} *){outs[0]}; int64_t nb = 0;\n  "
                 + " ".join(loops) + f" {{ {call} ++nb; }} }}")
+    if gemv:
+        return Statement(emit, _gemv_helpers(m[0]))
     return Statement(emit, uses_blas=True)
 
 
