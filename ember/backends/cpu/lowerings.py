@@ -264,7 +264,9 @@ _BLAS = {np.dtype(np.float32): ("s", "float", "f"), np.dtype(np.float64): ("d", 
 # kernel at 8-15 (it reads W once). One row stays with BLAS's sgemv: alone it streams W as
 # fast as the kernel (12 GB/s a core), and in a decode step its threads, which spin between
 # calls, beat OpenMP's, which sleep and take tens of microseconds to wake (SmolLM2 decode on
-# 2 threads: 33 tok/s with sgemv, 24 with the kernel).
+# 2 idle cores: 33 tok/s with sgemv, 24 with the kernel). On cores busy with other processes
+# it is the reverse (1.5 against 23 tok/s: each call waits for a spinning BLAS thread to be
+# scheduled); GEMV_MIN_ROWS = 1 is the setting for that case, or for OpenMP threads that spin.
 GEMV_MIN_ROWS = 2
 GEMV_ROWS = 8
 # Elements of W below which the kernel runs on one thread: OpenMP threads that wait passively
