@@ -81,9 +81,11 @@ def test_grad_of_jit_under_a_new_default(recording_backend):
 def test_generate_steps_defined_at_module_level_follow_the_default(recording_backend):
     model = tiny_model(40)
     prompts = [[3, 5, 7, 9]]
-    want = gen.generate_ids(model, prompts, max_new_tokens=4)
+    # A penalty, so that greedy decoding runs the sampling step (plain greedy skips it).
+    sampling = gen.SamplingConfig(repetition_penalty=1.3)
+    want = gen.generate_ids(model, prompts, max_new_tokens=4, sampling=sampling)
     set_default_backend(recording_backend.name)
-    got = gen.generate_ids(model, prompts, max_new_tokens=4)
+    got = gen.generate_ids(model, prompts, max_new_tokens=4, sampling=sampling)
     assert got == want
     for step in (gen._extend, gen._sample):
         assert any(key.backend == recording_backend.name for key in step._cache), step._name
