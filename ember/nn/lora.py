@@ -64,7 +64,7 @@ def _replace_linears(model: Module, pick: Any) -> int:
         for name, value in list(module.__dict__.items()):
             new = pick(name, value)
             if new is not None:
-                object.__setattr__(module, name, new)
+                setattr(module, name, new)  # through the module: clears kept flattenings
                 count += 1
     return count
 
