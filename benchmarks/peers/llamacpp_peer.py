@@ -45,6 +45,7 @@ class LlamaCpp:
 
     def decode(self, prompt: list[int], new_tokens: int) -> float:
         """Seconds for the whole call: the prompt, then ``new_tokens`` greedy tokens."""
+        self.llm.reset()  # else a repeated prompt is served from the KV cache
         start = time.perf_counter()
         got = 0
         for _ in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):
@@ -55,6 +56,7 @@ class LlamaCpp:
 
     def prefill(self, ids: np.ndarray) -> float:
         """Seconds from the prompt to its first new token."""
+        self.llm.reset()
         start = time.perf_counter()
         next(iter(self.llm.generate(ids[0].tolist(), top_k=1, temp=0.0, reset=True)))
         return time.perf_counter() - start
