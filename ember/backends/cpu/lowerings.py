@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ember.backends.cpu.kernels import c_type
 from ember.ir.graph import Eqn
 from ember.ops.indexing import gather_p, scatter_p
 from ember.ops.linalg import dot_general_p
@@ -47,12 +48,11 @@ class Statement:
     uses_blas: bool = False
 
 
-# C scalar types by NumPy dtype, for the arithmetic this module does (everything else moves
-# bytes and needs only the item size).
-_ARITH = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
-          np.dtype(np.int32): "int32_t", np.dtype(np.int64): "int64_t"}
-_INDEX = {np.dtype(t): f"{'u' if t.startswith('u') else ''}int{np.dtype(t).itemsize * 8}_t"
-          for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")}
+# The dtypes this module does arithmetic in (scatter-add) and reads indices of; everything else
+# moves bytes and needs only the item size. Their C names come from ``kernels.c_type``.
+_ARITH = frozenset(map(np.dtype, ("float32", "float64", "int32", "int64")))
+_INDEX = frozenset(map(np.dtype, ("int8", "int16", "int32", "int64",
+                                  "uint8", "uint16", "uint32", "uint64")))
 _INT_MAX = 2**31 - 1  # the BLAS interface takes 32-bit sizes
 
 
@@ -70,7 +70,7 @@ def _longs(values: Sequence[int]) -> str:
 
 
 def _read_index(pointer: str, dtype: np.dtype) -> str:
-    return f"(int64_t)*(const {_INDEX[dtype]} *)({pointer})"
+    return f"(int64_t)*(const {c_type(dtype)} *)({pointer})"
 
 
 # --- copies of rectangular windows ---------------------------------------------------------
@@ -169,7 +169,7 @@ def _index_loop(eqn: Eqn, body: Callable[[str], str], clamp: bool) -> Callable[.
     k = indices.shape[-1]
     count = indices.size // k if k else int(np.prod(indices.shape[:-1], dtype=np.int64))
     strides = _strides(operand.shape)
-    ctype = _INDEX[indices.dtype]
+    ctype = c_type(indices.dtype)
 
     def emit(idx: str) -> str:
         lines = [f"for (int64_t b = 0; b < {count}; ++b) {{", "    int64_t off = 0;"]
@@ -219,7 +219,7 @@ def _scatter(eqn: Eqn) -> Statement | None:
             body = lambda b: (f"memcpy((char *){outs[0]} + off * {item}, "  # noqa: E731
                               f"(const char *){ins[2]} + {b} * {n * item}, {n * item});")
         else:
-            t = _ARITH[operand.dtype]
+            t = c_type(operand.dtype)
             body = lambda b: (f"for (int64_t e = 0; e < {n}; ++e) "  # noqa: E731
                               f"(({t} *){outs[0]})[off + e] += "
                               f"((const {t} *){ins[2]})[{b} * {n} + e];")
