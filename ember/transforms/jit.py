@@ -29,7 +29,7 @@ from ember.backends import Backend, default_backend, get_backend
 from ember.core.array import Array, Tracer
 from ember.core.hidden_state import HiddenState, make_graph_with_state
 from ember.core.trace import to_array, tracing_active
-from ember.errors import EmberError, UnsupportedError, user_frame
+from ember.errors import EmberError, EmberValueError, UnsupportedError, user_frame
 from ember.ir.graph import ClosedGraph
 from ember.ir.passes import optimize
 from ember.ir.types import ArrayType
@@ -139,6 +139,29 @@ class Compiled:
                 f"to a program with no memory report (programs the 'cpu' backend compiles to C "
                 f"have one)\n  at {user_frame()}")
         return analysis()
+
+    def profile(self, *args: Any, runs: int = 3, **kwargs: Any) -> Any:
+        """Time each equation of the program on these arguments: the ``cpu`` backend's
+        :class:`~ember.backends.cpu.profile.Profile` (``print`` it for the table), averaged
+        over ``runs`` calls after a warm-up. The timed program is compiled separately (the
+        default build has no timers); arguments, donated ones too, and the ``ember.random``
+        state are left as they were."""
+        profile = getattr(self.program, "profile", None)
+        if profile is None:
+            raise UnsupportedError(
+                f"profile: the {self.lowered.backend!r} backend compiled this function to a "
+                f"program without timers (programs the 'cpu' backend compiles to C have "
+                f"them)\n  at {user_frame()}")
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+            raise EmberValueError(f"profile: runs must be an integer >= 1, got {runs!r}\n"
+                                  f"  at {user_frame()}")
+        leaves, tree = tree_flatten((args, kwargs))
+        if tree != self.lowered.in_tree:
+            raise EmberError(f"compiled function profiled with structure {tree}, "
+                             f"expected {self.lowered.in_tree}\n  at {user_frame()}")
+        buffers = [to_array(x)._buffer for x in leaves]
+        buffers += [s.current()._buffer for s in self.lowered.hidden]
+        return profile(buffers, runs)
 
 
 @functools.lru_cache(maxsize=64)

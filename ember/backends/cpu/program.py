@@ -19,6 +19,9 @@ Where values live:
 ``EMBER_DEBUG_FILL_FREED=1`` (read when a program is compiled) fills every arena buffer with
 NaN (integers with the byte 0xAB) right after its last reader, so a read of freed memory shows
 up as wrong results in any test.
+
+A program compiled with ``profile=True`` times every equation (``profile.py``): the C reads
+the clock around each statement into a static array, Python times the NumPy ones.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import ctypes
 import operator
 import os
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ import ember.backends.cpu.quant  # noqa: F401  (registers the quantised kernels)
 from ember import dtypes
 from ember.backends.cpu import kernels, toolchain
 from ember.backends.cpu.lowerings import Statement
+from ember.backends.cpu.profile import Entry, Profile, classify, nbytes
 from ember.compiler.fusion import COMPUTE_KINDS, VIEW_KINDS, fused_p
 from ember.compiler.memory import ALIGNMENT, MemoryAnalysis, plan_memory
 from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
@@ -158,7 +163,11 @@ class _Home:
 class Program:
     """A compiled graph: ``program(*buffers) -> list of output buffers``."""
 
-    def __init__(self, closed: ClosedGraph, donate: Sequence[bool], run_numpy: Any):
+    def __init__(self, closed: ClosedGraph, donate: Sequence[bool], run_numpy: Any,
+                 profile: bool = False):
+        self._origin = (closed, tuple(donate))  # what a profiling twin is compiled from
+        self._profiling = profile
+        self._twin: Program | None = None
         closed, statements = lower(closed)
         graph = self.graph = closed.graph
         self._run_numpy = run_numpy  # runs one equation eagerly (the NumPy backend's path)
@@ -183,6 +192,11 @@ class Program:
             self._library.ember_init(_threads())
         self._functions = [getattr(self._library, f"ember_segment_{n}")
                            for n in range(len(self.segments))]
+        if profile:
+            self._c_seconds = (np.ctypeslib.as_array(
+                (ctypes.c_double * len(self._timed)).in_dll(self._library, "ember_profile"))
+                if self._timed else np.zeros(0))
+            self._numpy_seconds = np.zeros(len(graph.eqns))
         self._arena = _Arena(self.plan.arena_bytes)
         self.overwrites = tuple(i for i, v in enumerate(graph.invars)
                                 if v.id in self.plan.home)
@@ -246,6 +260,7 @@ class Program:
         helpers: dict[str, None] = {}
         literals: list[str] = []
         bodies = []
+        self._timed: list[tuple[int, str]] = []  # profiling: (equation, its C) per counter
         for n, segment in enumerate(self.segments):
             lines = []
             for i in segment:
@@ -261,7 +276,12 @@ class Program:
                         ins.append(self.home[a.id].c())
                 outs = [self.home[v.id].c() for v in eqn.outputs]
                 lines.append(f"  /* {_describe(eqn)} */")
-                lines.append("  " + st.emit(outs, ins))
+                code = st.emit(outs, ins)
+                if self._profiling:
+                    code = (f"{{ double t0 = omp_get_wtime();\n  {code}\n  "
+                            f"ember_profile[{len(self._timed)}] += omp_get_wtime() - t0; }}")
+                    self._timed.append((i, code))
+                lines.append("  " + code)
                 if self._debug:
                     helpers[_POISON] = None
                     for b in self.plan.freed_after(i):
@@ -271,9 +291,13 @@ class Program:
             bodies.append(f"void ember_segment_{n}(char *ember_arena, void **ember_ext) {{\n"
                           + "\n".join(lines) + "\n}\n")
         blas = "#include <cblas.h>\n" if any(s.uses_blas for s in statements.values()) else ""
+        # One pool of threads, OpenMP's: BLAS runs single-threaded, on the pieces OpenMP's threads
+        # take (``lowerings.piece_step``; decision 0016).
         init = ("void ember_init(int threads) {\n  omp_set_num_threads(threads);\n"
-                + ("  scipy_openblas_set_num_threads(threads);\n" if blas else "") + "}\n")
-        return "\n".join([_PRELUDE + blas, *helpers, *literals, init, *bodies])
+                + ("  scipy_openblas_set_num_threads(1);\n" if blas else "") + "}\n")
+        counters = ([f"double ember_profile[{len(self._timed)}];  /* seconds per statement */"]
+                    if self._timed else [])
+        return "\n".join([_PRELUDE + blas, *helpers, *literals, *counters, init, *bodies])
 
     def as_text(self) -> str:
         """The C translation unit of this program."""
@@ -281,6 +305,41 @@ class Program:
 
     def memory_analysis(self) -> MemoryAnalysis:
         return self.plan.analysis
+
+    def profile(self, buffers: Sequence[Any], runs: int = 3) -> Profile:
+        """Time each equation over ``runs`` calls (after one warm-up call) of this program
+        compiled with timers (a twin, built on first use). Inputs the program writes over
+        (donated ones) are copied for every call, so ``buffers`` are left as they were."""
+        if self._twin is None:
+            self._twin = (self if self._profiling
+                          else Program(*self._origin, self._run_numpy, profile=True))
+        return self._twin._measure(buffers, runs)
+
+    def _measure(self, buffers: Sequence[Any], runs: int) -> Profile:
+        def fresh() -> list[Any]:
+            copied = list(buffers)
+            for i in self.overwrites:
+                copied[i] = np.array(copied[i], copy=True)
+            return copied
+
+        self(*fresh())  # warm-up: page faults, thread pools, BLAS buffers
+        self._c_seconds[:] = 0.0
+        self._numpy_seconds[:] = 0.0
+        total = 0.0
+        for _ in range(runs):
+            args = fresh()
+            start = time.perf_counter()
+            self(*args)
+            total += time.perf_counter() - start
+        seconds = self._numpy_seconds.copy()
+        codes: dict[int, str] = {}
+        for (i, code), s in zip(self._timed, self._c_seconds):
+            seconds[i], codes[i] = s, code
+        entries = []
+        for i, eqn in enumerate(self.graph.eqns):
+            kind, what, flops = classify(eqn, codes.get(i))
+            entries.append(Entry(i, kind, what, float(seconds[i]) / runs, flops, nbytes(eqn)))
+        return Profile(tuple(entries), total / runs, runs)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -295,6 +354,10 @@ class Program:
             for (kind, idx), drops in zip(self._schedule, self._drops):
                 if kind == "c":
                     self._functions[idx](base, table)
+                elif self._profiling:
+                    start = time.perf_counter()
+                    self._run_equation(idx, arena, env, ext)
+                    self._numpy_seconds[idx] += time.perf_counter() - start
                 else:
                     self._run_equation(idx, arena, env, ext)
                 for slot in drops:
@@ -405,10 +468,8 @@ def _describe(eqn: Eqn) -> str:
 
 
 def _threads() -> int:
-    """Threads for OpenMP kernels and for OpenBLAS: ``EMBER_NUM_THREADS``, else the cores this
-    process may run on. The two pools never run at once (BLAS is called between kernels, not
-    inside them, and OpenMP's threads wait passively: ``toolchain._passive_openmp``), so each
-    may use every core without oversubscribing."""
+    """Threads of the program's one pool (OpenMP's; BLAS calls run on them, one piece each):
+    ``EMBER_NUM_THREADS``, else the cores this process may run on."""
     if os.environ.get("EMBER_NUM_THREADS"):
         return max(1, int(os.environ["EMBER_NUM_THREADS"]))
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
