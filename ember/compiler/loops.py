@@ -386,21 +386,22 @@ class LoopNest:
         store_at: dict[int, tuple[int, Store]] = {}
         loads: dict[int, list[tuple[int, Index]]] = {}
         counts: dict[int, int] = {}
-        for stage, block in enumerate(self.body):
-            for st in block.body if isinstance(block, RowLoop) else [block]:
-                if isinstance(st, Store):
-                    counts[st.output] = counts.get(st.output, 0) + 1
-                    store_at[st.output] = (stage, st)
-                for load in loads_of(st):
-                    loads.setdefault(load.input, []).append((stage, load.index))
+        # Positions in run order: at one point, a row loop runs its statements in order, so
+        # a read that follows the store in the same loop would see the output, not the input.
+        for at, st in enumerate(self.statements()):
+            if isinstance(st, Store):
+                counts[st.output] = counts.get(st.output, 0) + 1
+                store_at[st.output] = (at, st)
+            for load in loads_of(st):
+                loads.setdefault(load.input, []).append((at, load.index))
         readers = self._readers()
         pairs, taken = [], set()
-        for k, (stage, store) in store_at.items():
+        for k, (at, store) in store_at.items():
             out = self.outputs[k]
             fits = [j for j, seen in loads.items()
                     if counts[k] == 1 and j not in taken
                     and (self.inputs[j].shape, self.inputs[j].dtype) == (out.shape, out.dtype)
-                    and all(i == store.index and s <= stage for s, i in seen)]
+                    and all(i == store.index and s <= at for s, i in seen)]
             if fits:
                 j = min(fits, key=lambda j: (len(readers.get(j, ())), j))
                 pairs.append((k, j))
