@@ -59,7 +59,7 @@ def _extend_fn(model: LlamaForCausalLM, cache: KVCache, ids: Any, positions: Any
                cache_pos: Any, key_mask: Any) -> tuple[Any, KVCache]:
     """Run ``ids [batch, length]`` written at ``cache_pos``: last logits and the new cache."""
     logits, cache = model(ids, positions=positions, attention_mask=key_mask, cache=cache,
-                          cache_pos=cache_pos)
+                          cache_pos=cache_pos, logits_to_keep=1)
     return logits[:, -1].astype(enp.float32), cache
 
 

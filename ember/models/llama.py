@@ -300,16 +300,24 @@ class LlamaForCausalLM(Module):
         return self.model.embed_tokens.weight.dtype
 
     def forward(self, ids: Any, positions: Any = None, attention_mask: Any = None,
-                cache: KVCache | None = None, cache_pos: Any = 0) -> Any:
+                cache: KVCache | None = None, cache_pos: Any = 0,
+                logits_to_keep: int = 0) -> Any:
         """Logits for ``ids [batch, length]``; with ``cache`` also the updated cache.
 
         ``attention_mask [batch, keys]`` (1 = real token, 0 = padding) covers the sequence,
         or the whole cache when one is given. ``positions`` default to ``cache_pos + arange``.
+        ``logits_to_keep > 0`` (Hugging Face's name) returns the logits of the last that many
+        positions only: generation needs the last, and the vocabulary product of every
+        position is a fifth of a small model's prefill.
         """
         ids = enp.asarray(ids)
         if ids.ndim != 2:
             raise EmberError(f"LlamaForCausalLM: ids must be [batch, length], got {ids.shape}")
         b, t = ids.shape
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) \
+                or logits_to_keep < 0:
+            raise EmberError(f"LlamaForCausalLM: logits_to_keep must be an integer >= 0 "
+                             f"(0 = every position), got {logits_to_keep!r}")
         if positions is None:
             positions = enp.broadcast_to(enp.arange(t, dtype=enp.int32) + cache_pos, (b, t))
         cos, sin = F.rope_cos_sin(positions, self.inv_freq, self.dtype)
@@ -324,6 +332,8 @@ class LlamaForCausalLM(Module):
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # the norm and the head are per position
         logits = self.logits(self.model.norm(x))
         return logits if cache is None else (logits, KVCache(new_keys, new_values))
 
