@@ -68,3 +68,13 @@ def recording_backend():
     yield backend
     base.set_default_backend(before)
     del base._BACKENDS[backend.name]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line with what C compiling cost this run (most of a cold run with ``cpu``)."""
+    toolchain = sys.modules.get("ember.backends.cpu.toolchain")
+    if toolchain is not None:
+        s = toolchain.stats()
+        terminalreporter.write_line(
+            f"ember: {s.compiles} C compiles, {s.seconds:.1f} s ({s.cpu_seconds:.1f} s of "
+            f"compiler CPU; {s.loads} libraries loaded from the disk cache)")

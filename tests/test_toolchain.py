@@ -45,6 +45,22 @@ def test_second_build_hits_the_disk_cache(cache, monkeypatch):
     assert toolchain.build(SOURCE % 2).ember_add(1, 1) == 4
 
 
+def test_stats_count_compiles_and_disk_loads(cache, monkeypatch):
+    before = toolchain.stats()
+    toolchain.build(SOURCE % 8)
+    toolchain.build(SOURCE % 8)  # in-process memo: neither a compile nor a load
+    compiled = toolchain.stats()
+    assert compiled.compiles == before.compiles + 1
+    assert compiled.seconds > before.seconds
+    assert compiled.cpu_seconds > before.cpu_seconds
+    assert compiled.loads == before.loads
+    monkeypatch.setattr(toolchain, "_MEMO", {})
+    toolchain.build(SOURCE % 8)
+    after = toolchain.stats()
+    assert after == toolchain.Stats(compiled.compiles, compiled.seconds,
+                                    compiled.cpu_seconds, compiled.loads + 1)
+
+
 def test_key_covers_source_flags_and_library():
     a = toolchain.cache_key(SOURCE % 3)
     assert a == toolchain.cache_key(SOURCE % 3)

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 # -O3 -march=native: vectorised loops for this CPU (the CPU features are in the cache key).
@@ -137,6 +138,39 @@ _MEMO: dict[tuple[str, str], ctypes.CDLL] = {}
 _MEMO_LOCK = threading.Lock()
 
 
+@dataclass(frozen=True)
+class Stats:
+    """What building has cost this process: C compiler runs, their wall time and the CPU time
+    the compiler used (seconds; on a busy machine the wall time is the larger), and libraries
+    loaded from the disk cache instead (a compile saved)."""
+
+    compiles: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    loads: int = 0
+
+
+_STATS = [Stats()]
+
+
+def stats() -> Stats:
+    """The compiles and disk-cache loads of this process so far (the test suite prints them:
+    compiling is most of a cold run's time)."""
+    return _STATS[0]
+
+
+def _count(compiles: int = 0, seconds: float = 0.0, cpu_seconds: float = 0.0,
+           loads: int = 0) -> None:
+    s = _STATS[0]
+    _STATS[0] = Stats(s.compiles + compiles, s.seconds + seconds,
+                      s.cpu_seconds + cpu_seconds, s.loads + loads)
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def build(source: str, library: Library = Library()) -> ctypes.CDLL:
     """Compile ``source`` into a shared library and load it (memoised in-process and on disk).
 
@@ -158,10 +192,14 @@ def _load_or_build(source: str, library: Library, key: str, directory: str) -> c
     so_path = os.path.join(directory, key + ".so")
     if os.path.exists(so_path):
         try:
-            return ctypes.CDLL(so_path)
+            lib = ctypes.CDLL(so_path)
+            _count(loads=1)
+            return lib
         except OSError:
             pass  # a corrupt or truncated entry (a crash mid-write elsewhere): rebuild it
+    start, cpu = time.perf_counter(), _children_cpu()
     _compile(source, library, key, directory, so_path)
+    _count(compiles=1, seconds=time.perf_counter() - start, cpu_seconds=_children_cpu() - cpu)
     return ctypes.CDLL(so_path)
 
 
