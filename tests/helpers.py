@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import pytest
 
 import ember
 from ember import dtypes
+from ember.backends.cpu import toolchain
+
+# Tests of the compiled cpu backend skip where no C compiler is found (it would fall back to
+# the NumPy backend, testing nothing new).
+needs_cc = pytest.mark.skipif(not toolchain.available(), reason="no C compiler")
 
 FLOATS = (dtypes.float16, dtypes.bfloat16, dtypes.float32, dtypes.float64)
 INTS = (dtypes.int8, dtypes.int16, dtypes.int32, dtypes.int64,
@@ -91,6 +97,34 @@ def assert_close(actual: Any, expected: Any, dtype: Any = None, rtol: float | No
 def eager_and_jit(fn: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
     """Run ``fn`` eagerly and under ``ember.jit`` on the same arguments."""
     return fn(*args), ember.jit(fn)(*args)
+
+
+def jit_batched(calls: Sequence[tuple[Callable[..., Any], Sequence[Any]]], backend: str = "cpu"
+                ) -> list[Any]:
+    """Every ``fn(*args)`` of ``calls`` as one jitted program: one trace and one compile (on
+    the cpu backend, one C compiler start) for all of them; each call's result, in order.
+
+    Arguments may be pytrees of arrays; they become inputs of the program, not constants, so
+    the program computes on them as it would on a user's."""
+    flat, layouts = [], []
+    for _, args in calls:
+        leaves, treedef = ember.tree.tree_flatten(list(args))
+        layouts.append((treedef, len(leaves)))
+        flat.extend(ember.numpy.asarray(x) for x in leaves)
+
+    def everything(*xs):
+        outs, i = [], 0
+        for (fn, _), (treedef, n) in zip(calls, layouts):
+            outs.append(fn(*ember.tree.tree_unflatten(treedef, list(xs[i: i + n]))))
+            i += n
+        return outs
+
+    return ember.jit(everything, backend=backend)(*flat)
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """``items`` in consecutive slices of at most ``size`` (the cases of one batched program)."""
+    return [items[i: i + size] for i in range(0, len(items), size)]
 
 
 def check(fn: Callable[..., Any], ref: Callable[..., Any], *args: np.ndarray, dtype: Any = None,

@@ -10,7 +10,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from helpers import assert_close, tol
+from helpers import assert_close, chunks, jit_batched, tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from primitive_specs import cases, make_args
@@ -71,23 +71,13 @@ SPEC_CASES = ([p.values for p in cases(_is_c_kind)]
 CHUNK = 200  # cases per program: one translation unit, one compiler start, for all of them
 
 
-@pytest.mark.parametrize("chunk", range(-(-len(SPEC_CASES) // CHUNK)))
+@pytest.mark.parametrize("chunk", range(len(chunks(SPEC_CASES, CHUNK))))
 def test_primitive_specs_batched_into_few_programs(chunk):
     rng = np.random.default_rng(chunk)
-    chosen = SPEC_CASES[chunk * CHUNK: (chunk + 1) * CHUNK]
+    chosen = chunks(SPEC_CASES, CHUNK)[chunk]
     arg_lists = [make_args(spec, rng, dt, shape) for spec, dt, shape in chosen]
-    flat = [a for args in arg_lists for a in args]
-    sizes = [len(args) for args in arg_lists]
-
-    def everything(*xs):
-        outs, i = [], 0
-        for (spec, _, _), n in zip(chosen, sizes):
-            outs.append(spec.fn(*xs[i: i + n]))
-            i += n
-        return outs
-
     start = time.perf_counter()
-    results = ember.jit(everything, backend="cpu")(*[enp.asarray(a) for a in flat])
+    results = jit_batched([(spec.fn, args) for (spec, _, _), args in zip(chosen, arg_lists)])
     elapsed = time.perf_counter() - start
     for (spec, dt, shape), args, out in zip(chosen, arg_lists, results):
         expected = spec.ref(*args)

@@ -8,14 +8,19 @@
   transpose of a complex-linear map is its plain (non-conjugate) transpose;
 - second derivatives for a few primitives (grad of grad, forward over reverse);
 - ``ember.vmap`` of every primitive against a Python loop, for several ``in_axes`` mixes.
+
+The first-order and vmap checks run eagerly (the default backend), and again on the compiled
+cpu backend, many cases per program, against the same references with the same tolerances.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
-from helpers import assert_close
-from primitive_specs import SPECS, cases, make_args
+from helpers import assert_close, chunks, jit_batched, needs_cc
+from primitive_specs import SPECS, Spec, cases, make_args
 
 import ember
 import ember.numpy as enp
@@ -63,12 +68,35 @@ def _pair(u, v):
     return float(np.real(np.sum(_wide(u) * _wide(v))))
 
 
-def _setup(spec, dtype, shape, seed=0):
+@dataclass
+class _Point:
+    """One differentiable case: the spec's arguments, a tangent per differentiable argument, a
+    cotangent and a loss weight per output (drawn from the eager outputs' shapes)."""
+    spec: Spec
+    args: list[np.ndarray]
+    tangents: list[np.ndarray]
+    cts: list[np.ndarray]
+    weights: list[np.ndarray]
+
+    @property
+    def primals(self) -> list[np.ndarray]:
+        return [self.args[i] for i in self.spec.diff]
+
+    @property
+    def what(self) -> str:
+        return f"{self.spec.case_id} {[a.dtype.name for a in self.args]}"
+
+
+def _setup(spec, dtype, shape, seed=0) -> _Point:
     rng = np.random.default_rng(seed)
     args = make_args(spec, rng, dtype, shape)
-    primals = [args[i] for i in spec.diff]
-    tangents = [_normal(rng, p) for p in primals]
-    return rng, args, primals, tangents
+    tangents = [_normal(rng, args[i]) for i in spec.diff]
+    outs = [np.asarray(o) for o in _as_list(_restrict(spec, args)(
+        *[enp.asarray(args[i]) for i in spec.diff]))]
+    cts = [_normal(rng, o) if dtypes.is_inexact(o.dtype) else np.zeros(o.shape, o.dtype)
+           for o in outs]
+    weights = [_normal(rng, o.astype(_wide(o).dtype)) for o in outs]
+    return _Point(spec, args, tangents, cts, weights)
 
 
 def _finite_difference(f, primals, tangents, eps):
@@ -77,52 +105,50 @@ def _finite_difference(f, primals, tangents, eps):
     return [(_wide(a) - _wide(b)) / (2 * eps) for a, b in zip(_as_list(plus), _as_list(minus))]
 
 
-@pytest.mark.parametrize("spec,dtype,shape", _diff_cases())
-def test_jvp_matches_finite_differences(spec, dtype, shape):
-    if spec.case_id in _NO_FINITE_DIFFERENCES:
-        pytest.skip("kink")
-    _, args, primals, tangents = _setup(spec, dtype, shape)
+# Each check is a traceable computation (run eagerly, or batched into one jitted program on the
+# cpu backend) and a comparison of its results with a reference, the same on both backends.
+
+def _jvp_and_vjp(spec, args, tangents, cts):
+    """Outputs and tangents (forward mode), outputs and gradients for ``cts`` (reverse mode)."""
     f = _restrict(spec, args)
-    out, t_out = ember.jvp(f, [enp.asarray(p) for p in primals],
-                           [enp.asarray(t) for t in tangents])
-    for o, t in zip(_as_list(out), _as_list(t_out)):
-        assert t.shape == o.shape and t.dtype == o.dtype
+    primals = [args[i] for i in spec.diff]
+    out, t_out = ember.jvp(f, primals, tangents)
+    out2, vjp_fn = ember.vjp(f, *primals)
+    grads = vjp_fn(list(cts) if isinstance(out, list) else cts[0])
+    return _as_list(out), _as_list(t_out), _as_list(out2), list(grads)
+
+
+def _check_jvp(point, out, t_out):
+    """Tangents against central finite differences of the eager function."""
+    for o, t in zip(out, t_out):
+        assert t.shape == o.shape and t.dtype == o.dtype, point.what
+    if point.spec.case_id in _NO_FINITE_DIFFERENCES:
+        return
     low_precision = any(v.dtype not in (dtypes.float64, dtypes.complex128)
-                        for v in _as_list(out) + primals)
+                        for v in out + point.primals)
     eps = 1e-3 if low_precision else 1e-6
-    expected = _finite_difference(f, primals, tangents, eps)
-    for o, t, e in zip(_as_list(out), _as_list(t_out), expected):
+    expected = _finite_difference(_restrict(point.spec, point.args), point.primals,
+                                  point.tangents, eps)
+    for o, t, e in zip(out, t_out, expected):
         if dtypes.is_inexact(o.dtype):
             np.testing.assert_allclose(_wide(t), e, rtol=1e-3 if low_precision else 1e-6,
-                                       atol=1e-6)
+                                       atol=1e-6, err_msg=point.what)
 
 
-@pytest.mark.parametrize("spec,dtype,shape", _diff_cases())
-def test_vjp_is_the_transpose_of_jvp(spec, dtype, shape):
-    rng, args, primals, tangents = _setup(spec, dtype, shape)
+def _check_vjp(point, out, t_out, out2, grads):
+    """The VJP is the transpose of the JVP: ``<ct, J t> == <J^T ct, t>``."""
+    assert_close(out2, [np.asarray(o) for o in out], err_msg=point.what)
+    assert len(grads) == len(point.primals), point.what
+    for g, p in zip(grads, point.primals):
+        assert g.shape == p.shape and g.dtype == p.dtype, point.what
+    lhs = sum(_pair(c, t) for c, t in zip(point.cts, t_out))
+    rhs = sum(_pair(g, t) for g, t in zip(grads, point.tangents))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-6, atol=1e-8, err_msg=point.what)
+
+
+def _loss_grads(spec, args, weights):
+    """Gradients of a real scalar that weighs every inexact output."""
     f = _restrict(spec, args)
-    ember_primals = [enp.asarray(p) for p in primals]
-    out, t_out = ember.jvp(f, ember_primals, [enp.asarray(t) for t in tangents])
-    out2, vjp_fn = ember.vjp(f, *ember_primals)
-    assert_close(out2, [np.asarray(o) for o in out] if isinstance(out, list) else out)
-    cts = [_normal(rng, np.asarray(o)) if dtypes.is_inexact(o.dtype)
-           else np.zeros(o.shape, o.dtype) for o in _as_list(out)]
-    grads = vjp_fn([enp.asarray(c) for c in cts] if isinstance(out, list) else
-                   enp.asarray(cts[0]))
-    assert len(grads) == len(primals)
-    for g, p in zip(grads, primals):
-        assert g.shape == p.shape and g.dtype == p.dtype
-    lhs = sum(_pair(c, t) for c, t in zip(cts, _as_list(t_out)))
-    rhs = sum(_pair(g, t) for g, t in zip(grads, tangents))
-    np.testing.assert_allclose(lhs, rhs, rtol=1e-6, atol=1e-8)
-
-
-@pytest.mark.parametrize("spec,dtype,shape", _diff_cases())
-def test_grad_under_jit_matches_eager(spec, dtype, shape):
-    rng, args, primals, _ = _setup(spec, dtype, shape)
-    f = _restrict(spec, args)
-    outs = _as_list(f(*[enp.asarray(p) for p in primals]))
-    weights = [_normal(rng, np.asarray(o).astype(_wide(o).dtype)) for o in outs]
 
     def loss(*ps):
         total = enp.asarray(0.0)
@@ -132,9 +158,33 @@ def test_grad_under_jit_matches_eager(spec, dtype, shape):
                 total = total + enp.sum(enp.real(wide * w))
         return total
 
-    argnums = tuple(range(len(primals)))
-    eager = ember.grad(loss, argnums)(*[enp.asarray(p) for p in primals])
-    jitted = ember.jit(ember.grad(loss, argnums))(*[enp.asarray(p) for p in primals])
+    return ember.grad(loss, tuple(range(len(spec.diff))))(*[args[i] for i in spec.diff])
+
+
+def _eager(arrays):
+    return [enp.asarray(a) for a in arrays]
+
+
+@pytest.mark.parametrize("spec,dtype,shape", _diff_cases())
+def test_jvp_matches_finite_differences(spec, dtype, shape):
+    point = _setup(spec, dtype, shape)
+    out, t_out, _, _ = _jvp_and_vjp(spec, _eager(point.args), _eager(point.tangents),
+                                    _eager(point.cts))
+    _check_jvp(point, out, t_out)
+
+
+@pytest.mark.parametrize("spec,dtype,shape", _diff_cases())
+def test_vjp_is_the_transpose_of_jvp(spec, dtype, shape):
+    point = _setup(spec, dtype, shape)
+    _check_vjp(point, *_jvp_and_vjp(spec, _eager(point.args), _eager(point.tangents),
+                                    _eager(point.cts)))
+
+
+@pytest.mark.parametrize("spec,dtype,shape", _diff_cases())
+def test_grad_under_jit_matches_eager(spec, dtype, shape):
+    point = _setup(spec, dtype, shape)
+    eager = _loss_grads(spec, _eager(point.args), _eager(point.weights))
+    jitted = ember.jit(lambda a, w: _loss_grads(spec, a, w))(point.args, point.weights)
     assert_close(jitted, [np.asarray(g) for g in eager])
 
 
@@ -192,8 +242,8 @@ def _vmap_cases():
     return out
 
 
-@pytest.mark.parametrize("spec,dtype,shape,axes", _vmap_cases())
-def test_vmap_matches_loop(spec, dtype, shape, axes):
+def _vmap_setup(spec, dtype, shape, axes):
+    """``in_axes``, the batched arguments, and the stacked results of a Python loop."""
     size = 3
     per_example = [make_args(spec, np.random.default_rng(b), dtype, shape) for b in range(size)]
     in_axes = []
@@ -216,7 +266,13 @@ def test_vmap_matches_loop(spec, dtype, shape, axes):
             batched.append(enp.asarray(np.moveaxis(stacked, 0, ax)))
     loop = [_as_list(spec.fn(*[enp.asarray(a) for a in ex])) for ex in per_example]
     expected = [np.stack([np.asarray(r[k]) for r in loop], 0) for k in range(len(loop[0]))]
-    vf = ember.vmap(spec.fn, in_axes=tuple(in_axes))
+    return tuple(in_axes), batched, expected
+
+
+@pytest.mark.parametrize("spec,dtype,shape,axes", _vmap_cases())
+def test_vmap_matches_loop(spec, dtype, shape, axes):
+    in_axes, batched, expected = _vmap_setup(spec, dtype, shape, axes)
+    vf = ember.vmap(spec.fn, in_axes=in_axes)
     for runner in (vf, ember.jit(vf)):
         got = _as_list(runner(*batched))
         assert_close(got, expected)
@@ -240,3 +296,48 @@ def test_vmap_of_grad_matches_per_example_gradients():
     for i in range(5):
         np.testing.assert_allclose(per[i], ember.grad(loss)(enp.asarray(w), enp.asarray(xs[i])),
                                    rtol=1e-12)
+
+
+# --- the same checks on the cpu backend --------------------------------------------------------
+# Cases are batched into one jitted program per chunk: one trace and one C compile for all of
+# them (a program per case would start the compiler thousands of times). Results are compared
+# with the same references and tolerances as above.
+
+CHUNK = 150
+
+
+def _chunk_ids(items):
+    return range(len(chunks(items, CHUNK)))
+
+
+_DIFF = [p.values for p in _diff_cases()]
+_VMAP = [p.values for p in _vmap_cases()]
+
+
+@needs_cc
+@pytest.mark.parametrize("chunk", _chunk_ids(_DIFF))
+def test_derivatives_on_the_cpu_backend(chunk):
+    points = [_setup(*case) for case in chunks(_DIFF, CHUNK)[chunk]]
+
+    def derivatives(spec):
+        return lambda args, tangents, cts, weights: (
+            _jvp_and_vjp(spec, args, tangents, cts), _loss_grads(spec, args, weights))
+
+    results = jit_batched([(derivatives(p.spec), (p.args, p.tangents, p.cts, p.weights))
+                           for p in points])
+    for p, ((out, t_out, out2, grads), loss_grads) in zip(points, results):
+        _check_jvp(p, out, t_out)
+        _check_vjp(p, out, t_out, out2, grads)
+        eager = _loss_grads(p.spec, _eager(p.args), _eager(p.weights))
+        assert_close(loss_grads, [np.asarray(g) for g in eager], err_msg=p.what)
+
+
+@needs_cc
+@pytest.mark.parametrize("chunk", _chunk_ids(_VMAP))
+def test_vmap_on_the_cpu_backend(chunk):
+    chosen = chunks(_VMAP, CHUNK)[chunk]
+    setups = [_vmap_setup(*case) for case in chosen]
+    results = jit_batched([(ember.vmap(spec.fn, in_axes=in_axes), batched)
+                           for (spec, *_), (in_axes, batched, _) in zip(chosen, setups)])
+    for (spec, dtype, shape, axes), (_, _, expected), got in zip(chosen, setups, results):
+        assert_close(_as_list(got), expected, err_msg=f"{spec.case_id}-{dtype}-{shape}-{axes}")
