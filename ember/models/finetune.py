@@ -1,7 +1,9 @@
 """Fine-tuning a causal language model on a text file: full or LoRA, resumable.
 
 One optimizer step is one jitted function (forward, backward, clipping, AdamW with its
-schedule, optional gradient accumulation over micro-batches), traced once. Batches are random
+schedule, optional gradient accumulation over micro-batches), traced once. The optimizer state
+is donated to it, so AdamW's moments are updated in place rather than written to fresh memory
+every step; a Ctrl-C waits for the step it lands in to finish. Batches are random
 windows of the tokenised text drawn from a generator seeded by ``(seed, step)``, so the data a
 step sees depends only on its number: a run resumed from a checkpoint sees exactly the
 batches, and therefore the losses, of an uninterrupted run.
@@ -13,13 +15,16 @@ after every file is in place; a run killed mid-save resumes from the previous ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -151,7 +156,29 @@ def _make_step(opt: Any, clip: float) -> Callable[..., Any]:
         grads, norm = optim.clip_grad_norm(grads, clip)
         params, state = opt.update(model.trainable_parameters(), grads, state)
         return loss, norm, params, state
-    return jit(step)
+    # The state is donated: the moments are written in place (the model is not: it holds
+    # buffers, such as rotary frequencies, that the step does not return).
+    return jit(step, donate_argnums=1)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Run the block whole: a Ctrl-C during it is raised when it ends. A step updates the
+    donated optimizer state in place, so one cut short after its program ran would leave the
+    state a step ahead of the model and the history. Off the main thread, or under a SIGINT
+    handler of the caller's, the block runs as it is."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.PathLike,
@@ -200,17 +227,19 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
             lr = float(opt.lr_at(state))  # the rate this step uses
             batches = np.stack([train_data.batch(step, micro, config.batch_size)
                                 for micro in range(config.grad_accum)])
-            loss, norm, params, new_state = step_fn(model, state, batches)
-            loss = float(loss)
-            seconds = time.perf_counter() - start
-            record = {"step": step + 1, "loss": loss, "grad_norm": float(norm),
-                      "lr": lr, "tokens_per_s": tokens_per_step / seconds}
-            consistent = False
-            model.update(params)
-            state = new_state
-            history["train"].append(record)
-            history["step"] = step + 1
-            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            evaluate = (step + 1) % config.eval_every == 0 or step + 1 == config.steps
+            with _interrupts_deferred():
+                loss, norm, params, new_state = step_fn(model, state, batches)
+                loss = float(loss)
+                seconds = time.perf_counter() - start
+                record = {"step": step + 1, "loss": loss, "grad_norm": float(norm),
+                          "lr": lr, "tokens_per_s": tokens_per_step / seconds}
+                model.update(params)
+                state = new_state
+                history["train"].append(record)
+                history["step"] = step + 1
+                consistent = not evaluate  # until this step's evaluation is done
+            if evaluate:
                 value = _evaluate(eval_fn, model, eval_data, config)
                 history["eval"].append({"step": step + 1, "loss": value})
             consistent = True  # a resumed run would not redo this step's evaluation
