@@ -6,8 +6,10 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
+import ember
 from ember.backends.cpu import toolchain
 
 pytestmark = pytest.mark.skipif(not toolchain.available(), reason="no C compiler")
@@ -118,8 +120,76 @@ def test_blas_library_links(cache):
     assert lib.ember_dot(x, y, 3) == 32.0
 
 
+HEADER = toolchain.Header("#include <math.h>\n#include <stdint.h>\n")
+HEADED = HEADER.include + "double ember_root(double x) { return sqrt(x) + %d; }\n"
+
+
+def test_header_is_precompiled_once_into_the_cache(cache, monkeypatch):
+    lib = toolchain.build(HEADED % 1, header=HEADER)
+    lib.ember_root.restype, lib.ember_root.argtypes = ctypes.c_double, [ctypes.c_double]
+    assert lib.ember_root(16.0) == 5.0
+    header = cache / HEADER.name
+    assert header.read_text() == HEADER.text
+    assert (cache / (HEADER.name + ".gch")).stat().st_size > 0
+    monkeypatch.setattr(toolchain, "_HEADERS", set())  # as a new process would start
+    stamp = os.stat(str(header) + ".gch").st_mtime_ns
+    toolchain.build(HEADED % 2, header=HEADER)
+    assert os.stat(str(header) + ".gch").st_mtime_ns == stamp  # not precompiled again
+
+
+def test_compiler_uses_the_precompiled_header(cache):
+    cc = toolchain.compiler()
+    about = subprocess.run([cc.path, "--version"], capture_output=True, text=True).stdout
+    if "Free Software Foundation" not in about:
+        pytest.skip("checks gcc's precompiled headers")
+    toolchain.build(HEADED % 3, header=HEADER)
+    source = cache / "probe.c"
+    source.write_text(HEADED % 4)
+    # -H lists the headers read; gcc marks a valid precompiled header with "!".
+    done = subprocess.run([cc.path, *toolchain.FLAGS, "-H", "-Winvalid-pch", str(source),
+                           "-o", str(cache / "probe.so")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"! {cache / HEADER.name}.gch" in done.stderr, done.stderr
+
+
+def test_header_name_covers_its_text():
+    assert HEADER.name == toolchain.Header(HEADER.text).name
+    assert HEADER.name != toolchain.Header(HEADER.text + "#include <string.h>\n").name
+
+
 def test_missing_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("EMBER_CC", str(tmp_path / "nonexistent"))
     assert not toolchain.available()
     with pytest.raises(FileNotFoundError, match="EMBER_CC"):
         toolchain._compile(SOURCE % 7, toolchain.Library(), "k", str(tmp_path), "x.so")
+
+
+# --- what programs compile ---------------------------------------------------------------------
+
+def _compiles_of(fn, *args):
+    """``fn`` jitted on the cpu backend: its results and how many compiles its first call made."""
+
+
+    before = toolchain.stats().compiles
+    out = ember.jit(fn, backend="cpu")(*args)
+    return out, toolchain.stats().compiles - before
+
+
+def test_program_of_empty_results_compiles_nothing(cache):
+    import ember.numpy as enp
+
+    x = np.arange(6.0).reshape(2, 3)
+    (a, b), compiles = _compiles_of(lambda x: (enp.sin(x[:, :0]) * 2, x[:0].sum(1)), x)
+    assert compiles == 0
+    assert (a.shape, b.shape) == ((2, 0), (0,))
+
+
+def test_empty_result_between_kernels_runs_in_one_program(cache):
+    import ember.numpy as enp
+
+    x = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+    (y, e), compiles = _compiles_of(lambda x: (enp.exp(enp.tanh(x) * 3) + 1, enp.cos(x[:0])), x)
+    assert compiles == 1
+    expected = ember.jit(lambda x: enp.exp(enp.tanh(x) * 3) + 1, backend="numpy")(x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(expected), rtol=1e-6)
+    assert e.shape == (0, 4)

@@ -51,11 +51,14 @@ from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
 from ember.ir.liveness import liveness
 from ember.ops.structural import copy_p
 
-_PRELUDE = """#include <stdint.h>
+# The C library headers a program and its kernels include, parsed once (precompiled).
+_PRELUDE = toolchain.Header("""#include <stdint.h>
+#include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include <omp.h>
-"""
+""")
 
 _POISON = r"""
 /* Debug mode: overwrite a freed buffer with a poison pattern (NaN for floats). */
@@ -65,10 +68,15 @@ static void ember_poison(char *p, int64_t units, int unit, uint64_t pattern) {
 """
 
 
+# The statement of an equation whose results are all empty: its outputs get buffers as any C
+# result's, but it is in no segment, so a program of nothing else compiles nothing.
+_NOTHING = Statement(lambda outs, ins: "/* empty result: nothing to compute */")
+
+
 def statement(eqn: Eqn) -> Statement | None:
     """How ``eqn`` runs in C, or None when it runs through NumPy."""
     if all(v.aval.size == 0 for v in eqn.outputs):
-        return Statement(lambda outs, ins: "/* empty result: nothing to compute */")
+        return _NOTHING
     if eqn.prim is fused_p:
         kernel = kernels.render(eqn)
         return None if kernel is None else _kernel_call(kernel)
@@ -188,7 +196,7 @@ class Program:
         if self.segments:
             needs_blas = any(s.uses_blas for s in statements.values())
             self._library = toolchain.build(
-                self.source, toolchain.blas() if needs_blas else toolchain.Library())
+                self.source, toolchain.blas() if needs_blas else toolchain.Library(), _PRELUDE)
             self._library.ember_init(_threads())
         self._functions = [getattr(self._library, f"ember_segment_{n}")
                            for n in range(len(self.segments))]
@@ -233,6 +241,8 @@ class Program:
         spans: list[list[int]] = []  # the equations of each schedule entry
         self.segments: list[list[int]] = []
         for i in range(len(graph.eqns)):
+            if statements.get(i) is _NOTHING:
+                continue
             if i not in statements:
                 schedule.append(("numpy", i))
                 spans.append([i])
@@ -297,7 +307,7 @@ class Program:
                 + ("  scipy_openblas_set_num_threads(1);\n" if blas else "") + "}\n")
         counters = ([f"double ember_profile[{len(self._timed)}];  /* seconds per statement */"]
                     if self._timed else [])
-        return "\n".join([_PRELUDE + blas, *helpers, *literals, *counters, init, *bodies])
+        return "\n".join([_PRELUDE.include + blas, *helpers, *literals, *counters, init, *bodies])
 
     def as_text(self) -> str:
         """The C translation unit of this program."""
