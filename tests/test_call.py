@@ -62,8 +62,8 @@ def call_names(closed):
 
 @pytest.fixture
 def eager_prims(monkeypatch):
-    """The primitives the NumPy backend runs eagerly, in order (one bind each)."""
-    backend = get_backend("numpy")
+    """The primitives the default backend runs eagerly, in order (one bind each)."""
+    backend = get_backend()
     seen = []
     run = backend.run_primitive
 
@@ -283,7 +283,7 @@ def test_eager_grad_of_jit_runs_one_program_each_way(eager_prims):
 
 
 def test_eager_grad_of_jit_compiles_once(monkeypatch):
-    backend = get_backend("numpy")
+    backend = get_backend()
     compiled = []
     compile_ = backend.compile
 

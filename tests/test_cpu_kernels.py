@@ -17,6 +17,7 @@ import ctypes
 
 import numpy as np
 import pytest
+from helpers import jit_batched
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_fusion import random_programs
@@ -114,7 +115,9 @@ def _eps(dtype) -> float:
     return float(np.finfo(dtype).eps) if dtype != dtypes.bfloat16 else 2.0 ** -7
 
 
-def compare(want, got, how: str, what: str) -> None:
+def compare(want, got, how: str, what: str, eps: float | None = None) -> None:
+    """``eps``: the unit roundoff of the least precise type the values passed through (by
+    default the result's)."""
     want, got = np.asarray(want), np.asarray(got)
     assert want.shape == got.shape and want.dtype == got.dtype, what
     if how == "exact" or not dtypes.is_float(want.dtype):
@@ -122,7 +125,7 @@ def compare(want, got, how: str, what: str) -> None:
         return
     w, g = want.astype(np.float64), got.astype(np.float64)
     np.testing.assert_array_equal(np.isnan(w), np.isnan(g), err_msg=what)
-    eps = _eps(want.dtype)
+    eps = eps or _eps(want.dtype)
     if how == "ulp":  # a few ulps of each value (glibc's vector maths against NumPy's)
         tol = 8 * eps * np.abs(w) + np.finfo(np.float32).tiny
     else:  # a reordered sum: its rounding, relative to the values' magnitude
@@ -383,3 +386,23 @@ def test_random_graphs_compile_and_match_bitwise(batch):
 @given(st.lists(random_programs(), min_size=15, max_size=15))
 def test_random_graphs_with_libm_and_sums_compile_and_match(batch):
     _check_batch(batch, "sum")
+
+
+@needs_cc
+@pytest.mark.parametrize("how", ["exact", "sum"])
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_random_graphs_as_one_program_match_the_numpy_backend(how, data):
+    """Whole programs (memory plan, in-place kernels, segments), not kernel by kernel: a batch
+    of graphs as one cpu program against the same batch jitted on the NumPy backend."""
+    batch = data.draw(st.lists(random_programs(exact=how == "exact"), min_size=15,
+                               max_size=15))
+    got, want = jit_batched(batch), jit_batched(batch, backend="numpy")
+    for (fn, inputs), g, w in zip(batch, got, want, strict=True):
+        graph = ember.jit(fn).lower(*inputs).graph.graph
+        # A sum rounded in float16, then cast to float32, differs in float16's last bits.
+        eps = max(_eps(v.aval.dtype) for v in [*graph.invars, *graph.outvars,
+                                               *(o for e in graph.eqns for o in e.outputs)]
+                  if dtypes.is_float(v.aval.dtype))
+        for a, b in zip(tree_leaves(g), tree_leaves(w), strict=True):
+            compare(np.asarray(b), np.asarray(a), how, str(graph), eps)
