@@ -9,8 +9,9 @@ additions):
 - **Tiles, no ``[L, S]`` matrix.** A work item is one key/value head's query tile: the
   ``G * BQ`` rows of its ``G`` query heads (grouped-query attention: a key tile is loaded once
   and used by every query head of its group). Keys come in tiles of ``BK``, converted to float
-  and transposed so the dot products run along keys (a decode step's few rows read them
-  untransposed); the scores of one tile live in per-thread scratch. An online softmax keeps
+  and transposed so the dot products run along keys, in the forward once per call into an
+  array every query tile reads (a decode step's few rows read them untransposed); the scores
+  of one tile live in per-thread scratch. An online softmax keeps
   each row's running maximum, sum and output. Every product of tiles (``q k^T``, ``p v`` and
   the backward's four) is one register-blocked micro-kernel: AVX-512 FMA where the CPU has it
   (``__AVX512F__``), a vectorised loop otherwise.
@@ -81,6 +82,7 @@ typedef struct {
 typedef struct {
     float *qs, *dout, *lse, *delta, *s, *dp, *kt, *vt, *keys, *values, *dk, *dv, *row;
     const float *k_tile, *v_tile;  /* the tile's rows: in keys/values, or float32 operands */
+    const float *k_cols;           /* the key tile transposed (kt or a shared copy), or NULL */
 } ember_att_scratch;
 
 static int64_t ember_att_min(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -289,7 +291,7 @@ static void ember_att_scores(const ember_att *p, const ember_att_io *io, int64_t
                              int64_t i0, int64_t nrow, int64_t j0, int64_t n,
                              ember_att_scratch *w) {
     const int64_t rows = p->group * nrow, offset = ember_att_offset(p, io, b);
-    ember_att_dots(rows, n, p->dim, w->qs, w->k_tile, ember_att_transposed(p, w->kt), w->s);
+    ember_att_dots(rows, n, p->dim, w->qs, w->k_tile, w->k_cols, w->s);
     for (int64_t r = 0; r < rows; ++r) {
         float *restrict s = w->s + r * EMBER_ATT_BK;
         const int64_t i = i0 + r % nrow;
@@ -312,11 +314,21 @@ static void ember_att_scores(const ember_att *p, const ember_att_io *io, int64_t
     }
 }
 
+/* Where the transposed key tile starting at key j0 of head h of batch b is in the array
+   ember_att_key_columns fills: tiles of [dim][BK] floats, in key order per (batch, head). */
+static int64_t ember_att_column_tile(const ember_att *p, int64_t b, int64_t h, int64_t j0) {
+    const int64_t tiles = (p->src + EMBER_ATT_BK - 1) / EMBER_ATT_BK;
+    return ((b * p->heads + h) * tiles + j0 / EMBER_ATT_BK) * p->dim * EMBER_ATT_BK;
+}
+
 /* The online softmax of one work item over keys [k0, k1): the state (m, l, acc) of its
-   rows, acc unnormalised, each row's maximum m (-inf before any visible key) and sum l. */
+   rows, acc unnormalised, each row's maximum m (-inf before any visible key) and sum l.
+   `cols`: every key tile of the problem transposed (ember_att_key_columns), or NULL for
+   few rows, which read the keys as they are. */
 static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, int64_t b,
                                    int64_t h, int64_t i0, int64_t nrow, int64_t k0, int64_t k1,
-                                   float *state, int64_t capacity, ember_att_scratch *w) {
+                                   float *state, int64_t capacity, const float *cols,
+                                   ember_att_scratch *w) {
     const int64_t rows = p->group * nrow;
     float *m = state, *l = state + capacity, *acc = state + 2 * capacity;
     for (int64_t r = 0; r < rows; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
@@ -325,8 +337,12 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
     ember_att_query_tile(p, io, NULL, b, h, i0, nrow, w, 0);
     for (int64_t j0 = k0; j0 < k1; j0 += EMBER_ATT_BK) {
         const int64_t n = ember_att_min(EMBER_ATT_BK, k1 - j0);
-        w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
-                                       ember_att_transposed(p, w->kt));
+        if (cols) {
+            w->k_cols = cols + ember_att_column_tile(p, b, h, j0);
+        } else {
+            w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys, NULL);
+            w->k_cols = NULL;
+        }
         w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values, NULL);
         ember_att_scores(p, io, b, h, i0, nrow, j0, n, w);
         for (int64_t r = 0; r < rows; ++r) {
@@ -345,6 +361,24 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
         }
         ember_att_gemm(rows, p->vdim, n, w->s, EMBER_ATT_BK, 1, w->v_tile, p->vdim, acc,
                        p->vdim);  /* acc += p v */
+    }
+}
+
+/* Every visible key tile transposed into `cols` (zero past kv_len), once per call, shared by
+   the query tiles of the forward: each query tile would otherwise transpose every key tile
+   it reads again (a sixth of a prefill's attention). Run by every thread of a parallel
+   region (ends with its barrier). */
+static void ember_att_key_columns(const ember_att *p, const ember_att_io *io, float *cols,
+                                  ember_att_scratch *w) {
+    const int64_t tiles = (p->src + EMBER_ATT_BK - 1) / EMBER_ATT_BK;
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < p->batch * p->heads * tiles; ++t) {
+        const int64_t b = t / (p->heads * tiles), h = t / tiles % p->heads;
+        const int64_t j0 = t % tiles * EMBER_ATT_BK;
+        const int64_t n = ember_att_min(EMBER_ATT_BK, ember_att_end(p, io, b, p->length) - j0);
+        if (n > 0)
+            ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
+                               cols + ember_att_column_tile(p, b, h, j0));
     }
 }
 
@@ -400,10 +434,17 @@ static void ember_attention_forward(const ember_att *p, const ember_att_io *io, 
     const int64_t work = p->batch * p->heads * p->group * p->length * longest
                          * (p->dim + p->vdim);
     float *states = (float *)malloc((size_t)(items * splits * stride) * sizeof(float));
+    /* Many rows per tile: the key tiles transposed once, shared (a multiple of 64 bytes). */
+    const int64_t key_tiles = (p->src + EMBER_ATT_BK - 1) / EMBER_ATT_BK;
+    float *cols = NULL;
+    if (ember_att_transposed(p, states) && key_tiles > 0)
+        cols = (float *)aligned_alloc(64, (size_t)(p->batch * p->heads * key_tiles * p->dim
+                                                   * EMBER_ATT_BK) * sizeof(float));
     #pragma omp parallel if (work > EMBER_ATT_PARALLEL_MIN)
     {
         ember_att_scratch w;
         float *block = ember_att_scratch_new(p, &w);
+        if (cols) ember_att_key_columns(p, io, cols, &w);
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < items * splits; ++t) {
             const int64_t item = t / splits, k0 = t % splits * chunk;
@@ -411,7 +452,7 @@ static void ember_attention_forward(const ember_att *p, const ember_att_io *io, 
             const int64_t i0 = item % tiles * bq, nrow = ember_att_min(bq, p->length - i0);
             const int64_t k1 = ember_att_min(k0 + chunk, ember_att_end(p, io, b, i0 + nrow));
             ember_att_forward_part(p, io, b, h, i0, nrow, k0, k1, states + t * stride,
-                                   capacity, &w);
+                                   capacity, cols, &w);
         }
         #pragma omp for
         for (int64_t item = 0; item < items; ++item) {
@@ -423,6 +464,7 @@ static void ember_attention_forward(const ember_att *p, const ember_att_io *io, 
         free(block);
     }
     free(states);
+    free(cols);
 }
 
 /* delta = rowsum(dout * out) - dlse of query row r: the part of its scores' gradients that
@@ -472,6 +514,7 @@ static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, cons
     if (n > 0) {
         w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
                                        ember_att_transposed(p, w->kt));
+        w->k_cols = ember_att_transposed(p, w->kt);
         w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values,
                                        ember_att_transposed(p, w->vt));
         /* Causal: rows before the tile's first key's position see none of it. */
