@@ -143,6 +143,16 @@ def test_random_state_is_left_as_it_was():
     np.testing.assert_array_equal(np.asarray(jitted(x)), first)
 
 
+def test_empty_results_are_reported_as_skipped():
+    def f(x, w):
+        return x[:0] * 2.0, x @ w
+    x, w = enp.ones((4, 3)), enp.ones((3, 2))
+    profile = ember.jit(f, backend="cpu").lower(x, w).compile().profile(x, w, runs=1)
+    kinds = [e.kind for e in profile.entries]
+    assert "empty" in kinds and "product" in kinds
+    assert all(e.seconds == 0 for e in profile.entries if e.kind == "empty")
+
+
 def test_refused_where_it_cannot_run():
     x = enp.ones((2, 2))
     compiled = ember.jit(lambda a: a @ a, backend="cpu").lower(x).compile()

@@ -28,7 +28,8 @@ from ember.ir.graph import Eqn
 __all__ = ["Entry", "Profile", "classify", "nbytes"]
 
 # The order kinds are listed in a table; a kind not here (a future C rule) comes after them.
-KINDS = ("product", "attention", "quantised product", "fused kernel", "indexing", "numpy")
+KINDS = ("product", "attention", "quantised product", "fused kernel", "indexing", "numpy",
+         "empty")
 _INDEXING = frozenset(("dynamic_slice", "dynamic_update_slice", "gather", "scatter"))
 _QUANT = frozenset(("quant_matmul", "dequantize"))
 
@@ -131,6 +132,8 @@ def classify(eqn: Eqn, code: str | None) -> tuple[str, str, float | None]:
     NumPy). FLOPs are the dense products' multiply-adds times two; causal attention counts
     the half of the scores it computes."""
     name = eqn.prim.name
+    if all(v.aval.size == 0 for v in eqn.outputs):  # the program skips it
+        return "empty", f"{name} -> {_shapes(eqn.outputs)}", None
     if code is None:
         return "numpy", f"{name} -> {_shapes(eqn.outputs)}", None
     if eqn.prim is fused_p:
