@@ -51,7 +51,9 @@ from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
 from ember.ir.liveness import liveness
 from ember.ops.structural import copy_p
 
-# The C library headers a program and its kernels include, parsed once (precompiled).
+# The C library headers a program and its kernels include, parsed once (precompiled). The
+# intrinsics header is a fifth of a SIMD program's compile: a second prelude has it, for the
+# programs whose helpers include it (loading it would cost any other program half its compile).
 _PRELUDE = toolchain.Header("""#include <stdint.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -59,6 +61,8 @@ _PRELUDE = toolchain.Header("""#include <stdint.h>
 #include <math.h>
 #include <omp.h>
 """)
+_SIMD = "#include <immintrin.h>"
+_PRELUDE_SIMD = toolchain.Header(_PRELUDE.text + _SIMD + "\n")
 
 _POISON = r"""
 /* Debug mode: overwrite a freed buffer with a poison pattern (NaN for floats). */
@@ -196,7 +200,7 @@ class Program:
         if self.segments:
             needs_blas = any(s.uses_blas for s in statements.values())
             self._library = toolchain.build(
-                self.source, toolchain.blas() if needs_blas else toolchain.Library(), _PRELUDE)
+                self.source, toolchain.blas() if needs_blas else toolchain.Library(), self._prelude)
             self._library.ember_init(_threads())
         self._functions = [getattr(self._library, f"ember_segment_{n}")
                            for n in range(len(self.segments))]
@@ -307,7 +311,9 @@ class Program:
                 + ("  scipy_openblas_set_num_threads(1);\n" if blas else "") + "}\n")
         counters = ([f"double ember_profile[{len(self._timed)}];  /* seconds per statement */"]
                     if self._timed else [])
-        return "\n".join([_PRELUDE.include + blas, *helpers, *literals, *counters, init, *bodies])
+        self._prelude = _PRELUDE_SIMD if any(_SIMD in h for h in helpers) else _PRELUDE
+        return "\n".join([self._prelude.include + blas, *helpers, *literals, *counters, init,
+                          *bodies])
 
     def as_text(self) -> str:
         """The C translation unit of this program."""
