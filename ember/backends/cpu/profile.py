@@ -46,14 +46,17 @@ class Entry:
     flops: float | None
     nbytes: int
 
-    def rate(self, seconds: float | None = None, count: int = 1) -> str:
+    def rate(self) -> str:
         """GFLOP/s for arithmetic-bound kinds, GB/s of operands and results for the rest."""
-        seconds = self.seconds * count if seconds is None else seconds
-        if seconds <= 0:
-            return ""
-        if self.flops is not None:
-            return f"{self.flops * count / seconds / 1e9:.1f} GFLOP/s"
-        return f"{self.nbytes * count / seconds / 1e9:.1f} GB/s"
+        return _rate(self.flops, self.nbytes, self.seconds)
+
+
+def _rate(flops: float | None, nbytes: int, seconds: float) -> str:
+    if seconds <= 0:
+        return ""
+    if flops is not None:
+        return f"{flops / seconds / 1e9:.1f} GFLOP/s"
+    return f"{nbytes / seconds / 1e9:.1f} GB/s"
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,8 @@ class Profile:
         for kind, seconds in self.by_kind.items():
             members = [e for e in self.entries if e.kind == kind]
             flops = [e.flops for e in members if e.flops is not None]
-            rate = Entry(0, kind, "", seconds, math.fsum(flops) if flops else None,
-                         sum(e.nbytes for e in members)).rate()
+            rate = _rate(math.fsum(flops) if flops else None, sum(e.nbytes for e in members),
+                         seconds)
             lines.append(f"{kind:<20}{1e3 * seconds:10.3f}{share(seconds):>8}"
                          f"{len(members):7d}  {rate}")
         lines.append(f"{'untimed (calls)':<20}{1e3 * self.untimed:10.3f}"
@@ -119,8 +122,9 @@ class Profile:
                      f"{len(self.entries):7d}")
         lines += ["", f"{'ms':>9}{'share':>8}{'count':>6}  {'kind':<18}what, rate"]
         for entry, n, seconds in self.grouped()[:top]:
+            flops = None if entry.flops is None else entry.flops * n
             lines.append(f"{1e3 * seconds:9.3f}{share(seconds):>8}{n:6d}  {entry.kind:<18}"
-                         f"{entry.what}  {entry.rate(seconds, n)}")
+                         f"{entry.what}  {_rate(flops, entry.nbytes * n, seconds)}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
