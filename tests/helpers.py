@@ -94,6 +94,19 @@ def assert_close(actual: Any, expected: Any, dtype: Any = None, rtol: float | No
         np.testing.assert_allclose(a, e, rtol=r, atol=t, equal_nan=True, err_msg=err_msg)
 
 
+def assert_equal_or_close(actual: Any, expected: Any, rtol: float = 1e-6,
+                          atol: float = 0.0) -> None:
+    """A jitted (or fused) result against the same computation run eagerly: bitwise when the
+    default backend is NumPy (the same operations in the same order); within ``rtol``/``atol``
+    when it compiles (the cpu backend's kernels call the C library's functions and sum in
+    their own order)."""
+    if ember.backends.default_backend().name == "numpy":
+        np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected))
+    else:
+        np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=rtol,
+                                   atol=atol)
+
+
 def eager_and_jit(fn: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
     """Run ``fn`` eagerly and under ``ember.jit`` on the same arguments."""
     return fn(*args), ember.jit(fn)(*args)

@@ -91,6 +91,15 @@ def test_primitive_specs_batched_into_few_programs(chunk):
     print(f"{len(chosen)} primitive cases in one program: {elapsed:.2f} s (first call)")
 
 
+@pytest.mark.parametrize("reduce", [lax.reduce_max, lax.reduce_min])
+def test_max_over_an_empty_axis_raises_as_on_the_numpy_backend(reduce):
+    """No identity: the C start value (-inf) would be returned where NumPy has no answer."""
+    f = ember.jit(lambda x: reduce(x * 2.0, (0,)), backend="cpu")
+    with pytest.raises(ember.ShapeError, match=f"{reduce.__name__}: zero-size array"):
+        f(np.ones((0, 2)))
+    np.testing.assert_array_equal(np.asarray(f(np.ones((1, 2)))), [2.0, 2.0])
+
+
 @pytest.mark.parametrize("fn,operands", [
     (lambda x, i: lax.dynamic_slice(x, (i, 1), (2, 3)), [(5, 4), "i"]),
     (lambda x, u, i: lax.dynamic_update_slice(x, u, (i, 2)), [(5, 4), (2, 2), "i"]),

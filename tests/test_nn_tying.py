@@ -169,7 +169,9 @@ def test_tied_and_untied_models_are_different_jit_structures():
     f(tied, ids)
     f(untied, ids)
     assert f.trace_count == 2
-    np.testing.assert_allclose(np.asarray(f(untied, ids)), np.asarray(untied(ids)), rtol=1e-6)
+    # atol: products summed in another order (BLAS) leave small logits a larger relative error
+    np.testing.assert_allclose(np.asarray(f(untied, ids)), np.asarray(untied(ids)), rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_a_donated_tied_model_is_donated_once_and_stays_tied():

@@ -398,12 +398,16 @@ class CReduction:
     ``nan_wins``: for floats, a NaN operand makes the result NaN whatever ``combine`` does
     (a flag kept beside the accumulator), so a max can be a plain comparison that
     vectorises; the result is then the C ``NAN``, not the NaN operand itself.
+    ``identity``: ``init`` is the result over no elements; a max or min has none (its start
+    value is only a bound), so over an empty axis it runs through NumPy, which raises the
+    operation's error.
     """
 
     init: Callable[[np.dtype], str | None]
     combine: Callable[[str, str, np.dtype], str | None]
     simd: str | None = None
     nan_wins: bool = False
+    identity: bool = True
 
     def tracks_nan(self, dtype: np.dtype) -> bool:
         return self.nan_wins and dtypes.is_float(dtype)
@@ -435,9 +439,11 @@ _REDUCTIONS = {
     "reduce_prod": CReduction(lambda dt: "1" if _numeric(dt) else None,
                               lambda acc, x, dt: _arith_code("*", None, dt, acc, x), "*"),
     "reduce_max": CReduction(_extreme_init(True),
-                             lambda acc, x, dt: f"({x} > {acc} ? {x} : {acc})", "max", True),
+                             lambda acc, x, dt: f"({x} > {acc} ? {x} : {acc})", "max", True,
+                             identity=False),
     "reduce_min": CReduction(_extreme_init(False),
-                             lambda acc, x, dt: f"({x} < {acc} ? {x} : {acc})", "min", True),
+                             lambda acc, x, dt: f"({x} < {acc} ? {x} : {acc})", "min", True,
+                             identity=False),
 }
 
 _ELEMENTWISE: dict[str, Rule] = {
@@ -561,9 +567,12 @@ class _Renderer:
     @staticmethod
     def reduction(eqn: Eqn) -> tuple[CReduction, np.dtype]:
         red = eqn.prim.lowerings.get("c")
-        dt = np.dtype(eqn.inputs[0].aval.dtype)
+        aval = eqn.inputs[0].aval
+        dt = np.dtype(aval.dtype)
         if not isinstance(red, CReduction) or c_type(dt) is None:
             raise _UnsupportedError(eqn.prim.name)
+        if not red.identity and any(aval.shape[a] == 0 for a in eqn.params["axes"]):
+            raise _UnsupportedError(f"{eqn.prim.name} over an empty axis")
         return red, dt
 
     def row_loop(self, loop: RowLoop, lines: list[str], pad: str,
