@@ -1,11 +1,13 @@
 """The float32 kernel for products with few rows of activations (``x @ W.T``, the decode of
 several sequences) of the compiled CPU backend (``ember/backends/cpu/lowerings.py``): the kernel
 itself in each vector path the CPU runs, against float64 NumPy; then jitted programs against the
-NumPy backend, which products take it (``as_text``) and which stay with BLAS."""
+NumPy backend, which products take it (``as_text``) and which stay with BLAS; last, BLAS products
+cut into pieces for OpenMP's threads (decision 0016), the same bits on one thread and two."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 import pytest
@@ -85,12 +87,6 @@ def _compiled(f, *args) -> tuple[list[np.ndarray], str]:
     return actual, ember.jit(f, backend="cpu").lower(*args).compile().as_text()
 
 
-@pytest.fixture
-def every_row_count(monkeypatch):
-    """One row in the kernel too (by default it goes to BLAS's sgemv)."""
-    monkeypatch.setattr(lowerings, "GEMV_MIN_ROWS", 1)
-
-
 # (dims, x shape, W shape, rows of x the kernel sees)
 LAYOUTS = [
     ((((1,), (1,)), ((), ())), (3, 37), (29, 37), 3),               # x @ W.T: a linear layer
@@ -101,7 +97,7 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("dims,xs,ws,m", LAYOUTS)
-def test_layouts_run_in_the_kernel(every_row_count, dims, xs, ws, m):
+def test_layouts_run_in_the_kernel(dims, xs, ws, m):
     rng = np.random.default_rng(7)
     x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
     _, source = _compiled(lambda a, b: lax.dot_general(a, b, dims[0], dims[1]), x, w)
@@ -109,7 +105,7 @@ def test_layouts_run_in_the_kernel(every_row_count, dims, xs, ws, m):
 
 
 @pytest.mark.parametrize("m", ROWS)
-def test_every_row_count_matches_the_numpy_backend(every_row_count, m):
+def test_every_row_count_matches_the_numpy_backend(m):
     rng = np.random.default_rng(m)
     x, w = (rng.standard_normal(s).astype(np.float32) for s in ((m, 45), (23, 45)))
     _, source = _compiled(lambda a, b: a @ b.T, x, w)
@@ -117,7 +113,7 @@ def test_every_row_count_matches_the_numpy_backend(every_row_count, m):
 
 
 @pytest.mark.parametrize("xs,ws,f,why", [
-    ((1, 16), (9, 16), lambda a, b: a @ b.T, "one row: sgemv"),
+    ((1, 16), (16, 9), lambda a, b: a @ b, "one row, W stored as columns: sgemv"),
     ((lowerings.GEMV_ROWS + 1, 16), (9, 16), lambda a, b: a @ b.T, "many rows: sgemm"),
     ((3, 16), (16, 9), lambda a, b: a @ b, "W stored as columns"),
     ((16, 3), (9, 16), lambda a, b: a.T @ b.T, "x stored as columns"),
@@ -146,3 +142,68 @@ def test_decode_of_four_sequences_runs_its_products_in_the_kernel():
         lambda mdl, c, i: mdl(i, cache=c, cache_pos=2), model, cache, ids)
     assert logits.shape == (4, 1, 64)
     assert "ember_sgemv_m4(" in source and "cblas" not in source  # every product, the head too
+
+
+# --- one thread pool: products cut into pieces for OpenMP's threads ---------------------------
+
+@pytest.mark.parametrize("extent,work", [(64, 4 << 20), (1000, 1 << 40), (7, 1 << 30),
+                                         (256, 3 << 20), (49152, 28 << 20), (100, 1 << 20)])
+def test_pieces_cover_the_axis_in_aligned_power_of_two_counts(extent, work):
+    step = lowerings.piece_step(extent, work)
+    pieces = -(-extent // step)
+    assert 0 < step <= extent and pieces <= lowerings.MAX_PIECES
+    if work < 2 * lowerings.PIECE_WORK or extent <= lowerings.PIECE_ALIGN:
+        assert pieces == 1
+    else:
+        assert step % lowerings.PIECE_ALIGN == 0 and pieces >= 2
+        assert work // pieces >= lowerings.PIECE_WORK
+        if extent % (lowerings.MAX_PIECES * lowerings.PIECE_ALIGN) == 0:
+            assert pieces & (pieces - 1) == 0  # even shares for 2, 4, 8... threads
+
+
+_THREADS = "int threads(void) { return omp_get_max_threads(); }"
+
+
+def results_on_threads(fn, args, threads: int) -> tuple[list[np.ndarray], str]:
+    """``fn(*args)`` compiled for the cpu backend with ``EMBER_NUM_THREADS=threads`` (a program
+    sets its thread count when it is built), run once: its results and its C."""
+    old = os.environ.get("EMBER_NUM_THREADS")
+    os.environ["EMBER_NUM_THREADS"] = str(threads)
+    try:
+        compiled = ember.jit(fn, backend="cpu").lower(*args).compile()
+        assert toolchain.build("#include <omp.h>\n" + _THREADS).threads() == threads
+        results = [np.asarray(r) for r in ember.tree.tree_leaves(compiled(*args))]
+        return results, compiled.as_text()
+    finally:
+        if old is None:
+            del os.environ["EMBER_NUM_THREADS"]
+        else:
+            os.environ["EMBER_NUM_THREADS"] = old
+
+
+@pytest.mark.parametrize("f,xs,ws,dtype", [
+    (lambda a, b: a @ b, (64, 256), (256, 256), np.float32),        # cut along columns
+    (lambda a, b: a @ b.T, (600, 96), (70, 96), np.float32),        # along rows
+    (lambda a, b: a.T @ b, (300, 130), (300, 500), np.float64),     # x stored as columns
+    (lambda a, b: a @ b, (6, 4, 64, 32), (6, 4, 32, 300), np.float32),  # batched
+    (lambda a, b: a @ b, (1, 2000), (2000, 1500), np.float32),      # one row: sgemv pieces
+])
+def test_split_products_are_the_same_bits_on_one_and_two_threads(f, xs, ws, dtype):
+    rng = np.random.default_rng(10)
+    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    (one,), source = results_on_threads(f, (x, w), 1)
+    (two,), _ = results_on_threads(f, (x, w), 2)
+    assert "#pragma omp parallel for" in source and "gemm_piece(" in source
+    assert "scipy_openblas_set_num_threads(1)" in source
+    np.testing.assert_array_equal(one.view(np.uint8), two.view(np.uint8))
+    _assert_close(one, f(x.astype(np.float64), w.astype(np.float64)))
+
+
+def test_few_row_kernel_is_the_same_bits_on_one_and_two_threads():
+    rng = np.random.default_rng(11)
+    x, w = (rng.standard_normal(s).astype(np.float32) for s in ((3, 576), (1536, 576)))
+    assert w.size >= lowerings.GEMV_THREADED_ELEMENTS
+    (one,), source = results_on_threads(lambda a, b: a @ b.T, (x, w), 1)
+    (two,), _ = results_on_threads(lambda a, b: a @ b.T, (x, w), 2)
+    assert "ember_sgemv_m3(" in source
+    np.testing.assert_array_equal(one.view(np.uint8), two.view(np.uint8))

@@ -58,10 +58,10 @@ def _harness_source(simd: int) -> str:
             wrappers.append(f"void qmv_{fmt}_{m}(int adjoint, {_ARGS}) {{ if (adjoint) "
                             f"ember_qmvt_{fmt}_m{m}(N, K, x, w, y); "
                             f"else ember_qmv_{fmt}_m{m}(N, K, x, w, y); }}")
-        wrappers.append(f"void qmm_{fmt}(int adjoint, int64_t M, {_ARGS}) {{ "
-                        f"ember_qmm_{fmt}(adjoint, M, N, K, x, w, y); }}")
+        wrappers.append(f"void qmm_{fmt}(int adjoint, int64_t M, {_ARGS}, int64_t step) {{ "
+                        f"ember_qmm_{fmt}(adjoint, M, N, K, x, w, y, step); }}")
         wrappers.append(f"void rows_{fmt}(int64_t rows, int64_t K, const uint8_t *w, "
-                        f"float *out) {{ ember_decode_rows_{fmt}(rows, K, w, out, 1); }}")
+                        f"float *out) {{ ember_decode_rows_{fmt}(rows, K, w, out); }}")
     return "\n".join([f"#define EMBER_QUANT_SIMD {simd}\n" + _INCLUDES, *helpers, *wrappers])
 
 
@@ -74,14 +74,18 @@ def _ptr(a: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(a.ctypes.data)
 
 
-def _run(lib, fmt: str, m: int, x: np.ndarray, packed: np.ndarray, adjoint: bool) -> np.ndarray:
+def _run(lib, fmt: str, m: int, x: np.ndarray, packed: np.ndarray, adjoint: bool,
+         pieces: bool = False) -> np.ndarray:
+    """The kernel's result; the panels as one piece, or (``pieces``) cut into the smallest
+    pieces ``ember_qmm`` takes: 16 rows of W, or one block column for the adjoint."""
     n, k = packed.shape[0], FORMATS[fmt].row_elements(packed.shape[1])
     y = np.full((m, k if adjoint else n), np.nan, np.float32)
     args = (ctypes.c_int64(n), ctypes.c_int64(k), _ptr(x), _ptr(packed), _ptr(y))
     if m in DIRECT:
         getattr(lib, f"qmv_{fmt}_{m}")(int(adjoint), *args)
     else:
-        getattr(lib, f"qmm_{fmt}")(int(adjoint), ctypes.c_int64(m), *args)
+        step = (FORMATS[fmt].block if adjoint else 16) if pieces else (k if adjoint else n)
+        getattr(lib, f"qmm_{fmt}")(int(adjoint), ctypes.c_int64(m), *args, ctypes.c_int64(step))
     return y
 
 
@@ -93,12 +97,13 @@ def test_kernels_match_the_reference(harness, fmt):
     for n, k in ((37, 3 * block), (5, 2 * block), (300, block)):
         packed = random_blocks(fmt, n, k, seed=n)
         for adjoint in (False, True):
-            for m in (*DIRECT, *PANELS):
+            for m, pieces in (*((m, False) for m in DIRECT), *((m, True) for m in PANELS),
+                              (PANELS[0], False)):
                 x = rng.standard_normal((m, n if adjoint else k)).astype(np.float32)
                 np.testing.assert_allclose(
-                    _run(harness, fmt, m, x, packed, adjoint),
+                    _run(harness, fmt, m, x, packed, adjoint, pieces),
                     _reference(x, packed, fmt, adjoint), rtol=RTOL, atol=ATOL,
-                    err_msg=f"{fmt} N={n} K={k} M={m} adjoint={adjoint}")
+                    err_msg=f"{fmt} N={n} K={k} M={m} adjoint={adjoint} pieces={pieces}")
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -230,3 +235,29 @@ def test_packed_llama_forward_and_qlora_grad_match_the_numpy_backend(fmt):
             np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
     text = _compile(grad, model, ids).as_text()
     assert f"ember_qmvt_{fmt}_m" in text and f"ember_decode_rows_{fmt}(" in text
+
+
+def test_panels_are_cut_into_pieces_with_the_same_bits_on_one_and_two_threads():
+    from test_cpu_gemv import results_on_threads
+
+    rng = np.random.default_rng(12)
+    m, n, k = quant.BLAS_ROWS + 8, 256, 512
+    cases = []
+    for i, fmt in enumerate(FORMATS):
+        packed = random_blocks(fmt, n, k, seed=20 + i)
+        for adjoint in (False, True):
+            assert quant.panel_step(fmt, adjoint, m, n, k) < (k if adjoint else n)  # pieces
+            x = rng.standard_normal((m, n if adjoint else k)).astype(np.float32)
+            cases.append((x, packed, fmt, adjoint))
+    xs, ws = [c[0] for c in cases], [c[1] for c in cases]
+
+    def fn(xs, ws):
+        return _products([(x, w, fmt, adj) for x, w, (_, _, fmt, adj) in zip(xs, ws, cases)])
+
+    one, source = results_on_threads(fn, (xs, ws), 1)
+    two, _ = results_on_threads(fn, (xs, ws), 2)
+    assert source.count("ember_qmm_") >= 2 * len(FORMATS)
+    for (x, w, fmt, adjoint), a, b in zip(cases, one, two, strict=True):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), f"{fmt} {adjoint}")
+        want = _reference(x, w, fmt, adjoint)  # sums of 256 or 512 terms: scaled tolerance
+        np.testing.assert_allclose(a, want, rtol=0, atol=ATOL * np.abs(want).max())

@@ -2,7 +2,8 @@
 
 Fused elementwise/reduction groups are rendered as kernels by ``kernels.py``; what is left for
 this module is the work that is not a loop nest over one iteration domain: matrix products
-(handed to BLAS, with strides instead of copies), and reads and writes at computed positions
+(handed to BLAS, with strides instead of copies, cut into pieces that OpenMP's threads take:
+``piece_step``, decision 0016), and reads and writes at computed positions
 (``dynamic_slice``, ``dynamic_update_slice``, ``gather``, ``scatter``). A float32 product with
 few rows of activations against a weight stored as rows (``x @ W.T``, decode) runs in a kernel of
 this module instead of BLAS (``GEMV_MIN_ROWS`` to ``GEMV_ROWS``). Each rule is registered
@@ -258,16 +259,78 @@ def _matrix(rows: tuple[int, int | None], cols: tuple[int, int | None]
 
 _BLAS = {np.dtype(np.float32): ("s", "float", "f"), np.dtype(np.float64): ("d", "double", "")}
 
+# --- one thread pool: BLAS products cut into pieces for OpenMP's threads --------------------
+# OpenBLAS runs single-threaded (``ember_init``): a second pool of threads, spinning between its
+# calls, would fight OpenMP's for the cores. A product with enough work is cut into pieces
+# along the larger of its result's rows and columns, and OpenMP's threads take the pieces, each
+# one single-threaded BLAS call. The pieces depend on the shape only, never on the thread
+# count, and the contracted axis is never cut, so every element is summed by the same call on
+# 1 thread or 16: results are the same bits whatever ``EMBER_NUM_THREADS`` is.
+
+# Multiply-adds of one piece: a product with less than two pieces' work is one call on the
+# calling thread. Measured on the 2-core machine (spinning OpenMP threads): 64 x 256 x 256
+# (4 M) gains 1.6x from a second core, 64 x 256 x 64 (1 M) loses.
+PIECE_WORK = 1 << 20
+# At most this many pieces (a power of two, so 2, 4, 8 or 16 threads share them evenly): each
+# piece packs again the operand it shares with the others, so fewer, larger pieces cost less.
+MAX_PIECES = 16
+# Pieces start at multiples of this many rows or columns: whole register tiles of OpenBLAS's
+# kernels (16 x 4 floats on AVX-512) and whole 64-byte lines of the result.
+PIECE_ALIGN = 16
+
+
+def piece_step(extent: int, work: int, align: int = PIECE_ALIGN) -> int:
+    """Rows (or columns) per piece when a product of ``work`` multiply-adds is cut along an
+    axis of ``extent``: a multiple of ``align``, or ``extent`` itself (one piece)."""
+    wanted = min(MAX_PIECES, work // PIECE_WORK, -(-extent // align))
+    if wanted < 2:
+        return extent
+    pieces = 1 << (wanted.bit_length() - 1)
+    return min(extent, -(-extent // (pieces * align)) * align)
+
+
+_PIECE = r"""
+/* One piece of C = op(A) op(B) (+ beta C), a row-major [M, N] result: rows (by_rows) or columns
+   lo .. lo + step of it, in one single-threaded BLAS call; one row of A is a matrix-vector
+   product. The caller runs the pieces on OpenMP's threads. */
+static void ember_$Pgemm_piece(int ta, int tb, int by_rows, int64_t lo, int64_t step,
+                               int64_t M, int64_t N, int64_t K, const $T *A, int64_t lda,
+                               const $T *B, int64_t ldb, $T beta, $T *C, int64_t ldc) {
+    const int64_t extent = by_rows ? M : N, size = extent - lo < step ? extent - lo : step;
+    if (by_rows) { A += ta ? lo : lo * lda; C += lo * ldc; M = size; }
+    else { B += tb ? lo * ldb : lo; C += lo; N = size; }
+    if (M == 1)
+        scipy_cblas_$Pgemv(CblasRowMajor, tb ? CblasNoTrans : CblasTrans, tb ? N : K,
+                           tb ? K : N, 1, B, ldb, A, ta ? lda : 1, beta, C, 1);
+    else
+        scipy_cblas_$Pgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans,
+                           tb ? CblasTrans : CblasNoTrans, M, N, K, 1, A, lda, B, ldb, beta,
+                           C, ldc);
+}
+"""
+
+
+def blas_piece_helper(dtype: np.dtype) -> str:
+    """The C of ``ember_<s|d>gemm_piece`` (for ``uses_blas`` statements)."""
+    prefix, ctype, _ = _BLAS[np.dtype(dtype)]
+    return _PIECE.replace("$P", prefix).replace("$T", ctype)
+
+
+def parallel_pieces(tasks: int) -> str:
+    """The OpenMP line before a loop over ``tasks`` pieces (none for one): threads take pieces
+    as they finish, so a thread that loses its core to another process delays only its own."""
+    return "#pragma omp parallel for schedule(dynamic, 1)\n  " if tasks > 1 else ""
+
+
 # Rows of float32 activations for which ``x @ W.T`` runs in the kernel below, not in BLAS:
 # GEMV_MIN_ROWS to GEMV_ROWS. Measured on SmolLM2's shapes (576..49152 x 576..1536, 1 and 2
 # threads, W streamed from memory): at 2 to 8 rows BLAS (sgemm) reads W at 5-8 GB/s, the
-# kernel at 8-15 (it reads W once). One row stays with BLAS's sgemv: alone it streams W as
-# fast as the kernel (12 GB/s a core), and in a decode step its threads, which spin between
-# calls, beat OpenMP's, which sleep and take tens of microseconds to wake (SmolLM2 decode on
-# 2 idle cores: 33 tok/s with sgemv, 24 with the kernel). On cores busy with other processes
-# it is the reverse (1.5 against 23 tok/s: each call waits for a spinning BLAS thread to be
-# scheduled); GEMV_MIN_ROWS = 1 is the setting for that case, or for OpenMP threads that spin.
-GEMV_MIN_ROWS = 2
+# kernel at 8-15 (it reads W once). One row alone streams W as fast in BLAS's sgemv as here
+# (12 GB/s a core); it takes the kernel too, for the threshold below: sgemv pieces are cut by
+# multiply-adds, as compute-bound products are, which leaves SmolLM2's 1536 x 576 products of a
+# decode step on one thread (decode on 2 shared cores, back to back: 17.1 and 19.5 tok/s with
+# the kernel, 14.2 and 12.9 with sgemv pieces).
+GEMV_MIN_ROWS = 1
 GEMV_ROWS = 8
 # Elements of W below which the kernel runs on one thread: OpenMP threads that wait passively
 # (``toolchain._passive_openmp``) take tens of microseconds to wake, more than a 1 MB product
@@ -347,41 +410,57 @@ def _dot_general(eqn: Eqn) -> Statement | None:
     a, b = _matrix(m, k), _matrix(k_rhs, n)
     if a is None or b is None or max(m[0], n[0], k[0], a[1], b[1]) > _INT_MAX:
         return None
-    prefix, ctype, suffix = _BLAS[lhs.dtype]
+    prefix, ctype, _ = _BLAS[lhs.dtype]
     batch = [lhs.shape[i] for i in lb]
     out_block = m[0] * n[0]
     # Few float32 rows against W stored as rows ([n, k], k contiguous in both): our kernel.
-    gemv = (lhs.dtype == np.float32 and GEMV_MIN_ROWS <= m[0] <= GEMV_ROWS and not a[0]
-            and b[0])
+    if (lhs.dtype == np.float32 and GEMV_MIN_ROWS <= m[0] <= GEMV_ROWS and not a[0]
+            and b[0]):
+        return _gemv_statement(m[0], n[0], k[0], a[1], b[1], out_block, batch, ls, rs, lb, rb)
+    count = math.prod(batch)
+    by_rows = m[0] > n[0]
+    extent = m[0] if by_rows else n[0]
+    step = piece_step(extent, count * m[0] * n[0] * k[0])
+    pieces = -(-extent // step)
+    tasks = count * pieces
 
     def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
-        loops, a_off, b_off = [], ["0"], ["0"]
-        for d, (size, li, ri) in enumerate(zip(batch, lb, rb)):
-            loops.append(f"for (int64_t i{d} = 0; i{d} < {size}; ++i{d})")
-            a_off.append(f"i{d} * {ls[li]}")
-            b_off.append(f"i{d} * {rs[ri]}")
-        if gemv:
-            call = (f"ember_sgemv_m{m[0]}({n[0]}, {k[0]}, A + {' + '.join(a_off)}, {a[1]}, "
-                    f"B + {' + '.join(b_off)}, {b[1]}, C + nb * {out_block});")
-        elif m[0] == 1:  # a single row: matrix-vector, streaming the weights once
-            trans, ld = b
-            rows, cols = (n[0], k[0]) if trans else (k[0], n[0])
-            call = (f"scipy_cblas_{prefix}gemv(CblasRowMajor, "
-                    f"{'CblasNoTrans' if trans else 'CblasTrans'}, {rows}, {cols}, 1.0{suffix}, "
-                    f"B + {' + '.join(b_off)}, {ld}, A + {' + '.join(a_off)}, "
-                    f"{k[1] or 1}, 0.0{suffix}, C + nb * {out_block}, 1);")
-        else:
-            call = (f"scipy_cblas_{prefix}gemm(CblasRowMajor, "
-                    f"{'CblasTrans' if a[0] else 'CblasNoTrans'}, "
-                    f"{'CblasTrans' if b[0] else 'CblasNoTrans'}, {m[0]}, {n[0]}, {k[0]}, "
-                    f"1.0{suffix}, A + {' + '.join(a_off)}, {a[1]}, B + {' + '.join(b_off)}, "
-                    f"{b[1]}, 0.0{suffix}, C + nb * {out_block}, {max(1, n[0])});")
+        a_off, b_off = _batch_offsets("nb", batch, ls, lb), _batch_offsets("nb", batch, rs, rb)
         return (f"{{ const {ctype} *A = (const {ctype} *){ins[0]}, *B = (const {ctype} *){ins[1]};"
-                f"\n  {ctype} *C = ({ctype} *){outs[0]}; int64_t nb = 0;\n  "
-                + " ".join(loops) + f" {{ {call} ++nb; }} }}")
-    if gemv:
-        return Statement(emit, _gemv_helpers(m[0]))
-    return Statement(emit, uses_blas=True)
+                f"\n  {ctype} *C = ({ctype} *){outs[0]};\n  {parallel_pieces(tasks)}"
+                f"for (int64_t t = 0; t < {tasks}; ++t) {{\n"
+                f"    const int64_t nb = t / {pieces}, lo = t % {pieces} * {step};\n"
+                f"    ember_{prefix}gemm_piece({int(a[0])}, {int(b[0])}, {int(by_rows)}, lo, "
+                f"{step}, {m[0]}, {n[0]}, {k[0]}, A + {a_off}, {a[1]}, B + {b_off}, {b[1]}, 0, "
+                f"C + nb * {out_block}, {max(1, n[0])});\n  }} }}")
+    return Statement(emit, (blas_piece_helper(lhs.dtype),), uses_blas=True)
+
+
+def _batch_offsets(flat: str, batch: Sequence[int], strides: Sequence[int],
+                   axes: Sequence[int]) -> str:
+    """C expression: the element offset of batch element ``flat`` (row-major over ``batch``)
+    in an operand with these strides, its batch axes being ``axes``."""
+    terms, inner = ["0"], 1
+    for size, axis in reversed(list(zip(batch, axes))):
+        if size > 1:
+            terms.append(f"({flat} / {inner} % {size}) * {strides[axis]}")
+        inner *= size
+    return " + ".join(terms)
+
+
+def _gemv_statement(m: int, n: int, k: int, lda: int, ldb: int, out_block: int,
+                    batch: Sequence[int], ls: Sequence[int], rs: Sequence[int],
+                    lb: Sequence[int], rb: Sequence[int]) -> Statement:
+    """``ember_sgemv_m<m>`` on each batch element in turn (the kernel splits W's rows)."""
+    count = math.prod(batch)
+
+    def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+        a_off, b_off = _batch_offsets("nb", batch, ls, lb), _batch_offsets("nb", batch, rs, rb)
+        return (f"{{ const float *A = (const float *){ins[0]}, *B = (const float *){ins[1]};\n"
+                f"  float *C = (float *){outs[0]};\n"
+                f"  for (int64_t nb = 0; nb < {count}; ++nb) ember_sgemv_m{m}({n}, {k}, "
+                f"A + {a_off}, {lda}, B + {b_off}, {ldb}, C + nb * {out_block}); }}")
+    return Statement(emit, _gemv_helpers(m))
 
 
 dot_general_p.def_lowering("c", _dot_general)

@@ -9,9 +9,11 @@ kernels here read those bytes as they are, never a float32 copy of the whole mat
   float32 accumulators, a pair per activation row. Decode is bound by memory bandwidth, so the
   point is to read each weight byte exactly once per token. The adjoint (``g @ W``) splits the
   columns instead, so two threads never add into the same output.
-- **Many rows** (prefill, training): a panel of ``W`` rows is decoded into a small float32
-  buffer (``PANEL_BYTES``, cache sized) and handed to ``cblas_sgemm``; the next panel reuses
-  the buffer. Above ``BLAS_ROWS`` rows BLAS beats re-streaming ``W`` (measured).
+- **Many rows** (prefill, training): ``W`` is cut into pieces along its rows (its block
+  columns for the adjoint) that OpenMP's threads take (decision 0016: BLAS is single-threaded);
+  a thread decodes panels of its piece into a small float32 buffer (``PANEL_BYTES``, cache
+  sized) and hands each to ``cblas_sgemm``. Above ``BLAS_ROWS`` rows BLAS beats re-streaming
+  ``W`` (measured).
 - ``dequantize`` (the rows an embedding gathers) decodes into its result.
 
 Results: activations stay float32 (decision 0014: no 8-bit activations), the decoded weights
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ember.backends.cpu.lowerings import Statement
+from ember.backends.cpu.lowerings import PIECE_ALIGN, Statement, piece_step
 from ember.io.quants import FORMATS, BlockFormat
 from ember.ir.graph import Eqn
 from ember.ops.quantized import dequantize_p, quant_matmul_p
@@ -347,42 +349,66 @@ static void ember_qmvt_$F_m$M(int64_t N, int64_t K, const float *g, const uint8_
 """
 
 _ROWS = r"""
-/* Decode `rows` packed $F rows into float32 rows of K values (dequantize; BLAS panels). */
-static void ember_decode_rows_$F(int64_t rows, int64_t K, const uint8_t *w, float *out,
-                                 int threaded) {
-    const int64_t blocks = K / $B;
-    #pragma omp parallel for schedule(static) if (threaded && rows * K >= 32768)
+/* Decode blocks b0 .. b1 of `rows` packed $F rows (K values each) into float32 rows of
+   (b1 - b0) * $B values: a panel of whole rows, or of the columns one piece of an adjoint
+   product owns. */
+static void ember_decode_blocks_$F(int64_t rows, int64_t K, int64_t b0, int64_t b1,
+                                   const uint8_t *w, float *out) {
+    const int64_t blocks = K / $B, width = (b1 - b0) * $B;
     for (int64_t r = 0; r < rows; ++r)
-        for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t b = b0; b < b1; ++b) {
             ember_vf v[$V];
             ember_decode_$F(w + (r * blocks + b) * $BB, v);
-            for (int j = 0; j < $V; ++j) ev_store(out + r * K + b * $B + 16 * j, v[j]);
+            for (int j = 0; j < $V; ++j) ev_store(out + r * width + (b - b0) * $B + 16 * j, v[j]);
         }
+}
+
+/* Decode `rows` packed $F rows into float32 rows of K values (dequantize), rows across threads. */
+static void ember_decode_rows_$F(int64_t rows, int64_t K, const uint8_t *w, float *out) {
+    const int64_t row_bytes = K / $B * $BB;
+    #pragma omp parallel for schedule(static) if (rows * K >= 32768)
+    for (int64_t r = 0; r < rows; ++r)
+        ember_decode_blocks_$F(1, K, 0, K / $B, w + r * row_bytes, out + r * K);
 }
 """
 
 _PANELS = r"""
-/* Many rows of x: decode panels of W rows into a cache-sized float32 buffer and multiply each
-   with BLAS. Not adjoint: y[:, n0:n0+P] = x @ panel^T. Adjoint: y += g[:, n0:n0+P] @ panel.
-   The decoding runs on this thread only: OpenMP threads still spinning after a parallel
-   decode would take the cores from the BLAS threads that follow (100x slower on 2 cores). */
+/* Many rows of x: W is cut into pieces (rows of W, the columns of y; or, for the adjoint, block
+   columns of W, the columns of y too), which OpenMP's threads take. A thread decodes panels of
+   its piece ($PANEL bytes, so they stay in cache, rows from K alone) into its own buffer and
+   multiplies each by single-threaded BLAS. Not adjoint: y[:, n0:n0+P] = x @ panel^T. Adjoint:
+   y[:, piece] += g[:, n0:n0+P] @ panel, in the same order on any number of threads. */
 static void ember_qmm_$F(int adjoint, int64_t M, int64_t N, int64_t K, const float *x,
-                         const uint8_t *w, float *y) {
+                         const uint8_t *w, float *y, int64_t step) {
     int64_t P = $PANEL / (K * (int64_t)sizeof(float));
     P = P < 16 ? 16 : P > N ? N : P;
-    float *panel = aligned_alloc(64, (size_t)(P * K * sizeof(float) + 63) / 64 * 64);
-    const int64_t row_bytes = K / $B * $BB;
-    for (int64_t n0 = 0; n0 < N; n0 += P) {
-        int64_t rows = N - n0 < P ? N - n0 : P;
-        ember_decode_rows_$F(rows, K, w + n0 * row_bytes, panel, 0);
-        if (adjoint)
-            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, K, rows, 1.0f,
-                              x + n0, N, panel, K, n0 ? 1.0f : 0.0f, y, K);
-        else
-            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, rows, K, 1.0f,
-                              x, K, panel, K, 0.0f, y + n0, N);
+    const int64_t row_bytes = K / $B * $BB, extent = adjoint ? K : N;
+    const int64_t pieces = (extent + step - 1) / step;
+    #pragma omp parallel if (pieces > 1)
+    {
+        float *panel = aligned_alloc(64, (size_t)(P * K * sizeof(float) + 63) / 64 * 64);
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t p = 0; p < pieces; ++p) {
+            const int64_t lo = p * step, hi = lo + step < extent ? lo + step : extent;
+            if (adjoint)
+                for (int64_t n0 = 0; n0 < N; n0 += P) {
+                    const int64_t rows = N - n0 < P ? N - n0 : P, width = hi - lo;
+                    ember_decode_blocks_$F(rows, K, lo / $B, hi / $B, w + n0 * row_bytes,
+                                           panel);
+                    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, width,
+                                      rows, 1.0f, x + n0, N, panel, width, n0 ? 1.0f : 0.0f,
+                                      y + lo, K);
+                }
+            else
+                for (int64_t n0 = lo; n0 < hi; n0 += P) {
+                    const int64_t rows = hi - n0 < P ? hi - n0 : P;
+                    ember_decode_blocks_$F(rows, K, 0, K / $B, w + n0 * row_bytes, panel);
+                    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, rows, K,
+                                      1.0f, x, K, panel, K, 0.0f, y + n0, N);
+                }
+        }
+        free(panel);
     }
-    free(panel);
 }
 """
 
@@ -413,6 +439,15 @@ def _decode_rows(fmt: str) -> tuple[str, ...]:
     return SIMD, DECODERS[fmt], _instance(_ROWS, FORMATS[fmt])
 
 
+def panel_step(fmt: str, adjoint: bool, m: int, n: int, k: int) -> int:
+    """Rows of W (block columns' values, for the adjoint) per piece of ``ember_qmm_<fmt>``:
+    pieces as BLAS products have (``lowerings.piece_step``), always along W, so no two threads
+    decode the same blocks; an adjoint piece is whole blocks."""
+    if adjoint:
+        return piece_step(k, m * n * k, math.lcm(FORMATS[fmt].block, PIECE_ALIGN))
+    return piece_step(n, m * n * k)
+
+
 def _zeros(eqn: Eqn) -> Statement:
     nbytes = eqn.outputs[0].aval.size * eqn.outputs[0].aval.dtype.itemsize
     return Statement(lambda outs, ins: f"memset({outs[0]}, 0, {nbytes}); /* nothing to sum */")
@@ -428,9 +463,11 @@ def _quant_matmul(eqn: Eqn) -> Statement | None:
     if (n if adjoint else k) == 0:
         return _zeros(eqn)
     if m > BLAS_ROWS:
+        step = panel_step(fmt, adjoint, m, n, k)
+
         def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
             return (f"ember_qmm_{fmt}({int(adjoint)}, {m}, {n}, {k}, (const float *){ins[0]}, "
-                    f"(const uint8_t *){ins[1]}, (float *){outs[0]});")
+                    f"(const uint8_t *){ins[1]}, (float *){outs[0]}, {step});")
         return Statement(emit, helpers(fmt, m), uses_blas=True)
     kernel = f"ember_qmv{'t' if adjoint else ''}_{fmt}_m"
     inner, outer = (n, k) if adjoint else (k, n)
@@ -459,7 +496,7 @@ def _dequantize(eqn: Eqn) -> Statement | None:
 
     def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
         return (f"ember_decode_rows_{fmt}({rows}, {k}, (const uint8_t *){ins[0]}, "
-                f"(float *){outs[0]}, 1);")
+                f"(float *){outs[0]});")
     return Statement(emit, _decode_rows(fmt))
 
 
