@@ -99,6 +99,7 @@ def test_timed_program_computes_the_same_and_is_another_source(profiled):
     compiled, args, _ = profiled
     twin = compiled.program._twin
     assert "ember_profile" in twin.as_text() and "ember_profile" not in compiled.as_text()
+    assert twin._arena._memory is None  # kept between profiles without its memory
     for a, b in zip(compiled(*args), twin(*[a._buffer for a in args])):
         np.testing.assert_array_equal(np.asarray(a), b)
 

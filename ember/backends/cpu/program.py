@@ -348,6 +348,7 @@ class Program:
             outs = self(*args)
             total += time.perf_counter() - start
             del outs  # freed after the clock is read: freeing is the caller's time, not ours
+        self._arena.clear()  # the twin is kept for the next profile, not its memory
         seconds = self._numpy_seconds.copy()
         codes: dict[int, str] = {}
         for (i, code), s in zip(self._timed, self._c_seconds):
@@ -511,6 +512,11 @@ class _Arena:
     def release(self, memory: np.ndarray) -> None:
         if memory is self._memory:
             self._lock.release()
+
+    def clear(self) -> None:
+        """Free the kept memory (allocated again by the next call)."""
+        with self._lock:
+            self._memory = None
 
 
 def _aligned_bytes(nbytes: int) -> np.ndarray:
