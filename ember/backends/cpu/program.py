@@ -325,7 +325,9 @@ class Program:
     def profile(self, buffers: Sequence[Any], runs: int = 3) -> Profile:
         """Time each equation over ``runs`` calls (after one warm-up call) of this program
         compiled with timers (a twin, built on first use). Inputs the program writes over
-        (donated ones) are copied for every call, so ``buffers`` are left as they were."""
+        (donated ones) are copied for every call, so ``buffers`` are left as they were. The
+        counters are the twin's library's: two threads profiling one program at once would
+        mix their times."""
         if self._twin is None:
             self._twin = (self if self._profiling
                           else Program(*self._origin, self._run_numpy, profile=True))
