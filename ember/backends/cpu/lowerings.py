@@ -268,8 +268,9 @@ _BLAS = {np.dtype(np.float32): ("s", "float", "f"), np.dtype(np.float64): ("d", 
 # 1 thread or 16: results are the same bits whatever ``EMBER_NUM_THREADS`` is.
 
 # Multiply-adds of one piece: a product with less than two pieces' work is one call on the
-# calling thread. Measured on the 2-core machine (spinning OpenMP threads): 64 x 256 x 256
-# (4 M) gains 1.6x from a second core, 64 x 256 x 64 (1 M) loses.
+# calling thread. Measured on 2 idle cores with passive OpenMP threads, per jit call of one
+# product: 64 x 256 x 256 (4 M) 1.3x faster on two threads, 128 x 576 x 576 1.2x; 1 M products
+# (64 x 64 x 256, 64 x 256 x 64) gain nothing, waking a thread costs what the second core saves.
 PIECE_WORK = 1 << 20
 # At most this many pieces (a power of two, so 2, 4, 8 or 16 threads share them evenly): each
 # piece packs again the operand it shares with the others, so fewer, larger pieces cost less.
