@@ -14,6 +14,7 @@ the NumPy reference gave its fused equation and its outputs are compared with th
 from __future__ import annotations
 
 import ctypes
+import math
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ import ember.numpy as enp
 from ember import dtypes
 from ember.backends import get_backend
 from ember.backends.cpu import kernels, toolchain
+from ember.compiler import loops
 from ember.compiler.fusion import fuse, fused_equations
 from ember.ir.graph import Literal
 from ember.ops import reduce, structural
@@ -406,3 +408,50 @@ def test_random_graphs_as_one_program_match_the_numpy_backend(how, data):
                   if dtypes.is_float(v.aval.dtype))
         for a, b in zip(tree_leaves(g), tree_leaves(w), strict=True):
             compare(np.asarray(b), np.asarray(a), how, str(graph), eps)
+
+
+# --- merged axes: loops without division ------------------------------------------------------
+
+@st.composite
+def merged_views(draw):
+    """An array transposed and some neighbouring axes of the result merged (as attention's
+    output goes back to [batch, seq, heads*dim]), scaled, and maybe reduced along the first or
+    last merged axis: ``(function, inputs)``."""
+    rank = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.sampled_from([1, 2, 3, 4, 6]), min_size=rank,
+                                max_size=rank)))
+    perm = tuple(draw(st.permutations(range(rank))))
+    moved = [shape[p] for p in perm]
+    cuts = sorted(draw(st.sets(st.integers(1, rank - 1))))  # where merged runs end
+    merged = tuple(math.prod(moved[a:b]) for a, b in zip((0, *cuts), (*cuts, rank)))
+    axis = draw(st.sampled_from([None, 0, -1]))
+
+    def fn(x):
+        y = enp.transpose(x, perm).reshape(merged) * 2.0
+        return y if axis is None else (y, y.max(axis=axis))
+
+    return fn, (rand(*shape, seed=draw(st.integers(0, 2**16))),)
+
+
+@needs_cc
+@settings(max_examples=3, deadline=None)
+@given(st.lists(merged_views(), min_size=15, max_size=15))
+def test_merged_axes_run_as_loops_without_division(batch):
+    """Every loop over merged axes is split back into the axes it merged: no index divides,
+    and the results stay bitwise those of the reference."""
+    for fn, inputs in batch:
+        for eqn in fused_equations(Program(fn, inputs).graph):
+            assert loops.describe(eqn).divisions() == []
+    _check_batch(batch, "exact")
+
+
+def test_attention_output_moves_in_contiguous_runs():
+    """[1, 9, 512, 64] -> [1, 512, 576]: a loop of 9 heads around a vectorised loop of 64."""
+    program = Program(lambda x: enp.transpose(x, (0, 2, 1, 3)).reshape(1, 512, 576),
+                      (rand(1, 9, 512, 64),))
+    (eqn,) = program.eqns
+    nest = loops.describe(eqn)
+    assert nest.outer == (1, 512, 9, 64) and nest.divisions() == []
+    (kernel,) = program.kernels
+    assert "in0[o2*32768 + o1*64 + o3]" in kernel.source
+    assert "#pragma omp simd\n    for (long o3 = 0; o3 < 64; o3++)" in kernel.source

@@ -351,6 +351,8 @@ def random_programs(draw, exact: bool = False):
             axis = draw(st.integers(0, x.ndim - 1))
             kinds = ["transpose", "reshape", "flip", "pad", "concat", "broadcast"]
             kinds += ["slice"] if x.shape[axis] > 1 else []
+            kinds += ["merge"] if x.ndim > 1 else []
+            kinds += ["split"] if _factor(x.shape[axis]) else []
             step = ("move", draw(st.sampled_from(kinds)), k, axis,
                     draw(st.permutations(range(x.ndim))))
         else:
@@ -367,6 +369,11 @@ def random_programs(draw, exact: bool = False):
         return [vals[i] for i in outs]
 
     return fn, inputs
+
+
+def _factor(n: int) -> int | None:
+    """The smallest factor of ``n`` other than 1 and itself (None for primes, 0 and 1)."""
+    return next((f for f in range(2, n) if n % f == 0), None)
 
 
 def _apply(step, vals):
@@ -386,6 +393,12 @@ def _apply(step, vals):
         return enp.transpose(x, perm)
     if what == "reshape":
         return x.reshape(x.shape[:axis] + (1,) + x.shape[axis:])
+    if what == "merge":  # permuted axes, two of them as one: loops index it with / and %
+        x, a = enp.transpose(x, perm), min(axis, x.ndim - 2)
+        return x.reshape(x.shape[:a] + (x.shape[a] * x.shape[a + 1],) + x.shape[a + 2:])
+    if what == "split":  # an axis as two
+        f = _factor(x.shape[axis])
+        return x.reshape(x.shape[:axis] + (f, x.shape[axis] // f) + x.shape[axis + 1:])
     if what == "flip":
         return enp.flip(x, axis=axis)
     if what == "pad":

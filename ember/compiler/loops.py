@@ -31,8 +31,8 @@ backend may render floor division and remainder with C's ``/`` and ``%``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -407,6 +407,13 @@ class LoopNest:
                 pairs.append((k, j))
                 taken.add(j)
         return tuple(pairs)
+
+    def divisions(self) -> list[Div | Mod]:
+        """Every floor division and remainder the indices compute, once per place they
+        appear (a kernel without them reads and writes memory at affine offsets)."""
+        found: list[Div | Mod] = []
+        _rewrite(self.body, lambda idx: found.extend(_divisions(idx)) or idx)
+        return found
 
     def _readers(self) -> dict[int, set[int]]:
         """For each input, the outputs whose values depend on it."""
@@ -835,6 +842,85 @@ class _Builder:
             self._mark_cross(x, p, needs, seen)
 
 
+# --- loops split at the divisions of their indices ---------------------------------------------
+
+def _rewrite(node: Any, fn: Callable[[Index], Index]) -> Any:
+    """``node`` (a statement, expression, or a list or tuple of them) with ``fn`` applied to
+    every index in it."""
+    if isinstance(node, Index):
+        return fn(node)
+    if isinstance(node, (list, tuple)):
+        return type(node)(_rewrite(x, fn) for x in node)
+    if isinstance(node, RowLoop):
+        return RowLoop(_rewrite(node.body, fn))
+    if isinstance(node, (Load, IndexValue, Where, ScratchLoad, Let, Update, Store, ScratchStore,
+                         Pred)):
+        return replace(node, **{f.name: _rewrite(getattr(node, f.name), fn)
+                                for f in fields(node) if f.name != "eqn"})
+    return node
+
+
+def _divisions(idx: Index) -> Iterator[Div | Mod]:
+    """The floor divisions and remainders in an index, nested ones included."""
+    for a, _ in idx.terms:
+        if not isinstance(a, Axis):
+            yield a
+            yield from _divisions(a.expr)
+
+
+def _substitute(idx: Index, axes: dict[str, Index], memo: dict[Index, Index]) -> Index:
+    """``idx`` with each loop variable named in ``axes`` replaced (and simplified again)."""
+    if idx not in memo:
+        out = Index.of(idx.const)
+        for a, c in idx.terms:
+            if isinstance(a, Axis):
+                term = axes.get(a.name, Index(((a, 1),)))
+            else:
+                inner = _substitute(a.expr, axes, memo)
+                term = inner // a.divisor if isinstance(a, Div) else inner % a.divisor
+            out = out + term * c
+        memo[idx] = out
+    return memo[idx]
+
+
+def _split_axis(nest: LoopNest, name: str, factor: int) -> LoopNest:
+    """``nest`` with loop ``name`` (``o2``, ``r0``...) of size ``n`` run as two, ``n //
+    factor`` by ``factor``: the same points in the same order."""
+    kind, at = name[0], int(name[1:])
+    shape = nest.outer if kind == "o" else nest.row
+    n = shape[at]
+    axes = {name: Index.axis(name, n // factor) * factor + Index.axis(f"{kind}{at + 1}", factor)}
+    axes.update((f"{kind}{j}", Index.axis(f"{kind}{j + 1}", m))
+                for j, m in enumerate(shape) if j > at)
+    shape = (*shape[:at], n // factor, factor, *shape[at + 1:])
+    memo: dict[Index, Index] = {}
+    body = _rewrite(nest.body, lambda idx: _substitute(idx, axes, memo))
+    outer, row = (shape, nest.row) if kind == "o" else (nest.outer, shape)
+    return LoopNest(outer, row, nest.inputs, nest.outputs, nest.scratch, body)
+
+
+def _factor_loops(nest: LoopNest) -> LoopNest:
+    """Split loops at the divisions their indices make, while that removes some: an index
+    ``(o2/64)*32768 + o1*64 + (o2%64)`` (an attention output moved back to [batch, seq,
+    heads*dim]) becomes ``o2*32768 + o1*64 + o3`` over loops of 9 and 64. Division in the
+    innermost loop keeps a compiler from vectorising it (each element is a gather); split,
+    the innermost loop reads memory in order."""
+    divisions = nest.divisions()
+    while divisions:
+        # With x = f*q + p (0 <= p < f), (c*x + rest) // (c*f) is q + (c*p + rest) // (c*f),
+        # which simplifies to q when rest is small: candidates are the f that make c*f a divisor.
+        splits = {(a.name, d.divisor // c) for d in divisions for a, c in d.expr.terms
+                  if isinstance(a, Axis) and c > 0 and d.divisor % c == 0
+                  and 1 < d.divisor // c < a.size and a.size % (d.divisor // c) == 0}
+        trials = [(t, t.divisions()) for t in (_split_axis(nest, name, f)
+                                                for name, f in sorted(splits))]
+        best = min(trials, key=lambda trial: len(trial[1]), default=None)
+        if best is None or len(best[1]) >= len(divisions):
+            break
+        nest, divisions = best
+    return nest
+
+
 def describe(eqn: Eqn) -> LoopNest:
     """The loop nest of a ``fused`` equation."""
-    return _Builder(eqn.params["body"]).build()
+    return _factor_loops(_Builder(eqn.params["body"]).build())
