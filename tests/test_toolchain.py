@@ -193,3 +193,17 @@ def test_empty_result_between_kernels_runs_in_one_program(cache):
     expected = ember.jit(lambda x: enp.exp(enp.tanh(x) * 3) + 1, backend="numpy")(x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(expected), rtol=1e-6)
     assert e.shape == (0, 4)
+
+
+def test_programs_start_with_the_prelude_their_helpers_need(cache):
+    from ember.backends.cpu import program
+    from ember.ops.attention import attention
+
+    x = np.ones((2, 3), np.float32)
+    plain = ember.jit(lambda x: x * 2 + 1, backend="cpu").lower(x).compile().as_text()
+    q = np.ones((1, 2, 4, 8), np.float32)
+    simd = ember.jit(lambda q: attention(q, q, q), backend="cpu").lower(q).compile().as_text()
+    assert plain.startswith(program._PRELUDE.include)
+    assert simd.startswith(program._PRELUDE_SIMD.include)
+    assert sorted(p.name for p in cache.iterdir() if p.suffix == ".gch") == sorted(
+        [program._PRELUDE.name + ".gch", program._PRELUDE_SIMD.name + ".gch"])
