@@ -165,7 +165,6 @@ class Header:
 
 _MEMO: dict[tuple[str, str], ctypes.CDLL] = {}
 _MEMO_LOCK = threading.Lock()
-_HEADERS: set[tuple[str, str]] = set()  # (cache directory, header name) known to be there
 
 
 @dataclass(frozen=True)
@@ -255,14 +254,12 @@ def _precompile(cc: Compiler, header: Header, directory: str) -> None:
     """Write ``header`` into the cache directory with its precompiled form beside it (where
     the compiler looks for it), unless an earlier build did."""
     h_path = os.path.join(directory, header.name)
-    if (directory, header.name) in _HEADERS or os.path.exists(h_path + ".gch"):
-        _HEADERS.add((directory, header.name))
+    if os.path.exists(h_path) and os.path.exists(h_path + ".gch"):
         return
     _write_atomically(h_path, header.text.encode())
     flags = [f for f in FLAGS if f != "-shared"]
     _run_compiler(h_path, h_path + ".gch",
                   lambda out: [cc.path, *flags, "-x", "c-header", h_path, "-o", out])
-    _HEADERS.add((directory, header.name))
 
 
 def _run_compiler(source_path: str, out_path: str, command: Callable[[str], list[str]]
