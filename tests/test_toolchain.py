@@ -201,13 +201,71 @@ def test_empty_result_between_kernels_runs_in_one_program(cache):
 
 def test_programs_start_with_the_prelude_their_helpers_need(cache):
     from ember.backends.cpu import program
-    from ember.ops.attention import attention
 
     x = np.ones((2, 3), np.float32)
     plain = ember.jit(lambda x: x * 2 + 1, backend="cpu").lower(x).compile().as_text()
-    q = np.ones((1, 2, 4, 8), np.float32)
-    simd = ember.jit(lambda q: attention(q, q, q), backend="cpu").lower(q).compile().as_text()
+    a, w = np.ones((2, 64), np.float32), np.ones((32, 64), np.float32)  # the SIMD gemv
+    simd = ember.jit(lambda a, w: a @ w.T, backend="cpu").lower(a, w).compile().as_text()
     assert plain.startswith(program._PRELUDE.include)
     assert simd.startswith(program._PRELUDE_SIMD.include)
     assert sorted(p.name for p in cache.iterdir() if p.suffix == ".gch") == sorted(
         [program._PRELUDE.name + ".gch", program._PRELUDE_SIMD.name + ".gch"])
+
+
+# --- kernel libraries: compiled once, linked by the programs that call them ---------------------
+
+KERNELS = toolchain.KernelLibrary("int ember_twice(int a) { return 2 * a + %d; }\n")
+CALLER = "int ember_twice(int a);\nint ember_call(int a) { return ember_twice(a) + 1; }\n"
+
+
+def test_kernel_library_is_built_once_and_linked(cache):
+    kernels = toolchain.KernelLibrary(KERNELS.source % 0)
+    before = toolchain.stats().compiles
+    one = toolchain.build(CALLER, kernels.link())
+    two = toolchain.build(CALLER + "int ember_other(void) { return ember_twice(5); }\n",
+                          kernels.link())
+    assert (one.ember_call(3), two.ember_other()) == (7, 10)
+    assert toolchain.stats().compiles == before + 3  # the library, then each program
+    assert len(_entries(cache)) == 3
+
+
+def test_program_key_covers_the_kernel_library(cache):
+    """Other kernel code: another library path, so another program (not a stale one)."""
+    old, new = (toolchain.KernelLibrary(KERNELS.source % n) for n in (0, 100))
+    assert toolchain.cache_key(CALLER, old.link()) != toolchain.cache_key(CALLER, new.link())
+    assert toolchain.build(CALLER, old.link()).ember_call(3) == 7
+    assert toolchain.build(CALLER, new.link()).ember_call(3) == 107
+
+
+def test_corrupt_kernel_library_is_rebuilt(cache):
+    kernels = toolchain.KernelLibrary(KERNELS.source % 2)
+    path = cache / (toolchain.cache_key(kernels.source) + ".so")
+    path.write_bytes(b"not a shared library")  # a crash mid-write elsewhere
+    assert kernels.link().ldflags == (str(path),)
+    assert toolchain.build(CALLER, kernels.link()).ember_call(1) == 5
+
+
+def test_deleted_kernel_library_is_built_again_before_linking(cache):
+    kernels = toolchain.KernelLibrary(KERNELS.source % 3)
+    (path,) = kernels.link().ldflags
+    os.unlink(path)  # the cache emptied while the process runs
+    assert toolchain.build(CALLER, kernels.link()).ember_call(1) == 6
+    assert os.path.exists(path)
+
+
+def test_attention_program_compiles_without_the_kernel_source(cache):
+    from ember.backends.cpu import attention
+    from ember.ops.attention import attention as attend
+
+    q = np.random.default_rng(0).standard_normal((1, 2, 4, 8)).astype(np.float32)
+    attention.KERNELS.link()  # the library, once per cache
+    before = toolchain.stats()
+    compiled = ember.jit(lambda q: attend(q, q, q)[0], backend="cpu").lower(q).compile()
+    after = toolchain.stats()
+    assert after.compiles == before.compiles + 1
+    text = compiled.as_text()
+    assert "ember_attention_forward(const ember_att" in text  # declared
+    assert "ember_att_gemm" not in text  # not defined
+    expected = ember.jit(lambda q: attend(q, q, q)[0], backend="numpy")(q)
+    np.testing.assert_allclose(np.asarray(compiled(q)), np.asarray(expected), rtol=1e-5,
+                               atol=1e-6)

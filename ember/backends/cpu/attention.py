@@ -1,8 +1,9 @@
 """C for the attention primitives: tiled flash-attention kernels, forward and backward.
 
 ``attention`` and ``attention_bwd`` (``ember/ops/attention.py``) lower to calls of two C
-functions defined once per translation unit; each equation passes its shapes as a constant
-``ember_att`` record, so one compiled body serves every layer and every shape. The kernels
+functions compiled once per machine into a kernel library (``KERNELS``) that programs link;
+each equation passes its shapes as a constant ``ember_att`` record, so one compiled body serves
+every layer, every shape and every program. The kernels
 follow the NumPy reference's algorithm (and so its results, up to the order of float
 additions):
 
@@ -43,6 +44,7 @@ import numpy as np
 from ember import dtypes
 from ember.backends.cpu.kernels import HELPERS
 from ember.backends.cpu.lowerings import Statement
+from ember.backends.cpu.toolchain import KernelLibrary
 from ember.ir.graph import Eqn
 from ember.ops.attention import attention_bwd_p, attention_p
 
@@ -50,15 +52,9 @@ _DTYPE_CODES = {np.dtype(np.float32): "EMBER_ATT_F32", dtypes.bfloat16: "EMBER_A
                 np.dtype(np.float16): "EMBER_ATT_F16"}
 _MAX_BATCH_RANK = 8  # the leading axes ember_att records (a mask's strides along each)
 
-_SOURCE = r"""
-/* --- attention kernels (ember/backends/cpu/attention.py) --- */
-#include <omp.h>
-#define EMBER_ATT_BQ 32          /* query rows per head in a tile */
-#define EMBER_ATT_BK 64          /* keys in a tile */
-#define EMBER_ATT_FEW_ROWS 8     /* fewer query rows per tile: no transposed key tiles */
-#define EMBER_ATT_SPLIT_MIN 128  /* the fewest keys one split of a decode step reads */
-#define EMBER_ATT_PARALLEL_MIN (1 << 16)  /* multiply-adds below which one thread does all */
-
+# What a program that calls the kernels sees: the problem record and the two entry points.
+_DECLARATIONS = r"""
+/* --- attention kernels (ember/backends/cpu/attention.py), linked from their library --- */
 enum { EMBER_ATT_F32, EMBER_ATT_BF16, EMBER_ATT_F16 };
 
 /* One attention problem: q [batch, heads * group, length, dim], k [batch, heads, src, dim],
@@ -77,6 +73,19 @@ typedef struct {
     const int32_t *kv_len, *q_offset;
     const float *lse, *dlse;
 } ember_att_io;
+
+void ember_attention_forward(const ember_att *p, const ember_att_io *io, void *out, float *lse);
+void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *dq, void *dk,
+                              void *dv);
+"""
+
+_DEFINITIONS = r"""
+#include <omp.h>
+#define EMBER_ATT_BQ 32          /* query rows per head in a tile */
+#define EMBER_ATT_BK 64          /* keys in a tile */
+#define EMBER_ATT_FEW_ROWS 8     /* fewer query rows per tile: no transposed key tiles */
+#define EMBER_ATT_SPLIT_MIN 128  /* the fewest keys one split of a decode step reads */
+#define EMBER_ATT_PARALLEL_MIN (1 << 16)  /* multiply-adds below which one thread does all */
 
 /* Per-thread scratch: a query tile (rows = group * min(BQ, length)) and a key tile, in float. */
 typedef struct {
@@ -416,8 +425,8 @@ static void ember_att_merge(const ember_att *p, const float *first, int64_t spli
 /* out, lse of attention: work items (batch, key/value head, query tile), each split into
    chunks of keys when there are too few items to keep the threads busy; the chunks' states
    are merged per row. */
-static void ember_attention_forward(const ember_att *p, const ember_att_io *io, void *out,
-                                    float *lse) {
+void ember_attention_forward(const ember_att *p, const ember_att_io *io, void *out,
+                             float *lse) {
     const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length);
     const int64_t tiles = (p->length + bq - 1) / bq, items = p->batch * p->heads * tiles;
     const int64_t capacity = p->group * bq, stride = capacity * (2 + p->vdim);
@@ -545,8 +554,8 @@ static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, cons
    causal work is balanced) and owns their dk and dv; its dq terms go to a float accumulator
    of its run, and the runs' accumulators are summed, in order, at the end. There are as few
    runs as keep the threads busy (one when batch * heads suffices). */
-static void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *dq,
-                                     void *dk, void *dv) {
+void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *dq,
+                              void *dk, void *dv) {
     const int64_t key_tiles = (p->src + EMBER_ATT_BK - 1) / EMBER_ATT_BK;
     const int64_t pairs = p->batch * p->heads, rows = pairs * p->group * p->length;
     const int64_t threads = omp_get_max_threads();
@@ -588,6 +597,9 @@ static void ember_attention_backward(const ember_att *p, const ember_att_io *io,
     free(delta);
 }
 """
+
+# The kernels, compiled once per machine (decision 0017); programs declare and link them.
+KERNELS = KernelLibrary(HELPERS + _DECLARATIONS + _DEFINITIONS)
 
 
 def _strides(shape: Sequence[int]) -> list[int]:
@@ -655,7 +667,7 @@ def _attention(eqn: Eqn) -> Statement | None:
     def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
         return _call(problem, _io(eqn, ins, residuals=False),
                      f"ember_attention_forward(&problem, &io, {outs[0]}, (float *){outs[1]})")
-    return Statement(emit, (HELPERS, _SOURCE))
+    return Statement(emit, (_DECLARATIONS,), links=(KERNELS,))
 
 
 def _attention_bwd(eqn: Eqn) -> Statement | None:
@@ -669,7 +681,7 @@ def _attention_bwd(eqn: Eqn) -> Statement | None:
         dq, dk, dv = (next(grads) if w else "NULL" for w in which[:3])
         return _call(problem, _io(eqn, ins, residuals=True),
                      f"ember_attention_backward(&problem, &io, {dq}, {dk}, {dv})")
-    return Statement(emit, (HELPERS, _SOURCE))
+    return Statement(emit, (_DECLARATIONS,), links=(KERNELS,))
 
 
 attention_p.def_lowering("c", _attention)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ember.backends.cpu.kernels import c_type
+from ember.backends.cpu.toolchain import KernelLibrary
 from ember.ir.graph import Eqn
 from ember.ops.indexing import gather_p, scatter_p
 from ember.ops.linalg import dot_general_p
@@ -38,15 +39,17 @@ class Statement:
 
     ``emit(outs, ins)`` returns the C code, given a ``void *`` C expression for each output
     and input; ``helpers`` are shared C definitions it calls (emitted once per translation
-    unit); ``writes_over`` lists ``(output, input)`` positions where the output may be stored
-    over the input when that input dies here (the code then works whether or not the two
-    pointers are equal).
+    unit); ``links``: the kernel libraries whose functions it calls (``helpers`` declare them;
+    the program links them); ``writes_over`` lists ``(output, input)`` positions where the
+    output may be stored over the input when that input dies here (the code then works
+    whether or not the two pointers are equal).
     """
 
     emit: Callable[[Sequence[str], Sequence[str]], str]
     helpers: tuple[str, ...] = ()
     writes_over: tuple[tuple[int, int], ...] = ()
     uses_blas: bool = False
+    links: tuple[KernelLibrary, ...] = ()
 
 
 # The dtypes this module does arithmetic in (scatter-add) and reads indices of; everything else

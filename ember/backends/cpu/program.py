@@ -199,8 +199,10 @@ class Program:
         self._functions: list[Any] = []
         if self.segments:
             needs_blas = any(s.uses_blas for s in statements.values())
-            self._library = toolchain.build(
-                self.source, toolchain.blas() if needs_blas else toolchain.Library(), self._prelude)
+            library = toolchain.blas() if needs_blas else toolchain.Library()
+            for kernels in dict.fromkeys(k for s in statements.values() for k in s.links):
+                library += kernels.link()
+            self._library = toolchain.build(self.source, library, self._prelude)
             self._library.ember_init(_threads())
         self._functions = [getattr(self._library, f"ember_segment_{n}")
                            for n in range(len(self.segments))]

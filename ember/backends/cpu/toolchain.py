@@ -10,7 +10,9 @@ rebuilt. A compile error is ember's bug (the user never wrote the C): it is rais
 :class:`CompilerBugError`, with the source kept on disk for the report.
 
 What is left of a compile's cost is cut without changing the machine code: the system headers
-every program starts with are a :class:`Header`, precompiled once per cache directory.
+every program starts with are a :class:`Header`, precompiled once per cache directory, and big
+shape-generic kernels are a :class:`KernelLibrary`, compiled once and linked by the programs
+that call them.
 :func:`stats` counts the compiles and their time (decision 0017).
 
 Environment: ``EMBER_CC`` (the compiler; default ``cc``, then ``gcc``), ``EMBER_CACHE_DIR``
@@ -103,10 +105,14 @@ def cache_dir() -> str:
 
 @dataclass(frozen=True)
 class Library:
-    """Extra compile and link arguments for a library a translation unit uses (BLAS)."""
+    """Extra compile and link arguments for a library a translation unit uses (BLAS, a
+    :class:`KernelLibrary`); ``a + b`` uses both."""
 
     cflags: tuple[str, ...] = ()
     ldflags: tuple[str, ...] = ()
+
+    def __add__(self, other: Library) -> Library:
+        return Library(self.cflags + other.cflags, self.ldflags + other.ldflags)
 
 
 @functools.lru_cache(maxsize=1)
@@ -167,6 +173,29 @@ class Header:
         return f'#include "{self.name}"\n'
 
 
+@dataclass(frozen=True)
+class KernelLibrary:
+    """Kernels compiled once per machine into a shared library that programs link.
+
+    Big shape-generic kernels (attention, quantised products) took most of a program's compile
+    time when every program compiled them again as static helpers. Here ``source`` defines them
+    once, exported (``ember_`` names); a program declares what it calls and links
+    :meth:`link`'s result. The library is cached like any build (same key: source, flags,
+    compiler, CPU), and its path, which is that key, is on the program's link line and so in
+    the program's key: different kernel code means different programs. ``uses_blas``: the
+    kernels call OpenBLAS (the library links it).
+    """
+
+    source: str
+    uses_blas: bool = False
+
+    def link(self) -> Library:
+        """The arguments that link a program with this library, built first unless it is on
+        disk (in this cache directory) and loads."""
+        return Library(ldflags=(shared_library(self.source,
+                                               blas() if self.uses_blas else Library()),))
+
+
 _MEMO: dict[tuple[str, str], ctypes.CDLL] = {}
 _MEMO_LOCK = threading.Lock()
 
@@ -221,6 +250,22 @@ def build(source: str, library: Library = Library(), header: Header | None = Non
             lib = _MEMO[directory, key] = _load_or_build(source, library, key, directory,
                                                          header)
     return lib
+
+
+def shared_library(source: str, library: Library = Library()) -> str:
+    """The path of ``source`` built into a shared library, for other libraries to link (as
+    :func:`build`, and rebuilt if the file has gone since: a program's link needs it on disk).
+
+    Linked by this absolute path, the library needs no ``-rpath``: the dynamic loader finds it
+    by the path the linker records, and a process that loaded it already shares that copy.
+    """
+    key = cache_key(source, library)
+    directory = cache_dir()
+    so_path = os.path.join(directory, key + ".so")
+    with _MEMO_LOCK:
+        if (directory, key) not in _MEMO or not os.path.exists(so_path):
+            _MEMO[directory, key] = _load_or_build(source, library, key, directory, None)
+    return so_path
 
 
 def _load_or_build(source: str, library: Library, key: str, directory: str,
