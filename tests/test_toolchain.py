@@ -253,19 +253,36 @@ def test_deleted_kernel_library_is_built_again_before_linking(cache):
     assert os.path.exists(path)
 
 
-def test_attention_program_compiles_without_the_kernel_source(cache):
+def _attention_case():
     from ember.backends.cpu import attention
     from ember.ops.attention import attention as attend
 
     q = np.random.default_rng(0).standard_normal((1, 2, 4, 8)).astype(np.float32)
-    attention.KERNELS.link()  # the library, once per cache
+    return (attention.KERNELS, lambda q: attend(q, q, q)[0], (q,), "ember_attention_forward(",
+            "ember_att_gemm(")
+
+
+def _quant_case():
+    from specs_quantized import random_blocks
+
+    from ember.backends.cpu import quant
+    from ember.ops.quantized import quant_matmul
+
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    return (quant.kernels("q4_1"), lambda x, w: quant_matmul(x, w, "q4_1"),
+            (x, random_blocks("q4_1", 5, 64)), "ember_qmv_q4_1_m3(", "ember_decode_q4_1(")
+
+
+@pytest.mark.parametrize("case", [_attention_case, _quant_case], ids=["attention", "quant"])
+def test_program_calling_kernels_compiles_without_their_source(cache, case):
+    kernels, f, args, call, internal = case()
+    kernels.link()  # the library, once per cache
     before = toolchain.stats()
-    compiled = ember.jit(lambda q: attend(q, q, q)[0], backend="cpu").lower(q).compile()
-    after = toolchain.stats()
-    assert after.compiles == before.compiles + 1
+    compiled = ember.jit(f, backend="cpu").lower(*args).compile()
+    assert toolchain.stats().compiles == before.compiles + 1
     text = compiled.as_text()
-    assert "ember_attention_forward(const ember_att" in text  # declared
-    assert "ember_att_gemm" not in text  # not defined
-    expected = ember.jit(lambda q: attend(q, q, q)[0], backend="numpy")(q)
-    np.testing.assert_allclose(np.asarray(compiled(q)), np.asarray(expected), rtol=1e-5,
-                               atol=1e-6)
+    assert call in text and kernels.prototypes in text  # called and declared ...
+    assert internal in kernels.source and internal not in text  # ... but not compiled again
+    expected = ember.jit(f, backend="numpy")(*args)
+    np.testing.assert_allclose(np.asarray(compiled(*args)), np.asarray(expected), rtol=1e-5,
+                               atol=1e-5)

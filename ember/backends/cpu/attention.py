@@ -52,8 +52,8 @@ _DTYPE_CODES = {np.dtype(np.float32): "EMBER_ATT_F32", dtypes.bfloat16: "EMBER_A
                 np.dtype(np.float16): "EMBER_ATT_F16"}
 _MAX_BATCH_RANK = 8  # the leading axes ember_att records (a mask's strides along each)
 
-# What a program that calls the kernels sees: the problem record and the two entry points.
-_DECLARATIONS = r"""
+# The types a program that calls the kernels needs besides their prototypes.
+_TYPES = r"""
 /* --- attention kernels (ember/backends/cpu/attention.py), linked from their library --- */
 enum { EMBER_ATT_F32, EMBER_ATT_BF16, EMBER_ATT_F16 };
 
@@ -73,10 +73,6 @@ typedef struct {
     const int32_t *kv_len, *q_offset;
     const float *lse, *dlse;
 } ember_att_io;
-
-void ember_attention_forward(const ember_att *p, const ember_att_io *io, void *out, float *lse);
-void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *dq, void *dk,
-                              void *dv);
 """
 
 _DEFINITIONS = r"""
@@ -599,7 +595,7 @@ void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *
 """
 
 # The kernels, compiled once per machine (decision 0017); programs declare and link them.
-KERNELS = KernelLibrary(HELPERS + _DECLARATIONS + _DEFINITIONS)
+KERNELS = KernelLibrary(HELPERS + _TYPES + _DEFINITIONS)
 
 
 def _strides(shape: Sequence[int]) -> list[int]:
@@ -667,7 +663,7 @@ def _attention(eqn: Eqn) -> Statement | None:
     def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
         return _call(problem, _io(eqn, ins, residuals=False),
                      f"ember_attention_forward(&problem, &io, {outs[0]}, (float *){outs[1]})")
-    return Statement(emit, (_DECLARATIONS,), links=(KERNELS,))
+    return Statement(emit, (_TYPES, KERNELS.prototypes), links=(KERNELS,))
 
 
 def _attention_bwd(eqn: Eqn) -> Statement | None:
@@ -681,7 +677,7 @@ def _attention_bwd(eqn: Eqn) -> Statement | None:
         dq, dk, dv = (next(grads) if w else "NULL" for w in which[:3])
         return _call(problem, _io(eqn, ins, residuals=True),
                      f"ember_attention_backward(&problem, &io, {dq}, {dk}, {dv})")
-    return Statement(emit, (_DECLARATIONS,), links=(KERNELS,))
+    return Statement(emit, (_TYPES, KERNELS.prototypes), links=(KERNELS,))
 
 
 attention_p.def_lowering("c", _attention)

@@ -24,17 +24,21 @@ The C is layered so that every format is written once: a 16-lane vector layer (`
 floats, ``ei_*`` for 32-bit integers) in AVX-512, AVX2 or portable C, picked by
 ``EMBER_QUANT_SIMD`` (512, 256 or 0; by default the best the compiler targets); one decoder
 per format on top of it, mirroring the NumPy decoders of ``ember.io.quants``; and one kernel
-template per operation, instantiated per format.
+template per operation, instantiated per format. A format's kernels, for every row count, are
+compiled once per machine into a kernel library (:func:`kernels`) that programs link.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from ember.backends.cpu.lowerings import PIECE_ALIGN, Statement, piece_step
+from ember.backends.cpu.toolchain import KernelLibrary
 from ember.io.quants import FORMATS, BlockFormat
 from ember.ir.graph import Eqn
 from ember.ops.quantized import dequantize_p, quant_matmul_p
@@ -299,7 +303,7 @@ static inline void ember_decode_q6_k(const uint8_t *b, ember_vf *w) {
 _DIRECT = r"""
 /* y[m, n] = sum_k x[m, k] W[n, k] for the $M rows of x: W ($F rows) is read once, each block
    decoded into registers and multiplied into a pair of accumulators per row of x. */
-static void ember_qmv_$F_m$M(int64_t N, int64_t K, const float *x, const uint8_t *w, float *y) {
+void ember_qmv_$F_m$M(int64_t N, int64_t K, const float *x, const uint8_t *w, float *y) {
     const int64_t blocks = K / $B;
     /* Dynamic chunks: on a busy machine a thread that loses its core mid-loop leaves its
        remaining rows to the others instead of holding up the whole product. */
@@ -322,8 +326,8 @@ static void ember_qmv_$F_m$M(int64_t N, int64_t K, const float *x, const uint8_t
 
 /* y[m, k] = sum_n g[m, n] W[n, k] for the $M rows of g: each thread owns a run of block
    columns and walks the rows of W over it, adding into its own part of y. */
-static void ember_qmvt_$F_m$M(int64_t N, int64_t K, const float *g, const uint8_t *w,
-                              float *y) {
+void ember_qmvt_$F_m$M(int64_t N, int64_t K, const float *g, const uint8_t *w,
+                       float *y) {
     const int64_t blocks = K / $B;
     memset(y, 0, sizeof(float) * $M * K);
     #pragma omp parallel
@@ -364,7 +368,7 @@ static void ember_decode_blocks_$F(int64_t rows, int64_t K, int64_t b0, int64_t 
 }
 
 /* Decode `rows` packed $F rows into float32 rows of K values (dequantize), rows across threads. */
-static void ember_decode_rows_$F(int64_t rows, int64_t K, const uint8_t *w, float *out) {
+void ember_decode_rows_$F(int64_t rows, int64_t K, const uint8_t *w, float *out) {
     const int64_t row_bytes = K / $B * $BB;
     #pragma omp parallel for schedule(static) if (rows * K >= 32768)
     for (int64_t r = 0; r < rows; ++r)
@@ -378,8 +382,8 @@ _PANELS = r"""
    its piece ($PANEL bytes, so they stay in cache, rows from K alone) into its own buffer and
    multiplies each by single-threaded BLAS. Not adjoint: y[:, n0:n0+P] = x @ panel^T. Adjoint:
    y[:, piece] += g[:, n0:n0+P] @ panel, in the same order on any number of threads. */
-static void ember_qmm_$F(int adjoint, int64_t M, int64_t N, int64_t K, const float *x,
-                         const uint8_t *w, float *y, int64_t step) {
+void ember_qmm_$F(int adjoint, int64_t M, int64_t N, int64_t K, const float *x,
+                  const uint8_t *w, float *y, int64_t step) {
     int64_t P = $PANEL / (K * (int64_t)sizeof(float));
     P = P < 16 ? 16 : P > N ? N : P;
     const int64_t row_bytes = K / $B * $BB, extent = adjoint ? K : N;
@@ -439,6 +443,26 @@ def _decode_rows(fmt: str) -> tuple[str, ...]:
     return SIMD, DECODERS[fmt], _instance(_ROWS, FORMATS[fmt])
 
 
+# The C library headers the kernels use (BLAS's for the panels).
+_INCLUDES = ("#include <stdint.h>\n#include <string.h>\n#include <math.h>\n#include <omp.h>\n"
+             "#include <cblas.h>\n")
+
+
+@functools.cache
+def kernels(fmt: str) -> KernelLibrary:
+    """Every kernel of format ``fmt``, for any row count, as a library compiled once per
+    machine: the direct kernels for 1 to ``DIRECT_ROWS`` rows (each still specialised to its
+    row count, so its accumulators stay in registers), the BLAS panels and the decoder."""
+    rows = (*range(1, DIRECT_ROWS + 1), BLAS_ROWS + 1)
+    definitions = dict.fromkeys(c for m in rows for c in helpers(fmt, m))
+    return KernelLibrary(_INCLUDES + "\n".join(definitions), uses_blas=True)
+
+
+def _calls(fmt: str, emit: Callable[[Sequence[str], Sequence[str]], str]) -> Statement:
+    """A statement that calls the kernels of ``fmt`` (declared in the program, linked)."""
+    return Statement(emit, (kernels(fmt).prototypes,), links=(kernels(fmt),))
+
+
 def panel_step(fmt: str, adjoint: bool, m: int, n: int, k: int) -> int:
     """Rows of W (block columns' values, for the adjoint) per piece of ``ember_qmm_<fmt>``:
     pieces as BLAS products have (``lowerings.piece_step``), always along W, so no two threads
@@ -468,7 +492,7 @@ def _quant_matmul(eqn: Eqn) -> Statement | None:
         def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
             return (f"ember_qmm_{fmt}({int(adjoint)}, {m}, {n}, {k}, (const float *){ins[0]}, "
                     f"(const uint8_t *){ins[1]}, (float *){outs[0]}, {step});")
-        return Statement(emit, helpers(fmt, m), uses_blas=True)
+        return replace(_calls(fmt, emit), uses_blas=True)
     kernel = f"ember_qmv{'t' if adjoint else ''}_{fmt}_m"
     inner, outer = (n, k) if adjoint else (k, n)
     full, rest = divmod(m, DIRECT_ROWS)
@@ -484,7 +508,7 @@ def _quant_matmul(eqn: Eqn) -> Statement | None:
             at = full * DIRECT_ROWS
             passes.append(f"{kernel}{rest}({n}, {k}, {x} + {at * inner}, {w}, {y} + {at * outer});")
         return "{ " + " ".join(passes) + " }"
-    return Statement(emit, helpers(fmt, m))
+    return _calls(fmt, emit)
 
 
 def _dequantize(eqn: Eqn) -> Statement | None:
@@ -497,7 +521,7 @@ def _dequantize(eqn: Eqn) -> Statement | None:
     def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
         return (f"ember_decode_rows_{fmt}({rows}, {k}, (const uint8_t *){ins[0]}, "
                 f"(float *){outs[0]});")
-    return Statement(emit, _decode_rows(fmt))
+    return _calls(fmt, emit)
 
 
 quant_matmul_p.def_lowering("c", _quant_matmul)

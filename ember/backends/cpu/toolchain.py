@@ -26,6 +26,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -173,6 +174,10 @@ class Header:
         return f'#include "{self.name}"\n'
 
 
+# An exported function's definition: "void ember_f(int64_t n,\n    float *y) {" at a line start.
+_EXPORTED = re.compile(r"^((?:const )?\w+ \**ember_\w+\([^)]*\)) *\{", re.MULTILINE)
+
+
 @dataclass(frozen=True)
 class KernelLibrary:
     """Kernels compiled once per machine into a shared library that programs link.
@@ -188,6 +193,12 @@ class KernelLibrary:
 
     source: str
     uses_blas: bool = False
+
+    @property
+    def prototypes(self) -> str:
+        """C declarations of the functions the library exports: its definitions that start a
+        line with their return type (``static`` ones are its own)."""
+        return "".join(f"{head};\n" for head in _EXPORTED.findall(self.source))
 
     def link(self) -> Library:
         """The arguments that link a program with this library, built first unless it is on
