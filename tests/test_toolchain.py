@@ -245,6 +245,19 @@ def test_corrupt_kernel_library_is_rebuilt(cache):
     assert toolchain.build(CALLER, kernels.link()).ember_call(1) == 5
 
 
+def test_kernel_library_in_a_relative_cache_dir_links_by_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EMBER_CACHE_DIR", "relative")
+    monkeypatch.setattr(toolchain, "_MEMO", {})
+    link = toolchain.KernelLibrary(KERNELS.source % 4).link()
+    assert toolchain.build(CALLER, link).ember_call(1) == 7
+    program = tmp_path / "relative" / (toolchain.cache_key(CALLER, link) + ".so")
+    load = "import ctypes, sys; print(ctypes.CDLL(sys.argv[1]).ember_call(1))"
+    done = subprocess.run([sys.executable, "-c", load, str(program)], capture_output=True,
+                          text=True, cwd=tmp_path / "relative")  # another cwd, a new process
+    assert done.stdout.strip() == "7", done.stderr
+
+
 def test_deleted_kernel_library_is_built_again_before_linking(cache):
     kernels = toolchain.KernelLibrary(KERNELS.source % 3)
     (path,) = kernels.link().ldflags

@@ -272,7 +272,7 @@ def shared_library(source: str, library: Library = Library()) -> str:
     """
     key = cache_key(source, library)
     directory = cache_dir()
-    so_path = os.path.join(directory, key + ".so")
+    so_path = os.path.abspath(os.path.join(directory, key + ".so"))  # not the cwd's at load
     with _MEMO_LOCK:
         if (directory, key) not in _MEMO or not os.path.exists(so_path):
             _MEMO[directory, key] = _load_or_build(source, library, key, directory, None)
