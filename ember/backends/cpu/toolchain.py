@@ -194,7 +194,7 @@ class KernelLibrary:
     source: str
     uses_blas: bool = False
 
-    @property
+    @functools.cached_property
     def prototypes(self) -> str:
         """C declarations of the functions the library exports: its definitions that start a
         line with their return type (``static`` ones are its own)."""
