@@ -93,9 +93,10 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 # The backend used where none is named (new arrays, ``jit`` without ``backend=``): the
-# ``EMBER_BACKEND`` environment variable, read once here, else NumPy; ``set_default_backend``
-# changes it.
-_DEFAULT = [os.environ.get("EMBER_BACKEND") or "numpy"]
+# ``EMBER_BACKEND`` environment variable, read once here, else the compiled CPU backend (which
+# runs on NumPy, with one warning, where there is no C compiler); ``set_default_backend``
+# changes it. The NumPy backend stays the reference, by name.
+_DEFAULT = [os.environ.get("EMBER_BACKEND") or "cpu"]
 
 
 # Backends imported on first use, by module name: one in a layer above this one (the compiled
