@@ -24,7 +24,7 @@ Measured as in targets.md, best of ``--repeats`` after a warm-up for every side:
 Hardware limits measured here: read bandwidth (NumPy's GEMV over a 512 MB matrix) bounds decode
 (every weight is read once per token); float32 GEMM (NumPy 2048x2048) bounds prefill (2·N FLOPs
 per token) and training (6·N). Also printed: ember's first-call time (trace + compile) of each
-part.
+part, and a second process's start with the disk cache warm.
 """
 
 from __future__ import annotations
@@ -102,6 +102,23 @@ class Ember:
         self.model.update(params)
         self.last_loss = float(loss)
         return time.perf_counter() - start
+
+
+def second_process(backend: str) -> float:
+    """Seconds a new process takes, with the disk cache warm from this run, to import ember,
+    load the model and generate one token of a 32-token prompt: what a user waits for at
+    each start once the programs are compiled."""
+    import subprocess
+
+    code = ("import time; t = time.perf_counter(); import ember; "
+            f"ember.backends.set_default_backend({backend!r}); "
+            "from ember.models import loading; from ember.models.generate import generate_ids; "
+            "m, _ = loading.load(loading.default_model_path(), 'float32'); "
+            "generate_ids(m, [list(range(100, 132))], max_new_tokens=1); "
+            "print(time.perf_counter() - t)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.join(HERE, ".."), check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def peers(names: list[str], path: str, parts: list[str]) -> dict[str, list]:
@@ -217,6 +234,9 @@ def main() -> None:
         print("\n".join(lines), flush=True)
     for part, seconds in first_calls.items():
         print(f"ember first call ({part}, trace + compile + run): {seconds:.2f} s")
+    if first_calls:
+        print(f"ember second process, warm disk cache (import, load, first token): "
+              f"{second_process(backend):.2f} s")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class Backend:
     # The entry of ``Primitive.impls`` that computes on this backend's buffers: its own name,
     # unless it runs another backend's implementations (a backend built on NumPy arrays).
     impls_key: str = ""
+    # Whether its implementations are NumPy functions, whose results may be scalars (0-d) or of
+    # a wider dtype than the primitive's rule says: eager results are then coerced to the rule.
+    numpy_results: bool = False
 
     def implementation(self, prim: Any) -> Callable[..., Any]:
         """The function that runs ``prim`` on this backend's buffers: the primitive's own

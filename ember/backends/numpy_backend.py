@@ -26,6 +26,7 @@ def _as_array(value: Any, dtype: np.dtype) -> np.ndarray:
 
 class NumpyBackend(Backend):
     name = impls_key = "numpy"
+    numpy_results = True
     devices = (Device("cpu", 0),)
 
     def from_host(self, array: np.ndarray) -> np.ndarray:

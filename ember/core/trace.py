@@ -217,7 +217,7 @@ def eval_primitive(prim: Primitive, args: Sequence[Any], params: dict[str, Any])
 
 
 def _wrap(buffer: Any, aval: ArrayType, backend: Backend) -> Array:
-    if backend.name == "numpy":
+    if backend.numpy_results:
         # NumPy returns scalars for 0-d results and may widen a dtype: make it the rule's.
         if type(buffer) is not np.ndarray:
             buffer = np.asarray(buffer)

@@ -15,8 +15,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from ember.backends.base import register_backend
 from ember.backends.cpu import toolchain
 from ember.backends.cpu.program import Program
@@ -24,7 +22,6 @@ from ember.backends.numpy_backend import NumpyBackend
 from ember.compiler.contractions import fold_transposes
 from ember.compiler.fusion import fuse
 from ember.ir.graph import ClosedGraph
-from ember.ir.types import type_of
 
 
 class NoCompilerWarning(UserWarning):
@@ -46,20 +43,6 @@ class CpuBackend(NumpyBackend):
                               NoCompilerWarning, stacklevel=2)
             return super().compile(closed, donate)
         return Program(fuse(fold_transposes(closed)), donate, self.run_primitive)
-
-    def run_primitive(self, prim: Any, buffers: Sequence[Any], params: dict[str, Any]) -> Any:
-        # NumPy may return a scalar for a 0-d result or widen a dtype; eager results of
-        # this backend are arrays of the primitive's declared type, as the NumPy backend's.
-        out = super().run_primitive(prim, buffers, params)
-        types = prim.abstract_eval(*[type_of(b) for b in buffers], **params)
-        if not prim.multiple_results:
-            return _as_type(out, types)
-        return [_as_type(o, t) for o, t in zip(out, types)]
-
-
-def _as_type(value: Any, aval: Any) -> np.ndarray:
-    value = np.asarray(value)
-    return value if value.dtype == aval.dtype else value.astype(aval.dtype)
 
 
 register_backend(CpuBackend())
