@@ -129,16 +129,20 @@ class Compiled:
         as_text = getattr(self.program, "as_text", None)
         return as_text() if as_text is not None else self.lowered.as_text()
 
+    def _feature(self, name: str, lacking: str) -> Any:
+        """The program's method ``name``; an error naming the backend when it has none."""
+        method = getattr(self.program, name, None)
+        if method is None:
+            raise UnsupportedError(
+                f"{name}: the {self.lowered.backend!r} backend compiled this function to a "
+                f"program with {lacking} (programs the 'cpu' backend compiles to C have "
+                f"them)\n  at {user_frame()}")
+        return method
+
     def memory_analysis(self) -> Any:
         """The program's memory report (the ``cpu`` backend's ``MemoryAnalysis``: arena,
         arguments, outputs, peak); an error on a backend whose programs make none."""
-        analysis = getattr(self.program, "memory_analysis", None)
-        if analysis is None:
-            raise UnsupportedError(
-                f"memory_analysis: the {self.lowered.backend!r} backend compiled this function "
-                f"to a program with no memory report (programs the 'cpu' backend compiles to C "
-                f"have one)\n  at {user_frame()}")
-        return analysis()
+        return self._feature("memory_analysis", "no memory report")()
 
     def profile(self, *args: Any, runs: int = 3, **kwargs: Any) -> Any:
         """Time each equation of the program on these arguments: the ``cpu`` backend's
@@ -146,12 +150,7 @@ class Compiled:
         over ``runs`` calls after a warm-up. The timed program is compiled separately (the
         default build has no timers); arguments, donated ones too, and the ``ember.random``
         state are left as they were."""
-        profile = getattr(self.program, "profile", None)
-        if profile is None:
-            raise UnsupportedError(
-                f"profile: the {self.lowered.backend!r} backend compiled this function to a "
-                f"program without timers (programs the 'cpu' backend compiles to C have "
-                f"them)\n  at {user_frame()}")
+        profile = self._feature("profile", "no timers")
         if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
             raise EmberValueError(f"profile: runs must be an integer >= 1, got {runs!r}\n"
                                   f"  at {user_frame()}")
