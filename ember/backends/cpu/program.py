@@ -200,8 +200,8 @@ class Program:
         if self.segments:
             needs_blas = any(s.uses_blas for s in statements.values())
             library = toolchain.blas() if needs_blas else toolchain.Library()
-            for kernels in dict.fromkeys(k for s in statements.values() for k in s.links):
-                library += kernels.link()
+            for linked in dict.fromkeys(k for s in statements.values() for k in s.links):
+                library += linked.link()
             self._library = toolchain.build(self.source, library, self._prelude)
             self._library.ember_init(_threads())
         self._functions = [getattr(self._library, f"ember_segment_{n}")
