@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ember.backends.cpu import gemm
 from ember.backends.cpu.kernels import c_type
 from ember.backends.cpu.toolchain import KernelLibrary
 from ember.ir.graph import Eqn
@@ -393,6 +394,22 @@ def _gemv_helpers(m: int) -> tuple[str, ...]:
     return SIMD, kernel.replace("$THREADED", str(GEMV_THREADED_ELEMENTS))
 
 
+# Products that run in ember's packed kernel (``gemm.py``, decision 0018) instead of BLAS pieces:
+# float32 on an AVX-512 CPU, more rows than the few-row kernel takes, no batch axes, columns at
+# least half a register tile (the kernel computes whole tiles of 32), and a packed copy of the
+# activations of at most GEMM_SCRATCH_BYTES (so a vocabulary-sized operand, packed whole,
+# stays with BLAS, which packs it in blocks).
+GEMM_MIN_COLUMNS = gemm.NR // 2
+GEMM_SCRATCH_BYTES = 64 << 20
+
+
+def _packed_gemm(dtype: np.dtype, m: int, n: int, k: int, batch: Sequence[int]) -> bool:
+    """Whether a [m, k] x [k, n] product runs in ``ember_sgemm_packed``."""
+    return (dtype == np.float32 and math.prod(batch) == 1 and m > GEMV_ROWS
+            and n >= GEMM_MIN_COLUMNS and gemm.scratch_bytes(m, k) <= GEMM_SCRATCH_BYTES
+            and gemm.available())
+
+
 def _free(ndim: int, contract: Sequence[int], batch: Sequence[int]) -> list[int]:
     return [i for i in range(ndim) if i not in contract and i not in batch]
 
@@ -421,6 +438,10 @@ def _dot_general(eqn: Eqn) -> Statement | None:
     if (lhs.dtype == np.float32 and GEMV_MIN_ROWS <= m[0] <= GEMV_ROWS and not a[0]
             and b[0]):
         return _gemv_statement(m[0], n[0], k[0], a[1], b[1], out_block, batch, ls, rs, lb, rb)
+    if _packed_gemm(lhs.dtype, m[0], n[0], k[0], batch):
+        return Statement(lambda outs, ins: gemm.call(m[0], n[0], k[0], a, b, ins[0], ins[1],
+                                                     outs[0]),
+                         (gemm.KERNELS.prototypes,), links=(gemm.KERNELS,))
     count = math.prod(batch)
     by_rows = m[0] > n[0]
     extent = m[0] if by_rows else n[0]

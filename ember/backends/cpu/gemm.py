@@ -1,0 +1,222 @@
+"""ember's own float32 matrix product for products with many rows (prefill, training).
+
+BLAS in pieces (``lowerings.piece_step``, decision 0016) packs the operand the pieces share once
+per piece: up to 16 times per product. This kernel packs each operand once per call
+(decision 0018), in the classic Goto/BLIS shape:
+
+- **Packing.** ``A`` ([M, K], rows or columns contiguous, any leading dimension) is copied into
+  panels of ``MR`` rows, each stored k-major (``MR`` values per k), by all threads before the
+  product starts. ``B`` ([K, N], either layout) is copied one panel of ``NR`` columns at a time
+  (k-major, ``NR`` values per k) by the thread that then uses it, into its own buffer: each
+  panel is packed exactly once. Row-contiguous operands (``x @ W.T``'s ``W``, ``x`` itself) are
+  transposed 16 x 16 in registers.
+- **Micro-kernel.** ``MR`` x ``NR`` = 14 x 32 results in 28 AVX-512 registers: per k two vector
+  loads of the ``B`` panel, 14 broadcasts of the ``A`` panel, 28 fused multiply-adds.
+- **Blocking.** A thread's task is one ``B`` panel (``NR`` columns of the result): it stays in
+  L1/L2 while ``A``'s panels stream past it in blocks of ``KC`` k-steps by ``MC`` rows
+  (``A``'s block in L2).
+- **Determinism.** Every result element is one chain of fused multiply-adds over k in order
+  0 .. K-1, started at zero: a later ``KC`` block loads the partial sums and goes on with the
+  chain (float32 in registers and in memory: the same bits). The threads split only the
+  columns, never k, so results are the same bits on any thread count and any blocking.
+
+AVX-512 only (``fits``): other CPUs, float64 and batched products stay on BLAS.
+"""
+
+from __future__ import annotations
+
+from ember.backends.cpu import toolchain
+from ember.backends.cpu.toolchain import KernelLibrary
+
+# Register tile: 14 rows x 32 columns = 28 zmm accumulators, 2 loads of B, 1 broadcast of A.
+MR, NR = 14, 32
+# K steps per block (a B panel's block, 32 KiB, stays in L1) and bytes of A's block (in L2).
+KC = 256
+A_BLOCK_BYTES = 512 * 1024
+# Multiply-adds below which a product runs on the calling thread alone: waking a passive OpenMP
+# thread costs tens of microseconds (as for BLAS pieces, ``lowerings.PIECE_WORK``).
+THREADED_WORK = 1 << 21
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <omp.h>
+#include <immintrin.h>
+#ifndef __AVX512F__
+#error "ember's packed GEMM needs AVX-512 (gemm.fits checks the CPU before using it)"
+#endif
+
+enum { MR = $MR, NR = $NR, KC = $KC, A_BLOCK_BYTES = $A_BLOCK, THREADED_WORK = $THREADED };
+
+/* 16 x 16 transpose in registers: lane j of v[i] becomes lane i of v[j]. */
+static inline __attribute__((always_inline)) void ember_gemm_transpose16(__m512 v[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)
+        for (int j = 0; j < 2; ++j) {
+            __m512d lo = _mm512_castps_pd(t[i + j]), hi = _mm512_castps_pd(t[i + j + 2]);
+            v[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+            v[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+        }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; ++j) {
+            t[i + j] = _mm512_shuffle_f32x4(v[i + j], v[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_f32x4(v[i + j], v[i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; ++j) {
+        v[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        v[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* The first n lanes (0 .. 16). */
+static inline __mmask16 ember_gemm_lanes(int64_t n) {
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
+/* dst[k * width + i] = src[i * ld + k] for i < n (n <= 16), k < K; lanes `keep` of each
+   16-wide store are written (zeros for n <= i): rows of src become columns. */
+static void ember_gemm_pack_transposed(int64_t n, int64_t K, const float *src, int64_t ld,
+                                       float *dst, int64_t width, __mmask16 keep) {
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const __mmask16 valid = ember_gemm_lanes(K - k0);
+        __m512 v[16];
+        for (int i = 0; i < 16; ++i)
+            v[i] = i < n ? _mm512_maskz_loadu_ps(valid, src + i * ld + k0) : _mm512_setzero_ps();
+        ember_gemm_transpose16(v);
+        const int64_t steps = K - k0 < 16 ? K - k0 : 16;
+        for (int64_t j = 0; j < steps; ++j)
+            _mm512_mask_storeu_ps(dst + (k0 + j) * width, keep, v[j]);
+    }
+}
+
+/* One panel of `width` (MR or NR) lanes: dst[k * width + i] = src[i * si + k * sk] for i < n,
+   zero for n <= i < width. */
+static void ember_gemm_pack(int64_t n, int64_t K, const float *src, int64_t si, int64_t sk,
+                            float *dst, int64_t width) {
+    if (sk == 1) {          /* each i a contiguous row over k: transposed 16 x 16 */
+        for (int64_t c = 0; c < width; c += 16)
+            ember_gemm_pack_transposed(n - c, K, src + c * si, si, dst + c, width,
+                                       ember_gemm_lanes(width - c));
+    } else if (si == 1) {   /* each k a contiguous row over i: copied */
+        for (int64_t k = 0; k < K; ++k)
+            for (int64_t c = 0; c < width; c += 16)
+                _mm512_mask_storeu_ps(dst + k * width + c, ember_gemm_lanes(width - c),
+                                      _mm512_maskz_loadu_ps(ember_gemm_lanes(n - c),
+                                                            src + k * sk + c));
+    } else {
+        for (int64_t k = 0; k < K; ++k)
+            for (int64_t i = 0; i < width; ++i)
+                dst[k * width + i] = i < n ? src[i * si + k * sk] : 0.0f;
+    }
+}
+
+/* C[rows, cols] (rows <= MR, cols <= NR) = (go_on ? C : 0) + a-panel x b-panel over kc steps.
+   Each element is one chain of fused multiply-adds in k order; go_on continues it from C. */
+static inline __attribute__((always_inline)) void ember_gemm_tile(
+        int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int rows, int cols,
+        int go_on) {
+    const __mmask16 m0 = ember_gemm_lanes(cols), m1 = ember_gemm_lanes(cols - 16);
+    __m512 acc[MR][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+        acc[r][0] = go_on && r < rows ? _mm512_maskz_loadu_ps(m0, c + r * ldc)
+                                      : _mm512_setzero_ps();
+        acc[r][1] = go_on && r < rows ? _mm512_maskz_loadu_ps(m1, c + r * ldc + 16)
+                                      : _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+        const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+            const __m512 ar = _mm512_set1_ps(a[r]);
+            acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+        }
+        a += MR;
+        b += NR;
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+        if (r < rows) {
+            _mm512_mask_storeu_ps(c + r * ldc, m0, acc[r][0]);
+            _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc[r][1]);
+        }
+}
+
+/* C[M, N] (row stride ldc) = A[M, K] B[K, N], element (i, k) of A at A[i * a_row + k * a_col],
+   (k, j) of B at B[k * b_row + j * b_col]. */
+void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t a_row,
+                        int64_t a_col, const float *B, int64_t b_row, int64_t b_col, float *C,
+                        int64_t ldc) {
+    const int64_t a_panels = (M + MR - 1) / MR, b_panels = (N + NR - 1) / NR;
+    /* K in equal blocks of at most KC steps; A's block of mc panels x kc steps in L2. */
+    const int64_t k_blocks = (K + KC - 1) / KC, kc = (K + k_blocks - 1) / k_blocks;
+    const int64_t mc_fit = A_BLOCK_BYTES / (int64_t)sizeof(float) / kc / MR;
+    const int64_t mc = mc_fit > 0 ? mc_fit : 1;
+    /* One allocation: packed A, then one B panel per thread (64-byte aligned: both sizes are
+       multiples of 16 floats, as MR * K * panels may not be, so A's part is rounded up). */
+    const int threaded = M * N * K >= THREADED_WORK, threads = threaded ? omp_get_max_threads() : 1;
+    const size_t a_floats = ((size_t)a_panels * MR * K + 15) / 16 * 16;
+    float *scratch = aligned_alloc(64, (a_floats + (size_t)threads * NR * K) * sizeof(float));
+    if (!scratch) {
+        fprintf(stderr, "ember: out of memory for a %lld x %lld x %lld product's packed "
+                "operands\n", (long long)M, (long long)N, (long long)K);
+        abort();
+    }
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < a_panels; ++p) {
+            const int64_t rows = M - p * MR < MR ? M - p * MR : MR;
+            ember_gemm_pack(rows, K, A + p * MR * a_row, a_row, a_col, scratch + p * MR * K, MR);
+        }
+        float *panel = scratch + a_floats + (size_t)omp_get_thread_num() * NR * K;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t j = 0; j < b_panels; ++j) {
+            const int cols = N - j * NR < NR ? (int)(N - j * NR) : NR;
+            ember_gemm_pack(cols, K, B + j * NR * b_col, b_col, b_row, panel, NR);
+            for (int64_t i0 = 0; i0 < a_panels; i0 += mc)
+                for (int64_t k0 = 0; k0 < K; k0 += kc) {
+                    const int64_t steps = K - k0 < kc ? K - k0 : kc;
+                    for (int64_t i = i0; i < a_panels && i < i0 + mc; ++i) {
+                        const int rows = M - i * MR < MR ? (int)(M - i * MR) : MR;
+                        ember_gemm_tile(steps, scratch + i * MR * K + k0 * MR, panel + k0 * NR,
+                                        C + i * MR * ldc + j * NR, ldc, rows, cols, k0 > 0);
+                    }
+                }
+        }
+    }
+    free(scratch);
+}
+"""
+
+# Built once per machine (decision 0017); programs declare ``ember_sgemm_packed`` and link it.
+KERNELS = KernelLibrary(
+    _SOURCE.replace("$MR", str(MR)).replace("$NR", str(NR)).replace("$KC", str(KC))
+    .replace("$A_BLOCK", str(A_BLOCK_BYTES)).replace("$THREADED", str(THREADED_WORK)))
+
+
+def available() -> bool:
+    """Whether this CPU runs the kernel (AVX-512; the library is built with -march=native)."""
+    return "avx512f" in toolchain.cpu_features().split()
+
+
+def scratch_bytes(m: int, k: int) -> int:
+    """The packed copy of ``A`` a call allocates (the ``B`` panels, one per thread, are small)."""
+    return -(-m // MR) * MR * k * 4
+
+
+def call(m: int, n: int, k: int, a: tuple[bool, int], b: tuple[bool, int],
+         lhs: str, rhs: str, out: str) -> str:
+    """C calling the kernel for ``out[m, n] = lhs[m, k] @ rhs[k, n]``, each operand given as
+    ``lowerings._matrix`` describes it: (stored transposed, leading dimension)."""
+    (ta, lda), (tb, ldb) = a, b
+    a_row, a_col = (1, lda) if ta else (lda, 1)
+    b_row, b_col = (1, ldb) if tb else (ldb, 1)
+    return (f"ember_sgemm_packed({m}, {n}, {k}, (const float *){lhs}, {a_row}, {a_col}, "
+            f"(const float *){rhs}, {b_row}, {b_col}, (float *){out}, {max(1, n)});")
