@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
+import re
+import subprocess
+import tempfile
 
 import numpy as np
 import pytest
@@ -222,6 +226,13 @@ CASES = {
              (rand(5, 6, 70),), "sum"),
     "norm_weight_grad": (lambda x, g: ((x * g).sum(axis=(0, 1)), x * g + 1.0),
                          (rand(4, 64, 96), rand(4, 64, 96, seed=1)), "sum"),
+    # Big enough to run in parallel: column blocks times chunks of rows, combined after.
+    "column_sums_in_chunks": (lambda x, g: ((x * g).sum(axis=(0, 1)), x.max(axis=(0, 1)),
+                                            (x * g).astype(enp.bfloat16).sum(axis=(0, 1)),
+                                            x * g + 1.0),
+                              (enp.asarray(np.where(np.arange(300) == 5, np.nan,
+                                                    np.asarray(rand(8, 128, 300)))),
+                               rand(8, 128, 300, seed=1)), "sum"),
     "rms_norm": (lambda x, w: F.rms_norm(x, w), (rand(4, 16, 64), rand(64, seed=1)), "sum"),
     "rms_norm_bfloat16": (lambda x, w: F.rms_norm(x, w),
                           (rand(4, 16, 64, dtype=dtypes.bfloat16),
@@ -344,6 +355,68 @@ def test_kernel_text_shows_the_loop_structure(programs):
     assert "for (long of = lo; of < hi; of++)" in columns.source
     grad, _ = programs["norm_weight_grad"]  # the product and its column sums: one kernel
     assert len(grad.kernels) == 1 and "col_v" in grad.kernels[0].source
+
+
+@needs_cc
+def test_column_chunks_give_the_same_bits_on_any_thread_count(programs):
+    """A parallel column kernel's work items are fixed by the shape: partial sums per chunk
+    of rows, combined in chunk order, whatever the number of threads."""
+    program, _ = programs["column_sums_in_chunks"]
+    chunked = [(e, k) for e, k in zip(program.eqns, program.kernels) if "chunk < 8" in k.source]
+    sources = "".join(k.source for _, k in chunked)
+    assert len(chunked) == 2 and "schedule(dynamic, 1)" in sources  # the max, the sums
+    assert "_nan |= part_v" in sources and "ember_round_bf16(col_v" in sources
+    lib = toolchain.build(kernels.translation_unit(k for _, k in chunked) + "\n#include <omp.h>"
+                          "\nvoid ember_test_threads(int n) { omp_set_num_threads(n); }\n")
+    for eqn, kernel in chunked:
+        ins = [program.env[a.id] for a in eqn.inputs]
+        runs = []
+        for threads in (1, 2, 3):
+            lib.ember_test_threads(threads)
+            runs.append([o.tobytes() for o in call(lib, kernel, eqn, ins)])
+        assert runs[0] == runs[1] == runs[2]
+
+
+def _vectorised_functions(source: str) -> set[str]:
+    """The C functions of ``source`` in which gcc vectorised a loop (its -fopt-info report)."""
+    cc = toolchain.compiler()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernels.c")
+        with open(path, "w") as f:
+            f.write(source)
+        flags = [f for f in toolchain.FLAGS if f != "-shared"]
+        done = subprocess.run([cc.path, *flags, "-S", "-o", os.devnull,
+                               "-fopt-info-vec-optimized", path],
+                              capture_output=True, text=True, check=True)
+    lines = source.splitlines()
+    at_line, current = {}, None
+    for n, line in enumerate(lines, 1):
+        if line.startswith("void "):
+            current = line[5:].split("(")[0]
+        at_line[n] = current
+    return {at_line[int(m)] for m in re.findall(r"kernels\.c:(\d+):\d+: optimized: loop "
+                                                 r"vectorized", done.stderr)}
+
+
+def _is_gcc() -> bool:
+    cc = toolchain.compiler()
+    return cc is not None and "Free Software Foundation" in subprocess.run(
+        [cc.path, "--version"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(not _is_gcc(), reason="reads gcc's vectoriser report")
+def test_float32_elementwise_kernels_vectorise():
+    """Each rule's C lets gcc vectorise the loop (one fminf kept the exact GELU scalar: 4x)."""
+    cases = {"gelu": F.gelu, "erf": enp.special.erf, "exp_log": lambda x: enp.log(enp.exp(x)),
+             "tanh": enp.tanh, "sigmoid": F.sigmoid, "silu": F.silu,
+             "sqrt_abs": lambda x: enp.sqrt(enp.abs(x)),
+             "max_min_where": lambda x: enp.where(x > 0, enp.maximum(x, 0.5), enp.minimum(x, -1))}
+    rendered = {}
+    for name, fn in cases.items():
+        (kernel,) = Program(lambda x, fn=fn: fn(x) * 2.0, (rand(64, 256),)).kernels
+        rendered[name] = kernel
+    vectorised = _vectorised_functions(kernels.translation_unit(rendered.values()))
+    assert {n for n, k in rendered.items() if k.name not in vectorised} == set()
 
 
 def test_render_declines_what_it_has_no_c_for():

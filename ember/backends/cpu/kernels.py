@@ -136,12 +136,15 @@ def _erf_helpers() -> str:
     exponential's ulps elsewhere."""
     from ember.ops import _erf as ref
 
+    clamp = f"{float(ref._CLAMP).hex()}f"
     return f"""
 static inline float ember_erff(float x) {{
     const float z = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
     const float u = z * z;
     const float inner = {_horner_c(ref._P, "u", "f")} * z / {_horner_c(ref._Q, "u", "f")};
-    const float a = fminf(fabsf(x), {float(ref._CLAMP).hex()}f);
+    /* A comparison, not fminf: gcc vectorises no loop calling fminf without -ffast-math
+       (its NaN rule), so one fminf kept every erf loop scalar. A NaN x returns inner. */
+    const float ax = fabsf(x), a = ax < {clamp} ? ax : {clamp};
     const float erfc = expf(-a * a) * {_horner_c(ref._TAIL_P, "a", "f")}
                        / {_horner_c(ref._TAIL_Q, "a", "f")};
     return fabsf(x) > {float(ref._SPLIT).hex()}f ? copysignf(1.0f - erfc, x) : inner;
@@ -679,21 +682,24 @@ class _Renderer:
                    for st in loops[0].body for load in loads_of(st) for a, c in load.index.terms)
 
     def columns(self) -> list[str]:
-        """The body of a column kernel (see :meth:`columnar`)."""
+        """The body of a column kernel (see :meth:`columnar`).
+
+        Work items are blocks of columns, each over a chunk of the rows: a few hundred
+        columns (a norm weight's gradient) would otherwise give two threads three items. With
+        several chunks, each writes its partial results to a table that one pass then
+        combines in chunk order. The chunks depend on the shape only, so the sums are the
+        same bits on any number of threads."""
         nest = self.nest
         first = next(i for i, s in enumerate(nest.body) if isinstance(s, RowLoop))
         inits, loop, after = nest.body[:first], nest.body[first], nest.body[first + 1:]
-        n_out = math.prod(nest.outer)
+        n_out, rows = math.prod(nest.outer), math.prod(nest.row)
         block = min(_COLUMN_BLOCK, n_out)
         blocks = -(-n_out // block)
-        lines = []
-        if blocks > 1 and n_out * math.prod(nest.row) >= PARALLEL_MIN:
-            lines.append("  #pragma omp parallel for")
-        lines.append(f"  for (long blk = 0; blk < {blocks}; blk++) {{")
-        lines.append(f"    const long lo = blk * {block}, hi = lo + {block} < {n_out} ? "
-                     f"lo + {block} : {n_out};")
+        parallel = n_out * rows >= PARALLEL_MIN
+        chunks = _row_chunks(blocks, block, rows) if parallel else 1
+        per_chunk = -(-rows // chunks)
         accs: dict[int, Eqn] = {}
-        carried = []  # C declarations of the accumulators' columns, and their names
+        carried = []  # the accumulators' C names, types and start values
         for s in inits:
             red, dt = self.reduction(s.eqn)
             init = red.init(dt)
@@ -703,42 +709,81 @@ class _Renderer:
             carried.append((f"v{s.local}", _calc(dt), init))
             if red.tracks_nan(dt):
                 carried.append((f"v{s.local}_nan", "int", "0"))
+        lines = [f"  {t} *part_{var} = malloc({chunks * n_out} * sizeof({t}));"
+                 for var, t, _ in carried if chunks > 1]
+        if parallel and blocks * chunks > 1:
+            lines.append("  #pragma omp parallel")
+        lines.append("  {")
+        if parallel and blocks * chunks > 1:
+            lines.append("  #pragma omp for collapse(2) schedule(dynamic, 1)")
+        lines.append(f"  for (long blk = 0; blk < {blocks}; blk++)")
+        lines.append(f"  for (long chunk = 0; chunk < {chunks}; chunk++) {{")
+        lines.append(f"    const long lo = blk * {block}, hi = lo + {block} < {n_out} ? "
+                     f"lo + {block} : {n_out};")
         for var, t, init in carried:
             lines.append(f"    {t} col_{var}[{block}];")
             lines.append(f"    for (long i = 0; i < hi - lo; i++) col_{var}[i] = {init};")
         pad = "    "
-        for k, n in enumerate(nest.row):
-            if n != 1:
-                lines.append(f"{pad}for (long r{k} = 0; r{k} < {n}; r{k}++)")
-        lines.append(f"{pad}#pragma omp simd")
-        lines.append(f"{pad}for (long of = lo; of < hi; of++) {{")
-        lines += self._outer_indices(pad + "  ")
-        lines += [f"{pad}  {t} {var} = col_{var}[of - lo];" for var, t, _ in carried]
+        lines.append(f"{pad}const long row_hi = chunk * {per_chunk} + {per_chunk} < {rows} ? "
+                     f"chunk * {per_chunk} + {per_chunk} : {rows};")
+        lines.append(f"{pad}for (long rf = chunk * {per_chunk}; rf < row_hi; rf++) {{")
+        lines += self._flat_indices("rf", nest.row, "r", pad + "  ")
+        lines.append(f"{pad}  #pragma omp simd")
+        lines.append(f"{pad}  for (long of = lo; of < hi; of++) {{")
+        lines += self._flat_indices("of", nest.outer, "o", pad + "    ")
+        lines += [f"{pad}    {t} {var} = col_{var}[of - lo];" for var, t, _ in carried]
         for s in loop.body:
-            self.statement(s, lines, pad + "  ", accs)
-        lines += [f"{pad}  col_{var}[of - lo] = {var};" for var, _, _ in carried]
-        lines.append(f"{pad}}}")
-        lines.append(f"{pad}for (long of = lo; of < hi; of++) {{")
-        lines += self._outer_indices(pad + "  ")
+            self.statement(s, lines, pad + "    ", accs)
+        lines += [f"{pad}    col_{var}[of - lo] = {var};" for var, _, _ in carried]
+        lines += [f"{pad}  }}", f"{pad}}}"]
+        if chunks > 1:  # the partial results, then (all items done) their combination
+            lines += [f"{pad}for (long of = lo; of < hi; of++) part_{var}[chunk * {n_out} + of]"
+                      f" = col_{var}[of - lo];" for var, _, _ in carried]
+            lines.append("  }")
+            if parallel:
+                lines.append("  #pragma omp for")
+            lines.append(f"  for (long of = 0; of < {n_out}; of++) {{")
+            lines += [f"    {t} col_{var} = part_{var}[of];" for var, t, _ in carried]
+            lines.append(f"    for (long c = 1; c < {chunks}; c++) {{")
+            for local, e in accs.items():
+                red, dt = self.reduction(e)
+                part = f"part_v{local}[c * {n_out} + of]"
+                lines.append(f"      col_v{local} = {red.combine(f'col_v{local}', part, dt)};")
+                if red.tracks_nan(dt):
+                    lines.append(f"      col_v{local}_nan |= part_v{local}_nan[c * {n_out} + of];")
+            lines.append("    }")
+            column = "col_{}"
+            pad = "  "
+        else:
+            column = "col_{}[of - lo]"
+            lines.append(f"{pad}for (long of = lo; of < hi; of++) {{")
+        lines += self._flat_indices("of", nest.outer, "o", pad + "  ")
         for local, e in accs.items():
             dt = np.dtype(e.outputs[0].aval.dtype)
-            value = f"col_v{local}[of - lo]"
+            value = column.format(f"v{local}")
             if self.reduction(e)[0].tracks_nan(dt):
-                value = f"(col_v{local}_nan[of - lo] ? NAN : {value})"
+                value = f"({column.format(f'v{local}_nan')} ? NAN : {value})"
             lines.append(f"{pad}  const {_calc(dt)} v{local} = {_round(value, dt)};")
         for s in after:
             self.statement(s, lines, pad + "  ", accs)
-        lines += [f"{pad}}}", "  }", "}"]
-        return lines
+        lines.append(f"{pad}}}")
+        lines += ["  }"] * (1 if chunks > 1 else 2)  # (the chunk loop) and the block
+        lines += [f"  free(part_{var});" for var, _, _ in carried if chunks > 1]
+        return lines + ["}"]
 
-    def _outer_indices(self, pad: str) -> list[str]:
-        """``o0, o1...`` from the flat column number ``of``."""
-        lines, stride, first = [], math.prod(self.nest.outer), True
-        for k, n in enumerate(self.nest.outer):
+    @staticmethod
+    def _flat_indices(flat: str, shape: tuple[int, ...], prefix: str, pad: str) -> list[str]:
+        """``o0, o1...`` (``prefix`` o) of the axes of ``shape`` from its flat index (0 for
+        an empty shape: its loop never runs)."""
+        lines, stride, first = [], math.prod(shape), True
+        if stride == 0:
+            return [f"{pad}const long {prefix}{k} = 0;" for k, n in enumerate(shape) if n != 1]
+        for k, n in enumerate(shape):
             stride //= n
             if n != 1:
-                index = "of" if stride == 1 else f"of / {stride}"
-                lines.append(f"{pad}const long o{k} = {index if first else f'({index}) % {n}'};")
+                index = flat if stride == 1 else f"{flat} / {stride}"
+                lines.append(f"{pad}const long {prefix}{k} = "
+                             f"{index if first else f'({index}) % {n}'};")
                 first = False
         return lines
 
@@ -746,6 +791,21 @@ class _Renderer:
 # Columns a column kernel accumulates at once: one vector register file's worth of partial sums
 # per row, small enough to stay in L1.
 _COLUMN_BLOCK = 256
+# A parallel column kernel cuts its rows into chunks until it has this many work items (blocks
+# of columns times chunks of rows), keeping at least _CHUNK_MIN_POINTS points in each.
+_COLUMN_ITEMS = 16
+_CHUNK_MIN_POINTS = 1 << 13
+
+
+def _row_chunks(blocks: int, block: int, rows: int) -> int:
+    """How many chunks a parallel column kernel cuts its ``rows`` into: a power of two,
+    from the shape alone (the order partial results are combined in never depends on the
+    thread count)."""
+    chunks = 1
+    while (blocks * chunks < _COLUMN_ITEMS and rows >= 2 * chunks
+           and block * rows // (2 * chunks) >= _CHUNK_MIN_POINTS):
+        chunks *= 2
+    return chunks
 
 # Kernels rendered in this process, by the structure of their group (the 30 layers of a model
 # are 30 equal bodies): most recent last, at most _MEMO_SIZE.
