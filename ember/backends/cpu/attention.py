@@ -79,34 +79,71 @@ _DEFINITIONS = r"""
 #include <omp.h>
 #define EMBER_ATT_BQ 32          /* query rows per head in a tile */
 #define EMBER_ATT_BK 64          /* keys in a tile */
-#define EMBER_ATT_FEW_ROWS 8     /* fewer query rows per tile: no transposed key tiles */
+#define EMBER_ATT_FEW_ROWS 8     /* fewer query rows per tile: scores by dot products */
 #define EMBER_ATT_SPLIT_MIN 128  /* the fewest keys one split of a decode step reads */
 #define EMBER_ATT_PARALLEL_MIN (1 << 16)  /* multiply-adds below which one thread does all */
 
-/* Per-thread scratch: a query tile (rows = group * min(BQ, length)) and a key tile, in float. */
+/* Per-thread scratch for one query tile of R = group * min(BQ, length) rows and one key tile,
+   in float. Scores live transposed, s[key][row] with rows padded to ld = R rounded up to 16:
+   the softmax's maximum, sum and rescaling then run down columns, 16 rows per vector, with no
+   reduction across lanes and no per-row scalar exp. */
 typedef struct {
-    float *qs, *dout, *lse, *delta, *s, *dp, *kt, *vt, *keys, *values, *dk, *dv, *row;
-    const float *k_tile, *v_tile;  /* the tile's rows: in keys/values, or float32 operands */
-    const float *k_cols;           /* the key tile transposed (kt or a shared copy), or NULL */
+    int64_t ld;                   /* the row stride of s and dp, and of qt and dot */
+    float *qs, *qt, *dout, *dot;  /* scaled q rows and their transpose [dim][ld]; dout too */
+    float *lse, *delta, *shift, *alpha, *sum, *s, *dp, *keys, *values, *dk, *dv, *row;
+    int32_t *pos;                 /* each row's position, causal keys after it are masked */
+    const float *k_tile, *v_tile; /* the tile's rows: in keys/values, or float32 operands */
 } ember_att_scratch;
 
 static int64_t ember_att_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t ember_att_max(int64_t a, int64_t b) { return a > b ? a : b; }
 
-static float *ember_att_scratch_new(const ember_att *p, ember_att_scratch *w) {
-    const int64_t rows = p->group * ember_att_min(EMBER_ATT_BQ, p->length), bk = EMBER_ATT_BK;
-    const int64_t wide = ember_att_max(p->dim, p->vdim);
-    const int64_t sizes[] = {rows * p->dim, rows * p->vdim, rows, rows, rows * bk, rows * bk,
-                             p->dim * bk, p->vdim * bk, bk * p->dim, bk * p->vdim,
-                             bk * p->dim, bk * p->vdim, 2 * wide};
-    float **slots[] = {&w->qs, &w->dout, &w->lse, &w->delta, &w->s, &w->dp, &w->kt, &w->vt,
-                       &w->keys, &w->values, &w->dk, &w->dv, &w->row};
-    const int count = sizeof sizes / sizeof sizes[0];
+/* Whether a tile has so few query rows (a decode step) that its scores are dot products
+   along the head dimension rather than products with the transposed query tile. */
+static int ember_att_few(const ember_att *p) {
+    return p->group * ember_att_min(EMBER_ATT_BQ, p->length) < EMBER_ATT_FEW_ROWS;
+}
+
+/* Consecutive 64-byte aligned slots of the given sizes from base (NULL: only counts them);
+   returns the floats they take. */
+static int64_t ember_att_carve(float *base, const int64_t *sizes, float **const *slots,
+                               int count) {
     int64_t total = 0;
-    for (int i = 0; i < count; ++i) total += (sizes[i] + 15) & ~(int64_t)15;  /* 64-byte slots */
-    float *block = (float *)aligned_alloc(64, (size_t)total * sizeof(float));
-    float *at = block;
-    for (int i = 0; i < count; ++i) { *slots[i] = at; at += (sizes[i] + 15) & ~(int64_t)15; }
+    for (int i = 0; i < count; ++i) {
+        if (base) *slots[i] = base + total;
+        total += (sizes[i] + 15) & ~(int64_t)15;
+    }
+    return total;
+}
+
+/* Points the query-side slots of w (one query tile: q, q transposed, dout, dout transposed,
+   lse, delta, positions) into base, or only counts them (base NULL); returns their floats.
+   The backward keeps every tile's in one array, filled once and read for every key tile. */
+static int64_t ember_att_query_slots(const ember_att *p, float *base, ember_att_scratch *w) {
+    const int64_t rows = p->group * ember_att_min(EMBER_ATT_BQ, p->length);
+    const int64_t ld = (rows + 15) & ~(int64_t)15;
+    const int64_t sizes[] = {rows * p->dim, p->dim * ld, rows * p->vdim, p->vdim * ld, ld, ld,
+                             ld};
+    float *pos = NULL;
+    float **const slots[] = {&w->qs, &w->qt, &w->dout, &w->dot, &w->lse, &w->delta, &pos};
+    const int64_t total = ember_att_carve(base, sizes, slots, sizeof sizes / sizeof sizes[0]);
+    w->pos = (int32_t *)pos;
+    w->ld = ld;
+    return total;
+}
+
+static float *ember_att_scratch_new(const ember_att *p, ember_att_scratch *w) {
+    const int64_t bk = EMBER_ATT_BK, query = ember_att_query_slots(p, NULL, w), ld = w->ld;
+    const int64_t sizes[] = {ld, ld, ld, bk * ld, bk * ld, bk * p->dim, bk * p->vdim,
+                             bk * p->dim, bk * p->vdim, 2 * ember_att_max(p->dim, p->vdim)};
+    float **const slots[] = {&w->shift, &w->alpha, &w->sum, &w->s, &w->dp, &w->keys,
+                             &w->values, &w->dk, &w->dv, &w->row};
+    const int count = sizeof sizes / sizeof sizes[0];
+    float *block = (float *)aligned_alloc(64, (size_t)(query + ember_att_carve(NULL, sizes,
+                                                                              slots, count))
+                                              * sizeof(float));
+    ember_att_query_slots(p, block, w);
+    ember_att_carve(block + query, sizes, slots, count);
     return block;
 }
 
@@ -165,45 +202,38 @@ static int64_t ember_att_mask_at(const ember_att *p, int64_t b, int64_t hq, int6
     return at;
 }
 
-/* Whether dot products with a key tile go through its transpose: worth it when many query
-   rows share each key (prefill, training); a decode step's few rows read the keys row by
-   row. Returns `cols` or NULL. */
-static float *ember_att_transposed(const ember_att *p, float *cols) {
-    return p->group * ember_att_min(EMBER_ATT_BQ, p->length) >= EMBER_ATT_FEW_ROWS ? cols : NULL;
-}
-
 /* Rows [j0, j0 + n) of head h of k or v ([batch, heads, src, width]) in float, row-major:
-   the operand itself when it is float32, else converted into `buffer`; and, unless `cols` is
-   NULL, transposed into `cols` [width][BK] (zero past n), so that dot products with the tile
-   run along its keys. Returns the row-major rows. */
+   the operand itself when it is float32, else converted into `buffer`. */
 static const float *ember_att_key_tile(const ember_att *p, const void *x, int64_t width,
                                        int64_t b, int64_t h, int64_t j0, int64_t n,
-                                       float *buffer, float *restrict cols) {
+                                       float *buffer) {
     const int64_t at = ((b * p->heads + h) * p->src + j0) * width;
-    const float *rows = buffer;
-    if (p->dtype == EMBER_ATT_F32)
-        rows = (const float *)x + at;
-    else
-        ember_att_load(buffer, x, at, n * width, p->dtype, 1.0f);
-    for (int64_t c = 0; cols && c < width; ++c) {
-        float *restrict col = cols + c * EMBER_ATT_BK;
-        for (int64_t j = 0; j < n; ++j) col[j] = rows[j * width + c];
-        for (int64_t j = n; j < EMBER_ATT_BK; ++j) col[j] = 0.0f;
-    }
-    return rows;
+    if (p->dtype == EMBER_ATT_F32) return (const float *)x + at;
+    ember_att_load(buffer, x, at, n * width, p->dtype, 1.0f);
+    return buffer;
+}
+
+/* x [rows][width] transposed into xt [width][ld]. */
+static void ember_att_transpose(const float *restrict x, int64_t rows, int64_t width,
+                                float *restrict xt, int64_t ld) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < width; ++c) xt[c * ld + r] = x[r * width + c];
 }
 
 /* The query-side rows of a tile: rows [i0, i0 + nrow) of every query head of key/value head
-   h, row r being head r / nrow. Loads q times scale and, for the backward, dout, lse (0 for
-   -inf) and delta. */
+   h, row r being head r / nrow. Loads q times scale and each row's position and, for the
+   backward, dout, lse (0 for -inf) and delta; and, unless the rows are few, q (and dout)
+   transposed. */
 static void ember_att_query_tile(const ember_att *p, const ember_att_io *io, const float *delta,
                                  int64_t b, int64_t h, int64_t i0, int64_t nrow,
                                  ember_att_scratch *w, int backward) {
+    const int64_t offset = ember_att_offset(p, io, b), rows = p->group * nrow;
     for (int64_t g = 0; g < p->group; ++g) {
         const int64_t head_row = (b * p->heads * p->group + h * p->group + g) * p->length + i0;
         const int64_t r = g * nrow;
         ember_att_load(w->qs + r * p->dim, io->q, head_row * p->dim, nrow * p->dim, p->dtype,
                        p->scale);
+        for (int64_t i = 0; i < nrow; ++i) w->pos[r + i] = (int32_t)(offset + i0 + i);
         if (!backward) continue;
         ember_att_load(w->dout + r * p->vdim, io->dout, head_row * p->vdim, nrow * p->vdim,
                        p->dtype, 1.0f);
@@ -213,54 +243,137 @@ static void ember_att_query_tile(const ember_att *p, const ember_att_io *io, con
             w->delta[r + i] = delta[head_row + i];
         }
     }
+    if (ember_att_few(p)) return;
+    ember_att_transpose(w->qs, rows, p->dim, w->qt, w->ld);
+    if (backward) ember_att_transpose(w->dout, rows, p->vdim, w->dot, w->ld);
 }
 
-/* c[r][j] += sum_k a[r][k] b[k][j] for r < rows, j < cols, k < depth: every product of a tile
-   (scores q k^T against a transposed key tile, p v, ds k, and p^T dout, ds^T q, with a read
-   through its strides a[r * ars + k * acs]). b and c are row-major, read along j. */
+/* x[j][r] = exp(x[j][r] - shift[r]) for j < n, r < rows (row stride ld), and, unless `sum` is
+   NULL, sum[r] = the sum over j. The softmax's exponentials cost as much as a tile's
+   products: with AVX-512 they are computed 16 rows at a time, in 12 instructions: with
+   d = x - shift = (n + f) ln2, |f| <= 1/2 (f by one fused multiply-subtract, so exact to its
+   rounding), 2^f is a degree-6 polynomial fitted to it (relative error 2e-9, under an ulp
+   when evaluated in float) and scalef multiplies by 2^n. Below d = -87 (e^d < 2^-125) the
+   result is 0, masked rather than computed: results that underflow make the CPU take a slow
+   assist, which doubled the cost of causal tiles full of -inf. NaN stays NaN. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-/* nr (1 or 4) rows by 64 columns, held in 4 * nr registers across the whole depth. */
+static inline __m512 ember_att_exp16(__m512 d) {
+    const __mmask16 normal = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+    const __m512 log2e = _mm512_set1_ps(0x1.715476p+0f);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, log2e),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_fmsub_ps(d, log2e, n);
+    __m512 y = _mm512_set1_ps(0x1.41d33p-13f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0x1.5f456ap-10f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0x1.3b2dbcp-7f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0x1.c6aed4p-5f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0x1.ebfbdap-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0x1.62e43p-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(normal, y, n);
+}
+
+static void ember_att_exp_rows(float *x, int64_t n, int64_t ld, int64_t rows,
+                               const float *shift, float *sum) {
+    for (int64_t r = 0; r < rows; r += 16) {
+        const __mmask16 m = rows - r >= 16 ? (__mmask16)0xFFFF
+                                           : (__mmask16)((1u << (rows - r)) - 1);
+        const __m512 by = _mm512_maskz_loadu_ps(m, shift + r);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) {
+            float *at = x + j * ld + r;
+            const __m512 e = ember_att_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, at), by));
+            _mm512_mask_storeu_ps(at, m, e);
+            total = _mm512_add_ps(total, e);
+        }
+        if (sum) _mm512_mask_storeu_ps(sum + r, m, total);
+    }
+}
+#else
+static void ember_att_exp_rows(float *x, int64_t n, int64_t ld, int64_t rows,
+                               const float *shift, float *sum) {
+    for (int64_t r = 0; sum && r < rows; ++r) sum[r] = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        float *restrict xj = x + j * ld;
+        #pragma omp simd
+        for (int64_t r = 0; r < rows; ++r) {
+            xj[r] = expf(xj[r] - shift[r]);
+            if (sum) sum[r] += xj[r];
+        }
+    }
+}
+#endif
+
+/* c[r][j] (+)= sum_k a[r][k] b[k][j] for r < rows, j < cols, k < depth (`add`: onto c, else
+   into it): every product of a tile (the transposed scores k q^T, p v, dp^T = v dout^T, p^T
+   dout, ds^T q, ds k), a read through its strides a[r * ars + k * acs]. b and c are
+   row-major, read along j. The sum over k runs in order for every element, whatever the
+   blocking: the same bits on any thread count. */
+#if defined(__AVX512F__)
+/* nr rows by 16 * nv columns, held in nr * nv registers across the whole depth; nr and nv are
+   constants at each call, so each shape is its own fully unrolled loop. */
 static inline __attribute__((always_inline)) void ember_att_block(
-        const int nr, int64_t depth, const float *a, int64_t ars, int64_t acs,
-        const float *b, int64_t ldb, float *c, int64_t ldc, const __mmask16 *m) {
-    __m512 acc[4][4];
+        const int nr, const int nv, int64_t depth, const float *a, int64_t ars, int64_t acs,
+        const float *b, int64_t ldb, float *c, int64_t ldc, const __mmask16 *m, int add) {
+    __m512 acc[8][4];
     for (int i = 0; i < nr; ++i)
-        for (int t = 0; t < 4; ++t) acc[i][t] = _mm512_maskz_loadu_ps(m[t], c + i * ldc + 16 * t);
+        for (int t = 0; t < nv; ++t)
+            acc[i][t] = add ? _mm512_maskz_loadu_ps(m[t], c + i * ldc + 16 * t)
+                            : _mm512_setzero_ps();
     for (int64_t k = 0; k < depth; ++k) {
         __m512 bk[4];
-        for (int t = 0; t < 4; ++t) bk[t] = _mm512_maskz_loadu_ps(m[t], b + k * ldb + 16 * t);
+        for (int t = 0; t < nv; ++t) bk[t] = _mm512_maskz_loadu_ps(m[t], b + k * ldb + 16 * t);
         for (int i = 0; i < nr; ++i) {
             const __m512 x = _mm512_set1_ps(a[i * ars + k * acs]);
-            for (int t = 0; t < 4; ++t) acc[i][t] = _mm512_fmadd_ps(x, bk[t], acc[i][t]);
+            for (int t = 0; t < nv; ++t) acc[i][t] = _mm512_fmadd_ps(x, bk[t], acc[i][t]);
         }
     }
     for (int i = 0; i < nr; ++i)
-        for (int t = 0; t < 4; ++t) _mm512_mask_storeu_ps(c + i * ldc + 16 * t, m[t], acc[i][t]);
+        for (int t = 0; t < nv; ++t) _mm512_mask_storeu_ps(c + i * ldc + 16 * t, m[t], acc[i][t]);
 }
+
+/* Rows in blocks of nr (6, or 8 when the columns take at most 3 registers: 24 accumulators
+   either way), then the rest one by one. */
+#define EMBER_ATT_ROWS(nv)                                                                   \
+    do {                                                                                     \
+        int64_t r = 0;                                                                       \
+        for (; r + (nv < 4 ? 8 : 6) <= rows; r += (nv < 4 ? 8 : 6))                          \
+            ember_att_block(nv < 4 ? 8 : 6, nv, depth, a + r * ars, ars, acs, b + j0, ldb,   \
+                            c + r * ldc + j0, ldc, m, add);                                  \
+        for (; r + 2 <= rows; r += 2)                                                        \
+            ember_att_block(2, nv, depth, a + r * ars, ars, acs, b + j0, ldb,                \
+                            c + r * ldc + j0, ldc, m, add);                                  \
+        for (; r < rows; ++r)                                                                \
+            ember_att_block(1, nv, depth, a + r * ars, ars, acs, b + j0, ldb,                \
+                            c + r * ldc + j0, ldc, m, add);                                  \
+    } while (0)
 
 static void ember_att_gemm(int64_t rows, int64_t cols, int64_t depth, const float *a,
                            int64_t ars, int64_t acs, const float *b, int64_t ldb, float *c,
-                           int64_t ldc) {
+                           int64_t ldc, int add) {
     for (int64_t j0 = 0; j0 < cols; j0 += 64) {
         __mmask16 m[4];
         for (int t = 0; t < 4; ++t) {
             const int64_t left = cols - j0 - 16 * t;
             m[t] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
         }
-        int64_t r = 0;
-        for (; r + 4 <= rows; r += 4)
-            ember_att_block(4, depth, a + r * ars, ars, acs, b + j0, ldb, c + r * ldc + j0, ldc, m);
-        for (; r < rows; ++r)
-            ember_att_block(1, depth, a + r * ars, ars, acs, b + j0, ldb, c + r * ldc + j0, ldc, m);
+        switch (ember_att_min(4, (cols - j0 + 15) / 16)) {
+        case 4: EMBER_ATT_ROWS(4); break;
+        case 3: EMBER_ATT_ROWS(3); break;
+        case 2: EMBER_ATT_ROWS(2); break;
+        default: EMBER_ATT_ROWS(1); break;
+        }
     }
 }
+#undef EMBER_ATT_ROWS
 #else
 static void ember_att_gemm(int64_t rows, int64_t cols, int64_t depth, const float *a,
                            int64_t ars, int64_t acs, const float *b, int64_t ldb, float *c,
-                           int64_t ldc) {
+                           int64_t ldc, int add) {
     for (int64_t r = 0; r < rows; ++r) {
         float *restrict cr = c + r * ldc;
+        if (!add) memset(cr, 0, (size_t)cols * sizeof(float));
         for (int64_t k = 0; k < depth; ++k) {
             const float x = a[r * ars + k * acs];
             const float *restrict bk = b + k * ldb;
@@ -271,119 +384,98 @@ static void ember_att_gemm(int64_t rows, int64_t cols, int64_t depth, const floa
 }
 #endif
 
-/* s[r][j] = a[r] . key j of the tile (n keys, row-major in `keys`; kt: the tile transposed,
-   zero past its keys, or NULL). */
-static void ember_att_dots(int64_t rows, int64_t n, int64_t depth, const float *a,
-                           const float *keys, const float *bt, float *s) {
-    if (!bt) {
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t j = 0; j < n; ++j) {
-                const float *restrict ar = a + r * depth, *restrict kj = keys + j * depth;
-                float sum = 0.0f;
-                #pragma omp simd reduction(+:sum)
-                for (int64_t c = 0; c < depth; ++c) sum += ar[c] * kj[c];
-                s[r * EMBER_ATT_BK + j] = sum;
-            }
+/* out[j][r] = keys[j] . x[r] for j < n keys, r < rows (out's row stride ld): a product with
+   xt, x transposed [depth][ld], or, for few rows (xt NULL), dot products along depth. */
+static void ember_att_dots(int64_t n, int64_t rows, int64_t depth, const float *keys,
+                           const float *x, const float *xt, float *out, int64_t ld) {
+    if (xt) {
+        ember_att_gemm(n, rows, depth, keys, depth, 1, xt, ld, out, ld, 0);
         return;
     }
-    memset(s, 0, (size_t)(rows * EMBER_ATT_BK) * sizeof(float));
-    ember_att_gemm(rows, EMBER_ATT_BK, depth, a, depth, 1, bt, EMBER_ATT_BK, s, EMBER_ATT_BK);
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *restrict xr = x + r * depth, *restrict kj = keys + j * depth;
+            float sum = 0.0f;
+            #pragma omp simd reduction(+:sum)
+            for (int64_t c = 0; c < depth; ++c) sum += xr[c] * kj[c];
+            out[j * ld + r] = sum;
+        }
 }
 
-/* The scores of a tile, keys [j0, j0 + n): qs . k, plus an additive mask, -inf where the
-   query may not see the key (causal, boolean mask). Keys past kv_len are not in the tile. */
+/* The scores of a tile, keys [j0, j0 + n), transposed (s[j][r]): k . qs, plus an additive
+   mask, -inf where the query may not see the key (causal, boolean mask). Keys past kv_len are
+   not in the tile. */
 static void ember_att_scores(const ember_att *p, const ember_att_io *io, int64_t b, int64_t h,
                              int64_t i0, int64_t nrow, int64_t j0, int64_t n,
                              ember_att_scratch *w) {
-    const int64_t rows = p->group * nrow, offset = ember_att_offset(p, io, b);
-    ember_att_dots(rows, n, p->dim, w->qs, w->k_tile, w->k_cols, w->s);
-    for (int64_t r = 0; r < rows; ++r) {
-        float *restrict s = w->s + r * EMBER_ATT_BK;
-        const int64_t i = i0 + r % nrow;
-        if (p->mask) {
-            const int64_t at = ember_att_mask_at(p, b, h * p->group + r / nrow, i)
-                               + j0 * p->mask_col;
-            if (p->mask == 1) {
-                const uint8_t *m = (const uint8_t *)io->mask + at;
-                for (int64_t j = 0; j < n; ++j) if (!m[j * p->mask_col]) s[j] = -INFINITY;
-            } else {
-                for (int64_t j = 0; j < n; ++j) {
-                    float add;
-                    ember_att_load(&add, io->mask, at + j * p->mask_col, 1, p->dtype, 1.0f);
-                    s[j] += add;
-                }
+    const int64_t rows = p->group * nrow, ld = w->ld;
+    ember_att_dots(n, rows, p->dim, w->k_tile, w->qs, ember_att_few(p) ? NULL : w->qt, w->s, ld);
+    for (int64_t r = 0; p->mask && r < rows; ++r) {
+        const int64_t at = ember_att_mask_at(p, b, h * p->group + r / nrow, i0 + r % nrow)
+                           + j0 * p->mask_col;
+        if (p->mask == 1) {
+            const uint8_t *m = (const uint8_t *)io->mask + at;
+            for (int64_t j = 0; j < n; ++j) if (!m[j * p->mask_col]) w->s[j * ld + r] = -INFINITY;
+        } else {
+            for (int64_t j = 0; j < n; ++j) {
+                float add;
+                ember_att_load(&add, io->mask, at + j * p->mask_col, 1, p->dtype, 1.0f);
+                w->s[j * ld + r] += add;
             }
         }
-        if (p->causal)  /* keys after the row's position: j0 + j > offset + i */
-            for (int64_t j = ember_att_max(offset + i - j0 + 1, 0); j < n; ++j) s[j] = -INFINITY;
     }
-}
-
-/* Where the transposed key tile starting at key j0 of head h of batch b is in the array
-   ember_att_key_columns fills: tiles of [dim][BK] floats, in key order per (batch, head). */
-static int64_t ember_att_column_tile(const ember_att *p, int64_t b, int64_t h, int64_t j0) {
-    const int64_t tiles = (p->src + EMBER_ATT_BK - 1) / EMBER_ATT_BK;
-    return ((b * p->heads + h) * tiles + j0 / EMBER_ATT_BK) * p->dim * EMBER_ATT_BK;
+    /* Causal: key j0 + j is hidden from rows before it; none is when the tile's last key
+       is at or before the first row's position. */
+    if (p->causal && j0 + n - 1 > ember_att_offset(p, io, b) + i0)
+        for (int64_t j = 0; j < n; ++j) {
+            float *restrict sj = w->s + j * ld;
+            const int32_t *restrict pos = w->pos;
+            const int32_t key = (int32_t)(j0 + j);
+            #pragma omp simd
+            for (int64_t r = 0; r < rows; ++r) sj[r] = key > pos[r] ? -INFINITY : sj[r];
+        }
 }
 
 /* The online softmax of one work item over keys [k0, k1): the state (m, l, acc) of its
-   rows, acc unnormalised, each row's maximum m (-inf before any visible key) and sum l.
-   `cols`: every key tile of the problem transposed (ember_att_key_columns), or NULL for
-   few rows, which read the keys as they are. */
+   rows, acc unnormalised, each row's maximum m (-inf before any visible key) and sum l. Per
+   key tile: the new maxima down the columns of the transposed scores, p = exp(s - max), the
+   old state rescaled by exp(m_old - max), acc += p^T v. */
 static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, int64_t b,
                                    int64_t h, int64_t i0, int64_t nrow, int64_t k0, int64_t k1,
-                                   float *state, int64_t capacity, const float *cols,
-                                   ember_att_scratch *w) {
-    const int64_t rows = p->group * nrow;
-    float *m = state, *l = state + capacity, *acc = state + 2 * capacity;
+                                   float *state, int64_t capacity, ember_att_scratch *w) {
+    const int64_t rows = p->group * nrow, ld = w->ld;
+    float *restrict m = state, *restrict l = state + capacity, *acc = state + 2 * capacity;
+    float *restrict shift = w->shift, *restrict alpha = w->alpha, *restrict sum = w->sum;
     for (int64_t r = 0; r < rows; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, (size_t)(rows * p->vdim) * sizeof(float));
     if (k0 >= k1) return;
     ember_att_query_tile(p, io, NULL, b, h, i0, nrow, w, 0);
     for (int64_t j0 = k0; j0 < k1; j0 += EMBER_ATT_BK) {
         const int64_t n = ember_att_min(EMBER_ATT_BK, k1 - j0);
-        if (cols) {
-            w->k_cols = cols + ember_att_column_tile(p, b, h, j0);
-        } else {
-            w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys, NULL);
-            w->k_cols = NULL;
-        }
-        w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values, NULL);
+        w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys);
+        w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values);
         ember_att_scores(p, io, b, h, i0, nrow, j0, n, w);
+        for (int64_t r = 0; r < rows; ++r) alpha[r] = m[r];  /* the new maxima, in alpha */
+        for (int64_t j = 0; j < n; ++j) {
+            const float *restrict sj = w->s + j * ld;
+            #pragma omp simd
+            for (int64_t r = 0; r < rows; ++r) alpha[r] = sj[r] > alpha[r] ? sj[r] : alpha[r];
+        }
         for (int64_t r = 0; r < rows; ++r) {
-            float *restrict s = w->s + r * EMBER_ATT_BK;
-            float top = m[r], sum = 0.0f;
-            #pragma omp simd reduction(max:top)
-            for (int64_t j = 0; j < n; ++j) top = s[j] > top ? s[j] : top;
-            const float shift = isinf(top) ? 0.0f : top;  /* no visible key yet: p = 0 */
-            #pragma omp simd reduction(+:sum)
-            for (int64_t j = 0; j < n; ++j) { s[j] = expf(s[j] - shift); sum += s[j]; }
-            const float rescale = expf(m[r] - shift);  /* 0 while m is -inf */
-            if (rescale != 1.0f)
-                for (int64_t e = 0; e < p->vdim; ++e) acc[r * p->vdim + e] *= rescale;
-            l[r] = l[r] * rescale + sum;
+            shift[r] = isinf(alpha[r]) ? 0.0f : alpha[r];  /* no visible key yet: p = 0 */
+            const float top = alpha[r];
+            alpha[r] = m[r];
             m[r] = top;
         }
-        ember_att_gemm(rows, p->vdim, n, w->s, EMBER_ATT_BK, 1, w->v_tile, p->vdim, acc,
-                       p->vdim);  /* acc += p v */
-    }
-}
-
-/* Every visible key tile transposed into `cols` (zero past kv_len), once per call, shared by
-   the query tiles of the forward: each query tile would otherwise transpose every key tile
-   it reads again (a sixth of a prefill's attention). Run by every thread of a parallel
-   region (ends with its barrier). */
-static void ember_att_key_columns(const ember_att *p, const ember_att_io *io, float *cols,
-                                  ember_att_scratch *w) {
-    const int64_t tiles = (p->src + EMBER_ATT_BK - 1) / EMBER_ATT_BK;
-    #pragma omp for schedule(static)
-    for (int64_t t = 0; t < p->batch * p->heads * tiles; ++t) {
-        const int64_t b = t / (p->heads * tiles), h = t / tiles % p->heads;
-        const int64_t j0 = t % tiles * EMBER_ATT_BK;
-        const int64_t n = ember_att_min(EMBER_ATT_BK, ember_att_end(p, io, b, p->length) - j0);
-        if (n > 0)
-            ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
-                               cols + ember_att_column_tile(p, b, h, j0));
+        ember_att_exp_rows(w->s, n, ld, rows, shift, sum);
+        ember_att_exp_rows(alpha, 1, ld, rows, shift, NULL);  /* 0 while m was -inf */
+        for (int64_t r = 0; r < rows; ++r) {
+            l[r] = l[r] * alpha[r] + sum[r];
+            if (alpha[r] == 1.0f) continue;
+            float *restrict row = acc + r * p->vdim;
+            for (int64_t e = 0; e < p->vdim; ++e) row[e] *= alpha[r];
+        }
+        ember_att_gemm(rows, p->vdim, n, w->s, 1, ld, w->v_tile, p->vdim, acc, p->vdim, 1);
     }
 }
 
@@ -420,11 +512,13 @@ static void ember_att_merge(const ember_att *p, const float *first, int64_t spli
 
 /* out, lse of attention: work items (batch, key/value head, query tile), each split into
    chunks of keys when there are too few items to keep the threads busy; the chunks' states
-   are merged per row. */
+   are merged per row. Threads take the items with the most keys first (causal rows late in
+   the sequence), so that the last items to start are short. */
 void ember_attention_forward(const ember_att *p, const ember_att_io *io, void *out,
                              float *lse) {
     const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length);
-    const int64_t tiles = (p->length + bq - 1) / bq, items = p->batch * p->heads * tiles;
+    const int64_t tiles = (p->length + bq - 1) / bq, pairs = p->batch * p->heads;
+    const int64_t items = pairs * tiles;
     const int64_t capacity = p->group * bq, stride = capacity * (2 + p->vdim);
     int64_t longest = 0;
     for (int64_t b = 0; b < p->batch; ++b)
@@ -439,25 +533,20 @@ void ember_attention_forward(const ember_att *p, const ember_att_io *io, void *o
     const int64_t work = p->batch * p->heads * p->group * p->length * longest
                          * (p->dim + p->vdim);
     float *states = (float *)malloc((size_t)(items * splits * stride) * sizeof(float));
-    /* Many rows per tile: the key tiles transposed once, shared (a multiple of 64 bytes). */
-    const int64_t key_tiles = (p->src + EMBER_ATT_BK - 1) / EMBER_ATT_BK;
-    float *cols = NULL;
-    if (ember_att_transposed(p, states) && key_tiles > 0)
-        cols = (float *)aligned_alloc(64, (size_t)(p->batch * p->heads * key_tiles * p->dim
-                                                   * EMBER_ATT_BK) * sizeof(float));
     #pragma omp parallel if (work > EMBER_ATT_PARALLEL_MIN)
     {
         ember_att_scratch w;
         float *block = ember_att_scratch_new(p, &w);
-        if (cols) ember_att_key_columns(p, io, cols, &w);
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < items * splits; ++t) {
-            const int64_t item = t / splits, k0 = t % splits * chunk;
-            const int64_t b = item / (p->heads * tiles), h = item / tiles % p->heads;
-            const int64_t i0 = item % tiles * bq, nrow = ember_att_min(bq, p->length - i0);
+            /* t runs over the last query tiles of every (batch, head) first */
+            const int64_t tile = tiles - 1 - t / splits / pairs, pair = t / splits % pairs;
+            const int64_t item = pair * tiles + tile, k0 = t % splits * chunk;
+            const int64_t b = pair / p->heads, h = pair % p->heads;
+            const int64_t i0 = tile * bq, nrow = ember_att_min(bq, p->length - i0);
             const int64_t k1 = ember_att_min(k0 + chunk, ember_att_end(p, io, b, i0 + nrow));
-            ember_att_forward_part(p, io, b, h, i0, nrow, k0, k1, states + t * stride,
-                                   capacity, cols, &w);
+            ember_att_forward_part(p, io, b, h, i0, nrow, k0, k1,
+                                   states + (item * splits + t % splits) * stride, capacity, &w);
         }
         #pragma omp for
         for (int64_t item = 0; item < items; ++item) {
@@ -469,7 +558,6 @@ void ember_attention_forward(const ember_att *p, const ember_att_io *io, void *o
         free(block);
     }
     free(states);
-    free(cols);
 }
 
 /* delta = rowsum(dout * out) - dlse of query row r: the part of its scores' gradients that
@@ -483,60 +571,56 @@ static float ember_att_delta(const ember_att *p, const ember_att_io *io, int64_t
     return sum - io->dlse[r];
 }
 
-/* A tile's probabilities p = exp(s - lse), in place of the scores, and the gradients of its
-   scores ds = p (dout v^T - delta), in place of dp (flash attention's backward: p is
-   recomputed from lse, never stored). */
+/* A tile's probabilities p = exp(s - lse), in place of the (transposed) scores, and the
+   gradients of its scores ds = p (dout v^T - delta), in place of dp (flash attention's
+   backward: p is recomputed from lse, never stored). */
 static void ember_att_backward_tile(const ember_att *p, const ember_att_io *io, int64_t b,
                                     int64_t h, int64_t i0, int64_t nrow, int64_t j0,
                                     int64_t n, ember_att_scratch *w) {
-    const int64_t rows = p->group * nrow;
+    const int64_t rows = p->group * nrow, ld = w->ld;
     ember_att_scores(p, io, b, h, i0, nrow, j0, n, w);
-    ember_att_dots(rows, n, p->vdim, w->dout, w->v_tile, ember_att_transposed(p, w->vt), w->dp);
-    for (int64_t r = 0; r < rows; ++r) {
-        float *restrict s = w->s + r * EMBER_ATT_BK, *restrict dp = w->dp + r * EMBER_ATT_BK;
-        const float lse = w->lse[r], delta = w->delta[r];
+    ember_att_dots(n, rows, p->vdim, w->v_tile, w->dout, ember_att_few(p) ? NULL : w->dot,
+                   w->dp, ld);
+    ember_att_exp_rows(w->s, n, ld, rows, w->lse, NULL);
+    for (int64_t j = 0; j < n; ++j) {
+        const float *restrict s = w->s + j * ld, *restrict delta = w->delta;
+        float *restrict dp = w->dp + j * ld;
         #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-            const float pj = expf(s[j] - lse);
-            s[j] = pj;
-            dp[j] = pj > 0.0f ? pj * (dp[j] - delta) : 0.0f;
-        }
+        for (int64_t r = 0; r < rows; ++r) dp[r] = s[r] > 0.0f ? s[r] * (dp[r] - delta[r]) : 0.0f;
     }
 }
 
 /* The gradients from keys [j0, j0 + BK) of head h: their dk and dv, summed over every query
    row that sees them (zero past kv_len), and, when dq_acc is not NULL, those rows' dq terms
-   from these keys (added to dq_acc, float, [batch, heads * group, length, dim], unscaled). */
-static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, const float *delta,
-                                int64_t b, int64_t h, int64_t j0, void *dk, void *dv,
-                                float *dq_acc, ember_att_scratch *w) {
+   from these keys (added to dq_acc, float, [batch, heads * group, length, dim], unscaled).
+   `tiles`: the query side of every query tile (ember_att_query_slots), `size` floats each. */
+static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, float *tiles,
+                                int64_t size, int64_t b, int64_t h, int64_t j0, void *dk,
+                                void *dv, float *dq_acc, ember_att_scratch *w) {
     const int64_t n = ember_att_max(0, ember_att_min(EMBER_ATT_BK,
                                                      ember_att_kv_len(p, io, b) - j0));
     const int64_t width = ember_att_min(EMBER_ATT_BK, p->src - j0);
-    const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length);
+    const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length), ld = w->ld;
+    const int64_t first_tile = (b * p->heads + h) * ((p->length + bq - 1) / bq);
     memset(w->dk, 0, (size_t)(width * p->dim) * sizeof(float));
     memset(w->dv, 0, (size_t)(width * p->vdim) * sizeof(float));
     if (n > 0) {
-        w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys,
-                                       ember_att_transposed(p, w->kt));
-        w->k_cols = ember_att_transposed(p, w->kt);
-        w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values,
-                                       ember_att_transposed(p, w->vt));
+        w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys);
+        w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values);
         /* Causal: rows before the tile's first key's position see none of it. */
         const int64_t first = p->causal ? ember_att_max(0, j0 - ember_att_offset(p, io, b)) : 0;
         for (int64_t i0 = first / bq * bq; i0 < p->length; i0 += bq) {
             const int64_t nrow = ember_att_min(bq, p->length - i0);
-            ember_att_query_tile(p, io, delta, b, h, i0, nrow, w, 1);
+            ember_att_query_slots(p, tiles + (first_tile + i0 / bq) * size, w);
             ember_att_backward_tile(p, io, b, h, i0, nrow, j0, n, w);
             const int64_t rows = p->group * nrow;  /* dv += p^T dout, dk += ds^T (q scale) */
-            ember_att_gemm(n, p->vdim, rows, w->s, 1, EMBER_ATT_BK, w->dout, p->vdim, w->dv,
-                           p->vdim);
-            ember_att_gemm(n, p->dim, rows, w->dp, 1, EMBER_ATT_BK, w->qs, p->dim, w->dk, p->dim);
+            ember_att_gemm(n, p->vdim, rows, w->s, ld, 1, w->dout, p->vdim, w->dv, p->vdim, 1);
+            ember_att_gemm(n, p->dim, rows, w->dp, ld, 1, w->qs, p->dim, w->dk, p->dim, 1);
             for (int64_t g = 0; dq_acc && g < p->group; ++g) {  /* dq += ds k, head by head */
                 const int64_t head_row = (b * p->heads * p->group + h * p->group + g)
                                          * p->length + i0;
-                ember_att_gemm(nrow, p->dim, n, w->dp + g * nrow * EMBER_ATT_BK, EMBER_ATT_BK,
-                               1, w->k_tile, p->dim, dq_acc + head_row * p->dim, p->dim);
+                ember_att_gemm(nrow, p->dim, n, w->dp + g * nrow, 1, ld, w->k_tile, p->dim,
+                               dq_acc + head_row * p->dim, p->dim, 1);
             }
         }
     }
@@ -559,7 +643,12 @@ void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *
                                                              (2 * threads + pairs - 1) / pairs))
                             : ember_att_max(1, key_tiles);
     const int64_t work = rows * p->src * (p->dim + p->vdim);
+    const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length);
+    const int64_t query_tiles = (p->length + bq - 1) / bq;
+    ember_att_scratch probe;
+    const int64_t size = ember_att_query_slots(p, NULL, &probe);
     float *delta = (float *)malloc((size_t)rows * sizeof(float));
+    float *tiles = (float *)aligned_alloc(64, (size_t)(pairs * query_tiles * size) * sizeof(float));
     float *partial = dq ? (float *)calloc((size_t)(runs * rows * p->dim), sizeof(float)) : NULL;
     #pragma omp parallel if (work > EMBER_ATT_PARALLEL_MIN)
     {
@@ -567,11 +656,19 @@ void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *
         float *block = ember_att_scratch_new(p, &w);
         #pragma omp for
         for (int64_t r = 0; r < rows; ++r) delta[r] = ember_att_delta(p, io, r, w.row);
+        #pragma omp for
+        for (int64_t t = 0; t < pairs * query_tiles; ++t) {  /* the query side, once */
+            const int64_t i0 = t % query_tiles * bq;
+            ember_att_query_slots(p, tiles + t * size, &w);
+            ember_att_query_tile(p, io, delta, t / query_tiles / p->heads,
+                                 t / query_tiles % p->heads, i0,
+                                 ember_att_min(bq, p->length - i0), &w, 1);
+        }
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < pairs * runs; ++t) {
             const int64_t run = t % runs, b = t / (p->heads * runs), h = t / runs % p->heads;
             for (int64_t tile = run; tile < key_tiles; tile += runs)
-                ember_att_key_grads(p, io, delta, b, h, tile * EMBER_ATT_BK, dk, dv,
+                ember_att_key_grads(p, io, tiles, size, b, h, tile * EMBER_ATT_BK, dk, dv,
                                     partial ? partial + run * rows * p->dim : NULL, &w);
         }
         if (dq) {
@@ -590,6 +687,7 @@ void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *
         free(block);
     }
     free(partial);
+    free(tiles);
     free(delta);
 }
 """
