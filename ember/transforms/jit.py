@@ -65,9 +65,10 @@ class CacheKey:
 
     def same(self, tree: TreeDef, avals: tuple[ArrayType, ...], static: tuple[Any, ...],
              backend: str) -> bool:
-        """Whether this key has these parts (the tuples compare identical types first)."""
-        return (self.tree == tree and self.avals == avals and self.static == static
-                and self.backend == backend)
+        """Whether this key has these parts (kept trees and the types in the tuples compare
+        by identity first, with no Python call)."""
+        return ((self.tree is tree or self.tree == tree) and self.avals == avals
+                and self.static == static and self.backend == backend)
 
     def difference(self, other: CacheKey) -> str:
         if self.backend != other.backend:

@@ -27,6 +27,7 @@ the clock around each statement into a static array, Python times the NumPy ones
 from __future__ import annotations
 
 import ctypes
+import functools
 import operator
 import os
 import threading
@@ -211,7 +212,7 @@ class Program:
                 (ctypes.c_double * len(self._timed)).in_dll(self._library, "ember_profile"))
                 if self._timed else np.zeros(0))
             self._numpy_seconds = np.zeros(len(graph.eqns))
-        self._arena = _Arena(self.plan.arena_bytes)
+        self._arena = _Arena(self.plan.arena_bytes, self.n_ext)
         self.overwrites = tuple(i for i, v in enumerate(graph.invars)
                                 if v.id in self.plan.home)
 
@@ -236,7 +237,7 @@ class Program:
         # C reads raw memory: constants are contiguous arrays of exactly the declared dtype.
         self.consts = [np.asarray(c, v.aval.dtype, order="C")
                        for c, v in zip(closed.consts, graph.constvars)]
-        self._inputs = _Inputs(self.consts, [v.aval.dtype for v in graph.invars], ext)
+        self._inputs = _Inputs(self.consts, [v.aval.dtype for v in graph.invars])
         self._unset = [None] * (ext - len(self.consts) - len(graph.invars))
 
     def _steps(self, statements: dict[int, Statement]) -> None:
@@ -263,12 +264,16 @@ class Program:
                         if self.home[v.id].ext is not None and not live[v].is_input]
                        for span in spans]
         # Outputs computed in C into fresh arrays (not stored over a donated input).
-        self._fresh = [(self.home[v.id].ext, v.aval.shape, v.aval.dtype)
+        self._fresh = [(self.home[v.id].ext, v.aval.shape, v.aval.dtype, _address_reader(v.aval))
                        for i in statements for v in graph.eqns[i].outputs
                        if live[v].is_output and v.id not in self.plan.home]
-        # The plan never places an output in the arena: every one has an ext slot.
-        self._outputs = [a if isinstance(a, Literal) else self.home[a.id].ext
-                         for a in graph.outvars]
+        self._run_order = list(zip(schedule, self._drops))
+        # The plan never places an output in the arena: every one has an ext slot (a literal
+        # output reads slot 0 and is replaced after the run).
+        self._output_slots = [0 if isinstance(a, Literal) else self.home[a.id].ext
+                              for a in graph.outvars]
+        self._literal_outputs = [(i, a.value) for i, a in enumerate(graph.outvars)
+                                 if isinstance(a, Literal)]
 
     # --- C ---------------------------------------------------------------------------------
 
@@ -366,31 +371,33 @@ class Program:
     # --- running ---------------------------------------------------------------------------
 
     def __call__(self, *buffers: Any) -> list[Any]:
-        arrays, ext = self._inputs.bind(buffers)
-        env: list[Any] = [*self.consts, *arrays, *self._unset]
-        for slot, shape, dtype in self._fresh:
-            _bind(env, ext, slot, np.empty(shape, dtype))
-        arena = self._arena.acquire()
+        work = self._arena.acquire()
         try:
-            base, table = ctypes.c_void_p(_address(arena)), ctypes.c_void_p(_address(ext))
-            for (kind, idx), drops in zip(self._schedule, self._drops):
+            env = [*self.consts, *self._inputs.bind(buffers, work), *self._unset]
+            table = work.table
+            for slot, shape, dtype, address in self._fresh:
+                out = env[slot] = np.empty(shape, dtype)
+                table[slot] = address(out)
+            for (kind, idx), drops in self._run_order:
                 if kind == "c":
-                    self._functions[idx](base, table)
+                    self._functions[idx](*work.pointers)
                 elif self._profiling:
                     start = time.perf_counter()
-                    self._run_equation(idx, arena, env, ext)
+                    self._run_equation(idx, work, env)
                     self._numpy_seconds[idx] += time.perf_counter() - start
                 else:
-                    self._run_equation(idx, arena, env, ext)
+                    self._run_equation(idx, work, env)
                 for slot in drops:
                     env[slot] = None
-            return [np.asarray(o.value) if isinstance(o, Literal) else env[o]
-                    for o in self._outputs]
+            outs = list(map(env.__getitem__, self._output_slots))
+            for i, value in self._literal_outputs:
+                outs[i] = np.asarray(value)
+            return outs
         finally:
-            self._arena.release(arena)
+            self._arena.release(work)
 
-    def _run_equation(self, i: int, arena: np.ndarray, env: list[Any], ext: Any) -> None:
-        eqn, home = self.graph.eqns[i], self.home
+    def _run_equation(self, i: int, work: _Workspace, env: list[Any]) -> None:
+        eqn, home, arena = self.graph.eqns[i], self.home, work.arena
         args = [a.value if isinstance(a, Literal)
                 else _arena_view(arena, home[a.id].arena, a.aval) if home[a.id].ext is None
                 else env[home[a.id].ext] for a in eqn.inputs]
@@ -404,7 +411,8 @@ class Program:
                 r = r.copy()  # a view of the arena would change when the arena is reused
             elif not r.flags.c_contiguous:
                 r = np.asarray(r, order="C")
-            _bind(env, ext, home[v.id].ext, r)
+            env[home[v.id].ext] = r
+            work.table[home[v.id].ext] = _address(r)
         if self._debug:
             for b in self.plan.freed_after(i):
                 unit, pattern = poison(b.values[-1].aval.dtype)
@@ -412,50 +420,72 @@ class Program:
                 region.view(np.dtype(f"u{unit}")).fill(pattern)
 
 
-def _bind(env: list[Any], ext: np.ndarray, slot: int, array: np.ndarray) -> None:
-    env[slot] = array
-    ext[slot] = _address(array)
-
-
 def _address(array: np.ndarray) -> int:
     return array.__array_interface__["data"][0]
 
 
+def _exported_address(array: np.ndarray) -> int:
+    """The address of a writable array read through the buffer protocol: four times cheaper
+    than ``__array_interface__`` (a dict per read)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(array))
+
+
+def _address_reader(aval: Any) -> Any:
+    """How to read the address of a new array of this type: through the buffer protocol
+    where NumPy exports one (not for ml_dtypes' types, and ctypes refuses a buffer of no
+    bytes), else through ``__array_interface__``."""
+    return _exported_address if aval.size and _exports_buffer(aval.dtype) else _address
+
+
+@functools.cache
+def _exports_buffer(dtype: np.dtype) -> bool:
+    try:
+        _exported_address(np.empty(1, dtype))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 class _Inputs:
-    """A program's input buffers as C reads them, and the table of their addresses.
+    """A program's input buffers as C reads them, and their addresses in the ext table.
 
     Most inputs of a call are the very arrays of the last one (a model's weights, a KV cache
     written in place): those keep the address read last time (an array's memory never moves),
     and only the others are converted (contiguous, the declared dtype) and have their address
-    read, so binding a decode step's hundreds of buffers is a few C-level passes. The last
-    call's arrays are recognised by weak references: the program keeps no input alive, and a
-    donated buffer's reference count, which decides whether it is written in place, is
-    unchanged.
+    read, so binding a decode step's hundreds of buffers is a few C-level passes, and none at
+    all when the workspace's table holds these addresses already. The last call's arrays are
+    recognised by weak references: the program keeps no input alive, and a donated buffer's
+    reference count, which decides whether it is written in place, is unchanged.
     """
 
-    def __init__(self, consts: list[np.ndarray], dtypes: list[np.dtype], n_ext: int):
+    def __init__(self, consts: list[np.ndarray], dtypes: list[np.dtype]):
         self._dtypes = dtypes
         self._first = len(consts)
-        table = np.zeros(max(1, n_ext), np.uintp)  # ``ember_ext``: consts, inputs, the rest
-        table[:len(consts)] = [_address(c) for c in consts]
-        self._last = ([_gone] * len(dtypes), table)  # one tuple: threads swap it whole
+        # The head of ``ember_ext``: the constants' addresses, then the inputs'.
+        head = np.zeros(len(consts) + len(dtypes), np.uintp)
+        head[:len(consts)] = [_address(c) for c in consts]
+        self._last = ([_gone] * len(dtypes), head)  # one tuple: threads swap it whole
 
-    def bind(self, buffers: Sequence[Any]) -> tuple[list[np.ndarray], np.ndarray]:
-        """The arrays C reads, and a new address table (one per call: calls may overlap)."""
+    def bind(self, buffers: Sequence[Any], work: _Workspace) -> Sequence[Any]:
+        """The arrays C reads (to be kept alive until it has run), their addresses written
+        into ``work``'s table."""
         if len(buffers) != len(self._dtypes):
             raise TypeError(f"ember internal error: a program of {len(self._dtypes)} inputs "
                             f"called with {len(buffers)} buffers")
-        refs, table = self._last
-        arrays = list(buffers)
-        same = list(map(operator.is_, map(operator.call, refs), buffers))
-        if not all(same):
-            refs, table = list(refs), table.copy()
+        refs, head = self._last
+        arrays = buffers
+        if not all(map(operator.is_, map(operator.call, refs), buffers)):
+            same = list(map(operator.is_, map(operator.call, refs), buffers))
+            arrays, refs, head = list(buffers), list(refs), head.copy()
             for i in compress(count(), map(operator.not_, same)):
                 array = arrays[i] = np.asarray(buffers[i], self._dtypes[i], order="C")
-                table[self._first + i] = _address(array)
+                head[self._first + i] = _address(array)
                 refs[i] = _weak(array) if array is buffers[i] else _gone
-            self._last = refs, table
-        return arrays, table.copy()
+            self._last = refs, head
+        if work.head is not head:  # a new binding, or a workspace that has not seen it
+            work.table[:len(head)] = head
+            work.head = head
+        return arrays
 
 
 def _gone() -> None:
@@ -497,30 +527,49 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+class _Workspace:
+    """What one call writes: the arena (temporaries) and the ext table (the addresses of
+    everything else), with the two pointers every segment is called with, made once."""
+
+    __slots__ = ("arena", "table", "pointers", "head")
+
+    def __init__(self, arena_bytes: int, n_ext: int):
+        self.arena = _aligned_bytes(arena_bytes)
+        self.table = np.zeros(max(1, n_ext), np.uintp)
+        self.pointers = (ctypes.c_void_p(_address(self.arena)),
+                         ctypes.c_void_p(_address(self.table)))
+        self.head: np.ndarray | None = None  # the inputs' binding the table holds
+
+
 class _Arena:
-    """The program's arena, reused across calls; a call that finds it busy (another thread)
-    gets a fresh one, so concurrent calls never share temporaries."""
+    """The program's workspace, reused across calls; a call that finds it busy (another
+    thread) gets a fresh one, so concurrent calls never share temporaries or tables."""
 
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes
+    def __init__(self, nbytes: int, n_ext: int):
+        self.nbytes, self.n_ext = nbytes, n_ext
         self._lock = threading.Lock()
-        self._memory: np.ndarray | None = None
+        self._kept: _Workspace | None = None
 
-    def acquire(self) -> np.ndarray:
+    @property
+    def _memory(self) -> np.ndarray | None:
+        """The kept arena's bytes (None once cleared)."""
+        return None if self._kept is None else self._kept.arena
+
+    def acquire(self) -> _Workspace:
         if self._lock.acquire(blocking=False):
-            if self._memory is None:
-                self._memory = _aligned_bytes(self.nbytes)
-            return self._memory
-        return _aligned_bytes(self.nbytes)
+            if self._kept is None:
+                self._kept = _Workspace(self.nbytes, self.n_ext)
+            return self._kept
+        return _Workspace(self.nbytes, self.n_ext)
 
-    def release(self, memory: np.ndarray) -> None:
-        if memory is self._memory:
+    def release(self, work: _Workspace) -> None:
+        if work is self._kept:
             self._lock.release()
 
     def clear(self) -> None:
-        """Free the kept memory (allocated again by the next call)."""
+        """Free the kept workspace (made again by the next call)."""
         with self._lock:
-            self._memory = None
+            self._kept = None
 
 
 def _aligned_bytes(nbytes: int) -> np.ndarray:
