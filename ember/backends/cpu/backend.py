@@ -21,6 +21,7 @@ from ember.backends.cpu.program import Program
 from ember.backends.numpy_backend import NumpyBackend
 from ember.compiler.contractions import fold_transposes
 from ember.compiler.fusion import fuse
+from ember.compiler.rewrites import rewrite
 from ember.ir.graph import ClosedGraph
 
 
@@ -42,7 +43,7 @@ class CpuBackend(NumpyBackend):
                               "backend runs programs on the NumPy backend instead",
                               NoCompilerWarning, stacklevel=2)
             return super().compile(closed, donate)
-        return Program(fuse(fold_transposes(closed)), donate, self.run_primitive)
+        return Program(fuse(rewrite(fold_transposes(closed))), donate, self.run_primitive)
 
 
 register_backend(CpuBackend())
