@@ -84,66 +84,43 @@ _DEFINITIONS = r"""
 #define EMBER_ATT_PARALLEL_MIN (1 << 16)  /* multiply-adds below which one thread does all */
 
 /* Per-thread scratch for one query tile of R = group * min(BQ, length) rows and one key tile,
-   in float. Scores live transposed, s[key][row] with rows padded to ld = R rounded up to 16:
-   the softmax's maximum, sum and rescaling then run down columns, 16 rows per vector, with no
-   reduction across lanes and no per-row scalar exp. */
+   in float. The forward keeps a tile's scores transposed, s[key][row] with rows padded to
+   ld = R rounded up to 16: its softmax's maxima, sums and rescaling then run down columns,
+   16 rows per vector, with no reduction across lanes and no per-row scalar exp. The backward
+   keeps them row-major, s[row][key] (row stride BK): it needs no maximum, and its products
+   then take q and dout rows where they are and only the key tile transposed. */
 typedef struct {
-    int64_t ld;                   /* the row stride of s and dp, and of qt and dot */
-    float *qs, *qt, *dout, *dot;  /* scaled q rows and their transpose [dim][ld]; dout too */
-    float *lse, *delta, *shift, *alpha, *sum, *s, *dp, *keys, *values, *dk, *dv, *row;
-    int32_t *pos;                 /* each row's position, causal keys after it are masked */
-    const float *k_tile, *v_tile; /* the tile's rows: in keys/values, or float32 operands */
+    int64_t ld;                    /* the row stride of the forward's s and qt */
+    float *qs, *qt;                /* q rows times scale, and transposed [dim][ld] */
+    float *dout;                   /* the backward's dout rows, when not float32 */
+    float *shift, *alpha, *sum, *s, *dp, *kt, *vt, *keys, *values, *dk, *dv, *row;
+    const float *k_tile, *v_tile;  /* the tile's rows: in keys/values, or float32 operands */
 } ember_att_scratch;
 
 static int64_t ember_att_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t ember_att_max(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* Whether a tile has so few query rows (a decode step) that its scores are dot products
-   along the head dimension rather than products with the transposed query tile. */
+/* Whether a tile has so few query rows (a decode step) that the forward's scores are dot
+   products along the head dimension rather than a product with the transposed query tile. */
 static int ember_att_few(const ember_att *p) {
     return p->group * ember_att_min(EMBER_ATT_BQ, p->length) < EMBER_ATT_FEW_ROWS;
 }
 
-/* Consecutive 64-byte aligned slots of the given sizes from base (NULL: only counts them);
-   returns the floats they take. */
-static int64_t ember_att_carve(float *base, const int64_t *sizes, float **const *slots,
-                               int count) {
-    int64_t total = 0;
-    for (int i = 0; i < count; ++i) {
-        if (base) *slots[i] = base + total;
-        total += (sizes[i] + 15) & ~(int64_t)15;
-    }
-    return total;
-}
-
-/* Points the query-side slots of w (one query tile: q, q transposed, dout, dout transposed,
-   lse, delta, positions) into base, or only counts them (base NULL); returns their floats.
-   The backward keeps every tile's in one array, filled once and read for every key tile. */
-static int64_t ember_att_query_slots(const ember_att *p, float *base, ember_att_scratch *w) {
-    const int64_t rows = p->group * ember_att_min(EMBER_ATT_BQ, p->length);
-    const int64_t ld = (rows + 15) & ~(int64_t)15;
-    const int64_t sizes[] = {rows * p->dim, p->dim * ld, rows * p->vdim, p->vdim * ld, ld, ld,
-                             ld};
-    float *pos = NULL;
-    float **const slots[] = {&w->qs, &w->qt, &w->dout, &w->dot, &w->lse, &w->delta, &pos};
-    const int64_t total = ember_att_carve(base, sizes, slots, sizeof sizes / sizeof sizes[0]);
-    w->pos = (int32_t *)pos;
-    w->ld = ld;
-    return total;
-}
-
 static float *ember_att_scratch_new(const ember_att *p, ember_att_scratch *w) {
-    const int64_t bk = EMBER_ATT_BK, query = ember_att_query_slots(p, NULL, w), ld = w->ld;
-    const int64_t sizes[] = {ld, ld, ld, bk * ld, bk * ld, bk * p->dim, bk * p->vdim,
+    const int64_t rows = p->group * ember_att_min(EMBER_ATT_BQ, p->length), bk = EMBER_ATT_BK;
+    const int64_t ld = (rows + 15) & ~(int64_t)15;
+    const int64_t sizes[] = {rows * p->dim, p->dim * ld, rows * p->vdim, ld, ld, ld, bk * ld,
+                             bk * ld, p->dim * bk, p->vdim * bk, bk * p->dim, bk * p->vdim,
                              bk * p->dim, bk * p->vdim, 2 * ember_att_max(p->dim, p->vdim)};
-    float **const slots[] = {&w->shift, &w->alpha, &w->sum, &w->s, &w->dp, &w->keys,
-                             &w->values, &w->dk, &w->dv, &w->row};
+    float **slots[] = {&w->qs, &w->qt, &w->dout, &w->shift, &w->alpha, &w->sum, &w->s, &w->dp,
+                       &w->kt, &w->vt, &w->keys, &w->values, &w->dk, &w->dv, &w->row};
     const int count = sizeof sizes / sizeof sizes[0];
-    float *block = (float *)aligned_alloc(64, (size_t)(query + ember_att_carve(NULL, sizes,
-                                                                              slots, count))
-                                              * sizeof(float));
-    ember_att_query_slots(p, block, w);
-    ember_att_carve(block + query, sizes, slots, count);
+    int64_t total = 0;
+    for (int i = 0; i < count; ++i) total += (sizes[i] + 15) & ~(int64_t)15;  /* 64-byte slots */
+    float *block = (float *)aligned_alloc(64, (size_t)total * sizeof(float));
+    float *at = block;
+    for (int i = 0; i < count; ++i) { *slots[i] = at; at += (sizes[i] + 15) & ~(int64_t)15; }
+    w->ld = ld;
     return block;
 }
 
@@ -202,54 +179,45 @@ static int64_t ember_att_mask_at(const ember_att *p, int64_t b, int64_t hq, int6
     return at;
 }
 
-/* Rows [j0, j0 + n) of head h of k or v ([batch, heads, src, width]) in float, row-major:
+/* Rows [at, at + n) of x ([rows, width], its leading axes flattened) in float, row-major:
    the operand itself when it is float32, else converted into `buffer`. */
-static const float *ember_att_key_tile(const ember_att *p, const void *x, int64_t width,
-                                       int64_t b, int64_t h, int64_t j0, int64_t n,
-                                       float *buffer) {
-    const int64_t at = ((b * p->heads + h) * p->src + j0) * width;
-    if (p->dtype == EMBER_ATT_F32) return (const float *)x + at;
-    ember_att_load(buffer, x, at, n * width, p->dtype, 1.0f);
+static const float *ember_att_rows(const ember_att *p, const void *x, int64_t width, int64_t at,
+                                   int64_t n, float *buffer) {
+    if (p->dtype == EMBER_ATT_F32) return (const float *)x + at * width;
+    ember_att_load(buffer, x, at * width, n * width, p->dtype, 1.0f);
     return buffer;
 }
 
-/* x [rows][width] transposed into xt [width][ld]. */
-static void ember_att_transpose(const float *restrict x, int64_t rows, int64_t width,
-                                float *restrict xt, int64_t ld) {
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < width; ++c) xt[c * ld + r] = x[r * width + c];
+/* Rows [j0, j0 + n) of head h of k or v ([batch, heads, src, width]). */
+static const float *ember_att_key_tile(const ember_att *p, const void *x, int64_t width,
+                                       int64_t b, int64_t h, int64_t j0, int64_t n,
+                                       float *buffer) {
+    return ember_att_rows(p, x, width, (b * p->heads + h) * p->src + j0, n, buffer);
 }
 
-/* The query-side rows of a tile: rows [i0, i0 + nrow) of every query head of key/value head
-   h, row r being head r / nrow. Loads q times scale and each row's position and, for the
-   backward, dout, lse (0 for -inf) and delta; and, unless the rows are few, q (and dout)
-   transposed. */
-static void ember_att_query_tile(const ember_att *p, const ember_att_io *io, const float *delta,
-                                 int64_t b, int64_t h, int64_t i0, int64_t nrow,
-                                 ember_att_scratch *w, int backward) {
-    const int64_t offset = ember_att_offset(p, io, b), rows = p->group * nrow;
+/* x [rows][width] times mul, transposed into xt [width][ld]. */
+static void ember_att_transpose(const float *restrict x, int64_t rows, int64_t width,
+                                float *restrict xt, int64_t ld, float mul) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < width; ++c) xt[c * ld + r] = x[r * width + c] * mul;
+}
+
+/* The forward's query rows of a tile: rows [i0, i0 + nrow) of every query head of key/value
+   head h, row r being head r / nrow, times scale; and, unless they are few, transposed. */
+static void ember_att_query_tile(const ember_att *p, const ember_att_io *io, int64_t b,
+                                 int64_t h, int64_t i0, int64_t nrow, ember_att_scratch *w) {
     for (int64_t g = 0; g < p->group; ++g) {
         const int64_t head_row = (b * p->heads * p->group + h * p->group + g) * p->length + i0;
-        const int64_t r = g * nrow;
-        ember_att_load(w->qs + r * p->dim, io->q, head_row * p->dim, nrow * p->dim, p->dtype,
-                       p->scale);
-        for (int64_t i = 0; i < nrow; ++i) w->pos[r + i] = (int32_t)(offset + i0 + i);
-        if (!backward) continue;
-        ember_att_load(w->dout + r * p->vdim, io->dout, head_row * p->vdim, nrow * p->vdim,
-                       p->dtype, 1.0f);
-        for (int64_t i = 0; i < nrow; ++i) {
-            const float lse = io->lse[head_row + i];
-            w->lse[r + i] = isinf(lse) ? 0.0f : lse;  /* a row that sees nothing: p = 0 */
-            w->delta[r + i] = delta[head_row + i];
-        }
+        ember_att_load(w->qs + g * nrow * p->dim, io->q, head_row * p->dim, nrow * p->dim,
+                       p->dtype, p->scale);
     }
-    if (ember_att_few(p)) return;
-    ember_att_transpose(w->qs, rows, p->dim, w->qt, w->ld);
-    if (backward) ember_att_transpose(w->dout, rows, p->vdim, w->dot, w->ld);
+    if (!ember_att_few(p))
+        ember_att_transpose(w->qs, p->group * nrow, p->dim, w->qt, w->ld, 1.0f);
 }
 
 /* x[j][r] = exp(x[j][r] - shift[r]) for j < n, r < rows (row stride ld), and, unless `sum` is
-   NULL, sum[r] = the sum over j. The softmax's exponentials cost as much as a tile's
+   NULL, sum[r] = the sum over j (the forward's columns); x[j] = exp(x[j] - shift) for j < n
+   (a row of the backward). The softmax's exponentials cost as much as a tile's
    products: with AVX-512 they are computed 16 rows at a time, in 12 instructions: with
    d = x - shift = (n + f) ln2, |f| <= 1/2 (f by one fused multiply-subtract, so exact to its
    rounding), 2^f is a degree-6 polynomial fitted to it (relative error 2e-9, under an ulp
@@ -290,6 +258,15 @@ static void ember_att_exp_rows(float *x, int64_t n, int64_t ld, int64_t rows,
         if (sum) _mm512_mask_storeu_ps(sum + r, m, total);
     }
 }
+
+static void ember_att_exp_row(float *x, int64_t n, float shift) {
+    const __m512 by = _mm512_set1_ps(shift);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        _mm512_mask_storeu_ps(x + j, m, ember_att_exp16(_mm512_sub_ps(
+                                              _mm512_maskz_loadu_ps(m, x + j), by)));
+    }
+}
 #else
 static void ember_att_exp_rows(float *x, int64_t n, int64_t ld, int64_t rows,
                                const float *shift, float *sum) {
@@ -302,6 +279,11 @@ static void ember_att_exp_rows(float *x, int64_t n, int64_t ld, int64_t rows,
             if (sum) sum[r] += xj[r];
         }
     }
+}
+
+static void ember_att_exp_row(float *x, int64_t n, float shift) {
+    #pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] = expf(x[j] - shift);
 }
 #endif
 
@@ -402,38 +384,44 @@ static void ember_att_dots(int64_t n, int64_t rows, int64_t depth, const float *
         }
 }
 
-/* The scores of a tile, keys [j0, j0 + n), transposed (s[j][r]): k . qs, plus an additive
-   mask, -inf where the query may not see the key (causal, boolean mask). Keys past kv_len are
-   not in the tile. */
+/* Masks a tile of scores, keys [j0, j0 + n) of rows [i0, i0 + nrow) of each query head of
+   key/value head h (row r of the tile: head r / nrow), the score of row r and key j at
+   s[r * rs + j * js]: an additive mask added, -inf where the query may not see the key
+   (causal, boolean mask). Keys past kv_len are not in the tile. */
+static void ember_att_mask(const ember_att *p, const ember_att_io *io, int64_t b, int64_t h,
+                           int64_t i0, int64_t nrow, int64_t j0, int64_t n, float *s,
+                           int64_t rs, int64_t js) {
+    const int64_t offset = ember_att_offset(p, io, b);
+    for (int64_t r = 0; r < p->group * nrow; ++r) {
+        float *restrict sr = s + r * rs;
+        const int64_t i = i0 + r % nrow;
+        if (p->mask) {
+            const int64_t at = ember_att_mask_at(p, b, h * p->group + r / nrow, i)
+                               + j0 * p->mask_col;
+            if (p->mask == 1) {
+                const uint8_t *m = (const uint8_t *)io->mask + at;
+                for (int64_t j = 0; j < n; ++j) if (!m[j * p->mask_col]) sr[j * js] = -INFINITY;
+            } else {
+                for (int64_t j = 0; j < n; ++j) {
+                    float add;
+                    ember_att_load(&add, io->mask, at + j * p->mask_col, 1, p->dtype, 1.0f);
+                    sr[j * js] += add;
+                }
+            }
+        }
+        if (p->causal)  /* keys after the row's position: j0 + j > offset + i */
+            for (int64_t j = ember_att_max(offset + i - j0 + 1, 0); j < n; ++j)
+                sr[j * js] = -INFINITY;
+    }
+}
+
+/* The forward's scores of a tile, keys [j0, j0 + n), transposed (s[j][r]): k . qs, masked. */
 static void ember_att_scores(const ember_att *p, const ember_att_io *io, int64_t b, int64_t h,
                              int64_t i0, int64_t nrow, int64_t j0, int64_t n,
                              ember_att_scratch *w) {
-    const int64_t rows = p->group * nrow, ld = w->ld;
-    ember_att_dots(n, rows, p->dim, w->k_tile, w->qs, ember_att_few(p) ? NULL : w->qt, w->s, ld);
-    for (int64_t r = 0; p->mask && r < rows; ++r) {
-        const int64_t at = ember_att_mask_at(p, b, h * p->group + r / nrow, i0 + r % nrow)
-                           + j0 * p->mask_col;
-        if (p->mask == 1) {
-            const uint8_t *m = (const uint8_t *)io->mask + at;
-            for (int64_t j = 0; j < n; ++j) if (!m[j * p->mask_col]) w->s[j * ld + r] = -INFINITY;
-        } else {
-            for (int64_t j = 0; j < n; ++j) {
-                float add;
-                ember_att_load(&add, io->mask, at + j * p->mask_col, 1, p->dtype, 1.0f);
-                w->s[j * ld + r] += add;
-            }
-        }
-    }
-    /* Causal: key j0 + j is hidden from rows before it; none is when the tile's last key
-       is at or before the first row's position. */
-    if (p->causal && j0 + n - 1 > ember_att_offset(p, io, b) + i0)
-        for (int64_t j = 0; j < n; ++j) {
-            float *restrict sj = w->s + j * ld;
-            const int32_t *restrict pos = w->pos;
-            const int32_t key = (int32_t)(j0 + j);
-            #pragma omp simd
-            for (int64_t r = 0; r < rows; ++r) sj[r] = key > pos[r] ? -INFINITY : sj[r];
-        }
+    ember_att_dots(n, p->group * nrow, p->dim, w->k_tile, w->qs,
+                   ember_att_few(p) ? NULL : w->qt, w->s, w->ld);
+    ember_att_mask(p, io, b, h, i0, nrow, j0, n, w->s, 1, w->ld);
 }
 
 /* The online softmax of one work item over keys [k0, k1): the state (m, l, acc) of its
@@ -449,7 +437,7 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
     for (int64_t r = 0; r < rows; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, (size_t)(rows * p->vdim) * sizeof(float));
     if (k0 >= k1) return;
-    ember_att_query_tile(p, io, NULL, b, h, i0, nrow, w, 0);
+    ember_att_query_tile(p, io, b, h, i0, nrow, w);
     for (int64_t j0 = k0; j0 < k1; j0 += EMBER_ATT_BK) {
         const int64_t n = ember_att_min(EMBER_ATT_BK, k1 - j0);
         w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys);
@@ -571,59 +559,71 @@ static float ember_att_delta(const ember_att *p, const ember_att_io *io, int64_t
     return sum - io->dlse[r];
 }
 
-/* A tile's probabilities p = exp(s - lse), in place of the (transposed) scores, and the
-   gradients of its scores ds = p (dout v^T - delta), in place of dp (flash attention's
-   backward: p is recomputed from lse, never stored). */
-static void ember_att_backward_tile(const ember_att *p, const ember_att_io *io, int64_t b,
-                                    int64_t h, int64_t i0, int64_t nrow, int64_t j0,
-                                    int64_t n, ember_att_scratch *w) {
-    const int64_t rows = p->group * nrow, ld = w->ld;
-    ember_att_scores(p, io, b, h, i0, nrow, j0, n, w);
-    ember_att_dots(n, rows, p->vdim, w->v_tile, w->dout, ember_att_few(p) ? NULL : w->dot,
-                   w->dp, ld);
-    ember_att_exp_rows(w->s, n, ld, rows, w->lse, NULL);
-    for (int64_t j = 0; j < n; ++j) {
-        const float *restrict s = w->s + j * ld, *restrict delta = w->delta;
-        float *restrict dp = w->dp + j * ld;
-        #pragma omp simd
-        for (int64_t r = 0; r < rows; ++r) dp[r] = s[r] > 0.0f ? s[r] * (dp[r] - delta[r]) : 0.0f;
-    }
-}
-
 /* The gradients from keys [j0, j0 + BK) of head h: their dk and dv, summed over every query
    row that sees them (zero past kv_len), and, when dq_acc is not NULL, those rows' dq terms
    from these keys (added to dq_acc, float, [batch, heads * group, length, dim], unscaled).
-   `tiles`: the query side of every query tile (ember_att_query_slots), `size` floats each. */
-static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, float *tiles,
-                                int64_t size, int64_t b, int64_t h, int64_t j0, void *dk,
-                                void *dv, float *dq_acc, ember_att_scratch *w) {
+   Per query tile and head, in row-major tiles: the scores s = q (scale k)^T and dp = dout v^T
+   against the key tile transposed once, p = exp(s - lse) in place of s, ds = p (dp - delta)
+   in place of dp (flash attention's backward: p is recomputed from lse, never stored), then
+   dv += p^T dout, dk += ds^T q, dq += ds k. `stats`: each row's delta, then its lse (0 for a
+   row that sees nothing, so that its p is 0). */
+static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, const float *stats,
+                                int64_t b, int64_t h, int64_t j0, void *dk, void *dv,
+                                float *dq_acc, ember_att_scratch *w) {
     const int64_t n = ember_att_max(0, ember_att_min(EMBER_ATT_BK,
                                                      ember_att_kv_len(p, io, b) - j0));
-    const int64_t width = ember_att_min(EMBER_ATT_BK, p->src - j0);
-    const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length), ld = w->ld;
-    const int64_t first_tile = (b * p->heads + h) * ((p->length + bq - 1) / bq);
+    const int64_t width = ember_att_min(EMBER_ATT_BK, p->src - j0), bk = EMBER_ATT_BK;
+    const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length);
+    const int64_t all = p->batch * p->heads * p->group * p->length;
     memset(w->dk, 0, (size_t)(width * p->dim) * sizeof(float));
     memset(w->dv, 0, (size_t)(width * p->vdim) * sizeof(float));
     if (n > 0) {
         w->k_tile = ember_att_key_tile(p, io->k, p->dim, b, h, j0, n, w->keys);
         w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values);
+        ember_att_transpose(w->k_tile, n, p->dim, w->kt, bk, p->scale);
+        ember_att_transpose(w->v_tile, n, p->vdim, w->vt, bk, 1.0f);
         /* Causal: rows before the tile's first key's position see none of it. */
         const int64_t first = p->causal ? ember_att_max(0, j0 - ember_att_offset(p, io, b)) : 0;
         for (int64_t i0 = first / bq * bq; i0 < p->length; i0 += bq) {
             const int64_t nrow = ember_att_min(bq, p->length - i0);
-            ember_att_query_slots(p, tiles + (first_tile + i0 / bq) * size, w);
-            ember_att_backward_tile(p, io, b, h, i0, nrow, j0, n, w);
-            const int64_t rows = p->group * nrow;  /* dv += p^T dout, dk += ds^T (q scale) */
-            ember_att_gemm(n, p->vdim, rows, w->s, ld, 1, w->dout, p->vdim, w->dv, p->vdim, 1);
-            ember_att_gemm(n, p->dim, rows, w->dp, ld, 1, w->qs, p->dim, w->dk, p->dim, 1);
-            for (int64_t g = 0; dq_acc && g < p->group; ++g) {  /* dq += ds k, head by head */
-                const int64_t head_row = (b * p->heads * p->group + h * p->group + g)
-                                         * p->length + i0;
-                ember_att_gemm(nrow, p->dim, n, w->dp + g * nrow, 1, ld, w->k_tile, p->dim,
-                               dq_acc + head_row * p->dim, p->dim, 1);
+            const int64_t row0 = (b * p->heads * p->group + h * p->group) * p->length + i0;
+            for (int64_t g = 0; g < p->group; ++g) {  /* scores and dp, head by head */
+                const int64_t at = row0 + g * p->length;
+                const float *q = ember_att_rows(p, io->q, p->dim, at, nrow,
+                                                w->qs + g * nrow * p->dim);
+                const float *dout = ember_att_rows(p, io->dout, p->vdim, at, nrow,
+                                                   w->dout + g * nrow * p->vdim);
+                ember_att_gemm(nrow, n, p->dim, q, p->dim, 1, w->kt, bk,
+                               w->s + g * nrow * bk, bk, 0);
+                ember_att_gemm(nrow, n, p->vdim, dout, p->vdim, 1, w->vt, bk,
+                               w->dp + g * nrow * bk, bk, 0);
+            }
+            ember_att_mask(p, io, b, h, i0, nrow, j0, n, w->s, bk, 1);
+            for (int64_t r = 0; r < p->group * nrow; ++r) {
+                const int64_t at = row0 + r / nrow * p->length + r % nrow;
+                const float delta = stats[at];
+                float *restrict s = w->s + r * bk, *restrict dp = w->dp + r * bk;
+                ember_att_exp_row(s, n, stats[all + at]);
+                #pragma omp simd
+                for (int64_t j = 0; j < n; ++j) dp[j] = s[j] > 0.0f ? s[j] * (dp[j] - delta) : 0.0f;
+            }
+            for (int64_t g = 0; g < p->group; ++g) {  /* the products with ds and p */
+                const int64_t at = row0 + g * p->length;
+                const float *q = p->dtype == EMBER_ATT_F32 ? (const float *)io->q + at * p->dim
+                                                          : w->qs + g * nrow * p->dim;
+                const float *dout = p->dtype == EMBER_ATT_F32
+                                    ? (const float *)io->dout + at * p->vdim
+                                    : w->dout + g * nrow * p->vdim;
+                const float *pg = w->s + g * nrow * bk, *ds = w->dp + g * nrow * bk;
+                ember_att_gemm(n, p->vdim, nrow, pg, 1, bk, dout, p->vdim, w->dv, p->vdim, 1);
+                ember_att_gemm(n, p->dim, nrow, ds, 1, bk, q, p->dim, w->dk, p->dim, 1);
+                if (dq_acc)
+                    ember_att_gemm(nrow, p->dim, n, ds, bk, 1, w->k_tile, p->dim,
+                                   dq_acc + at * p->dim, p->dim, 1);
             }
         }
     }
+    for (int64_t e = 0; e < width * p->dim; ++e) w->dk[e] *= p->scale;  /* q was unscaled */
     const int64_t row = (b * p->heads + h) * p->src + j0;
     if (dk) ember_att_store(dk, row * p->dim, w->dk, width * p->dim, p->dtype);
     if (dv) ember_att_store(dv, row * p->vdim, w->dv, width * p->vdim, p->dtype);
@@ -643,32 +643,22 @@ void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *
                                                              (2 * threads + pairs - 1) / pairs))
                             : ember_att_max(1, key_tiles);
     const int64_t work = rows * p->src * (p->dim + p->vdim);
-    const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length);
-    const int64_t query_tiles = (p->length + bq - 1) / bq;
-    ember_att_scratch probe;
-    const int64_t size = ember_att_query_slots(p, NULL, &probe);
-    float *delta = (float *)malloc((size_t)rows * sizeof(float));
-    float *tiles = (float *)aligned_alloc(64, (size_t)(pairs * query_tiles * size) * sizeof(float));
+    float *stats = (float *)malloc((size_t)(2 * rows) * sizeof(float));
     float *partial = dq ? (float *)calloc((size_t)(runs * rows * p->dim), sizeof(float)) : NULL;
     #pragma omp parallel if (work > EMBER_ATT_PARALLEL_MIN)
     {
         ember_att_scratch w;
         float *block = ember_att_scratch_new(p, &w);
         #pragma omp for
-        for (int64_t r = 0; r < rows; ++r) delta[r] = ember_att_delta(p, io, r, w.row);
-        #pragma omp for
-        for (int64_t t = 0; t < pairs * query_tiles; ++t) {  /* the query side, once */
-            const int64_t i0 = t % query_tiles * bq;
-            ember_att_query_slots(p, tiles + t * size, &w);
-            ember_att_query_tile(p, io, delta, t / query_tiles / p->heads,
-                                 t / query_tiles % p->heads, i0,
-                                 ember_att_min(bq, p->length - i0), &w, 1);
+        for (int64_t r = 0; r < rows; ++r) {
+            stats[r] = ember_att_delta(p, io, r, w.row);
+            stats[rows + r] = isinf(io->lse[r]) ? 0.0f : io->lse[r];
         }
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < pairs * runs; ++t) {
             const int64_t run = t % runs, b = t / (p->heads * runs), h = t / runs % p->heads;
             for (int64_t tile = run; tile < key_tiles; tile += runs)
-                ember_att_key_grads(p, io, tiles, size, b, h, tile * EMBER_ATT_BK, dk, dv,
+                ember_att_key_grads(p, io, stats, b, h, tile * EMBER_ATT_BK, dk, dv,
                                     partial ? partial + run * rows * p->dim : NULL, &w);
         }
         if (dq) {
@@ -687,8 +677,7 @@ void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *
         free(block);
     }
     free(partial);
-    free(tiles);
-    free(delta);
+    free(stats);
 }
 """
 
