@@ -15,7 +15,7 @@ from ember.backends.cpu import toolchain
 from ember.compiler.rewrites import rewrite
 from ember.ops.indexing import scatter_p
 from ember.ops.linalg import dot_general_p
-from ember.ops.structural import broadcast_in_dim_p, transpose_p
+from ember.ops.structural import broadcast_in_dim_p, concatenate_p, pad_p, transpose_p
 from ember.transforms.subgraphs import program
 from ember.tree import tree_leaves
 
@@ -110,11 +110,33 @@ def test_a_scatter_into_zeros_with_no_addend_is_kept():
     assert new is closed
 
 
+def test_rotary_gradient_concatenates_its_halves():
+    """The halves' cotangents padded with zeros and added: their concatenation."""
+    def loss(x, c, s):
+        return (F.apply_rotary(x, c, s) ** 2).sum()
+    closed, new = rewritten(ember.grad(loss), rand(2, 4, 8, 16), rand(8, 8, seed=1),
+                            rand(8, 8, seed=2))
+    assert prims(closed).count(pad_p) == 2 and pad_p not in prims(new)
+    assert prims(new).count(concatenate_p) == prims(closed).count(concatenate_p) + 1
+
+
+def test_pads_that_overlap_or_leave_a_gap_are_kept():
+    def fn(a, b):
+        return (enp.pad(a, [(0, 0), (0, 2)]) + enp.pad(b, [(0, 0), (2, 0)]),  # overlap
+                enp.pad(a, [(0, 0), (0, 4)]) + enp.pad(b, [(0, 0), (4, 0)]),  # a gap
+                enp.pad(a, [(1, 0), (0, 3)]) + enp.pad(b, [(0, 1), (3, 0)]))  # two axes
+    closed, new = rewritten(fn, rand(3, 3), rand(3, 3, seed=1))
+    assert new is closed
+
+
 @pytest.mark.skipif(not toolchain.available(), reason="no C compiler found")
-@pytest.mark.parametrize("case", ["mlp", "cross_entropy"])
+@pytest.mark.parametrize("case", ["mlp", "rotary", "cross_entropy"])
 def test_compiled_programs_match_the_numpy_backend(case):
     if case == "mlp":
         fn, args = mlp_step, MLP
+    elif case == "rotary":
+        fn = ember.grad(lambda x, c, s: (F.apply_rotary(x, c, s) ** 2).sum())
+        args = (rand(2, 4, 8, 16), rand(8, 8, seed=1), rand(8, 8, seed=2))
     else:
         def fn(w, x, t):
             return ember.value_and_grad(lambda w: F.cross_entropy(x @ w, t))(w)

@@ -1,6 +1,6 @@
 """Rewrites that spare a compiled program whole passes over memory, before fusion groups it.
 
-Two patterns that differentiation produces cost a pass over a large array each, though the
+Three patterns that differentiation produces cost a pass over a large array each, though the
 same result is one equation away:
 
 - **A product transposed after the fact.** The gradient of ``x @ w`` with respect to a ``w``
@@ -13,11 +13,16 @@ same result is one equation away:
   fresh zeros array; the sum of the gradient's paths then adds that to the rest. Scattering
   into the other addend instead gives the same sums without writing the zeros nor reading the
   scattered array back, and the scatter may then update that addend in place.
+- **Two zero-padded halves added up.** The gradient of slicing an array into pieces (the
+  rotary embedding's halves) pads each piece's cotangent back to full size with zeros and adds
+  the pads. Where the pieces tile the axis, that sum is their concatenation, which fusion
+  writes straight from the kernels computing the pieces instead of materialising each pad.
 
 Each rewrite applies only where the intermediate has no other reader, so no work is repeated.
 Results are the same up to the rounding of reordered additions: ``(0 + u) + y`` becomes
 ``y + u`` (equal but for the sign of a zero), and repeated indices add their updates to ``y``
-one after the other instead of to zero first.
+one after the other instead of to zero first; a concatenation keeps a ``-0.0`` that adding
+the other pad's ``+0.0`` turned into ``+0.0``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from ember.ir.passes import dce
 from ember.ops.elementwise import add_p
 from ember.ops.indexing import scatter_p
 from ember.ops.linalg import dot_general_p
-from ember.ops.structural import broadcast_in_dim_p, transpose_p
+from ember.ops.structural import broadcast_in_dim_p, concatenate_p, pad_p, transpose_p
 
 __all__ = ["rewrite"]
 
@@ -56,6 +61,7 @@ def rewrite(closed: ClosedGraph) -> ClosedGraph:
         elif eqn.prim is add_p:
             eqn = next((new for side in (0, 1) if (new := _scatter_into(
                 eqn, side, sole(eqn.inputs[side], scatter_p), producer)) is not None), eqn)
+            eqn = _concatenation(eqn, [sole(a, pad_p) for a in eqn.inputs]) or eqn
         eqns.append(eqn)
     if all(a is b for a, b in zip(eqns, g.eqns)):
         return closed
@@ -98,3 +104,27 @@ def _zeros(a: object, producer: dict[int, Eqn]) -> bool:
     eqn = producer.get(a.id) if isinstance(a, Var) else None
     return (eqn is not None and eqn.prim is broadcast_in_dim_p
             and isinstance(eqn.inputs[0], Literal) and bool(np.all(eqn.inputs[0].value == 0)))
+
+
+def _concatenation(add: Eqn, pads: list[Eqn | None]) -> Eqn | None:
+    """``concatenate([a, b], axis)`` for ``add(pad(a), pad(b))`` (either order) where both
+    pads add zeros along one axis only and the two pieces tile it."""
+    if add.prim is not add_p or any(p is None for p in pads):
+        return None
+    pieces = []
+    for pad in pads:
+        value = pad.inputs[1]
+        params = pad.params
+        moved = [k for k, (lo, hi) in enumerate(zip(params["lo"], params["hi"])) if lo or hi]
+        if not isinstance(value, Literal) or not np.all(value.value == 0) or \
+                any(params["interior"]) or len(moved) != 1 or \
+                min(params["lo"][moved[0]], params["hi"][moved[0]]) < 0:
+            return None
+        pieces.append((params["lo"][moved[0]], moved[0], pad.inputs[0]))
+    (lo_a, axis, a), (lo_b, axis_b, b) = sorted(pieces, key=lambda p: p[0])
+    out = add.outputs[0].aval
+    if axis != axis_b or lo_a != 0 or lo_b != a.aval.shape[axis] or \
+            lo_b + b.aval.shape[axis] != out.shape[axis] or \
+            not a.aval.dtype == b.aval.dtype == out.dtype:
+        return None
+    return Eqn(concatenate_p, [a, b], add.outputs, {"axis": axis})
