@@ -77,18 +77,23 @@ typedef struct {
 
 _DEFINITIONS = r"""
 #include <omp.h>
-#define EMBER_ATT_BQ 32          /* query rows per head in a tile */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#define EMBER_ATT_BQ 16          /* query rows per head in a forward tile */
+#define EMBER_ATT_BQ_BACK 64     /* and in a backward one (fewer, longer products) */
 #define EMBER_ATT_BK 64          /* keys in a tile */
 #define EMBER_ATT_FEW_ROWS 8     /* fewer query rows per tile: scores by dot products */
 #define EMBER_ATT_SPLIT_MIN 128  /* the fewest keys one split of a decode step reads */
 #define EMBER_ATT_PARALLEL_MIN (1 << 16)  /* multiply-adds below which one thread does all */
 
-/* Per-thread scratch for one query tile of R = group * min(BQ, length) rows and one key tile,
-   in float. The forward keeps a tile's scores transposed, s[key][row] with rows padded to
-   ld = R rounded up to 16: its softmax's maxima, sums and rescaling then run down columns,
-   16 rows per vector, with no reduction across lanes and no per-row scalar exp. The backward
-   keeps them row-major, s[row][key] (row stride BK): it needs no maximum, and its products
-   then take q and dout rows where they are and only the key tile transposed. */
+/* Per-thread scratch for one query tile (R = group * min(BQ, length) rows in the forward,
+   BQ_BACK in the backward) and one key tile, in float. The forward keeps a tile's scores
+   transposed, s[key][row] with rows padded to ld = R rounded up to 16: its softmax's maxima,
+   sums and rescaling then run down columns, 16 rows per vector, with no reduction across
+   lanes and no per-row scalar exp. The backward keeps them row-major, s[row][key] (row stride
+   BK): it needs no maximum, and its products then take q and dout rows where they are and
+   only the key tile transposed. */
 typedef struct {
     int64_t ld;                    /* the row stride of the forward's s and qt */
     float *qs, *qt;                /* q rows times scale, and transposed [dim][ld] */
@@ -108,9 +113,11 @@ static int ember_att_few(const ember_att *p) {
 
 static float *ember_att_scratch_new(const ember_att *p, ember_att_scratch *w) {
     const int64_t rows = p->group * ember_att_min(EMBER_ATT_BQ, p->length), bk = EMBER_ATT_BK;
-    const int64_t ld = (rows + 15) & ~(int64_t)15;
-    const int64_t sizes[] = {rows * p->dim, p->dim * ld, rows * p->vdim, ld, ld, ld, bk * ld,
-                             bk * ld, p->dim * bk, p->vdim * bk, bk * p->dim, bk * p->vdim,
+    const int64_t back = p->group * ember_att_min(EMBER_ATT_BQ_BACK, p->length);
+    const int64_t ld = (rows + 15) & ~(int64_t)15, tile = bk * ember_att_max(ld, back);
+    const int64_t sizes[] = {ember_att_max(rows, back) * p->dim, p->dim * ld, back * p->vdim, ld,
+                             ld, ld, tile, tile, p->dim * bk, p->vdim * bk, bk * p->dim,
+                             bk * p->vdim,
                              bk * p->dim, bk * p->vdim, 2 * ember_att_max(p->dim, p->vdim)};
     float **slots[] = {&w->qs, &w->qt, &w->dout, &w->shift, &w->alpha, &w->sum, &w->s, &w->dp,
                        &w->kt, &w->vt, &w->keys, &w->values, &w->dk, &w->dv, &w->row};
@@ -195,12 +202,57 @@ static const float *ember_att_key_tile(const ember_att *p, const void *x, int64_
     return ember_att_rows(p, x, width, (b * p->heads + h) * p->src + j0, n, buffer);
 }
 
-/* x [rows][width] times mul, transposed into xt [width][ld]. */
+/* x [rows][width] times mul, transposed into xt [width][ld]. With AVX-512, in blocks of 16 x
+   16 held in registers: four rounds of exchanging the off-diagonal halves, quarters, eighths
+   and sixteenths (64 two-source permutes; element by element it was a tenth of the
+   forward). */
+#if defined(__AVX512F__)
+static void ember_att_transpose(const float *restrict x, int64_t rows, int64_t width,
+                                float *restrict xt, int64_t ld, float mul) {
+    __m512i lo[4], hi[4];  /* per round: the lanes of row i and of row i + half */
+    for (int round = 0, half = 8; round < 4; ++round, half /= 2) {
+        int32_t l[16], h[16];
+        for (int e = 0; e < 16; ++e) {
+            const int base = e / (2 * half) * 2 * half, within = e % (2 * half);
+            l[e] = within < half ? base + within : 16 + base + within - half;
+            h[e] = within < half ? base + within + half : 16 + base + within;
+        }
+        lo[round] = _mm512_loadu_si512(l);
+        hi[round] = _mm512_loadu_si512(h);
+    }
+    const __m512 by = _mm512_set1_ps(mul);
+    for (int64_t r0 = 0; r0 < rows; r0 += 16)
+        for (int64_t c0 = 0; c0 < width; c0 += 16) {
+            const int64_t nc = ember_att_min(16, width - c0), nr = ember_att_min(16, rows - r0);
+            const __mmask16 cm = (__mmask16)((1u << nc) - 1), rm = (__mmask16)((1u << nr) - 1);
+            __m512 v[16];
+            #pragma GCC unroll 16
+            for (int i = 0; i < 16; ++i)
+                v[i] = _mm512_mul_ps(_mm512_maskz_loadu_ps(i < nr ? cm : 0,
+                                                           x + (r0 + i) * width + c0), by);
+            #pragma GCC unroll 4
+            for (int round = 0; round < 4; ++round) {
+                const int half = 8 >> round;
+                #pragma GCC unroll 16
+                for (int i = 0; i < 16; ++i) {
+                    if (i & half) continue;
+                    const __m512 a = v[i], b = v[i + half];
+                    v[i] = _mm512_permutex2var_ps(a, lo[round], b);
+                    v[i + half] = _mm512_permutex2var_ps(a, hi[round], b);
+                }
+            }
+            #pragma GCC unroll 16
+            for (int i = 0; i < 16; ++i)
+                if (i < nc) _mm512_mask_storeu_ps(xt + (c0 + i) * ld + r0, rm, v[i]);
+        }
+}
+#else
 static void ember_att_transpose(const float *restrict x, int64_t rows, int64_t width,
                                 float *restrict xt, int64_t ld, float mul) {
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < width; ++c) xt[c * ld + r] = x[r * width + c] * mul;
 }
+#endif
 
 /* The forward's query rows of a tile: rows [i0, i0 + nrow) of every query head of key/value
    head h, row r being head r / nrow, times scale; and, unless they are few, transposed. */
@@ -225,7 +277,6 @@ static void ember_att_query_tile(const ember_att *p, const ember_att_io *io, int
    result is 0, masked rather than computed: results that underflow make the CPU take a slow
    assist, which doubled the cost of causal tiles full of -inf. NaN stays NaN. */
 #if defined(__AVX512F__)
-#include <immintrin.h>
 static inline __m512 ember_att_exp16(__m512 d) {
     const __mmask16 normal = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
     const __m512 log2e = _mm512_set1_ps(0x1.715476p+0f);
@@ -573,7 +624,7 @@ static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, cons
     const int64_t n = ember_att_max(0, ember_att_min(EMBER_ATT_BK,
                                                      ember_att_kv_len(p, io, b) - j0));
     const int64_t width = ember_att_min(EMBER_ATT_BK, p->src - j0), bk = EMBER_ATT_BK;
-    const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length);
+    const int64_t bq = ember_att_min(EMBER_ATT_BQ_BACK, p->length);
     const int64_t all = p->batch * p->heads * p->group * p->length;
     memset(w->dk, 0, (size_t)(width * p->dim) * sizeof(float));
     memset(w->dv, 0, (size_t)(width * p->vdim) * sizeof(float));
