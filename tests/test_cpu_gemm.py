@@ -66,9 +66,11 @@ def _assert_product(actual: np.ndarray, a64: np.ndarray, b64: np.ndarray, what: 
 LAYOUTS = [(False, True), (False, False), (True, False), (True, True)]  # (A, B) transposed
 
 # (M, N, K): whole tiles, tails of the 14 x 32 tile and of the 16-lane packing, primes, K = 1,
-# K across several 256-step blocks with a short last one, M across several L2 blocks of A.
+# K across several 256-step blocks with a short last one, M across several L2 blocks of A,
+# N across several runs of B panels.
 SIZES = [(28, 64, 32), (1, 1, 1), (13, 31, 17), (15, 33, 1), (29, 47, 61), (97, 16, 5),
-         (14, 32, 257), (37, 100, 700), (160, 96, 1031), (1200, 40, 130), (9, 70, 2)]
+         (14, 32, 257), (37, 100, 700), (160, 96, 1031), (1200, 40, 130), (9, 70, 2),
+         (20, 600, 40)]
 
 
 @pytest.mark.parametrize("a_t,b_t", LAYOUTS, ids=lambda t: "T" if t else "N")
@@ -85,7 +87,7 @@ def test_kernel_matches_float64_numpy(kernel, a_t, b_t):
 
 
 # One product per layout, each with enough work to run on several threads.
-THREADED = [(200, 300, 600), (97, 129, 513), (64, 256, 256), (300, 70, 112)]
+THREADED = [(200, 600, 300), (97, 129, 513), (64, 256, 256), (300, 70, 112)]
 
 
 def test_kernel_is_the_same_bits_on_any_thread_count(kernel):

@@ -6,21 +6,20 @@ per piece: up to 16 times per product. This kernel packs each operand once per c
 
 - **Packing.** ``A`` ([M, K], rows or columns contiguous, any leading dimension) is copied into
   panels of ``MR`` rows, each stored k-major (``MR`` values per k), by all threads before the
-  product starts. ``B`` ([K, N], either layout) is copied one panel of ``NR`` columns at a time
-  (k-major, ``NR`` values per k) by the thread that then uses it, into its own buffer: each
-  panel is packed exactly once. Row-contiguous operands (``x @ W.T``'s ``W``, ``x`` itself) are
-  transposed 16 x 16 in registers.
+  product starts. ``B`` ([K, N], either layout) is copied in runs of ``B_PANELS`` panels of
+  ``NR`` columns (k-major, ``NR`` values per k) by the thread that then uses them, into its
+  own buffer: each panel is packed exactly once. Row-contiguous operands (``x @ W.T``'s
+  ``W``, ``x`` itself) are transposed 16 x 16 in registers.
 - **Micro-kernel.** ``MR`` x ``NR`` = 14 x 32 results in 28 AVX-512 registers: per k two vector
   loads of the ``B`` panel, 14 broadcasts of the ``A`` panel, 28 fused multiply-adds.
-- **Blocking.** A thread's task is one ``B`` panel (``NR`` columns of the result): it stays in
-  L1/L2 while ``A``'s panels stream past it in blocks of ``KC`` k-steps by ``MC`` rows
-  (``A``'s block in L2).
+- **Blocking.** A thread's task is one run of ``B`` panels (up to 256 columns of the result);
+  each ``A`` panel in turn meets every panel of the run, so it is read from L2, not L3.
 - **Determinism.** Every result element is one chain of fused multiply-adds over k in order
-  0 .. K-1, started at zero: a later ``KC`` block loads the partial sums and goes on with the
-  chain (float32 in registers and in memory: the same bits). The threads split only the
-  columns, never k, so results are the same bits on any thread count and any blocking.
+  0 .. K-1, started at zero, in one tile call. The threads split only the columns, never k, so
+  results are the same bits on any thread count.
 
-AVX-512 only (``fits``): other CPUs, float64 and batched products stay on BLAS.
+AVX-512 only (``available``; ``lowerings._packed_gemm`` decides which products come
+here): other CPUs, float64 and batched products stay on BLAS.
 """
 
 from __future__ import annotations
@@ -30,9 +29,12 @@ from ember.backends.cpu.toolchain import KernelLibrary
 
 # Register tile: 14 rows x 32 columns = 28 zmm accumulators, 2 loads of B, 1 broadcast of A.
 MR, NR = 14, 32
-# K steps per block (a B panel's block, 32 KiB, stays in L1) and bytes of A's block (in L2).
-KC = 256
-A_BLOCK_BYTES = 512 * 1024
+# B panels a thread packs at once (a run, 8 x 32 columns), then multiplies by each A panel in
+# turn: the A panel is read from L2 8 times, not from L3 once per B panel. The contracted axis
+# is not blocked: the tile's sums stay in registers from k = 0 to K (measured on SmolLM2's
+# shapes, one thread: 256-step blocks with A in 512 KiB L2 blocks reached 0.86-0.88x one
+# OpenBLAS call, this 0.95-1.03x).
+B_PANELS = 8
 # Multiply-adds below which a product runs on the calling thread alone: waking a passive OpenMP
 # thread costs tens of microseconds (as for BLAS pieces, ``lowerings.PIECE_WORK``).
 THREADED_WORK = 1 << 21
@@ -47,7 +49,7 @@ _SOURCE = r"""
 #error "ember's packed GEMM needs AVX-512 (gemm.fits checks the CPU before using it)"
 #endif
 
-enum { MR = $MR, NR = $NR, KC = $KC, A_BLOCK_BYTES = $A_BLOCK, THREADED_WORK = $THREADED };
+enum { MR = $MR, NR = $NR, B_PANELS = $B_PANELS, THREADED_WORK = $THREADED };
 
 /* 16 x 16 transpose in registers: lane j of v[i] becomes lane i of v[j]. */
 static inline __attribute__((always_inline)) void ember_gemm_transpose16(__m512 v[16]) {
@@ -115,21 +117,15 @@ static void ember_gemm_pack(int64_t n, int64_t K, const float *src, int64_t si, 
     }
 }
 
-/* C[rows, cols] (rows <= MR, cols <= NR) = (go_on ? C : 0) + a-panel x b-panel over kc steps.
-   Each element is one chain of fused multiply-adds in k order; go_on continues it from C. */
+/* C[rows, cols] (rows <= MR, cols <= NR) = a-panel x b-panel over K steps: each element one
+   chain of fused multiply-adds in k order, from zero. */
 static inline __attribute__((always_inline)) void ember_gemm_tile(
-        int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int rows, int cols,
-        int go_on) {
+        int64_t K, const float *a, const float *b, float *c, int64_t ldc, int rows, int cols) {
     const __mmask16 m0 = ember_gemm_lanes(cols), m1 = ember_gemm_lanes(cols - 16);
     __m512 acc[MR][2];
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-        acc[r][0] = go_on && r < rows ? _mm512_maskz_loadu_ps(m0, c + r * ldc)
-                                      : _mm512_setzero_ps();
-        acc[r][1] = go_on && r < rows ? _mm512_maskz_loadu_ps(m1, c + r * ldc + 16)
-                                      : _mm512_setzero_ps();
-    }
-    for (int64_t k = 0; k < kc; ++k) {
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
         const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
@@ -154,15 +150,17 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
                         int64_t a_col, const float *B, int64_t b_row, int64_t b_col, float *C,
                         int64_t ldc) {
     const int64_t a_panels = (M + MR - 1) / MR, b_panels = (N + NR - 1) / NR;
-    /* K in equal blocks of at most KC steps; A's block of mc panels x kc steps in L2. */
-    const int64_t k_blocks = (K + KC - 1) / KC, kc = (K + k_blocks - 1) / k_blocks;
-    const int64_t mc_fit = A_BLOCK_BYTES / (int64_t)sizeof(float) / kc / MR;
-    const int64_t mc = mc_fit > 0 ? mc_fit : 1;
-    /* One allocation: packed A, then one B panel per thread (64-byte aligned: both sizes are
-       multiples of 16 floats, as MR * K * panels may not be, so A's part is rounded up). */
-    const int threaded = M * N * K >= THREADED_WORK, threads = threaded ? omp_get_max_threads() : 1;
+    /* Tasks: runs of at most B_PANELS panels, a multiple of the thread count of them, the
+       panels dealt evenly (which thread sums an element never changes its bits). */
+    const int threads = M * N * K >= THREADED_WORK ? omp_get_max_threads() : 1;
+    const int64_t per_round = (int64_t)threads * B_PANELS;
+    const int64_t rounds = (b_panels + per_round - 1) / per_round;
+    const int64_t tasks = rounds * threads < b_panels ? rounds * threads : b_panels;
+    /* One allocation: packed A, then each thread's run of B panels (both parts multiples of
+       16 floats, so every panel starts 64-byte aligned). */
     const size_t a_floats = ((size_t)a_panels * MR * K + 15) / 16 * 16;
-    float *scratch = aligned_alloc(64, (a_floats + (size_t)threads * NR * K) * sizeof(float));
+    const size_t run_floats = (size_t)B_PANELS * NR * K;
+    float *scratch = aligned_alloc(64, (a_floats + threads * run_floats) * sizeof(float));
     if (!scratch) {
         fprintf(stderr, "ember: out of memory for a %lld x %lld x %lld product's packed "
                 "operands\n", (long long)M, (long long)N, (long long)K);
@@ -175,20 +173,23 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
             const int64_t rows = M - p * MR < MR ? M - p * MR : MR;
             ember_gemm_pack(rows, K, A + p * MR * a_row, a_row, a_col, scratch + p * MR * K, MR);
         }
-        float *panel = scratch + a_floats + (size_t)omp_get_thread_num() * NR * K;
+        float *run = scratch + a_floats + omp_get_thread_num() * run_floats;
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t j = 0; j < b_panels; ++j) {
-            const int cols = N - j * NR < NR ? (int)(N - j * NR) : NR;
-            ember_gemm_pack(cols, K, B + j * NR * b_col, b_col, b_row, panel, NR);
-            for (int64_t i0 = 0; i0 < a_panels; i0 += mc)
-                for (int64_t k0 = 0; k0 < K; k0 += kc) {
-                    const int64_t steps = K - k0 < kc ? K - k0 : kc;
-                    for (int64_t i = i0; i < a_panels && i < i0 + mc; ++i) {
-                        const int rows = M - i * MR < MR ? (int)(M - i * MR) : MR;
-                        ember_gemm_tile(steps, scratch + i * MR * K + k0 * MR, panel + k0 * NR,
-                                        C + i * MR * ldc + j * NR, ldc, rows, cols, k0 > 0);
-                    }
-                }
+        for (int64_t t = 0; t < tasks; ++t) {
+            const int64_t j0 = t * b_panels / tasks, j1 = (t + 1) * b_panels / tasks;
+            for (int64_t j = j0; j < j1; ++j) {
+                const int64_t cols = N - j * NR < NR ? N - j * NR : NR;
+                ember_gemm_pack(cols, K, B + j * NR * b_col, b_col, b_row,
+                                run + (j - j0) * NR * K, NR);
+            }
+            /* An A panel stays in L1/L2 while the run's B panels stream past it from L2. */
+            for (int64_t i = 0; i < a_panels; ++i) {
+                const int rows = M - i * MR < MR ? (int)(M - i * MR) : MR;
+                for (int64_t j = j0; j < j1; ++j)
+                    ember_gemm_tile(K, scratch + i * MR * K, run + (j - j0) * NR * K,
+                                    C + i * MR * ldc + j * NR, ldc, rows,
+                                    N - j * NR < NR ? (int)(N - j * NR) : NR);
+            }
         }
     }
     free(scratch);
@@ -197,8 +198,8 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
 
 # Built once per machine (decision 0017); programs declare ``ember_sgemm_packed`` and link it.
 KERNELS = KernelLibrary(
-    _SOURCE.replace("$MR", str(MR)).replace("$NR", str(NR)).replace("$KC", str(KC))
-    .replace("$A_BLOCK", str(A_BLOCK_BYTES)).replace("$THREADED", str(THREADED_WORK)))
+    _SOURCE.replace("$MR", str(MR)).replace("$NR", str(NR)).replace("$B_PANELS", str(B_PANELS))
+    .replace("$THREADED", str(THREADED_WORK)))
 
 
 def available() -> bool:
