@@ -551,8 +551,9 @@ static void ember_att_merge(const ember_att *p, const float *first, int64_t spli
 
 /* out, lse of attention: work items (batch, key/value head, query tile), each split into
    chunks of keys when there are too few items to keep the threads busy; the chunks' states
-   are merged per row. Threads take the items with the most keys first (causal rows late in
-   the sequence), so that the last items to start are short. */
+   are merged per row. Without a split an item's state stays in its thread and is written out
+   at once. Threads take the items with the most keys first (causal rows late in the
+   sequence), so that the last items to start are short. */
 void ember_attention_forward(const ember_att *p, const ember_att_io *io, void *out,
                              float *lse) {
     const int64_t bq = ember_att_min(EMBER_ATT_BQ, p->length);
@@ -571,11 +572,13 @@ void ember_attention_forward(const ember_att *p, const ember_att_io *io, void *o
     chunk = ember_att_max(EMBER_ATT_BK, (chunk + EMBER_ATT_BK - 1) / EMBER_ATT_BK * EMBER_ATT_BK);
     const int64_t work = p->batch * p->heads * p->group * p->length * longest
                          * (p->dim + p->vdim);
-    float *states = (float *)malloc((size_t)(items * splits * stride) * sizeof(float));
+    float *states = splits > 1 ? (float *)malloc((size_t)(items * splits * stride)
+                                                 * sizeof(float)) : NULL;
     #pragma omp parallel if (work > EMBER_ATT_PARALLEL_MIN)
     {
         ember_att_scratch w;
         float *block = ember_att_scratch_new(p, &w);
+        float *own = states ? NULL : (float *)malloc((size_t)stride * sizeof(float));
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < items * splits; ++t) {
             /* t runs over the last query tiles of every (batch, head) first */
@@ -584,16 +587,21 @@ void ember_attention_forward(const ember_att *p, const ember_att_io *io, void *o
             const int64_t b = pair / p->heads, h = pair % p->heads;
             const int64_t i0 = tile * bq, nrow = ember_att_min(bq, p->length - i0);
             const int64_t k1 = ember_att_min(k0 + chunk, ember_att_end(p, io, b, i0 + nrow));
-            ember_att_forward_part(p, io, b, h, i0, nrow, k0, k1,
-                                   states + (item * splits + t % splits) * stride, capacity, &w);
+            float *state = states ? states + (item * splits + t % splits) * stride : own;
+            ember_att_forward_part(p, io, b, h, i0, nrow, k0, k1, state, capacity, &w);
+            if (!states)
+                ember_att_merge(p, own, 1, stride, capacity, b, h, i0, nrow, w.row, out, lse);
         }
-        #pragma omp for
-        for (int64_t item = 0; item < items; ++item) {
-            const int64_t b = item / (p->heads * tiles), h = item / tiles % p->heads;
-            const int64_t i0 = item % tiles * bq, nrow = ember_att_min(bq, p->length - i0);
-            ember_att_merge(p, states + item * splits * stride, splits, stride, capacity, b, h,
-                            i0, nrow, w.row, out, lse);
+        if (states) {  /* the splits' states merged */
+            #pragma omp for
+            for (int64_t item = 0; item < items; ++item) {
+                const int64_t b = item / (p->heads * tiles), h = item / tiles % p->heads;
+                const int64_t i0 = item % tiles * bq, nrow = ember_att_min(bq, p->length - i0);
+                ember_att_merge(p, states + item * splits * stride, splits, stride, capacity, b, h,
+                                i0, nrow, w.row, out, lse);
+            }
         }
+        free(own);
         free(block);
     }
     free(states);
@@ -695,7 +703,10 @@ void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *
                             : ember_att_max(1, key_tiles);
     const int64_t work = rows * p->src * (p->dim + p->vdim);
     float *stats = (float *)malloc((size_t)(2 * rows) * sizeof(float));
-    float *partial = dq ? (float *)calloc((size_t)(runs * rows * p->dim), sizeof(float)) : NULL;
+    /* One run into a float32 dq: its terms add up in dq itself. */
+    const int in_place = dq && runs == 1 && p->dtype == EMBER_ATT_F32;
+    float *partial = in_place ? (float *)dq
+                     : dq ? (float *)calloc((size_t)(runs * rows * p->dim), sizeof(float)) : NULL;
     #pragma omp parallel if (work > EMBER_ATT_PARALLEL_MIN)
     {
         ember_att_scratch w;
@@ -704,6 +715,7 @@ void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *
         for (int64_t r = 0; r < rows; ++r) {
             stats[r] = ember_att_delta(p, io, r, w.row);
             stats[rows + r] = isinf(io->lse[r]) ? 0.0f : io->lse[r];
+            if (in_place) memset(partial + r * p->dim, 0, (size_t)p->dim * sizeof(float));
         }
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < pairs * runs; ++t) {
@@ -712,7 +724,10 @@ void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *
                 ember_att_key_grads(p, io, stats, b, h, tile * EMBER_ATT_BK, dk, dv,
                                     partial ? partial + run * rows * p->dim : NULL, &w);
         }
-        if (dq) {
+        if (in_place) {
+            #pragma omp for
+            for (int64_t e = 0; e < rows * p->dim; ++e) partial[e] *= p->scale;
+        } else if (dq) {
             #pragma omp for
             for (int64_t r = 0; r < rows; ++r) {  /* dq: the runs' sums, in order, times scale */
                 float *sum = w.row;
@@ -727,7 +742,7 @@ void ember_attention_backward(const ember_att *p, const ember_att_io *io, void *
         }
         free(block);
     }
-    free(partial);
+    if (!in_place) free(partial);
     free(stats);
 }
 """
