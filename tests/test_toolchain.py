@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import ember
+import ember.numpy as enp
 from ember.backends.cpu import toolchain
 
 pytestmark = pytest.mark.skipif(not toolchain.available(), reason="no C compiler")
@@ -299,3 +300,146 @@ def test_program_calling_kernels_compiles_without_their_source(cache, case):
     expected = ember.jit(f, backend="numpy")(*args)
     np.testing.assert_allclose(np.asarray(compiled(*args)), np.asarray(expected), rtol=1e-5,
                                atol=1e-5)
+
+
+# --- programs kept by their graph (program_cache.py) -------------------------------------------
+
+def _program_entries(directory):
+    return sorted(p for p in directory.iterdir() if p.name.endswith(".program.json"))
+
+
+def _refuse_passes(monkeypatch):
+    """Make the backend's passes (fusion, lowering...) fail: only a kept program can run."""
+    from ember.backends.cpu import backend
+
+    def refuse(closed):
+        raise AssertionError("the graph was compiled again despite a kept program")
+
+    monkeypatch.setattr(backend, "prepare", refuse)
+
+
+RNG = np.random.default_rng(7)
+W = RNG.standard_normal((16, 16)).astype(np.float32)  # a big constant: passed by address
+SHIFT = np.arange(4, dtype=np.float32)  # a small one: keyed by its bytes
+
+
+def _layer(w, shift):
+    def f(x, h):
+        return enp.tanh(x @ w + enp.tile(shift, 4)), h * 2.0
+    return f
+
+
+def _layer_args():
+    return (enp.asarray(RNG.standard_normal((3, 16)).astype(np.float32)),
+            enp.asarray(RNG.standard_normal((3, 16)).astype(np.float32)))
+
+
+def _expected(w, shift, x, h):
+    return np.tanh(np.asarray(x) @ w + np.tile(shift, 4)), np.asarray(h) * 2.0
+
+
+def _check(got, want):
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_process_runs_the_kept_program_without_compiling_the_graph(cache, monkeypatch):
+    from ember.backends.cpu import program_cache
+
+    # One version of ember's code in both processes (others may edit the tree meanwhile).
+    monkeypatch.setattr(program_cache, "code_version", lambda: "test")
+    x, h = _layer_args()
+    _check(ember.jit(_layer(W, SHIFT))(x, h), _expected(W, SHIFT, x, h))
+    assert len(_program_entries(cache)) == 1
+    script = textwrap.dedent("""
+        import sys, numpy as np
+        sys.path.insert(0, sys.argv[1])
+        import test_toolchain as t
+        from ember.backends.cpu import backend, program_cache, toolchain
+        program_cache.code_version = lambda: "test"
+        backend.prepare = lambda closed: sys.exit("compiled the graph again")
+        x, h = np.ones((3, 16), np.float32), np.full((3, 16), 3.0, np.float32)
+        out = t.ember.jit(t._layer(t.W, t.SHIFT))(x, h)
+        t._check(out, t._expected(t.W, t.SHIFT, x, h))
+        print(toolchain.stats().compiles)
+    """)
+    env = {**os.environ, "EMBER_CACHE_DIR": str(cache)}
+    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"  # no compile: the library of the kept program loaded
+
+
+def test_a_kept_program_computes_its_c_and_plan_when_asked(cache, monkeypatch):
+    x, h = _layer_args()
+    first = ember.jit(_layer(W, SHIFT)).lower(x, h).compile()
+    monkeypatch.setattr(toolchain, "_MEMO", {})  # as a new process would start
+    kept = ember.jit(_layer(W, SHIFT)).lower(x, h).compile()
+    assert "_build_in_full" in vars(kept.program)  # loaded, not compiled
+    _check(kept(x, h), _expected(W, SHIFT, x, h))
+    assert kept.as_text() == first.as_text()
+    assert kept.memory_analysis() == first.memory_analysis()
+    _check(kept(x, h), _expected(W, SHIFT, x, h))  # and still runs, now built in full
+
+
+def test_equal_graphs_with_other_big_constants_share_the_program_not_the_values(cache,
+                                                                               monkeypatch):
+    x, h = _layer_args()
+    ember.jit(_layer(W, SHIFT))(x, h)
+    _refuse_passes(monkeypatch)
+    w2 = RNG.standard_normal((16, 16)).astype(np.float32)
+    _check(ember.jit(_layer(w2, SHIFT))(x, h), _expected(w2, SHIFT, x, h))
+    assert len(_program_entries(cache)) == 1
+
+
+def test_key_covers_small_constants_donation_code_and_the_debug_fill(cache, monkeypatch):
+    from ember.backends.cpu import program_cache
+    from ember.backends.cpu.program_cache import program_key
+
+    x, h = _layer_args()
+
+    def key(shift=SHIFT, donate=(False, False)):
+        closed = ember.jit(_layer(W, shift)).lower(x, h).graph
+        return program_key(closed, donate)
+
+    base = key()
+    assert key() == base  # traced again: the same key
+    assert key(shift=SHIFT + 1) != base
+    assert key(donate=(False, True)) != base
+    version = program_cache.code_version()
+    assert len(version) == 64 and program_cache.code_version() == version
+    monkeypatch.setattr(program_cache, "code_version", lambda: "other code")
+    assert key() != base
+    monkeypatch.setattr(program_cache, "code_version", lambda: version)
+    monkeypatch.setenv("EMBER_DEBUG_FILL_FREED", "1")
+    assert key() != base
+
+
+def test_corrupt_program_entry_is_compiled_anew_and_rewritten(cache, monkeypatch):
+    x, h = _layer_args()
+    ember.jit(_layer(W, SHIFT))(x, h)
+    (entry,) = _program_entries(cache)
+    good = entry.read_bytes()
+    for bad in (b"{not json", b'{"library": 3}', good.replace(b'"const_positions": [',
+                                                               b'"const_positions": [99, ')):
+        entry.write_bytes(bad)
+        monkeypatch.setattr(toolchain, "_MEMO", {})
+        _check(ember.jit(_layer(W, SHIFT))(x, h), _expected(W, SHIFT, x, h))
+        assert entry.read_bytes() == good
+
+
+def test_kept_program_whose_library_is_gone_is_compiled_anew(cache, monkeypatch):
+    x, h = _layer_args()
+    ember.jit(_layer(W, SHIFT))(x, h)
+    for so in cache.glob("*.so"):  # replaced, not overwritten: this process maps them
+        so.unlink()
+        so.write_bytes(b"\x7fELF truncated")
+    monkeypatch.setattr(toolchain, "_MEMO", {})
+    _check(ember.jit(_layer(W, SHIFT))(x, h), _expected(W, SHIFT, x, h))
+
+
+def test_programs_running_numpy_equations_are_not_kept(cache):
+    x = enp.asarray(RNG.standard_normal(8).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(ember.jit(lambda x: enp.sort(x * 2.0))(x)),
+                                  np.sort(np.asarray(x) * 2.0))
+    assert _program_entries(cache) == []

@@ -3,7 +3,8 @@
 Its buffers are NumPy arrays, exactly as the NumPy backend's, so eager operations, copies to
 the host and the donation check (``writable``) are the NumPy backend's own; only ``compile``
 differs: a graph becomes a :class:`~ember.backends.cpu.program.Program` (C from one
-translation unit, an arena laid out by a static memory plan, NumPy for what has no C yet).
+translation unit, an arena laid out by a static memory plan, NumPy for what has no C yet),
+loaded from the disk by its graph when an earlier process compiled it (``program_cache.py``).
 
 Without a C compiler, ``compile`` warns once (:class:`NoCompilerWarning`) and returns the
 NumPy backend's program, so code written for ``backend="cpu"`` still runs.
@@ -17,7 +18,7 @@ from typing import Any
 
 from ember.backends.base import register_backend
 from ember.backends.cpu import toolchain
-from ember.backends.cpu.program import Program
+from ember.backends.cpu.program_cache import compile_program
 from ember.backends.numpy_backend import NumpyBackend
 from ember.compiler.contractions import fold_transposes
 from ember.compiler.fusion import fuse
@@ -43,7 +44,12 @@ class CpuBackend(NumpyBackend):
                               "backend runs programs on the NumPy backend instead",
                               NoCompilerWarning, stacklevel=2)
             return super().compile(closed, donate)
-        return Program(fuse(rewrite(fold_transposes(closed))), donate, self.run_primitive)
+        return compile_program(closed, donate, self.run_primitive, prepare)
+
+
+def prepare(closed: ClosedGraph) -> ClosedGraph:
+    """The compiler's passes over a graph before it is lowered to C."""
+    return fuse(rewrite(fold_transposes(closed)))
 
 
 register_backend(CpuBackend())

@@ -33,7 +33,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import compress, count
 from typing import Any
@@ -149,6 +149,11 @@ def _inlined(eqn: Eqn) -> list[Eqn]:
     return eqns + tail
 
 
+def debug_fill_freed() -> bool:
+    """Whether programs compiled now fill freed arena memory (``EMBER_DEBUG_FILL_FREED=1``)."""
+    return os.environ.get("EMBER_DEBUG_FILL_FREED") == "1"
+
+
 def poison(dtype: np.dtype) -> tuple[int, int]:
     """(unit size in bytes, pattern) that the debug mode writes over freed memory: a quiet
     NaN of the (component) float type, else the byte 0xAB."""
@@ -173,6 +178,9 @@ class _Home:
                 else f"ember_ext[{self.ext}]")
 
 
+_BUILDING_IN_FULL = threading.Lock()  # a loaded program is built in full once
+
+
 class Program:
     """A compiled graph: ``program(*buffers) -> list of output buffers``."""
 
@@ -192,11 +200,11 @@ class Program:
                   if isinstance(graph.eqns[i].inputs[j], Var)}
         # C never returns a view of an operand: its readers may precede an in-place write.
         self.plan = plan_memory(graph, live, temps, writes, copy_free=set(statements))
-        self._debug = os.environ.get("EMBER_DEBUG_FILL_FREED") == "1"
+        self._debug = debug_fill_freed()
         self._homes(closed)
         self._steps(statements)
         self.source = self._render(statements)
-        self._library = None
+        self._library = self._library_key = None
         self._functions: list[Any] = []
         if self.segments:
             needs_blas = any(s.uses_blas for s in statements.values())
@@ -204,6 +212,7 @@ class Program:
             for linked in dict.fromkeys(k for s in statements.values() for k in s.links):
                 library += linked.link()
             self._library = toolchain.build(self.source, library, self._prelude)
+            self._library_key = toolchain.cache_key(self.source, library)
             self._library.ember_init(_threads())
         self._functions = [getattr(self._library, f"ember_segment_{n}")
                            for n in range(len(self.segments))]
@@ -215,6 +224,67 @@ class Program:
         self._arena = _Arena(self.plan.arena_bytes, self.n_ext)
         self.overwrites = tuple(i for i, v in enumerate(graph.invars)
                                 if v.id in self.plan.home)
+
+    # --- kept on disk (program_cache.py) ----------------------------------------------------
+
+    def run_state(self) -> dict[str, Any] | None:
+        """What running this program needs, as JSON-ready data: its library's key, the layout
+        of the address table, the outputs, the arena's size. None for a program that runs
+        NumPy equations (they need the graph), returns a literal, or was built with timers
+        or the debug fill."""
+        if (self._library is None or self._profiling or self._debug or self._literal_outputs
+                or any(kind != "c" for kind, _ in self._schedule)):
+            return None
+        return {"library": self._library_key, "n_ext": self.n_ext,
+                "consts": [c.dtype.name for c in self.consts],
+                "inputs": [d.name for d in self._inputs.dtypes], "unset": len(self._unset),
+                "fresh": [(slot, shape, dtype.name) for slot, shape, dtype, _ in self._fresh],
+                "run_order": self._run_order, "outputs": self._output_slots,
+                "overwrites": self.overwrites, "arena_bytes": self._arena.nbytes}
+
+    @classmethod
+    def from_run_state(cls, state: dict[str, Any], consts: Sequence[Any],
+                       build_in_full: Callable[[], Program]) -> Program | None:
+        """The program ``state`` describes, running with ``consts`` (the constants in the
+        order the state lists them), or None when its library does not load. It has only what
+        running needs; the rest (its C, plan, graph, timed twin) comes from
+        ``build_in_full()`` on first use, the same program compiled from its graph."""
+        library = toolchain.load(state["library"])
+        if library is None:
+            return None
+        self = cls.__new__(cls)
+        self._build_in_full = build_in_full
+        self._profiling = False
+        self._library, self._library_key = library, state["library"]
+        library.ember_init(_threads())
+        self._functions = [getattr(library, f"ember_segment_{n}")
+                           for n, _ in enumerate(state["run_order"])]
+        self.n_ext = state["n_ext"]
+        self.consts = [np.asarray(c, dtypes.canonicalize(d), order="C")
+                       for c, d in zip(consts, state["consts"], strict=True)]
+        self._inputs = _Inputs(self.consts, [dtypes.canonicalize(d) for d in state["inputs"]])
+        self._unset = [None] * state["unset"]
+        self._fresh = []
+        for slot, shape, name in state["fresh"]:
+            dtype = dtypes.canonicalize(name)
+            self._fresh.append((slot, tuple(shape), dtype, _address_reader(shape, dtype)))
+        self._run_order = [((kind, idx), drops) for (kind, idx), drops in state["run_order"]]
+        self._output_slots, self._literal_outputs = state["outputs"], []
+        self.overwrites = tuple(state["overwrites"])
+        self._arena = _Arena(state["arena_bytes"], self.n_ext)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for an attribute this program lacks: one loaded by ``from_run_state``
+        # becomes the program built in full (the same program, with everything computed).
+        if "_build_in_full" not in self.__dict__ or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        with _BUILDING_IN_FULL:
+            build = self.__dict__.get("_build_in_full")
+            if build is not None:  # not done meanwhile by another thread
+                self.__dict__.update(build().__dict__)
+                del self.__dict__["_build_in_full"]
+        return getattr(self, name)
 
     # --- layout ----------------------------------------------------------------------------
 
@@ -264,7 +334,8 @@ class Program:
                         if self.home[v.id].ext is not None and not live[v].is_input]
                        for span in spans]
         # Outputs computed in C into fresh arrays (not stored over a donated input).
-        self._fresh = [(self.home[v.id].ext, v.aval.shape, v.aval.dtype, _address_reader(v.aval))
+        self._fresh = [(self.home[v.id].ext, v.aval.shape, v.aval.dtype,
+                        _address_reader(v.aval.shape, v.aval.dtype))
                        for i in statements for v in graph.eqns[i].outputs
                        if live[v].is_output and v.id not in self.plan.home]
         self._run_order = list(zip(schedule, self._drops))
@@ -430,11 +501,11 @@ def _exported_address(array: np.ndarray) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(array))
 
 
-def _address_reader(aval: Any) -> Any:
+def _address_reader(shape: Sequence[int], dtype: np.dtype) -> Callable[[np.ndarray], int]:
     """How to read the address of a new array of this type: through the buffer protocol
     where NumPy exports one (not for ml_dtypes' types, and ctypes refuses a buffer of no
     bytes), else through ``__array_interface__``."""
-    return _exported_address if aval.size and _exports_buffer(aval.dtype) else _address
+    return _exported_address if all(shape) and _exports_buffer(dtype) else _address
 
 
 @functools.cache
@@ -459,7 +530,7 @@ class _Inputs:
     """
 
     def __init__(self, consts: list[np.ndarray], dtypes: list[np.dtype]):
-        self._dtypes = dtypes
+        self.dtypes = dtypes
         self._first = len(consts)
         # The head of ``ember_ext``: the constants' addresses, then the inputs'.
         head = np.zeros(len(consts) + len(dtypes), np.uintp)
@@ -469,8 +540,8 @@ class _Inputs:
     def bind(self, buffers: Sequence[Any], work: _Workspace) -> Sequence[Any]:
         """The arrays C reads (to be kept alive until it has run), their addresses written
         into ``work``'s table."""
-        if len(buffers) != len(self._dtypes):
-            raise TypeError(f"ember internal error: a program of {len(self._dtypes)} inputs "
+        if len(buffers) != len(self.dtypes):
+            raise TypeError(f"ember internal error: a program of {len(self.dtypes)} inputs "
                             f"called with {len(buffers)} buffers")
         refs, head = self._last
         arrays = buffers
@@ -478,7 +549,7 @@ class _Inputs:
             same = list(map(operator.is_, map(operator.call, refs), buffers))
             arrays, refs, head = list(buffers), list(refs), head.copy()
             for i in compress(count(), map(operator.not_, same)):
-                array = arrays[i] = np.asarray(buffers[i], self._dtypes[i], order="C")
+                array = arrays[i] = np.asarray(buffers[i], self.dtypes[i], order="C")
                 head[self._first + i] = _address(array)
                 refs[i] = _weak(array) if array is buffers[i] else _gone
             self._last = refs, head

@@ -263,6 +263,40 @@ def build(source: str, library: Library = Library(), header: Header | None = Non
     return lib
 
 
+def load(key: str) -> ctypes.CDLL | None:
+    """The library :func:`build` made under ``key`` (its :func:`cache_key`) in this cache
+    directory, loaded; None when it is not there or does not load (then build it anew)."""
+    directory = cache_dir()
+    with _MEMO_LOCK:
+        lib = _MEMO.get((directory, key))
+        if lib is None:
+            _passive_openmp()
+            try:
+                lib = ctypes.CDLL(os.path.join(directory, key + ".so"))
+            except OSError:  # absent, truncated, or a library it links has gone
+                return None
+            _MEMO[directory, key] = lib
+            _count(loads=1)
+    return lib
+
+
+def read_entry(name: str) -> bytes | None:
+    """The bytes of the cache directory's file ``name``, or None when there is none."""
+    try:
+        with open(os.path.join(cache_dir(), name), "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def write_entry(name: str, data: bytes) -> None:
+    """Store ``data`` as the cache directory's file ``name`` (atomically: a reader sees the
+    old file or the whole new one)."""
+    directory = cache_dir()
+    os.makedirs(directory, exist_ok=True)
+    _write_atomically(os.path.join(directory, name), data)
+
+
 def shared_library(source: str, library: Library = Library()) -> str:
     """The path of ``source`` built into a shared library, for other libraries to link (as
     :func:`build`, and rebuilt if the file has gone since: a program's link needs it on disk).
