@@ -788,9 +788,10 @@ class _Renderer:
         return lines
 
 
-# Columns a column kernel accumulates at once: one vector register file's worth of partial sums
-# per row, small enough to stay in L1.
-_COLUMN_BLOCK = 256
+# Columns a column kernel accumulates at once: whole rows up to this width (read in order, as
+# they lie in memory: measured 1.7-2x faster than blocks of 256 columns of 576- and 2048-wide
+# rows), with partial sums small enough to stay in L1.
+_COLUMN_BLOCK = 2048
 # A parallel column kernel cuts its rows into chunks until it has this many work items (blocks
 # of columns times chunks of rows), keeping at least _CHUNK_MIN_POINTS points in each.
 _COLUMN_ITEMS = 16
