@@ -67,10 +67,10 @@ LAYOUTS = [(False, True), (False, False), (True, False), (True, True)]  # (A, B)
 
 # (M, N, K): whole tiles, tails of the 14 x 32 tile and of the 16-lane packing, primes, K = 1,
 # K across several 256-step blocks with a short last one, M across several L2 blocks of A,
-# N across several runs of B panels.
+# N across several runs of B panels, K so large that a run holds fewer panels.
 SIZES = [(28, 64, 32), (1, 1, 1), (13, 31, 17), (15, 33, 1), (29, 47, 61), (97, 16, 5),
          (14, 32, 257), (37, 100, 700), (160, 96, 1031), (1200, 40, 130), (9, 70, 2),
-         (20, 600, 40)]
+         (20, 600, 40), (16, 200, 5000)]
 
 
 @pytest.mark.parametrize("a_t,b_t", LAYOUTS, ids=lambda t: "T" if t else "N")

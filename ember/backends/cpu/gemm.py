@@ -29,12 +29,14 @@ from ember.backends.cpu.toolchain import KernelLibrary
 
 # Register tile: 14 rows x 32 columns = 28 zmm accumulators, 2 loads of B, 1 broadcast of A.
 MR, NR = 14, 32
-# B panels a thread packs at once (a run, 8 x 32 columns), then multiplies by each A panel in
-# turn: the A panel is read from L2 8 times, not from L3 once per B panel. The contracted axis
+# B panels a thread packs at once (a run, up to 8 x 32 columns, at most RUN_BYTES unless one
+# panel is larger), then multiplies by each A panel in turn: the A panel is read from L2 up to
+# 8 times, not from L3 once per B panel. The contracted axis
 # is not blocked: the tile's sums stay in registers from k = 0 to K (measured on SmolLM2's
 # shapes, one thread: 256-step blocks with A in 512 KiB L2 blocks reached 0.86-0.88x one
 # OpenBLAS call, this 0.95-1.03x).
 B_PANELS = 8
+RUN_BYTES = 2 << 20
 # Multiply-adds below which a product runs on the calling thread alone: waking a passive OpenMP
 # thread costs tens of microseconds (as for BLAS pieces, ``lowerings.PIECE_WORK``).
 THREADED_WORK = 1 << 21
@@ -46,10 +48,11 @@ _SOURCE = r"""
 #include <omp.h>
 #include <immintrin.h>
 #ifndef __AVX512F__
-#error "ember's packed GEMM needs AVX-512 (gemm.fits checks the CPU before using it)"
+#error "ember's packed GEMM needs AVX-512 (gemm.available checks the CPU first)"
 #endif
 
-enum { MR = $MR, NR = $NR, B_PANELS = $B_PANELS, THREADED_WORK = $THREADED };
+enum { MR = $MR, NR = $NR, B_PANELS = $B_PANELS, RUN_BYTES = $RUN_BYTES,
+       THREADED_WORK = $THREADED };
 
 /* 16 x 16 transpose in registers: lane j of v[i] becomes lane i of v[j]. */
 static inline __attribute__((always_inline)) void ember_gemm_transpose16(__m512 v[16]) {
@@ -150,16 +153,18 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
                         int64_t a_col, const float *B, int64_t b_row, int64_t b_col, float *C,
                         int64_t ldc) {
     const int64_t a_panels = (M + MR - 1) / MR, b_panels = (N + NR - 1) / NR;
-    /* Tasks: runs of at most B_PANELS panels, a multiple of the thread count of them, the
+    /* Tasks: runs of at most run_panels panels, a multiple of the thread count of them, the
        panels dealt evenly (which thread sums an element never changes its bits). */
     const int threads = M * N * K >= THREADED_WORK ? omp_get_max_threads() : 1;
-    const int64_t per_round = (int64_t)threads * B_PANELS;
+    const int64_t fit = RUN_BYTES / (NR * K * (int64_t)sizeof(float));
+    const int64_t run_panels = fit < 1 ? 1 : fit > B_PANELS ? B_PANELS : fit;
+    const int64_t per_round = threads * run_panels;
     const int64_t rounds = (b_panels + per_round - 1) / per_round;
     const int64_t tasks = rounds * threads < b_panels ? rounds * threads : b_panels;
     /* One allocation: packed A, then each thread's run of B panels (both parts multiples of
        16 floats, so every panel starts 64-byte aligned). */
     const size_t a_floats = ((size_t)a_panels * MR * K + 15) / 16 * 16;
-    const size_t run_floats = (size_t)B_PANELS * NR * K;
+    const size_t run_floats = (size_t)run_panels * NR * K;
     float *scratch = aligned_alloc(64, (a_floats + threads * run_floats) * sizeof(float));
     if (!scratch) {
         fprintf(stderr, "ember: out of memory for a %lld x %lld x %lld product's packed "
@@ -199,7 +204,7 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
 # Built once per machine (decision 0017); programs declare ``ember_sgemm_packed`` and link it.
 KERNELS = KernelLibrary(
     _SOURCE.replace("$MR", str(MR)).replace("$NR", str(NR)).replace("$B_PANELS", str(B_PANELS))
-    .replace("$THREADED", str(THREADED_WORK)))
+    .replace("$RUN_BYTES", str(RUN_BYTES)).replace("$THREADED", str(THREADED_WORK)))
 
 
 def available() -> bool:
@@ -208,8 +213,9 @@ def available() -> bool:
 
 
 def scratch_bytes(m: int, k: int) -> int:
-    """The packed copy of ``A`` a call allocates (the ``B`` panels, one per thread, are small)."""
-    return -(-m // MR) * MR * k * 4
+    """The memory a call allocates for ``A``'s packed copy and one thread's run of ``B``
+    panels (each further thread adds a run: ``RUN_BYTES``, or one panel if that is larger)."""
+    return -(-m // MR) * MR * k * 4 + max(RUN_BYTES, NR * k * 4)
 
 
 def call(m: int, n: int, k: int, a: tuple[bool, int], b: tuple[bool, int],

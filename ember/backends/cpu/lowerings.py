@@ -396,9 +396,9 @@ def _gemv_helpers(m: int) -> tuple[str, ...]:
 
 # Products that run in ember's packed kernel (``gemm.py``, decision 0018) instead of BLAS pieces:
 # float32 on an AVX-512 CPU, more rows than the few-row kernel takes, no batch axes, columns at
-# least half a register tile (the kernel computes whole tiles of 32), and a packed copy of the
-# activations of at most GEMM_SCRATCH_BYTES (so a vocabulary-sized operand, packed whole,
-# stays with BLAS, which packs it in blocks).
+# least half a register tile (the kernel computes whole tiles of 32), and at most
+# GEMM_SCRATCH_BYTES packed per call (``gemm.scratch_bytes``: ``A`` is packed whole, so a
+# vocabulary-sized ``A`` stays with BLAS, which packs it in blocks).
 GEMM_MIN_COLUMNS = gemm.NR // 2
 GEMM_SCRATCH_BYTES = 64 << 20
 
