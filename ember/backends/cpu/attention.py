@@ -258,24 +258,30 @@ static void ember_att_transpose(const float *restrict x, int64_t rows, int64_t w
    head h, row r being head r / nrow, times scale; and, unless they are few, transposed. */
 static void ember_att_query_tile(const ember_att *p, const ember_att_io *io, int64_t b,
                                  int64_t h, int64_t i0, int64_t nrow, ember_att_scratch *w) {
+    const int few = ember_att_few(p);
     for (int64_t g = 0; g < p->group; ++g) {
         const int64_t head_row = (b * p->heads * p->group + h * p->group + g) * p->length + i0;
-        ember_att_load(w->qs + g * nrow * p->dim, io->q, head_row * p->dim, nrow * p->dim,
-                       p->dtype, p->scale);
+        float *qs = w->qs + g * nrow * p->dim;
+        if (few || p->dtype != EMBER_ATT_F32)
+            ember_att_load(qs, io->q, head_row * p->dim, nrow * p->dim, p->dtype, p->scale);
+        if (!few)  /* float32: transposed straight from the operand */
+            ember_att_transpose(p->dtype == EMBER_ATT_F32
+                                ? (const float *)io->q + head_row * p->dim : qs, nrow, p->dim,
+                                w->qt + g * nrow, w->ld,
+                                p->dtype == EMBER_ATT_F32 ? p->scale : 1.0f);
     }
-    if (!ember_att_few(p))
-        ember_att_transpose(w->qs, p->group * nrow, p->dim, w->qt, w->ld, 1.0f);
 }
 
 /* x[j][r] = exp(x[j][r] - shift[r]) for j < n, r < rows (row stride ld), and, unless `sum` is
    NULL, sum[r] = the sum over j (the forward's columns); x[j] = exp(x[j] - shift) for j < n
-   (a row of the backward). The softmax's exponentials cost as much as a tile's
-   products: with AVX-512 they are computed 16 rows at a time, in 12 instructions: with
-   d = x - shift = (n + f) ln2, |f| <= 1/2 (f by one fused multiply-subtract, so exact to its
-   rounding), 2^f is a degree-6 polynomial fitted to it (relative error 2e-9, under an ulp
-   when evaluated in float) and scalef multiplies by 2^n. Below d = -87 (e^d < 2^-125) the
-   result is 0, masked rather than computed: results that underflow make the CPU take a slow
-   assist, which doubled the cost of causal tiles full of -inf. NaN stays NaN. */
+   (a row of the backward); top[r] = max(top[r], x[j][r] for j < n), NaN ignored. The
+   softmax's exponentials cost as much as a tile's products: with AVX-512 they are computed
+   16 at a time in 12 instructions. With d = x - shift = (n + f) ln2, |f| <= 1/2 (f by one
+   fused multiply-subtract, so exact to its rounding), 2^f is a degree-6 polynomial fitted to
+   it (relative error 2e-9, under an ulp when evaluated in float) and scalef multiplies by
+   2^n. Below d = -87 (e^d < 2^-125) the result is 0, masked rather than computed: results
+   that underflow make the CPU take a slow assist, which doubled the cost of causal tiles
+   full of -inf. NaN stays NaN. */
 #if defined(__AVX512F__)
 static inline __m512 ember_att_exp16(__m512 d) {
     const __mmask16 normal = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
@@ -310,6 +316,18 @@ static void ember_att_exp_rows(float *x, int64_t n, int64_t ld, int64_t rows,
     }
 }
 
+static void ember_att_column_max(const float *x, int64_t n, int64_t ld, int64_t rows,
+                                 float *top) {
+    for (int64_t r = 0; r < rows; r += 16) {
+        const __mmask16 m = rows - r >= 16 ? (__mmask16)0xFFFF
+                                           : (__mmask16)((1u << (rows - r)) - 1);
+        __m512 t = _mm512_maskz_loadu_ps(m, top + r);
+        for (int64_t j = 0; j < n; ++j)  /* max returns t when the score is NaN */
+            t = _mm512_max_ps(_mm512_maskz_loadu_ps(m, x + j * ld + r), t);
+        _mm512_mask_storeu_ps(top + r, m, t);
+    }
+}
+
 static void ember_att_exp_row(float *x, int64_t n, float shift) {
     const __m512 by = _mm512_set1_ps(shift);
     for (int64_t j = 0; j < n; j += 16) {
@@ -332,28 +350,40 @@ static void ember_att_exp_rows(float *x, int64_t n, int64_t ld, int64_t rows,
     }
 }
 
+static void ember_att_column_max(const float *x, int64_t n, int64_t ld, int64_t rows,
+                                 float *top) {
+    for (int64_t j = 0; j < n; ++j) {
+        const float *restrict xj = x + j * ld;
+        #pragma omp simd
+        for (int64_t r = 0; r < rows; ++r) top[r] = xj[r] > top[r] ? xj[r] : top[r];
+    }
+}
+
 static void ember_att_exp_row(float *x, int64_t n, float shift) {
     #pragma omp simd
     for (int64_t j = 0; j < n; ++j) x[j] = expf(x[j] - shift);
 }
 #endif
 
-/* c[r][j] (+)= sum_k a[r][k] b[k][j] for r < rows, j < cols, k < depth (`add`: onto c, else
-   into it): every product of a tile (the transposed scores k q^T, p v, dp^T = v dout^T, p^T
-   dout, ds^T q, ds k), a read through its strides a[r * ars + k * acs]. b and c are
-   row-major, read along j. The sum over k runs in order for every element, whatever the
-   blocking: the same bits on any thread count. */
+/* c[r][j] (+)= sum_k a[r][k] b[k][j] for r < rows, j < cols, k < depth (`add`: onto c, first
+   times rescale[r] unless rescale is NULL, else into it): every product of a tile (the
+   transposed scores k q^T, p v, dp^T = v dout^T, p^T dout, ds^T q, ds k), a read through its
+   strides a[r * ars + k * acs]. b and c are row-major, read along j. The sum over k runs in
+   order for every element, whatever the blocking: the same bits on any thread count. */
 #if defined(__AVX512F__)
 /* nr rows by 16 * nv columns, held in nr * nv registers across the whole depth; nr and nv are
    constants at each call, so each shape is its own fully unrolled loop. */
 static inline __attribute__((always_inline)) void ember_att_block(
         const int nr, const int nv, int64_t depth, const float *a, int64_t ars, int64_t acs,
-        const float *b, int64_t ldb, float *c, int64_t ldc, const __mmask16 *m, int add) {
+        const float *b, int64_t ldb, float *c, int64_t ldc, const __mmask16 *m, int add,
+        const float *rescale) {
     __m512 acc[8][4];
     for (int i = 0; i < nr; ++i)
-        for (int t = 0; t < nv; ++t)
+        for (int t = 0; t < nv; ++t) {
             acc[i][t] = add ? _mm512_maskz_loadu_ps(m[t], c + i * ldc + 16 * t)
                             : _mm512_setzero_ps();
+            if (add && rescale) acc[i][t] = _mm512_mul_ps(acc[i][t], _mm512_set1_ps(rescale[i]));
+        }
     for (int64_t k = 0; k < depth; ++k) {
         __m512 bk[4];
         for (int t = 0; t < nv; ++t) bk[t] = _mm512_maskz_loadu_ps(m[t], b + k * ldb + 16 * t);
@@ -373,18 +403,18 @@ static inline __attribute__((always_inline)) void ember_att_block(
         int64_t r = 0;                                                                       \
         for (; r + (nv < 4 ? 8 : 6) <= rows; r += (nv < 4 ? 8 : 6))                          \
             ember_att_block(nv < 4 ? 8 : 6, nv, depth, a + r * ars, ars, acs, b + j0, ldb,   \
-                            c + r * ldc + j0, ldc, m, add);                                  \
+                            c + r * ldc + j0, ldc, m, add, rescale ? rescale + r : NULL);    \
         for (; r + 2 <= rows; r += 2)                                                        \
             ember_att_block(2, nv, depth, a + r * ars, ars, acs, b + j0, ldb,                \
-                            c + r * ldc + j0, ldc, m, add);                                  \
+                            c + r * ldc + j0, ldc, m, add, rescale ? rescale + r : NULL);    \
         for (; r < rows; ++r)                                                                \
             ember_att_block(1, nv, depth, a + r * ars, ars, acs, b + j0, ldb,                \
-                            c + r * ldc + j0, ldc, m, add);                                  \
+                            c + r * ldc + j0, ldc, m, add, rescale ? rescale + r : NULL);    \
     } while (0)
 
 static void ember_att_gemm(int64_t rows, int64_t cols, int64_t depth, const float *a,
                            int64_t ars, int64_t acs, const float *b, int64_t ldb, float *c,
-                           int64_t ldc, int add) {
+                           int64_t ldc, int add, const float *rescale) {
     for (int64_t j0 = 0; j0 < cols; j0 += 64) {
         __mmask16 m[4];
         for (int t = 0; t < 4; ++t) {
@@ -403,10 +433,11 @@ static void ember_att_gemm(int64_t rows, int64_t cols, int64_t depth, const floa
 #else
 static void ember_att_gemm(int64_t rows, int64_t cols, int64_t depth, const float *a,
                            int64_t ars, int64_t acs, const float *b, int64_t ldb, float *c,
-                           int64_t ldc, int add) {
+                           int64_t ldc, int add, const float *rescale) {
     for (int64_t r = 0; r < rows; ++r) {
         float *restrict cr = c + r * ldc;
         if (!add) memset(cr, 0, (size_t)cols * sizeof(float));
+        for (int64_t j = 0; add && rescale && j < cols; ++j) cr[j] *= rescale[r];
         for (int64_t k = 0; k < depth; ++k) {
             const float x = a[r * ars + k * acs];
             const float *restrict bk = b + k * ldb;
@@ -422,7 +453,7 @@ static void ember_att_gemm(int64_t rows, int64_t cols, int64_t depth, const floa
 static void ember_att_dots(int64_t n, int64_t rows, int64_t depth, const float *keys,
                            const float *x, const float *xt, float *out, int64_t ld) {
     if (xt) {
-        ember_att_gemm(n, rows, depth, keys, depth, 1, xt, ld, out, ld, 0);
+        ember_att_gemm(n, rows, depth, keys, depth, 1, xt, ld, out, ld, 0, NULL);
         return;
     }
     for (int64_t j = 0; j < n; ++j)
@@ -460,10 +491,16 @@ static void ember_att_mask(const ember_att *p, const ember_att_io *io, int64_t b
                 }
             }
         }
-        if (p->causal)  /* keys after the row's position: j0 + j > offset + i */
-            for (int64_t j = ember_att_max(offset + i - j0 + 1, 0); j < n; ++j)
-                sr[j * js] = -INFINITY;
+        if (p->causal && js == 1)  /* keys after the row's position: j0 + j > offset + i */
+            for (int64_t j = ember_att_max(offset + i - j0 + 1, 0); j < n; ++j) sr[j] = -INFINITY;
     }
+    /* Transposed: the rows a key is hidden from are, per query head, the first ones. */
+    for (int64_t j = 0; p->causal && js != 1 && j < n; ++j)
+        for (int64_t g = 0; g < p->group; ++g) {
+            float *restrict sj = s + j * js + g * nrow * rs;
+            const int64_t hidden = ember_att_min(nrow, ember_att_max(0, j0 + j - offset - i0));
+            for (int64_t i = 0; i < hidden; ++i) sj[i * rs] = -INFINITY;
+        }
 }
 
 /* The forward's scores of a tile, keys [j0, j0 + n), transposed (s[j][r]): k . qs, masked. */
@@ -495,11 +532,7 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
         w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values);
         ember_att_scores(p, io, b, h, i0, nrow, j0, n, w);
         for (int64_t r = 0; r < rows; ++r) alpha[r] = m[r];  /* the new maxima, in alpha */
-        for (int64_t j = 0; j < n; ++j) {
-            const float *restrict sj = w->s + j * ld;
-            #pragma omp simd
-            for (int64_t r = 0; r < rows; ++r) alpha[r] = sj[r] > alpha[r] ? sj[r] : alpha[r];
-        }
+        ember_att_column_max(w->s, n, ld, rows, alpha);
         for (int64_t r = 0; r < rows; ++r) {
             shift[r] = isinf(alpha[r]) ? 0.0f : alpha[r];  /* no visible key yet: p = 0 */
             const float top = alpha[r];
@@ -508,13 +541,9 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
         }
         ember_att_exp_rows(w->s, n, ld, rows, shift, sum);
         ember_att_exp_rows(alpha, 1, ld, rows, shift, NULL);  /* 0 while m was -inf */
-        for (int64_t r = 0; r < rows; ++r) {
-            l[r] = l[r] * alpha[r] + sum[r];
-            if (alpha[r] == 1.0f) continue;
-            float *restrict row = acc + r * p->vdim;
-            for (int64_t e = 0; e < p->vdim; ++e) row[e] *= alpha[r];
-        }
-        ember_att_gemm(rows, p->vdim, n, w->s, 1, ld, w->v_tile, p->vdim, acc, p->vdim, 1);
+        for (int64_t r = 0; r < rows; ++r) l[r] = l[r] * alpha[r] + sum[r];
+        ember_att_gemm(rows, p->vdim, n, w->s, 1, ld, w->v_tile, p->vdim, acc, p->vdim, 1,
+                       alpha);  /* acc = acc alpha + p^T v */
     }
 }
 
@@ -540,7 +569,8 @@ static void ember_att_merge(const ember_att *p, const float *first, int64_t spli
         const int64_t at = (b * p->heads * p->group + h * p->group + r / nrow) * p->length
                            + i0 + r % nrow;
         if (total > 0.0f) {
-            for (int64_t e = 0; e < p->vdim; ++e) row[e] /= total;
+            const float inverse = 1.0f / total;
+            for (int64_t e = 0; e < p->vdim; ++e) row[e] *= inverse;
             lse[at] = shift + logf(total);
         } else {  /* a row that sees no key: zeros, lse -inf */
             lse[at] = -INFINITY;
@@ -653,9 +683,9 @@ static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, cons
                 const float *dout = ember_att_rows(p, io->dout, p->vdim, at, nrow,
                                                    w->dout + g * nrow * p->vdim);
                 ember_att_gemm(nrow, n, p->dim, q, p->dim, 1, w->kt, bk,
-                               w->s + g * nrow * bk, bk, 0);
+                               w->s + g * nrow * bk, bk, 0, NULL);
                 ember_att_gemm(nrow, n, p->vdim, dout, p->vdim, 1, w->vt, bk,
-                               w->dp + g * nrow * bk, bk, 0);
+                               w->dp + g * nrow * bk, bk, 0, NULL);
             }
             ember_att_mask(p, io, b, h, i0, nrow, j0, n, w->s, bk, 1);
             for (int64_t r = 0; r < p->group * nrow; ++r) {
@@ -674,11 +704,12 @@ static void ember_att_key_grads(const ember_att *p, const ember_att_io *io, cons
                                     ? (const float *)io->dout + at * p->vdim
                                     : w->dout + g * nrow * p->vdim;
                 const float *pg = w->s + g * nrow * bk, *ds = w->dp + g * nrow * bk;
-                ember_att_gemm(n, p->vdim, nrow, pg, 1, bk, dout, p->vdim, w->dv, p->vdim, 1);
-                ember_att_gemm(n, p->dim, nrow, ds, 1, bk, q, p->dim, w->dk, p->dim, 1);
+                ember_att_gemm(n, p->vdim, nrow, pg, 1, bk, dout, p->vdim, w->dv, p->vdim, 1,
+                               NULL);
+                ember_att_gemm(n, p->dim, nrow, ds, 1, bk, q, p->dim, w->dk, p->dim, 1, NULL);
                 if (dq_acc)
                     ember_att_gemm(nrow, p->dim, n, ds, bk, 1, w->k_tile, p->dim,
-                                   dq_acc + at * p->dim, p->dim, 1);
+                                   dq_acc + at * p->dim, p->dim, 1, NULL);
             }
         }
     }
