@@ -7,15 +7,19 @@ every layer, every shape and every program. The kernels
 follow the NumPy reference's algorithm (and so its results, up to the order of float
 additions):
 
-- **Tiles, no ``[L, S]`` matrix.** A work item is one key/value head's query tile: the
-  ``G * BQ`` rows of its ``G`` query heads (grouped-query attention: a key tile is loaded once
-  and used by every query head of its group). Keys come in tiles of ``BK``, converted to float
-  and transposed so the dot products run along keys, in the forward once per call into an
-  array every query tile reads (a decode step's few rows read them untransposed); the scores
-  of one tile live in per-thread scratch. An online softmax keeps
-  each row's running maximum, sum and output. Every product of tiles (``q k^T``, ``p v`` and
-  the backward's four) is one register-blocked micro-kernel: AVX-512 FMA where the CPU has it
-  (``__AVX512F__``), a vectorised loop otherwise.
+- **Tiles, no ``[L, S]`` matrix.** A forward work item is one key/value head's query tile:
+  the ``G * BQ`` rows of its ``G`` query heads (grouped-query attention: a key tile is loaded
+  once and used by every query head of its group), against key tiles of ``BK``. Its scores
+  are kept transposed, ``s[key][row]``, the product of the key tile with the query tile
+  transposed once per item: the online softmax's maxima, exponentials, sums and rescaling then
+  run down columns, 16 rows to a vector, with no reduction across lanes (a decode step's few
+  rows take dot products instead). Items start longest first (causal rows late in the
+  sequence), so the threads finish together.
+- **One micro-kernel, one exp.** Every product of tiles (``k q^T``, ``p v`` and the
+  backward's five) is one register-blocked kernel: with AVX-512, 6 or 8 rows by up to 64
+  columns in 24 accumulators (a vectorised loop without it). The exponentials, as costly as
+  the products at ``d = 64``, are a 16-lane polynomial exp that masks results below ``e^-87``
+  to 0 rather than letting them underflow (which costs the CPU a slow assist per lane).
 - **Only visible keys are read.** ``kv_len`` and ``q_offset`` are read when the program runs:
   keys at ``j >= kv_len`` are never loaded (NaN in an unfilled cache cannot leak), and causal
   rows stop at their last visible key.
@@ -23,11 +27,14 @@ additions):
   head), the keys are split into chunks processed in parallel, each leaving a partial softmax
   state that a second loop merges ("flash decoding"). Without a split the merge is exact.
 - **Backward in one sweep over the key tiles**, recomputing each tile's probabilities from
-  ``lse``: a work item is a run of one head's key tiles and owns their ``dk`` and ``dv`` (summed
-  over its group's query rows, no atomics); its ``dq`` terms go to a float accumulator per run,
-  summed in order at the end. With ``batch * heads`` items enough for the threads there is one
-  run; otherwise the key tiles are dealt round-robin into a few runs (so causal work is
-  balanced), and the order of ``dq``'s sums then depends on the thread count.
+  ``lse`` in row-major tiles of ``BQ_BACK`` rows per head, against the key and value tiles
+  transposed once: ``q`` and ``dout`` rows are read where they are (float32). A work item is a
+  run of one head's key tiles and owns their ``dk`` and ``dv`` (summed over its group's query
+  rows, no atomics); its ``dq`` terms go to a float accumulator per run (``dq`` itself for one
+  float32 run), summed in order at the end. With ``batch * heads`` items enough for the
+  threads there is one run; otherwise the key tiles are dealt round-robin into a few runs (so
+  causal work is balanced), and the order of ``dq``'s sums then depends on the thread count.
+  Everything else is the same bits on any thread count.
 
 float32, bfloat16 and float16 inputs compute in float32 (half inputs are rounded once when
 stored, as the reference's ``astype``); float64 and the gradient of an additive mask run
