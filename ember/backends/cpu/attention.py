@@ -281,7 +281,8 @@ static void ember_att_query_tile(const ember_att *p, const ember_att_io *io, int
 
 /* x[j][r] = exp(x[j][r] - shift[r]) for j < n, r < rows (row stride ld), and, unless `sum` is
    NULL, sum[r] = the sum over j (the forward's columns); x[j] = exp(x[j] - shift) for j < n
-   (a row of the backward); top[r] = max(top[r], x[j][r] for j < n), NaN ignored. The
+   (a row of a decode step or of the backward), returning their sum; top[r] = max(top[r],
+   x[j][r] for j < n), NaN ignored. The
    softmax's exponentials cost as much as a tile's products: with AVX-512 they are computed
    16 at a time in 12 instructions. With d = x - shift = (n + f) ln2, |f| <= 1/2 (f by one
    fused multiply-subtract, so exact to its rounding), 2^f is a degree-6 polynomial fitted to
@@ -335,13 +336,16 @@ static void ember_att_column_max(const float *x, int64_t n, int64_t ld, int64_t 
     }
 }
 
-static void ember_att_exp_row(float *x, int64_t n, float shift) {
+static float ember_att_exp_row(float *x, int64_t n, float shift) {
     const __m512 by = _mm512_set1_ps(shift);
+    __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-        _mm512_mask_storeu_ps(x + j, m, ember_att_exp16(_mm512_sub_ps(
-                                              _mm512_maskz_loadu_ps(m, x + j), by)));
+        const __m512 e = ember_att_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), by));
+        _mm512_mask_storeu_ps(x + j, m, e);
+        total = _mm512_mask_add_ps(total, m, total, e);
     }
+    return _mm512_reduce_add_ps(total);
 }
 #else
 static void ember_att_exp_rows(float *x, int64_t n, int64_t ld, int64_t rows,
@@ -366,9 +370,11 @@ static void ember_att_column_max(const float *x, int64_t n, int64_t ld, int64_t 
     }
 }
 
-static void ember_att_exp_row(float *x, int64_t n, float shift) {
-    #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) x[j] = expf(x[j] - shift);
+static float ember_att_exp_row(float *x, int64_t n, float shift) {
+    float total = 0.0f;
+    #pragma omp simd reduction(+:total)
+    for (int64_t j = 0; j < n; ++j) { x[j] = expf(x[j] - shift); total += x[j]; }
+    return total;
 }
 #endif
 
@@ -455,24 +461,6 @@ static void ember_att_gemm(int64_t rows, int64_t cols, int64_t depth, const floa
 }
 #endif
 
-/* out[j][r] = keys[j] . x[r] for j < n keys, r < rows (out's row stride ld): a product with
-   xt, x transposed [depth][ld], or, for few rows (xt NULL), dot products along depth. */
-static void ember_att_dots(int64_t n, int64_t rows, int64_t depth, const float *keys,
-                           const float *x, const float *xt, float *out, int64_t ld) {
-    if (xt) {
-        ember_att_gemm(n, rows, depth, keys, depth, 1, xt, ld, out, ld, 0, NULL);
-        return;
-    }
-    for (int64_t j = 0; j < n; ++j)
-        for (int64_t r = 0; r < rows; ++r) {
-            const float *restrict xr = x + r * depth, *restrict kj = keys + j * depth;
-            float sum = 0.0f;
-            #pragma omp simd reduction(+:sum)
-            for (int64_t c = 0; c < depth; ++c) sum += xr[c] * kj[c];
-            out[j * ld + r] = sum;
-        }
-}
-
 /* Masks a tile of scores, keys [j0, j0 + n) of rows [i0, i0 + nrow) of each query head of
    key/value head h (row r of the tile: head r / nrow), the score of row r and key j at
    s[r * rs + j * js]: an additive mask added, -inf where the query may not see the key
@@ -510,23 +498,39 @@ static void ember_att_mask(const ember_att *p, const ember_att_io *io, int64_t b
         }
 }
 
-/* The forward's scores of a tile, keys [j0, j0 + n), transposed (s[j][r]): k . qs, masked. */
+/* The forward's scores of a tile, keys [j0, j0 + n), masked: transposed (s[j][r], the key
+   tile times the transposed query tile) or, for a decode step's few rows, row-major (s[r][j],
+   row stride BK, dot products along the head dimension: 16 lanes of a row would hold a few
+   rows). */
 static void ember_att_scores(const ember_att *p, const ember_att_io *io, int64_t b, int64_t h,
                              int64_t i0, int64_t nrow, int64_t j0, int64_t n,
                              ember_att_scratch *w) {
-    ember_att_dots(n, p->group * nrow, p->dim, w->k_tile, w->qs,
-                   ember_att_few(p) ? NULL : w->qt, w->s, w->ld);
-    ember_att_mask(p, io, b, h, i0, nrow, j0, n, w->s, 1, w->ld);
+    const int64_t rows = p->group * nrow, d = p->dim;
+    if (!ember_att_few(p)) {
+        ember_att_gemm(n, rows, d, w->k_tile, d, 1, w->qt, w->ld, w->s, w->ld, 0, NULL);
+        ember_att_mask(p, io, b, h, i0, nrow, j0, n, w->s, 1, w->ld);
+        return;
+    }
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < n; ++j) {
+            const float *restrict qr = w->qs + r * d, *restrict kj = w->k_tile + j * d;
+            float sum = 0.0f;
+            #pragma omp simd reduction(+:sum)
+            for (int64_t c = 0; c < d; ++c) sum += qr[c] * kj[c];
+            w->s[r * EMBER_ATT_BK + j] = sum;
+        }
+    ember_att_mask(p, io, b, h, i0, nrow, j0, n, w->s, EMBER_ATT_BK, 1);
 }
 
 /* The online softmax of one work item over keys [k0, k1): the state (m, l, acc) of its
    rows, acc unnormalised, each row's maximum m (-inf before any visible key) and sum l. Per
-   key tile: the new maxima down the columns of the transposed scores, p = exp(s - max), the
-   old state rescaled by exp(m_old - max), acc += p^T v. */
+   key tile: the new maxima down the columns of the transposed scores (along the rows of a
+   decode step's), p = exp(s - max), acc = acc exp(m_old - max) + p v. */
 static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, int64_t b,
                                    int64_t h, int64_t i0, int64_t nrow, int64_t k0, int64_t k1,
                                    float *state, int64_t capacity, ember_att_scratch *w) {
     const int64_t rows = p->group * nrow, ld = w->ld;
+    const int few = ember_att_few(p);
     float *restrict m = state, *restrict l = state + capacity, *acc = state + 2 * capacity;
     float *restrict shift = w->shift, *restrict alpha = w->alpha, *restrict sum = w->sum;
     for (int64_t r = 0; r < rows; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
@@ -539,18 +543,32 @@ static void ember_att_forward_part(const ember_att *p, const ember_att_io *io, i
         w->v_tile = ember_att_key_tile(p, io->v, p->vdim, b, h, j0, n, w->values);
         ember_att_scores(p, io, b, h, i0, nrow, j0, n, w);
         for (int64_t r = 0; r < rows; ++r) alpha[r] = m[r];  /* the new maxima, in alpha */
-        ember_att_column_max(w->s, n, ld, rows, alpha);
+        if (few) {
+            for (int64_t r = 0; r < rows; ++r) {
+                const float *restrict sr = w->s + r * EMBER_ATT_BK;
+                float top = alpha[r];
+                #pragma omp simd reduction(max:top)
+                for (int64_t j = 0; j < n; ++j) top = sr[j] > top ? sr[j] : top;
+                alpha[r] = top;
+            }
+        } else {
+            ember_att_column_max(w->s, n, ld, rows, alpha);
+        }
         for (int64_t r = 0; r < rows; ++r) {
             shift[r] = isinf(alpha[r]) ? 0.0f : alpha[r];  /* no visible key yet: p = 0 */
             const float top = alpha[r];
             alpha[r] = m[r];
             m[r] = top;
         }
-        ember_att_exp_rows(w->s, n, ld, rows, shift, sum);
+        if (few)
+            for (int64_t r = 0; r < rows; ++r)
+                sum[r] = ember_att_exp_row(w->s + r * EMBER_ATT_BK, n, shift[r]);
+        else
+            ember_att_exp_rows(w->s, n, ld, rows, shift, sum);
         ember_att_exp_rows(alpha, 1, ld, rows, shift, NULL);  /* 0 while m was -inf */
         for (int64_t r = 0; r < rows; ++r) l[r] = l[r] * alpha[r] + sum[r];
-        ember_att_gemm(rows, p->vdim, n, w->s, 1, ld, w->v_tile, p->vdim, acc, p->vdim, 1,
-                       alpha);  /* acc = acc alpha + p^T v */
+        ember_att_gemm(rows, p->vdim, n, w->s, few ? EMBER_ATT_BK : 1, few ? 1 : ld, w->v_tile,
+                       p->vdim, acc, p->vdim, 1, alpha);  /* acc = acc alpha + p v */
     }
 }
 
