@@ -37,6 +37,10 @@ MR, NR = 14, 32
 # OpenBLAS call, this 0.95-1.03x).
 B_PANELS = 8
 RUN_BYTES = 2 << 20
+# A is packed in blocks of this many bytes (whole panels, at least one), each multiplied by all
+# of B before the next is packed: memory stays bounded for a tall A (a vocabulary's gradient),
+# at the cost of packing B once per block. SmolLM2's activations (up to 1536 x 1024) are one.
+A_BLOCK_BYTES = 8 << 20
 # Multiply-adds below which a product runs on the calling thread alone: waking a passive OpenMP
 # thread costs tens of microseconds (as for BLAS pieces, ``lowerings.PIECE_WORK``).
 THREADED_WORK = 1 << 21
@@ -52,7 +56,7 @@ _SOURCE = r"""
 #endif
 
 enum { MR = $MR, NR = $NR, B_PANELS = $B_PANELS, RUN_BYTES = $RUN_BYTES,
-       THREADED_WORK = $THREADED };
+       A_BLOCK_BYTES = $A_BLOCK_BYTES, THREADED_WORK = $THREADED };
 
 /* 16 x 16 transpose in registers: lane j of v[i] becomes lane i of v[j]. */
 static inline __attribute__((always_inline)) void ember_gemm_transpose16(__m512 v[16]) {
@@ -161,9 +165,13 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
     const int64_t per_round = threads * run_panels;
     const int64_t rounds = (b_panels + per_round - 1) / per_round;
     const int64_t tasks = rounds * threads < b_panels ? rounds * threads : b_panels;
-    /* One allocation: packed A, then each thread's run of B panels (both parts multiples of
+    /* A in blocks of at most A_BLOCK_BYTES (whole panels, at least one): a tall A (a weight's
+       gradient over a vocabulary) is packed and multiplied one block at a time. */
+    const int64_t fit_a = A_BLOCK_BYTES / (MR * K * (int64_t)sizeof(float));
+    const int64_t block = fit_a < 1 ? 1 : fit_a < a_panels ? fit_a : a_panels;
+    /* One allocation: A's block, then each thread's run of B panels (both parts multiples of
        16 floats, so every panel starts 64-byte aligned). */
-    const size_t a_floats = ((size_t)a_panels * MR * K + 15) / 16 * 16;
+    const size_t a_floats = ((size_t)block * MR * K + 15) / 16 * 16;
     const size_t run_floats = (size_t)run_panels * NR * K;
     float *scratch = aligned_alloc(64, (a_floats + threads * run_floats) * sizeof(float));
     if (!scratch) {
@@ -172,11 +180,13 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
         abort();
     }
     #pragma omp parallel num_threads(threads)
-    {
+    for (int64_t p0 = 0; p0 < a_panels; p0 += block) {
+        const int64_t p1 = p0 + block < a_panels ? p0 + block : a_panels;
         #pragma omp for schedule(static)
-        for (int64_t p = 0; p < a_panels; ++p) {
+        for (int64_t p = p0; p < p1; ++p) {
             const int64_t rows = M - p * MR < MR ? M - p * MR : MR;
-            ember_gemm_pack(rows, K, A + p * MR * a_row, a_row, a_col, scratch + p * MR * K, MR);
+            ember_gemm_pack(rows, K, A + p * MR * a_row, a_row, a_col,
+                            scratch + (p - p0) * MR * K, MR);
         }
         float *run = scratch + a_floats + omp_get_thread_num() * run_floats;
         #pragma omp for schedule(dynamic, 1)
@@ -188,14 +198,14 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
                                 run + (j - j0) * NR * K, NR);
             }
             /* An A panel stays in L1/L2 while the run's B panels stream past it from L2. */
-            for (int64_t i = 0; i < a_panels; ++i) {
+            for (int64_t i = p0; i < p1; ++i) {
                 const int rows = M - i * MR < MR ? (int)(M - i * MR) : MR;
                 for (int64_t j = j0; j < j1; ++j)
-                    ember_gemm_tile(K, scratch + i * MR * K, run + (j - j0) * NR * K,
+                    ember_gemm_tile(K, scratch + (i - p0) * MR * K, run + (j - j0) * NR * K,
                                     C + i * MR * ldc + j * NR, ldc, rows,
                                     N - j * NR < NR ? (int)(N - j * NR) : NR);
             }
-        }
+        }  /* the implied barrier: A's next block may overwrite this one */
     }
     free(scratch);
 }
@@ -204,18 +214,13 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
 # Built once per machine (decision 0017); programs declare ``ember_sgemm_packed`` and link it.
 KERNELS = KernelLibrary(
     _SOURCE.replace("$MR", str(MR)).replace("$NR", str(NR)).replace("$B_PANELS", str(B_PANELS))
-    .replace("$RUN_BYTES", str(RUN_BYTES)).replace("$THREADED", str(THREADED_WORK)))
+    .replace("$RUN_BYTES", str(RUN_BYTES)).replace("$A_BLOCK_BYTES", str(A_BLOCK_BYTES))
+    .replace("$THREADED", str(THREADED_WORK)))
 
 
 def available() -> bool:
     """Whether this CPU runs the kernel (AVX-512; the library is built with -march=native)."""
     return "avx512f" in toolchain.cpu_features().split()
-
-
-def scratch_bytes(m: int, k: int) -> int:
-    """The memory a call allocates for ``A``'s packed copy and one thread's run of ``B``
-    panels (each further thread adds a run: ``RUN_BYTES``, or one panel if that is larger)."""
-    return -(-m // MR) * MR * k * 4 + max(RUN_BYTES, NR * k * 4)
 
 
 def call(m: int, n: int, k: int, a: tuple[bool, int], b: tuple[bool, int],
