@@ -469,7 +469,8 @@ static void ember_att_mask(const ember_att *p, const ember_att_io *io, int64_t b
                            int64_t i0, int64_t nrow, int64_t j0, int64_t n, float *s,
                            int64_t rs, int64_t js) {
     const int64_t offset = ember_att_offset(p, io, b);
-    for (int64_t r = 0; r < p->group * nrow; ++r) {
+    const int by_row = p->mask || (p->causal && js == 1);
+    for (int64_t r = 0; by_row && r < p->group * nrow; ++r) {
         float *restrict sr = s + r * rs;
         const int64_t i = i0 + r % nrow;
         if (p->mask) {
@@ -582,22 +583,29 @@ static void ember_att_merge(const ember_att *p, const float *first, int64_t spli
         for (int64_t s = 0; s < splits; ++s)
             if (first[s * stride + r] > top) top = first[s * stride + r];
         const float shift = isinf(top) ? 0.0f : top;
-        for (int64_t e = 0; e < p->vdim; ++e) row[e] = 0.0f;
-        for (int64_t s = 0; s < splits; ++s) {
-            const float *state = first + s * stride;
-            const float weight = expf(state[r] - shift);
-            if (weight == 0.0f) continue;
-            total += state[capacity + r] * weight;
-            const float *acc = state + 2 * capacity + r * p->vdim;
-            for (int64_t e = 0; e < p->vdim; ++e) row[e] += acc[e] * weight;
+        const float *sum = row;  /* sum over the states of acc exp(m - shift) */
+        if (splits == 1) {  /* the one weight is 1 (or m = -inf and l = 0) */
+            total = first[capacity + r];
+            sum = first + 2 * capacity + r * p->vdim;
+        } else {
+            for (int64_t e = 0; e < p->vdim; ++e) row[e] = 0.0f;
+            for (int64_t s = 0; s < splits; ++s) {
+                const float *state = first + s * stride;
+                const float weight = expf(state[r] - shift);
+                if (weight == 0.0f) continue;
+                total += state[capacity + r] * weight;
+                const float *acc = state + 2 * capacity + r * p->vdim;
+                for (int64_t e = 0; e < p->vdim; ++e) row[e] += acc[e] * weight;
+            }
         }
         const int64_t at = (b * p->heads * p->group + h * p->group + r / nrow) * p->length
                            + i0 + r % nrow;
         if (total > 0.0f) {
             const float inverse = 1.0f / total;
-            for (int64_t e = 0; e < p->vdim; ++e) row[e] *= inverse;
+            for (int64_t e = 0; e < p->vdim; ++e) row[e] = sum[e] * inverse;
             lse[at] = shift + logf(total);
         } else {  /* a row that sees no key: zeros, lse -inf */
+            for (int64_t e = 0; e < p->vdim; ++e) row[e] = 0.0f;
             lse[at] = -INFINITY;
         }
         ember_att_store(out, at * p->vdim, row, p->vdim, p->dtype);
