@@ -578,8 +578,11 @@ class _Renderer:
             raise _UnsupportedError(f"{eqn.prim.name} over an empty axis")
         return red, dt
 
-    def row_loop(self, loop: RowLoop, lines: list[str], pad: str,
-                 accs: dict[int, Eqn]) -> None:
+    def row_loop(self, loop: RowLoop, lines: list[str], pad: str, accs: dict[int, Eqn],
+                 first: tuple[str, str] | None = None, finish: bool = True) -> None:
+        """The loops over the row for ``loop``'s statements; ``first``: the bounds of the
+        first row axis instead of the whole axis (a chunk); ``finish``: then set each
+        accumulator that saw a NaN to NaN and round it to its type."""
         axes = [(k, n) for k, n in enumerate(self.nest.row) if n != 1]
         updated = {s.local: s.eqn for s in loop.body if isinstance(s, Update)}
         by_op: dict[str | None, list[str]] = {}
@@ -595,18 +598,76 @@ class _Renderer:
                 clause = "".join(f" reduction({op}:{', '.join(vs)})"
                                  for op, vs in sorted(by_op.items()))
                 inner.append(f"{pad}{'  ' * depth}#pragma omp simd{clause}")
-            inner.append(f"{pad}{'  ' * depth}for (long r{k} = 0; r{k} < {n}; r{k}++) {{")
+            lo, hi = first if depth == 0 and first else ("0", str(n))
+            inner.append(f"{pad}{'  ' * depth}for (long r{k} = {lo}; r{k} < {hi}; r{k}++) {{")
         body_pad = pad + "  " * len(axes)
         for s in loop.body:
             self.statement(s, inner, body_pad, accs)
         inner += [f"{pad}{'  ' * d}}}" for d in reversed(range(len(axes)))]
         lines.extend(inner)
-        for local, e in updated.items():
-            dt = np.dtype(accs[local].outputs[0].aval.dtype)
-            if self.reduction(e)[0].tracks_nan(dt):
-                lines.append(f"{pad}if (v{local}_nan) v{local} = NAN;")
-            if _half(dt):
-                lines.append(f"{pad}v{local} = {_round(f'v{local}', dt)};")
+        if finish:
+            for local in updated:
+                self.finish(local, accs[local], lines, pad)
+
+    def finish(self, local: int, eqn: Eqn, lines: list[str], pad: str) -> None:
+        """An accumulator's final value: NaN if it saw one, rounded to its type."""
+        dt = np.dtype(eqn.outputs[0].aval.dtype)
+        if self.reduction(eqn)[0].tracks_nan(dt):
+            lines.append(f"{pad}if (v{local}_nan) v{local} = NAN;")
+        if _half(dt):
+            lines.append(f"{pad}v{local} = {_round(f'v{local}', dt)};")
+
+    def whole_reduction(self) -> list[str] | None:
+        """The body of a big reduction to one value (a gradient's sum of squares for
+        clipping), cut along its first row axis into chunks that the threads share; each
+        chunk's accumulators go to a table that is combined in chunk order, so the result
+        does not depend on the thread count. None for any other kernel."""
+        nest = self.nest
+        loops = [s for s in nest.body if isinstance(s, RowLoop)]
+        axes = [n for n in nest.row if n != 1]
+        if any(n != 1 for n in nest.outer) or nest.scratch or len(loops) != 1 or not axes:
+            return None
+        at = nest.body.index(loops[0])
+        inits, loop, after = nest.body[:at], loops[0], nest.body[at + 1:]
+        rows = math.prod(nest.row)
+        chunks = 1
+        while (chunks < _COLUMN_ITEMS and 2 * chunks <= axes[0]
+               and rows // (2 * chunks) >= _CHUNK_MIN_POINTS):
+            chunks *= 2
+        if rows < PARALLEL_MIN or chunks == 1 or \
+                not all(isinstance(s, Init) for s in inits):
+            return None
+        per = -(-axes[0] // chunks)
+        accs: dict[int, Eqn] = {}
+        carried = []  # (C name, C type) of each accumulator and NaN flag
+        for s in inits:
+            red, dt = self.reduction(s.eqn)
+            carried.append((f"v{s.local}", _calc(dt)))
+            if red.tracks_nan(dt):
+                carried.append((f"v{s.local}_nan", "int"))
+        lines = [f"  {t} part_{var}[{chunks}];" for var, t in carried]
+        lines += ["  #pragma omp parallel for schedule(dynamic, 1)",
+                  f"  for (long chunk = 0; chunk < {chunks}; chunk++) {{",
+                  f"    const long lo = chunk * {per}, hi = lo + {per} < {axes[0]} ? "
+                  f"lo + {per} : {axes[0]};"]
+        for s in inits:
+            self.statement(s, lines, "    ", accs)
+        self.row_loop(loop, lines, "    ", accs, first=("lo", "hi"), finish=False)
+        lines += [f"    part_{var}[chunk] = {var};" for var, _ in carried]
+        lines.append("  }")
+        lines += [f"  {t} {var} = part_{var}[0];" for var, t in carried]
+        lines.append(f"  for (long c = 1; c < {chunks}; c++) {{")
+        for local, e in accs.items():
+            red, dt = self.reduction(e)
+            lines.append(f"    v{local} = {red.combine(f'v{local}', f'part_v{local}[c]', dt)};")
+            if red.tracks_nan(dt):
+                lines.append(f"    v{local}_nan |= part_v{local}_nan[c];")
+        lines.append("  }")
+        for local, e in accs.items():
+            self.finish(local, e, lines, "  ")
+        for s in after:
+            self.statement(s, lines, "  ", accs)
+        return lines + ["}"]
 
     def function(self, name: str, in_place: tuple[tuple[int, int], ...] = ()) -> str:
         nest = self.nest
@@ -625,6 +686,9 @@ class _Renderer:
             lines.append(f"  const {t} *{q}in{k} = (const {t} *)args[{at}];")
         if self.columnar():
             return "\n".join(lines + self.columns()) + "\n"
+        whole = self.whole_reduction()
+        if whole is not None:
+            return "\n".join(lines + whole) + "\n"
         outer = [(k, n) for k, n in enumerate(nest.outer) if n != 1]
         points = math.prod(nest.outer) * math.prod(nest.row)
         # A map kernel keeps its innermost axis as the vectorised loop; a row kernel
