@@ -172,6 +172,7 @@ def _positional_tree(count: int) -> TreeDef:
 
 _BUFFER = operator.attrgetter("_buffer")
 _AVAL = operator.attrgetter("aval")  # a slot read for an Array, the property for a tracer
+_ARRAY_AVAL = operator.attrgetter("_aval")  # an Array's slot, without the property's call
 _ARRAY = {Array}
 
 
@@ -312,21 +313,23 @@ class Jitted:
             static = ()
         if not kwargs and _ARRAY.issuperset(map(type, args)):
             leaves, tree = list(args), _positional_tree(len(args))  # f(x, y): nothing to walk
+            only_arrays = True
         else:
             leaves, tree = tree_flatten((args, kwargs))
+            only_arrays = _ARRAY.issuperset(map(type, leaves))
         # Arrays, the common leaves (a model's weights), are typed and checked with ``map``,
         # no Python step per leaf; only the others (NumPy arrays, scalars, tracers) are
         # converted one by one.
-        types = list(map(type, leaves))
         arrays = leaves
-        if not _ARRAY.issuperset(types):
+        if not only_arrays:
+            types = list(map(type, leaves))
             arrays = list(compress(leaves, map(operator.is_, types, repeat(Array))))
             for i in compress(count(), map(operator.is_not, types, repeat(Array))):
                 leaves[i] = _argument(leaves[i])
         if any(map(operator.is_, map(_BUFFER, arrays), repeat(None))):
             for a in arrays:
                 to_array(a)  # refuses the array already donated
-        avals = tuple(map(_AVAL, leaves))
+        avals = tuple(map(_ARRAY_AVAL if only_arrays else _AVAL, leaves))
         backend = self.backend or default_backend().name
         # A call like the last one (a decode step) reuses its key and so its kept hash.
         last = self._last_key
