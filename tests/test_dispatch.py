@@ -242,8 +242,8 @@ needs_cc = pytest.mark.skipif(
     not __import__("ember.backends.cpu.toolchain", fromlist=["x"]).available(),
     reason="no C compiler")
 
-# Results of every dtype family, one of no elements and one of a type NumPy exports no buffer
-# for (bfloat16): computed in C, each has its address read its own way.
+# Results of every dtype family (bfloat16 too, for which NumPy exports no buffer) and one of no
+# elements, computed in C into new arrays whose addresses the program reads.
 _DTYPES = ["float32", "float64", "float16", "bfloat16", "int32", "int8", "bool", "complex64"]
 
 
@@ -268,6 +268,18 @@ def test_compiled_outputs_of_every_dtype_are_fresh_arrays_matching_numpy():
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     assert f.trace_count == 1
+
+
+def test_array_addresses_are_read_right_for_any_array():
+    from ember.backends.cpu.program import _address, _interface_address
+
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    frozen = base.copy()
+    frozen.flags.writeable = False
+    arrays = [base, base[1:, 2:], base.T, frozen, np.empty((0, 3)), np.float32(2.0) * base,
+              np.ones(5, enp.dtype("bfloat16")), np.zeros((), np.complex64)]
+    for a in arrays:
+        assert _address(a) == _interface_address(a)
 
 
 @needs_cc
