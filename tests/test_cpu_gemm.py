@@ -68,10 +68,11 @@ LAYOUTS = [(False, True), (False, False), (True, False), (True, True)]  # (A, B)
 # (M, N, K): whole tiles, tails of the 14 x 32 tile and of the 16-lane packing, primes, K = 1,
 # K across several 256-step blocks with a short last one, M across several L2 blocks of A,
 # N across several runs of B panels, K so large that a run holds fewer panels, A larger
-# than one packed block (gemm.A_BLOCK_BYTES).
+# than one packed block (gemm.A_BLOCK_BYTES), K cut into blocks (gemm.KC).
 SIZES = [(28, 64, 32), (1, 1, 1), (13, 31, 17), (15, 33, 1), (29, 47, 61), (97, 16, 5),
          (14, 32, 257), (37, 100, 700), (160, 96, 1031), (1200, 40, 130), (9, 70, 2),
-         (20, 600, 40), (16, 200, 5000), (2100, 40, 1024)]
+         (20, 600, 40), (16, 200, 5000), (2100, 40, 1024),
+         (30, 40, 4500)]
 
 
 @pytest.mark.parametrize("a_t,b_t", LAYOUTS, ids=lambda t: "T" if t else "N")
@@ -147,8 +148,7 @@ def test_jitted_products_match_the_numpy_backend():
 
 
 def test_products_the_kernel_does_not_take():
-    """The predicate in one place: batched, float64, few rows or columns, a long contracted
-    axis."""
+    """The predicate in one place: batched, float64, few rows or columns."""
     f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
     assert lowerings._packed_gemm(f32, 512, 576, 576, [])
     assert lowerings._packed_gemm(f32, lowerings.GEMV_ROWS + 1, 16, 1, [1])
@@ -157,7 +157,7 @@ def test_products_the_kernel_does_not_take():
     assert not lowerings._packed_gemm(f32, lowerings.GEMV_ROWS, 576, 576, [])
     assert not lowerings._packed_gemm(f32, 512, lowerings.GEMM_MIN_COLUMNS - 1, 576, [])
     assert lowerings._packed_gemm(f32, 49152, 576, 1024, [])  # a tied head's gradient
-    assert not lowerings._packed_gemm(f32, 1024, 576, 49152, [])  # its input's gradient
+    assert lowerings._packed_gemm(f32, 1024, 576, 49152, [])  # its input's gradient
 
 
 def test_jitted_products_are_the_same_bits_on_one_and_two_threads():

@@ -5,18 +5,22 @@ per piece: up to 16 times per product. This kernel packs each operand once per c
 (decision 0018), in the classic Goto/BLIS shape:
 
 - **Packing.** ``A`` ([M, K], rows or columns contiguous, any leading dimension) is copied into
-  panels of ``MR`` rows, each stored k-major (``MR`` values per k), by all threads before the
-  product starts. ``B`` ([K, N], either layout) is copied in runs of ``B_PANELS`` panels of
-  ``NR`` columns (k-major, ``NR`` values per k) by the thread that then uses them, into its
-  own buffer: each panel is packed exactly once. Row-contiguous operands (``x @ W.T``'s
-  ``W``, ``x`` itself) are transposed 16 x 16 in registers.
+  panels of ``MR`` rows, each stored k-major (``MR`` values per k), by all threads; ``B`` ([K,
+  N], either layout) in runs of up to ``B_PANELS`` panels of ``NR`` columns (k-major, ``NR``
+  values per k) by the thread that then uses them, into its own buffer. Row-contiguous
+  operands (``x @ W.T``'s ``W``, ``x`` itself) are transposed 16 x 16 in registers. Each
+  operand is packed once per call when ``K`` is at most ``KC`` and ``A`` packs into
+  ``A_BLOCK_BYTES`` (SmolLM2's products); otherwise ``B`` once per block of ``A``.
 - **Micro-kernel.** ``MR`` x ``NR`` = 14 x 32 results in 28 AVX-512 registers: per k two vector
   loads of the ``B`` panel, 14 broadcasts of the ``A`` panel, 28 fused multiply-adds.
-- **Blocking.** A thread's task is one run of ``B`` panels (up to 256 columns of the result);
-  each ``A`` panel in turn meets every panel of the run, so it is read from L2, not L3.
+- **Blocking.** K in equal blocks of at most ``KC`` steps, in order; within one, ``A`` in
+  blocks of whole panels; a thread's task is one run of ``B`` panels (up to 256 columns of
+  the result), and each ``A`` panel in turn meets every panel of the run, so it is read from
+  L2, not L3.
 - **Determinism.** Every result element is one chain of fused multiply-adds over k in order
-  0 .. K-1, started at zero, in one tile call. The threads split only the columns, never k, so
-  results are the same bits on any thread count.
+  0 .. K-1, started at zero: a later K block reloads the float32 partial sums from the result
+  and continues the chain (the same bits as unbroken). The threads split only the columns,
+  never k, so results are the same bits on any thread count.
 
 AVX-512 only (``available``; ``lowerings._packed_gemm`` decides which products come
 here): other CPUs, float64 and batched products stay on BLAS.
@@ -31,15 +35,15 @@ from ember.backends.cpu.toolchain import KernelLibrary
 MR, NR = 14, 32
 # B panels a thread packs at once (a run, up to 8 x 32 columns, at most RUN_BYTES unless one
 # panel is larger), then multiplies by each A panel in turn: the A panel is read from L2 up to
-# 8 times, not from L3 once per B panel. The contracted axis
-# is not blocked: the tile's sums stay in registers from k = 0 to K (measured on SmolLM2's
-# shapes, one thread: 256-step blocks with A in 512 KiB L2 blocks reached 0.86-0.88x one
-# OpenBLAS call, this 0.95-1.03x).
+# 8 times, not from L3 once per B panel. The contracted axis is cut into equal blocks of at
+# most KC steps; A is packed in blocks of A_BLOCK_BYTES (whole panels), each multiplied by all
+# of B before the next is packed, so memory stays bounded for a tall A (a vocabulary's
+# gradient). Measured against one OpenBLAS call, one thread, SmolLM2's shapes (M x N x K
+# 1024 x 576 x {1536, 4096, 49152}): KC 1024 0.96x on all three; 2048 0.93, 0.86, 0.84x; K
+# uncut 0.94, 0.77, 0.32x; 256-step blocks with A in 512 KiB blocks 0.86-0.88x.
 B_PANELS = 8
 RUN_BYTES = 2 << 20
-# A is packed in blocks of this many bytes (whole panels, at least one), each multiplied by all
-# of B before the next is packed: memory stays bounded for a tall A (a vocabulary's gradient),
-# at the cost of packing B once per block. SmolLM2's activations (up to 1536 x 1024) are one.
+KC = 1024
 A_BLOCK_BYTES = 8 << 20
 # Multiply-adds below which a product runs on the calling thread alone: waking a passive OpenMP
 # thread costs tens of microseconds (as for BLAS pieces, ``lowerings.PIECE_WORK``).
@@ -56,7 +60,7 @@ _SOURCE = r"""
 #endif
 
 enum { MR = $MR, NR = $NR, B_PANELS = $B_PANELS, RUN_BYTES = $RUN_BYTES,
-       A_BLOCK_BYTES = $A_BLOCK_BYTES, THREADED_WORK = $THREADED };
+       A_BLOCK_BYTES = $A_BLOCK_BYTES, KC = $KC, THREADED_WORK = $THREADED };
 
 /* 16 x 16 transpose in registers: lane j of v[i] becomes lane i of v[j]. */
 static inline __attribute__((always_inline)) void ember_gemm_transpose16(__m512 v[16]) {
@@ -124,14 +128,21 @@ static void ember_gemm_pack(int64_t n, int64_t K, const float *src, int64_t si, 
     }
 }
 
-/* C[rows, cols] (rows <= MR, cols <= NR) = a-panel x b-panel over K steps: each element one
-   chain of fused multiply-adds in k order, from zero. */
+/* C[rows, cols] (rows <= MR, cols <= NR) = (go_on ? C : 0) + a-panel x b-panel over K steps:
+   each element one chain of fused multiply-adds in k order, from zero; go_on continues the
+   chain of an earlier block of k (its float32 sums reloaded: the same bits as unbroken). */
 static inline __attribute__((always_inline)) void ember_gemm_tile(
-        int64_t K, const float *a, const float *b, float *c, int64_t ldc, int rows, int cols) {
+        int64_t K, const float *a, const float *b, float *c, int64_t ldc, int rows, int cols,
+        int go_on) {
     const __mmask16 m0 = ember_gemm_lanes(cols), m1 = ember_gemm_lanes(cols - 16);
     __m512 acc[MR][2];
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+        acc[r][0] = go_on && r < rows ? _mm512_maskz_loadu_ps(m0, c + r * ldc)
+                                      : _mm512_setzero_ps();
+        acc[r][1] = go_on && r < rows ? _mm512_maskz_loadu_ps(m1, c + r * ldc + 16)
+                                      : _mm512_setzero_ps();
+    }
     for (int64_t k = 0; k < K; ++k) {
         const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 16
@@ -157,22 +168,24 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
                         int64_t a_col, const float *B, int64_t b_row, int64_t b_col, float *C,
                         int64_t ldc) {
     const int64_t a_panels = (M + MR - 1) / MR, b_panels = (N + NR - 1) / NR;
-    /* Tasks: runs of at most run_panels panels, a multiple of the thread count of them, the
-       panels dealt evenly (which thread sums an element never changes its bits). */
+    /* K in equal blocks of at most KC steps, in order (one block up to KC). */
+    const int64_t k_blocks = (K + KC - 1) / KC, kc = (K + k_blocks - 1) / k_blocks;
+    /* A's packed block: at most A_BLOCK_BYTES of whole panels (at least one). */
+    const int64_t fit_a = A_BLOCK_BYTES / (MR * kc * (int64_t)sizeof(float));
+    const int64_t block = fit_a < 1 ? 1 : fit_a < a_panels ? fit_a : a_panels;
+    /* Tasks: runs of at most run_panels B panels (RUN_BYTES, at least one panel), a multiple
+       of the thread count of them, the panels dealt evenly (which thread sums an element
+       never changes its bits). */
     const int threads = M * N * K >= THREADED_WORK ? omp_get_max_threads() : 1;
-    const int64_t fit = RUN_BYTES / (NR * K * (int64_t)sizeof(float));
-    const int64_t run_panels = fit < 1 ? 1 : fit > B_PANELS ? B_PANELS : fit;
+    const int64_t fit_b = RUN_BYTES / (NR * kc * (int64_t)sizeof(float));
+    const int64_t run_panels = fit_b < 1 ? 1 : fit_b > B_PANELS ? B_PANELS : fit_b;
     const int64_t per_round = threads * run_panels;
     const int64_t rounds = (b_panels + per_round - 1) / per_round;
     const int64_t tasks = rounds * threads < b_panels ? rounds * threads : b_panels;
-    /* A in blocks of at most A_BLOCK_BYTES (whole panels, at least one): a tall A (a weight's
-       gradient over a vocabulary) is packed and multiplied one block at a time. */
-    const int64_t fit_a = A_BLOCK_BYTES / (MR * K * (int64_t)sizeof(float));
-    const int64_t block = fit_a < 1 ? 1 : fit_a < a_panels ? fit_a : a_panels;
-    /* One allocation: A's block, then each thread's run of B panels (both parts multiples of
-       16 floats, so every panel starts 64-byte aligned). */
-    const size_t a_floats = ((size_t)block * MR * K + 15) / 16 * 16;
-    const size_t run_floats = (size_t)run_panels * NR * K;
+    /* One allocation: A's block, then each thread's run (both parts multiples of 16 floats,
+       so every panel starts 64-byte aligned). */
+    const size_t a_floats = ((size_t)block * MR * kc + 15) / 16 * 16;
+    const size_t run_floats = (size_t)run_panels * NR * kc;
     float *scratch = aligned_alloc(64, (a_floats + threads * run_floats) * sizeof(float));
     if (!scratch) {
         fprintf(stderr, "ember: out of memory for a %lld x %lld x %lld product's packed "
@@ -180,32 +193,36 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
         abort();
     }
     #pragma omp parallel num_threads(threads)
-    for (int64_t p0 = 0; p0 < a_panels; p0 += block) {
-        const int64_t p1 = p0 + block < a_panels ? p0 + block : a_panels;
-        #pragma omp for schedule(static)
-        for (int64_t p = p0; p < p1; ++p) {
-            const int64_t rows = M - p * MR < MR ? M - p * MR : MR;
-            ember_gemm_pack(rows, K, A + p * MR * a_row, a_row, a_col,
-                            scratch + (p - p0) * MR * K, MR);
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t steps = K - k0 < kc ? K - k0 : kc;
+        for (int64_t p0 = 0; p0 < a_panels; p0 += block) {
+            const int64_t p1 = p0 + block < a_panels ? p0 + block : a_panels;
+            #pragma omp for schedule(static)
+            for (int64_t p = p0; p < p1; ++p) {
+                const int64_t rows = M - p * MR < MR ? M - p * MR : MR;
+                ember_gemm_pack(rows, steps, A + p * MR * a_row + k0 * a_col, a_row, a_col,
+                                scratch + (p - p0) * MR * kc, MR);
+            }
+            float *run = scratch + a_floats + omp_get_thread_num() * run_floats;
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < tasks; ++t) {
+                const int64_t j0 = t * b_panels / tasks, j1 = (t + 1) * b_panels / tasks;
+                for (int64_t j = j0; j < j1; ++j) {
+                    const int64_t cols = N - j * NR < NR ? N - j * NR : NR;
+                    ember_gemm_pack(cols, steps, B + j * NR * b_col + k0 * b_row, b_col, b_row,
+                                    run + (j - j0) * NR * kc, NR);
+                }
+                /* An A panel stays in L1/L2 while the run's B panels stream past it (L2). */
+                for (int64_t i = p0; i < p1; ++i) {
+                    const int rows = M - i * MR < MR ? (int)(M - i * MR) : MR;
+                    for (int64_t j = j0; j < j1; ++j)
+                        ember_gemm_tile(steps, scratch + (i - p0) * MR * kc,
+                                        run + (j - j0) * NR * kc, C + i * MR * ldc + j * NR,
+                                        ldc, rows, N - j * NR < NR ? (int)(N - j * NR) : NR,
+                                        k0 > 0);
+                }
+            }  /* the implied barrier: A's next block may overwrite this one */
         }
-        float *run = scratch + a_floats + omp_get_thread_num() * run_floats;
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < tasks; ++t) {
-            const int64_t j0 = t * b_panels / tasks, j1 = (t + 1) * b_panels / tasks;
-            for (int64_t j = j0; j < j1; ++j) {
-                const int64_t cols = N - j * NR < NR ? N - j * NR : NR;
-                ember_gemm_pack(cols, K, B + j * NR * b_col, b_col, b_row,
-                                run + (j - j0) * NR * K, NR);
-            }
-            /* An A panel stays in L1/L2 while the run's B panels stream past it from L2. */
-            for (int64_t i = p0; i < p1; ++i) {
-                const int rows = M - i * MR < MR ? (int)(M - i * MR) : MR;
-                for (int64_t j = j0; j < j1; ++j)
-                    ember_gemm_tile(K, scratch + (i - p0) * MR * K, run + (j - j0) * NR * K,
-                                    C + i * MR * ldc + j * NR, ldc, rows,
-                                    N - j * NR < NR ? (int)(N - j * NR) : NR);
-            }
-        }  /* the implied barrier: A's next block may overwrite this one */
     }
     free(scratch);
 }
@@ -215,7 +232,7 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
 KERNELS = KernelLibrary(
     _SOURCE.replace("$MR", str(MR)).replace("$NR", str(NR)).replace("$B_PANELS", str(B_PANELS))
     .replace("$RUN_BYTES", str(RUN_BYTES)).replace("$A_BLOCK_BYTES", str(A_BLOCK_BYTES))
-    .replace("$THREADED", str(THREADED_WORK)))
+    .replace("$KC", str(KC)).replace("$THREADED", str(THREADED_WORK)))
 
 
 def available() -> bool:

@@ -395,19 +395,15 @@ def _gemv_helpers(m: int) -> tuple[str, ...]:
 
 
 # Products that run in ember's packed kernel (``gemm.py``, decision 0018) instead of BLAS pieces:
-# float32 on an AVX-512 CPU, more rows than the few-row kernel takes, no batch axes, columns at
-# least half a register tile (the kernel computes whole tiles of 32), and a contracted axis of
-# at most GEMM_MAX_K: the kernel does not block it, so a tile's panels (14 and 32 rows of K)
-# must stay in L2 (measured, one thread: K = 1536 0.94x one OpenBLAS call, K = 49152, the
-# gradient of a vocabulary-sized product's input, 0.32x).
+# float32 on an AVX-512 CPU, more rows than the few-row kernel takes, no batch axes, and columns
+# at least half a register tile (the kernel computes whole tiles of 32).
 GEMM_MIN_COLUMNS = gemm.NR // 2
-GEMM_MAX_K = 4096
 
 
 def _packed_gemm(dtype: np.dtype, m: int, n: int, k: int, batch: Sequence[int]) -> bool:
     """Whether a [m, k] x [k, n] product runs in ``ember_sgemm_packed``."""
     return (dtype == np.float32 and math.prod(batch) == 1 and m > GEMV_ROWS
-            and n >= GEMM_MIN_COLUMNS and k <= GEMM_MAX_K and gemm.available())
+            and n >= GEMM_MIN_COLUMNS and gemm.available())
 
 
 def _free(ndim: int, contract: Sequence[int], batch: Sequence[int]) -> list[int]:
