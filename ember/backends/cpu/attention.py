@@ -33,8 +33,8 @@ additions):
   rows, no atomics); its ``dq`` terms go to a float accumulator per run (``dq`` itself for one
   float32 run), summed in order at the end. With ``batch * heads`` items enough for the
   threads there is one run; otherwise the key tiles are dealt round-robin into a few runs (so
-  causal work is balanced), and the order of ``dq``'s sums then depends on the thread count.
-  Everything else is the same bits on any thread count.
+  causal work is balanced), and the order of ``dq``'s sums then depends on the thread count,
+  as a decode step's split keys do. Every other result is the same bits on any thread count.
 
 float32, bfloat16 and float16 inputs compute in float32 (half inputs are rounded once when
 stored, as the reference's ``astype``); float64 and the gradient of an additive mask run
