@@ -6,6 +6,7 @@ programs with no NumPy fallback; a tiny packed Llama forward and a QLoRA gradien
 from __future__ import annotations
 
 import ctypes
+import mmap
 from unittest import mock
 
 import numpy as np
@@ -104,6 +105,38 @@ def test_kernels_match_the_reference(harness, fmt):
                     _run(harness, fmt, m, x, packed, adjoint, pieces),
                     _reference(x, packed, fmt, adjoint), rtol=RTOL, atol=ATOL,
                     err_msg=f"{fmt} N={n} K={k} M={m} adjoint={adjoint} pieces={pieces}")
+
+
+def _before_a_guard_page(packed: np.ndarray) -> tuple[np.ndarray, mmap.mmap]:
+    """A copy of ``packed`` whose last byte is followed by a page that may not be touched
+    (and the mapping holding both, to keep alive)."""
+    page = mmap.PAGESIZE
+    size = -(-packed.nbytes // page) * page
+    region = mmap.mmap(-1, size + page)
+    guard = ctypes.addressof(ctypes.c_char.from_buffer(region)) + size
+    libc = ctypes.CDLL(None, use_errno=True)
+    no_access = 0  # PROT_NONE, which the mmap module does not name
+    assert libc.mprotect(ctypes.c_void_p(guard), ctypes.c_size_t(page), no_access) == 0
+    copy = np.frombuffer(region, np.uint8, packed.nbytes, size - packed.nbytes)
+    copy[:] = packed.reshape(-1)
+    return copy.reshape(packed.shape), region
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_direct_kernels_read_nothing_past_w(harness, fmt):
+    """The direct kernels prefetch ``PREFETCH_BYTES`` ahead of the block they decode, past the
+    end of W on its last rows: that must never fault (W here ends where a page nobody may read
+    begins), and only W's own bytes may reach the result."""
+    rng = np.random.default_rng(7)
+    n, k = 37, 3 * FORMATS[fmt].block
+    packed, region = _before_a_guard_page(random_blocks(fmt, n, k, seed=8))
+    for adjoint in (False, True):
+        for m in DIRECT:
+            x = rng.standard_normal((m, n if adjoint else k)).astype(np.float32)
+            np.testing.assert_allclose(_run(harness, fmt, m, x, packed, adjoint),
+                                       _reference(x, packed, fmt, adjoint), rtol=RTOL,
+                                       atol=ATOL, err_msg=f"{fmt} M={m} adjoint={adjoint}")
+    del packed, region
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
