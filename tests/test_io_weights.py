@@ -458,9 +458,50 @@ def test_gguf_real_file_metadata(real):
     assert real.tensor_info("output_norm.weight") == ((576,), "F32")
 
 
-def test_gguf_real_tensors_match_reference(real):
-    # The reference decodes the same mapped bytes, so reuse the file's reader (opening is slow).
-    entries = {t.name: t for t in real._reader.tensors}
+@pytest.fixture(scope="module")
+def reference_reader(real_path):
+    """The ``gguf`` package's own reader of the real file (an independent parser; slow)."""
+    return gguf.GGUFReader(real_path)
+
+
+def test_gguf_parser_matches_the_gguf_package_on_every_value_type(tmp_path):
+    writer = gguf.GGUFWriter(tmp_path / "types.gguf", "llama")
+    values = {"u8": (7, gguf.GGUFValueType.UINT8), "i8": (-7, gguf.GGUFValueType.INT8),
+              "u16": (700, gguf.GGUFValueType.UINT16), "i16": (-700, gguf.GGUFValueType.INT16),
+              "u32": (7 << 20, gguf.GGUFValueType.UINT32),
+              "i32": (-7 << 20, gguf.GGUFValueType.INT32),
+              "u64": (7 << 40, gguf.GGUFValueType.UINT64),
+              "i64": (-7 << 40, gguf.GGUFValueType.INT64),
+              "f32": (0.25, gguf.GGUFValueType.FLOAT32), "f64": (1e-300, gguf.GGUFValueType.FLOAT64),
+              "flag": (False, gguf.GGUFValueType.BOOL), "text": ("ünï", gguf.GGUFValueType.STRING)}
+    for name, (value, kind) in values.items():
+        writer.add_key_value(name, value, kind)
+    writer.add_array("ints", [1, -2, 3])
+    writer.add_array("floats", [0.5, 1.5])
+    writer.add_array("words", ["", "a", "ü" * 40])
+    writer.add_array("nested", [[1, 2], [3]])
+    writer.add_custom_alignment(64)
+    writer.add_tensor("w", RNG.standard_normal((3, 32)).astype(np.float32))
+    writer.add_tensor("q", gguf.quants.quantize(RNG.standard_normal((2, 64)).astype(np.float32),
+                                                Q.Q8_0), raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours, theirs = GGUFFile(tmp_path / "types.gguf"), gguf.GGUFReader(tmp_path / "types.gguf")
+    expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    # The package flattens nested arrays; ours keeps them as written.
+    assert expected.pop("nested") == [1, 2, 3] and ours.metadata.pop("nested") == [[1, 2], [3]]
+    assert ours.metadata == expected and ours.metadata["flag"] is False
+    for t in theirs.tensors:
+        got, fmt = ours.stored_tensor(t.name)
+        assert got.shape[0] == t.shape[-1]
+        np.testing.assert_array_equal(got.reshape(-1).view(np.uint8),
+                                      np.ascontiguousarray(t.data).reshape(-1).view(np.uint8))
+
+
+def test_gguf_real_tensors_match_reference(real, reference_reader):
+    entries = {t.name: t for t in reference_reader.tensors}
     for name in ("blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.0.attn_norm.weight"):
         got = real.tensor(name)
         assert got.shape == real.tensor_info(name)[0]
@@ -469,8 +510,8 @@ def test_gguf_real_tensors_match_reference(real):
 
 
 @pytest.mark.slow
-def test_gguf_real_file_dequantizes_exactly_and_fast(real):
-    reader = real._reader
+def test_gguf_real_file_dequantizes_exactly_and_fast(real, reference_reader):
+    reader = reference_reader
     start = time.perf_counter()
     ours = {name: real.tensor(name) for name in real.tensor_names}
     elapsed = time.perf_counter() - start

@@ -285,7 +285,7 @@ def test_damaged_block_scales_are_refused(f32_gguf, tmp_path):
     gguf = GGUFFile(out)
     raw = np.memmap(out, mode="r+")
     entry = gguf._tensors["blk.1.ffn_up.weight"]
-    raw[entry.data_offset:entry.data_offset + 2] = np.frombuffer(
+    raw[entry.offset:entry.offset + 2] = np.frombuffer(
         np.float16(np.nan).tobytes(), np.uint8)
     raw.flush()
     del raw, gguf

@@ -28,6 +28,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 
 from ember.errors import EmberError
 from ember.io.files import read_json, write_text_atomic
+from ember.io.gguf import GGUFFile
 
 # Tokens that close a chat turn. Chat models emit them instead of (or before) their configured EOS:
 # Llama 3's EOS is <|end_of_text|> but an assistant turn ends with <|eot_id|>.
@@ -385,14 +386,8 @@ def _hf_chat_templates(directory: str, config: Mapping[str, Any]) -> dict[str, s
 
 def _read_gguf_metadata(path: str) -> dict[str, Any]:
     """The ``tokenizer.*`` metadata of a GGUF file, as plain Python values."""
-    if not os.path.isfile(path):
-        raise EmberError(f"{path}: no such GGUF file")
-    try:
-        reader = gguf.GGUFReader(path)
-        return {name: field.contents() for name, field in reader.fields.items()
-                if name.startswith("tokenizer.")}
-    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
-        raise EmberError(f"{path}: cannot read GGUF metadata ({err})") from err
+    metadata = GGUFFile(path).metadata
+    return {name: value for name, value in metadata.items() if name.startswith("tokenizer.")}
 
 
 def _tokenizer_from_gguf_metadata(cls: type[Tokenizer], metadata: Mapping[str, Any],
