@@ -108,23 +108,19 @@ static void ember_gemm_pack_transposed(int64_t n, int64_t K, const float *src, i
 }
 
 /* One panel of `width` (MR or NR) lanes: dst[k * width + i] = src[i * si + k * sk] for i < n,
-   zero for n <= i < width. */
+   zero for n <= i < width. One of si, sk is 1 (lowerings._matrix's layouts). */
 static void ember_gemm_pack(int64_t n, int64_t K, const float *src, int64_t si, int64_t sk,
                             float *dst, int64_t width) {
     if (sk == 1) {          /* each i a contiguous row over k: transposed 16 x 16 */
         for (int64_t c = 0; c < width; c += 16)
             ember_gemm_pack_transposed(n - c, K, src + c * si, si, dst + c, width,
                                        ember_gemm_lanes(width - c));
-    } else if (si == 1) {   /* each k a contiguous row over i: copied */
+    } else {                /* si == 1, each k a contiguous row over i: copied */
         for (int64_t k = 0; k < K; ++k)
             for (int64_t c = 0; c < width; c += 16)
                 _mm512_mask_storeu_ps(dst + k * width + c, ember_gemm_lanes(width - c),
                                       _mm512_maskz_loadu_ps(ember_gemm_lanes(n - c),
                                                             src + k * sk + c));
-    } else {
-        for (int64_t k = 0; k < K; ++k)
-            for (int64_t i = 0; i < width; ++i)
-                dst[k * width + i] = i < n ? src[i * si + k * sk] : 0.0f;
     }
 }
 
@@ -163,7 +159,7 @@ static inline __attribute__((always_inline)) void ember_gemm_tile(
 }
 
 /* C[M, N] (row stride ldc) = A[M, K] B[K, N], element (i, k) of A at A[i * a_row + k * a_col],
-   (k, j) of B at B[k * b_row + j * b_col]. */
+   (k, j) of B at B[k * b_row + j * b_col]; a_row or a_col is 1, and b_row or b_col. */
 void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t a_row,
                         int64_t a_col, const float *B, int64_t b_row, int64_t b_col, float *C,
                         int64_t ldc) {
