@@ -24,7 +24,8 @@ Measured as in targets.md, best of ``--repeats`` after a warm-up for every side:
 Hardware limits measured here: read bandwidth (NumPy's GEMV over a 512 MB matrix) bounds decode
 (every weight is read once per token); float32 GEMM (NumPy 2048x2048) bounds prefill (2·N FLOPs
 per token) and training (6·N). Also printed: ember's first-call time (trace + compile) of each
-part, and a second process's start with the disk cache warm.
+part, a second process's start with the disk cache warm, and the memory of each program ember
+compiled (``memory_analysis``: peak, and the arena against its lower bound).
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 import ember  # noqa: E402
-from ember.models import finetune, loading  # noqa: E402
+from ember.models import finetune, generate, loading  # noqa: E402
 from ember.models.generate import generate_ids  # noqa: E402
 
 PROMPT, NEW, PREFILL, BATCH = 32, 128, 512, (4, 256)
 first_calls: dict[str, float] = {}  # ember's first call of each part: trace + compile + run
+programs: dict[str, list] = {}  # the programs (Lowered) ember compiled for each part
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ember", "bench")
 
 
@@ -96,12 +98,31 @@ class Ember:
         self.model.train()
         self.state = self.opt.init(self.model.trainable_parameters())
 
+    def programs(self) -> list:
+        """Every program (``Lowered``) compiled so far for generation and training."""
+        steps = [generate._extend, generate._sample, *([self.step] if hasattr(self, "step")
+                                                       else [])]
+        return [lowered for step in steps for lowered in step.cached_lowerings()]
+
     def train(self, batch: np.ndarray) -> float:
         start = time.perf_counter()
         loss, _, params, self.state = self.step(self.model, self.state, batch[None])
         self.model.update(params)
         self.last_loss = float(loss)
         return time.perf_counter() - start
+
+
+def program_memory(part: str, lowerings: list) -> list[str]:
+    """One line per program ember compiled for ``part``: its peak memory and arena, named by
+    its first integer array input (the token ids: a prompt, one token, a training batch)."""
+    lines = []
+    for lowered in lowerings:
+        report = lowered.compile().memory_analysis()
+        ids = [str(a) for a in lowered.graph.in_avals if a.dtype.kind in "iu" and a.ndim > 0]
+        lines.append(f"  {part} program ({ids[0] if ids else 'no ids'}): peak "
+                     f"{report.peak_bytes / 2**20:.1f} MiB, arena {report.temp_bytes / 2**20:.1f}"
+                     f" MiB (lower bound {report.temp_lower_bound / 2**20:.1f} MiB)")
+    return lines
 
 
 def second_process(backend: str) -> float:
@@ -178,9 +199,11 @@ def measure(part: str, side: object, repeats: int, rng: np.random.Generator) -> 
         side.train_setup()
         run = lambda: side.train(batch)  # noqa: E731
         tokens = BATCH[0] * BATCH[1]
+    before = side.programs() if isinstance(side, Ember) else []
     first = run()
     if isinstance(side, Ember):
         first_calls[part] = first
+        programs[part] = [p for p in side.programs() if all(p is not b for b in before)]
     return tokens / best(run, repeats)
 
 
@@ -237,6 +260,9 @@ def main() -> None:
     if first_calls:
         print(f"ember second process, warm disk cache (import, load, first token): "
               f"{second_process(backend):.2f} s")
+        lines = [line for part, lowered in programs.items()
+                 for line in program_memory(part, lowered)]
+        print("ember programs' memory (memory_analysis):", *lines, sep="\n")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,18 @@ def test_no_retrace_on_same_shapes_one_per_new_shape():
     assert "changed type" in info["last_retrace_reason"]
 
 
+def test_cached_lowerings_are_the_signatures_called_oldest_first():
+    jf = ember.jit(f)
+    small, wide = (np.ones((3, 4)), np.ones((4, 5))), (np.ones((3, 4)), np.ones((4, 7)))
+    jf(*small)
+    jf(*wide)
+    jf(*small)
+    lowered = jf.cached_lowerings()
+    assert len(lowered) == 2 and "f64[4,5]" in lowered[0].as_text()
+    assert "f64[4,7]" in lowered[1].as_text()
+    np.testing.assert_allclose(np.asarray(lowered[1].compile()(*wide)), np.asarray(jf(*wide)))
+
+
 def test_weak_python_scalar_argument_keeps_dtype():
     jf = ember.jit(lambda x, s: x * s)
     out = jf(np.ones(3, np.float32), 2.0)

@@ -273,6 +273,11 @@ class Jitted:
         return {"traces": s.traces, "hits": s.hits, "entries": len(self._cache),
                 "last_retrace_reason": s.last_retrace_reason}
 
+    def cached_lowerings(self) -> list[Lowered]:
+        """The :class:`Lowered` form of every signature in the cache, oldest first: what a
+        tool reports on (``.compile().memory_analysis()`` of each program a run used)."""
+        return [entry.lowered for entry in self._cache.values()]
+
     def _static_positions(self, nargs: int) -> set[int]:
         """Positions that are static: ``static_argnums`` plus ``static_argnames`` passed
         positionally."""
