@@ -6,7 +6,8 @@ this module is the work that is not a loop nest over one iteration domain: matri
 ``piece_step``, decision 0016), and reads and writes at computed positions
 (``dynamic_slice``, ``dynamic_update_slice``, ``gather``, ``scatter``). A float32 product with
 few rows of activations against a weight stored as rows (``x @ W.T``, decode) runs in a kernel of
-this module instead of BLAS (``GEMV_MIN_ROWS`` to ``GEMV_ROWS``). Each rule is registered
+this module instead of BLAS (``GEMV_MIN_ROWS`` to ``GEMV_ROWS``), one with more rows in ember's
+packed GEMM on AVX-512 CPUs (``gemm.py``, ``_packed_gemm``). Each rule is registered
 on its primitive as ``prim.def_lowering("c", rule)`` and called as ``rule(eqn)``; it returns a
 :class:`Statement` or None when this instance is not supported (a dtype without a C rule): the
 program then runs that equation through NumPy.
