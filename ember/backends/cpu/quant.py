@@ -5,7 +5,8 @@ kernels here read those bytes as they are, never a float32 copy of the whole mat
 
 - **Few rows of activations** (decode; up to ``BLAS_ROWS``): ``W`` is streamed once per
   ``DIRECT_ROWS`` rows. OpenMP splits the output rows across cores in long runs of
-  consecutive rows; each block is decoded into vector registers (float32 values equal to the
+  consecutive rows (a product under ``SERIAL_BYTES`` stays on one core: waking another costs
+  more than it saves); each block is decoded into vector registers (float32 values equal to the
   reference decoder's) and multiplied into float32 accumulators, a pair per activation row,
   while the bytes ``PREFETCH_BYTES`` ahead are requested. Decode streams every weight byte
   exactly once per token, so the stream must never wait on memory. The adjoint (``g @ W``)
@@ -44,7 +45,8 @@ from ember.io.quants import FORMATS, BlockFormat
 from ember.ir.graph import Eqn
 from ember.ops.quantized import dequantize_p, quant_matmul_p
 
-__all__ = ["BLAS_ROWS", "DIRECT_ROWS", "PANEL_BYTES", "PREFETCH_BYTES", "helpers"]
+__all__ = ["BLAS_ROWS", "DIRECT_ROWS", "PANEL_BYTES", "PREFETCH_BYTES", "SERIAL_BYTES",
+           "helpers"]
 
 # Rows of activations one pass of the direct kernel multiplies (its accumulators stay in
 # registers); more rows take several passes, each reading W again (from cache).
@@ -55,8 +57,12 @@ BLAS_ROWS = 32
 # Bytes of the float32 panel of decoded W rows that BLAS multiplies (fits in L2).
 PANEL_BYTES = 1 << 20
 # How far ahead of the block it decodes the direct kernel asks for W (measured on SmolLM2's
-# decode: 2-4 KiB are best; without it the stream waits on memory, 1.3x slower on one core).
+# decode: 2 to 8 KiB ahead are alike; without it the stream waits on memory, 1.3x slower).
 PREFETCH_BYTES = 2048
+# Bytes of W (times rows of x) below which the direct kernel runs on one thread: waking a
+# passive OpenMP thread (decision 0016) costs about 45 us on this project's VM, the time one
+# core takes to stream and multiply about this much.
+SERIAL_BYTES = 1 << 18
 
 SIMD = r"""
 #include <stdlib.h>
@@ -318,7 +324,7 @@ void ember_qmv_$F_m$M(int64_t N, int64_t K, const float *x, const uint8_t *w, fl
        then half of the rest...), one stream that prefetching keeps ahead of, and the shrinking
        chunks at the end still let a thread that lost its core on a busy machine leave its
        rows to the others instead of holding up the whole product. */
-    #pragma omp parallel for schedule(guided)
+    #pragma omp parallel for schedule(guided) if (N * blocks * $BB * $M >= $SERIAL)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t *row = w + n * blocks * $BB;
         ember_vf acc[$M][2];
@@ -432,6 +438,7 @@ void ember_qmm_$F(int adjoint, int64_t M, int64_t N, int64_t K, const float *x,
 def _instance(template: str, fmt: BlockFormat, m: int = 0) -> str:
     """``template`` for format ``fmt`` (and ``m`` rows of activations)."""
     subs = {"$PANEL": str(PANEL_BYTES), "$PREFETCH": str(PREFETCH_BYTES),
+            "$SERIAL": str(SERIAL_BYTES),
             "$BB": str(fmt.block_bytes), "$B": str(fmt.block), "$V": str(fmt.block // 16),
             "$M": str(m), "$F": fmt.name}
     for key, value in subs.items():  # "$BB" before "$B"
