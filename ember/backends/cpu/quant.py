@@ -438,9 +438,8 @@ void ember_qmm_$F(int adjoint, int64_t M, int64_t N, int64_t K, const float *x,
 def _instance(template: str, fmt: BlockFormat, m: int = 0) -> str:
     """``template`` for format ``fmt`` (and ``m`` rows of activations)."""
     subs = {"$PANEL": str(PANEL_BYTES), "$PREFETCH": str(PREFETCH_BYTES),
-            "$SERIAL": str(SERIAL_BYTES),
-            "$BB": str(fmt.block_bytes), "$B": str(fmt.block), "$V": str(fmt.block // 16),
-            "$M": str(m), "$F": fmt.name}
+            "$SERIAL": str(SERIAL_BYTES), "$BB": str(fmt.block_bytes), "$B": str(fmt.block),
+            "$V": str(fmt.block // 16), "$M": str(m), "$F": fmt.name}
     for key, value in subs.items():  # "$BB" before "$B"
         template = template.replace(key, value)
     return template
