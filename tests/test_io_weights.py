@@ -472,7 +472,8 @@ def test_gguf_parser_matches_the_gguf_package_on_every_value_type(tmp_path):
               "i32": (-7 << 20, gguf.GGUFValueType.INT32),
               "u64": (7 << 40, gguf.GGUFValueType.UINT64),
               "i64": (-7 << 40, gguf.GGUFValueType.INT64),
-              "f32": (0.25, gguf.GGUFValueType.FLOAT32), "f64": (1e-300, gguf.GGUFValueType.FLOAT64),
+              "f32": (0.25, gguf.GGUFValueType.FLOAT32),
+              "f64": (1e-300, gguf.GGUFValueType.FLOAT64),
               "flag": (False, gguf.GGUFValueType.BOOL), "text": ("ünï", gguf.GGUFValueType.STRING)}
     for name, (value, kind) in values.items():
         writer.add_key_value(name, value, kind)
