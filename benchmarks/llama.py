@@ -128,11 +128,12 @@ class Ember:
 
 def program_memory(part: str, lowerings: list) -> list[str]:
     """One line per program ember compiled for ``part``: its peak memory and arena, named by
-    its first integer array input (the token ids: a prompt, one token, a training batch)."""
+    its first signed integer array input (the token ids: a prompt, one token, a training
+    batch; packed weights are unsigned bytes)."""
     lines = []
     for lowered in lowerings:
         report = lowered.compile().memory_analysis()
-        ids = [str(a) for a in lowered.graph.in_avals if a.dtype.kind in "iu" and a.ndim > 0]
+        ids = [str(a) for a in lowered.graph.in_avals if a.dtype.kind == "i" and a.ndim > 0]
         lines.append(f"  {part} program ({ids[0] if ids else 'no ids'}): peak "
                      f"{report.peak_bytes / 2**20:.1f} MiB, arena {report.temp_bytes / 2**20:.1f}"
                      f" MiB (lower bound {report.temp_lower_bound / 2**20:.1f} MiB)")

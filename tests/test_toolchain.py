@@ -443,3 +443,20 @@ def test_programs_running_numpy_equations_are_not_kept(cache):
     np.testing.assert_array_equal(np.asarray(ember.jit(lambda x: enp.sort(x * 2.0))(x)),
                                   np.sort(np.asarray(x) * 2.0))
     assert _program_entries(cache) == []
+
+
+@pytest.mark.parametrize("load, user, expected", [
+    (1.2, None, None),          # only this process running: the runtime's bounded spin
+    (5.0, None, "passive"),     # busy cores: sleep at once
+    (5.0, "active", "active"),  # the user's choice wins
+    (0.0, "passive", "passive"),
+])
+def test_openmp_wait_policy_follows_the_load_unless_the_user_chose(monkeypatch, load, user,
+                                                                   expected):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    if user is not None:
+        monkeypatch.setenv("OMP_WAIT_POLICY", user)
+    monkeypatch.setattr(toolchain.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(toolchain.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    toolchain._openmp_wait_policy()
+    assert os.environ.get("OMP_WAIT_POLICY") == expected

@@ -339,7 +339,7 @@ def parallel_pieces(tasks: int) -> str:
 GEMV_MIN_ROWS = 1
 GEMV_ROWS = 8
 # Elements of W below which the kernel runs on one thread: OpenMP threads that wait passively
-# (``toolchain._passive_openmp``) take tens of microseconds to wake, more than a 1 MB product
+# (``toolchain._openmp_wait_policy``) take tens of microseconds to wake, more than a 1 MB product
 # gains from a second core (measured: 576 x 576 runs as fast on one thread as on two).
 GEMV_THREADED_ELEMENTS = 1 << 19
 

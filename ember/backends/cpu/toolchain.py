@@ -135,20 +135,27 @@ def cache_key(source: str, library: Library = Library()) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
-def _passive_openmp() -> None:
-    """Make OpenMP threads sleep, not spin, between parallel regions (unless the user chose).
+def _openmp_wait_policy() -> None:
+    """Let OpenMP threads spin briefly between parallel regions on idle cores, and sleep at once
+    on busy ones (unless the user chose, with ``OMP_WAIT_POLICY``).
 
     OpenMP's is the program's only pool (BLAS runs single-threaded on its threads: decision
-    0016), so a spinning thread starves no other pool; but the cores are often shared with
-    other processes, and there a thread that spins, or that a static loop waits for while it
-    is descheduled, costs whole time slices. Measured on 2 shared cores (load 4-5): the MLP
-    step of ``benchmarks/overhead.py`` takes 0.86 ms passive, 1.1 ms with 1000 spins, 3-5 ms
-    with 10^4 or more; SmolLM2 decode 9.8 tok/s passive, 1.9 with the runtime's default spin.
-    On idle cores spinning gains at most 10% (same step, 16-core machine pinned to 2 cores).
-    The runtime reads the setting when it loads, so it is set before ember loads any library;
-    a runtime another library loaded first (torch) keeps its own policy.
+    0016), so a spinning thread starves no other pool of ours. On idle cores waking a sleeping
+    thread costs ~45 us a parallel region, and a decode step has ~120 regions: measured on 2
+    idle cores, SmolLM2 decode 23.6 tok/s passive against 34.3 with the runtime's bounded spin,
+    Q4_1 59 against 88. On cores other processes also use, a spinning thread costs whole time
+    slices: decode 21.1 passive against 16.7 spinning with two busy processes beside it, and 9.8
+    against 1.9 at a load of 4-5. So the runtime keeps its default (a bounded spin) unless the
+    load average, less this process, is already half the cores this process may use. The
+    runtime reads the setting when it loads, so it is decided before ember loads any library,
+    once per process; a runtime another library loaded first (llama.cpp's, torch's) keeps its
+    own policy.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if os.getloadavg()[0] - 1 >= (cores or 1) / 2:
+        os.environ["OMP_WAIT_POLICY"] = "passive"
 
 
 @dataclass(frozen=True)
@@ -270,7 +277,7 @@ def load(key: str) -> ctypes.CDLL | None:
     with _MEMO_LOCK:
         lib = _MEMO.get((directory, key))
         if lib is None:
-            _passive_openmp()
+            _openmp_wait_policy()
             try:
                 lib = ctypes.CDLL(os.path.join(directory, key + ".so"))
             except OSError:  # absent, truncated, or a library it links has gone
@@ -315,7 +322,7 @@ def shared_library(source: str, library: Library = Library()) -> str:
 
 def _load_or_build(source: str, library: Library, key: str, directory: str,
                    header: Header | None) -> ctypes.CDLL:
-    _passive_openmp()
+    _openmp_wait_policy()
     os.makedirs(directory, exist_ok=True)
     so_path = os.path.join(directory, key + ".so")
     if os.path.exists(so_path):
