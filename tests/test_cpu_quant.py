@@ -270,11 +270,24 @@ def test_packed_llama_forward_and_qlora_grad_match_the_numpy_backend(fmt):
     assert f"ember_qmvt_{fmt}_m" in text and f"ember_decode_rows_{fmt}(" in text
 
 
+def _products_on_one_and_two_threads(cases):
+    """The products of ``cases`` (x, packed W, format, adjoint) compiled as one program and run
+    with 1 and with 2 threads: (results on 1, results on 2, the program's C)."""
+    from test_cpu_gemv import results_on_threads
+
+    xs, ws = [c[0] for c in cases], [c[1] for c in cases]
+
+    def fn(xs, ws):
+        return _products([(x, w, fmt, adj) for x, w, (_, _, fmt, adj) in zip(xs, ws, cases)])
+
+    one, source = results_on_threads(fn, (xs, ws), 1)
+    two, _ = results_on_threads(fn, (xs, ws), 2)
+    return one, two, source
+
+
 def test_direct_kernels_on_threads_give_the_bits_of_one_thread():
     """Above ``SERIAL_BYTES`` of W the direct kernels share W's rows among the threads (below,
     one thread runs them all): every row's sum is still made by one thread in one order."""
-    from test_cpu_gemv import results_on_threads
-
     rng = np.random.default_rng(13)
     cases = []
     for i, fmt in enumerate(FORMATS):
@@ -283,13 +296,7 @@ def test_direct_kernels_on_threads_give_the_bits_of_one_thread():
         packed = random_blocks(fmt, n, k, seed=30 + i)
         for m in (1, 3):
             cases.append((rng.standard_normal((m, k)).astype(np.float32), packed, fmt, False))
-    xs, ws = [c[0] for c in cases], [c[1] for c in cases]
-
-    def fn(xs, ws):
-        return _products([(x, w, fmt, adj) for x, w, (_, _, fmt, adj) in zip(xs, ws, cases)])
-
-    one, source = results_on_threads(fn, (xs, ws), 1)
-    two, _ = results_on_threads(fn, (xs, ws), 2)
+    one, two, source = _products_on_one_and_two_threads(cases)
     assert source.count("ember_qmv_") >= 2 * len(FORMATS)
     for (x, w, fmt, _), a, b in zip(cases, one, two, strict=True):
         assert w.nbytes * len(x) >= quant.SERIAL_BYTES
@@ -299,8 +306,6 @@ def test_direct_kernels_on_threads_give_the_bits_of_one_thread():
 
 
 def test_panels_are_cut_into_pieces_with_the_same_bits_on_one_and_two_threads():
-    from test_cpu_gemv import results_on_threads
-
     rng = np.random.default_rng(12)
     m, n, k = quant.BLAS_ROWS + 8, 256, 512
     cases = []
@@ -310,13 +315,7 @@ def test_panels_are_cut_into_pieces_with_the_same_bits_on_one_and_two_threads():
             assert quant.panel_step(fmt, adjoint, m, n, k) < (k if adjoint else n)  # pieces
             x = rng.standard_normal((m, n if adjoint else k)).astype(np.float32)
             cases.append((x, packed, fmt, adjoint))
-    xs, ws = [c[0] for c in cases], [c[1] for c in cases]
-
-    def fn(xs, ws):
-        return _products([(x, w, fmt, adj) for x, w, (_, _, fmt, adj) in zip(xs, ws, cases)])
-
-    one, source = results_on_threads(fn, (xs, ws), 1)
-    two, _ = results_on_threads(fn, (xs, ws), 2)
+    one, two, source = _products_on_one_and_two_threads(cases)
     assert source.count("ember_qmm_") >= 2 * len(FORMATS)
     for (x, w, fmt, adjoint), a, b in zip(cases, one, two, strict=True):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), f"{fmt} {adjoint}")
