@@ -89,24 +89,28 @@ def test_kernel_matches_float64_numpy(kernel, a_t, b_t):
             assert np.isnan(out[:, n:]).all(), f"{what}: wrote past N"
 
 
-# One product per layout, each with enough work to run on several threads.
-THREADED = [(200, 600, 300), (97, 129, 513), (64, 256, 256), (300, 70, 112)]
+# One product per layout, each with enough work to run on several threads, and one whose
+# threads' shares are uneven and cut into several runs of B panels (35 panels: 17 and 18 on two
+# threads, 11, 12, 12 on three; runs of at most gemm.B_PANELS).
+THREADED = [(200, 600, 300), (97, 129, 513), (64, 256, 256), (300, 70, 112), (60, 1100, 200)]
 
 
 def test_kernel_is_the_same_bits_on_any_thread_count(kernel):
     call, openmp = kernel
     assert all(m * n * k >= gemm.THREADED_WORK for m, n, k in THREADED)
-    cases = [(a_t, b_t, m, n, k, *_operands(np.random.default_rng(m), m, n, k, a_t, b_t)[:2])
-             for (a_t, b_t), (m, n, k) in zip(LAYOUTS, THREADED)]
+    cases = [(a_t, b_t, m, n, k, *_operands(np.random.default_rng(m), m, n, k, a_t, b_t))
+             for (a_t, b_t), (m, n, k) in zip(LAYOUTS * 2, THREADED)]
     before = openmp.max_threads()
     results = {}
     try:
         for threads in (1, 2, 3):
             openmp.threads(threads)
             results[threads] = [_product(call, a, a_t, b, b_t, m, n, k, ldc=n)
-                                for a_t, b_t, m, n, k, a, b in cases]
+                                for a_t, b_t, m, n, k, a, b, _, _ in cases]
     finally:
         openmp.threads(before)
+    for case, one in zip(cases, results[1], strict=True):
+        _assert_product(one, *case[-2:], f"M, N, K = {case[2:5]}")
     for threads in (2, 3):
         for one, many in zip(results[1], results[threads], strict=True):
             np.testing.assert_array_equal(one.view(np.uint32), many.view(np.uint32))

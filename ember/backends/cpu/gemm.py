@@ -158,6 +158,27 @@ static inline __attribute__((always_inline)) void ember_gemm_tile(
         }
 }
 
+/* One run: B's panels j0 .. j1 (k steps k0 .. k0 + steps) packed into `run`, then multiplied
+   by each packed A panel p0 .. p1 in turn: an A panel stays in L1/L2 while the run's B panels
+   stream past it (L2). */
+static void ember_gemm_run(int64_t M, int64_t N, int64_t k0, int64_t steps, int64_t kc,
+                           const float *a_block, int64_t p0, int64_t p1, const float *B,
+                           int64_t b_row, int64_t b_col, int64_t j0, int64_t j1, float *run,
+                           float *C, int64_t ldc) {
+    for (int64_t j = j0; j < j1; ++j) {
+        const int64_t cols = N - j * NR < NR ? N - j * NR : NR;
+        ember_gemm_pack(cols, steps, B + j * NR * b_col + k0 * b_row, b_col, b_row,
+                        run + (j - j0) * NR * kc, NR);
+    }
+    for (int64_t i = p0; i < p1; ++i) {
+        const int rows = M - i * MR < MR ? (int)(M - i * MR) : MR;
+        for (int64_t j = j0; j < j1; ++j)
+            ember_gemm_tile(steps, a_block + (i - p0) * MR * kc, run + (j - j0) * NR * kc,
+                            C + i * MR * ldc + j * NR, ldc, rows,
+                            N - j * NR < NR ? (int)(N - j * NR) : NR, k0 > 0);
+    }
+}
+
 /* C[M, N] (row stride ldc) = A[M, K] B[K, N], element (i, k) of A at A[i * a_row + k * a_col],
    (k, j) of B at B[k * b_row + j * b_col]; a_row or a_col is 1, and b_row or b_col. */
 void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t a_row,
@@ -169,15 +190,13 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
     /* A's packed block: at most A_BLOCK_BYTES of whole panels (at least one). */
     const int64_t fit_a = A_BLOCK_BYTES / (MR * kc * (int64_t)sizeof(float));
     const int64_t block = fit_a < 1 ? 1 : fit_a < a_panels ? fit_a : a_panels;
-    /* Tasks: runs of at most run_panels B panels (RUN_BYTES, at least one panel), a multiple
-       of the thread count of them, the panels dealt evenly (which thread sums an element
-       never changes its bits). */
+    /* Each thread a contiguous share of B's panels (sizes differing by at most one), cut into
+       runs of even sizes, at most run_panels each (RUN_BYTES, at least one panel). Dealt up
+       front, not taken in turn: runs of 4, 5, 4, 5 panels taken dynamically left two threads
+       8 and 10 of N = 576's 18. Which thread sums an element never changes its bits. */
     const int threads = M * N * K >= THREADED_WORK ? omp_get_max_threads() : 1;
     const int64_t fit_b = RUN_BYTES / (NR * kc * (int64_t)sizeof(float));
     const int64_t run_panels = fit_b < 1 ? 1 : fit_b > B_PANELS ? B_PANELS : fit_b;
-    const int64_t per_round = threads * run_panels;
-    const int64_t rounds = (b_panels + per_round - 1) / per_round;
-    const int64_t tasks = rounds * threads < b_panels ? rounds * threads : b_panels;
     /* One allocation: A's block, then each thread's run (both parts multiples of 16 floats,
        so every panel starts 64-byte aligned). */
     const size_t a_floats = ((size_t)block * MR * kc + 15) / 16 * 16;
@@ -200,23 +219,15 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
                                 scratch + (p - p0) * MR * kc, MR);
             }
             float *run = scratch + a_floats + omp_get_thread_num() * run_floats;
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < tasks; ++t) {
-                const int64_t j0 = t * b_panels / tasks, j1 = (t + 1) * b_panels / tasks;
-                for (int64_t j = j0; j < j1; ++j) {
-                    const int64_t cols = N - j * NR < NR ? N - j * NR : NR;
-                    ember_gemm_pack(cols, steps, B + j * NR * b_col + k0 * b_row, b_col, b_row,
-                                    run + (j - j0) * NR * kc, NR);
-                }
-                /* An A panel stays in L1/L2 while the run's B panels stream past it (L2). */
-                for (int64_t i = p0; i < p1; ++i) {
-                    const int rows = M - i * MR < MR ? (int)(M - i * MR) : MR;
-                    for (int64_t j = j0; j < j1; ++j)
-                        ember_gemm_tile(steps, scratch + (i - p0) * MR * kc,
-                                        run + (j - j0) * NR * kc, C + i * MR * ldc + j * NR,
-                                        ldc, rows, N - j * NR < NR ? (int)(N - j * NR) : NR,
-                                        k0 > 0);
-                }
+            #pragma omp for schedule(static)
+            for (int64_t share = 0; share < threads; ++share) {
+                const int64_t s0 = share * b_panels / threads;
+                const int64_t size = (share + 1) * b_panels / threads - s0;
+                const int64_t runs = (size + run_panels - 1) / run_panels;
+                for (int64_t r = 0; r < runs; ++r)
+                    ember_gemm_run(M, N, k0, steps, kc, scratch, p0, p1, B, b_row, b_col,
+                                   s0 + r * size / runs, s0 + (r + 1) * size / runs, run, C,
+                                   ldc);
             }  /* the implied barrier: A's next block may overwrite this one */
         }
     }
