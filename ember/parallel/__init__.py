@@ -1,0 +1,1 @@
+"""Native parallelism: devices, meshes, sharded arrays, communicators and runtimes."""
