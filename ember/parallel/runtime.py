@@ -1,17 +1,28 @@
-"""Which runtime this process runs under: how many processes the job has and which one this is.
+"""Which runtime this process runs under, and the communicator of the device running now.
 
 A job is either one process (the default: any number of virtual devices, see ``EMBER_CPU_DEVICES``)
 or several processes started by ``ember launch`` (MPI). The process count is read from MPI's
 ``COMM_WORLD`` when the process was started by an MPI launcher, and mpi4py is imported only
 then, so ember imports and runs without it.
+
+Virtual devices run as threads (:func:`run_on_devices`); each thread sees its own device index
+and communicator through :func:`local_device` and :func:`world`, so code written for one device
+(a per-device program, a ``shard_map`` body) needs no extra arguments to find its peers.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from ember.errors import EmberError
+from ember.errors import EmberError, EmberValueError, op_error
+from ember.parallel.communicator import Communicator
+from ember.parallel.threads import ThreadCommunicator
+
+T = TypeVar("T")
 
 # Set by the process managers of MPICH/Intel MPI (hydra), Open MPI and PMIx launchers.
 _MPI_LAUNCH_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
@@ -46,3 +57,79 @@ def process_count() -> int:
 def process_index() -> int:
     """This process's index in the job, from 0: its MPI rank, or 0 when not launched."""
     return mpi_world().Get_rank() if launched_under_mpi() else 0
+
+
+_current = threading.local()  # .device, .world: set on the threads of run_on_devices
+
+
+def local_device() -> int:
+    """The index of the virtual device the calling thread runs, from 0 (0 outside
+    :func:`run_on_devices`)."""
+    return getattr(_current, "device", 0)
+
+
+def world() -> Communicator:
+    """The communicator over every device of the job, seen from the calling device: its
+    virtual devices' group inside :func:`run_on_devices`, else the MPI processes when launched
+    under MPI, else a group of one."""
+    comm = getattr(_current, "world", None)
+    if comm is not None:
+        return comm
+    return _mpi_communicator() if launched_under_mpi() else _single()
+
+
+@functools.cache
+def _single() -> Communicator:
+    return ThreadCommunicator.world(1)[0]
+
+
+@functools.cache
+def _mpi_communicator() -> Communicator:
+    from ember.parallel.mpi import MPICommunicator
+
+    return MPICommunicator(mpi_world())
+
+
+def run_on_devices(fn: Callable[[int], T], n: int, *,
+                   timeout: float | None = None) -> list[T]:
+    """Run ``fn(i)`` for ``i`` in ``range(n)``, each on its own thread as virtual device ``i``
+    with its own :func:`world` communicator; return the results in device order.
+
+    When a call raises, every device blocked in a collective stops at once with
+    :class:`~ember.parallel.communicator.CollectiveAbortedError`; once every thread has
+    stopped the first error is raised here. ``timeout`` overrides ``EMBER_COLLECTIVE_TIMEOUT``.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise op_error(EmberValueError, "run_on_devices", f"n={n!r}: expected an int >= 1")
+    if getattr(_current, "world", None) is not None:
+        raise op_error(EmberValueError, "run_on_devices",
+                       f"called on virtual device {local_device()}, inside another "
+                       "run_on_devices: virtual devices do not nest")
+    comms = ThreadCommunicator.world(n, timeout)
+    results: list[Any] = [None] * n
+
+    def device(i: int) -> None:
+        _current.device, _current.world = i, comms[i]
+        try:
+            results[i] = fn(i)
+        except BaseException as e:  # re-raised in the caller once every thread stopped
+            comms[i].abort(e)
+        else:
+            comms[i].finish()
+
+    threads = [threading.Thread(target=device, args=(i,), name=f"ember-device-{i}", daemon=True)
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt as e:
+        comms[0].abort(e)
+        for t in threads:
+            t.join()
+        raise
+    failure = comms[0].failure
+    if failure is not None:
+        raise failure
+    return results

@@ -1,0 +1,168 @@
+"""Virtual devices in one process: one Python thread per device, collectives in shared memory.
+
+Each collective has a slot, keyed by its sequence number, where every rank leaves its
+signature and a copy of its input; once all have arrived each rank computes its own result
+from the inputs in rank order (:func:`~.communicator.local_result`). One condition variable
+guards every group of a run (the world and the groups ``split`` made from it), so a failure
+anywhere wakes every waiting thread: a failed run records its first error, and every rank
+then raises instead of waiting for peers that will never come.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ember.parallel.communicator import (
+    CollectiveAbortedError,
+    CollectiveMismatchError,
+    Communicator,
+    Handle,
+    Signature,
+    local_result,
+    split_groups,
+)
+
+
+class _Run:
+    """What every communicator of one run of virtual devices shares."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.failure: BaseException | None = None
+        self.failed_device: int | None = None
+        self.finished: set[int] = set()  # devices whose function returned
+
+    def fail(self, device: int, error: BaseException) -> None:
+        """Record the first failure and wake every waiting thread."""
+        with self.cond:
+            if self.failure is None:
+                self.failure, self.failed_device = error, device
+            self.cond.notify_all()
+
+
+class _Group:
+    """The shared state of one group: its devices and the slots of collectives in flight."""
+
+    def __init__(self, run: _Run, devices: tuple[int, ...], name: str) -> None:
+        self.run, self.devices, self.name = run, devices, name
+        self.slots: dict[int, _Slot] = {}
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self.signatures: dict[int, Signature] = {}
+        self.inputs: dict[int, Any] = {}
+        self.taken = 0
+        self.shared: dict[int, _Group] = {}  # split: each color's new group, made once
+
+
+class ThreadCommunicator(Communicator):
+    """One virtual device's view of its group; every rank runs on its own thread."""
+
+    def __init__(self, group: _Group, rank: int, timeout: float | None = None) -> None:
+        super().__init__(rank, len(group.devices), group.name, group.devices, timeout)
+        self._group = group
+
+    @classmethod
+    def world(cls, n: int, timeout: float | None = None) -> list[ThreadCommunicator]:
+        """The communicators of ``n`` new virtual devices, one per rank, to hand to n threads."""
+        group = _Group(_Run(), tuple(range(n)), "world")
+        return [cls(group, rank, timeout) for rank in range(n)]
+
+    def abort(self, error: BaseException) -> None:
+        """This device failed outside a collective: every rank blocked in one stops."""
+        self._group.run.fail(self.members[self.rank], error)
+
+    def finish(self) -> None:
+        """This device's function returned: ranks still waiting for it stop at once."""
+        run = self._group.run
+        with run.cond:
+            run.finished.add(self.members[self.rank])
+            run.cond.notify_all()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The first error of the run, if any rank failed."""
+        return self._group.run.failure
+
+    def _start(self, sig: Signature, x: np.ndarray | None) -> Handle:
+        # A copy: the caller may write x before the slower peers have read it.
+        self._arrive(sig, None if x is None else np.array(x, copy=True))
+        return _ThreadHandle(self, sig)
+
+    def _split(self, sig: Signature, color: int, key: int) -> Communicator:
+        self._arrive(sig, (color, key))
+        inputs, slot = self._gather(sig)
+        ranks = split_groups(tuple(inputs))[color]
+        with self._group.run.cond:
+            group = slot.shared.get(color)
+            if group is None:
+                devices = tuple(self.members[r] for r in ranks)
+                group = slot.shared[color] = _Group(self._group.run, devices,
+                                                     f"{self.name}/{color}")
+        return ThreadCommunicator(group, ranks.index(self.rank), self._timeout)
+
+    def _arrive(self, sig: Signature, payload: Any) -> None:
+        run = self._group.run
+        with run.cond:
+            self._raise_if_failed(sig)
+            slot = self._group.slots.setdefault(sig.seq, _Slot())
+            slot.signatures[self.rank] = sig
+            slot.inputs[self.rank] = payload
+            if any(other != sig for other in slot.signatures.values()):
+                self._fail(self._mismatch_error(slot.signatures))
+            run.cond.notify_all()
+
+    def _gather(self, sig: Signature) -> tuple[list[Any], _Slot]:
+        """Wait until every rank arrived at ``sig``'s slot; their inputs in rank order."""
+        run = self._group.run
+        deadline = time.monotonic() + self.timeout
+        with run.cond:
+            while True:
+                self._raise_if_failed(sig)
+                slot = self._group.slots[sig.seq]
+                missing = [r for r in range(self.size) if r not in slot.signatures]
+                if not missing:
+                    break
+                gone = [r for r in missing if self.members[r] in run.finished]
+                if gone:
+                    self._fail(CollectiveMismatchError(
+                        f"{self._where(sig)}: {self._ranks(gone)} returned without calling it "
+                        f"(seen on rank {self.rank})"))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._fail(self._timeout_error(sig, missing))
+                run.cond.wait(remaining)
+            slot.taken += 1
+            if slot.taken == self.size:
+                del self._group.slots[sig.seq]
+            return [slot.inputs[r] for r in range(self.size)], slot
+
+    def _fail(self, error: BaseException) -> None:
+        self._group.run.fail(self.members[self.rank], error)
+        raise error
+
+    def _raise_if_failed(self, sig: Signature) -> None:
+        run = self._group.run
+        if run.failure is not None:
+            raise CollectiveAbortedError(
+                f"{self._where(sig)} abandoned on rank {self.rank}: device {run.failed_device} "
+                f"failed: {type(run.failure).__name__}: {run.failure}") from run.failure
+
+
+class _ThreadHandle(Handle):
+    def __init__(self, comm: ThreadCommunicator, sig: Signature) -> None:
+        self._comm, self._sig = comm, sig
+        self._done, self._result = False, None
+
+    def wait(self) -> np.ndarray | None:
+        if not self._done:
+            inputs, _ = self._comm._gather(self._sig)
+            if self._sig.kind != "barrier":
+                self._result = local_result(self._sig, inputs, self._comm.rank)
+            self._done = True
+        return self._result
