@@ -12,11 +12,12 @@ per piece: up to 16 times per product. This kernel packs each operand once per c
   operand is packed once per call when ``K`` is at most ``KC`` and ``A`` packs into
   ``A_BLOCK_BYTES`` (SmolLM2's products); otherwise ``B`` once per block of ``A``.
 - **Micro-kernel.** ``MR`` x ``NR`` = 14 x 32 results in 28 AVX-512 registers: per k two vector
-  loads of the ``B`` panel, 14 broadcasts of the ``A`` panel, 28 fused multiply-adds.
+  loads of the ``B`` panel, 14 broadcasts of the ``A`` panel, 28 fused multiply-adds; the k
+  loop unrolled by 4.
 - **Blocking.** K in equal blocks of at most ``KC`` steps, in order; within one, ``A`` in
-  blocks of whole panels; a thread's task is one run of ``B`` panels (up to 256 columns of
-  the result), and each ``A`` panel in turn meets every panel of the run, so it is read from
-  L2, not L3.
+  blocks of whole panels; each thread takes an even, contiguous share of ``B``'s panels,
+  cut into runs (up to 256 columns of the result), and each ``A`` panel in turn meets every
+  panel of a run, so it is read from L2, not L3.
 - **Determinism.** Every result element is one chain of fused multiply-adds over k in order
   0 .. K-1, started at zero: a later K block reloads the float32 partial sums from the result
   and continues the chain (the same bits as unbroken). The threads split only the columns,
