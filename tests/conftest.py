@@ -14,6 +14,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Eight virtual CPU devices for the parallel tests (meshes of 1, 2, 4 and 8 take a subset).
+# Set before anything calls ember.parallel.devices(), which reads it once.
+os.environ["EMBER_CPU_DEVICES"] = "8"
+
 
 def _missing_references() -> list[str]:
     missing = []

@@ -19,6 +19,7 @@ LAYERS = [
     ["transforms", "lax", "random"],
     ["compiler"],
     ["backends.cpu"],
+    ["parallel"],
     ["nn", "optim"],
     ["models"],
     ["cli"],

@@ -17,6 +17,7 @@ Two traces live at this layer because everything above needs them:
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -91,48 +92,59 @@ class EvalTrace(Trace):
     """Level 0: run primitives now. Only used as the bottom of the stack."""
 
 
-_stack: list[MainTrace] = [MainTrace(0, EvalTrace)]
-_dynamic: list[MainTrace] = [_stack[0]]
+class _Stacks(threading.local):
+    """The active transformations, per thread: a thread (a virtual device's) runs eagerly
+    while another traces, each starting from its own eval trace."""
+
+    def __init__(self):
+        bottom = MainTrace(0, EvalTrace)
+        self.stack: list[MainTrace] = [bottom]
+        self.dynamic: list[MainTrace] = [bottom]
+
+
+_stacks = _Stacks()
 
 
 @contextlib.contextmanager
 def new_main(trace_type: type[Trace], payload: Any = None, dynamic: bool = False
              ) -> Iterator[MainTrace]:
     """Push a transformation; ``dynamic`` makes it receive even operations on constants."""
-    main = MainTrace(len(_stack), trace_type, payload, dynamic)
-    _stack.append(main)
+    stacks = _stacks
+    main = MainTrace(len(stacks.stack), trace_type, payload, dynamic)
+    stacks.stack.append(main)
     if dynamic:
-        _dynamic.append(main)
+        stacks.dynamic.append(main)
     try:
         yield main
     finally:
         main.active = False
-        _stack.pop()
+        stacks.stack.pop()
         if dynamic:
-            _dynamic.pop()
+            stacks.dynamic.pop()
 
 
 def innermost_main() -> MainTrace:
     """The transformation pushed last (the eval trace when none is active)."""
-    return _stack[-1]
+    return _stacks.stack[-1]
 
 
 def innermost_dynamic() -> MainTrace:
     """The innermost transformation that stages every operation (a jit or body trace), or the
     eval trace when none is active."""
-    return _dynamic[-1]
+    return _stacks.dynamic[-1]
 
 
 def tracing_active() -> bool:
     """True when some transformation other than the eval trace is active."""
-    return len(_stack) > 1
+    return len(_stacks.stack) > 1
 
 
 def bind(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
     """Apply ``prim`` to ``args``: route it to the innermost transformation that owns an arg."""
-    if len(_stack) == 1:  # nothing is traced: run it now (eval_primitive refuses tracers)
+    stacks = _stacks
+    if len(stacks.stack) == 1:  # nothing is traced: run it now (eval_primitive refuses tracers)
         return eval_primitive(prim, args, params)
-    top = _dynamic[-1]
+    top = stacks.dynamic[-1]
     for a in args:
         if isinstance(a, Tracer):
             main = a._trace.main
@@ -167,7 +179,8 @@ def to_array(value: Any) -> Array:
     never change behind its back (decision record 0008).
     """
     if isinstance(value, Array):
-        if not isinstance(value, Tracer) and value._buffer is None:
+        # (A tracer has no buffer; a sharded array checks its own buffers when it is read.)
+        if type(value) is Array and value._buffer is None:
             raise EmberError(f"this array was donated to a jitted function and can no longer "
                              f"be used\n  at {user_frame()}")
         return value
@@ -195,6 +208,18 @@ def shared_array(value: np.ndarray) -> Array:
     return Array(view, type_of(view))
 
 
+# Array subclasses whose operations run elsewhere (a sharded array's, per device), with the
+# function that runs them: registered by the layer that defines them, which this one cannot
+# import. Looked up only off the fast path (operands that are not plain Arrays).
+_EAGER_HANDLERS: dict[type, Callable[[Primitive, Sequence[Any], dict[str, Any]], Any]] = {}
+
+
+def register_eager_handler(cls: type, handler: Callable[..., Any]) -> None:
+    """Run every eager primitive that has an operand of type ``cls`` as
+    ``handler(prim, args, params)``."""
+    _EAGER_HANDLERS[cls] = handler
+
+
 def eval_primitive(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
     avals, buffers = [], []
     backend: Backend | None = None
@@ -202,6 +227,9 @@ def eval_primitive(prim: Primitive, args: Sequence[Any], params: dict[str, Any])
         if type(a) is not Array or a._buffer is None:  # else nothing to convert or check
             if isinstance(a, Tracer):  # reached the eval trace: its transformation is over
                 raise escaped_tracer(a)
+            handler = _EAGER_HANDLERS.get(type(a))
+            if handler is not None:
+                return handler(prim, args, params)
             a = to_array(a)
         avals.append(a._aval)
         buffers.append(a._buffer)

@@ -15,8 +15,9 @@ class ArrayType:
     """Shape, dtype and placement of an array value.
 
     ``weak`` marks a value that came from a Python scalar and so promotes weakly (NEP 50).
-    ``sharding`` is the slot the parallel layer fills with a partition spec; ``None`` means
-    "not annotated". Both are part of the type, so they are part of the jit cache key.
+    ``sharding`` is an :class:`ember.ir.sharding.Sharding` (which mesh axes split which
+    dimension) or ``None`` for "not annotated". Both are part of the type, so they are part
+    of the jit cache key.
     """
 
     shape: tuple[int, ...]
@@ -67,7 +68,8 @@ class ArrayType:
     def __str__(self) -> str:
         dims = ",".join(str(d) for d in self.shape)
         weak = "~" if self.weak else ""
-        return f"{weak}{dtypes.short_name(self.dtype)}[{dims}]"
+        layout = "" if self.sharding is None else str(self.sharding)  # f32[8,576]{dp,_}
+        return f"{weak}{dtypes.short_name(self.dtype)}[{dims}]{layout}"
 
     __repr__ = __str__
 

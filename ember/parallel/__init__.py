@@ -1,1 +1,31 @@
-"""Native parallelism: devices, meshes, sharded arrays, communicators and runtimes."""
+"""Native parallelism: devices, meshes, sharded arrays, communicators and runtimes.
+
+``docs/parallel.md`` explains the concepts. The runtimes and communicators are reached as
+submodules (``ember.parallel.runtime``, ``ember.parallel.communicator``...).
+"""
+
+from ember.ir.sharding import Sharding, ShardingError
+from ember.parallel import eager  # noqa: F401  (eager operations on sharded arrays)
+from ember.parallel.array import (
+    Shard,
+    ShardedArray,
+    ShardingGatherWarning,
+    device_put,
+    with_sharding_constraint,
+)
+from ember.parallel.mesh import (
+    Device,
+    Mesh,
+    device_count,
+    devices,
+    local_devices,
+    process_count,
+    process_index,
+)
+from ember.parallel.sharding import NamedSharding, PartitionSpec
+
+__all__ = [
+    "Device", "Mesh", "devices", "local_devices", "device_count", "process_index",
+    "process_count", "PartitionSpec", "NamedSharding", "Sharding", "ShardingError",
+    "ShardedArray", "Shard", "ShardingGatherWarning", "device_put", "with_sharding_constraint",
+]
