@@ -27,7 +27,8 @@ ANY = ALL + COMPLEX
 # Primitives owned by other modules (control flow, remat, custom rules, fusion's groups) have
 # their own tests.
 NOT_COVERED_HERE = ("cond", "while", "scan", "remat", "custom_", "checkpoint", "pjit", "call",
-                    "shard", "collective", "all_", "psum", "ppermute", "fused")
+                    "shard", "collective", "all_", "reduce_scatter", "axis_index", "psum",
+                    "ppermute", "fused")
 
 
 @dataclass

@@ -35,9 +35,12 @@ def _route(prim: Primitive, args: tuple, params: dict[str, Any]) -> Any:
 # - ``sort``: sort, argsort, top_k;
 # - ``random``: random bits from a key;
 # - ``library``: computed by a library routine (linear-algebra factorisations, FFT);
-# - ``control``: holds subgraphs (cond, while, scan, remat, custom_vjp, call, fused).
+# - ``control``: holds subgraphs (cond, while, scan, remat, custom_vjp, call, fused);
+# - ``collective``: communicates between the devices of a mesh (all_reduce, all_gather...); a
+#   compiled program runs it as a host step, never inside a kernel.
 KINDS = frozenset({"elementwise", "generator", "movement", "reduction", "cumulative",
-                   "contraction", "indexing", "sort", "random", "library", "control"})
+                   "contraction", "indexing", "sort", "random", "library", "control",
+                   "collective"})
 
 
 class Primitive:
@@ -64,6 +67,10 @@ class Primitive:
 
     ``kind`` (one of :data:`KINDS`) says what sort of computation the primitive is, so fusion
     and code generation decide by kind, never by name.
+
+    ``sharding_rule(eqn_avals..., **params)`` says how the primitive's operands and results can
+    be split over a device mesh (set for every primitive by ``ember.parallel.rules``; the
+    parallel layer sits above this one, as the backends that set ``lowerings`` do).
     """
 
     def __init__(self, name: str, *, kind: str, multiple_results: bool = False):
@@ -82,6 +89,7 @@ class Primitive:
         self.transpose: Callable[..., Any] | None = None
         self.batch: Callable[..., Any] | None = None
         self.partial_eval: Callable[..., Any] | None = None
+        self.sharding_rule: Callable[..., Any] | None = None
         REGISTRY[name] = self
 
     def bind(self, *args: Any, **params: Any) -> Any:

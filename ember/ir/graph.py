@@ -51,12 +51,18 @@ Atom = Var | Literal
 
 @dataclass
 class Eqn:
-    """``outputs = prim[params](inputs)``."""
+    """``outputs = prim[params](inputs)``.
+
+    ``source`` is the user's ``file:line`` that staged the equation (where known), so a pass
+    that acts on it (the partitioner inserting a collective) can say which line caused what.
+    It is not part of the equation's meaning: not compared, not in graph keys.
+    """
 
     prim: Any  # ember.core.primitive.Primitive; typed loosely so ir does not import core
     inputs: list[Atom]
     outputs: list[Var]
     params: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -1,0 +1,483 @@
+"""The SPMD partitioner: one global graph in, one per-device graph with collectives out.
+
+Every device runs the same per-device program on its own blocks of the values (local shapes).
+The partitioner walks the global graph's equations in order, keeping for each value the local
+value that stands for it and that value's :class:`~ember.ir.sharding.Sharding` (its layout,
+partial sums included). For each equation it
+
+1. picks how to split the equation's factors (``ember.parallel.rules``): from the layouts
+   propagation planned (``ember.parallel.propagate``) or from the layouts the operands have
+   now, whichever the cost model finds cheaper;
+2. redistributes each operand whose layout differs from the one that split implies
+   (:func:`plan_reshard`), which writes collectives into the per-device graph;
+3. writes the equation itself on local shapes; its results get the implied layouts, partial
+   over the mesh axes of the factors it sums away (a row-parallel product's contraction).
+
+At the end each output is redistributed to the layout asked for (never partial). Every
+collective inserted is recorded, with the user line of the equation that caused it, in an
+:class:`~ember.parallel.explain.Explanation`.
+
+**Cost model.** A redistribution is a list of steps, each a collective over some mesh axes of
+``n`` devices on a local block of ``B`` bytes; a step costs ``latency + bytes / bandwidth``,
+where ``bytes`` is what each device sends under ring algorithms: all-reduce ``2 (n-1)/n B``,
+all-gather ``(n-1) B``, reduce-scatter and all-to-all ``(n-1)/n B``, collective-permute ``B``;
+taking a local block of a replicated value (a slice at this device's ``axis_index``) is free.
+Where two redistributions reach one layout (reduce-scatter against all-reduce then slice,
+all-to-all against all-gather then slice) the cheaper is taken; an equation's split is the
+candidate whose operand redistributions, plus those that would bring its results to their
+planned layouts, cost least. Computation is not modelled: a split that needs no communication
+is never worse than replicating the work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ember import dtypes
+from ember.errors import EmberError, user_frame
+from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
+from ember.ir.sharding import Sharding
+from ember.ir.types import ArrayType
+from ember.ops import elementwise as ew
+from ember.ops.structural import dynamic_slice_p
+from ember.parallel import collectives as coll
+from ember.parallel.array import sharding_constraint_p
+from ember.parallel.explain import Collective, Explanation
+from ember.parallel.propagate import Layouts, fit, propagate
+from ember.parallel.rules import Rule, rule_for
+
+__all__ = ["partition", "Partitioned", "plan_reshard", "Step", "CostModel"]
+
+Mesh = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds a collective takes: ``latency + bytes / bandwidth`` (per device, ring
+    algorithms). The defaults are in the range of shared-memory and InfiniBand CPU links;
+    only ratios matter for the choices made."""
+
+    bandwidth: float = 10e9  # bytes per second over one device's link
+    latency: float = 5e-6  # seconds per collective
+
+    def seconds(self, steps: Sequence[Step]) -> float:
+        return sum(self.latency + s.nbytes / self.bandwidth for s in steps if s.kind != "slice")
+
+
+def collective_bytes(kind: str, local_bytes: int, n: int) -> int:
+    """Bytes each device sends for one collective over ``n`` devices on a local block of
+    ``local_bytes`` (its input); the formulas of the cost model above."""
+    if kind == "all_reduce":
+        return 2 * (n - 1) * local_bytes // n
+    if kind == "all_gather":
+        return (n - 1) * local_bytes
+    if kind in ("reduce_scatter", "all_to_all"):
+        return (n - 1) * local_bytes // n
+    if kind == "collective_permute":
+        return local_bytes
+    return 0  # slice: local
+
+
+# --- redistribution plans ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a redistribution: a collective or a local slice, on one dimension (two for
+    all_to_all: ``dim`` is concatenated, ``to`` is split)."""
+
+    kind: str
+    axes: tuple[str, ...]
+    dim: int | None = None
+    to: int | None = None
+    nbytes: int = 0
+
+
+def plan_reshard(shape: Sequence[int], itemsize: int, current: Sharding, target: Sharding,
+                 cost: CostModel | None = None) -> list[Step]:
+    """The steps that turn a value of local ``shape`` laid out as ``current`` into
+    ``target`` (``target.partial`` must be a subset of ``current.partial``: partial sums are
+    only ever resolved, never made)."""
+    cost = cost or CostModel()
+    sizes = dict(current.mesh)
+    shape = list(shape)
+    dims = [list(d) for d in current.dims]
+    want = [tuple(d) for d in target.dims]
+    steps: list[Step] = []
+
+    def nbytes() -> int:
+        return math.prod(shape) * itemsize
+
+    def add(kind: str, axes: tuple[str, ...], dim: int | None = None, to: int | None = None
+            ) -> None:
+        n = math.prod(sizes[a] for a in axes)
+        steps.append(Step(kind, axes, dim, to, collective_bytes(kind, nbytes(), n)))
+        if kind in ("all_gather", "all_to_all"):
+            shape[dim] *= n
+        if kind in ("reduce_scatter", "slice", "all_to_all"):
+            shape[to if kind == "all_to_all" else dim] //= n
+
+    def next_axis(d: int) -> str | None:
+        """The axis dimension ``d`` gains next on the way to its target, if it is on the way."""
+        cur, tgt = tuple(dims[d]), want[d]
+        if len(tgt) > len(cur) and tgt[:len(cur)] == cur:
+            return tgt[len(cur)]
+        return None
+
+    pending = [a for a in current.partial if a not in target.partial]
+    # Partial sums first: a reduce-scatter onto a dimension that gains the axis next costs
+    # half an all-reduce and leaves a smaller value for the rest.
+    for a in list(pending):
+        d = next(iter(d for d in range(len(dims)) if next_axis(d) == a
+                      and shape[d] % sizes[a] == 0), None)
+        if d is not None:
+            scatter = collective_bytes("reduce_scatter", nbytes(), sizes[a])
+            if cost.latency + scatter / cost.bandwidth <= cost.latency + collective_bytes(
+                    "all_reduce", nbytes(), sizes[a]) / cost.bandwidth:
+                add("reduce_scatter", (a,), to=d, dim=d)
+                dims[d].append(a)
+                pending.remove(a)
+    if pending:
+        add("all_reduce", tuple(a for a, _ in current.mesh if a in pending))
+    # Axes that split a dimension the target does not split that way: minor-most first.
+    while True:
+        d = next(iter(d for d in range(len(dims)) if tuple(dims[d]) != want[d][:len(dims[d])]),
+                 None)
+        if d is None:
+            break
+        a = dims[d][-1]
+        e = next(iter(e for e in range(len(dims)) if e != d and next_axis(e) == a
+                      and shape[e] % sizes[a] == 0), None)
+        gather = cost.latency + collective_bytes("all_gather", nbytes(), sizes[a]) / cost.bandwidth
+        swap = cost.latency + collective_bytes("all_to_all", nbytes(), sizes[a]) / cost.bandwidth
+        dims[d].pop()
+        if e is not None and swap <= gather:
+            add("all_to_all", (a,), dim=d, to=e)
+            dims[e].append(a)
+        else:
+            add("all_gather", (a,), dim=d)
+    # What is left to split is a block of a value this device holds whole along it.
+    for d in range(len(dims)):
+        for a in want[d][len(dims[d]):]:
+            add("slice", (a,), dim=d)
+            dims[d].append(a)
+    return steps
+
+
+# --- the partitioner ---------------------------------------------------------------------------
+
+@dataclass
+class Partitioned:
+    """A per-device program and what it takes and gives.
+
+    ``graph`` runs on every device on local blocks; ``in_shardings``/``out_shardings`` say how
+    its inputs and outputs lay the global values out; ``explanation`` lists every collective.
+    """
+
+    graph: ClosedGraph
+    mesh: Mesh
+    in_shardings: list[Sharding]
+    out_shardings: list[Sharding]
+    explanation: Explanation
+
+    def explain(self) -> str:
+        return str(self.explanation)
+
+
+def partition(closed: ClosedGraph, in_shardings: Sequence[Any] | None,
+              out_shardings: Sequence[Any] | None, mesh: Any,
+              cost: CostModel | None = None) -> Partitioned:
+    """Partition the global program ``closed`` over ``mesh``.
+
+    ``in_shardings``/``out_shardings``: one per input/output, each a
+    :class:`~ember.ir.sharding.Sharding`, a ``NamedSharding`` or ``None`` (propagation
+    decides); ``None`` for the whole list leaves them all to propagation. ``mesh``: a ``Mesh``,
+    a ``{name: size}`` mapping or ``((name, size), ...)``.
+    """
+    mesh = _abstract_mesh(mesh)
+    graph = closed.graph
+    ins = _shardings(in_shardings, graph.invars, mesh)
+    outs = _shardings(out_shardings, graph.outvars, mesh)
+    layouts = propagate(closed, mesh, ins, outs)
+    return _Partitioner(mesh, layouts, cost or CostModel()).run(closed, outs)
+
+
+def _abstract_mesh(mesh: Any) -> Mesh:
+    mesh = getattr(mesh, "abstract", mesh)
+    if isinstance(mesh, Mapping):
+        mesh = mesh.items()
+    return tuple((str(n), int(s)) for n, s in mesh)
+
+
+def _shardings(given: Sequence[Any] | None, values: Sequence[Any], mesh: Mesh
+               ) -> list[Sharding | None]:
+    if given is None:
+        return [None] * len(values)
+    if len(given) != len(values):
+        raise EmberError(f"partition: {len(given)} shardings for {len(values)} values\n"
+                         f"  at {user_frame()}")
+    out = []
+    for s, v in zip(given, values):
+        if s is not None and not isinstance(s, Sharding):
+            s = s.abstract(v.aval.ndim)  # a NamedSharding
+        if s is not None and s.mesh != mesh:
+            raise EmberError(f"partition: a sharding over mesh {s.mesh} for a program "
+                             f"partitioned over {mesh}\n  at {user_frame()}")
+        out.append(s)
+    return out
+
+
+class _Partitioner:
+    def __init__(self, mesh: Mesh, layouts: Layouts, cost: CostModel):
+        self.mesh, self.layouts, self.cost = mesh, layouts, cost
+        self.sizes = dict(mesh)
+        self.eqns: list[Eqn] = []
+        self.env: dict[int, tuple[Var | Literal, Sharding]] = {}
+        self.sources: dict[int, str | None] = {}  # Var.id -> the user line that made it
+        self.explanation = Explanation(mesh)
+
+    # -- driving --
+
+    def run(self, closed: ClosedGraph, out_shardings: Sequence[Sharding | None]) -> Partitioned:
+        graph = closed.graph
+        constvars = []
+        for v in graph.constvars:  # captured arrays: every device holds them whole
+            s = Sharding.replicated(self.mesh, v.aval.ndim)
+            local = Var(v.aval.update(sharding=s))
+            constvars.append(local)
+            self.env[v.id] = (local, s)
+        invars, in_layouts = [], []
+        for v in graph.invars:
+            s = self.layouts.of(v)
+            local = Var(v.aval.update(shape=s.local_shape(v.aval.shape), sharding=s))
+            invars.append(local)
+            in_layouts.append(s)
+            self.env[v.id] = (local, s)
+        for eqn in graph.eqns:
+            self.equation(eqn)
+        outvars, out_layouts = [], []
+        for i, (v, given) in enumerate(zip(graph.outvars, out_shardings)):
+            target = given or (self.layouts.of(v) if isinstance(v, Var)
+                               else Sharding.replicated(self.mesh, v.aval.ndim))
+            local, _ = self.read(v)
+            source = self.sources.get(v.id) if isinstance(v, Var) else None
+            outvars.append(self.reshard(local, self.layout(v), target, source, f"output {i}"))
+            out_layouts.append(target)
+        local_graph = Graph(constvars, invars, self.eqns, outvars)
+        return Partitioned(ClosedGraph(local_graph, list(closed.consts)), self.mesh, in_layouts,
+                           out_layouts, self.explanation)
+
+    def read(self, atom: Var | Literal) -> tuple[Var | Literal, Sharding]:
+        if isinstance(atom, Literal):
+            return atom, Sharding.replicated(self.mesh, atom.aval.ndim)
+        return self.env[atom.id]
+
+    def layout(self, atom: Var | Literal) -> Sharding:
+        return self.read(atom)[1]
+
+    # -- one equation --
+
+    def equation(self, eqn: Eqn) -> None:
+        for v in eqn.outputs:
+            self.sources[v.id] = eqn.source
+        if eqn.prim is sharding_constraint_p:  # an annotation: its value laid out as asked, no op
+            local, current = self.read(eqn.inputs[0])
+            target = Sharding(self.mesh, eqn.params["sharding"].dims)
+            out = self.reshard(local, current, target, eqn.source, "with_sharding_constraint")
+            self.env[eqn.outputs[0].id] = (out, target)
+            return
+        rule = rule_for(eqn)
+        if rule.note is not None:
+            self.explanation.note(eqn.prim.name, rule.note, eqn.source)
+        best = min((self.implied(eqn, rule, a) for a in self.candidates(eqn, rule)),
+                   key=lambda option: option[0])
+        _, operand_layouts, result_layouts = best
+        inputs = [self.reshard(*self.read(a), s, eqn.source, f"{eqn.prim.name} operand {i}")
+                  if isinstance(a, Var) else a
+                  for i, (a, s) in enumerate(zip(eqn.inputs, operand_layouts))]
+        outs = self.emit(eqn, inputs, result_layouts)
+        for v, local, s in zip(eqn.outputs, outs, result_layouts):
+            self.env[v.id] = (local, s)
+
+    def candidates(self, eqn: Eqn, rule: Rule) -> list[dict[int, tuple[str, ...]]]:
+        """Factor splits worth costing: the planned one (from propagated layouts) and the one
+        the operands have now."""
+        planned = self._assign([(v, f, self.layouts.dims.get(v.id))
+                                for v, f in self._values(eqn, rule)])
+        current = self._assign([(v, f, self.layout(v).dims) for v, f in self._values(eqn, rule)
+                                if v in eqn.inputs])
+        return [planned] if planned == current else [planned, current]
+
+    def _values(self, eqn: Eqn, rule: Rule) -> list[tuple[Var, tuple[int | None, ...]]]:
+        values = [(a, f) for a, f in zip(eqn.inputs, rule.operands) if isinstance(a, Var)]
+        return values + list(zip(eqn.outputs, rule.results))
+
+    def _assign(self, values: list[tuple[Var, tuple[int | None, ...], Any]]
+                ) -> dict[int, tuple[str, ...]]:
+        """Each factor's axes from the first value that splits it, cut to fit every dimension
+        of the factor (results come last, so operands as they are win over plans)."""
+        sizes: dict[int, list[int]] = {}
+        for var, factors, _ in values:
+            for d, f in enumerate(factors):
+                if f is not None:
+                    sizes.setdefault(f, []).append(var.aval.shape[d])
+        assignment: dict[int, tuple[str, ...]] = {}
+        used: set[str] = set()
+        for _, factors, dims in values:
+            for d, f in enumerate(factors):
+                if f is None or f in assignment or not dims or not dims[d]:
+                    continue
+                axes = fit(dims[d], sizes[f], self.sizes, used)
+                if axes:
+                    assignment[f] = axes
+                    used.update(axes)
+        return assignment
+
+    def implied(self, eqn: Eqn, rule: Rule, assignment: dict[int, tuple[str, ...]]
+                ) -> tuple[float, list[Sharding], list[Sharding]]:
+        """For one factor split: its cost, the operands' layouts it needs and the results'."""
+        split = {a for axes in assignment.values() for a in axes}
+
+        def dims(factors: tuple[int | None, ...]) -> tuple[tuple[str, ...], ...]:
+            return tuple(assignment.get(f, ()) if f is not None else () for f in factors)
+
+        current = [self.layout(a) for a in eqn.inputs]
+        keep: dict[int, set[str]] = {i: set() for i in range(len(eqn.inputs))}
+        result_partial: set[str] = {a for f in rule.reduced for a in assignment.get(f, ())}
+        for axis in {a for s in current for a in s.partial}:
+            holders = {i for i, s in enumerate(current) if axis in s.partial}
+            group = next(iter(g for g in rule.linear if set(g) <= holders), None)
+            if group is not None and axis not in split and axis not in result_partial:
+                for i in group:
+                    keep[i].add(axis)
+                result_partial.add(axis)
+        ordered = lambda axes: tuple(a for a, _ in self.mesh if a in axes)  # noqa: E731
+        operands = [Sharding(self.mesh, dims(f), ordered(keep[i]))
+                    for i, f in enumerate(rule.operands)]
+        results = [Sharding(self.mesh, dims(f), ordered(result_partial)) for f in rule.results]
+        seconds = 0.0
+        for a, s, want in zip(eqn.inputs, current, operands):
+            if isinstance(a, Var):
+                local = self.read(a)[0].aval
+                seconds += self.cost.seconds(plan_reshard(local.shape, local.dtype.itemsize, s,
+                                                          want, self.cost))
+        for v, s in zip(eqn.outputs, results):
+            planned = self.layouts.of(v)
+            local = s.local_shape(v.aval.shape)
+            seconds += self.cost.seconds(plan_reshard(local, v.aval.dtype.itemsize, s, planned,
+                                                      self.cost))
+        return seconds, operands, results
+
+    # -- writing the per-device graph --
+
+    def bind(self, prim: Any, inputs: list[Var | Literal], params: dict[str, Any],
+             source: str | None, layouts: Sequence[Sharding] | None = None) -> list[Var]:
+        avals = prim.abstract_eval(*[a.aval for a in inputs], **params)
+        avals = list(avals) if prim.multiple_results else [avals]
+        if layouts is not None:
+            avals = [a.update(sharding=s) for a, s in zip(avals, layouts)]
+        outs = [Var(a) for a in avals]
+        self.eqns.append(Eqn(prim, inputs, outs, params, source=source))
+        return outs
+
+    def emit(self, eqn: Eqn, inputs: list[Var | Literal], layouts: list[Sharding]) -> list[Var]:
+        """``eqn`` on local shapes: its shape-valued params are made local, and the local
+        result types are checked against the layouts (a mismatch is ember's bug)."""
+        want = [s.local_shape(v.aval.shape) for v, s in zip(eqn.outputs, layouts)]
+        params = _local_params(eqn, inputs, want)
+        outs = self.bind(eqn.prim, inputs, params, eqn.source, layouts)
+        got = [v.aval.shape for v in outs]
+        if got != want:
+            raise EmberError(f"ember bug: partitioning {eqn.prim.name} gave local shapes {got}, "
+                             f"its layouts {layouts} need {want}")
+        return outs
+
+    def reshard(self, local: Var | Literal, current: Sharding, target: Sharding,
+                source: str | None, reason: str) -> Var | Literal:
+        """``local`` (laid out as ``current``) laid out as ``target``, with the collectives
+        that takes written into the graph and the explanation."""
+        if isinstance(local, Literal) or current == target:
+            return local
+        steps = plan_reshard(local.aval.shape, local.aval.dtype.itemsize, current, target,
+                             self.cost)
+        layout = current
+        for step in steps:
+            layout = _after(layout, step)
+            local = self.step(local, step, layout, source)
+            if step.kind != "slice":
+                self.explanation.add(Collective(
+                    step.kind, step.axes, step.nbytes, source, reason,
+                    f"{current} -> {target}", str(local.aval)))
+        return local
+
+    def step(self, x: Var, step: Step, layout: Sharding, source: str | None) -> Var:
+        common = {"axes": step.axes, "mesh": self.mesh}
+        if step.kind == "all_reduce":
+            return self.bind(coll.all_reduce_p, [x], {**common, "op": "sum"}, source, [layout])[0]
+        if step.kind == "all_gather":
+            return self.bind(coll.all_gather_p, [x], {**common, "axis": step.dim}, source,
+                             [layout])[0]
+        if step.kind == "reduce_scatter":
+            return self.bind(coll.reduce_scatter_p, [x], {**common, "axis": step.dim, "op": "sum"},
+                             source, [layout])[0]
+        if step.kind == "all_to_all":
+            return self.bind(coll.all_to_all_p, [x], {**common, "split_axis": step.to,
+                                                   "concat_axis": step.dim}, source, [layout])[0]
+        return self.local_block(x, step, layout, source)
+
+    def local_block(self, x: Var, step: Step, layout: Sharding, source: str | None) -> Var:
+        """This device's block along ``step.dim`` of a value it holds whole along it:
+        a dynamic slice at ``axis_index * block``."""
+        (axis,) = step.axes
+        block = x.aval.shape[step.dim] // self.sizes[axis]
+        index = self.bind(coll.axis_index_p, [], {"axis": axis, "mesh": self.mesh}, source)[0]
+        start = self.bind(ew.mul.prim, [index, _int32(block)], {}, source)[0]
+        zero = _int32(0)
+        starts = [start if d == step.dim else zero for d in range(x.aval.ndim)]
+        sizes = tuple(block if d == step.dim else n for d, n in enumerate(x.aval.shape))
+        return self.bind(dynamic_slice_p, [x, *starts], {"sizes": sizes}, source, [layout])[0]
+
+
+def _int32(value: int) -> Literal:
+    return Literal(np.int32(value), ArrayType((), dtypes.int32))
+
+
+def _after(layout: Sharding, step: Step) -> Sharding:
+    """The layout a value has after ``step``."""
+    dims = [list(d) for d in layout.dims]
+    partial = list(layout.partial)
+    if step.kind == "all_reduce":
+        partial = [a for a in partial if a not in step.axes]
+    elif step.kind == "reduce_scatter":
+        partial.remove(step.axes[0])
+        dims[step.dim].append(step.axes[0])
+    elif step.kind == "all_gather":
+        dims[step.dim].pop()
+    elif step.kind == "all_to_all":
+        dims[step.dim].pop()
+        dims[step.to].append(step.axes[0])
+    else:
+        dims[step.dim].append(step.axes[0])
+    return Sharding(layout.mesh, tuple(tuple(d) for d in dims), tuple(partial))
+
+
+def _local_params(eqn: Eqn, inputs: Sequence[Var | Literal], outs: list[tuple[int, ...]]
+                  ) -> dict[str, Any]:
+    """Params that hold global shapes, made local: a result ``shape`` (broadcast_in_dim,
+    reshape, iota), dynamic_slice's ``sizes``, and slice's ``limit`` along a split dimension
+    (which the slice's rule only allows to span the whole dimension)."""
+    params = eqn.params
+    if "shape" in params:
+        params = {**params, "shape": outs[0]}
+    if "sizes" in params:
+        params = {**params, "sizes": outs[0]}
+    if "limit" in params:
+        local = inputs[0].aval.shape
+        full = eqn.inputs[0].aval.shape
+        params = {**params, "limit": tuple(n if n != g else e for n, g, e in
+                                           zip(local, full, params["limit"]))}
+    return params

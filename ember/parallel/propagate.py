@@ -1,0 +1,172 @@
+"""Sharding propagation: a layout for every value of a graph, from a few annotations.
+
+GSPMD's idea, on Ember's IR: the caller fixes the layouts of some values (the inputs and
+outputs it passes shardings for, and every ``with_sharding_constraint`` in the function), and
+each equation's sharding rule (``ember.parallel.rules``) carries a split from the values that
+have one to those that do not, forward (a product of a split matrix is split) and backward (a
+value only ever read split might as well be made split). The pass sweeps the equations forward
+and then backward until nothing changes.
+
+Priorities make annotations win: an annotated value's layout is never changed, and where two
+operands of an equation propose different splits for one factor, an annotated operand's
+proposal beats an inferred one (then the proposal splitting over more axes, then the first).
+An inferred layout only ever *grows* (a dimension gains axes after those it has), so the sweep
+ends; the first proposal to reach a value wins over later, conflicting ones. Conflicts are not
+errors: the partitioner redistributes wherever a value's layout differs from what an equation
+needs, so propagation decides only how much communication there will be, never correctness.
+
+Results live in a side table keyed by ``Var`` (:class:`Layouts`); no ``Var`` or type is mutated,
+since graphs share them (core review).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ember.errors import user_frame
+from ember.ir.graph import ClosedGraph, Eqn, Var
+from ember.ir.sharding import Sharding, ShardingError
+from ember.parallel.array import sharding_constraint_p
+from ember.parallel.rules import Rule, rule_for
+
+__all__ = ["Layouts", "propagate", "check_even", "fit"]
+
+Dims = tuple[tuple[str, ...], ...]
+
+
+@dataclass
+class Layouts:
+    """The propagated layout of every value of a graph (no partial sums: those appear only
+    where the partitioner decides how to compute an equation)."""
+
+    mesh: tuple[tuple[str, int], ...]
+    dims: dict[int, Dims] = field(default_factory=dict)  # Var.id -> per-dimension axes
+    fixed: set[int] = field(default_factory=set)  # Var.ids the caller or the function annotated
+
+    def of(self, var: Var) -> Sharding:
+        dims = self.dims.get(var.id)
+        return Sharding(self.mesh, dims if dims is not None else ((),) * var.aval.ndim)
+
+
+def propagate(closed: ClosedGraph, mesh: tuple[tuple[str, int], ...],
+              in_shardings: Sequence[Sharding | None],
+              out_shardings: Sequence[Sharding | None] | None = None) -> Layouts:
+    """Layouts for every value of ``closed``'s top-level graph, from the inputs' and outputs'
+    shardings (``None``: propagation decides) and the graph's sharding constraints.
+
+    A fixed layout that does not divide its value evenly is an error naming the value, the
+    mesh axis and the user's line.
+    """
+    graph = closed.graph
+    layouts = Layouts(tuple(mesh))
+    where = user_frame()
+    for i, (v, s) in enumerate(zip(graph.invars, in_shardings)):
+        if s is not None:
+            _fix(layouts, v, s, f"input {i}", where)
+    for eqn in graph.eqns:
+        if eqn.prim is sharding_constraint_p:  # with_sharding_constraint: fixed as asked
+            _fix(layouts, eqn.outputs[0], eqn.params["sharding"],
+                 "the with_sharding_constraint value", eqn.source or where)
+    for i, (v, s) in enumerate(zip(graph.outvars, out_shardings or ())):
+        if s is not None and isinstance(v, Var) and v.id not in layouts.fixed:
+            _fix(layouts, v, s, f"output {i}", where)
+    rules = [rule_for(e) for e in graph.eqns]
+    order = [*zip(graph.eqns, rules)]
+    changed = True
+    while changed:
+        changed = False
+        for eqn, rule in [*order, *reversed(order)]:
+            changed |= _visit(layouts, eqn, rule)
+    return layouts
+
+
+def _fix(layouts: Layouts, var: Var, sharding: Sharding, what: str, where: str) -> None:
+    check_even(var, sharding, what, where)
+    layouts.dims[var.id] = sharding.dims
+    layouts.fixed.add(var.id)
+
+
+def check_even(var: Var, sharding: Sharding, what: str, where: str) -> None:
+    """Raise a :class:`ShardingError` naming ``what``, the mesh axis and ``where`` when
+    ``sharding`` does not lay ``var`` out on equal blocks (or has the wrong rank)."""
+    try:
+        sharding.local_shape(var.aval.shape)
+    except ShardingError as e:
+        raise ShardingError(f"{what} ({var.aval}) cannot be laid out as {sharding}: {e}\n"
+                            f"  at {where}") from None
+
+
+# --- one equation ------------------------------------------------------------------------------
+
+def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> bool:
+    """Carry splits through one equation; True when some value's layout grew."""
+    if rule.note is not None:  # no rule: nothing flows through a replicated equation
+        return False
+    values = [(a, f) for a, f in zip(eqn.inputs, rule.operands) if isinstance(a, Var)]
+    values += list(zip(eqn.outputs, rule.results))
+    assignment = _assign(layouts, values)
+    changed = False
+    for var, factors in values:
+        if var.id in layouts.fixed:
+            continue
+        proposal = tuple(assignment.get(f, ()) if f is not None else () for f in factors)
+        current = layouts.dims.get(var.id, ((),) * var.aval.ndim)
+        grown = _grow(current, proposal)
+        if grown != current:
+            layouts.dims[var.id] = grown
+            changed = True
+    return changed
+
+
+def _assign(layouts: Layouts, values: list[tuple[Var, tuple[int | None, ...]]]
+            ) -> dict[int, tuple[str, ...]]:
+    """Each factor's axes: the best proposal among the values that split it, cut to what
+    divides every dimension of the factor; an axis goes to one factor only."""
+    proposals: dict[int, list[tuple[int, int, int, tuple[str, ...]]]] = {}
+    sizes: dict[int, list[int]] = {}
+    for order, (var, factors) in enumerate(values):
+        dims = layouts.dims.get(var.id)
+        rank = 0 if var.id in layouts.fixed else 1
+        for d, f in enumerate(factors):
+            if f is None:
+                continue
+            sizes.setdefault(f, []).append(var.aval.shape[d])
+            if dims is not None and dims[d]:
+                proposals.setdefault(f, []).append((rank, -len(dims[d]), order, dims[d]))
+    ranked = sorted((min(p), f) for f, p in proposals.items())
+    used: set[str] = set()
+    assignment = {}
+    for (_, _, _, axes), f in ranked:
+        axes = fit(axes, sizes[f], dict(layouts.mesh), used)
+        if axes:
+            assignment[f] = axes
+            used.update(axes)
+    return assignment
+
+
+def fit(axes: tuple[str, ...], dim_sizes: Sequence[int], mesh: dict[str, int],
+        used: set[str]) -> tuple[str, ...]:
+    """The longest prefix of ``axes``, none in ``used``, whose split divides every size."""
+    kept: list[str] = []
+    for a in axes:
+        n = math.prod(mesh[x] for x in kept) * mesh[a]
+        if a in used or any(s % n for s in dim_sizes):
+            break
+        kept.append(a)
+    return tuple(kept)
+
+
+def _grow(current: Dims, proposal: Dims) -> Dims:
+    """``current`` with each dimension extended to the proposal's axes where the proposal
+    starts with the current axes and adds only axes no other dimension uses."""
+    out = list(current)
+    for d, (cur, new) in enumerate(zip(current, proposal)):
+        if len(new) <= len(cur) or new[:len(cur)] != cur:
+            continue
+        others = {a for e, axes in enumerate(out) if e != d for a in axes}
+        if not others.intersection(new[len(cur):]):
+            out[d] = new
+    return tuple(out)
+
