@@ -29,6 +29,12 @@ def kernel():
     return library.ember_sgemm_packed, openmp
 
 
+@pytest.fixture(scope="module")
+def shared_kernel():
+    """``ember_sgemm_packed_shared``: products that share their left operand."""
+    return ctypes.CDLL(gemm.KERNELS.link().ldflags[0]).ember_sgemm_packed_shared
+
+
 def _product(kernel, a: np.ndarray, a_t: bool, b: np.ndarray, b_t: bool, m: int, n: int,
              k: int, ldc: int) -> np.ndarray:
     """``op(a)[:m, :k] @ op(b)[:k, :n]`` by the kernel, ``op`` transposing a stored-transposed
@@ -114,6 +120,55 @@ def test_kernel_is_the_same_bits_on_any_thread_count(kernel):
     for threads in (2, 3):
         for one, many in zip(results[1], results[threads], strict=True):
             np.testing.assert_array_equal(one.view(np.uint32), many.view(np.uint32))
+
+
+def _shared_products(call, a: np.ndarray, a_t: bool, m: int, k: int,
+                     segments: list[tuple[np.ndarray, bool, int]]) -> list[np.ndarray]:
+    """``op(a)[:m, :k] @ op(b)[:k, :n]`` for each segment (b, b stored transposed, n) in one
+    call, each result in a NaN-filled buffer 3 columns wider than n (its own row stride)."""
+    i64, ptr, count = ctypes.c_int64, ctypes.c_void_p, len(segments)
+    outs = [np.full((m, n + 3), np.nan, np.float32) for _, _, n in segments]
+    a_row, a_col = (1, a.shape[1]) if a_t else (a.shape[1], 1)
+    strides = [(1, b.shape[1]) if b_t else (b.shape[1], 1) for b, b_t, _ in segments]
+    call(i64(m), i64(k), ptr(a.ctypes.data), i64(a_row), i64(a_col), ctypes.c_int(count),
+         (ptr * count)(*(b.ctypes.data for b, _, _ in segments)),
+         (i64 * count)(*(n for _, _, n in segments)), (i64 * count)(*(r for r, _ in strides)),
+         (i64 * count)(*(c for _, c in strides)), (ptr * count)(*(o.ctypes.data for o in outs)),
+         (i64 * count)(*(o.shape[1] for o in outs)))
+    return outs
+
+
+# Left operands shared by segments of both layouts: q, k, v (18 + 6 + 6 panels), gate and up,
+# tails of a panel, a segment of one column, and products too small to run on several threads.
+SHARED = [(130, 96, (576, 192, 192)), (61, 200, (700, 700)), (29, 33, (47, 1, 64, 90)),
+          (9, 16, (33, 20))]
+
+
+@pytest.mark.parametrize("a_t", [False, True], ids=["AN", "AT"])
+def test_shared_left_operand_is_the_same_bits_as_separate_products(kernel, shared_kernel, a_t):
+    call, openmp = kernel
+    rng = np.random.default_rng(6)
+    before = openmp.max_threads()
+    try:
+        for m, k, ns in SHARED:
+            a, _, a64, _ = _operands(rng, m, 1, k, a_t, False)
+            segments = []
+            for i, n in enumerate(ns):
+                _, b, _, b64 = _operands(rng, m, n, k, a_t, i % 2 == 0)
+                segments.append((b, i % 2 == 0, n, b64))
+            for threads in (1, 2, 3):
+                openmp.threads(threads)
+                outs = _shared_products(shared_kernel, a, a_t, m, k,
+                                        [s[:3] for s in segments])
+                for (b, b_t, n, b64), out in zip(segments, outs, strict=True):
+                    what = f"M={m} K={k} N={n} of {ns} on {threads} threads"
+                    alone = _product(call, a, a_t, b, b_t, m, n, k, ldc=n)
+                    np.testing.assert_array_equal(out[:, :n].view(np.uint32),
+                                                  alone.view(np.uint32), err_msg=what)
+                    _assert_product(out[:, :n], a64, b64, what)
+                    assert np.isnan(out[:, n:]).all(), f"{what}: wrote past N"
+    finally:
+        openmp.threads(before)
 
 
 # --- in compiled programs ----------------------------------------------------------------------

@@ -191,22 +191,33 @@ static void ember_gemm_run(int64_t M, int64_t N, int64_t k0, int64_t steps, int6
     }
 }
 
-/* C[M, N] (row stride ldc) = A[M, K] B[K, N], element (i, k) of A at A[i * a_row + k * a_col],
-   (k, j) of B at B[k * b_row + j * b_col]; a_row or a_col is 1, and b_row or b_col. */
-void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t a_row,
-                        int64_t a_col, const float *B, int64_t b_row, int64_t b_col, float *C,
-                        int64_t ldc) {
-    const int64_t a_panels = (M + MR - 1) / MR, b_panels = (N + NR - 1) / NR;
+/* Products that share their left operand (q, k and v of one x; an MLP's gate and up):
+   C_s[M, N_s] (row stride ldc_s) = A[M, K] B_s[K, N_s] for s < count. Element (i, k) of A at
+   A[i * a_row + k * a_col], (k, j) of B_s at B_s[k * b_row_s + j * b_col_s]; a_row or a_col
+   is 1, and b_row_s or b_col_s. A is packed once for all; the segments' panels, in order, are
+   one column range dealt evenly to the threads (6 panels of k next to 18 of q balance where
+   alone they would not). Every element's bits are those of its product alone. */
+void ember_sgemm_packed_shared(int64_t M, int64_t K, const float *A, int64_t a_row,
+                               int64_t a_col, int count, const float *const *B,
+                               const int64_t *N, const int64_t *b_row, const int64_t *b_col,
+                               float *const *C, const int64_t *ldc) {
+    int64_t b_panels = 0, columns = 0;
+    for (int s = 0; s < count; ++s) {
+        b_panels += (N[s] + NR - 1) / NR;
+        columns += N[s];
+    }
+    const int64_t a_panels = (M + MR - 1) / MR;
     /* K in equal blocks of at most KC steps, in order (one block up to KC). */
     const int64_t k_blocks = (K + KC - 1) / KC, kc = (K + k_blocks - 1) / k_blocks;
     /* A's packed block: at most A_BLOCK_BYTES of whole panels (at least one). */
     const int64_t fit_a = A_BLOCK_BYTES / (MR * kc * (int64_t)sizeof(float));
     const int64_t block = fit_a < 1 ? 1 : fit_a < a_panels ? fit_a : a_panels;
-    /* Each thread a contiguous share of B's panels (sizes differing by at most one), cut into
-       runs of even sizes, at most run_panels each (RUN_BYTES, at least one panel). Dealt up
-       front, not taken in turn: runs of 4, 5, 4, 5 panels taken dynamically left two threads
-       8 and 10 of N = 576's 18. Which thread sums an element never changes its bits. */
-    const int threads = M * N * K >= THREADED_WORK ? omp_get_max_threads() : 1;
+    /* Each thread a contiguous share of the panels (sizes differing by at most one); its part
+       of each segment cut into runs of even sizes, at most run_panels each (RUN_BYTES, at
+       least one panel). Dealt up front, not taken in turn: runs of 4, 5, 4, 5 panels taken
+       dynamically left two threads 8 and 10 of N = 576's 18. Which thread sums an element
+       never changes its bits. */
+    const int threads = M * columns * K >= THREADED_WORK ? omp_get_max_threads() : 1;
     const int64_t fit_b = RUN_BYTES / (NR * kc * (int64_t)sizeof(float));
     const int64_t run_panels = fit_b < 1 ? 1 : fit_b > B_PANELS ? B_PANELS : fit_b;
     /* One allocation: A's block, then each thread's run (both parts multiples of 16 floats,
@@ -216,7 +227,7 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
     float *scratch = aligned_alloc(64, (a_floats + threads * run_floats) * sizeof(float));
     if (!scratch) {
         fprintf(stderr, "ember: out of memory for a %lld x %lld x %lld product's packed "
-                "operands\n", (long long)M, (long long)N, (long long)K);
+                "operands\n", (long long)M, (long long)columns, (long long)K);
         abort();
     }
     #pragma omp parallel num_threads(threads)
@@ -233,17 +244,33 @@ void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t
             float *run = scratch + a_floats + omp_get_thread_num() * run_floats;
             #pragma omp for schedule(static)
             for (int64_t share = 0; share < threads; ++share) {
-                const int64_t s0 = share * b_panels / threads;
-                const int64_t size = (share + 1) * b_panels / threads - s0;
-                const int64_t runs = (size + run_panels - 1) / run_panels;
-                for (int64_t r = 0; r < runs; ++r)
-                    ember_gemm_run(M, N, k0, steps, kc, scratch, p0, p1, B, b_row, b_col,
-                                   s0 + r * size / runs, s0 + (r + 1) * size / runs, run, C,
-                                   ldc);
+                const int64_t g0 = share * b_panels / threads;
+                const int64_t g1 = (share + 1) * b_panels / threads;
+                /* Segment s holds panels first .. first + its own of the whole range. */
+                for (int64_t s = 0, first = 0; s < count && first < g1;
+                     first += (N[s] + NR - 1) / NR, ++s) {
+                    const int64_t last = first + (N[s] + NR - 1) / NR;
+                    const int64_t lo = g0 > first ? g0 - first : 0;
+                    const int64_t size = (g1 < last ? g1 - first : last - first) - lo;
+                    if (size <= 0)
+                        continue;
+                    const int64_t runs = (size + run_panels - 1) / run_panels;
+                    for (int64_t r = 0; r < runs; ++r)
+                        ember_gemm_run(M, N[s], k0, steps, kc, scratch, p0, p1, B[s],
+                                       b_row[s], b_col[s], lo + r * size / runs,
+                                       lo + (r + 1) * size / runs, run, C[s], ldc[s]);
+                }
             }  /* the implied barrier: A's next block may overwrite this one */
         }
     }
     free(scratch);
+}
+
+/* C[M, N] (row stride ldc) = A[M, K] B[K, N]: one product, a segment of its own. */
+void ember_sgemm_packed(int64_t M, int64_t N, int64_t K, const float *A, int64_t a_row,
+                        int64_t a_col, const float *B, int64_t b_row, int64_t b_col, float *C,
+                        int64_t ldc) {
+    ember_sgemm_packed_shared(M, K, A, a_row, a_col, 1, &B, &N, &b_row, &b_col, &C, &ldc);
 }
 """
 
