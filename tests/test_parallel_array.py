@@ -112,6 +112,22 @@ def test_uneven_device_put_names_the_spec_axis_and_line():
         P.device_put(np.zeros(4), P.PartitionSpec("dp"))
 
 
+def test_from_shards_takes_per_device_buffers_and_checks_them():
+    mesh = P.Mesh(P.devices()[:4], ("a", "b"))
+    sharding = P.NamedSharding(mesh, P.PartitionSpec("b", "a"))
+    value = _value((4, 6))
+    parts = [value[sharding.indices(value.shape)[d]] for d in mesh.devices.flat]
+    _check_layout(P.ShardedArray.from_shards(parts, sharding, (4, 6)), value, sharding)
+    with pytest.raises(ember.EmberError, match="3 buffers for the 4 devices"):
+        P.ShardedArray.from_shards(parts[:3], sharding, (4, 6))
+    with pytest.raises(ember.EmberError, match=r"the buffer of Device\(cpu:2.*is float64\[2, 3\]"
+                                               r", expected float32\[2, 3\]"):
+        P.ShardedArray.from_shards([*parts[:2], parts[2].astype(np.float64), parts[3]],
+                                   sharding, (4, 6))
+    with pytest.raises(ShardingError, match="from_shards: a value of shape"):
+        P.ShardedArray.from_shards(parts, sharding, (5, 6))
+
+
 def test_repr_and_errors_of_a_sharded_array():
     x = P.device_put(_value((4,)), P.NamedSharding(_mesh_1d(2), P.PartitionSpec("x")))
     text = repr(x)

@@ -76,6 +76,28 @@ class ShardedArray(Array):
         self._backend = get_backend("numpy")
         self._gathered: np.ndarray | None = None
 
+    @classmethod
+    def from_shards(cls, buffers: Sequence[Any], sharding: NamedSharding,
+                    shape: Sequence[int], weak: bool = False) -> ShardedArray:
+        """The array of global ``shape`` whose parts on this process's devices are ``buffers``
+        (one per local device of the mesh, in mesh order, as per-device programs return
+        them). The buffers are taken, not copied: nothing may write them afterwards."""
+        op = "ShardedArray.from_shards"
+        shape = tuple(shape)
+        local = sharding.shard_shape(shape, op)
+        buffers = [np.asarray(b) for b in buffers]
+        devices = sharding.mesh.local_devices
+        if len(buffers) != len(devices) or not buffers:
+            raise op_error(EmberError, op, f"{len(buffers)} buffers for the {len(devices)} "
+                           f"devices of {sharding.mesh} in this process")
+        dtype = buffers[0].dtype
+        for d, b in zip(devices, buffers):
+            if b.shape != local or b.dtype != dtype:
+                raise op_error(EmberError, op, f"the buffer of {d!r} is {b.dtype}{list(b.shape)}"
+                               f", expected {dtype}{list(local)} (a part of {list(shape)} laid "
+                               f"out as {sharding.spec})")
+        return cls(buffers, sharding, ArrayType(shape, dtype, weak, sharding.abstract(len(shape))))
+
     @property
     def sharding(self) -> NamedSharding:
         return self._sharding
@@ -167,8 +189,7 @@ def _split(value: np.ndarray, sharding: NamedSharding, op: str = "device_put"
 def place(value: np.ndarray, sharding: NamedSharding, weak: bool = False,
           op: str = "device_put") -> ShardedArray:
     """``value`` (the global value, a NumPy array) laid out by ``sharding``."""
-    aval = ArrayType(value.shape, value.dtype, weak, sharding.abstract(value.ndim))
-    return ShardedArray(_split(value, sharding, op), sharding, aval)
+    return ShardedArray.from_shards(_split(value, sharding, op), sharding, value.shape, weak)
 
 
 def device_put(x: Any, sharding: NamedSharding) -> ShardedArray:

@@ -70,8 +70,7 @@ def _per_shard(prim: Primitive, args: Sequence[Any], params: dict[str, Any],
     results = [eval_primitive(prim, local, params) for local in per_device]
     if not prim.multiple_results:
         results = [[r] for r in results]
-    outs = [ShardedArray([r[k]._buffer for r in results], layout,
-    aval.update(sharding=layout.abstract(len(shape))))
+    outs = [ShardedArray.from_shards([r[k]._buffer for r in results], layout, shape, aval.weak)
             for k, aval in enumerate(avals)]
     return outs if prim.multiple_results else outs[0]
 
