@@ -152,6 +152,13 @@ def test_parts_held_by_other_processes_name_process_allgather():
     # replicated: every process holds the whole value
     whole = P.device_put(_value((4,)), P.NamedSharding(mesh, P.PartitionSpec()))
     np.testing.assert_array_equal(np.asarray(whole), _value((4,)))
+    # elementwise work stays on this process's parts; a gather cannot see the others
+    doubled = split * 2.0 + whole
+    assert len(doubled.addressable_shards) == 1
+    np.testing.assert_array_equal(np.asarray(doubled.addressable_shards[0].data), [0, 3])
+    with pytest.warns(P.ShardingGatherWarning), \
+            pytest.raises(ember.EmberError, match="reduce_sum: this process holds 1 of the 2"):
+        enp.sum(split)
 
 
 # --- eager operations -------------------------------------------------------------------------

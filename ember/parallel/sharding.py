@@ -80,6 +80,10 @@ class NamedSharding:
         while entries and entries[-1] is None:
             entries.pop()
         self._key = (mesh, tuple(entries))
+        # Eager per-shard operations ask for the same layouts over and over: kept per rank and
+        # per global shape (a sharding is immutable).
+        self._abstract: dict[int, Sharding] = {}
+        self._indices: dict[tuple[int, ...], dict[Device, tuple[slice, ...]]] = {}
 
     @classmethod
     def from_abstract(cls, mesh: Mesh, sharding: Sharding) -> NamedSharding:
@@ -93,12 +97,16 @@ class NamedSharding:
 
     def abstract(self, ndim: int) -> Sharding:
         """The device-free sharding of an ``ndim``-dimensional value."""
+        known = self._abstract.get(ndim)
+        if known is not None:
+            return known
         if len(self.spec) > ndim:
             raise op_error(ShardingError, "NamedSharding",
                            f"{self.spec} has {len(self.spec)} entries, but the value has "
                            f"{ndim} dimensions")
         dims = [_entry_axes(e) for e in self.spec] + [()] * (ndim - len(self.spec))
-        return Sharding(self.mesh.abstract, tuple(dims))
+        out = self._abstract[ndim] = Sharding(self.mesh.abstract, tuple(dims))
+        return out
 
     def shard_shape(self, global_shape: Sequence[int], op: str = "NamedSharding.shard_shape"
                     ) -> tuple[int, ...]:
@@ -116,10 +124,14 @@ class NamedSharding:
                 ) -> dict[Device, tuple[slice, ...]]:
         """For every device of the mesh, the part of the global value it holds."""
         global_shape = tuple(global_shape)
-        self.shard_shape(global_shape, op)  # errors first, naming op
-        abstract = self.abstract(len(global_shape))
-        return {d: abstract.block_slices(global_shape, self.mesh.coordinates(d))
+        known = self._indices.get(global_shape)
+        if known is None:
+            self.shard_shape(global_shape, op)  # errors first, naming op
+            abstract = self.abstract(len(global_shape))
+            known = self._indices[global_shape] = {
+                d: abstract.block_slices(global_shape, self.mesh.coordinates(d))
                 for d in self.mesh.devices.flat}
+        return dict(known)
 
     @property
     def is_fully_replicated(self) -> bool:
