@@ -8,7 +8,7 @@ the NumPy reference gave its fused equation and its outputs are compared with th
   bfloat16/float16 rounded after every operation as the reference rounds);
 - ``ulp``: C library functions (tanh, sin...) and ember's exp against NumPy's own: a few ulps
   (8 allowed; measured against NumPy on float32: exp 2 (NumPy's own is 2.3 from the true
-  value, ember's 1.02), log 6, sin/cos 2, tanh 1);
+  value, ember's 0.90), log 6, sin/cos 2, tanh 1);
 - ``sum``: sums in another order than NumPy's pairwise summation: the rounding of the sum.
 """
 
@@ -440,10 +440,10 @@ def _float32_sweep(lo: float, hi: float, step: int) -> np.ndarray:
 
 
 @needs_cc
-def test_exp_is_within_an_ulp_and_a_bit_over_the_whole_float32_range():
+def test_exp_is_within_an_ulp_or_so_over_the_whole_float32_range():
     """The polynomial exponential (``ember_expf``, also the attention kernels') against float64
-    exp: max ulp error over a dense sweep (measured 1.02), 0 below 2^-125 (no subnormals),
-    inf above FLT_MAX, NaN kept; as the vectorised kernel computes it."""
+    exp: max ulp error over a dense sweep (measured 0.90; 1.19 without FMA), 0 below 2^-125
+    (no subnormals), inf above FLT_MAX, NaN kept; as the vectorised kernel computes it."""
     x = _float32_sweep(-110.0, 90.0, 4099)
     program = Program(enp.exp, (enp.asarray(x),))
     (eqn,), (kernel,) = program.eqns, program.kernels
@@ -454,7 +454,7 @@ def test_exp_is_within_an_ulp_and_a_bit_over_the_whole_float32_range():
         rounded = want.astype(np.float32)
     normal = np.isfinite(rounded) & (want >= 2.0 ** -125)
     ulps = np.abs(got[normal] - want[normal]) / np.spacing(rounded[normal]).astype(np.float64)
-    assert ulps.max() <= 1.1, x[normal][np.argmax(ulps)]
+    assert ulps.max() <= 1.25, x[normal][np.argmax(ulps)]
     tiny = want < 2.0 ** -125
     assert np.all((got[tiny] == 0) | (np.abs(got[tiny] - want[tiny]) <= 2.0 ** -149))
     assert np.all(got[np.isinf(rounded) & (want > 1)] == np.inf)

@@ -282,48 +282,42 @@ static void ember_att_query_tile(const ember_att *p, const ember_att_io *io, int
 /* x[j][r] = exp(x[j][r] - shift[r]) for j < n, r < rows (row stride ld), and, unless `sum` is
    NULL, sum[r] = the sum over j (the forward's columns); x[j] = exp(x[j] - shift) for j < n
    (a row of a decode step or of the backward), returning their sum; top[r] = max(top[r],
-   x[j][r] for j < n), NaN ignored. The
-   softmax's exponentials cost as much as a tile's products: with AVX-512 they are computed
-   16 at a time in 12 instructions. With d = x - shift = (n + f) ln2, |f| <= 1/2 (f by one
-   fused multiply-subtract, so exact to its rounding), 2^f is a degree-6 polynomial fitted to
-   it (relative error 2e-9, under an ulp when evaluated in float) and scalef multiplies by
-   2^n. Below d = -87 (e^d < 2^-125) the result is 0, masked rather than computed: results
-   that underflow make the CPU take a slow assist, which doubled the cost of causal tiles
-   full of -inf. NaN stays NaN. */
-#if defined(__AVX512F__)
-static inline __m512 ember_att_exp16(__m512 d) {
-    const __mmask16 normal = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
-    const __m512 log2e = _mm512_set1_ps(0x1.715476p+0f);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, log2e),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_fmsub_ps(d, log2e, n);
-    __m512 y = _mm512_set1_ps(0x1.41d33p-13f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0x1.5f456ap-10f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0x1.3b2dbcp-7f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0x1.c6aed4p-5f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0x1.ebfbdap-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0x1.62e43p-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps(normal, y, n);
-}
-
+   x[j][r] for j < n), NaN ignored. The softmax's exponentials cost as much as a tile's
+   products: they are the fused kernels' ember_expf (kernels.py's helpers), 16 lanes at a
+   time; it returns 0 below e^-86.6 without computing a subnormal (which makes the CPU take a
+   slow assist: it doubled the cost of causal tiles full of -inf). NaN stays NaN. */
 static void ember_att_exp_rows(float *x, int64_t n, int64_t ld, int64_t rows,
                                const float *shift, float *sum) {
-    for (int64_t r = 0; r < rows; r += 16) {
-        const __mmask16 m = rows - r >= 16 ? (__mmask16)0xFFFF
-                                           : (__mmask16)((1u << (rows - r)) - 1);
-        const __m512 by = _mm512_maskz_loadu_ps(m, shift + r);
-        __m512 total = _mm512_setzero_ps();
+    int64_t r0 = 0;
+    for (; r0 + 16 <= rows; r0 += 16) {  /* 16 rows down all columns: one vector each */
+        float total[16] = {0};
         for (int64_t j = 0; j < n; ++j) {
-            float *at = x + j * ld + r;
-            const __m512 e = ember_att_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, at), by));
-            _mm512_mask_storeu_ps(at, m, e);
-            total = _mm512_add_ps(total, e);
+            float *restrict at = x + j * ld + r0;
+            #pragma omp simd simdlen(16)
+            for (int64_t r = 0; r < 16; ++r) {
+                at[r] = ember_expf(at[r] - shift[r0 + r]);
+                total[r] += at[r];
+            }
         }
-        if (sum) _mm512_mask_storeu_ps(sum + r, m, total);
+        for (int64_t r = 0; sum && r < 16; ++r) sum[r0 + r] = total[r];
+    }
+    for (int64_t r = r0; sum && r < rows; ++r) sum[r] = 0.0f;
+    for (int64_t j = 0; r0 < rows && j < n; ++j) {  /* the last rows */
+        float *restrict xj = x + j * ld;
+        #pragma omp simd simdlen(16)
+        for (int64_t r = r0; r < rows; ++r) xj[r] = ember_expf(xj[r] - shift[r]);
+        for (int64_t r = r0; sum && r < rows; ++r) sum[r] += xj[r];
     }
 }
 
+static float ember_att_exp_row(float *x, int64_t n, float shift) {
+    float total = 0.0f;
+    #pragma omp simd simdlen(16) reduction(+:total)
+    for (int64_t j = 0; j < n; ++j) { x[j] = ember_expf(x[j] - shift); total += x[j]; }
+    return total;
+}
+
+#if defined(__AVX512F__)
 static void ember_att_column_max(const float *x, int64_t n, int64_t ld, int64_t rows,
                                  float *top) {
     for (int64_t r = 0; r < rows; r += 16) {
@@ -335,32 +329,7 @@ static void ember_att_column_max(const float *x, int64_t n, int64_t ld, int64_t 
         _mm512_mask_storeu_ps(top + r, m, t);
     }
 }
-
-static float ember_att_exp_row(float *x, int64_t n, float shift) {
-    const __m512 by = _mm512_set1_ps(shift);
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-        const __m512 e = ember_att_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), by));
-        _mm512_mask_storeu_ps(x + j, m, e);
-        total = _mm512_mask_add_ps(total, m, total, e);
-    }
-    return _mm512_reduce_add_ps(total);
-}
 #else
-static void ember_att_exp_rows(float *x, int64_t n, int64_t ld, int64_t rows,
-                               const float *shift, float *sum) {
-    for (int64_t r = 0; sum && r < rows; ++r) sum[r] = 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-        float *restrict xj = x + j * ld;
-        #pragma omp simd
-        for (int64_t r = 0; r < rows; ++r) {
-            xj[r] = expf(xj[r] - shift[r]);
-            if (sum) sum[r] += xj[r];
-        }
-    }
-}
-
 static void ember_att_column_max(const float *x, int64_t n, int64_t ld, int64_t rows,
                                  float *top) {
     for (int64_t j = 0; j < n; ++j) {
@@ -368,13 +337,6 @@ static void ember_att_column_max(const float *x, int64_t n, int64_t ld, int64_t 
         #pragma omp simd
         for (int64_t r = 0; r < rows; ++r) top[r] = xj[r] > top[r] ? xj[r] : top[r];
     }
-}
-
-static float ember_att_exp_row(float *x, int64_t n, float shift) {
-    float total = 0.0f;
-    #pragma omp simd reduction(+:total)
-    for (int64_t j = 0; j < n; ++j) { x[j] = expf(x[j] - shift); total += x[j]; }
-    return total;
 }
 #endif
 
@@ -591,7 +553,7 @@ static void ember_att_merge(const ember_att *p, const float *first, int64_t spli
             for (int64_t e = 0; e < p->vdim; ++e) row[e] = 0.0f;
             for (int64_t s = 0; s < splits; ++s) {
                 const float *state = first + s * stride;
-                const float weight = expf(state[r] - shift);
+                const float weight = ember_expf(state[r] - shift);
                 if (weight == 0.0f) continue;
                 total += state[capacity + r] * weight;
                 const float *acc = state + 2 * capacity + r * p->vdim;
