@@ -18,8 +18,9 @@ additions):
 - **One micro-kernel, one exp.** Every product of tiles (``k q^T``, ``p v`` and the
   backward's five) is one register-blocked kernel: with AVX-512, 6 or 8 rows by up to 64
   columns in 24 accumulators (a vectorised loop without it). The exponentials, as costly as
-  the products at ``d = 64``, are a 16-lane polynomial exp that masks results below ``e^-87``
-  to 0 rather than letting them underflow (which costs the CPU a slow assist per lane).
+  the products at ``d = 64``, are the fused kernels' polynomial ``ember_expf``, 16 lanes at a
+  time, which gives 0 below ``2^-125`` rather than a subnormal (which costs the CPU a slow
+  assist per lane).
 - **Only visible keys are read.** ``kv_len`` and ``q_offset`` are read when the program runs:
   keys at ``j >= kv_len`` are never loaded (NaN in an unfilled cache cannot leak), and causal
   rows stop at their last visible key.
