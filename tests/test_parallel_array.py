@@ -65,7 +65,7 @@ def test_shards_are_owned_copies_and_the_value_is_read_only():
     x = P.device_put(value, P.NamedSharding(_mesh_1d(4), P.PartitionSpec()))
     value[...] = -1  # the caller's array is not shared
     assert np.asarray(x)[0, 1] == 1
-    bufs = x._local_buffers()
+    bufs = x.local_buffers()
     assert len({id(b) for b in bufs}) == 4 and all(b.base is None for b in bufs)
     with pytest.raises(ValueError):
         np.asarray(x)[0, 0] = 5

@@ -69,7 +69,7 @@ class ShardedArray(Array):
     def __init__(self, shards: Sequence[np.ndarray], sharding: NamedSharding, aval: ArrayType):
         """Internal: ``shards`` are owned buffers, one per addressable device of the mesh in
         mesh order, of the local shape; ``aval`` carries ``sharding.abstract``. Use
-        :func:`device_put`."""
+        :func:`device_put` or :meth:`from_shards`."""
         self._shards: list[np.ndarray] | None = list(shards)
         self._sharding = sharding
         self._aval = aval
@@ -108,7 +108,7 @@ class ShardedArray(Array):
         indices = self._sharding.indices(self.shape)
         return [Shard(d, indices[d], Array(buf, ArrayType(buf.shape, self.dtype, self.weak_type),
                                            self._backend))
-                for d, buf in zip(self._sharding.mesh.local_devices, self._local_buffers())]
+                for d, buf in zip(self._sharding.mesh.local_devices, self.local_buffers())]
 
     @property
     def device(self) -> Device:  # type: ignore[override]
@@ -116,11 +116,13 @@ class ShardedArray(Array):
                        f"this array lives on the {self._sharding.mesh.size} devices of "
                        f"{self._sharding.mesh}: see .sharding and .addressable_shards")
 
-    def _local_buffers(self) -> list[np.ndarray]:
+    def local_buffers(self) -> list[np.ndarray]:
+        """This process's parts as NumPy buffers, in mesh order (what a per-device program
+        reads; never write into them: the array is a value)."""
         if self._shards is None:
             raise EmberError(f"this array was donated to a jitted function and can no longer "
                              f"be used\n  at {user_frame()}")
-        return self._shards
+        return list(self._shards)
 
     def assemble(self, op: str = "np.asarray") -> np.ndarray:
         """The global value as one new NumPy array; an error naming ``op`` when part of it
@@ -128,7 +130,7 @@ class ShardedArray(Array):
         indices = self._sharding.indices(self.shape)
         out = np.empty(self.shape, self.dtype)
         held = set()
-        for d, buf in zip(self._sharding.mesh.local_devices, self._local_buffers()):
+        for d, buf in zip(self._sharding.mesh.local_devices, self.local_buffers()):
             out[indices[d]] = buf
             held.add(_block(indices[d]))
         parts = len({_block(i) for i in indices.values()})

@@ -78,7 +78,7 @@ def _per_shard(prim: Primitive, args: Sequence[Any], params: dict[str, Any],
 def _part(a: Any, i: int, index: tuple[slice, ...], layout: NamedSharding) -> Any:
     """Operand ``a``'s part on the ``i``-th local device of ``layout``."""
     if isinstance(a, ShardedArray):
-        buf = a._local_buffers()[i]
+        buf = a.local_buffers()[i]
         if a.sharding != layout:  # replicated: this device holds the whole value
             buf = buf[index]
         return Array(buf, ArrayType(buf.shape, a.dtype, a.weak_type))
