@@ -238,6 +238,7 @@ class _Partitioner:
         self.eqns: list[Eqn] = []
         self.env: dict[int, tuple[Var | Literal, Sharding]] = {}
         self.sources: dict[int, str | None] = {}  # Var.id -> the user line that made it
+        self.resharded: dict[tuple[int, Sharding], Var] = {}  # (local Var.id, layout) -> Var
         self.explanation = Explanation(mesh)
 
     # -- driving --
@@ -348,10 +349,15 @@ class _Partitioner:
         current = [self.layout(a) for a in eqn.inputs]
         keep: dict[int, set[str]] = {i: set() for i in range(len(eqn.inputs))}
         result_partial: set[str] = {a for f in rule.reduced for a in assignment.get(f, ())}
+        # A partial sum passes through an equation linear in it while that does not make the
+        # sum still to be taken any larger (it is taken before a broadcast, never after).
+        biggest = max((math.prod(Sharding(self.mesh, dims(f)).local_shape(v.aval.shape))
+                       for v, f in zip(eqn.outputs, rule.results)), default=0)
         for axis in {a for s in current for a in s.partial}:
             holders = {i for i, s in enumerate(current) if axis in s.partial}
             group = next(iter(g for g in rule.linear if set(g) <= holders), None)
-            if group is not None and axis not in split and axis not in result_partial:
+            if (group is not None and axis not in split and axis not in result_partial
+                    and biggest <= min(self.read(eqn.inputs[i])[0].aval.size for i in group)):
                 for i in group:
                     keep[i].add(axis)
                 result_partial.add(axis)
@@ -399,9 +405,14 @@ class _Partitioner:
     def reshard(self, local: Var | Literal, current: Sharding, target: Sharding,
                 source: str | None, reason: str) -> Var | Literal:
         """``local`` (laid out as ``current``) laid out as ``target``, with the collectives
-        that takes written into the graph and the explanation."""
+        that takes written into the graph and the explanation. A value redistributed once is
+        reused by every later equation that needs it laid out the same way."""
         if isinstance(local, Literal) or current == target:
             return local
+        done = self.resharded.get((local.id, target))
+        if done is not None:
+            return done
+        original = local
         steps = plan_reshard(local.aval.shape, local.aval.dtype.itemsize, current, target,
                              self.cost)
         layout = current
@@ -412,6 +423,7 @@ class _Partitioner:
                 self.explanation.add(Collective(
                     step.kind, step.axes, step.nbytes, source, reason,
                     f"{current} -> {target}", str(local.aval)))
+        self.resharded[(original.id, target)] = local
         return local
 
     def step(self, x: Var, step: Step, layout: Sharding, source: str | None) -> Var:
