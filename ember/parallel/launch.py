@@ -67,11 +67,28 @@ def launch(n: int, command: Sequence[str], timeout: float | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ember-launch-") as folder:
         args, env = command_line(n, command, timeout, {"EMBER_LAUNCH_DIR": folder})
         status = subprocess.run(args, env=env, check=False).returncode
-        reasons = sorted(pathlib.Path(folder).glob("process-*.error"),
-                         key=lambda p: int(p.stem.split("-")[1]))
-        if status and reasons:
-            print(f"ember launch: the job failed (mpiexec exit status {status}):", file=sys.stderr)
-            for reason in reasons:
-                print(f"  {reason.read_text()}".replace("\n", "\n  "), file=sys.stderr)
+        if status:
+            _report(pathlib.Path(folder), status)
         return status
+
+
+def _report(folder: pathlib.Path, status: int) -> None:
+    """Say why the job failed: the processes' own reasons, or, when none gave one (a process
+    was killed from outside, and mpiexec then killed the rest), where each process was."""
+    def by_rank(kind: str) -> list[tuple[int, str]]:
+        found = [(int(p.stem.split("-")[1]), p.read_text().strip())
+                 for p in folder.glob(f"process-*.{kind}")]
+        return sorted(found)
+
+    reasons = by_rank("error")
+    if reasons:
+        print(f"ember launch: the job failed (mpiexec exit status {status}):", file=sys.stderr)
+        lines = [text for _, text in reasons]
+    else:
+        print(f"ember launch: the job failed (mpiexec exit status {status}) and no process "
+              "reported an error: one was killed (see mpiexec's message above). Where each "
+              "process was:", file=sys.stderr)
+        lines = [f"process {rank}: {text}" for rank, text in by_rank("state")]
+    for line in lines:
+        print("  " + line.replace("\n", "\n  "), file=sys.stderr)
 

@@ -32,7 +32,7 @@ from ember.parallel.communicator import (
     reduce_in_rank_order,
     split_groups,
 )
-from ember.parallel.runtime import abort_job, mpi
+from ember.parallel.runtime import abort_job, mpi, record_state
 
 # MPI guarantees tags up to 32767: signatures use the lower half, permute's data the upper.
 _TAGS = 1 << 14
@@ -123,7 +123,11 @@ class _MPIHandle(Handle):
         self._sig_sends = [c.Isend(message, dest=r, tag=tag) for r in peers]
 
     def wait(self) -> Any:
-        self._comm._finish_through(self)
+        if not self.done:
+            what = f"{self._comm._where(self._sig)}, called at {self._where}"
+            record_state(f"waiting in {what}")
+            self._comm._finish_through(self)
+            record_state(f"running; its last collective was {what}")
         return self._result
 
     def finish(self) -> None:

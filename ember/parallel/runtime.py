@@ -73,13 +73,38 @@ def abort_job(message: str) -> NoReturn:
     world = mpi().COMM_WORLD
     text = f"process {world.Get_rank()} of {world.Get_size()} aborts the job: {message}"
     print(f"ember: {text}", file=sys.stderr, flush=True)
-    folder = os.environ.get("EMBER_LAUNCH_DIR")
-    if folder and os.path.isdir(folder):
-        with open(os.path.join(folder, f"process-{world.Get_rank()}.error"), "w") as f:
+    path = _launch_file("error")
+    if path is not None:
+        with open(path, "w") as f:
             f.write(text)
     time.sleep(0.2)  # let mpiexec forward the message before its clean-up kills the pipes
     world.Abort(1)
     os._exit(1)  # MPICH's Abort may return before its process manager kills this process
+
+
+def record_state(text: str) -> None:
+    """Note what this process is doing (``waiting in all_reduce #3...``), so that when the job
+    is killed from outside ``ember launch`` can say where each process was."""
+    fd = _state_file()
+    if fd is not None:
+        os.pwrite(fd, text.encode()[:_STATE_BYTES].ljust(_STATE_BYTES), 0)
+
+
+_STATE_BYTES = 1024
+
+
+@functools.cache
+def _state_file() -> int | None:
+    path = _launch_file("state")
+    return None if path is None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+def _launch_file(kind: str) -> str | None:
+    """This process's report file of ``kind`` in the folder ``ember launch`` made, if any."""
+    folder = os.environ.get("EMBER_LAUNCH_DIR")
+    if not (folder and os.path.isdir(folder) and launched_under_mpi()):
+        return None
+    return os.path.join(folder, f"process-{process_index()}.{kind}")
 
 
 def mpi_world() -> Any:
