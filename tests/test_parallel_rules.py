@@ -223,3 +223,14 @@ def test_shape_error_inside_collective_names_the_op():
     with pytest.raises(ShapeError, match="all_gather"):
         coll.all_gather_p.abstract_eval(ember.ir.types.ArrayType((2,), np.dtype(np.float32)),
                                         axes=("dp",), axis=3, mesh=MESH)
+
+
+def test_scatter_add_may_split_its_update_batch_into_partial_sums():
+    closed = lowered(ember.grad(lambda t, i: enp.sum(t[i])), np.ones((5, 3), np.float32),
+                     np.zeros((4, 2), np.int32))
+    eqn = eqn_of(closed, "scatter")
+    rule = rule_for(eqn)
+    (b0, b1, _), (trail,) = rule.operands[1], rule.results[0][1:]
+    assert rule.operands[0] == rule.results[0] == (None, trail)
+    assert rule.operands[2] == (b0, b1, trail)
+    assert rule.reduced == {b0, b1} and rule.accumulates == (0,)

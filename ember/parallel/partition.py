@@ -44,7 +44,7 @@ from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
 from ember.ir.sharding import Sharding
 from ember.ir.types import ArrayType
 from ember.ops import elementwise as ew
-from ember.ops.structural import dynamic_slice_p
+from ember.ops.structural import broadcast_in_dim_p, dynamic_slice_p
 from ember.parallel import collectives as coll
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.explain import Collective, Explanation
@@ -66,7 +66,8 @@ class CostModel:
     latency: float = 5e-6  # seconds per collective
 
     def seconds(self, steps: Sequence[Step]) -> float:
-        return sum(self.latency + s.nbytes / self.bandwidth for s in steps if s.kind != "slice")
+        return sum(self.latency + s.nbytes / self.bandwidth for s in steps
+                   if s.kind not in ("slice", "partial"))
 
 
 def collective_bytes(kind: str, local_bytes: int, n: int) -> int:
@@ -80,7 +81,7 @@ def collective_bytes(kind: str, local_bytes: int, n: int) -> int:
         return (n - 1) * local_bytes // n
     if kind == "collective_permute":
         return local_bytes
-    return 0  # slice: local
+    return 0  # slice, partial: local
 
 
 # --- redistribution plans ----------------------------------------------------------------------
@@ -100,8 +101,11 @@ class Step:
 def plan_reshard(shape: Sequence[int], itemsize: int, current: Sharding, target: Sharding,
                  cost: CostModel | None = None) -> list[Step]:
     """The steps that turn a value of local ``shape`` laid out as ``current`` into
-    ``target`` (``target.partial`` must be a subset of ``current.partial``: partial sums are
-    only ever resolved, never made)."""
+    ``target``. Partial sums are resolved first (by reduce-scatter where the target splits a
+    dimension over the axis next, else one all-reduce), then splits the target does not have
+    are undone (all-to-all where the axis moves to a dimension that gains it next, else
+    all-gather), then the target's further splits are cut locally, and last a whole value the
+    target wants partial is made so locally."""
     cost = cost or CostModel()
     sizes = dict(current.mesh)
     shape = list(shape)
@@ -165,6 +169,10 @@ def plan_reshard(shape: Sequence[int], itemsize: int, current: Sharding, target:
         for a in want[d][len(dims[d]):]:
             add("slice", (a,), dim=d)
             dims[d].append(a)
+    # A whole value becomes addends of itself: kept at coordinate 0 of the axis, zero elsewhere.
+    for a in target.partial:
+        if a not in current.partial:
+            add("partial", (a,))
     return steps
 
 
@@ -305,13 +313,16 @@ class _Partitioner:
             self.env[v.id] = (local, s)
 
     def candidates(self, eqn: Eqn, rule: Rule) -> list[dict[int, tuple[str, ...]]]:
-        """Factor splits worth costing: the planned one (from propagated layouts) and the one
-        the operands have now."""
+        """Factor splits worth costing: the planned one (from propagated layouts), the one
+        the operands have now, and each of those without splitting the factors summed away
+        (gathering operands can cost less than summing a large result)."""
         planned = self._assign([(v, f, self.layouts.dims.get(v.id))
                                 for v, f in self._values(eqn, rule)])
         current = self._assign([(v, f, self.layout(v).dims) for v, f in self._values(eqn, rule)
                                 if v in eqn.inputs])
-        return [planned] if planned == current else [planned, current]
+        options = [planned, current]
+        options += [{f: axes for f, axes in a.items() if f not in rule.reduced} for a in options]
+        return [a for i, a in enumerate(options) if a not in options[:i]]
 
     def _values(self, eqn: Eqn, rule: Rule) -> list[tuple[Var, tuple[int | None, ...]]]:
         values = [(a, f) for a, f in zip(eqn.inputs, rule.operands) if isinstance(a, Var)]
@@ -361,6 +372,9 @@ class _Partitioner:
                 for i in group:
                     keep[i].add(axis)
                 result_partial.add(axis)
+        reduced_axes = {a for f in rule.reduced for a in assignment.get(f, ())}
+        for i in rule.accumulates:
+            keep[i] |= reduced_axes
         ordered = lambda axes: tuple(a for a, _ in self.mesh if a in axes)  # noqa: E731
         operands = [Sharding(self.mesh, dims(f), ordered(keep[i]))
                     for i, f in enumerate(rule.operands)]
@@ -419,7 +433,7 @@ class _Partitioner:
         for step in steps:
             layout = _after(layout, step)
             local = self.step(local, step, layout, source)
-            if step.kind != "slice":
+            if step.kind not in ("slice", "partial"):
                 self.explanation.add(Collective(
                     step.kind, step.axes, step.nbytes, source, reason,
                     f"{current} -> {target}", str(local.aval)))
@@ -439,7 +453,21 @@ class _Partitioner:
         if step.kind == "all_to_all":
             return self.bind(coll.all_to_all_p, [x], {**common, "split_axis": step.to,
                                                    "concat_axis": step.dim}, source, [layout])[0]
+        if step.kind == "partial":
+            return self.local_addend(x, step, layout, source)
         return self.local_block(x, step, layout, source)
+
+    def local_addend(self, x: Var, step: Step, layout: Sharding, source: str | None) -> Var:
+        """A value every device holds whole, as addends over ``step.axes``: the device at
+        coordinate 0 keeps it, the others hold zeros."""
+        (axis,) = step.axes
+        index = self.bind(coll.axis_index_p, [], {"axis": axis, "mesh": self.mesh}, source)[0]
+        first = self.bind(ew.eq.prim, [index, _int32(0)], {}, source)[0]
+        shape = x.aval.shape
+        keep = self.bind(broadcast_in_dim_p, [first], {"shape": shape, "dims": ()}, source)[0]
+        zero = Literal(np.zeros((), x.aval.dtype), ArrayType((), x.aval.dtype))
+        zeros = self.bind(broadcast_in_dim_p, [zero], {"shape": shape, "dims": ()}, source)[0]
+        return self.bind(ew.select_p, [keep, x, zeros], {}, source, [layout])[0]
 
     def local_block(self, x: Var, step: Step, layout: Sharding, source: str | None) -> Var:
         """This device's block along ``step.dim`` of a value it holds whole along it:
@@ -472,6 +500,9 @@ def _after(layout: Sharding, step: Step) -> Sharding:
     elif step.kind == "all_to_all":
         dims[step.dim].pop()
         dims[step.to].append(step.axes[0])
+    elif step.kind == "partial":
+        partial.append(step.axes[0])
+        partial.sort(key=[a for a, _ in layout.mesh].index)
     else:
         dims[step.dim].append(step.axes[0])
     return Sharding(layout.mesh, tuple(tuple(d) for d in dims), tuple(partial))

@@ -15,10 +15,12 @@ shapes. This one description serves both passes:
 
 A factor in ``reduced`` is summed away (dot_general's contracting dimensions, ``reduce_sum``'s
 axes): split over axes ``A``, each device holds an addend of the result, which is then *partial*
-over ``A`` (decision 0021). ``linear`` lists groups of operands in which the primitive is
-additive, ``f(a1 + a2, b1 + b2) = f(a1, b1) + f(a2, b2)``: when every operand of one group is
-partial over an axis (and no other operand is), the result is partial over it too and no
-communication is needed yet; ``mul`` is linear in each operand alone, ``add`` in both together.
+over ``A`` (decision 0021); operands in ``accumulates`` (the array a scatter-add adds into)
+must then be partial over ``A`` as well. ``linear`` lists groups of operands in which the
+primitive is additive, ``f(a1 + a2, b1 + b2) = f(a1, b1) + f(a2, b2)``: when every operand of
+one group is partial over an axis (and no other operand is), the result is partial over it too
+and no communication is needed yet; ``mul`` is linear in each operand alone, ``add`` in both
+together.
 
 Every registered primitive gets a rule (:func:`install`): by its ``kind`` where that says
 enough, by name where not. A primitive without one (control flow, library routines, random
@@ -52,6 +54,9 @@ class Rule:
     results: tuple[Factors, ...]
     reduced: frozenset[int] = frozenset()
     linear: tuple[tuple[int, ...], ...] = ()
+    # Operands the result accumulates into (scatter-add's operand): where a reduced factor is
+    # split they must be partial over its axes too, each device adding its share to them.
+    accumulates: tuple[int, ...] = ()
     note: str | None = None  # shown by explain(): why this equation was replicated
 
     def factors(self) -> set[int]:
@@ -275,15 +280,23 @@ def _gather(ins, outs, params) -> Rule:
 
 
 def _scatter(ins, outs, params) -> Rule:
-    """The indexed dimensions and the update batch stay whole (a split batch would leave
-    each device a partial update of a value that is not itself partial)."""
+    """The operand's indexed dimensions stay whole; its trailing ones pass through from the
+    updates. A scatter-add may split the update batch: each device adds its updates into its
+    share of the operand (made partial), so the result is partial over the batch's axes (the
+    gradient of an embedding lookup on a data-parallel batch). Other modes keep it whole."""
     operand, indices, updates = ins
     k = indices.shape[-1]
     nb = indices.ndim - 1
-    trailing = tuple(range(operand.ndim - k))
+    ntrail = operand.ndim - k
+    trailing = tuple(range(nb, nb + ntrail))
     dims = (None,) * k + trailing
-    linear = ((0, 2),) if params["mode"] in ("set", "add") else ()
-    return Rule((dims, (None,) * indices.ndim, (None,) * nb + trailing), (dims,), linear=linear)
+    if params["mode"] != "add":
+        whole = (None,) * nb
+        linear = ((0, 2),) if params["mode"] == "set" else ()
+        return Rule((dims, (None,) * indices.ndim, whole + trailing), (dims,), linear=linear)
+    batch = tuple(range(nb))
+    return Rule((dims, (*batch, None), batch + trailing), (dims,), reduced=frozenset(batch),
+                linear=((0, 2),), accumulates=(0,))
 
 
 # --- installing --------------------------------------------------------------------------------
