@@ -134,6 +134,17 @@ def test_moving_a_split_to_another_dimension_is_an_all_to_all():
     assert (c.kind, c.axes, c.nbytes) == ("all_to_all", ("tp",), nbytes((2, 12)) // 2)
 
 
+@pytest.mark.parametrize("mesh", MESHES[1:], ids=["2x2", "4x2"])
+def test_reordering_the_axes_of_a_split_is_a_collective_permute(mesh):
+    f = lambda x: x + 1.0  # noqa: E731
+    args = (rand(16, 3),)
+    p = partitioned(f, args, [S(mesh, ("dp", "tp"), None)], [S(mesh, ("tp", "dp"), None)], mesh)
+    check(p, f, args)
+    (c,) = p.explanation.collectives
+    local = nbytes((16 // (dict(mesh)["dp"] * 2), 3))
+    assert (c.kind, c.axes, c.nbytes) == ("collective_permute", ("dp", "tp"), local)
+
+
 def test_gathering_a_split_dimension_is_an_all_gather():
     f = lambda x: enp.cumsum(x, axis=0)  # noqa: E731  (needs the whole axis)
     args = (rand(8, 12),)

@@ -31,6 +31,7 @@ is never worse than replicating the work.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -89,13 +90,16 @@ def collective_bytes(kind: str, local_bytes: int, n: int) -> int:
 @dataclass(frozen=True)
 class Step:
     """One step of a redistribution: a collective or a local slice, on one dimension (two for
-    all_to_all: ``dim`` is concatenated, ``to`` is split)."""
+    all_to_all: ``dim`` is concatenated, ``to`` is split). A collective_permute reorders the
+    axes splitting ``dim`` from ``axes`` to ``order``, each device sending by ``pairs``."""
 
     kind: str
     axes: tuple[str, ...]
     dim: int | None = None
     to: int | None = None
     nbytes: int = 0
+    order: tuple[str, ...] = ()
+    pairs: tuple[tuple[int, int], ...] = ()
 
 
 def plan_reshard(shape: Sequence[int], itemsize: int, current: Sharding, target: Sharding,
@@ -116,10 +120,10 @@ def plan_reshard(shape: Sequence[int], itemsize: int, current: Sharding, target:
     def nbytes() -> int:
         return math.prod(shape) * itemsize
 
-    def add(kind: str, axes: tuple[str, ...], dim: int | None = None, to: int | None = None
-            ) -> None:
+    def add(kind: str, axes: tuple[str, ...], dim: int | None = None, to: int | None = None,
+            **more: Any) -> None:
         n = math.prod(sizes[a] for a in axes)
-        steps.append(Step(kind, axes, dim, to, collective_bytes(kind, nbytes(), n)))
+        steps.append(Step(kind, axes, dim, to, collective_bytes(kind, nbytes(), n), **more))
         if kind in ("all_gather", "all_to_all"):
             shape[dim] *= n
         if kind in ("reduce_scatter", "slice", "all_to_all"):
@@ -153,6 +157,12 @@ def plan_reshard(shape: Sequence[int], itemsize: int, current: Sharding, target:
                  None)
         if d is None:
             break
+        if len(dims[d]) > 1 and sorted(dims[d]) == sorted(want[d]):  # same blocks, reordered
+            order = want[d]
+            add("collective_permute", tuple(dims[d]), dim=d, order=order,
+                pairs=_reorder_pairs(tuple(dims[d]), order, sizes))
+            dims[d] = list(order)
+            continue
         a = dims[d][-1]
         e = next(iter(e for e in range(len(dims)) if e != d and next_axis(e) == a
                       and shape[e] % sizes[a] == 0), None)
@@ -174,6 +184,29 @@ def plan_reshard(shape: Sequence[int], itemsize: int, current: Sharding, target:
         if a not in current.partial:
             add("partial", (a,))
     return steps
+
+
+def _reorder_pairs(axes: tuple[str, ...], order: tuple[str, ...], sizes: dict[str, int]
+                   ) -> tuple[tuple[int, int], ...]:
+    """(source, destination) ranks, in the group over ``axes``, that move each block of a
+    dimension split over ``axes`` to the device that holds it when split over ``order``."""
+    pairs = []
+    for coords in itertools.product(*(range(sizes[a]) for a in axes)):
+        at = dict(zip(axes, coords))
+        block = _digits(axes, at, sizes)  # the block this device holds, and its rank
+        # The device whose digits read in ``order`` give this block.
+        dest, rest = {}, block
+        for a in reversed(order):
+            rest, dest[a] = divmod(rest, sizes[a])
+        pairs.append((block, _digits(axes, dest, sizes)))
+    return tuple(pairs)
+
+
+def _digits(axes: Sequence[str], coords: Mapping[str, int], sizes: Mapping[str, int]) -> int:
+    value = 0
+    for a in axes:
+        value = value * sizes[a] + coords[a]
+    return value
 
 
 # --- the partitioner ---------------------------------------------------------------------------
@@ -450,6 +483,9 @@ class _Partitioner:
         if step.kind == "reduce_scatter":
             return self.bind(coll.reduce_scatter_p, [x], {**common, "axis": step.dim, "op": "sum"},
                              source, [layout])[0]
+        if step.kind == "collective_permute":
+            return self.bind(coll.collective_permute_p, [x], {**common, "pairs": step.pairs},
+                             source, [layout])[0]
         if step.kind == "all_to_all":
             return self.bind(coll.all_to_all_p, [x], {**common, "split_axis": step.to,
                                                    "concat_axis": step.dim}, source, [layout])[0]
@@ -500,6 +536,8 @@ def _after(layout: Sharding, step: Step) -> Sharding:
     elif step.kind == "all_to_all":
         dims[step.dim].pop()
         dims[step.to].append(step.axes[0])
+    elif step.kind == "collective_permute":
+        dims[step.dim] = list(step.order)
     elif step.kind == "partial":
         partial.append(step.axes[0])
         partial.sort(key=[a for a, _ in layout.mesh].index)
