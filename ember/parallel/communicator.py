@@ -153,6 +153,7 @@ class Communicator(ABC):
         self.members = tuple(members)  # each rank's rank in the whole job, for messages
         self._timeout = timeout
         self._seq = 0
+        self._in_call = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(group={self.name!r}, rank={self.rank}, size={self.size})"
@@ -228,25 +229,35 @@ class Communicator(ABC):
         return self._begin("barrier", None, ())
 
     def all_reduce(self, x: Any, op: str = "sum") -> np.ndarray:
-        return self.start_all_reduce(x, op).wait()
+        return self._now(self.start_all_reduce, x, op)
 
     def all_gather(self, x: Any, axis: int = 0) -> np.ndarray:
-        return self.start_all_gather(x, axis).wait()
+        return self._now(self.start_all_gather, x, axis)
 
     def reduce_scatter(self, x: Any, axis: int = 0, op: str = "sum") -> np.ndarray:
-        return self.start_reduce_scatter(x, axis, op).wait()
+        return self._now(self.start_reduce_scatter, x, axis, op)
 
     def all_to_all(self, x: Any, split_axis: int, concat_axis: int) -> np.ndarray:
-        return self.start_all_to_all(x, split_axis, concat_axis).wait()
+        return self._now(self.start_all_to_all, x, split_axis, concat_axis)
 
     def permute(self, x: Any, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
-        return self.start_permute(x, pairs).wait()
+        return self._now(self.start_permute, x, pairs)
 
     def broadcast(self, x: Any, root: int = 0) -> np.ndarray:
-        return self.start_broadcast(x, root).wait()
+        return self._now(self.start_broadcast, x, root)
 
     def barrier(self) -> None:
         self.start_barrier().wait()
+
+    def _now(self, start: Callable[..., Handle], *args: Any) -> Any:
+        """Start a collective and wait for it: the caller cannot write its input in between,
+        so a runtime need not copy it (``_start``'s ``keep``)."""
+        self._in_call = True
+        try:
+            handle = start(*args)
+        finally:
+            self._in_call = False
+        return handle.wait()
 
     def split(self, color: int, key: int | None = None) -> Communicator:
         """The group of the ranks that pass the same ``color``, ordered by ``key`` (default:
@@ -272,7 +283,7 @@ class Communicator(ABC):
         if x is not None and x.dtype.kind in "OSUMm":  # only numbers (ml_dtypes' are kind "V")
             raise op_error(EmberValueError, kind,
                            f"expected a numeric array, got dtype {x.dtype} of shape {x.shape}")
-        return self._start(self._signature(kind, x, params), x)
+        return self._start(self._signature(kind, x, params), x, keep=not self._in_call)
 
     def _check_divides(self, op: str, x: np.ndarray, axis: int, name: str) -> None:
         if x.shape[axis] % self.size:
@@ -311,8 +322,9 @@ class Communicator(ABC):
     # -- what a runtime provides --
 
     @abstractmethod
-    def _start(self, sig: Signature, x: np.ndarray | None) -> Handle:
-        """Post the collective described by ``sig`` (``x`` is this rank's input)."""
+    def _start(self, sig: Signature, x: np.ndarray | None, keep: bool) -> Handle:
+        """Post the collective described by ``sig`` (``x`` is this rank's input; ``keep``: the
+        caller may write ``x`` before the wait, so the runtime must keep a copy of it)."""
 
     @abstractmethod
     def _split(self, sig: Signature, color: int, key: int) -> Communicator:

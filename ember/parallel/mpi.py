@@ -70,8 +70,11 @@ class MPICommunicator(Communicator):
             self._poll([request], Signature(0, "create_communicator", "", ()), lambda: [])
         self._comm = comm
 
-    def _start(self, sig: Signature, x: np.ndarray | None) -> Handle:
-        x = None if x is None else np.array(x, copy=True, order="C")
+    def _start(self, sig: Signature, x: np.ndarray | None, keep: bool) -> Handle:
+        # When this rank's wait returns its sends are complete, so only a started collective
+        # whose input the caller may write in between needs a copy.
+        if x is not None:
+            x = np.array(x, order="C") if keep else np.asarray(x, order="C")
         handle = _MPIHandle(self, sig, x, None)
         self._pending.append(handle)
         return handle
@@ -87,15 +90,23 @@ class MPICommunicator(Communicator):
         while not handle.done:
             self._pending.pop(0).finish()
 
-    def _poll(self, requests: list, sig: Signature, missing: Any, where: str = "") -> None:
-        """Wait for ``requests`` until the deadline; past it, fail naming ``missing()``."""
+    def _poll(self, requests: list, sig: Signature, missing: Any, where: str = "",
+              spin: bool = False) -> None:
+        """Wait for ``requests`` until the deadline; past it, fail naming ``missing()``.
+
+        Waiting for peers to arrive sleeps between tests, longer and longer, so a rank that
+        waits for a slow one does not take its CPU. Moving data (``spin``: every rank has
+        arrived) tests without pausing, as MPI's own wait does: MPI makes progress only
+        inside its calls, and a large message moves in many pieces.
+        """
         deadline = time.monotonic() + self.timeout
-        pause = _FIRST_PAUSE
+        pause = 0.0 if spin else _FIRST_PAUSE
         while not self._mpi.Request.Testall(requests):
             if time.monotonic() > deadline:
                 self._abort(self._timeout_error(sig, missing()), where)
-            time.sleep(pause)
-            pause = min(2 * pause, _LONGEST_PAUSE)
+            if pause:
+                time.sleep(pause)
+                pause = min(2 * pause, _LONGEST_PAUSE)
 
     def _abort(self, error: Exception, where: str = "") -> NoReturn:
         """Report the error and end the job: every process, not only this one, must stop."""
@@ -160,6 +171,8 @@ class _MPIHandle(Handle):
         if sig.kind == "all_gather":
             out = np.empty((n, *x.shape), x.dtype)
             self._run(c.Iallgather(_bytes(x), _bytes(out)))
+            if p["axis"] == 0:  # already in place: rank blocks one after the other
+                return out.reshape(n * x.shape[0], *x.shape[1:])
             return np.concatenate(list(out), axis=p["axis"])
         if sig.kind in ("reduce_scatter", "all_to_all"):
             axis = p.get("axis", p.get("split_axis"))
@@ -204,4 +217,4 @@ class _MPIHandle(Handle):
         return out
 
     def _run(self, *requests: Any) -> None:
-        self._comm._poll(list(requests), self._sig, lambda: [], self._where)
+        self._comm._poll(list(requests), self._sig, lambda: [], self._where, spin=True)

@@ -89,8 +89,9 @@ class ThreadCommunicator(Communicator):
         """The first error of the run, if any rank failed."""
         return self._group.run.failure
 
-    def _start(self, sig: Signature, x: np.ndarray | None) -> Handle:
-        # A copy: the caller may write x before the slower peers have read it.
+    def _start(self, sig: Signature, x: np.ndarray | None, keep: bool) -> Handle:
+        # Always a copy: this rank's wait may return, and its caller write x, before the
+        # slower peers have read it.
         self._arrive(sig, None if x is None else np.array(x, copy=True))
         return _ThreadHandle(self, sig)
 
