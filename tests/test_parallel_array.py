@@ -356,3 +356,13 @@ def test_a_thread_traces_while_the_main_thread_runs_eagerly():
     resume.set()
     thread.join(10)
     assert "cos" in result["out"]
+
+
+def test_the_count_of_active_traces_returns_to_zero_after_a_failing_trace():
+    def bad(t):
+        raise ValueError("inside the trace")
+
+    with pytest.raises(ValueError):
+        ember.jit(bad)(np.float32(1))
+    assert trace._tracing == 0 and not trace.tracing_active()
+    assert trace.innermost_dynamic().level == 0 and trace.innermost_main().level == 0
