@@ -58,6 +58,8 @@ class _Slot:
         self.inputs: dict[int, Any] = {}
         self.taken = 0
         self.shared: dict[int, _Group] = {}  # split: each color's new group, made once
+        self.lock = threading.Lock()
+        self.common: np.ndarray | None = None  # all_reduce: the one result every rank copies
 
 
 class ThreadCommunicator(Communicator):
@@ -162,8 +164,15 @@ class _ThreadHandle(Handle):
 
     def wait(self) -> np.ndarray | None:
         if not self._done:
-            inputs, _ = self._comm._gather(self._sig)
-            if self._sig.kind != "barrier":
+            inputs, slot = self._comm._gather(self._sig)
+            if self._sig.kind == "all_reduce":
+                # Every rank's result is the same: reduce once, not once per rank (n - 1
+                # passes instead of n (n - 1)); each rank gets its own copy to write.
+                with slot.lock:
+                    if slot.common is None:
+                        slot.common = local_result(self._sig, inputs, self._comm.rank)
+                self._result = slot.common.copy()
+            elif self._sig.kind != "barrier":
                 self._result = local_result(self._sig, inputs, self._comm.rank)
             self._done = True
         return self._result
