@@ -52,15 +52,19 @@ def process_count() -> int:
     return runtime.process_count()
 
 
-@functools.cache
 def devices() -> list[Device]:
     """Every device of the job, ordered by id (the same list in every process).
 
     Read once: ``EMBER_CPU_DEVICES`` must be set before the first call.
     """
+    return list(_devices())
+
+
+@functools.cache
+def _devices() -> tuple[Device, ...]:
     per_process = _devices_per_process(os.environ.get(CPU_DEVICES_VARIABLE), process_count())
-    return [Device(p * per_process + i, p) for p in range(process_count())
-            for i in range(per_process)]
+    return tuple(Device(p * per_process + i, p) for p in range(process_count())
+                 for i in range(per_process))
 
 
 def local_devices() -> list[Device]:
