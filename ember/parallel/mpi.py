@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import time
+from collections.abc import Generator
 from typing import Any, NoReturn
 
 import numpy as np
@@ -77,6 +78,7 @@ class MPICommunicator(Communicator):
             x = np.array(x, order="C") if keep else np.asarray(x, order="C")
         handle = _MPIHandle(self, sig, x, None)
         self._pending.append(handle)
+        self._progress()
         return handle
 
     def _split(self, sig: Signature, color: int, key: int) -> Communicator:
@@ -84,11 +86,19 @@ class MPICommunicator(Communicator):
         self._pending.append(handle)
         return handle.wait()
 
+    def _progress(self) -> None:
+        """Move started collectives on as far as they go without waiting, oldest first, so a
+        collective started before some computation is partly done when it is waited for."""
+        while self._pending and self._pending[0].advance(block=False):
+            self._pending.pop(0)
+
     def _finish_through(self, handle: _MPIHandle) -> None:
-        """Finish every pending handle up to ``handle``, oldest first (the order every rank
-        posts data collectives in)."""
+        """Finish every pending handle up to ``handle``, oldest first: a handle posts its data
+        collectives only once the one before it is done, so every rank posts them in the same
+        order (which MPI requires) whatever order it waits in."""
         while not handle.done:
-            self._pending.pop(0).finish()
+            self._pending[0].advance(block=True)
+            self._pending.pop(0)
 
     def _poll(self, requests: list, sig: Signature, missing: Any, where: str = "",
               spin: bool = False) -> None:
@@ -114,7 +124,9 @@ class MPICommunicator(Communicator):
 
 
 class _MPIHandle(Handle):
-    """One collective: its signature exchange is posted at once, its data when finished."""
+    """One collective: its signature exchange is posted at once; then its data moves in steps
+    (a generator posting MPI operations and yielding their requests), each step posted once
+    the previous one completed."""
 
     def __init__(self, comm: MPICommunicator, sig: Signature, x: np.ndarray | None,
                  payload: Any) -> None:
@@ -131,7 +143,9 @@ class _MPIHandle(Handle):
         peers = [r for r in range(comm.size) if r != comm.rank]
         self._received = {r: np.zeros(_SIGNATURE_BYTES, np.uint8) for r in peers}
         self._sig_recvs = {r: c.Irecv(self._received[r], source=r, tag=tag) for r in peers}
-        self._sig_sends = [c.Isend(message, dest=r, tag=tag) for r in peers]
+        self._in_flight = [*self._sig_recvs.values(), *(c.Isend(message, dest=r, tag=tag)
+                                                        for r in peers)]
+        self._steps: Generator[list, None, Any] | None = None
 
     def wait(self) -> Any:
         if not self.done:
@@ -141,21 +155,46 @@ class _MPIHandle(Handle):
             record_state(f"running; its last collective was {what}")
         return self._result
 
-    def finish(self) -> None:
-        comm, recvs = self._comm, self._sig_recvs
-        comm._poll(list(recvs.values()) + self._sig_sends, self._sig,
-                   lambda: [r for r, request in recvs.items() if not request.Test()], self._where)
+    def advance(self, block: bool) -> bool:
+        """Post the next steps whose predecessors completed; True once the collective is done.
+        ``block``: wait for each step (against the deadline) instead of returning."""
+        if self._steps is None:  # still exchanging signatures: every peer must arrive
+            missing = lambda: [r for r, q in self._sig_recvs.items() if not q.Test()]
+            if not self._completed(block, missing, spin=False):
+                return False
+            self._steps = self._move_data(self._check_signatures())
+            self._next_step()
+        while not self.done:
+            if not self._completed(block, lambda: [], spin=True):
+                return False
+            self._next_step()
+        return True
+
+    def _completed(self, block: bool, missing: Any, spin: bool) -> bool:
+        if block:
+            self._comm._poll(self._in_flight, self._sig, missing, self._where, spin)
+            return True
+        return self._comm._mpi.Request.Testall(self._in_flight)
+
+    def _next_step(self) -> None:
+        try:
+            self._in_flight = next(self._steps)
+        except StopIteration as finished:
+            self._result, self.done = finished.value, True
+            self._in_flight, self._x = [], None
+
+    def _check_signatures(self) -> list:
+        """Every rank's payload, in rank order, once every signature equals ours."""
+        comm = self._comm
         signatures, payloads = {comm.rank: self._sent}, {comm.rank: self._payload}
         for rank, buffer in self._received.items():
             fields, payloads[rank] = ast.literal_eval(buffer.tobytes().rstrip(b"\0").decode())
             signatures[rank] = Signature(*fields)
         if any(s != self._sent for s in signatures.values()):
             comm._abort(comm._mismatch_error(signatures), self._where)
-        self._result = self._move_data([payloads[r] for r in range(comm.size)])
-        self.done = True
-        self._x = None
+        return [payloads[r] for r in range(comm.size)]
 
-    def _move_data(self, payloads: list) -> Any:
+    def _move_data(self, payloads: list) -> Generator[list, None, Any]:
         comm, sig, x = self._comm, self._sig, self._x
         c, n, p = comm._comm, comm.size, dict(sig.params)
         if sig.kind == "barrier":  # every rank's signature arrived: that is the barrier
@@ -170,7 +209,7 @@ class _MPIHandle(Handle):
                                    _split_from=comm)
         if sig.kind == "all_gather":
             out = np.empty((n, *x.shape), x.dtype)
-            self._run(c.Iallgather(_bytes(x), _bytes(out)))
+            yield [c.Iallgather(_bytes(x), _bytes(out))]
             if p["axis"] == 0:  # already in place: rank blocks one after the other
                 return out.reshape(n * x.shape[0], *x.shape[1:])
             return np.concatenate(list(out), axis=p["axis"])
@@ -178,43 +217,38 @@ class _MPIHandle(Handle):
             axis = p.get("axis", p.get("split_axis"))
             blocks = np.ascontiguousarray(np.stack(np.split(x, n, axis=axis)))
             received = np.empty_like(blocks)
-            self._run(c.Ialltoall(_bytes(blocks), _bytes(received)))
+            yield [c.Ialltoall(_bytes(blocks), _bytes(received))]
             if sig.kind == "reduce_scatter":
                 return reduce_in_rank_order(list(received), p["op"])
             return np.concatenate(list(received), axis=p["concat_axis"])
         if sig.kind == "all_reduce":
-            return self._all_reduce(c, n, p["op"])
+            return (yield from self._all_reduce(c, n, p["op"]))
         if sig.kind == "permute":
             tag = _TAGS + sig.seq % _TAGS
             sources = [src for src, dst in p["pairs"] if dst == comm.rank]
             out = np.empty_like(x) if sources else np.zeros_like(x)
-            requests = [c.Isend(_bytes(x), dest=dst, tag=tag)
-                        for src, dst in p["pairs"] if src == comm.rank]
-            requests += [c.Irecv(_bytes(out), source=src, tag=tag) for src in sources]
-            self._run(*requests)
+            yield [*(c.Isend(_bytes(x), dest=dst, tag=tag)
+                     for src, dst in p["pairs"] if src == comm.rank),
+                   *(c.Irecv(_bytes(out), source=src, tag=tag) for src in sources)]
             return out
         if sig.kind == "broadcast":
             out = x if comm.rank == p["root"] else np.empty_like(x)
-            self._run(c.Ibcast(_bytes(out), root=p["root"]))
+            yield [c.Ibcast(_bytes(out), root=p["root"])]
             return out
         raise AssertionError(f"ember bug: MPI has no data movement for {sig.kind!r}")
 
-    def _all_reduce(self, c: Any, n: int, op: str) -> np.ndarray:
+    def _all_reduce(self, c: Any, n: int, op: str) -> Generator[list, None, np.ndarray]:
         """Reduce-scatter (all-to-all of chunks, summed in rank order), then all-gather."""
         x = self._x
         item = x.dtype.itemsize
         counts, offsets = _chunks(x.size, n)
         mine = int(counts[self._comm.rank])
         received = np.empty((n, mine), x.dtype)
-        self._run(c.Ialltoallv([_bytes(x), ((counts * item).tolist(), (offsets * item).tolist())],
-                               [_bytes(received), ([mine * item] * n,
-                                                   [r * mine * item for r in range(n)])]))
-        reduced = reduce_in_rank_order(list(received), op)
+        yield [c.Ialltoallv([_bytes(x), ((counts * item).tolist(), (offsets * item).tolist())],
+                            [_bytes(received), ([mine * item] * n,
+                                                [r * mine * item for r in range(n)])])]
+        reduced = np.ascontiguousarray(reduce_in_rank_order(list(received), op))
         out = np.empty(x.shape, x.dtype)
-        self._run(c.Iallgatherv(_bytes(np.ascontiguousarray(reduced)),
-                                [_bytes(out), ((counts * item).tolist(),
-                                               (offsets * item).tolist())]))
+        yield [c.Iallgatherv(_bytes(reduced), [_bytes(out), ((counts * item).tolist(),
+                                                              (offsets * item).tolist())])]
         return out
-
-    def _run(self, *requests: Any) -> None:
-        self._comm._poll(list(requests), self._sig, lambda: [], self._where, spin=True)
