@@ -7,7 +7,6 @@ within the deadline, and the output names the rank and the collective. Skipped w
 or the mpich wheel's ``mpiexec`` is missing (``pip install 'ember[mpi]'``).
 """
 
-import os
 import pathlib
 import re
 import subprocess
@@ -28,20 +27,29 @@ except EmberError as e:
     pytest.skip(f"MPI is not installed: {e}", allow_module_level=True)
 
 
-def ember_launch(n, script, *args, timeout=TIMEOUT):
-    """Run ``ember launch -n n --timeout timeout python script args``: (status, output, s)."""
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "ember", "launch", "-n", str(n), "--timeout", str(timeout),
-         "python", str(SCRIPTS / script), *args],
-        capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+@pytest.fixture
+def ember_launch(capfd, monkeypatch):
+    """``ember_launch(n, script, *args, cli=False)``: run ``ember launch -n n --timeout TIMEOUT
+    python script args`` (in this process unless ``cli``): (status, output, seconds)."""
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    monkeypatch.setenv("MPIEXEC_TIMEOUT", "120")  # mpiexec's own limit: no test can hang
+
+    def run(n, script, *args, cli=False):
+        started = time.monotonic()
+        command = ["python", str(SCRIPTS / script), *args]
+        if cli:
+            status = subprocess.run([sys.executable, "-m", "ember", "launch", "-n", str(n),
+                                     "--timeout", str(TIMEOUT), *command], check=False).returncode
+        else:
+            status = launch.launch(n, command, timeout=TIMEOUT)
+        out, err = capfd.readouterr()
+        return status, out + err, time.monotonic() - started
+    return run
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_every_collective_matches_numpy_and_the_thread_runtime(n):
-    status, output, _ = ember_launch(n, "collectives.py")
+@pytest.mark.parametrize("n,cli", [(2, True), (4, False)])
+def test_every_collective_matches_numpy_and_the_thread_runtime(ember_launch, n, cli):
+    status, output, _ = ember_launch(n, "collectives.py", cli=cli)
     assert status == 0, output
     for rank in range(n):
         assert f"rank {rank} of {n}: ok" in output, output
@@ -70,7 +78,7 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("mode", sorted(FAULTS))
-def test_a_failing_process_stops_every_process_within_the_deadline(mode):
+def test_a_failing_process_stops_every_process_within_the_deadline(ember_launch, mode):
     status, output, seconds = ember_launch(3, "faults.py", mode)
     assert status != 0, output
     assert "finished" not in output, output  # no process went on past the failure
