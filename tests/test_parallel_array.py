@@ -204,34 +204,70 @@ def test_elementwise_stays_sharded_without_gathering(spec):
         assert got.dtype == want.dtype, name
 
 
-def test_other_operations_gather_warn_and_replicate():
+@pytest.mark.parametrize("name, run, want, layout", [
+    ("sum over the split axis", lambda x, y, w: enp.sum(x, axis=0), lambda u: u.sum(0), "{_}"),
+    ("sum over the other axis", lambda x, y, w: enp.sum(x, axis=1), lambda u: u.sum(1), "{a}"),
+    ("mean", lambda x, y, w: enp.mean(x), lambda u: u.mean(), "{}"),
+    ("matmul", lambda x, y, w: x @ w, lambda u: u @ u.T, "{a,b}"),
+    ("add of two splits", lambda x, y, w: x + y, lambda u: 2 * u, "{a,b}"),
+    ("transpose", lambda x, y, w: x.T, lambda u: u.T, "{_,a}"),
+    ("reshape", lambda x, y, w: x.reshape(32), lambda u: u.reshape(32), "{a}"),
+])
+def test_other_operations_are_partitioned_without_gathering(name, run, want, layout):
+    """Each primitive is partitioned alone; its result keeps the layout propagation chose."""
     mesh = P.Mesh(P.devices(), ("a", "b"))
     u = _value((8, 4))
     x = P.device_put(u, P.NamedSharding(mesh, P.PartitionSpec("a")))
-    with pytest.warns(P.ShardingGatherWarning) as record:
-        total = enp.sum(x, axis=0)
-    message = str(record[0].message)
-    assert "reduce_sum" in message and "PartitionSpec('a')" in message
-    assert "test_parallel_array.py" in message and record[0].filename == __file__
-    assert isinstance(total, P.ShardedArray) and total.sharding.is_fully_replicated
-    assert total.sharding.mesh == mesh
-    np.testing.assert_array_equal(np.asarray(total), u.sum(0))
-    with pytest.warns(P.ShardingGatherWarning, match="dot_general"):
-        prod = x @ P.device_put(u.T, P.NamedSharding(mesh, P.PartitionSpec(None, "b")))
-    np.testing.assert_allclose(np.asarray(prod), u @ u.T)
     y = P.device_put(u, P.NamedSharding(mesh, P.PartitionSpec(None, "b")))
-    with pytest.warns(P.ShardingGatherWarning, match=r"add: operands laid out by "
-                                                     r"PartitionSpec\('a'\), PartitionSpec"):
-        mixed = x + y  # two different splits: no common layout
-    np.testing.assert_array_equal(np.asarray(mixed), 2 * u)
+    w = P.device_put(u.T, P.NamedSharding(mesh, P.PartitionSpec(None, "b")))
+    with _Raise(P.ShardingGatherWarning):
+        out = run(x, y, w)
+    assert isinstance(out, P.ShardedArray) and out.sharding.mesh == mesh
+    assert str(out.aval.sharding) == layout
+    np.testing.assert_allclose(np.asarray(out), want(u), rtol=1e-6)
+    for shard in out.addressable_shards:  # every device's part is right, not just the whole
+        np.testing.assert_allclose(np.asarray(shard.data), np.asarray(want(u))[shard.index],
+                                   rtol=1e-6)
+
+
+def test_operations_that_gather_say_where():
+    mesh = P.Mesh(P.devices(), ("a", "b"))
+    u = _value((8, 4))[::-1].copy()
+    x = P.device_put(u, P.NamedSharding(mesh, P.PartitionSpec("a")))
+    with pytest.warns(P.ShardingGatherWarning) as record:
+        ordered = enp.sort(x, axis=0)  # sorting along the split axis needs the whole axis
+    message = str(record[0].message)
+    assert message.startswith("sort: operands laid out by {a,_}")
+    assert "all_gather[a] 96 B/device (sort operand 0 {a,_} -> {_,_})" in message
+    assert "test_parallel_array.py" in message and record[0].filename == __file__
+    np.testing.assert_array_equal(np.asarray(ordered), np.sort(u, axis=0))
+    assert ordered.sharding.mesh == mesh
+    with pytest.warns(P.ShardingGatherWarning, match="fft: .*replicated"):
+        spectrum = enp.fft.fft(x, axis=1)  # no sharding rule: replicated
+    np.testing.assert_allclose(np.asarray(spectrum), np.fft.fft(u, axis=1), rtol=1e-5,
+                               atol=1e-3)
+
+
+def test_operands_on_two_meshes_are_gathered_and_replicated_with_a_warning():
+    u = _value((4, 4))
+    left = P.Mesh(P.devices()[:2], ("x",))
+    x = P.device_put(u, P.NamedSharding(left, P.PartitionSpec("x")))
+    y = P.device_put(u, P.NamedSharding(P.Mesh(P.devices()[2:6], ("y",)), P.PartitionSpec("y")))
+    with pytest.warns(P.ShardingGatherWarning, match=r"dot_general: operands laid out by "
+                                                     r"NamedSharding.*PartitionSpec\('x'\).*"
+                                                     r"PartitionSpec\('y'\).*were gathered"):
+        out = x @ y
+    assert out.sharding == P.NamedSharding(left, P.PartitionSpec())
+    np.testing.assert_allclose(np.asarray(out), u @ u)
 
 
 def test_eager_grad_of_a_function_of_a_sharded_array():
     mesh = P.Mesh(P.devices()[:4], ("x",))
     u = _value((8, 2)) / 10
     x = P.device_put(u, P.NamedSharding(mesh, P.PartitionSpec("x")))
-    with pytest.warns(P.ShardingGatherWarning):  # the sum gathers
+    with _Raise(P.ShardingGatherWarning):
         g = ember.grad(lambda t: enp.sum(enp.sin(t) * t))(x)
+    assert isinstance(g, P.ShardedArray)
     np.testing.assert_allclose(np.asarray(g), np.cos(u) * u + np.sin(u), rtol=1e-5)
 
 

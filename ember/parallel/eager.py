@@ -1,11 +1,14 @@
-"""Eager operations on sharded arrays: per shard where the layout allows, else gathered.
+"""Eager operations on sharded arrays: per shard, else partitioned, else gathered.
 
 ``ember.core.trace.eval_primitive`` hands every primitive with a :class:`ShardedArray` operand
 here. An elementwise primitive whose operands share one layout runs once per device on that
-device's parts and keeps the layout: no data moves. Anything else (a reduction, a matmul,
-operands laid out differently) is gathered onto one device, run once, and its result replicated
-over the same mesh, with a :class:`ShardingGatherWarning` saying where. The SPMD partitioner
-(``jit`` with shardings) is the way to run those without gathering.
+device's parts and keeps the layout: no data moves. Any other primitive is compiled alone, as
+JAX does: a one-equation graph goes through the SPMD partitioner (propagation picks the result's
+layout) and its per-device program runs on every device of the mesh in lockstep, collectives
+included. When that program gathers data (an ``all_gather`` or ``all_to_all``, or a primitive
+with no sharding rule, replicated), a :class:`ShardingGatherWarning` says which collectives, on
+which mesh axes, and the user's line. A mesh with devices in other processes has no lockstep
+path here: its operands are gathered (which needs every part in this process).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import numpy as np
 from ember.core import trace
 from ember.core.array import Array
 from ember.core.primitive import Primitive
-from ember.core.trace import abstract_eval, aval_of, eval_primitive
+from ember.core.trace import abstract_eval, aval_of, eval_primitive, make_graph
+from ember.ir.params import param_key
+from ember.ir.sharding import Sharding
 from ember.ir.types import ArrayType
 from ember.parallel.array import (
     ShardedArray,
@@ -27,7 +32,10 @@ from ember.parallel.array import (
     sharding_constraint_p,
     warn_gather,
 )
+from ember.parallel.mesh import Mesh
+from ember.parallel.partition import Partitioned, partition
 from ember.parallel.sharding import NamedSharding, PartitionSpec
+from ember.parallel.simulate import run_spmd
 
 __all__ = ["run"]
 
@@ -40,6 +48,11 @@ def run(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
         layout = _common_layout(args)
         if layout is not None:
             return _per_shard(prim, args, params, layout)
+    meshes = {a.sharding.mesh for a in args if isinstance(a, ShardedArray)}
+    if len(meshes) == 1:
+        mesh = meshes.pop()
+        if len(mesh.local_devices) == mesh.size:
+            return _partitioned(prim, args, params, mesh)
     return _gathered(prim, args, params)
 
 
@@ -89,13 +102,74 @@ def _part(a: Any, i: int, index: tuple[slice, ...], layout: NamedSharding) -> An
     return a  # a scalar: every device reads it whole
 
 
+# One-primitive programs already partitioned, by primitive, params, operand types and layouts.
+_PROGRAMS: dict[tuple, Partitioned] = {}
+_PROGRAMS_SIZE = 512  # emptied when full
+_GATHERS = frozenset({"all_gather", "all_to_all"})
+
+
+def _partitioned(prim: Primitive, args: Sequence[Any], params: dict[str, Any], mesh: Mesh
+                 ) -> Any:
+    """Run ``prim`` as a partitioned one-equation program on every device of ``mesh``."""
+    avals = [aval_of(a).update(sharding=None) for a in args]
+    out_aval = abstract_eval(prim, avals, params)  # the user's mistakes are reported here
+    layouts = [a.sharding.abstract(a.ndim) if isinstance(a, ShardedArray)
+               else Sharding.replicated(mesh.abstract, av.ndim) for a, av in zip(args, avals)]
+    program = _program(prim, params, avals, layouts, mesh)
+    gathers = [c for c in program.explanation.collectives if c.kind in _GATHERS]
+    if gathers or program.explanation.replicated:
+        steps = [f"{c.kind}[{','.join(c.axes)}] {c.nbytes} B/device ({c.reason} "
+                 f"{c.layouts})" for c in gathers]
+        steps += [f"{name} {why}" for name, why, _ in program.explanation.replicated]
+        warn_gather(f"{prim.name}: operands laid out by "
+                    f"{', '.join(str(s) for s in layouts)} over {mesh} had to be gathered: "
+                    f"{'; '.join(steps)}")
+    per_device = [[_device_value(a, d) for a in args] for d in range(mesh.size)]
+    outs = run_spmd(program.graph, mesh.abstract, per_device)
+    results = [ShardedArray.from_shards([outs[d][k] for d in range(mesh.size)],
+                                        NamedSharding.from_abstract(mesh, layout), aval.shape,
+                                        aval.weak)
+               for k, (aval, layout) in enumerate(zip(
+                   out_aval if prim.multiple_results else [out_aval], program.out_shardings))]
+    return results if prim.multiple_results else results[0]
+
+
+def _program(prim: Primitive, params: dict[str, Any], avals: list[ArrayType],
+             layouts: list[Sharding], mesh: Mesh) -> Partitioned:
+    try:
+        key = (prim.name, param_key(params), tuple(avals), tuple(layouts))
+    except TypeError:  # params with no canonical key (a callable): partitioned every time
+        key = None
+    program = _PROGRAMS.get(key) if key is not None else None
+    if program is None:
+        def one(*xs: Any) -> list[Any]:
+            out = prim.bind(*xs, **params)
+            return list(out) if prim.multiple_results else [out]
+
+        program = partition(make_graph(one, avals), layouts, None, mesh)
+        if key is not None:
+            if len(_PROGRAMS) >= _PROGRAMS_SIZE:
+                _PROGRAMS.clear()
+            _PROGRAMS[key] = program
+    return program
+
+
+def _device_value(a: Any, device: int) -> Any:
+    """What device ``device`` (row-major mesh position) reads for operand ``a``: its part of
+    a sharded array, the whole of anything else."""
+    if isinstance(a, ShardedArray):
+        return a.local_buffers()[device]
+    return trace.to_array(a).to_numpy()
+
+
 def _gathered(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
     sharded = [a for a in args if isinstance(a, ShardedArray)]
     mesh = sharded[0].sharding.mesh
     warn_gather(f"{prim.name}: operands laid out by "
-                f"{', '.join(sorted({str(a.sharding.spec) for a in sharded}))} over {mesh} "
-                f"were gathered onto one device and the result replicated (no per-shard rule "
-                f"in eager mode; the SPMD partitioner under jit partitions it)")
+                f"{', '.join(sorted({str(a.sharding) for a in sharded}))} were gathered onto "
+                f"this process and the result replicated over {mesh} (operands on different "
+                f"meshes, or a mesh with devices in other processes, run no per-device program "
+                f"in eager mode)")
     whole = [Array(a.assemble(prim.name), a.aval.update(sharding=None))
              if isinstance(a, ShardedArray) else a for a in args]
     out = eval_primitive(prim, whole, params)
