@@ -124,8 +124,10 @@ def _partitioned(prim: Primitive, args: Sequence[Any], params: dict[str, Any], m
         warn_gather(f"{prim.name}: operands laid out by "
                     f"{', '.join(str(s) for s in layouts)} over {mesh} had to be gathered: "
                     f"{'; '.join(steps)}")
-    per_device = [[_device_value(a, d) for a in args] for d in range(mesh.size)]
-    outs = run_spmd(program.graph, mesh.abstract, per_device)
+    # Device d (row-major in the mesh) reads its part of a sharded operand, all of another.
+    parts = [a.local_buffers() if isinstance(a, ShardedArray)
+             else [trace.to_array(a).to_numpy()] * mesh.size for a in args]
+    outs = run_spmd(program.graph, mesh.abstract, [list(p) for p in zip(*parts)])
     results = [ShardedArray.from_shards([outs[d][k] for d in range(mesh.size)],
                                         NamedSharding.from_abstract(mesh, layout), aval.shape,
                                         aval.weak)
@@ -152,14 +154,6 @@ def _program(prim: Primitive, params: dict[str, Any], avals: list[ArrayType],
                 _PROGRAMS.clear()
             _PROGRAMS[key] = program
     return program
-
-
-def _device_value(a: Any, device: int) -> Any:
-    """What device ``device`` (row-major mesh position) reads for operand ``a``: its part of
-    a sharded array, the whole of anything else."""
-    if isinstance(a, ShardedArray):
-        return a.local_buffers()[device]
-    return trace.to_array(a).to_numpy()
 
 
 def _gathered(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
