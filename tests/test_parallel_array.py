@@ -333,6 +333,10 @@ def test_constraint_differentiates_and_batches():
                            out_axes=1)
     np.testing.assert_allclose(np.asarray(ember.jit(in_axis_1)(np.stack([u] * 3, 1))),
                                np.stack([u + 1] * 3, 1))
+    assert "{dp,_,tp}" in ember.jit(in_axis_1).lower(np.stack([u] * 3, 1)).as_text()
+    with pytest.raises(ShardingError, match="with_sharding_constraint: expected an "
+                                            "ember.parallel.NamedSharding, got PartitionSpec"):
+        P.with_sharding_constraint(u, P.PartitionSpec("dp"))
 
 
 def test_constraint_evaluated_eagerly_on_a_sharded_array_lays_it_out():
