@@ -419,9 +419,44 @@ def test_tiny_llama_tensor_and_data_parallel(grad):
         np.testing.assert_allclose(g, np.asarray(w), rtol=1e-4, atol=2e-6)
     tp = [c for c in p.explanation.collectives if c.axes == ("tp",)]
     hidden = nbytes((2, 9, 32))  # a device's block of the residual stream
-    # Forward: one all-reduce after attention and one after the MLP in each of the 2 blocks.
-    # Backward: the same two per block for the residual stream's cotangent, plus one of the
-    # norms' per-row sums each ([2, 9, 1]: taken before it is broadcast).
-    want_kinds = [hidden] * 4 + ([hidden] * 4 + [nbytes((2, 9, 1))] * 4 if grad else [])
-    assert sorted(c.nbytes for c in tp) == sorted(want_kinds)
-    assert all(c.kind == "all_reduce" for c in tp)
+    # Forward: one all-reduce after attention and one after the MLP in each of the 2 blocks;
+    # backward: the same two per block, for the residual stream's cotangent.
+    assert [(c.kind, c.nbytes) for c in tp] == [("all_reduce", hidden)] * (8 if grad else 4)
+
+
+def test_tiny_llama_data_parallel_adamw_step_sums_each_gradient_once():
+    """Pure data parallelism on a training step: every parameter's gradient is all-reduced over
+    dp exactly once (clipping's norm and both AdamW moments reuse the sum), and the updated
+    parameters and moments equal one device's."""
+    from tiny_models import tiny_model
+
+    model = tiny_model(64)
+    opt = ember.optim.AdamW(lr=1e-2)
+    grad = ember.nn.value_and_grad(lambda m, b: m.loss(b))
+
+    def step(model, state, batch):
+        loss, grads = grad(model, batch)
+        grads, _ = ember.optim.clip_grad_norm(grads, 1.0)
+        params, state = opt.update(model.trainable_parameters(), grads, state)
+        return loss, params, state
+
+    state = opt.init(model.trainable_parameters())
+    batch = np.random.default_rng(0).integers(0, 64, (4, 9)).astype(np.int32)
+    mesh = (("dp", 2),)
+    leaves = ember.tree.tree_leaves((model, state, batch))
+    ins = [S(mesh, *[None] * np.ndim(x)) for x in leaves[:-1]] + [S(mesh, "dp", None)]
+    closed = ember.jit(step).lower(model, state, batch).graph
+    p = partition(closed, ins, None, mesh)
+    got = simulate(p, *[np.asarray(x) for x in leaves])
+    want = ember.tree.tree_leaves(step(model, state, enp.asarray(batch)))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, np.asarray(w), rtol=1e-4, atol=1e-6)
+    shapes = sorted(tuple(np.shape(v)) for v in model.trainable_parameters().values())
+    entries = [c for c in p.explanation.collectives if c.kind == "all_reduce"]
+    sums = [e for e in p.graph.graph.eqns if e.prim.name == "all_reduce"]
+    assert len(sums) == len(entries)
+    weights = [(e, c) for e, c in zip(sums, entries) if e.inputs[0].aval.ndim]
+    assert sorted(e.inputs[0].aval.shape for e, _ in weights) == shapes
+    for e, c in weights:
+        assert c.axes == ("dp",)
+        assert c.nbytes == collective_bytes("all_reduce", nbytes(e.inputs[0].aval.shape), 2)

@@ -23,16 +23,17 @@ where ``bytes`` is what each device sends under ring algorithms: all-reduce ``2 
 all-gather ``(n-1) B``, reduce-scatter and all-to-all ``(n-1)/n B``, collective-permute ``B``;
 taking a local block of a replicated value (a slice at this device's ``axis_index``) is free.
 Where two redistributions reach one layout (reduce-scatter against all-reduce then slice,
-all-to-all against all-gather then slice) the cheaper is taken; an equation's split is the
-candidate whose operand redistributions, plus those that would bring its results to their
-planned layouts, cost least. Computation is not modelled: a split that needs no communication
-is never worse than replicating the work.
+all-to-all against all-gather then slice) the cheaper is taken. An equation's split is the
+candidate whose operand redistributions, local work (``2 * points / flops`` over its local
+iteration space) and the redistributions that would bring its results to their planned layouts
+cost least.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,16 +60,22 @@ Mesh = tuple[tuple[str, int], ...]
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds a collective takes: ``latency + bytes / bandwidth`` (per device, ring
-    algorithms). The defaults are in the range of shared-memory and InfiniBand CPU links;
-    only ratios matter for the choices made."""
+    """Seconds a collective takes, ``latency + bytes / bandwidth`` (per device, ring
+    algorithms), and seconds an equation computes, ``2 * points / flops`` for an iteration
+    space of ``points`` (a product's multiply-adds, an elementwise op's elements). The defaults
+    are in the range of a CPU core and shared-memory or InfiniBand links; only ratios matter
+    for the choices made."""
 
     bandwidth: float = 10e9  # bytes per second over one device's link
     latency: float = 5e-6  # seconds per collective
+    flops: float = 50e9  # arithmetic operations per second on one device
 
     def seconds(self, steps: Sequence[Step]) -> float:
         return sum(self.latency + s.nbytes / self.bandwidth for s in steps
                    if s.kind not in ("slice", "partial"))
+
+    def compute(self, points: int) -> float:
+        return 2 * points / self.flops
 
 
 def collective_bytes(kind: str, local_bytes: int, n: int) -> int:
@@ -286,6 +293,8 @@ class _Partitioner:
 
     def run(self, closed: ClosedGraph, out_shardings: Sequence[Sharding | None]) -> Partitioned:
         graph = closed.graph
+        self.uses = Counter(a.id for e in graph.eqns for a in e.inputs if isinstance(a, Var))
+        self.uses.update(a.id for a in graph.outvars if isinstance(a, Var))
         constvars = []
         for v in graph.constvars:  # captured arrays: every device holds them whole
             s = Sharding.replicated(self.mesh, v.aval.ndim)
@@ -335,9 +344,13 @@ class _Partitioner:
         rule = rule_for(eqn)
         if rule.note is not None:
             self.explanation.note(eqn.prim.name, rule.note, eqn.source)
-        best = min((self.implied(eqn, rule, a) for a in self.candidates(eqn, rule)),
-                   key=lambda option: option[0])
-        _, operand_layouts, result_layouts = best
+        options = self.candidates(eqn, rule)
+        if len(options) == 1:
+            operand_layouts, result_layouts = self.implied(eqn, rule, options[0])
+        else:
+            operand_layouts, result_layouts = min(
+                (self.implied(eqn, rule, a) for a in options),
+                key=lambda layouts: self.seconds(eqn, rule, *layouts))
         inputs = [self.reshard(*self.read(a), s, eqn.source, f"{eqn.prim.name} operand {i}")
                   if isinstance(a, Var) else a
                   for i, (a, s) in enumerate(zip(eqn.inputs, operand_layouts))]
@@ -383,8 +396,8 @@ class _Partitioner:
         return assignment
 
     def implied(self, eqn: Eqn, rule: Rule, assignment: dict[int, tuple[str, ...]]
-                ) -> tuple[float, list[Sharding], list[Sharding]]:
-        """For one factor split: its cost, the operands' layouts it needs and the results'."""
+                ) -> tuple[list[Sharding], list[Sharding]]:
+        """For one factor split: the operands' layouts it needs and the results'."""
         split = {a for axes in assignment.values() for a in axes}
 
         def dims(factors: tuple[int | None, ...]) -> tuple[tuple[str, ...], ...]:
@@ -394,13 +407,16 @@ class _Partitioner:
         keep: dict[int, set[str]] = {i: set() for i in range(len(eqn.inputs))}
         result_partial: set[str] = {a for f in rule.reduced for a in assignment.get(f, ())}
         # A partial sum passes through an equation linear in it while that does not make the
-        # sum still to be taken any larger (it is taken before a broadcast, never after).
+        # sum still to be taken any larger (it is taken before a broadcast, never after) nor
+        # more frequent: a partial value read by several equations is summed once, here, and
+        # the sum reused, rather than once along each reader's path.
         biggest = max((math.prod(Sharding(self.mesh, dims(f)).local_shape(v.aval.shape))
                        for v, f in zip(eqn.outputs, rule.results)), default=0)
         for axis in {a for s in current for a in s.partial}:
             holders = {i for i, s in enumerate(current) if axis in s.partial}
             group = next(iter(g for g in rule.linear if set(g) <= holders), None)
             if (group is not None and axis not in split and axis not in result_partial
+                    and all(self.uses[eqn.inputs[i].id] == 1 for i in group)
                     and biggest <= min(self.read(eqn.inputs[i])[0].aval.size for i in group)):
                 for i in group:
                     keep[i].add(axis)
@@ -412,18 +428,23 @@ class _Partitioner:
         operands = [Sharding(self.mesh, dims(f), ordered(keep[i]))
                     for i, f in enumerate(rule.operands)]
         results = [Sharding(self.mesh, dims(f), ordered(result_partial)) for f in rule.results]
+        return operands, results
+
+    def seconds(self, eqn: Eqn, rule: Rule, operands: list[Sharding], results: list[Sharding]
+                ) -> float:
+        """What computing ``eqn`` with these layouts costs: redistributing its operands, its
+        local work, and bringing its results to their planned layouts."""
         seconds = 0.0
-        for a, s, want in zip(eqn.inputs, current, operands):
+        for a, want in zip(eqn.inputs, operands):
             if isinstance(a, Var):
-                local = self.read(a)[0].aval
-                seconds += self.cost.seconds(plan_reshard(local.shape, local.dtype.itemsize, s,
-                                                          want, self.cost))
+                local, current = self.read(a)
+                seconds += self.cost.seconds(plan_reshard(
+                    local.aval.shape, local.aval.dtype.itemsize, current, want, self.cost))
         for v, s in zip(eqn.outputs, results):
-            planned = self.layouts.of(v)
             local = s.local_shape(v.aval.shape)
-            seconds += self.cost.seconds(plan_reshard(local, v.aval.dtype.itemsize, s, planned,
-                                                      self.cost))
-        return seconds, operands, results
+            seconds += self.cost.seconds(plan_reshard(local, v.aval.dtype.itemsize, s,
+                                                      self.layouts.of(v), self.cost))
+        return seconds + self.cost.compute(_points(eqn, rule, operands, results))
 
     # -- writing the per-device graph --
 
@@ -516,6 +537,22 @@ class _Partitioner:
         starts = [start if d == step.dim else zero for d in range(x.aval.ndim)]
         sizes = tuple(block if d == step.dim else n for d, n in enumerate(x.aval.shape))
         return self.bind(dynamic_slice_p, [x, *starts], {"sizes": sizes}, source, [layout])[0]
+
+
+def _points(eqn: Eqn, rule: Rule, operands: list[Sharding], results: list[Sharding]) -> int:
+    """The size of a device's iteration space: each factor's local size, times the whole
+    dimensions of the results (a product's ``M * N * K``, an elementwise op's elements)."""
+    sizes: dict[int, int] = {}
+    points = 1
+    values = [*zip(eqn.inputs, rule.operands, operands), *zip(eqn.outputs, rule.results, results)]
+    for i, (atom, factors, layout) in enumerate(values):
+        for d, f in enumerate(factors):
+            n = atom.aval.shape[d] // layout.split_count(d)
+            if f is not None:
+                sizes[f] = max(sizes.get(f, 0), n)
+            elif i >= len(eqn.inputs):
+                points *= n
+    return points * math.prod(sizes.values())
 
 
 def _int32(value: int) -> Literal:
