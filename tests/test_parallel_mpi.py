@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from ember import cli
 from ember.errors import EmberError
 from ember.parallel import launch
 
@@ -93,12 +94,12 @@ def test_a_failing_process_stops_every_process_within_the_deadline(ember_launch,
                          r"c.all_reduce\(np.ones\(shape, np.float32\)\)", output), output
 
 
-def test_launch_without_a_command_or_with_a_bad_count_is_a_clear_error():
-    for args, message in ((["-n", "2"], "no command to run"),
-                          (["-n", "0", "python", "x.py"], "argument -n: expected an integer")):
-        done = subprocess.run([sys.executable, "-m", "ember", "launch", *args],
-                              capture_output=True, text=True, check=False)
-        assert done.returncode == 2 and message in done.stderr, done.stderr
+def test_launch_without_a_command_or_with_a_bad_count_is_a_clear_error(capsys):
+    for args, message in ((["-n", "2"], "ember launch: error: no command to run"),
+                          (["-n", "0", "python", "x.py"],
+                           "ember launch: error: argument -n: expected an integer >= 1")):
+        assert cli.main(["launch", *args]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_launch_passes_ember_variables_and_runs_this_python(monkeypatch):
