@@ -11,8 +11,9 @@ rank is left waiting.
 Data moves as raw bytes (any dtype, bfloat16 included). Reductions never use MPI's own
 reduction, whose order depends on the algorithm MPI picks: all-reduce is an all-to-all of
 chunks, a sum in rank order, and an all-gather of the reduced chunks, so the bits equal the
-in-process runtime's. Handles finish in sequence order, so every rank posts its data
-collectives in the same order whatever order it waits in.
+in-process runtime's. A collective's data moves in steps, and a collective starts its steps
+only once the one started before it is done, so every rank posts its MPI collectives in the
+same order (which MPI requires) whatever order the program waits in.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ class MPICommunicator(Communicator):
     """One process's view of a group of MPI processes (by default all of them)."""
 
     def __init__(self, comm: Any = None, *, timeout: float | None = None, name: str = "world",
-                 _split_from: MPICommunicator | None = None) -> None:
+                 private: bool = False) -> None:
+        """A communicator over ``comm`` (default ``COMM_WORLD``), which is duplicated first
+        unless ``private`` (nothing else uses it), so the user's own MPI calls on ``comm``
+        can never match ours. Every process of ``comm`` must create it."""
         self._mpi = mpi()
         world = self._mpi.COMM_WORLD
         comm = world if comm is None else comm
@@ -65,8 +69,7 @@ class MPICommunicator(Communicator):
             comm.Get_group(), list(range(comm.Get_size())), world.Get_group())
         super().__init__(comm.Get_rank(), comm.Get_size(), name, members, timeout)
         self._pending: list[_MPIHandle] = []
-        if _split_from is None:
-            # A private copy, so the user's own MPI calls on ``comm`` never match ours.
+        if not private:
             comm, request = comm.Idup()
             self._poll([request], Signature(0, "create_communicator", "", ()), lambda: [])
         self._comm = comm
@@ -87,8 +90,8 @@ class MPICommunicator(Communicator):
         return handle.wait()
 
     def _progress(self) -> None:
-        """Move started collectives on as far as they go without waiting, oldest first, so a
-        collective started before some computation is partly done when it is waited for."""
+        """Move started collectives on as far as they go without waiting, oldest first (at
+        every start: MPI moves data only inside its own calls)."""
         while self._pending and self._pending[0].advance(block=False):
             self._pending.pop(0)
 
@@ -206,7 +209,7 @@ class _MPIHandle(Handle):
             new = c.Split(color, key)
             assert new.Get_rank() == ranks.index(comm.rank), "ember bug: MPI split order"
             return MPICommunicator(new, timeout=comm._timeout, name=f"{comm.name}/{color}",
-                                   _split_from=comm)
+                                   private=True)
         if sig.kind == "all_gather":
             out = np.empty((n, *x.shape), x.dtype)
             yield [c.Iallgather(_bytes(x), _bytes(out))]

@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 # Set by the process managers of MPICH/Intel MPI (hydra), Open MPI and PMIx launchers.
 _MPI_LAUNCH_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+_STATE_BYTES = 1024  # one fixed-size record, rewritten in place: see record_state
 
 
 class RuntimeUnavailableError(EmberError, RuntimeError):
@@ -88,9 +89,6 @@ def record_state(text: str) -> None:
     fd = _state_file()
     if fd is not None:
         os.pwrite(fd, text.encode()[:_STATE_BYTES].ljust(_STATE_BYTES), 0)
-
-
-_STATE_BYTES = 1024
 
 
 @functools.cache
