@@ -9,6 +9,7 @@ Prints one line per rank ending in "ok"; any difference raises (and aborts the j
 import ml_dtypes
 import numpy as np
 
+from ember import parallel as P
 from ember.parallel import runtime
 from ember.parallel.communicator import Communicator
 
@@ -63,6 +64,7 @@ def main() -> None:
     c = runtime.world()
     n, i = c.size, c.rank
     assert (runtime.process_count(), runtime.process_index()) == (n, i)
+    assert [d.process_index for d in P.devices()] == list(range(n))  # one device a process
     got = every_collective(c, n, i)
     want = expected(n, i)
     threads = runtime.run_on_devices(lambda d: every_collective(runtime.world(), n, d), n)[i]
