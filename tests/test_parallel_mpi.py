@@ -33,20 +33,21 @@ except EmberError as e:
 
 @pytest.fixture
 def ember_launch(capfd, monkeypatch):
-    """``ember_launch(n, script, *args, cli=False)``: run ``ember launch -n n --timeout TIMEOUT
-    python script args`` (in this process unless ``cli``): (status, output, seconds)."""
+    """``ember_launch(n, script, *args, cli=False, timeout=TIMEOUT)``: run ``ember launch -n n
+    --timeout timeout python script args`` (in this process unless ``cli``): (status, output,
+    seconds)."""
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     monkeypatch.delenv("EMBER_CPU_DEVICES", raising=False)  # conftest's; one device a process
     monkeypatch.setenv("MPIEXEC_TIMEOUT", "120")  # mpiexec's own limit: no test can hang
 
-    def run(n, script, *args, cli=False):
+    def run(n, script, *args, cli=False, timeout=TIMEOUT):
         started = time.monotonic()
         command = ["python", str(SCRIPTS / script), *args]
         if cli:
             status = subprocess.run([sys.executable, "-m", "ember", "launch", "-n", str(n),
-                                     "--timeout", str(TIMEOUT), *command], check=False).returncode
+                                     "--timeout", str(timeout), *command], check=False).returncode
         else:
-            status = launch.launch(n, command, timeout=TIMEOUT)
+            status = launch.launch(n, command, timeout=timeout)
         out, err = capfd.readouterr()
         return status, out + err, time.monotonic() - started
     return run
@@ -58,6 +59,15 @@ def test_every_collective_matches_numpy_and_the_thread_runtime(ember_launch, n, 
     assert status == 0, output
     for rank in range(n):
         assert f"rank {rank} of {n}: ok" in output, output
+
+
+def test_collective_primitives_of_per_device_programs_run_over_mpi(ember_launch):
+    """The partitioner's collectives, eager and compiled, on a 2 x 2 mesh of processes equal
+    the lockstep simulator (a long deadline: each process may compile C first)."""
+    status, output, _ = ember_launch(4, "primitives.py", timeout=120)
+    assert status == 0, output
+    for rank in range(4):
+        assert f"process {rank}: ok" in output, output
 
 
 # What the output must say in each case: the rank at fault and the collective.
