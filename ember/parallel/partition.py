@@ -50,7 +50,7 @@ from ember.ops.structural import broadcast_in_dim_p, dynamic_slice_p
 from ember.parallel import collectives as coll
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.explain import Collective, Explanation
-from ember.parallel.propagate import Layouts, fit, propagate
+from ember.parallel.propagate import Layouts, fit, layout, propagate
 from ember.parallel.rules import Rule, rule_for
 
 __all__ = ["partition", "Partitioned", "plan_reshard", "Step", "CostModel"]
@@ -297,7 +297,7 @@ class _Partitioner:
         self.uses.update(a.id for a in graph.outvars if isinstance(a, Var))
         constvars = []
         for v in graph.constvars:  # captured arrays: every device holds them whole
-            s = Sharding.replicated(self.mesh, v.aval.ndim)
+            s = layout(self.mesh, ((),) * v.aval.ndim)
             local = Var(v.aval.update(sharding=s))
             constvars.append(local)
             self.env[v.id] = (local, s)
@@ -313,10 +313,10 @@ class _Partitioner:
         outvars, out_layouts = [], []
         for i, (v, given) in enumerate(zip(graph.outvars, out_shardings)):
             target = given or (self.layouts.of(v) if isinstance(v, Var)
-                               else Sharding.replicated(self.mesh, v.aval.ndim))
+                               else layout(self.mesh, ((),) * v.aval.ndim))
             local, _ = self.read(v)
             source = self.sources.get(v.id) if isinstance(v, Var) else None
-            outvars.append(self.reshard(local, self.layout(v), target, source, f"output {i}"))
+            outvars.append(self.reshard(local, self.layout_of(v), target, source, f"output {i}"))
             out_layouts.append(target)
         local_graph = Graph(constvars, invars, self.eqns, outvars)
         return Partitioned(ClosedGraph(local_graph, list(closed.consts)), self.mesh, in_layouts,
@@ -324,10 +324,10 @@ class _Partitioner:
 
     def read(self, atom: Var | Literal) -> tuple[Var | Literal, Sharding]:
         if isinstance(atom, Literal):
-            return atom, Sharding.replicated(self.mesh, atom.aval.ndim)
+            return atom, layout(self.mesh, ((),) * atom.aval.ndim)
         return self.env[atom.id]
 
-    def layout(self, atom: Var | Literal) -> Sharding:
+    def layout_of(self, atom: Var | Literal) -> Sharding:
         return self.read(atom)[1]
 
     # -- one equation --
@@ -337,7 +337,7 @@ class _Partitioner:
             self.sources[v.id] = eqn.source
         if eqn.prim is sharding_constraint_p:  # an annotation: its value laid out as asked, no op
             local, current = self.read(eqn.inputs[0])
-            target = Sharding(self.mesh, eqn.params["sharding"].dims)
+            target = layout(self.mesh, eqn.params["sharding"].dims)
             out = self.reshard(local, current, target, eqn.source, "with_sharding_constraint")
             self.env[eqn.outputs[0].id] = (out, target)
             return
@@ -364,7 +364,7 @@ class _Partitioner:
         (gathering operands can cost less than summing a large result)."""
         planned = self._assign([(v, f, self.layouts.dims.get(v.id))
                                 for v, f in self._values(eqn, rule)])
-        current = self._assign([(v, f, self.layout(v).dims) for v, f in self._values(eqn, rule)
+        current = self._assign([(v, f, self.layout_of(v).dims) for v, f in self._values(eqn, rule)
                                 if v in eqn.inputs])
         options = [planned, current]
         options += [{f: axes for f, axes in a.items() if f not in rule.reduced} for a in options]
@@ -403,14 +403,14 @@ class _Partitioner:
         def dims(factors: tuple[int | None, ...]) -> tuple[tuple[str, ...], ...]:
             return tuple(assignment.get(f, ()) if f is not None else () for f in factors)
 
-        current = [self.layout(a) for a in eqn.inputs]
+        current = [self.layout_of(a) for a in eqn.inputs]
         keep: dict[int, set[str]] = {i: set() for i in range(len(eqn.inputs))}
         result_partial: set[str] = {a for f in rule.reduced for a in assignment.get(f, ())}
         # A partial sum passes through an equation linear in it while that does not make the
         # sum still to be taken any larger (it is taken before a broadcast, never after) nor
         # more frequent: a partial value read by several equations is summed once, here, and
         # the sum reused, rather than once along each reader's path.
-        biggest = max((math.prod(Sharding(self.mesh, dims(f)).local_shape(v.aval.shape))
+        biggest = max((math.prod(layout(self.mesh, dims(f)).local_shape(v.aval.shape))
                        for v, f in zip(eqn.outputs, rule.results)), default=0)
         for axis in {a for s in current for a in s.partial}:
             holders = {i for i, s in enumerate(current) if axis in s.partial}
@@ -425,9 +425,9 @@ class _Partitioner:
         for i in rule.accumulates:
             keep[i] |= reduced_axes
         ordered = lambda axes: tuple(a for a, _ in self.mesh if a in axes)  # noqa: E731
-        operands = [Sharding(self.mesh, dims(f), ordered(keep[i]))
+        operands = [layout(self.mesh, dims(f), ordered(keep[i]))
                     for i, f in enumerate(rule.operands)]
-        results = [Sharding(self.mesh, dims(f), ordered(result_partial)) for f in rule.results]
+        results = [layout(self.mesh, dims(f), ordered(result_partial)) for f in rule.results]
         return operands, results
 
     def seconds(self, eqn: Eqn, rule: Rule, operands: list[Sharding], results: list[Sharding]
@@ -483,10 +483,10 @@ class _Partitioner:
         original = local
         steps = plan_reshard(local.aval.shape, local.aval.dtype.itemsize, current, target,
                              self.cost)
-        layout = current
+        now = current
         for step in steps:
-            layout = _after(layout, step)
-            local = self.step(local, step, layout, source)
+            now = _after(now, step)
+            local = self.step(local, step, now, source)
             if step.kind not in ("slice", "partial"):
                 self.explanation.add(Collective(
                     step.kind, step.axes, step.nbytes, source, reason,
@@ -494,27 +494,27 @@ class _Partitioner:
         self.resharded[(original.id, target)] = local
         return local
 
-    def step(self, x: Var, step: Step, layout: Sharding, source: str | None) -> Var:
+    def step(self, x: Var, step: Step, after: Sharding, source: str | None) -> Var:
         common = {"axes": step.axes, "mesh": self.mesh}
         if step.kind == "all_reduce":
-            return self.bind(coll.all_reduce_p, [x], {**common, "op": "sum"}, source, [layout])[0]
+            return self.bind(coll.all_reduce_p, [x], {**common, "op": "sum"}, source, [after])[0]
         if step.kind == "all_gather":
             return self.bind(coll.all_gather_p, [x], {**common, "axis": step.dim}, source,
-                             [layout])[0]
+                             [after])[0]
         if step.kind == "reduce_scatter":
             return self.bind(coll.reduce_scatter_p, [x], {**common, "axis": step.dim, "op": "sum"},
-                             source, [layout])[0]
+                             source, [after])[0]
         if step.kind == "collective_permute":
             return self.bind(coll.collective_permute_p, [x], {**common, "pairs": step.pairs},
-                             source, [layout])[0]
+                             source, [after])[0]
         if step.kind == "all_to_all":
             return self.bind(coll.all_to_all_p, [x], {**common, "split_axis": step.to,
-                                                   "concat_axis": step.dim}, source, [layout])[0]
+                                                   "concat_axis": step.dim}, source, [after])[0]
         if step.kind == "partial":
-            return self.local_addend(x, step, layout, source)
-        return self.local_block(x, step, layout, source)
+            return self.local_addend(x, step, after, source)
+        return self.local_block(x, step, after, source)
 
-    def local_addend(self, x: Var, step: Step, layout: Sharding, source: str | None) -> Var:
+    def local_addend(self, x: Var, step: Step, after: Sharding, source: str | None) -> Var:
         """A value every device holds whole, as addends over ``step.axes``: the device at
         coordinate 0 keeps it, the others hold zeros."""
         (axis,) = step.axes
@@ -524,9 +524,9 @@ class _Partitioner:
         keep = self.bind(broadcast_in_dim_p, [first], {"shape": shape, "dims": ()}, source)[0]
         zero = Literal(np.zeros((), x.aval.dtype), ArrayType((), x.aval.dtype))
         zeros = self.bind(broadcast_in_dim_p, [zero], {"shape": shape, "dims": ()}, source)[0]
-        return self.bind(ew.select_p, [keep, x, zeros], {}, source, [layout])[0]
+        return self.bind(ew.select_p, [keep, x, zeros], {}, source, [after])[0]
 
-    def local_block(self, x: Var, step: Step, layout: Sharding, source: str | None) -> Var:
+    def local_block(self, x: Var, step: Step, after: Sharding, source: str | None) -> Var:
         """This device's block along ``step.dim`` of a value it holds whole along it:
         a dynamic slice at ``axis_index * block``."""
         (axis,) = step.axes
@@ -536,7 +536,7 @@ class _Partitioner:
         zero = _int32(0)
         starts = [start if d == step.dim else zero for d in range(x.aval.ndim)]
         sizes = tuple(block if d == step.dim else n for d, n in enumerate(x.aval.shape))
-        return self.bind(dynamic_slice_p, [x, *starts], {"sizes": sizes}, source, [layout])[0]
+        return self.bind(dynamic_slice_p, [x, *starts], {"sizes": sizes}, source, [after])[0]
 
 
 def _points(eqn: Eqn, rule: Rule, operands: list[Sharding], results: list[Sharding]) -> int:
@@ -545,9 +545,9 @@ def _points(eqn: Eqn, rule: Rule, operands: list[Sharding], results: list[Shardi
     sizes: dict[int, int] = {}
     points = 1
     values = [*zip(eqn.inputs, rule.operands, operands), *zip(eqn.outputs, rule.results, results)]
-    for i, (atom, factors, layout) in enumerate(values):
+    for i, (atom, factors, sharding) in enumerate(values):
         for d, f in enumerate(factors):
-            n = atom.aval.shape[d] // layout.split_count(d)
+            n = atom.aval.shape[d] // sharding.split_count(d)
             if f is not None:
                 sizes[f] = max(sizes.get(f, 0), n)
             elif i >= len(eqn.inputs):
@@ -559,10 +559,10 @@ def _int32(value: int) -> Literal:
     return Literal(np.int32(value), ArrayType((), dtypes.int32))
 
 
-def _after(layout: Sharding, step: Step) -> Sharding:
+def _after(current: Sharding, step: Step) -> Sharding:
     """The layout a value has after ``step``."""
-    dims = [list(d) for d in layout.dims]
-    partial = list(layout.partial)
+    dims = [list(d) for d in current.dims]
+    partial = list(current.partial)
     if step.kind == "all_reduce":
         partial = [a for a in partial if a not in step.axes]
     elif step.kind == "reduce_scatter":
@@ -577,10 +577,10 @@ def _after(layout: Sharding, step: Step) -> Sharding:
         dims[step.dim] = list(step.order)
     elif step.kind == "partial":
         partial.append(step.axes[0])
-        partial.sort(key=[a for a, _ in layout.mesh].index)
+        partial.sort(key=[a for a, _ in current.mesh].index)
     else:
         dims[step.dim].append(step.axes[0])
-    return Sharding(layout.mesh, tuple(tuple(d) for d in dims), tuple(partial))
+    return layout(current.mesh, tuple(tuple(d) for d in dims), tuple(partial))
 
 
 def _local_params(eqn: Eqn, inputs: Sequence[Var | Literal], outs: list[tuple[int, ...]]

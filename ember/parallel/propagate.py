@@ -21,6 +21,7 @@ since graphs share them (core review).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from ember.ir.sharding import Sharding, ShardingError
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.rules import Rule, rule_for
 
-__all__ = ["Layouts", "propagate", "check_even", "fit"]
+__all__ = ["Layouts", "propagate", "check_even", "fit", "layout"]
 
 Dims = tuple[tuple[str, ...], ...]
 
@@ -47,7 +48,15 @@ class Layouts:
 
     def of(self, var: Var) -> Sharding:
         dims = self.dims.get(var.id)
-        return Sharding(self.mesh, dims if dims is not None else ((),) * var.aval.ndim)
+        return layout(self.mesh, dims if dims is not None else ((),) * var.aval.ndim)
+
+
+@functools.lru_cache(maxsize=4096)
+def layout(mesh: tuple[tuple[str, int], ...], dims: Dims, partial: tuple[str, ...] = ()
+           ) -> Sharding:
+    """``Sharding(mesh, dims, partial)``, built (and validated) once per distinct layout: the
+    passes ask for the same few layouts thousands of times."""
+    return Sharding(mesh, dims, partial)
 
 
 def propagate(closed: ClosedGraph, mesh: tuple[tuple[str, int], ...],
@@ -73,12 +82,23 @@ def propagate(closed: ClosedGraph, mesh: tuple[tuple[str, int], ...],
         if s is not None and isinstance(v, Var) and v.id not in layouts.fixed:
             _fix(layouts, v, s, f"output {i}", where)
     rules = [rule_for(e) for e in graph.eqns]
-    order = [*zip(graph.eqns, rules)]
+    ids = [[a.id for a in (*e.inputs, *e.outputs) if isinstance(a, Var)] for e in graph.eqns]
+    # An equation is visited again only when one of its values grew since its last visit.
+    clock = 0
+    grown_at: dict[int, int] = {}
+    visited_at = [-1] * len(graph.eqns)
+    order = list(range(len(graph.eqns)))
     changed = True
     while changed:
         changed = False
-        for eqn, rule in [*order, *reversed(order)]:
-            changed |= _visit(layouts, eqn, rule)
+        for i in [*order, *reversed(order)]:
+            if visited_at[i] >= 0 and all(grown_at.get(v, -1) < visited_at[i] for v in ids[i]):
+                continue
+            clock += 1
+            visited_at[i] = clock
+            for v in _visit(layouts, graph.eqns[i], rules[i]):
+                grown_at[v] = clock
+                changed = True
     return layouts
 
 
@@ -100,14 +120,14 @@ def check_even(var: Var, sharding: Sharding, what: str, where: str) -> None:
 
 # --- one equation ------------------------------------------------------------------------------
 
-def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> bool:
-    """Carry splits through one equation; True when some value's layout grew."""
+def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> list[int]:
+    """Carry splits through one equation; the ids of the values whose layouts grew."""
     if rule.note is not None:  # no rule: nothing flows through a replicated equation
-        return False
+        return []
     values = [(a, f) for a, f in zip(eqn.inputs, rule.operands) if isinstance(a, Var)]
     values += list(zip(eqn.outputs, rule.results))
     assignment = _assign(layouts, values)
-    changed = False
+    grew = []
     for var, factors in values:
         if var.id in layouts.fixed:
             continue
@@ -116,8 +136,8 @@ def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> bool:
         grown = _grow(current, proposal)
         if grown != current:
             layouts.dims[var.id] = grown
-            changed = True
-    return changed
+            grew.append(var.id)
+    return grew
 
 
 def _assign(layouts: Layouts, values: list[tuple[Var, tuple[int | None, ...]]]
