@@ -197,7 +197,9 @@ def test_jitted_products_match_the_numpy_backend():
     y = rng.standard_normal((3, 19, 45)).astype(np.float32)
     compiled = ember.jit(_products, backend="cpu").lower(x, w, v, g, y).compile()
     source = compiled.as_text()
-    assert source.count("ember_sgemm_packed(") == _PACKED + 1  # the calls and the prototype
+    # x @ w.T and x @ v share x: one call; the other three alone (and the prototypes).
+    assert source.count("ember_sgemm_packed_shared(") == 2
+    assert source.count("ember_sgemm_packed(") == _PACKED - 2 + 1
     assert "ember_sgemv_m5(" in source and "cblas_sgemm" in source and "cblas_dgemm" in source
     expected = ember.jit(_products, backend="numpy")(x, w, v, g, y)
     for i, (a, e) in enumerate(zip(compiled(x, w, v, g, y), expected, strict=True)):
@@ -251,3 +253,40 @@ def test_training_step_gradients_match_the_numpy_backend():
     for name in params:
         np.testing.assert_allclose(np.asarray(grads[name]), np.asarray(ref_grads[name]),
                                    rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def _attention_inputs(x, wq, wk, wv, wg, wu, scale):
+    """q, k, v of one x with elementwise work between them (as a rotary embedding puts it);
+    an MLP's gate and up of another; a product of x by a computed right operand (not a
+    weight: not grouped)."""
+    h = ember.numpy.tanh(x)
+    q = (h @ wq.T) * scale
+    k = (h @ wk.T) * scale
+    v = h @ wv.T
+    g = x @ wg.T
+    u = x @ wu.T
+    return q, k, v, ember.numpy.tanh(g) * u, h @ (wq * scale).T
+
+
+def test_products_sharing_their_left_operand_run_as_one_call():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((70, 48)).astype(np.float32)
+    ws = [rng.standard_normal(s).astype(np.float32) for s in ((48, 48), (16, 48), (16, 48),
+                                                               (100, 48), (100, 48))]
+    args = (x, *ws, np.float32(0.5))
+    one, source = results_on_threads(_attention_inputs, args, 1)
+    two, _ = results_on_threads(_attention_inputs, args, 2)
+    assert source.count("ember_sgemm_packed_shared(") == 3  # q k v, gate up; the prototype
+    assert source.count("ember_sgemm_packed(") == 2  # h @ (wq * scale).T alone; the prototype
+    # The same bits as each product in a program of its own (ember_sgemm_packed alone).
+    h = np.asarray(ember.jit(ember.numpy.tanh, backend="cpu")(x))
+    alone = [np.asarray(ember.jit(lambda a, b: a @ b.T, backend="cpu")(a, w))
+             for a, w in ((h, ws[0]), (h, ws[1]), (h, ws[2]))]
+    for got, want, scale in zip(one[:3], alone, (0.5, 0.5, 1.0), strict=True):
+        want = want * np.float32(scale)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+    expected = ember.jit(_attention_inputs, backend="numpy")(*args)
+    for i, (a, e) in enumerate(zip(one, expected, strict=True)):
+        np.testing.assert_allclose(a, np.asarray(e), rtol=1e-5, atol=1e-5, err_msg=str(i))

@@ -295,3 +295,23 @@ def call(m: int, n: int, k: int, a: tuple[bool, int], b: tuple[bool, int],
     b_row, b_col = (1, ldb) if tb else (ldb, 1)
     return (f"ember_sgemm_packed({m}, {n}, {k}, (const float *){lhs}, {a_row}, {a_col}, "
             f"(const float *){rhs}, {b_row}, {b_col}, (float *){out}, {max(1, n)});")
+
+
+def call_shared(m: int, k: int, a: tuple[bool, int], lhs: str,
+                products: list[tuple[int, tuple[bool, int], str, str]]) -> str:
+    """C calling the kernel once for products that share ``lhs[m, k]``: each ``(n, b's layout,
+    rhs, out)`` computes ``out[m, n] = lhs @ rhs[k, n]`` (the same bits as alone)."""
+    ta, lda = a
+    a_row, a_col = (1, lda) if ta else (lda, 1)
+
+    def array(ctype: str, values: list) -> str:
+        return f"({ctype}[]){{{', '.join(map(str, values))}}}"
+    b_rows = [1 if tb else ldb for _, (tb, ldb), _, _ in products]
+    b_cols = [ldb if tb else 1 for _, (tb, ldb), _, _ in products]
+    columns = [n for n, _, _, _ in products]
+    return (f"ember_sgemm_packed_shared({m}, {k}, (const float *){lhs}, {a_row}, {a_col}, "
+            f"{len(products)}, {array('const float *const', [r for _, _, r, _ in products])}, "
+            f"{array('const int64_t', columns)}, {array('const int64_t', b_rows)}, "
+            f"{array('const int64_t', b_cols)}, "
+            f"{array('float *const', [f'(float *){o}' for _, _, _, o in products])}, "
+            f"{array('const int64_t', [max(1, n) for n in columns])});")

@@ -52,6 +52,9 @@ class Statement:
     writes_over: tuple[tuple[int, int], ...] = ()
     uses_blas: bool = False
     links: tuple[KernelLibrary, ...] = ()
+    # Computes the next ``covers`` equations' outputs as well (``program.lower`` puts them
+    # right after this one): ``emit`` gets the outputs, then the inputs, of all of them in turn.
+    covers: int = 0
 
 
 # The dtypes this module does arithmetic in (scatter-add) and reads indices of; everything else
@@ -407,33 +410,80 @@ def _packed_gemm(dtype: np.dtype, m: int, n: int, k: int, batch: Sequence[int]) 
             and n >= GEMM_MIN_COLUMNS and gemm.available())
 
 
+def _gemv(dtype: np.dtype, m: int, a: tuple[bool, int], b: tuple[bool, int]) -> bool:
+    """Few float32 rows against W stored as rows ([n, k], k contiguous in both): the GEMV
+    kernel of this module."""
+    return dtype == np.float32 and GEMV_MIN_ROWS <= m <= GEMV_ROWS and not a[0] and b[0]
+
+
 def _free(ndim: int, contract: Sequence[int], batch: Sequence[int]) -> list[int]:
     return [i for i in range(ndim) if i not in contract and i not in batch]
+
+
+def _matrices(eqn: Eqn) -> tuple | None:
+    """A product's operands as matrices: (m, k, n) as (size, stride), the row-major layouts
+    ``a`` and ``b`` of ``_matrix``, the operands' strides and batch axes; None when they are
+    not evenly spaced or too large for 32-bit BLAS sizes."""
+    lhs, rhs = eqn.inputs[0].aval, eqn.inputs[1].aval
+    (lc, rc), (lb, rb) = eqn.params["dims"]
+    ls, rs = _strides(lhs.shape), _strides(rhs.shape)
+    lf, rf = _free(lhs.ndim, lc, lb), _free(rhs.ndim, rc, rb)
+    m, k, n = _group(lhs.shape, ls, lf), _group(lhs.shape, ls, lc), _group(rhs.shape, rs, rf)
+    k_rhs = _group(rhs.shape, rs, rc)
+    if None in (m, k, n, k_rhs):
+        return None
+    a, b = _matrix(m, k), _matrix(k_rhs, n)
+    if a is None or b is None or max(m[0], n[0], k[0], a[1], b[1]) > _INT_MAX:
+        return None
+    return m, k, n, a, b, ls, rs, lb, rb
+
+
+def packed_product(eqn: Eqn) -> tuple[int, int, int, tuple[bool, int], tuple[bool, int]] | None:
+    """(m, n, k, A's layout, B's layout) of a ``dot_general`` that runs in the packed kernel
+    (``_dot_general``'s choice), None for any other equation."""
+    if eqn.prim is not dot_general_p or eqn.inputs[0].aval.dtype != np.float32:
+        return None
+    if eqn.inputs[0].aval.size == 0 or eqn.inputs[1].aval.size == 0:
+        return None
+    matrices = _matrices(eqn)
+    if matrices is None:
+        return None
+    m, k, n, a, b, *_ = matrices
+    batch = [eqn.inputs[0].aval.shape[i] for i in eqn.params["dims"][1][0]]
+    f32 = np.dtype(np.float32)
+    if _gemv(f32, m[0], a, b) or not _packed_gemm(f32, m[0], n[0], k[0], batch):
+        return None
+    return m[0], n[0], k[0], a, b
+
+
+def shared_products(eqns: Sequence[Eqn]) -> Statement:
+    """One statement for packed products that read the same left operand, ``eqns`` in order
+    (it covers all but the first)."""
+    products = [packed_product(eqn) for eqn in eqns]
+    m, _, k, a, _ = products[0]
+
+    def emit(outs: Sequence[str], ins: Sequence[str]) -> str:
+        return gemm.call_shared(m, k, a, ins[0], [(n, b, rhs, out) for (_, n, _, _, b), rhs, out
+                                                  in zip(products, ins[1::2], outs, strict=True)])
+    return Statement(emit, (gemm.KERNELS.prototypes,), links=(gemm.KERNELS,),
+                     covers=len(eqns) - 1)
 
 
 def _dot_general(eqn: Eqn) -> Statement | None:
     lhs, rhs = eqn.inputs[0].aval, eqn.inputs[1].aval
     if lhs.dtype not in _BLAS:
         return None
-    (lc, rc), (lb, rb) = eqn.params["dims"]
-    ls, rs = _strides(lhs.shape), _strides(rhs.shape)
-    lf, rf = _free(lhs.ndim, lc, lb), _free(rhs.ndim, rc, rb)
-    m, k, n = _group(lhs.shape, ls, lf), _group(lhs.shape, ls, lc), _group(rhs.shape, rs, rf)
-    k_rhs = _group(rhs.shape, rs, rc)
     out_bytes = eqn.outputs[0].aval.size * lhs.dtype.itemsize
     if out_bytes == 0 or lhs.size == 0 or rhs.size == 0:  # nothing to sum: zeros
         return Statement(lambda outs, ins: f"memset({outs[0]}, 0, {out_bytes});")
-    if None in (m, k, n, k_rhs):
+    matrices = _matrices(eqn)
+    if matrices is None:
         return None
-    a, b = _matrix(m, k), _matrix(k_rhs, n)
-    if a is None or b is None or max(m[0], n[0], k[0], a[1], b[1]) > _INT_MAX:
-        return None
+    m, k, n, a, b, ls, rs, lb, rb = matrices
     prefix, ctype, _ = _BLAS[lhs.dtype]
     batch = [lhs.shape[i] for i in lb]
     out_block = m[0] * n[0]
-    # Few float32 rows against W stored as rows ([n, k], k contiguous in both): our kernel.
-    if (lhs.dtype == np.float32 and GEMV_MIN_ROWS <= m[0] <= GEMV_ROWS and not a[0]
-            and b[0]):
+    if _gemv(lhs.dtype, m[0], a, b):
         return _gemv_statement(m[0], n[0], k[0], a[1], b[1], out_block, batch, ls, rs, lb, rb)
     if _packed_gemm(lhs.dtype, m[0], n[0], k[0], batch):
         return Statement(lambda outs, ins: gemm.call(m[0], n[0], k[0], a, b, ins[0], ins[1],

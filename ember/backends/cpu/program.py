@@ -43,7 +43,7 @@ import ember.backends.cpu.attention  # noqa: F401  (registers the attention kern
 import ember.backends.cpu.quant  # noqa: F401  (registers the quantised kernels)
 from ember import dtypes
 from ember.backends.cpu import kernels, toolchain
-from ember.backends.cpu.lowerings import Statement
+from ember.backends.cpu.lowerings import Statement, packed_product, shared_products
 from ember.backends.cpu.profile import Entry, Profile, classify, nbytes
 from ember.compiler.fusion import COMPUTE_KINDS, VIEW_KINDS, fused_p
 from ember.compiler.memory import ALIGNMENT, MemoryAnalysis, plan_memory
@@ -75,6 +75,13 @@ static void ember_poison(char *p, int64_t units, int unit, uint64_t pattern) {
 # The statement of an equation whose results are all empty: its outputs get buffers as any C
 # result's, but it is in no segment, so a program of nothing else compiles nothing.
 _NOTHING = Statement(lambda outs, ins: "/* empty result: nothing to compute */")
+# The statement of an equation that the statement before it computes (``Statement.covers``).
+_COVERED = Statement(lambda outs, ins: "")
+# Packed products reading the same left operand with at most this many equations between one
+# and the next (q, k and v with each one's rotary embedding between; gate and up) run as one
+# call (``lowerings.shared_products``, decision 0018): the later ones move up to the first, so
+# their results live that much longer.
+SHARED_WINDOW = 4
 
 
 def statement(eqn: Eqn) -> Statement | None:
@@ -118,10 +125,53 @@ def lower(closed: ClosedGraph) -> tuple[ClosedGraph, dict[int, Statement]]:
         if st is not None:
             statements[len(eqns)] = st
         eqns.append(eqn)
-    if not inlined_any:
+    shared = _shared_left_operands(graph, eqns, statements)
+    if not inlined_any and shared is None:
         return closed, statements
+    eqns, statements = shared or (eqns, statements)
     inlined = Graph(graph.constvars, graph.invars, eqns, graph.outvars)
     return ClosedGraph(inlined, closed.consts), statements
+
+
+def _shared_left_operands(graph: Graph, eqns: list[Eqn], statements: dict[int, Statement]
+                          ) -> tuple[list[Eqn], dict[int, Statement]] | None:
+    """The equations with packed products that share their left operand gathered (each group
+    right after its first, which computes them all), and their statements; None when there are
+    none. Only products of the graph's inputs (weights) join a group: moved up, they read
+    nothing computed later, and nothing they read is freed before the group's call."""
+    weights = {v.id for v in [*graph.constvars, *graph.invars]}
+    groups: list[list[int]] = []
+    latest: dict[tuple, list[int]] = {}  # a left operand and layout: its latest group
+    for i, eqn in enumerate(eqns):
+        product = packed_product(eqn) if i in statements else None
+        lhs, rhs = eqn.inputs[:2] if product is not None else (None, None)
+        if not (isinstance(lhs, Var) and isinstance(rhs, Var) and rhs.id in weights):
+            continue
+        key = (lhs.id, product[0], product[2], product[3])
+        group = latest.get(key)
+        if group is not None and i - group[-1] <= SHARED_WINDOW + 1:
+            group.append(i)
+        else:
+            latest[key] = [i]
+            groups.append(latest[key])
+    groups = [g for g in groups if len(g) > 1]
+    if not groups:
+        return None
+    later = {i for g in groups for i in g[1:]}
+    order: list[int] = []
+    new_statements: dict[int, Statement] = {}
+    firsts = {g[0]: g for g in groups}
+    for i in range(len(eqns)):
+        if i in later:
+            continue
+        members = firsts.get(i, [i])
+        for j, member in enumerate(members):
+            if member in statements:
+                new_statements[len(order)] = (statements[member] if len(members) == 1 else
+                                              _COVERED if j else
+                                              shared_products([eqns[m] for m in members]))
+            order.append(member)
+    return [eqns[i] for i in order], new_statements
 
 
 def _inlined(eqn: Eqn) -> list[Eqn]:
@@ -353,16 +403,19 @@ class Program:
             lines = []
             for i in segment:
                 eqn, st = self.graph.eqns[i], statements[i]
+                if st is _COVERED:
+                    continue
                 for h in st.helpers:
                     helpers[h] = None
-                ins = []
-                for a in eqn.inputs:
-                    if isinstance(a, Literal):
-                        ins.append(f"(void *)L{len(literals)}")
-                        literals.append(_literal(f"L{len(literals)}", a))
-                    else:
-                        ins.append(self.home[a.id].c())
-                outs = [self.home[v.id].c() for v in eqn.outputs]
+                ins, outs = [], []
+                for covered in self.graph.eqns[i:i + st.covers + 1]:
+                    for a in covered.inputs:
+                        if isinstance(a, Literal):
+                            ins.append(f"(void *)L{len(literals)}")
+                            literals.append(_literal(f"L{len(literals)}", a))
+                        else:
+                            ins.append(self.home[a.id].c())
+                    outs += [self.home[v.id].c() for v in covered.outputs]
                 lines.append(f"  /* {_describe(eqn)} */")
                 code = st.emit(outs, ins)
                 if self._profiling:
