@@ -23,6 +23,10 @@ per piece: up to 16 times per product. This kernel packs each operand once per c
   and continues the chain (the same bits as unbroken). The threads split only the columns,
   never k, so results are the same bits on any thread count.
 
+Products that share their left operand (q, k, v; gate and up) run as one call
+(``ember_sgemm_packed_shared``, ``call_shared``; ``program._shared_left_operands`` finds them):
+``A`` packed once, the segments' panels dealt to the threads as one column range.
+
 AVX-512 only (``available``; ``lowerings._packed_gemm`` decides which products come
 here): other CPUs, float64 and batched products stay on BLAS.
 """
