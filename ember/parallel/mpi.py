@@ -39,7 +39,7 @@ from ember.parallel.runtime import abort_job, mpi, record_state
 # MPI guarantees tags up to 32767: signatures use the lower half, permute's data the upper.
 _TAGS = 1 << 14
 _SIGNATURE_BYTES = 4096
-_FIRST_PAUSE, _LONGEST_PAUSE = 5e-5, 2e-3
+_SPIN, _FIRST_PAUSE, _LONGEST_PAUSE = 2e-3, 5e-5, 2e-3  # seconds
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:
@@ -107,17 +107,19 @@ class MPICommunicator(Communicator):
               spin: bool = False) -> None:
         """Wait for ``requests`` until the deadline; past it, fail naming ``missing()``.
 
-        Waiting for peers to arrive sleeps between tests, longer and longer, so a rank that
-        waits for a slow one does not take its CPU. Moving data (``spin``: every rank has
-        arrived) tests without pausing, as MPI's own wait does: MPI makes progress only
-        inside its calls, and a large message moves in many pieces.
+        Tests run back to back at first, as MPI's own wait does: MPI makes progress only
+        inside its calls, a large message moves in many pieces, and peers in step arrive
+        within microseconds. Waiting for peers to arrive (not ``spin``) then sleeps between
+        tests, longer and longer, so a rank that waits for a slow one leaves it the CPU.
         """
-        deadline = time.monotonic() + self.timeout
-        pause = 0.0 if spin else _FIRST_PAUSE
+        now = time.monotonic()
+        deadline, spin_until = now + self.timeout, now + (self.timeout if spin else _SPIN)
+        pause = _FIRST_PAUSE
         while not self._mpi.Request.Testall(requests):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 self._abort(self._timeout_error(sig, missing()), where)
-            if pause:
+            if now > spin_until:
                 time.sleep(pause)
                 pause = min(2 * pause, _LONGEST_PAUSE)
 
@@ -137,12 +139,16 @@ class _MPIHandle(Handle):
         self.done, self._result = False, None
         self._where = user_frame()
         c, tag = comm._comm, sig.seq % _TAGS
-        message = repr((sig.as_tuple(), payload)).encode()
-        if len(message) > _SIGNATURE_BYTES:  # only huge permutation tables: compare a digest
-            digest = hashlib.sha256(message).hexdigest()
+        # The signature's text, then the payload's: equal signatures are equal bytes, so the
+        # text is parsed only to describe a mismatch.
+        signature = repr(sig.as_tuple()).encode()
+        if len(signature) > _SIGNATURE_BYTES // 2:  # only huge permutations: send a digest
+            digest = hashlib.sha256(signature).hexdigest()
             sig = Signature(sig.seq, sig.kind, sig.dtype, sig.shape, (("digest", digest),))
-            message = repr((sig.as_tuple(), payload)).encode()
-        self._sent, self._message = sig, message  # kept alive until the sends complete
+            signature = repr(sig.as_tuple()).encode()
+        message = signature + b"\n" + repr(payload).encode()
+        self._sent, self._signature = sig, signature
+        self._message = message  # kept alive until the sends complete
         peers = [r for r in range(comm.size) if r != comm.rank]
         self._received = {r: np.zeros(_SIGNATURE_BYTES, np.uint8) for r in peers}
         self._sig_recvs = {r: c.Irecv(self._received[r], source=r, tag=tag) for r in peers}
@@ -152,10 +158,10 @@ class _MPIHandle(Handle):
 
     def wait(self) -> Any:
         if not self.done:
-            what = f"{self._comm._where(self._sig)}, called at {self._where}"
-            record_state(f"waiting in {what}")
+            what = lambda: f"{self._comm._where(self._sig)}, called at {self._where}"
+            record_state(lambda: f"waiting in {what()}")
             self._comm._finish_through(self)
-            record_state(f"running; its last collective was {what}")
+            record_state(lambda: f"running; its last collective was {what()}")
         return self._result
 
     def advance(self, block: bool) -> bool:
@@ -189,13 +195,17 @@ class _MPIHandle(Handle):
     def _check_signatures(self) -> list:
         """Every rank's payload, in rank order, once every signature equals ours."""
         comm = self._comm
-        signatures, payloads = {comm.rank: self._sent}, {comm.rank: self._payload}
-        for rank, buffer in self._received.items():
-            fields, payloads[rank] = ast.literal_eval(buffer.tobytes().rstrip(b"\0").decode())
-            signatures[rank] = Signature(*fields)
-        if any(s != self._sent for s in signatures.values()):
-            comm._abort(comm._mismatch_error(signatures), self._where)
-        return [payloads[r] for r in range(comm.size)]
+        texts = {rank: buffer.tobytes().rstrip(b"\0").split(b"\n", 1)
+                 for rank, buffer in self._received.items()}
+        if any(signature != self._signature for signature, _ in texts.values()):
+            signatures = {rank: Signature(*ast.literal_eval(signature.decode()))
+                          for rank, (signature, _) in texts.items()}
+            comm._abort(comm._mismatch_error({**signatures, comm.rank: self._sent}),
+                        self._where)
+        if self._payload is None:
+            return [None] * comm.size
+        texts[comm.rank] = (self._signature, repr(self._payload).encode())
+        return [ast.literal_eval(texts[r][1].decode()) for r in range(comm.size)]
 
     def _move_data(self, payloads: list) -> Generator[list, None, Any]:
         comm, sig, x = self._comm, self._sig, self._x

@@ -83,12 +83,13 @@ def abort_job(message: str) -> NoReturn:
     os._exit(1)  # MPICH's Abort may return before its process manager kills this process
 
 
-def record_state(text: str) -> None:
+def record_state(text: Callable[[], str]) -> None:
     """Note what this process is doing (``waiting in all_reduce #3...``), so that when the job
-    is killed from outside ``ember launch`` can say where each process was."""
+    is killed from outside ``ember launch`` can say where each process was. ``text`` is only
+    called under ``ember launch``."""
     fd = _state_file()
     if fd is not None:
-        os.pwrite(fd, text.encode()[:_STATE_BYTES].ljust(_STATE_BYTES), 0)
+        os.pwrite(fd, text().encode()[:_STATE_BYTES].ljust(_STATE_BYTES), 0)
 
 
 @functools.cache
