@@ -92,10 +92,6 @@ def reduce_in_rank_order(arrays: Sequence[np.ndarray], op: str) -> np.ndarray:
     return out
 
 
-def _blocks(x: np.ndarray, axis: int, n: int) -> list[np.ndarray]:
-    return np.split(x, n, axis=axis)
-
-
 def local_result(sig: Signature, inputs: Sequence[np.ndarray], rank: int) -> np.ndarray:
     """This rank's result of a collective, given every rank's input in rank order.
 
@@ -109,9 +105,9 @@ def local_result(sig: Signature, inputs: Sequence[np.ndarray], rank: int) -> np.
     if sig.kind == "all_gather":
         return np.concatenate(inputs, axis=p["axis"])
     if sig.kind == "reduce_scatter":
-        return reduce_in_rank_order([_blocks(x, p["axis"], n)[rank] for x in inputs], p["op"])
+        return reduce_in_rank_order([np.split(x, n, p["axis"])[rank] for x in inputs], p["op"])
     if sig.kind == "all_to_all":
-        parts = [_blocks(x, p["split_axis"], n)[rank] for x in inputs]
+        parts = [np.split(x, n, p["split_axis"])[rank] for x in inputs]
         return np.concatenate(parts, axis=p["concat_axis"])
     if sig.kind == "permute":
         source = {dst: src for src, dst in p["pairs"]}.get(rank)
