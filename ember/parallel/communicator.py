@@ -124,6 +124,13 @@ def _axis(op: str, x: np.ndarray, axis: int, name: str) -> int:
     return int(axis) % x.ndim
 
 
+def _reduce_op(collective: str, op: str) -> str:
+    if op not in REDUCE_OPS:
+        raise op_error(EmberValueError, collective,
+                       f"op={op!r}; expected one of {sorted(REDUCE_OPS)}")
+    return op
+
+
 class Handle(ABC):
     """A collective started with ``start_<op>``: :meth:`wait` gives its result."""
 
@@ -163,11 +170,7 @@ class Communicator(ABC):
 
     def start_all_reduce(self, x: Any, op: str = "sum") -> Handle:
         """Start reducing ``x`` over the group (``op``: sum, prod, max or min)."""
-        x = np.asarray(x)
-        if op not in REDUCE_OPS:
-            raise op_error(EmberValueError, "all_reduce",
-                           f"op={op!r}; expected one of {sorted(REDUCE_OPS)}")
-        return self._begin("all_reduce", x, (("op", op),))
+        return self._begin("all_reduce", np.asarray(x), (("op", _reduce_op("all_reduce", op)),))
 
     def start_all_gather(self, x: Any, axis: int = 0) -> Handle:
         """Start concatenating every rank's ``x`` along ``axis``, in rank order."""
@@ -179,9 +182,7 @@ class Communicator(ABC):
         x = np.asarray(x)
         axis = _axis("reduce_scatter", x, axis, "axis")
         self._check_divides("reduce_scatter", x, axis, "axis")
-        if op not in REDUCE_OPS:
-            raise op_error(EmberValueError, "reduce_scatter",
-                           f"op={op!r}; expected one of {sorted(REDUCE_OPS)}")
+        op = _reduce_op("reduce_scatter", op)
         return self._begin("reduce_scatter", x, (("axis", axis), ("op", op)))
 
     def start_all_to_all(self, x: Any, split_axis: int, concat_axis: int) -> Handle:
