@@ -11,6 +11,7 @@ from ember.parallel.array import (
     ShardedArray,
     ShardingGatherWarning,
     device_put,
+    process_allgather,
     with_sharding_constraint,
 )
 from ember.parallel.mesh import (
@@ -27,5 +28,6 @@ from ember.parallel.sharding import NamedSharding, PartitionSpec
 __all__ = [
     "Device", "Mesh", "devices", "local_devices", "device_count", "process_index",
     "process_count", "PartitionSpec", "NamedSharding", "Sharding", "ShardingError",
-    "ShardedArray", "Shard", "ShardingGatherWarning", "device_put", "with_sharding_constraint",
+    "ShardedArray", "Shard", "ShardingGatherWarning", "device_put", "process_allgather",
+    "with_sharding_constraint",
 ]

@@ -25,10 +25,11 @@ from ember.core.trace import Zero, innermost_dynamic, to_array
 from ember.errors import EmberError, op_error, user_frame
 from ember.ir.sharding import Sharding, ShardingError
 from ember.ir.types import ArrayType
-from ember.parallel.mesh import Device
+from ember.parallel import runtime
+from ember.parallel.mesh import Device, process_count
 from ember.parallel.sharding import NamedSharding, as_named_sharding
 
-__all__ = ["ShardedArray", "Shard", "ShardingGatherWarning", "device_put",
+__all__ = ["ShardedArray", "Shard", "ShardingGatherWarning", "device_put", "process_allgather",
            "with_sharding_constraint", "sharding_constraint_p"]
 
 _EMBER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,6 +173,27 @@ class ShardedArray(Array):
         except EmberError:
             body = f"(<{self.aval}, not all held by this process>)"
         return f"ShardedArray{body[:-1]}, sharding={self._sharding})"
+
+
+def process_allgather(x: Any) -> np.ndarray:
+    """The global value of ``x`` in every process, the parts held by other processes sent over
+    the job's communicator. A collective: every process of the job must call it, in the same
+    order. Anything but a sharded array is returned as a NumPy array."""
+    if not isinstance(x, ShardedArray):
+        return np.asarray(x)
+    if process_count() == 1:
+        return x.assemble("process_allgather")
+    # Under MPI each process has one device: it sends its part (zeros when the mesh leaves its
+    # device out), and the parts arrive in process order.
+    sharding = x.sharding
+    mine = x.local_buffers()
+    part = mine[0] if mine else np.zeros(sharding.shard_shape(x.shape), x.dtype)
+    parts = runtime.world().all_gather(part[None], axis=0)
+    indices = sharding.indices(x.shape)
+    out = np.empty(x.shape, x.dtype)
+    for d in sharding.mesh.devices.flat:
+        out[indices[d]] = parts[d.process_index]
+    return out
 
 
 def _block(index: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:

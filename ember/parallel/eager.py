@@ -5,10 +5,12 @@ here. An elementwise primitive whose operands share one layout runs once per dev
 device's parts and keeps the layout: no data moves. Any other primitive is compiled alone, as
 JAX does: a one-equation graph goes through the SPMD partitioner (propagation picks the result's
 layout) and its per-device program runs on every device of the mesh in lockstep, collectives
-included. When that program gathers data (an ``all_gather`` or ``all_to_all``, or a primitive
-with no sharding rule, replicated), a :class:`ShardingGatherWarning` says which collectives, on
-which mesh axes, and the user's line. A mesh with devices in other processes has no lockstep
-path here: its operands are gathered (which needs every part in this process).
+included; under ``ember launch`` (one device per process, a mesh of every process) each
+process runs it for its own device, its collectives over MPI. When that program gathers data
+(an ``all_gather`` or ``all_to_all``, or a primitive with no sharding rule, replicated), a
+:class:`ShardingGatherWarning` says which collectives, on which mesh axes, and the user's line.
+Operands on several meshes, or a mesh of only some processes, are gathered instead (which needs
+every part in this process).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ember.backends import get_backend
 from ember.core import trace
 from ember.core.array import Array
 from ember.core.primitive import Primitive
@@ -32,7 +35,7 @@ from ember.parallel.array import (
     sharding_constraint_p,
     warn_gather,
 )
-from ember.parallel.mesh import Mesh
+from ember.parallel.mesh import Mesh, process_count
 from ember.parallel.partition import Partitioned, partition
 from ember.parallel.sharding import NamedSharding, PartitionSpec
 from ember.parallel.simulate import run_spmd
@@ -51,9 +54,16 @@ def run(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
     meshes = {a.sharding.mesh for a in args if isinstance(a, ShardedArray)}
     if len(meshes) == 1:
         mesh = meshes.pop()
-        if len(mesh.local_devices) == mesh.size:
+        if len(mesh.local_devices) == mesh.size or _one_device_per_process(mesh):
             return _partitioned(prim, args, params, mesh)
     return _gathered(prim, args, params)
+
+
+def _one_device_per_process(mesh: Mesh) -> bool:
+    """Whether ``mesh`` holds the device of every process, in process order: then each process
+    runs the per-device program for its own device, its collectives over the job's
+    communicator (every process runs the same eager operations: SPMD)."""
+    return [d.process_index for d in mesh.devices.flat] == list(range(process_count()))
 
 
 def _common_layout(args: Sequence[Any]) -> NamedSharding | None:
@@ -124,16 +134,33 @@ def _partitioned(prim: Primitive, args: Sequence[Any], params: dict[str, Any], m
         warn_gather(f"{prim.name}: operands laid out by "
                     f"{', '.join(str(s) for s in layouts)} over {mesh} had to be gathered: "
                     f"{'; '.join(steps)}")
-    # Device d (row-major in the mesh) reads its part of a sharded operand, all of another.
+    # Each local device reads its part of a sharded operand, all of another.
+    local = len(mesh.local_devices)
     parts = [a.local_buffers() if isinstance(a, ShardedArray)
-             else [trace.to_array(a).to_numpy()] * mesh.size for a in args]
-    outs = run_spmd(program.graph, mesh.abstract, [list(p) for p in zip(*parts)])
-    results = [ShardedArray.from_shards([outs[d][k] for d in range(mesh.size)],
+             else [trace.to_array(a).to_numpy()] * local for a in args]
+    per_device = [list(p) for p in zip(*parts)]
+    if local == mesh.size:  # every device here: all of them in lockstep
+        outs = run_spmd(program.graph, mesh.abstract, per_device)
+    else:  # this process's one device; its peers run the same program
+        outs = [_compiled(program)(*per_device[0])]
+    results = [ShardedArray.from_shards([o[k] for o in outs],
                                         NamedSharding.from_abstract(mesh, layout), aval.shape,
                                         aval.weak)
                for k, (aval, layout) in enumerate(zip(
                    out_aval if prim.multiple_results else [out_aval], program.out_shardings))]
     return results if prim.multiple_results else results[0]
+
+
+_COMPILED: dict[int, tuple[Partitioned, Any]] = {}  # id(program) -> (program, its callable)
+
+
+def _compiled(program: Partitioned) -> Any:
+    kept = _COMPILED.get(id(program))
+    if kept is None or kept[0] is not program:
+        if len(_COMPILED) >= _PROGRAMS_SIZE:
+            _COMPILED.clear()
+        kept = _COMPILED[id(program)] = (program, get_backend("numpy").compile(program.graph))
+    return kept[1]
 
 
 def _program(prim: Primitive, params: dict[str, Any], avals: list[ArrayType],
