@@ -7,7 +7,9 @@ is left waiting: a mismatch, a timeout or a rank that raises stops every rank, a
 names the collective, its sequence number, the shapes and the ranks.
 """
 
+import os
 import re
+import signal
 import threading
 import time
 
@@ -317,6 +319,32 @@ def test_a_failure_in_one_split_group_stops_ranks_waiting_in_another():
     with pytest.raises(RuntimeError, match="stop"):
         run(4, body, timeout=30)
     assert time.monotonic() - started < 5
+
+
+def test_ctrl_c_returns_at_once_and_stops_the_devices_at_their_next_collective():
+    seen = []
+
+    def body(c, i):
+        if i == 0:
+            time.sleep(1.5)  # computing when Ctrl-C comes
+        try:
+            c.all_reduce(np.ones(2))
+        except CollectiveAbortedError as e:
+            seen.append(i)
+            assert "KeyboardInterrupt" in str(e)
+
+    threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run(3, body, timeout=60)
+    assert time.monotonic() - started < 1.4
+    def devices_running():
+        return [t for t in threading.enumerate() if t.name.startswith("ember-device-")]
+
+    deadline = time.monotonic() + 10
+    while devices_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(seen) == [0, 1, 2] and not devices_running()
 
 
 def test_results_come_back_in_device_order_with_the_device_index():

@@ -159,7 +159,8 @@ def run_on_devices(fn: Callable[[int], T], n: int, *,
 
     When a call raises, every device blocked in a collective stops at once with
     :class:`~ember.parallel.communicator.CollectiveAbortedError`; once every thread has
-    stopped the first error is raised here. ``timeout`` overrides ``EMBER_COLLECTIVE_TIMEOUT``.
+    stopped the first error is raised here (Ctrl-C is raised at once). ``timeout`` overrides
+    ``EMBER_COLLECTIVE_TIMEOUT``.
     """
     if not isinstance(n, int) or n < 1:
         raise op_error(EmberValueError, "run_on_devices", f"n={n!r}: expected an int >= 1")
@@ -187,9 +188,9 @@ def run_on_devices(fn: Callable[[int], T], n: int, *,
         for t in threads:
             t.join()
     except KeyboardInterrupt as e:
+        # Ctrl-C: stop every device at its next collective and return to the user at once;
+        # a thread still computing is a daemon, so it cannot keep the program alive.
         comms[0].abort(e)
-        for t in threads:
-            t.join()
         raise
     failure = comms[0].failure
     if failure is not None:
