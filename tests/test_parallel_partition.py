@@ -225,6 +225,22 @@ def test_embedding_gradient_on_a_split_batch_is_a_partial_scatter_add():
         ("all_reduce", ("dp",), collective_bytes("all_reduce", nbytes((16, 64)), 2))]
 
 
+@pytest.mark.parametrize("mesh", MESHES, ids=["1x2", "2x2", "4x2"])
+def test_cross_entropy_on_a_split_batch_never_gathers_the_logits(mesh):
+    """take_along_axis's gather (and its gradient's scatter) index the logits' batch with
+    iotas, so each device picks its own rows' targets: only the loss's two scalar sums (the
+    total and the count of targets) cross devices."""
+    f = ember.value_and_grad(lambda logits, target: ember.nn.functional.cross_entropy(
+        logits, target))
+    logits = rand(8, 6, 10)
+    target = np.random.default_rng(2).integers(0, 10, (8, 6)).astype(np.int32)
+    p = partitioned(f, (logits, target), [S(mesh, ("dp", "tp"), None, None),
+                                          S(mesh, ("dp", "tp"), None)], None, mesh)
+    check(p, f, (logits, target))
+    assert all(c.kind == "all_reduce" and "[]" in c.result for c in p.explanation.collectives)
+    assert p.out_shardings[1] == S(mesh, ("dp", "tp"), None, None)
+
+
 def test_a_primitive_without_a_rule_runs_replicated_and_is_explained():
     def f(a):
         return enp.linalg.cholesky(a @ a.T + 8.0 * enp.eye(8, dtype=a.dtype)) * 2.0

@@ -234,3 +234,36 @@ def test_scatter_add_may_split_its_update_batch_into_partial_sums():
     assert rule.operands[0] == rule.results[0] == (None, trail)
     assert rule.operands[2] == (b0, b1, trail)
     assert rule.reduced == {b0, b1} and rule.accumulates == (0,)
+
+
+def _graph_facts(closed):
+    graph = closed.graph
+    return ({v.id: e for e in graph.eqns for v in e.outputs},
+            {v.id: c for v, c in zip(graph.constvars, closed.consts)})
+
+
+def test_take_along_axis_index_columns_are_seen_as_batched():
+    """Cross-entropy's gather and its gradient's (clamped) scatter index the logits' batch
+    dimensions with iotas: those operand dimensions share the batch's factors."""
+    def f(logits, target):
+        return enp.sum(enp.take_along_axis(logits, target[..., None], axis=-1))
+    closed = lowered(ember.value_and_grad(f), np.ones((2, 3, 5), np.float32),
+                     np.zeros((2, 3), np.int32))
+    facts = _graph_facts(closed)
+    gather, scatter = eqn_of(closed, "gather"), eqn_of(closed, "scatter")
+    for eqn in (gather, scatter):
+        assert rules.iota_columns(eqn.inputs[1], *facts) == {0: 0, 1: 1}
+    rule = rule_for(scatter, *facts)
+    assert rule.operands[0][:2] == rule.operands[1][:2] == rule.results[0][:2]
+    assert not rule.reduced & set(rule.operands[1][:2])
+    assert {c for _, c, _ in rule.index_columns} == {0, 1}
+    assert rule_for(gather).operands[0] == (None, None, None)  # without the graph: whole
+
+
+def test_a_clamp_that_changes_an_iota_column_is_not_batched():
+    def f(x):
+        rows = ember.lax.iota(np.int32, (4, 1), 0)
+        idx = enp.concatenate([enp.minimum(rows, 2), enp.zeros((4, 1), np.int32)], axis=1)
+        return ember.ops.indexing.gather(x, idx)
+    closed = lowered(f, np.ones((4, 3), np.float32))
+    assert rules.iota_columns(eqn_of(closed, "gather").inputs[1], *_graph_facts(closed)) == {}

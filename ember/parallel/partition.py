@@ -46,7 +46,7 @@ from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
 from ember.ir.sharding import Sharding
 from ember.ir.types import ArrayType
 from ember.ops import elementwise as ew
-from ember.ops.structural import broadcast_in_dim_p, dynamic_slice_p
+from ember.ops.structural import broadcast_in_dim_p, concatenate_p, dynamic_slice_p
 from ember.parallel import collectives as coll
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.explain import Collective, Explanation
@@ -293,6 +293,8 @@ class _Partitioner:
 
     def run(self, closed: ClosedGraph, out_shardings: Sequence[Sharding | None]) -> Partitioned:
         graph = closed.graph
+        self.producers = {v.id: e for e in graph.eqns for v in e.outputs}
+        self.consts = {v.id: c for v, c in zip(graph.constvars, closed.consts)}
         self.uses = Counter(a.id for e in graph.eqns for a in e.inputs if isinstance(a, Var))
         self.uses.update(a.id for a in graph.outvars if isinstance(a, Var))
         constvars = []
@@ -341,7 +343,7 @@ class _Partitioner:
             out = self.reshard(local, current, target, eqn.source, "with_sharding_constraint")
             self.env[eqn.outputs[0].id] = (out, target)
             return
-        rule = rule_for(eqn)
+        rule = rule_for(eqn, self.producers, self.consts)
         if rule.note is not None:
             self.explanation.note(eqn.prim.name, rule.note, eqn.source)
         options = self.candidates(eqn, rule)
@@ -354,6 +356,8 @@ class _Partitioner:
         inputs = [self.reshard(*self.read(a), s, eqn.source, f"{eqn.prim.name} operand {i}")
                   if isinstance(a, Var) else a
                   for i, (a, s) in enumerate(zip(eqn.inputs, operand_layouts))]
+        for i, columns in _split_columns(rule, operand_layouts, inputs).items():
+            inputs[i] = self.local_indices(inputs[i], columns, eqn.source)
         outs = self.emit(eqn, inputs, result_layouts)
         for v, local, s in zip(eqn.outputs, outs, result_layouts):
             self.env[v.id] = (local, s)
@@ -526,6 +530,38 @@ class _Partitioner:
         zeros = self.bind(broadcast_in_dim_p, [zero], {"shape": shape, "dims": ()}, source)[0]
         return self.bind(ew.select_p, [keep, x, zeros], {}, source, [after])[0]
 
+    def local_indices(self, indices: Var, columns: dict[int, tuple[tuple[str, ...], int]],
+                      source: str | None) -> Var:
+        """``indices`` with each column in ``columns`` made local: the start of this device's
+        block of the dimension it addresses (split over ``axes``, blocks of ``size``)
+        subtracted."""
+        dtype = indices.aval.dtype
+        parts = []
+        for column in range(indices.aval.shape[-1]):
+            if column in columns:
+                axes, size = columns[column]
+                block = None
+                for a in axes:  # the block index, major axis first
+                    index = self.bind(coll.axis_index_p, [], {"axis": a, "mesh": self.mesh},
+                                      source)[0]
+                    if block is not None:
+                        block = self.bind(ew.mul.prim, [block, _int32(self.sizes[a])], {},
+                                          source)[0]
+                        index = self.bind(ew.add.prim, [block, index], {}, source)[0]
+                    block = index
+                start = self.bind(ew.mul.prim, [block, _int32(size)], {}, source)[0]
+                start = self.bind(ew.convert_p, [start], {"dtype": dtype, "weak": False},
+                                  source)[0]
+            else:
+                start = Literal(np.zeros((), dtype), ArrayType((), dtype))
+            parts.append(self.bind(broadcast_in_dim_p, [start], {"shape": (1,), "dims": ()},
+                                   source)[0])
+        starts = self.bind(concatenate_p, parts, {"axis": 0}, source)[0]
+        shape = indices.aval.shape
+        starts = self.bind(broadcast_in_dim_p, [starts], {"shape": shape,
+                                                          "dims": (len(shape) - 1,)}, source)[0]
+        return self.bind(ew.sub.prim, [indices, starts], {}, source, [indices.aval.sharding])[0]
+
     def local_block(self, x: Var, step: Step, after: Sharding, source: str | None) -> Var:
         """This device's block along ``step.dim`` of a value it holds whole along it:
         a dynamic slice at ``axis_index * block``."""
@@ -553,6 +589,18 @@ def _points(eqn: Eqn, rule: Rule, operands: list[Sharding], results: list[Shardi
             elif i >= len(eqn.inputs):
                 points *= n
     return points * math.prod(sizes.values())
+
+
+def _split_columns(rule: Rule, layouts: list[Sharding], inputs: list[Var | Literal]
+                   ) -> dict[int, dict[int, tuple[tuple[str, ...], int]]]:
+    """Index operand -> {column: (axes, local size)} for each index column (rule's
+    ``index_columns``) whose array dimension is split."""
+    out: dict[int, dict[int, tuple[tuple[str, ...], int]]] = {}
+    for i, column, array in rule.index_columns:
+        axes = layouts[array].dims[column]
+        if axes:
+            out.setdefault(i, {})[column] = (axes, inputs[array].aval.shape[column])
+    return out
 
 
 def _int32(value: int) -> Literal:

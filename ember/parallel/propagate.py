@@ -81,7 +81,9 @@ def propagate(closed: ClosedGraph, mesh: tuple[tuple[str, int], ...],
     for i, (v, s) in enumerate(zip(graph.outvars, out_shardings or ())):
         if s is not None and isinstance(v, Var) and v.id not in layouts.fixed:
             _fix(layouts, v, s, f"output {i}", where)
-    rules = [rule_for(e) for e in graph.eqns]
+    producers = {v.id: e for e in graph.eqns for v in e.outputs}
+    consts = {v.id: c for v, c in zip(graph.constvars, closed.consts)}
+    rules = [rule_for(e, producers, consts) for e in graph.eqns]
     ids = [[a.id for a in (*e.inputs, *e.outputs) if isinstance(a, Var)] for e in graph.eqns]
     # An equation is visited again only when one of its values grew since its last visit.
     clock = 0

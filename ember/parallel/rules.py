@@ -31,13 +31,15 @@ bits) gets :func:`replicated`: its operands are gathered whole and ``explain()``
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from ember import dtypes
 from ember.core.primitive import REGISTRY, Primitive
-from ember.ir.graph import Eqn
+from ember.ir.graph import Atom, Eqn, Literal, Var
 from ember.ir.types import ArrayType
 
 __all__ = ["Rule", "rule_for", "replicated", "install", "NO_RULE"]
@@ -57,6 +59,10 @@ class Rule:
     # Operands the result accumulates into (scatter-add's operand): where a reduced factor is
     # split they must be partial over its axes too, each device adding its share to them.
     accumulates: tuple[int, ...] = ()
+    # (indices operand, column, array operand): a column of an index array whose values
+    # address that dimension of the array; where the dimension is split, the partitioner
+    # makes the column's values local (subtracts the block's start).
+    index_columns: tuple[tuple[int, int, int], ...] = ()
     note: str | None = None  # shown by explain(): why this equation was replicated
 
     def factors(self) -> set[int]:
@@ -66,12 +72,23 @@ class Rule:
 RuleFn = Callable[[Sequence[ArrayType], Sequence[ArrayType], dict[str, Any]], Rule]
 
 
-def rule_for(eqn: Eqn) -> Rule:
-    """The rule of ``eqn``'s primitive applied to its operand and result types."""
+def rule_for(eqn: Eqn, producers: Mapping[int, Eqn] | None = None,
+             consts: Mapping[int, Any] | None = None) -> Rule:
+    """The rule of ``eqn``'s primitive applied to its operand and result types.
+
+    ``producers`` (``Var.id`` -> the equation that computes it, in the graph ``eqn`` is in)
+    and ``consts`` (``Var.id`` -> the value of a constant) let a gather or scatter see index
+    columns built from iotas (:func:`iota_columns`), which index the operand in step with the
+    batch and so let both be split alike.
+    """
     ins = [a.aval for a in eqn.inputs]
     outs = [v.aval for v in eqn.outputs]
     fn = eqn.prim.sharding_rule or _by_kind(eqn.prim)
-    return fn(ins, outs, eqn.params)
+    rule = fn(ins, outs, eqn.params)
+    if producers is not None and eqn.prim.name in ("gather", "scatter"):
+        columns = iota_columns(eqn.inputs[1], producers, consts or {})
+        rule = _batched_columns(rule, eqn, columns)
+    return rule
 
 
 def replicated(ins: Sequence[ArrayType], outs: Sequence[ArrayType], params: dict[str, Any]
@@ -297,6 +314,107 @@ def _scatter(ins, outs, params) -> Rule:
     batch = tuple(range(nb))
     return Rule((dims, (*batch, None), batch + trailing), (dims,), reduced=frozenset(batch),
                 linear=((0, 2),), accumulates=(0,))
+
+
+def iota_columns(indices: Atom, producers: Mapping[int, Eqn], consts: Mapping[int, Any]
+                 ) -> dict[int, int]:
+    """The columns of an index array ``[*batch, k]`` that hold, at every position, that
+    position's index along one of the batch dimensions: column -> that dimension.
+
+    ``take_along_axis`` (cross-entropy's pick of the target's logit) builds its indices so: an
+    ``iota`` along each batch dimension, reshaped to ``[*batch, 1]`` and concatenated with the
+    data-dependent column; the gradient's scatter clamps them into the operand's bounds first.
+    Found by following clamps (``min``/``max`` against constants that leave the column's
+    values alone), ``concatenate``, ``reshape`` and ``convert`` back to ``iota``s.
+    """
+    if not isinstance(indices, Var):
+        return {}
+    batch, k = indices.aval.shape[:-1], indices.aval.shape[-1]
+    lo, hi = np.full(k, -np.inf), np.full(k, np.inf)  # the tightest clamps on each column
+    eqn = producers.get(indices.id)
+    while eqn is not None and eqn.prim.name in ("min", "max"):
+        bounds = [_column_constant(a, k, producers, consts) for a in eqn.inputs]
+        side = 1 if bounds[1] is not None else 0 if bounds[0] is not None else None
+        if side is None:
+            return {}
+        if eqn.prim.name == "max":
+            lo = np.maximum(lo, bounds[side])
+        else:
+            hi = np.minimum(hi, bounds[side])
+        eqn = producers.get(eqn.inputs[1 - side].id) if isinstance(
+            eqn.inputs[1 - side], Var) else None
+    if eqn is None:
+        return {}
+    concatenated = eqn.prim.name == "concatenate" and eqn.params["axis"] == len(batch)
+    parts: Sequence[Atom] = eqn.inputs if concatenated else eqn.outputs
+    columns, column = {}, 0
+    for part in parts:
+        dim = _iota_dimension(part, batch, producers)
+        if dim is not None and part.aval.shape[-1] == 1 and lo[column] <= 0 \
+                and hi[column] >= batch[dim] - 1:
+            columns[column] = dim
+        column += part.aval.shape[-1]
+    return columns
+
+
+def _iota_dimension(value: Atom, batch: tuple[int, ...], producers: Mapping[int, Eqn]
+                    ) -> int | None:
+    """The dimension an ``iota`` of the batch's shape runs along, if ``value`` is one
+    (reshaped to ``[*batch, 1]``, converted)."""
+    while isinstance(value, Var):
+        eqn = producers.get(value.id)
+        if eqn is None:
+            return None
+        if eqn.prim.name == "iota":
+            return eqn.params["dimension"] if eqn.params["shape"] in (batch, (*batch, 1)) \
+                else None
+        if eqn.prim.name not in ("reshape", "convert"):
+            return None
+        value = eqn.inputs[0]
+    return None
+
+
+def _column_constant(atom: Atom, k: int, producers: Mapping[int, Eqn],
+                     consts: Mapping[int, Any]) -> np.ndarray | None:
+    """The per-column values of a constant broadcast over an index array's rows, if it is one
+    (a literal, or a constant vector broadcast along the last dimension)."""
+    if isinstance(atom, Literal):
+        return np.full(k, float(atom.value))
+    eqn = producers.get(atom.id)
+    if eqn is None or eqn.prim.name != "broadcast_in_dim":
+        return None
+    source = eqn.inputs[0]
+    if isinstance(source, Literal):
+        return np.full(k, float(source.value))
+    if source.id in consts and eqn.params["dims"] == (atom.aval.ndim - 1,):
+        return np.asarray(consts[source.id], dtype=np.float64).reshape(k)
+    return None
+
+
+def _batched_columns(rule: Rule, eqn: Eqn, columns: dict[int, int]) -> Rule:
+    """Give each operand dimension an iota column indexes the factor of that column's batch
+    dimension (where their sizes agree), and mark the column for the partitioner, which makes
+    its values local. A scatter's result then splits along it too, and its batch factor is no
+    longer summed away."""
+    operand, indices = eqn.inputs[0].aval, eqn.inputs[1].aval
+    array = list(rule.operands[0])
+    result = list(rule.results[0])
+    reduced = set(rule.reduced)
+    marked = []
+    for column, dim in sorted(columns.items()):
+        factor = rule.operands[1][dim]
+        if factor is None or operand.shape[column] != indices.shape[dim]:
+            continue
+        array[column] = factor
+        if eqn.prim.name == "scatter":
+            result[column] = factor
+        reduced.discard(factor)
+        marked.append((1, column, 0))
+    if not marked:
+        return rule
+    results = (tuple(result),) if eqn.prim.name == "scatter" else rule.results
+    return replace(rule, operands=(tuple(array), *rule.operands[1:]), results=results,
+                   reduced=frozenset(reduced), index_columns=tuple(marked))
 
 
 # --- installing --------------------------------------------------------------------------------
