@@ -219,7 +219,9 @@ def place(value: np.ndarray, sharding: NamedSharding, weak: bool = False,
 def device_put(x: Any, sharding: NamedSharding) -> ShardedArray:
     """``x`` (a NumPy array, scalar, ember Array or ShardedArray) laid out by ``sharding``.
 
-    A ShardedArray with another layout is resharded; with the same one it is returned as is.
+    A ShardedArray with the same layout is returned as is; with another layout over its mesh
+    it is resharded by collectives (no process needs the whole value); onto another mesh it is
+    assembled and split again.
     """
     sharding = as_named_sharding(sharding, "device_put")
     if isinstance(x, Tracer):
@@ -229,6 +231,10 @@ def device_put(x: Any, sharding: NamedSharding) -> ShardedArray:
     if isinstance(x, ShardedArray):
         if x.sharding == sharding:
             return x
+        if x.sharding.mesh == sharding.mesh:
+            from ember.parallel import eager  # it builds on this module
+
+            return eager.reshard(x, sharding)
         return place(x.assemble("device_put"), sharding, x.weak_type)
     arr = to_array(x)
     return place(np.asarray(arr.to_numpy()), sharding, arr.weak_type)

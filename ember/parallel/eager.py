@@ -28,6 +28,7 @@ from ember.core.trace import abstract_eval, aval_of, eval_primitive, make_graph
 from ember.ir.params import param_key
 from ember.ir.sharding import Sharding
 from ember.ir.types import ArrayType
+from ember.ops.structural import copy_p
 from ember.parallel.array import (
     ShardedArray,
     device_put,
@@ -54,9 +55,22 @@ def run(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
     meshes = {a.sharding.mesh for a in args if isinstance(a, ShardedArray)}
     if len(meshes) == 1:
         mesh = meshes.pop()
-        if len(mesh.local_devices) == mesh.size or _one_device_per_process(mesh):
+        if _runs_per_device(mesh):
             return _partitioned(prim, args, params, mesh)
     return _gathered(prim, args, params)
+
+
+def reshard(x: ShardedArray, sharding: NamedSharding) -> ShardedArray:
+    """``x`` laid out by ``sharding`` over the same mesh: its parts move by the collectives the
+    partitioner picks, so no process needs the whole value."""
+    mesh = x.sharding.mesh
+    if not _runs_per_device(mesh):
+        return place(x.assemble("device_put"), sharding, x.weak_type)
+    return _partitioned(copy_p, [x], {}, mesh, sharding.abstract(x.ndim))
+
+
+def _runs_per_device(mesh: Mesh) -> bool:
+    return len(mesh.local_devices) == mesh.size or _one_device_per_process(mesh)
 
 
 def _one_device_per_process(mesh: Mesh) -> bool:
@@ -112,22 +126,24 @@ def _part(a: Any, i: int, index: tuple[slice, ...], layout: NamedSharding) -> An
     return a  # a scalar: every device reads it whole
 
 
-# One-primitive programs already partitioned, by primitive, params, operand types and layouts.
+# One-primitive programs already partitioned, by primitive, params, operand types and layouts
+# (and the result's layout, for a reshard).
 _PROGRAMS: dict[tuple, Partitioned] = {}
 _PROGRAMS_SIZE = 512  # emptied when full
 _GATHERS = frozenset({"all_gather", "all_to_all"})
 
 
-def _partitioned(prim: Primitive, args: Sequence[Any], params: dict[str, Any], mesh: Mesh
-                 ) -> Any:
-    """Run ``prim`` as a partitioned one-equation program on every device of ``mesh``."""
+def _partitioned(prim: Primitive, args: Sequence[Any], params: dict[str, Any], mesh: Mesh,
+                 result_layout: Sharding | None = None) -> Any:
+    """Run ``prim`` as a partitioned one-equation program on every device of ``mesh``; its
+    result laid out as ``result_layout`` asks (a reshard), else as propagation decides."""
     avals = [aval_of(a).update(sharding=None) for a in args]
     out_aval = abstract_eval(prim, avals, params)  # the user's mistakes are reported here
     layouts = [a.sharding.abstract(a.ndim) if isinstance(a, ShardedArray)
                else Sharding.replicated(mesh.abstract, av.ndim) for a, av in zip(args, avals)]
-    program = _program(prim, params, avals, layouts, mesh)
+    program = _program(prim, params, avals, layouts, result_layout, mesh)
     gathers = [c for c in program.explanation.collectives if c.kind in _GATHERS]
-    if gathers or program.explanation.replicated:
+    if result_layout is None and (gathers or program.explanation.replicated):
         steps = [f"{c.kind}[{','.join(c.axes)}] {c.nbytes} B/device ({c.reason} "
                  f"{c.layouts})" for c in gathers]
         steps += [f"{name} {why}" for name, why, _ in program.explanation.replicated]
@@ -164,9 +180,10 @@ def _compiled(program: Partitioned) -> Any:
 
 
 def _program(prim: Primitive, params: dict[str, Any], avals: list[ArrayType],
-             layouts: list[Sharding], mesh: Mesh) -> Partitioned:
+             layouts: list[Sharding], result_layout: Sharding | None, mesh: Mesh
+             ) -> Partitioned:
     try:
-        key = (prim.name, param_key(params), tuple(avals), tuple(layouts))
+        key = (prim.name, param_key(params), tuple(avals), tuple(layouts), result_layout)
     except TypeError:  # params with no canonical key (a callable): partitioned every time
         key = None
     program = _PROGRAMS.get(key) if key is not None else None
@@ -175,7 +192,8 @@ def _program(prim: Primitive, params: dict[str, Any], avals: list[ArrayType],
             out = prim.bind(*xs, **params)
             return list(out) if prim.multiple_results else [out]
 
-        program = partition(make_graph(one, avals), layouts, None, mesh)
+        results = None if result_layout is None else [result_layout]
+        program = partition(make_graph(one, avals), layouts, results, mesh)
         if key is not None:
             if len(_PROGRAMS) >= _PROGRAMS_SIZE:
                 _PROGRAMS.clear()

@@ -2,8 +2,9 @@
 
 Each process is one device. A value split over the mesh of every process holds one part per
 process; elementwise operations stay local, other operations run the partitioned per-device
-program with its collectives over MPI, ``np.asarray`` refuses a value with parts elsewhere and
-``process_allgather`` assembles it in every process. Prints one line per process when all holds.
+program with its collectives over MPI, resharding moves parts by collectives, ``np.asarray``
+refuses a value with parts elsewhere and ``process_allgather`` assembles it in every process.
+Prints one line per process when all holds.
 """
 
 import numpy as np
@@ -41,6 +42,18 @@ def main() -> None:
 
     replicated = P.device_put(value, P.NamedSharding(mesh, P.PartitionSpec()))
     np.testing.assert_array_equal(np.asarray(replicated), value)  # whole in every process
+
+    # Resharding over the mesh moves parts by collectives, never through one process.
+    whole = P.device_put(y, P.NamedSharding(mesh, P.PartitionSpec()))  # an all-gather
+    np.testing.assert_array_equal(np.asarray(whole), value * 2 + 1)
+    again = P.device_put(whole, x.sharding)  # each process keeps its block
+    np.testing.assert_array_equal(np.asarray(again.addressable_shards[0].data),
+                                  (value * 2 + 1)[4 * me:4 * me + 4])
+    square = np.arange(4.0 * n * n, dtype=np.float32).reshape(2 * n, 2 * n)
+    by_rows = P.device_put(square, P.NamedSharding(mesh, P.PartitionSpec("x")))
+    by_cols = P.device_put(by_rows, P.NamedSharding(mesh, P.PartitionSpec(None, "x")))
+    np.testing.assert_array_equal(np.asarray(by_cols.addressable_shards[0].data),
+                                  square[:, 2 * me:2 * me + 2])
     print(f"process {me}: sharded arrays ok", flush=True)
 
 
