@@ -41,7 +41,7 @@ from ember.parallel.partition import Partitioned, partition
 from ember.parallel.sharding import NamedSharding, PartitionSpec
 from ember.parallel.simulate import run_spmd
 
-__all__ = ["run"]
+__all__ = ["run", "reshard"]
 
 
 def run(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
