@@ -309,9 +309,14 @@ class Communicator(ABC):
             f"collective mismatch in group {self.name!r} of {self.size}, seen on rank "
             f"{self.rank}: {calls}")
 
-    def _timeout_error(self, sig: Signature, missing: Sequence[int]) -> CollectiveTimeoutError:
-        who = (f"{self._ranks(missing)} did not arrive" if missing
-               else "every rank arrived but the data exchange did not finish")
+    def _timeout_error(self, sig: Signature,
+                       missing: Sequence[int] | None) -> CollectiveTimeoutError:
+        """``missing``: the ranks that did not arrive; empty: all did; None: not known."""
+        if missing is None:
+            who = "some ranks did not arrive"
+        else:
+            who = (f"{self._ranks(missing)} did not arrive" if missing
+                   else "every rank arrived but the data exchange did not finish")
         return CollectiveTimeoutError(
             f"{self._where(sig)} timed out on rank {self.rank} after {self.timeout:g} s: "
             f"{who} (deadline: EMBER_COLLECTIVE_TIMEOUT)")

@@ -71,7 +71,7 @@ class MPICommunicator(Communicator):
         self._pending: list[_MPIHandle] = []
         if not private:
             comm, request = comm.Idup()
-            self._poll([request], Signature(0, "create_communicator", "", ()), lambda: [])
+            self._poll([request], Signature(0, "create_communicator", "", ()), lambda: None)
         self._comm = comm
 
     def _start(self, sig: Signature, x: np.ndarray | None, keep: bool) -> Handle:
