@@ -476,3 +476,28 @@ def test_tiny_llama_data_parallel_adamw_step_sums_each_gradient_once():
     for e, c in weights:
         assert c.axes == ("dp",)
         assert c.nbytes == collective_bytes("all_reduce", nbytes(e.inputs[0].aval.shape), 2)
+
+
+def test_every_process_makes_the_same_per_device_program():
+    """Processes partition independently (MPI ranks): the program, its collectives in order,
+    must not depend on anything that differs between processes, such as string hashing."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np, ember, ember.numpy as enp\n"
+        "from ember.ir.sharding import Sharding\n"
+        "from ember.parallel.partition import partition\n"
+        "m = (('dp', 2), ('tp', 2))\n"
+        "def loss(w1, w2, x):\n"
+        "    return enp.sum(enp.tanh(x @ w1) @ w2)\n"
+        "args = [np.ones((6, 8), np.float32), np.ones((8, 6), np.float32),"
+        " np.ones((4, 6), np.float32)]\n"
+        "g = ember.jit(ember.value_and_grad(loss, argnums=(0, 1))).lower(*args).graph\n"
+        "p = partition(g, [Sharding(m, (None, 'tp')), Sharding(m, ('tp', None)),"
+        " Sharding(m, ('dp', None))], None, m)\n"
+        "print(p.graph)\n")
+    texts = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+             for seed in ("1", "2")]
+    assert texts[0] == texts[1] and "all_reduce" in texts[0]

@@ -251,7 +251,7 @@ def partition(closed: ClosedGraph, in_shardings: Sequence[Any] | None,
     ins = _shardings(in_shardings, graph.invars, mesh)
     outs = _shardings(out_shardings, graph.outvars, mesh)
     layouts = propagate(closed, mesh, ins, outs)
-    return _Partitioner(mesh, layouts, cost or CostModel()).run(closed, outs)
+    return _Partitioner(closed, mesh, layouts, cost or CostModel()).run(outs)
 
 
 def _abstract_mesh(mesh: Any) -> Mesh:
@@ -280,9 +280,14 @@ def _shardings(given: Sequence[Any] | None, values: Sequence[Any], mesh: Mesh
 
 
 class _Partitioner:
-    def __init__(self, mesh: Mesh, layouts: Layouts, cost: CostModel):
-        self.mesh, self.layouts, self.cost = mesh, layouts, cost
+    def __init__(self, closed: ClosedGraph, mesh: Mesh, layouts: Layouts, cost: CostModel):
+        self.closed, self.mesh, self.layouts, self.cost = closed, mesh, layouts, cost
         self.sizes = dict(mesh)
+        graph = closed.graph
+        self.producers = {v.id: e for e in graph.eqns for v in e.outputs}
+        self.consts = {v.id: c for v, c in zip(graph.constvars, closed.consts)}
+        self.uses = Counter(a.id for e in graph.eqns for a in e.inputs if isinstance(a, Var))
+        self.uses.update(a.id for a in graph.outvars if isinstance(a, Var))
         self.eqns: list[Eqn] = []
         self.env: dict[int, tuple[Var | Literal, Sharding]] = {}
         self.sources: dict[int, str | None] = {}  # Var.id -> the user line that made it
@@ -291,12 +296,9 @@ class _Partitioner:
 
     # -- driving --
 
-    def run(self, closed: ClosedGraph, out_shardings: Sequence[Sharding | None]) -> Partitioned:
+    def run(self, out_shardings: Sequence[Sharding | None]) -> Partitioned:
+        closed = self.closed
         graph = closed.graph
-        self.producers = {v.id: e for e in graph.eqns for v in e.outputs}
-        self.consts = {v.id: c for v, c in zip(graph.constvars, closed.consts)}
-        self.uses = Counter(a.id for e in graph.eqns for a in e.inputs if isinstance(a, Var))
-        self.uses.update(a.id for a in graph.outvars if isinstance(a, Var))
         constvars = []
         for v in graph.constvars:  # captured arrays: every device holds them whole
             s = layout(self.mesh, ((),) * v.aval.ndim)
