@@ -251,6 +251,19 @@ def test_a_primitive_without_a_rule_runs_replicated_and_is_explained():
     assert "cholesky: no rule: replicated" in p.explain()
 
 
+def test_control_flow_runs_replicated_between_split_equations():
+    def f(x, w):
+        h = enp.tanh(x @ w)
+        total, ys = ember.lax.scan(lambda c, row: (c + row, c * row), enp.zeros(4), h)
+        return ys * 2.0, total
+    args = rand(8, 6), rand(6, 4)
+    p = partitioned(f, args, [S(M2x2, "dp", None), S(M2x2, None, "tp")],
+                    [S(M2x2, "dp", None), S(M2x2, None)])
+    check(p, f, args)
+    assert [name for name, _, _ in p.explanation.replicated] == ["scan"]
+    assert p.explanation.counts() == {"all_gather": 2}  # the scan's operand, whole
+
+
 def test_a_sharding_constraint_is_honoured():
     mesh = Mesh(devices()[:4], ("dp", "tp"), shape=(2, 2))
 
