@@ -118,7 +118,8 @@ class ThreadCommunicator(Communicator):
             slot.inputs[self.rank] = payload
             if any(other != sig for other in slot.signatures.values()):
                 self._fail(self._mismatch_error(slot.signatures))
-            run.cond.notify_all()
+            if len(slot.signatures) == self.size:  # the last to arrive wakes the others
+                run.cond.notify_all()
 
     def _gather(self, sig: Signature) -> tuple[list[Any], _Slot]:
         """Wait until every rank arrived at ``sig``'s slot; their inputs in rank order."""
