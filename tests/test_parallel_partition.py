@@ -13,6 +13,7 @@ import ember
 import ember.numpy as enp
 from ember.backends import get_backend
 from ember.ir.sharding import Sharding, ShardingError
+from ember.ir.verify import verify
 from ember.parallel import Mesh, NamedSharding, PartitionSpec, devices, runtime
 from ember.parallel import with_sharding_constraint as constrain
 from ember.parallel.partition import collective_bytes, partition
@@ -32,7 +33,9 @@ def rand(*shape, seed=0, dtype=np.float32):
 
 
 def partitioned(f, args, ins, outs, mesh=M2x2):
-    return partition(ember.jit(f).lower(*args).graph, ins, outs, mesh)
+    p = partition(ember.jit(f).lower(*args).graph, ins, outs, mesh)
+    verify(p.graph)  # the per-device program is a well-formed graph
+    return p
 
 
 def check(p, f, args, rtol=1e-5, atol=1e-5):

@@ -57,7 +57,8 @@ class Explanation:
 
     def __str__(self) -> str:
         mesh = ", ".join(f"{n}={s}" for n, s in self.mesh)
-        lines = [f"mesh ({mesh}): {len(self.collectives)} collectives, "
+        n = len(self.collectives)
+        lines = [f"mesh ({mesh}): {n} collective{'' if n == 1 else 's'}, "
                  f"{self.total_bytes} bytes per device"]
         lines += [f"  {c}" for c in self.collectives]
         for prim, why, source in self.replicated:
