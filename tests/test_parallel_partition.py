@@ -107,6 +107,24 @@ def test_mlp_gradient_reduces_weight_gradients_over_the_data_axis():
         assert c.axes == ("dp",) and c.nbytes == collective_bytes("all_reduce", nbytes(shape), 2)
 
 
+def test_zero3_style_gathers_each_weight_and_reduce_scatters_its_gradient():
+    """Weights and their gradients split over dp like the batch: each weight is gathered once
+    (the backward pass reuses it) and each gradient is summed straight into its shard."""
+    def loss(w1, w2, x):
+        return enp.sum(enp.tanh(x @ w1) @ w2)
+    mesh = (("dp", 4),)
+    args = rand(64, 128), rand(128, 64, seed=1), rand(256, 64, seed=2)
+    f = ember.value_and_grad(loss, argnums=(0, 1))
+    zero = S(mesh, "dp", None)
+    p = partitioned(f, args, [zero] * 3, [S(mesh), zero, zero], mesh)
+    check(p, f, args, rtol=1e-4, atol=1e-3)
+    got = [(c.kind, c.nbytes) for c in p.explanation.collectives if c.result != "f32[]{}"]
+    assert sorted(got) == sorted(
+        [("all_gather", collective_bytes("all_gather", nbytes(w.shape) // 4, 4)) for w in args[:2]]
+        + [("reduce_scatter", collective_bytes("reduce_scatter", nbytes(w.shape), 4))
+           for w in args[:2]])
+
+
 # --- reductions, redistributions -----------------------------------------------------------------
 
 def test_sum_over_a_split_dimension_is_one_all_reduce():
