@@ -325,14 +325,15 @@ _BINARY = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a
 
 @st.composite
 def programs(draw, mesh):
-    """A random straight-line program of elementwise ops, sums and products over a few
-    inputs of shapes built from 4 and 8, and random layouts for its inputs and output."""
+    """A random straight-line program of elementwise ops, sums (some broadcast back), products
+    and transposes over a few inputs of shapes built from 4 and 8, and random layouts for its
+    inputs and output."""
     sizes = [4, 8]
     shapes = [tuple(draw(st.sampled_from(sizes)) for _ in range(2)) for _ in range(3)]
     steps = []
     pool = list(shapes)
     for _ in range(draw(st.integers(2, 7))):
-        op = draw(st.sampled_from(["unary", "binary", "sum", "matmul", "transpose"]))
+        op = draw(st.sampled_from(["unary", "binary", "sum", "matmul", "transpose", "center"]))
         i = draw(st.integers(0, len(pool) - 1))
         a = pool[i]
         if op == "unary":
@@ -355,6 +356,8 @@ def programs(draw, mesh):
         elif op == "transpose" and len(a) == 2:
             steps.append(("transpose", i))
             a = a[::-1]
+        elif op == "center" and len(a) == 2:  # a sum broadcast back: partial sums, broadcasts
+            steps.append(("center", draw(st.integers(0, 1)), i))
         else:
             continue
         pool.append(a)
@@ -389,6 +392,9 @@ def run_program(steps, *xs):
             pool.append(enp.sum(pool[step[2]], axis=step[1]))
         elif kind == "matmul":
             pool.append(pool[step[1]] @ pool[step[2]])
+        elif kind == "center":
+            x = pool[step[2]]
+            pool.append(x - enp.sum(x, axis=step[1], keepdims=True) / x.shape[step[1]])
         else:
             pool.append(enp.transpose(pool[step[1]]))
     return pool[-1]
