@@ -285,6 +285,39 @@ def test_control_flow_runs_replicated_between_split_equations():
     assert p.explanation.counts() == {"all_gather": 2}  # the scan's operand, whole
 
 
+def test_nested_jit_and_checkpoint_bodies_are_partitioned_not_replicated():
+    """call (a nested jit) and remat (checkpoint) bodies run once on their operands: they are
+    partitioned in their turn, their collectives inside them, named by the body's lines."""
+    @ember.jit
+    def layer(x, w1, w2):
+        return enp.tanh(x @ w1) @ w2  # the row-parallel product: an all-reduce over tp
+
+    def loss(w1, w2, x):
+        return enp.sum(ember.checkpoint(lambda x: layer(x, w1, w2))(x) ** 2)
+    f = ember.value_and_grad(loss, argnums=(0, 1))
+    args = rand(8, 16), rand(16, 8, seed=1), rand(4, 8, seed=2)
+    p = partitioned(f, args, [S(M2x2, None, "tp"), S(M2x2, "tp", None), S(M2x2, "dp", None)],
+                    None)
+    check(p, f, args, rtol=1e-4, atol=1e-4)
+    assert p.explanation.replicated == []
+    top = p.graph.graph.eqns
+    assert "remat" in {e.prim.name for e in top}
+    assert not any(e.prim.name == "all_reduce" and e.params["axes"] == ("tp",) for e in top)
+    tp = [c for c in p.explanation.collectives if c.axes == ("tp",)]
+    line = f"{__file__}:{layer.__wrapped__.__code__.co_firstlineno + 2}"
+    assert tp and all(c.kind == "all_reduce" and c.source == line for c in tp)
+    assert p.out_shardings[1:] == [S(M2x2, None, "tp"), S(M2x2, "tp", None)]
+
+
+def test_propagation_goes_through_a_call():
+    inner = ember.jit(lambda x: enp.tanh(x) * 2.0)
+    f = lambda x: inner(x) + 1.0  # noqa: E731
+    args = (rand(8, 6),)
+    p = partitioned(f, args, [S(M2x2, "dp", "tp")], None)
+    check(p, f, args)
+    assert p.out_shardings == [S(M2x2, "dp", "tp")] and p.explanation.collectives == []
+
+
 def test_a_sharding_constraint_is_honoured():
     mesh = Mesh(devices()[:4], ("dp", "tp"), shape=(2, 2))
 

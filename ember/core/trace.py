@@ -104,6 +104,7 @@ class _Stacks(threading.local):
     def __init__(self):
         self.stack: list[MainTrace] = [_EVAL_MAIN]
         self.dynamic: list[MainTrace] = [_EVAL_MAIN]
+        self.source: str | None = None  # the user line of the equation eval_graph replays
 
 
 _stacks = _Stacks()
@@ -474,8 +475,13 @@ def staging_source() -> str | None:
     """``file:line`` of the innermost frame outside ember: the user line an equation comes from.
 
     Like :func:`ember.errors.user_frame` but cheap enough for every staged equation (about a
-    microsecond: one dictionary lookup per frame, no source text read).
+    microsecond: one dictionary lookup per frame, no source text read). While
+    :func:`eval_graph` replays a traced equation (a transformation re-staging a body), the
+    equations it stages come from that equation's line.
     """
+    replayed = _stacks.source
+    if replayed is not None:
+        return replayed
     frame = sys._getframe(1)
     while frame is not None:
         name = frame.f_code.co_filename
@@ -511,10 +517,15 @@ def eval_graph(closed: ClosedGraph, *args: Any) -> list[Any]:
     def read(a: Var | Literal) -> Any:
         return Array(a.value, a.aval) if isinstance(a, Literal) else env[a.id]
 
-    for eqn in graph.eqns:
-        out = eqn.prim.bind(*[read(a) for a in eqn.inputs], **eqn.params)
-        for v, o in zip(eqn.outputs, out if eqn.prim.multiple_results else [out]):
-            env[v.id] = o
+    outer = _stacks.source
+    try:
+        for eqn in graph.eqns:
+            _stacks.source = eqn.source or outer
+            out = eqn.prim.bind(*[read(a) for a in eqn.inputs], **eqn.params)
+            for v, o in zip(eqn.outputs, out if eqn.prim.multiple_results else [out]):
+                env[v.id] = o
+    finally:
+        _stacks.source = outer
     return [read(a) for a in graph.outvars]
 
 

@@ -47,6 +47,11 @@ class Explanation:
     def note(self, primitive: str, why: str, source: str | None) -> None:
         self.replicated.append((primitive, why, source))
 
+    def extend(self, inner: Explanation) -> None:
+        """Take in what happened inside a body (a call's), in program order."""
+        self.collectives += inner.collectives
+        self.replicated += inner.replicated
+
     @property
     def total_bytes(self) -> int:
         return sum(c.nbytes for c in self.collectives)

@@ -51,7 +51,7 @@ from ember.parallel import collectives as coll
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.explain import Collective, Explanation
 from ember.parallel.propagate import Layouts, fit, layout, propagate
-from ember.parallel.rules import Rule, rule_for
+from ember.parallel.rules import CALL_LIKE, Rule, rule_for
 
 __all__ = ["partition", "Partitioned", "plan_reshard", "Step", "CostModel"]
 
@@ -345,6 +345,9 @@ class _Partitioner:
             out = self.reshard(local, current, target, eqn.source, "with_sharding_constraint")
             self.env[eqn.outputs[0].id] = (out, target)
             return
+        if eqn.prim.name in CALL_LIKE:
+            self.call(eqn)
+            return
         rule = rule_for(eqn, self.producers, self.consts)
         if rule.note is not None:
             self.explanation.note(eqn.prim.name, rule.note, eqn.source)
@@ -362,6 +365,27 @@ class _Partitioner:
             inputs[i] = self.local_indices(inputs[i], columns, eqn.source)
         outs = self.emit(eqn, inputs, result_layouts)
         for v, local, s in zip(eqn.outputs, outs, result_layouts):
+            self.env[v.id] = (local, s)
+
+    def call(self, eqn: Eqn) -> None:
+        """A call's body is partitioned in its turn, on the layouts its operands have (partial
+        sums taken first), its results laid out as planned; its collectives are this
+        program's, run where the body runs."""
+        inputs, layouts = [], []
+        for i, a in enumerate(eqn.inputs):
+            local, current = self.read(a)
+            whole = layout(self.mesh, current.dims)
+            inputs.append(self.reshard(local, current, whole, eqn.source,
+                                       f"{eqn.prim.name} operand {i}"))
+            layouts.append(whole)
+        body = eqn.params["body"]
+        planned = [self.layouts.of(v) for v in eqn.outputs]
+        inner = _Partitioner(body, self.mesh, propagate(body, self.mesh, layouts, planned),
+                             self.cost).run(planned)
+        self.explanation.extend(inner.explanation)
+        outs = self.bind(eqn.prim, inputs, {**eqn.params, "body": inner.graph}, eqn.source,
+                         inner.out_shardings)
+        for v, local, s in zip(eqn.outputs, outs, inner.out_shardings):
             self.env[v.id] = (local, s)
 
     def candidates(self, eqn: Eqn, rule: Rule) -> list[dict[int, tuple[str, ...]]]:

@@ -30,7 +30,7 @@ from ember.errors import user_frame
 from ember.ir.graph import ClosedGraph, Eqn, Var
 from ember.ir.sharding import Sharding, ShardingError
 from ember.parallel.array import sharding_constraint_p
-from ember.parallel.rules import Rule, rule_for
+from ember.parallel.rules import CALL_LIKE, Rule, rule_for
 
 __all__ = ["Layouts", "propagate", "check_even", "fit", "layout"]
 
@@ -124,6 +124,8 @@ def check_even(var: Var, sharding: Sharding, what: str, where: str) -> None:
 
 def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> list[int]:
     """Carry splits through one equation; the ids of the values whose layouts grew."""
+    if eqn.prim.name in CALL_LIKE:
+        return _visit_call(layouts, eqn)
     if rule.note is not None:  # no rule: nothing flows through a replicated equation
         return []
     values = [(a, f) for a, f in zip(eqn.inputs, rule.operands) if isinstance(a, Var)]
@@ -136,6 +138,28 @@ def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> list[int]:
         proposal = tuple(assignment.get(f, ()) if f is not None else () for f in factors)
         current = layouts.dims.get(var.id, ((),) * var.aval.ndim)
         grown = _grow(current, proposal)
+        if grown != current:
+            layouts.dims[var.id] = grown
+            grew.append(var.id)
+    return grew
+
+
+def _visit_call(layouts: Layouts, eqn: Eqn) -> list[int]:
+    """Carry splits through a call's body: propagate inside it from the layouts its operands
+    and results have (those without one left to it), and take back what the body says of
+    its inputs and outputs."""
+    body = eqn.params["body"]
+    outer = [*[a for a in eqn.inputs], *eqn.outputs]
+    known = [layouts.of(a) if isinstance(a, Var) and any(layouts.of(a).dims) else None
+             for a in outer]
+    n = len(eqn.inputs)
+    inner = propagate(body, layouts.mesh, known[:n], known[n:])
+    grew = []
+    for var, mine in zip(outer, [*body.graph.invars, *body.graph.outvars]):
+        if not isinstance(var, Var) or var.id in layouts.fixed or not isinstance(mine, Var):
+            continue
+        current = layouts.dims.get(var.id, ((),) * var.aval.ndim)
+        grown = _grow(current, inner.of(mine).dims)
         if grown != current:
             layouts.dims[var.id] = grown
             grew.append(var.id)

@@ -42,10 +42,14 @@ from ember.core.primitive import REGISTRY, Primitive
 from ember.ir.graph import Atom, Eqn, Literal, Var
 from ember.ir.types import ArrayType
 
-__all__ = ["Rule", "rule_for", "replicated", "install", "NO_RULE"]
+__all__ = ["Rule", "rule_for", "replicated", "install", "NO_RULE", "CALL_LIKE"]
 
 Factors = tuple[int | None, ...]
 NO_RULE = "no rule: replicated"
+# Primitives whose ``body`` runs once on their operands, as a function call (nested jit's
+# ``call``, checkpointing's ``remat``): propagation and the partitioner go into the body
+# rather than replicating it.
+CALL_LIKE = frozenset({"call", "remat"})
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from ember.ir.graph import ClosedGraph, Eqn, Literal, Var
 from ember.ir.sharding import Sharding
 from ember.parallel.collectives import group_color, group_rank, mesh_coords
 from ember.parallel.partition import Partitioned
+from ember.parallel.rules import CALL_LIKE
 
 __all__ = ["simulate", "run_spmd", "shard", "unshard"]
 
@@ -96,6 +97,8 @@ def run_spmd(closed: ClosedGraph, mesh: Mesh, args: Sequence[Sequence[Any]],
         operands = [[read(d, a) for a in eqn.inputs] for d in range(n)]
         if eqn.prim.kind == "collective":
             outs = [[r] for r in _collective(eqn, operands, mesh, coords)]
+        elif eqn.prim.name in CALL_LIKE:  # a partitioned body: its collectives span devices
+            outs = run_spmd(eqn.params["body"], mesh, operands)
         else:
             outs = []
             for d in range(n):
