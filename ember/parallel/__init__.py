@@ -23,11 +23,24 @@ from ember.parallel.mesh import (
     process_count,
     process_index,
 )
+from ember.parallel.shard_map import (
+    all_gather,
+    all_to_all,
+    axis_index,
+    pmax,
+    pmean,
+    pmin,
+    ppermute,
+    psum,
+    psum_scatter,
+    shard_map,
+)
 from ember.parallel.sharding import NamedSharding, PartitionSpec
 
 __all__ = [
     "Device", "Mesh", "devices", "local_devices", "device_count", "process_index",
     "process_count", "PartitionSpec", "NamedSharding", "Sharding", "ShardingError",
     "ShardedArray", "Shard", "ShardingGatherWarning", "device_put", "process_allgather",
-    "with_sharding_constraint",
+    "with_sharding_constraint", "shard_map", "psum", "pmean", "pmax", "pmin", "all_gather",
+    "psum_scatter", "all_to_all", "ppermute", "axis_index",
 ]
