@@ -50,7 +50,7 @@ from ember.ops.structural import broadcast_in_dim_p, concatenate_p, dynamic_slic
 from ember.parallel import collectives as coll
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.explain import Collective, Explanation
-from ember.parallel.propagate import Layouts, fit, layout, propagate
+from ember.parallel.propagate import Layouts, fit, layout, propagate, stacked
 from ember.parallel.rules import CALL_LIKE, Rule, rule_for
 
 __all__ = ["partition", "Partitioned", "plan_reshard", "Step", "CostModel"]
@@ -345,7 +345,7 @@ class _Partitioner:
             out = self.reshard(local, current, target, eqn.source, "with_sharding_constraint")
             self.env[eqn.outputs[0].id] = (out, target)
             return
-        if eqn.prim.name in CALL_LIKE:
+        if eqn.prim.name in CALL_LIKE or eqn.prim.name == "scan":
             self.call(eqn)
             return
         rule = rule_for(eqn, self.producers, self.consts)
@@ -368,24 +368,35 @@ class _Partitioner:
             self.env[v.id] = (local, s)
 
     def call(self, eqn: Eqn) -> None:
-        """A call's body is partitioned in its turn, on the layouts its operands have (partial
-        sums taken first), its results laid out as planned; its collectives are this
-        program's, run where the body runs."""
-        inputs, layouts = [], []
-        for i, a in enumerate(eqn.inputs):
+        """A call's or a scan's body is partitioned in its turn, on the layouts its operands
+        have (partial sums taken first), its results laid out as planned; its collectives are
+        this program's, run where the body runs. A scan steps along the leading dimension of
+        its scanned operands and stacked results, which stays whole, and its loop-carried
+        values keep one layout from step to step."""
+        drops = stacked(eqn)
+        n = len(eqn.inputs)
+        inputs, inner_in = [], []
+        for i, (a, drop) in enumerate(zip(eqn.inputs, drops)):
             local, current = self.read(a)
-            whole = layout(self.mesh, current.dims)
-            inputs.append(self.reshard(local, current, whole, eqn.source,
+            dims = ((),) * drop + current.dims[drop:]
+            inputs.append(self.reshard(local, current, layout(self.mesh, dims), eqn.source,
                                        f"{eqn.prim.name} operand {i}"))
-            layouts.append(whole)
+            inner_in.append(layout(self.mesh, dims[drop:]))
+        inner_out = [layout(self.mesh, self.layouts.of(v).dims[drop:])
+                     for v, drop in zip(eqn.outputs, drops[n:])]
+        if eqn.prim.name == "scan":
+            first = eqn.params["num_consts"]
+            carry = eqn.params["num_carry"]
+            inner_out[:carry] = inner_in[first:first + carry]
         body = eqn.params["body"]
-        planned = [self.layouts.of(v) for v in eqn.outputs]
-        inner = _Partitioner(body, self.mesh, propagate(body, self.mesh, layouts, planned),
-                             self.cost).run(planned)
+        inner = _Partitioner(body, self.mesh, propagate(body, self.mesh, inner_in, inner_out),
+                             self.cost).run(inner_out)
         self.explanation.extend(inner.explanation)
+        results = [layout(self.mesh, ((),) * drop + s.dims)
+                   for s, drop in zip(inner.out_shardings, drops[n:])]
         outs = self.bind(eqn.prim, inputs, {**eqn.params, "body": inner.graph}, eqn.source,
-                         inner.out_shardings)
-        for v, local, s in zip(eqn.outputs, outs, inner.out_shardings):
+                         results)
+        for v, local, s in zip(eqn.outputs, outs, results):
             self.env[v.id] = (local, s)
 
     def candidates(self, eqn: Eqn, rule: Rule) -> list[dict[int, tuple[str, ...]]]:

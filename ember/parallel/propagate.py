@@ -32,7 +32,7 @@ from ember.ir.sharding import Sharding, ShardingError
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.rules import CALL_LIKE, Rule, rule_for
 
-__all__ = ["Layouts", "propagate", "check_even", "fit", "layout"]
+__all__ = ["Layouts", "propagate", "check_even", "fit", "layout", "stacked"]
 
 Dims = tuple[tuple[str, ...], ...]
 
@@ -124,8 +124,8 @@ def check_even(var: Var, sharding: Sharding, what: str, where: str) -> None:
 
 def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> list[int]:
     """Carry splits through one equation; the ids of the values whose layouts grew."""
-    if eqn.prim.name in CALL_LIKE:
-        return _visit_call(layouts, eqn)
+    if eqn.prim.name in CALL_LIKE or eqn.prim.name == "scan":
+        return _visit_body(layouts, eqn)
     if rule.note is not None:  # no rule: nothing flows through a replicated equation
         return []
     values = [(a, f) for a, f in zip(eqn.inputs, rule.operands) if isinstance(a, Var)]
@@ -144,26 +144,41 @@ def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> list[int]:
     return grew
 
 
-def _visit_call(layouts: Layouts, eqn: Eqn) -> list[int]:
-    """Carry splits through a call's body: propagate inside it from the layouts its operands
-    and results have (those without one left to it), and take back what the body says of
-    its inputs and outputs."""
+def _visit_body(layouts: Layouts, eqn: Eqn) -> list[int]:
+    """Carry splits through a call's or a scan's body: propagate inside it from the layouts
+    its operands and results have (those without one left to it), and take back what the
+    body says of its inputs and outputs. A scan's body sees its scanned operands and stacked
+    results without their leading (step) dimension, which stays whole."""
     body = eqn.params["body"]
-    outer = [*[a for a in eqn.inputs], *eqn.outputs]
-    known = [layouts.of(a) if isinstance(a, Var) and any(layouts.of(a).dims) else None
-             for a in outer]
+    outer = [*eqn.inputs, *eqn.outputs]
+    drops = stacked(eqn)
+    known = []
+    for a, drop in zip(outer, drops):
+        dims = layouts.of(a).dims[drop:] if isinstance(a, Var) else None
+        known.append(layout(layouts.mesh, dims) if dims and any(dims) else None)
     n = len(eqn.inputs)
     inner = propagate(body, layouts.mesh, known[:n], known[n:])
     grew = []
-    for var, mine in zip(outer, [*body.graph.invars, *body.graph.outvars]):
+    for var, mine, drop in zip(outer, [*body.graph.invars, *body.graph.outvars], drops):
         if not isinstance(var, Var) or var.id in layouts.fixed or not isinstance(mine, Var):
             continue
         current = layouts.dims.get(var.id, ((),) * var.aval.ndim)
-        grown = _grow(current, inner.of(mine).dims)
+        grown = _grow(current, ((),) * drop + inner.of(mine).dims)
         if grown != current:
             layouts.dims[var.id] = grown
             grew.append(var.id)
     return grew
+
+
+def stacked(eqn: Eqn) -> list[int]:
+    """For each operand and result of a body-holding equation, 1 where the body sees it one
+    step at a time (a scan's scanned operands and stacked results), else 0."""
+    if eqn.prim.name != "scan":
+        return [0] * (len(eqn.inputs) + len(eqn.outputs))
+    first = eqn.params["num_consts"] + eqn.params["num_carry"]
+    carry = eqn.params["num_carry"]
+    return ([0] * first + [1] * (len(eqn.inputs) - first)
+            + [0] * carry + [1] * (len(eqn.outputs) - carry))
 
 
 def _assign(layouts: Layouts, values: list[tuple[Var, tuple[int | None, ...]]]

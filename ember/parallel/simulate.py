@@ -99,6 +99,8 @@ def run_spmd(closed: ClosedGraph, mesh: Mesh, args: Sequence[Sequence[Any]],
             outs = [[r] for r in _collective(eqn, operands, mesh, coords)]
         elif eqn.prim.name in CALL_LIKE:  # a partitioned body: its collectives span devices
             outs = run_spmd(eqn.params["body"], mesh, operands)
+        elif eqn.prim.name == "scan":
+            outs = _scan(eqn, operands, mesh)
         else:
             outs = []
             for d in range(n):
@@ -110,6 +112,27 @@ def run_spmd(closed: ClosedGraph, mesh: Mesh, args: Sequence[Sequence[Any]],
         if watch is not None:
             watch(eqn, [[envs[d][v.id] for v in eqn.outputs] for d in range(n)])
     return [[read(d, a) for a in graph.outvars] for d in range(n)]
+
+
+def _scan(eqn: Eqn, operands: list[list[np.ndarray]], mesh: Mesh) -> list[list[np.ndarray]]:
+    """A scan whose body may hold collectives: every step runs on all devices in lockstep."""
+    p = eqn.params
+    first, carry = p["num_consts"], p["num_carry"]
+    consts = [ops[:first] for ops in operands]
+    state = [ops[first:first + carry] for ops in operands]
+    xs = [ops[first + carry:] for ops in operands]
+    ys: list[list[list[np.ndarray]]] = [[] for _ in operands]
+    steps = range(p["length"] - 1, -1, -1) if p["reverse"] else range(p["length"])
+    for i in steps:
+        outs = run_spmd(p["body"], mesh, [[*c, *s, *(x[i] for x in xd)]
+                                          for c, s, xd in zip(consts, state, xs)])
+        state = [o[:carry] for o in outs]
+        for d, o in enumerate(outs):
+            ys[d].append(o[carry:])
+    if p["reverse"]:
+        ys = [y[::-1] for y in ys]
+    return [[*state[d], *(np.stack([step[j] for step in ys[d]]) for j in
+                          range(len(eqn.outputs) - carry))] for d in range(len(operands))]
 
 
 def _collective(eqn: Eqn, operands: list[list[np.ndarray]], mesh: Mesh,
