@@ -106,6 +106,10 @@ def shard_map(f: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any
         if _meshes():
             raise op_error(EmberValueError, "shard_map", "called inside another shard_map's "
                            "function: per-device code does not nest")
+        if runtime.launched_under_mpi() and \
+                [d.process_index for d in mesh.devices.flat] != list(range(mesh.size)):
+            raise op_error(EmberValueError, "shard_map", f"under ember launch the mesh must "
+                           f"hold the device of every process, in process order; got {mesh}")
         leaves, in_tree = tree_flatten(args)
         leaves = [x if hasattr(x, "aval") else to_array(x) for x in leaves]
         specs = _prefix(in_specs, args, "in_specs")
@@ -188,7 +192,10 @@ def _trace(f: Callable[..., Any], in_tree: Any, local: list[ArrayType], mesh: Ab
         body, consts = hoist_consts(make_graph(flat, local))
     finally:
         _context.meshes = _context.meshes[:-1]
-    key = param_key(body)
+    try:
+        key = param_key(body)
+    except TypeError:  # a param with no canonical key (a callable): this trace is unique
+        return body, consts, store[-1]
     known = _BODIES.get(key)
     if known is None:
         if len(_BODIES) >= _BODIES_SIZE:
@@ -242,8 +249,7 @@ def _run_eagerly(mesh: Mesh, operands: Sequence[Any], params: dict[str, Any]
     """Run the body on the mesh from the user's arrays; results are sharded arrays (each device
     keeps its blocks). Calls already on a virtual device take the primitive's path."""
     mine = _positions(params["mesh"])
-    if len(mine) < mesh.size and not (runtime.launched_under_mpi()
-                                      and mesh.local_devices == [mesh.devices.flat[mine[0]]]):
+    if len(mine) < mesh.size and not runtime.launched_under_mpi():  # on a virtual device
         return shard_map_p.bind(*operands, **params)
     layouts = [NamedSharding.from_abstract(mesh, s) for s in params["in_shardings"]]
     parts = [_parts(x, s, mine) for x, s in zip(operands, layouts)]
@@ -254,8 +260,8 @@ def _run_eagerly(mesh: Mesh, operands: Sequence[Any], params: dict[str, Any]
     for k, (aval, s) in enumerate(zip(body.out_avals, params["out_shardings"])):
         shape = _global_shape(aval.shape, s)
         per_device = [b[k] for b in blocks]
-        if len(positions) == mesh.size:
-            _assemble(per_device, s, shape, name, k)  # checks what is declared replicated
+        if len(positions) == mesh.size:  # every block is here: check the replicated ones
+            _assemble(per_device, s, shape, name, k)
         outs.append(ShardedArray.from_shards(per_device, NamedSharding.from_abstract(mesh, s),
                                              shape, aval.weak))
     return outs
