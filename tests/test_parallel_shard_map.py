@@ -366,6 +366,25 @@ def test_vmap_of_a_shard_map():
     np.testing.assert_allclose(np.asarray(moved[0]), np.moveaxis(np.asarray(got[0]), 0, 1))
 
 
+def test_vmap_batches_every_collective():
+    mesh = grid(2, 2)
+    spec = P.PartitionSpec(("a", "b"))
+
+    def body(x):
+        return (psum_scatter(x, "a", scatter_dimension=1, tiled=True),
+                all_to_all(x, ("a", "b"), 1, 0, tiled=True), ppermute(x, "b", [(0, 1), (1, 0)]),
+                pmax(x, "a"), all_gather(x, "b", axis=1))
+
+    f = shard_map(body, mesh, spec, spec)
+    xs = np.random.default_rng(10).standard_normal((3, 8, 4)).astype(np.float32)
+    for axis in (0, 1, 2):
+        got = ember.vmap(f, in_axes=axis)(np.moveaxis(xs, 0, axis))
+        for i in range(3):
+            for g, w in zip(got, f(xs[i])):
+                np.testing.assert_allclose(np.asarray(g)[i], np.asarray(w), rtol=1e-6,
+                                           err_msg=f"in_axes={axis}")
+
+
 def test_vmap_of_grad_of_a_shard_map():
     mesh = grid(4, 1)
     f = shard_map(lambda x: pmax(enp.sin(x), "a"), mesh, P.PartitionSpec("a"), P.PartitionSpec())
@@ -401,6 +420,23 @@ def test_jit_matches_eager(backend):
     g_jit = ember.jit(ember.grad(loss, argnums=(0, 1)), backend=backend)(x, w)
     for e, j in zip(g_eager, g_jit):
         np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-4, atol=1e-5)
+
+
+def test_called_on_a_virtual_device_runs_that_device_only():
+    """Inside per-device code (a partitioned program's device), a shard_map over a mesh of
+    every device runs this device's blocks and gathers the results from its peers."""
+    from ember.parallel import runtime
+
+    mesh = grid(4, 1)
+    f = shard_map(lambda x: psum(x, "a") * enp.astype(axis_index("a"), x.dtype), mesh,
+                  P.PartitionSpec("a"), P.PartitionSpec("a"))
+    x = np.arange(8.0, dtype=np.float32)
+    want = np.asarray(f(x))
+    outs = runtime.run_on_devices(lambda d: np.asarray(f(x)), 4)
+    for out in outs:
+        np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(want, np.repeat(np.arange(4), 2) * x.reshape(4, 2).sum(0)[
+        np.tile(np.arange(2), 4)])
 
 
 # --- a data-parallel training step ---------------------------------------------------------------
