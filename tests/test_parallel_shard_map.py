@@ -498,3 +498,28 @@ def test_shard_map_psum_under_ember_launch(monkeypatch, capfd):
     assert status == 0, out + err
     for rank in range(2):
         assert f"process {rank}: shard_map ok" in out, out + err
+
+
+def test_a_shard_map_inside_a_partitioned_program_runs_replicated():
+    """The partitioner has no rule for ``shard_map`` yet: it gathers the operands and every
+    device runs its own blocks of the body (then all of them): slower, but the same values."""
+    from ember.backends import get_backend
+    from ember.core.trace import aval_of, make_graph
+    from ember.parallel import runtime
+    from ember.parallel.partition import partition
+    from ember.parallel.simulate import simulate
+
+    mesh = grid(4, 1)
+    f = shard_map(lambda x: all_gather(enp.sin(x), "a", tiled=True) + psum(x, "a")[0],
+                  mesh, P.PartitionSpec("a"), P.PartitionSpec())
+    x = np.random.default_rng(11).standard_normal((8, 3)).astype(np.float32)
+    want = np.asarray(f(x))
+    closed = make_graph(lambda v: [f(v) * 2.0], [aval_of(enp.asarray(x))])
+    row = P.NamedSharding(mesh, P.PartitionSpec("a"))
+    program = partition(closed, [row], [P.NamedSharding(mesh, P.PartitionSpec())], mesh)
+    np.testing.assert_allclose(simulate(program, x)[0], 2 * want, rtol=1e-6)
+    blocks = np.split(x, 4)
+    compiled = get_backend("numpy").compile(program.graph)
+    outs = runtime.run_on_devices(lambda d: np.asarray(compiled(blocks[d])[0]), 4)
+    for out in outs:
+        np.testing.assert_allclose(out, 2 * want, rtol=1e-6)
