@@ -134,18 +134,24 @@ def _axes_for(shape):
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name,per_device,reference", CASES, ids=[c[0] for c in CASES])
 def test_collectives_match_numpy(shape, name, per_device, reference):
-    mesh = grid(*shape)
+    size = shape[0] * shape[1]
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((8 * mesh.size, 3)).astype(np.float32)
-    for axes in _axes_for(shape):
-        n = int(np.prod([mesh.shape[a] for a in axes]))
-        ax = axes[0] if len(axes) == 1 else axes
-        f = shard_map(lambda b: per_device(b, ax, n), mesh, SPLIT, SPLIT)
-        got = f(x)
-        assert isinstance(got, P.ShardedArray) and got.sharding == P.NamedSharding(mesh, SPLIT)
-        want = per_group(_blocks(x, mesh.size), shape, axes, reference)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6,
-                                   err_msg=f"{name} over {axes}")
+    x = rng.standard_normal((8 * size, 3)).astype(np.float32)
+    # (mesh, spec splitting dimension 0 over every device, a major): a 1-d mesh stands for n x 1
+    layouts = [(grid(*shape), SPLIT)]
+    if shape[1] == 1:
+        layouts.append((P.Mesh(P.devices()[:size], ("a",)), P.PartitionSpec("a")))
+    for mesh, spec in layouts:
+        for axes in _axes_for(shape):
+            n = int(np.prod([mesh.shape[a] for a in axes]))
+            ax = axes[0] if len(axes) == 1 else axes
+            f = shard_map(lambda b: per_device(b, ax, n), mesh, spec, spec)
+            got = f(x)
+            assert isinstance(got, P.ShardedArray)
+            assert got.sharding == P.NamedSharding(mesh, spec)
+            want = per_group(_blocks(x, size), shape, axes, reference)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6,
+                                       err_msg=f"{name} over {axes} of {mesh}")
 
 
 # --- specs, layouts and results ------------------------------------------------------------------
