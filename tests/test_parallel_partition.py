@@ -262,6 +262,25 @@ def test_cross_entropy_on_a_split_batch_never_gathers_the_logits(mesh):
     assert p.out_shardings[1] == S(mesh, ("dp", "tp"), None, None)
 
 
+def test_cross_entropy_in_a_scan_reads_its_clamp_bounds_through_the_body():
+    """Inside a scan the gradient's index clamp reads bounds hoisted out of the body as a
+    constant operand; they are still seen, so no step moves logits between devices."""
+    def f(logits, target):
+        def micro(total, batch):
+            lg, t = batch
+            g = ember.grad(lambda lg: ember.nn.functional.cross_entropy(lg, t))(lg)
+            return total + g, None
+        out, _ = ember.lax.scan(micro, enp.zeros(logits.shape[1:], logits.dtype),
+                                (logits, target))
+        return out
+    logits = rand(2, 8, 6, 10)
+    target = np.random.default_rng(3).integers(0, 10, (2, 8, 6)).astype(np.int32)
+    p = partitioned(f, (logits, target), [S(M2x2, None, "dp", None, None),
+                                          S(M2x2, None, "dp", None)], None)
+    check(p, f, (logits, target))
+    assert all("[]" in c.result for c in p.explanation.collectives)
+
+
 def test_a_primitive_without_a_rule_runs_replicated_and_is_explained():
     def f(a):
         return enp.linalg.cholesky(a @ a.T + 8.0 * enp.eye(8, dtype=a.dtype)) * 2.0

@@ -50,7 +50,7 @@ from ember.ops.structural import broadcast_in_dim_p, concatenate_p, dynamic_slic
 from ember.parallel import collectives as coll
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.explain import Collective, Explanation
-from ember.parallel.propagate import Layouts, fit, layout, propagate, stacked
+from ember.parallel.propagate import Layouts, fit, known_inputs, layout, propagate, stacked
 from ember.parallel.rules import CALL_LIKE, Rule, rule_for
 
 __all__ = ["partition", "Partitioned", "plan_reshard", "Step", "CostModel"]
@@ -285,7 +285,7 @@ class _Partitioner:
         self.sizes = dict(mesh)
         graph = closed.graph
         self.producers = {v.id: e for e in graph.eqns for v in e.outputs}
-        self.consts = {v.id: c for v, c in zip(graph.constvars, closed.consts)}
+        self.values = layouts.values
         self.uses = Counter(a.id for e in graph.eqns for a in e.inputs if isinstance(a, Var))
         self.uses.update(a.id for a in graph.outvars if isinstance(a, Var))
         self.eqns: list[Eqn] = []
@@ -348,7 +348,7 @@ class _Partitioner:
         if eqn.prim.name in CALL_LIKE or eqn.prim.name == "scan":
             self.call(eqn)
             return
-        rule = rule_for(eqn, self.producers, self.consts)
+        rule = rule_for(eqn, self.producers, self.values)
         if rule.note is not None:
             self.explanation.note(eqn.prim.name, rule.note, eqn.source)
         options = self.candidates(eqn, rule)
@@ -389,8 +389,9 @@ class _Partitioner:
             carry = eqn.params["num_carry"]
             inner_out[:carry] = inner_in[first:first + carry]
         body = eqn.params["body"]
-        inner = _Partitioner(body, self.mesh, propagate(body, self.mesh, inner_in, inner_out),
-                             self.cost).run(inner_out)
+        layouts = propagate(body, self.mesh, inner_in, inner_out,
+                            known_inputs(eqn, self.values))
+        inner = _Partitioner(body, self.mesh, layouts, self.cost).run(inner_out)
         self.explanation.extend(inner.explanation)
         results = [layout(self.mesh, ((),) * drop + s.dims)
                    for s, drop in zip(inner.out_shardings, drops[n:])]

@@ -25,14 +25,15 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ember.errors import user_frame
-from ember.ir.graph import ClosedGraph, Eqn, Var
+from ember.ir.graph import ClosedGraph, Eqn, Literal, Var
 from ember.ir.sharding import Sharding, ShardingError
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.rules import CALL_LIKE, Rule, rule_for
 
-__all__ = ["Layouts", "propagate", "check_even", "fit", "layout", "stacked"]
+__all__ = ["Layouts", "propagate", "check_even", "fit", "layout", "stacked", "known_inputs"]
 
 Dims = tuple[tuple[str, ...], ...]
 
@@ -45,6 +46,9 @@ class Layouts:
     mesh: tuple[tuple[str, int], ...]
     dims: dict[int, Dims] = field(default_factory=dict)  # Var.id -> per-dimension axes
     fixed: set[int] = field(default_factory=set)  # Var.ids the caller or the function annotated
+    # Var.id -> value, for the values known before running (captured constants, and a body's
+    # inputs fed by them): rules read index bounds from them (rules.iota_columns).
+    values: dict[int, Any] = field(default_factory=dict)
 
     def of(self, var: Var) -> Sharding:
         dims = self.dims.get(var.id)
@@ -61,15 +65,18 @@ def layout(mesh: tuple[tuple[str, int], ...], dims: Dims, partial: tuple[str, ..
 
 def propagate(closed: ClosedGraph, mesh: tuple[tuple[str, int], ...],
               in_shardings: Sequence[Sharding | None],
-              out_shardings: Sequence[Sharding | None] | None = None) -> Layouts:
+              out_shardings: Sequence[Sharding | None] | None = None,
+              known: dict[int, Any] | None = None) -> Layouts:
     """Layouts for every value of ``closed``'s top-level graph, from the inputs' and outputs'
     shardings (``None``: propagation decides) and the graph's sharding constraints.
+    ``known`` gives the values of inputs known in advance (``Var.id`` -> value).
 
     A fixed layout that does not divide its value evenly is an error naming the value, the
     mesh axis and the user's line.
     """
     graph = closed.graph
-    layouts = Layouts(tuple(mesh))
+    values = {v.id: c for v, c in zip(graph.constvars, closed.consts)}
+    layouts = Layouts(tuple(mesh), values={**values, **(known or {})})
     where = user_frame()
     for i, (v, s) in enumerate(zip(graph.invars, in_shardings)):
         if s is not None:
@@ -82,8 +89,7 @@ def propagate(closed: ClosedGraph, mesh: tuple[tuple[str, int], ...],
         if s is not None and isinstance(v, Var) and v.id not in layouts.fixed:
             _fix(layouts, v, s, f"output {i}", where)
     producers = {v.id: e for e in graph.eqns for v in e.outputs}
-    consts = {v.id: c for v, c in zip(graph.constvars, closed.consts)}
-    rules = [rule_for(e, producers, consts) for e in graph.eqns]
+    rules = [rule_for(e, producers, layouts.values) for e in graph.eqns]
     ids = [[a.id for a in (*e.inputs, *e.outputs) if isinstance(a, Var)] for e in graph.eqns]
     # An equation is visited again only when one of its values grew since its last visit.
     clock = 0
@@ -157,7 +163,8 @@ def _visit_body(layouts: Layouts, eqn: Eqn) -> list[int]:
         dims = layouts.of(a).dims[drop:] if isinstance(a, Var) else None
         known.append(layout(layouts.mesh, dims) if dims and any(dims) else None)
     n = len(eqn.inputs)
-    inner = propagate(body, layouts.mesh, known[:n], known[n:])
+    inner = propagate(body, layouts.mesh, known[:n], known[n:],
+                      known_inputs(eqn, layouts.values))
     grew = []
     for var, mine, drop in zip(outer, [*body.graph.invars, *body.graph.outvars], drops):
         if not isinstance(var, Var) or var.id in layouts.fixed or not isinstance(mine, Var):
@@ -168,6 +175,17 @@ def _visit_body(layouts: Layouts, eqn: Eqn) -> list[int]:
             layouts.dims[var.id] = grown
             grew.append(var.id)
     return grew
+
+
+def known_inputs(eqn: Eqn, values: dict[int, Any]) -> dict[int, Any]:
+    """The values of a body's inputs fed by known values (constants hoisted out of it)."""
+    known = {}
+    for a, mine in zip(eqn.inputs, eqn.params["body"].graph.invars):
+        if isinstance(a, Literal):
+            known[mine.id] = a.value
+        elif a.id in values:
+            known[mine.id] = values[a.id]
+    return known
 
 
 def stacked(eqn: Eqn) -> list[int]:
