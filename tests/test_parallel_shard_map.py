@@ -322,6 +322,16 @@ def test_grad_matches_one_device_and_finite_differences(shape, case):
     np.testing.assert_allclose(got, numeric, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+def test_one_body_under_different_specs_transposes_by_each():
+    """Equal traces share a body; its transpose still follows each shard_map's specs."""
+    mesh = grid(4, 1)
+    x = np.arange(3.0)
+    for out, scale in ((P.PartitionSpec(), 2.0), (P.PartitionSpec("a"), 8.0)):
+        f = shard_map(lambda v: v * 2.0, mesh, P.PartitionSpec(), out)
+        g = ember.grad(lambda v: enp.sum(f(v)))(x)
+        np.testing.assert_allclose(np.asarray(g), np.full(3, scale))
+
+
 def test_jvp_and_linearize_of_a_shard_map():
     mesh = grid(2, 2)
     f = shard_map(lambda x: psum(enp.sin(x), "b") * 2.0, mesh, P.PartitionSpec("a", "b"),

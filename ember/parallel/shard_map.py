@@ -463,7 +463,8 @@ def _shard_map_transpose(cts: Sequence[Any], *args: Any, body: ClosedGraph,
 
         return optimize(make_graph(fn, [*res_avals, *[a.strong() for a in body.out_avals]]))
 
-    tbody = _derived(body, ("transpose", linear), make)
+    # The boundary's scaling depends on the layouts: one body may serve several shard_maps.
+    tbody = _derived(body, ("transpose", linear, in_shardings, out_shardings), make)
     residuals = [a for a in args if not isinstance(a, UndefinedPrimal)]
     outs = iter(shard_map_p.bind(
         *residuals, *[ew.instantiate(c) for c in cts], body=tbody, mesh=mesh,
