@@ -302,3 +302,33 @@ def test_compiled_program_rebinds_inputs_after_a_call_from_another_thread():
     np.testing.assert_array_equal(done[0], a * c + 1)
     np.testing.assert_array_equal(program(a, c)[0], a * c + 1)  # kept workspace, new binding
     np.testing.assert_array_equal(program(a, b)[0], a * b + 1)
+
+
+def test_arguments_without_keywords_flatten_as_the_pair_does_one_structure_each():
+    from ember.transforms.jit import _flatten_arguments
+    from ember.tree import tree_flatten
+
+    xs = [enp.ones(2), enp.zeros(3)]
+    cases = [(xs,), (xs, enp.ones(1)), ({"w": xs[0], "b": (xs[1], None)},), (), (np.ones(2), 3)]
+    for args in cases:
+        leaves, tree = _flatten_arguments(args, {})
+        want_leaves, want_tree = tree_flatten((args, {}))
+        assert tree == want_tree and hash(tree) == hash(want_tree)
+        assert all(a is b for a, b in zip(leaves, want_leaves, strict=True))
+        assert _flatten_arguments(args, {})[1] is tree  # compared by identity at a jit hit
+    kw_leaves, kw_tree = _flatten_arguments((xs,), {"y": xs[0]})
+    assert kw_tree == tree_flatten(((xs,), {"y": xs[0]}))[1] != _flatten_arguments((xs,), {})[1]
+
+
+def test_jit_hits_on_a_list_argument_with_and_without_keywords_and_compiled_calls():
+    first = ember.jit(lambda xs, scale=None: xs[0] if scale is None else xs[0] * scale)
+    xs = [enp.asarray(np.arange(4.0, dtype=np.float32)), enp.ones(2)]
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(first(xs)), np.arange(4.0))
+    np.testing.assert_array_equal(np.asarray(first(xs, scale=enp.full(4, 2.0))),
+                                  np.arange(4.0) * 2)
+    assert first.trace_count == 2 and first.cache_info()["hits"] == 2
+    compiled = first.lower(xs).compile()
+    np.testing.assert_array_equal(np.asarray(compiled(xs)), np.arange(4.0))
+    with pytest.raises(EmberError, match="structure"):
+        compiled(xs[:1])
