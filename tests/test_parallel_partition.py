@@ -16,7 +16,8 @@ from ember.ir.sharding import Sharding, ShardingError
 from ember.ir.verify import verify
 from ember.parallel import Mesh, NamedSharding, PartitionSpec, devices, runtime
 from ember.parallel import with_sharding_constraint as constrain
-from ember.parallel.partition import collective_bytes, partition
+from ember.parallel.partition import partition
+from ember.parallel.reshard import collective_bytes
 from ember.parallel.simulate import shard, simulate
 
 M2x2 = (("dp", 2), ("tp", 2))

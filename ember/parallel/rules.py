@@ -69,9 +69,6 @@ class Rule:
     index_columns: tuple[tuple[int, int, int], ...] = ()
     note: str | None = None  # shown by explain(): why this equation was replicated
 
-    def factors(self) -> set[int]:
-        return {f for dims in (*self.operands, *self.results) for f in dims if f is not None}
-
 
 RuleFn = Callable[[Sequence[ArrayType], Sequence[ArrayType], dict[str, Any]], Rule]
 
