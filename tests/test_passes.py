@@ -227,6 +227,15 @@ def test_fold_and_dce_reach_into_a_scan_body():
     np.testing.assert_allclose(ys, np.stack(expected))
 
 
+def test_a_collective_of_constants_is_not_folded():
+    from ember.parallel.collectives import all_reduce_p
+
+    one = enp.asarray(np.ones(3, np.float32))
+    closed = make_graph(lambda: [all_reduce_p.bind(one, axes=("dp",), op="sum",
+                                                   mesh=(("dp", 2),))], [])
+    assert [e.prim.name for e in fold_constants(closed).graph.eqns] == ["all_reduce"]
+
+
 def test_cse_reaches_into_cond_branches():
     g = lowered(lambda x: lax.cond(x[0] > 0, lambda y: enp.sin(y) + enp.sin(y), enp.cos, x), X)
     assert len(eqns_named(g, "sin")) == 1

@@ -149,9 +149,10 @@ def fold_constants(closed: ClosedGraph) -> ClosedGraph:
         in_size = sum(np.size(v) for v in vals if v is not None)
         # Results bigger than the operands (broadcasts, iota) stay computations: folding them
         # would only trade a cheap op for a large constant. Control flow is not run here (its
-        # bodies are folded inside instead).
+        # bodies are folded inside instead), nor a collective: its result depends on the values
+        # other devices hold, not only on its operands.
         foldable = (impl is not None and vals and all(v is not None for v in vals)
-                    and next(bodies(eqn), None) is None
+                    and eqn.prim.kind != "collective" and next(bodies(eqn), None) is None
                     and out_size <= min(FOLD_LIMIT, max(in_size, 1)))
         if not foldable:
             eqns.append(_with_bodies(eqn, fold_constants, inputs))
