@@ -503,6 +503,8 @@ _ELEMENTWISE: dict[str, Rule] = {
     "div": _real("({0} / {1})"), "max": _extremum(">"), "min": _extremum("<"),
     "neg": _neg, "sign": _sign, "erf": _erf, "logistic": _logistic, "select": _select,
     "convert": _convert, "copy": _identity, "stop_gradient": _identity, "not": _not,
+    # A layout annotation (ember.parallel): on one device, or once partitioned, the identity.
+    "sharding_constraint": _identity,
     "and": _bitwise("&"), "or": _bitwise("|"), "xor": _bitwise("^"),
     "eq": _compare("=="), "ne": _compare("!="), "lt": _compare("<"), "le": _compare("<="),
     "gt": _compare(">"), "ge": _compare(">="), "is_finite": _real("isfinite({0})"),
