@@ -88,7 +88,7 @@ def partition(closed: ClosedGraph, in_shardings: Sequence[Any] | None,
     ins = _shardings(in_shardings, graph.invars, mesh)
     outs = _shardings(out_shardings, graph.outvars, mesh)
     layouts = propagate(closed, mesh, ins, outs)
-    return _Partitioner(closed, mesh, layouts, cost or CostModel()).run(outs)
+    return _Partitioner(closed, mesh, layouts, cost or CostModel()).run(ins, outs)
 
 
 def _abstract_mesh(mesh: Any) -> Mesh:
@@ -133,7 +133,12 @@ class _Partitioner:
 
     # -- driving --
 
-    def run(self, out_shardings: Sequence[Sharding | None]) -> Partitioned:
+    def run(self, in_shardings: Sequence[Sharding | None],
+            out_shardings: Sequence[Sharding | None], as_computed: Sequence[int] = ()
+            ) -> Partitioned:
+        """The per-device program for inputs laid out as ``in_shardings`` say (``None``: as
+        planned; partial sums allowed), its outputs as ``out_shardings`` say, except those in
+        ``as_computed``, left as computed (partial sums too)."""
         closed = self.closed
         graph = closed.graph
         constvars = []
@@ -143,8 +148,8 @@ class _Partitioner:
             constvars.append(local)
             self.env[v.id] = (local, s)
         invars, in_layouts = [], []
-        for v in graph.invars:
-            s = self.layouts.of(v)
+        for v, given in zip(graph.invars, in_shardings):
+            s = given or self.layouts.of(v)
             local = Var(v.aval.update(shape=s.local_shape(v.aval.shape), sharding=s))
             invars.append(local)
             in_layouts.append(s)
@@ -155,6 +160,8 @@ class _Partitioner:
         for i, (v, given) in enumerate(zip(graph.outvars, out_shardings)):
             target = given or (self.layouts.of(v) if isinstance(v, Var)
                                else layout(self.mesh, ((),) * v.aval.ndim))
+            if i in as_computed:
+                target = self.layout_of(v)
             local, _ = self.read(v)
             source = self.sources.get(v.id) if isinstance(v, Var) else None
             outvars.append(self.reshard(local, self.layout_of(v), target, source, f"output {i}"))
@@ -221,21 +228,45 @@ class _Partitioner:
             inner_in.append(layout(self.mesh, dims[drop:]))
         inner_out = [layout(self.mesh, self.layouts.of(v).dims[drop:])
                      for v, drop in zip(eqn.outputs, drops[n:])]
-        if eqn.prim.name == "scan":
-            first = eqn.params["num_consts"]
-            carry = eqn.params["num_carry"]
-            inner_out[:carry] = inner_in[first:first + carry]
         body = eqn.params["body"]
-        layouts = propagate(body, self.mesh, inner_in, inner_out,
-                            known_inputs(eqn, self.values))
-        inner = _Partitioner(body, self.mesh, layouts, self.cost).run(inner_out)
+        known = known_inputs(eqn, self.values)
+        if eqn.prim.name == "scan":
+            first, carry = eqn.params["num_consts"], eqn.params["num_carry"]
+            # A carry that can stay a partial sum from step to step (an accumulated gradient)
+            # is summed once, after the loop. A trial partition of the body, its carries
+            # entering partial over every axis they are not split over, says which stay so.
+            trial_in = list(inner_in)
+            for i in range(first, first + carry):
+                split = {a for axes in inner_in[i].dims for a in axes}
+                if dtypes.is_inexact(body.graph.invars[i].aval.dtype):
+                    trial_in[i] = layout(self.mesh, inner_in[i].dims,
+                                         tuple(a for a, _ in self.mesh if a not in split))
+            trial = self.body(body, trial_in, [None] * carry + inner_out[carry:], known,
+                              as_computed=range(carry))
+            for i, (s, got) in enumerate(zip(inner_in[first:first + carry],
+                                             trial.out_shardings)):
+                if got.dims == s.dims and got.partial:
+                    carried = layout(self.mesh, s.dims, got.partial)
+                    inputs[first + i] = self.reshard(inputs[first + i], s, carried, eqn.source,
+                                                     f"scan operand {first + i}")
+                    inner_in[first + i] = carried
+            inner_out[:carry] = inner_in[first:first + carry]
+        inner = self.body(body, inner_in, inner_out, known)
         self.explanation.extend(inner.explanation)
-        results = [layout(self.mesh, ((),) * drop + s.dims)
+        results = [layout(self.mesh, ((),) * drop + s.dims, s.partial)
                    for s, drop in zip(inner.out_shardings, drops[n:])]
         outs = self.bind(eqn.prim, inputs, {**eqn.params, "body": inner.graph}, eqn.source,
                          results)
         for v, local, s in zip(eqn.outputs, outs, results):
             self.env[v.id] = (local, s)
+
+    def body(self, body: ClosedGraph, ins: list[Sharding], outs: list[Sharding | None],
+             known: dict[int, Any], as_computed: Sequence[int] = ()) -> Partitioned:
+        """``body`` partitioned for inputs laid out as ``ins`` and outputs as ``outs``."""
+        layouts = propagate(body, self.mesh, ins, outs, known)
+        return _Partitioner(body, self.mesh, layouts, self.cost).run(
+            ins, [s or layouts.of(v) if isinstance(v, Var) else s
+                  for s, v in zip(outs, body.graph.outvars)], as_computed)
 
     def candidates(self, eqn: Eqn, rule: Rule) -> list[dict[int, tuple[str, ...]]]:
         """Factor splits worth costing: the planned one (from propagated layouts), the one
