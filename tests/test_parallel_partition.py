@@ -18,7 +18,7 @@ from ember.parallel import Mesh, NamedSharding, PartitionSpec, devices, runtime
 from ember.parallel import with_sharding_constraint as constrain
 from ember.parallel.partition import partition
 from ember.parallel.reshard import collective_bytes
-from ember.parallel.simulate import shard, simulate
+from ember.parallel.simulate import run_spmd, shard, simulate
 
 M2x2 = (("dp", 2), ("tp", 2))
 MESHES = [(("dp", 1), ("tp", 2)), M2x2, (("dp", 4), ("tp", 2))]
@@ -633,3 +633,20 @@ def test_every_process_makes_the_same_per_device_program():
                             env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
              for seed in ("1", "2")]
     assert texts[0] == texts[1] and "all_reduce" in texts[0]
+
+
+def test_a_partial_input_is_summed_where_it_is_needed():
+    """An input given as partial sums over dp (each device an addend) is all-reduced before
+    the nonlinear tanh; run_spmd takes each device's addend."""
+    f = lambda x: enp.tanh(x)  # noqa: E731
+    x = rand(8, 6)
+    p = partitioned(f, (x,), [S(M2x2, None, "tp", partial=("dp",))], [S(M2x2, None, "tp")])
+    addends = [x * 0.25, x * 0.75]  # over dp; tp splits the columns
+    per_device = [[shard(addends[d // 2], S(M2x2, None, "tp"), d)] for d in range(4)]
+    outs = run_spmd(p.graph, M2x2, per_device)
+    for d in range(4):
+        np.testing.assert_allclose(outs[d][0], shard(np.tanh(x), S(M2x2, None, "tp"), d),
+                                   rtol=1e-6)
+    assert [(c.kind, c.axes) for c in p.explanation.collectives] == [("all_reduce", ("dp",))]
+    with pytest.raises(ember.EmberError, match="partial sums"):
+        simulate(p, x)

@@ -40,6 +40,11 @@ def simulate(partitioned: Partitioned, *args: Any) -> list[np.ndarray]:
     if len(args) != len(partitioned.in_shardings):
         raise EmberError(f"simulate: {len(args)} arguments for a program of "
                          f"{len(partitioned.in_shardings)} inputs\n  at {user_frame()}")
+    partial = [i for i, s in enumerate(partitioned.in_shardings) if s.partial]
+    if partial:
+        raise EmberError(f"simulate: inputs {partial} are partial sums, which a global value "
+                         f"does not say how to split: use run_spmd with each device's "
+                         f"addend\n  at {user_frame()}")
     per_device = [[shard(np.asarray(x), s, d) for x, s in zip(args, partitioned.in_shardings)]
                   for d in range(_count(mesh))]
     outs = run_spmd(partitioned.graph, mesh, per_device)
