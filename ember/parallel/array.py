@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ember.backends import get_backend
+from ember.backends.cpu import kernels
 from ember.core.array import Array, Tracer
 from ember.core.primitive import Primitive
 from ember.core.trace import Zero, innermost_dynamic, to_array
@@ -243,6 +244,8 @@ def device_put(x: Any, sharding: NamedSharding) -> ShardedArray:
 # --- with_sharding_constraint -----------------------------------------------------------------
 
 sharding_constraint_p = Primitive("sharding_constraint", kind="elementwise")
+# On one device, or once partitioned, the annotation is the identity: a fused C kernel keeps it.
+sharding_constraint_p.def_lowering("c", kernels.identity)
 
 
 @sharding_constraint_p.def_abstract_eval

@@ -438,7 +438,9 @@ def _select(args: list[str], eqn: Eqn) -> str | None:
     return f"({args[0]} ? {args[1]} : {args[2]})"
 
 
-def _identity(args: list[str], eqn: Eqn) -> str | None:
+def identity(args: list[str], eqn: Eqn) -> str | None:
+    """The C rule of a value passed on unchanged (a copy, a gradient stop; higher layers
+    register it for their own such primitives)."""
     return args[0]
 
 
@@ -502,9 +504,7 @@ _ELEMENTWISE: dict[str, Rule] = {
     "add": _arith("+", "|"), "sub": _arith("-"), "mul": _arith("*", "&"),
     "div": _real("({0} / {1})"), "max": _extremum(">"), "min": _extremum("<"),
     "neg": _neg, "sign": _sign, "erf": _erf, "logistic": _logistic, "select": _select,
-    "convert": _convert, "copy": _identity, "stop_gradient": _identity, "not": _not,
-    # A layout annotation (ember.parallel): on one device, or once partitioned, the identity.
-    "sharding_constraint": _identity,
+    "convert": _convert, "copy": identity, "stop_gradient": identity, "not": _not,
     "and": _bitwise("&"), "or": _bitwise("|"), "xor": _bitwise("^"),
     "eq": _compare("=="), "ne": _compare("!="), "lt": _compare("<"), "le": _compare("<="),
     "gt": _compare(">"), "ge": _compare(">="), "is_finite": _real("isfinite({0})"),
