@@ -333,6 +333,23 @@ def test_gradient_accumulation_in_a_scan_sums_over_devices_once():
     assert not any(e.prim.kind == "collective" for e in scan.params["body"].graph.eqns)
 
 
+@pytest.mark.parametrize("flag", [1, 0])
+def test_cond_branches_are_partitioned_alike(flag):
+    """Every branch gets the same operand and result layouts; the one with a row-parallel
+    product holds its all-reduce, and the index is whole so every device takes one branch."""
+    def f(x, w1, w2, flag):
+        return ember.lax.cond(flag > 0, lambda x: enp.tanh(x @ w1) @ w2, lambda x: x * 2.0, x)
+    args = rand(8, 6), rand(6, 4, seed=1), rand(4, 6, seed=2), np.int32(flag)
+    p = partitioned(f, args, [S(M2x2, "dp", None), S(M2x2, None, "tp"), S(M2x2, "tp", None),
+                              S(M2x2)], None)
+    check(p, f, args)
+    cond = next(e for e in p.graph.graph.eqns if e.prim.name == "cond")
+    inner = [[e.prim.name for e in b.graph.eqns if e.prim.kind == "collective"]
+             for b in cond.params["branches"]]
+    assert sorted(inner) == [[], ["all_reduce"]]
+    assert p.explanation.replicated == []
+
+
 def test_nested_jit_and_checkpoint_bodies_are_partitioned_not_replicated():
     """call (a nested jit) and remat (checkpoint) bodies run once on their operands: they are
     partitioned in their turn, their collectives inside them, named by the body's lines."""

@@ -44,9 +44,9 @@ from ember.ops.structural import broadcast_in_dim_p, concatenate_p, dynamic_slic
 from ember.parallel import collectives as coll
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.explain import Collective, Explanation
-from ember.parallel.propagate import Layouts, fit, known_inputs, layout, propagate, stacked
+from ember.parallel.propagate import Layouts, bodies, fit, known_inputs, layout, propagate, stacked
 from ember.parallel.reshard import CostModel, Step, after, plan_reshard
-from ember.parallel.rules import CALL_LIKE, Rule, rule_for
+from ember.parallel.rules import WITH_BODIES, Rule, rule_for
 
 __all__ = ["partition", "Partitioned"]
 
@@ -189,7 +189,7 @@ class _Partitioner:
             out = self.reshard(local, current, target, eqn.source, "with_sharding_constraint")
             self.env[eqn.outputs[0].id] = (out, target)
             return
-        if eqn.prim.name in CALL_LIKE or eqn.prim.name == "scan":
+        if eqn.prim.name in WITH_BODIES:
             self.call(eqn)
             return
         rule = rule_for(eqn, self.producers, self.values)
@@ -212,53 +212,67 @@ class _Partitioner:
             self.env[v.id] = (local, s)
 
     def call(self, eqn: Eqn) -> None:
-        """A call's or a scan's body is partitioned in its turn, on the layouts its operands
-        have (partial sums taken first), its results laid out as planned; its collectives are
-        this program's, run where the body runs. A scan steps along the leading dimension of
-        its scanned operands and stacked results, which stays whole, and its loop-carried
-        values keep one layout from step to step."""
+        """The bodies of a call, a scan or a cond are partitioned in their turn, on the layouts
+        their operands have (partial sums taken first), their results laid out as planned;
+        their collectives are this program's, run where the body runs. A scan steps along the
+        leading dimension of its scanned operands and stacked results, which stays whole, and
+        its loop-carried values keep one layout from step to step. A cond's branch index is
+        made whole, so every device takes the same branch."""
         drops = stacked(eqn)
-        n = len(eqn.inputs)
-        inputs, inner_in = [], []
-        for i, (a, drop) in enumerate(zip(eqn.inputs, drops)):
+        branches = bodies(eqn)
+        operands = branches[0][0]
+        skip = len(eqn.inputs) - len(operands)  # a cond's branch index
+        inputs = [self.reshard(*self.read(a), layout(self.mesh, ()), eqn.source,
+                               f"{eqn.prim.name} operand {i}")
+                  for i, a in enumerate(eqn.inputs[:skip])]
+        inner_in = []
+        for i, (a, drop) in enumerate(zip(operands, drops)):
             local, current = self.read(a)
             dims = ((),) * drop + current.dims[drop:]
             inputs.append(self.reshard(local, current, layout(self.mesh, dims), eqn.source,
-                                       f"{eqn.prim.name} operand {i}"))
+                                       f"{eqn.prim.name} operand {skip + i}"))
             inner_in.append(layout(self.mesh, dims[drop:]))
+        n = len(operands)
         inner_out = [layout(self.mesh, self.layouts.of(v).dims[drop:])
                      for v, drop in zip(eqn.outputs, drops[n:])]
-        body = eqn.params["body"]
-        known = known_inputs(eqn, self.values)
         if eqn.prim.name == "scan":
-            first, carry = eqn.params["num_consts"], eqn.params["num_carry"]
-            # A carry that can stay a partial sum from step to step (an accumulated gradient)
-            # is summed once, after the loop. A trial partition of the body, its carries
-            # entering partial over every axis they are not split over, says which stay so.
-            trial_in = list(inner_in)
-            for i in range(first, first + carry):
-                split = {a for axes in inner_in[i].dims for a in axes}
-                if dtypes.is_inexact(body.graph.invars[i].aval.dtype):
-                    trial_in[i] = layout(self.mesh, inner_in[i].dims,
-                                         tuple(a for a, _ in self.mesh if a not in split))
-            trial = self.body(body, trial_in, [None] * carry + inner_out[carry:], known,
-                              as_computed=range(carry))
-            for i, (s, got) in enumerate(zip(inner_in[first:first + carry],
-                                             trial.out_shardings)):
-                if got.dims == s.dims and got.partial:
-                    carried = layout(self.mesh, s.dims, got.partial)
-                    inputs[first + i] = self.reshard(inputs[first + i], s, carried, eqn.source,
-                                                     f"scan operand {first + i}")
-                    inner_in[first + i] = carried
-            inner_out[:carry] = inner_in[first:first + carry]
-        inner = self.body(body, inner_in, inner_out, known)
-        self.explanation.extend(inner.explanation)
+            self.partial_carries(eqn, inputs, inner_in, inner_out)
+        parts = [self.body(body, inner_in, inner_out, known_inputs(operands, body, self.values))
+                 for operands, body in branches]
+        for part in parts:
+            self.explanation.extend(part.explanation)
         results = [layout(self.mesh, ((),) * drop + s.dims, s.partial)
-                   for s, drop in zip(inner.out_shardings, drops[n:])]
-        outs = self.bind(eqn.prim, inputs, {**eqn.params, "body": inner.graph}, eqn.source,
-                         results)
+                   for s, drop in zip(parts[0].out_shardings, drops[n:])]
+        params = ({**eqn.params, "branches": tuple(p.graph for p in parts)}
+                  if eqn.prim.name == "cond" else {**eqn.params, "body": parts[0].graph})
+        outs = self.bind(eqn.prim, inputs, params, eqn.source, results)
         for v, local, s in zip(eqn.outputs, outs, results):
             self.env[v.id] = (local, s)
+
+    def partial_carries(self, eqn: Eqn, inputs: list[Var | Literal], inner_in: list[Sharding],
+                        inner_out: list[Sharding]) -> None:
+        """A scan's carries keep one layout from step to step; one that can stay a partial sum
+        (an accumulated gradient) does, and is summed once, after the loop. A trial partition
+        of the body, its carries entering partial over every axis they are not split over,
+        says which stay so. Updates ``inputs``, ``inner_in`` and ``inner_out`` in place."""
+        body = eqn.params["body"]
+        first, carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        trial_in = list(inner_in)
+        for i in range(first, first + carry):
+            split = {a for axes in inner_in[i].dims for a in axes}
+            if dtypes.is_inexact(body.graph.invars[i].aval.dtype):
+                trial_in[i] = layout(self.mesh, inner_in[i].dims,
+                                     tuple(a for a, _ in self.mesh if a not in split))
+        known = known_inputs(eqn.inputs, body, self.values)
+        trial = self.body(body, trial_in, [None] * carry + inner_out[carry:], known,
+                          as_computed=range(carry))
+        for i, (s, got) in enumerate(zip(inner_in[first:first + carry], trial.out_shardings)):
+            if got.dims == s.dims and got.partial:
+                carried = layout(self.mesh, s.dims, got.partial)
+                inputs[first + i] = self.reshard(inputs[first + i], s, carried, eqn.source,
+                                                 f"scan operand {first + i}")
+                inner_in[first + i] = carried
+        inner_out[:carry] = inner_in[first:first + carry]
 
     def body(self, body: ClosedGraph, ins: list[Sharding], outs: list[Sharding | None],
              known: dict[int, Any], as_computed: Sequence[int] = ()) -> Partitioned:

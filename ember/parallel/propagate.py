@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.errors import user_frame
-from ember.ir.graph import ClosedGraph, Eqn, Literal, Var
+from ember.ir.graph import Atom, ClosedGraph, Eqn, Literal, Var
 from ember.ir.sharding import Sharding, ShardingError
 from ember.parallel.array import sharding_constraint_p
-from ember.parallel.rules import CALL_LIKE, Rule, rule_for
+from ember.parallel.rules import WITH_BODIES, Rule, rule_for
 
-__all__ = ["Layouts", "propagate", "check_even", "fit", "layout", "stacked", "known_inputs"]
+__all__ = ["Layouts", "propagate", "check_even", "fit", "layout", "stacked", "bodies",
+           "known_inputs"]
 
 Dims = tuple[tuple[str, ...], ...]
 
@@ -130,7 +131,7 @@ def check_even(var: Var, sharding: Sharding, what: str, where: str) -> None:
 
 def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> list[int]:
     """Carry splits through one equation; the ids of the values whose layouts grew."""
-    if eqn.prim.name in CALL_LIKE or eqn.prim.name == "scan":
+    if eqn.prim.name in WITH_BODIES:
         return _visit_body(layouts, eqn)
     if rule.note is not None:  # no rule: nothing flows through a replicated equation
         return []
@@ -151,36 +152,45 @@ def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> list[int]:
 
 
 def _visit_body(layouts: Layouts, eqn: Eqn) -> list[int]:
-    """Carry splits through a call's or a scan's body: propagate inside it from the layouts
-    its operands and results have (those without one left to it), and take back what the
-    body says of its inputs and outputs. A scan's body sees its scanned operands and stacked
-    results without their leading (step) dimension, which stays whole."""
-    body = eqn.params["body"]
-    outer = [*eqn.inputs, *eqn.outputs]
+    """Carry splits through the bodies of a call, a scan or a conditional: propagate inside
+    each from the layouts its operands and results have (those without one left to it), and
+    take back what the body says of its inputs and outputs. A scan's body sees its scanned
+    operands and stacked results without their leading (step) dimension, which stays whole."""
     drops = stacked(eqn)
-    known = []
-    for a, drop in zip(outer, drops):
-        dims = layouts.of(a).dims[drop:] if isinstance(a, Var) else None
-        known.append(layout(layouts.mesh, dims) if dims and any(dims) else None)
-    n = len(eqn.inputs)
-    inner = propagate(body, layouts.mesh, known[:n], known[n:],
-                      known_inputs(eqn, layouts.values))
     grew = []
-    for var, mine, drop in zip(outer, [*body.graph.invars, *body.graph.outvars], drops):
-        if not isinstance(var, Var) or var.id in layouts.fixed or not isinstance(mine, Var):
-            continue
-        current = layouts.dims.get(var.id, ((),) * var.aval.ndim)
-        grown = _grow(current, ((),) * drop + inner.of(mine).dims)
-        if grown != current:
-            layouts.dims[var.id] = grown
-            grew.append(var.id)
+    for operands, body in bodies(eqn):
+        outer = [*operands, *eqn.outputs]
+        known = []
+        for a, drop in zip(outer, drops):
+            dims = layouts.of(a).dims[drop:] if isinstance(a, Var) else None
+            known.append(layout(layouts.mesh, dims) if dims and any(dims) else None)
+        n = len(operands)
+        inner = propagate(body, layouts.mesh, known[:n], known[n:],
+                          known_inputs(operands, body, layouts.values))
+        for var, mine, drop in zip(outer, [*body.graph.invars, *body.graph.outvars], drops):
+            if not isinstance(var, Var) or var.id in layouts.fixed or not isinstance(mine, Var):
+                continue
+            current = layouts.dims.get(var.id, ((),) * var.aval.ndim)
+            grown = _grow(current, ((),) * drop + inner.of(mine).dims)
+            if grown != current:
+                layouts.dims[var.id] = grown
+                grew.append(var.id)
     return grew
 
 
-def known_inputs(eqn: Eqn, values: dict[int, Any]) -> dict[int, Any]:
+def bodies(eqn: Eqn) -> list[tuple[list[Atom], ClosedGraph]]:
+    """The bodies of a call, scan or cond equation, each with the operands it takes (a cond's
+    branches all take the operands after the branch index)."""
+    if eqn.prim.name == "cond":
+        return [(eqn.inputs[1:], b) for b in eqn.params["branches"]]
+    return [(eqn.inputs, eqn.params["body"])]
+
+
+def known_inputs(operands: Sequence[Atom], body: ClosedGraph, values: dict[int, Any]
+                 ) -> dict[int, Any]:
     """The values of a body's inputs fed by known values (constants hoisted out of it)."""
     known = {}
-    for a, mine in zip(eqn.inputs, eqn.params["body"].graph.invars):
+    for a, mine in zip(operands, body.graph.invars):
         if isinstance(a, Literal):
             known[mine.id] = a.value
         elif a.id in values:
@@ -189,10 +199,11 @@ def known_inputs(eqn: Eqn, values: dict[int, Any]) -> dict[int, Any]:
 
 
 def stacked(eqn: Eqn) -> list[int]:
-    """For each operand and result of a body-holding equation, 1 where the body sees it one
-    step at a time (a scan's scanned operands and stacked results), else 0."""
+    """For each operand its bodies take (:func:`bodies`) and each result of a body-holding
+    equation, 1 where the body sees it one step at a time (a scan's scanned operands and
+    stacked results), else 0."""
     if eqn.prim.name != "scan":
-        return [0] * (len(eqn.inputs) + len(eqn.outputs))
+        return [0] * (len(bodies(eqn)[0][0]) + len(eqn.outputs))
     first = eqn.params["num_consts"] + eqn.params["num_carry"]
     carry = eqn.params["num_carry"]
     return ([0] * first + [1] * (len(eqn.inputs) - first)

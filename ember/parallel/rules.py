@@ -42,14 +42,15 @@ from ember.core.primitive import REGISTRY, Primitive
 from ember.ir.graph import Atom, Eqn, Literal, Var
 from ember.ir.types import ArrayType
 
-__all__ = ["Rule", "rule_for", "replicated", "install", "NO_RULE", "CALL_LIKE"]
+__all__ = ["Rule", "rule_for", "replicated", "install", "NO_RULE", "CALL_LIKE", "WITH_BODIES"]
 
 Factors = tuple[int | None, ...]
 NO_RULE = "no rule: replicated"
 # Primitives whose ``body`` runs once on their operands, as a function call (nested jit's
-# ``call``, checkpointing's ``remat``): propagation and the partitioner go into the body
-# rather than replicating it.
+# ``call``, checkpointing's ``remat``), and the others whose bodies propagation and the
+# partitioner go into rather than replicating them: a scan's body, a cond's branches.
 CALL_LIKE = frozenset({"call", "remat"})
+WITH_BODIES = CALL_LIKE | {"scan", "cond"}
 
 
 @dataclass(frozen=True)

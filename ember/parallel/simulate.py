@@ -106,6 +106,8 @@ def run_spmd(closed: ClosedGraph, mesh: Mesh, args: Sequence[Sequence[Any]],
             outs = run_spmd(eqn.params["body"], mesh, operands)
         elif eqn.prim.name == "scan":
             outs = _scan(eqn, operands, mesh)
+        elif eqn.prim.name == "cond":
+            outs = _cond(eqn, operands, mesh)
         else:
             outs = []
             for d in range(n):
@@ -138,6 +140,15 @@ def _scan(eqn: Eqn, operands: list[list[np.ndarray]], mesh: Mesh) -> list[list[n
         ys = [y[::-1] for y in ys]
     return [[*state[d], *(np.stack([step[j] for step in ys[d]]) for j in
                           range(len(eqn.outputs) - carry))] for d in range(len(operands))]
+
+
+def _cond(eqn: Eqn, operands: list[list[np.ndarray]], mesh: Mesh) -> list[list[np.ndarray]]:
+    """A cond whose branches may hold collectives: every device takes the same branch."""
+    branches = eqn.params["branches"]
+    taken = {int(np.clip(ops[0], 0, len(branches) - 1)) for ops in operands}
+    if len(taken) > 1:
+        raise EmberError(f"simulate: devices take different branches {sorted(taken)} of a cond")
+    return run_spmd(branches[taken.pop()], mesh, [ops[1:] for ops in operands])
 
 
 def _collective(eqn: Eqn, operands: list[list[np.ndarray]], mesh: Mesh,
