@@ -667,3 +667,11 @@ def test_a_partial_input_is_summed_where_it_is_needed():
     assert [(c.kind, c.axes) for c in p.explanation.collectives] == [("all_reduce", ("dp",))]
     with pytest.raises(ember.EmberError, match="partial sums"):
         simulate(p, x)
+
+
+def test_shardings_that_do_not_fit_the_program_are_errors():
+    closed = ember.jit(lambda x: x + 1.0).lower(rand(4, 4)).graph
+    with pytest.raises(ember.EmberError, match="partition: 2 shardings for 1 values"):
+        partition(closed, [S(M2x2, "dp", None)] * 2, None, M2x2)
+    with pytest.raises(ember.EmberError, match="a sharding over mesh"):
+        partition(closed, [S((("dp", 4),), "dp", None)], None, M2x2)

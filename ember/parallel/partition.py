@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ember import dtypes
-from ember.errors import EmberError, user_frame
+from ember.errors import EmberError, EmberValueError, op_error
 from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
 from ember.ir.sharding import Sharding
 from ember.ir.types import ArrayType
@@ -103,20 +103,22 @@ def _shardings(given: Sequence[Any] | None, values: Sequence[Any], mesh: Mesh
     if given is None:
         return [None] * len(values)
     if len(given) != len(values):
-        raise EmberError(f"partition: {len(given)} shardings for {len(values)} values\n"
-                         f"  at {user_frame()}")
+        raise op_error(EmberValueError, "partition",
+                       f"{len(given)} shardings for {len(values)} values")
     out = []
     for s, v in zip(given, values):
         if s is not None and not isinstance(s, Sharding):
             s = s.abstract(v.aval.ndim)  # a NamedSharding
         if s is not None and s.mesh != mesh:
-            raise EmberError(f"partition: a sharding over mesh {s.mesh} for a program "
-                             f"partitioned over {mesh}\n  at {user_frame()}")
+            raise op_error(EmberValueError, "partition", f"a sharding over mesh {s.mesh} for a "
+                           f"program partitioned over {mesh}")
         out.append(s)
     return out
 
 
 class _Partitioner:
+    """One walk over one graph (a body gets its own), writing the per-device graph."""
+
     def __init__(self, closed: ClosedGraph, mesh: Mesh, layouts: Layouts, cost: CostModel):
         self.closed, self.mesh, self.layouts, self.cost = closed, mesh, layouts, cost
         self.sizes = dict(mesh)
