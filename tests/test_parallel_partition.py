@@ -350,6 +350,23 @@ def test_cond_branches_are_partitioned_alike(flag):
     assert p.explanation.replicated == []
 
 
+def test_a_while_loop_is_partitioned_with_its_test_whole_on_every_device():
+    """The test sums a split value (an all-reduce inside it) so every device decides alike; the
+    body's result goes back to the carry's layout at every step."""
+    def f(x, w):
+        def body(c):
+            h, n = c
+            return enp.tanh(h @ w) * 0.5, n + 1
+        return ember.lax.while_loop(lambda c: enp.sum(c[0] ** 2) > 1e-3, body, (x, 0))
+    args = rand(8, 6), rand(6, 6, seed=1) * 0.5
+    p = partitioned(f, args, [S(M2x2, "dp", None), S(M2x2, None, "tp")], None)
+    check(p, f, args)
+    loop = next(e for e in p.graph.graph.eqns if e.prim.name == "while")
+    test = [e.prim.name for e in loop.params["cond"].graph.eqns if e.prim.kind == "collective"]
+    assert test == ["all_reduce"] and str(loop.outputs[0].aval) == "f32[4,6]{dp,_}"
+    assert p.explanation.replicated == []
+
+
 def test_nested_jit_and_checkpoint_bodies_are_partitioned_not_replicated():
     """call (a nested jit) and remat (checkpoint) bodies run once on their operands: they are
     partitioned in their turn, their collectives inside them, named by the body's lines."""

@@ -220,6 +220,9 @@ class _Partitioner:
         leading dimension of its scanned operands and stacked results, which stays whole, and
         its loop-carried values keep one layout from step to step. A cond's branch index is
         made whole, so every device takes the same branch."""
+        if eqn.prim.name == "while":
+            self.while_loop(eqn)
+            return
         drops = stacked(eqn)
         branches = bodies(eqn)
         operands = branches[0][0]
@@ -249,6 +252,31 @@ class _Partitioner:
                   if eqn.prim.name == "cond" else {**eqn.params, "body": parts[0].graph})
         outs = self.bind(eqn.prim, inputs, params, eqn.source, results)
         for v, local, s in zip(eqn.outputs, outs, results):
+            self.env[v.id] = (local, s)
+
+    def while_loop(self, eqn: Eqn) -> None:
+        """A while loop's body and test are partitioned on the layouts of its operands
+        (partial sums taken first); its carry keeps one layout from step to step, and the
+        test's answer is made whole, so every device runs the same number of steps."""
+        p = eqn.params
+        inputs, layouts = [], []
+        for i, a in enumerate(eqn.inputs):
+            local, current = self.read(a)
+            whole = layout(self.mesh, current.dims)
+            inputs.append(self.reshard(local, current, whole, eqn.source, f"while operand {i}"))
+            layouts.append(whole)
+        tests, steps, carry = _split_at(layouts, p["cond_nconsts"], p["body_nconsts"])
+        test_in, step_in, carry_in = _split_at(list(eqn.inputs), p["cond_nconsts"],
+                                               p["body_nconsts"])
+        test = self.body(p["cond"], [*tests, *carry], [layout(self.mesh, ())],
+                         known_inputs([*test_in, *carry_in], p["cond"], self.values))
+        body = self.body(p["body"], [*steps, *carry], list(carry),
+                         known_inputs([*step_in, *carry_in], p["body"], self.values))
+        self.explanation.extend(test.explanation)
+        self.explanation.extend(body.explanation)
+        outs = self.bind(eqn.prim, inputs, {**p, "cond": test.graph, "body": body.graph},
+                         eqn.source, carry)
+        for v, local, s in zip(eqn.outputs, outs, carry):
             self.env[v.id] = (local, s)
 
     def partial_carries(self, eqn: Eqn, inputs: list[Var | Literal], inner_in: list[Sharding],
@@ -511,6 +539,15 @@ def _points(eqn: Eqn, rule: Rule, operands: list[Sharding], results: list[Shardi
             elif i >= len(eqn.inputs):
                 points *= n
     return points * math.prod(sizes.values())
+
+
+def _split_at(items: list[Any], *sizes: int) -> list[list[Any]]:
+    """``items`` cut into runs of ``sizes`` and the rest."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(items[start:start + n])
+        start += n
+    return [*out, items[start:]]
 
 
 def _split_columns(rule: Rule, layouts: list[Sharding], inputs: list[Var | Literal]

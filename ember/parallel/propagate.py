@@ -179,10 +179,12 @@ def _visit_body(layouts: Layouts, eqn: Eqn) -> list[int]:
 
 
 def bodies(eqn: Eqn) -> list[tuple[list[Atom], ClosedGraph]]:
-    """The bodies of a call, scan or cond equation, each with the operands it takes (a cond's
-    branches all take the operands after the branch index)."""
+    """The bodies of a call, scan, cond or while equation, each with the operands it takes (a
+    cond's branches all take the operands after the branch index)."""
     if eqn.prim.name == "cond":
         return [(eqn.inputs[1:], b) for b in eqn.params["branches"]]
+    if eqn.prim.name == "while":  # the loop body; its test only reads the carry
+        return [(eqn.inputs[eqn.params["cond_nconsts"]:], eqn.params["body"])]
     return [(eqn.inputs, eqn.params["body"])]
 
 

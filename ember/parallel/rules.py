@@ -48,9 +48,10 @@ Factors = tuple[int | None, ...]
 NO_RULE = "no rule: replicated"
 # Primitives whose ``body`` runs once on their operands, as a function call (nested jit's
 # ``call``, checkpointing's ``remat``), and the others whose bodies propagation and the
-# partitioner go into rather than replicating them: a scan's body, a cond's branches.
+# partitioner go into rather than replicating them: a scan's body, a cond's branches, a
+# while loop's test and body.
 CALL_LIKE = frozenset({"call", "remat"})
-WITH_BODIES = CALL_LIKE | {"scan", "cond"}
+WITH_BODIES = CALL_LIKE | {"scan", "cond", "while"}
 
 
 @dataclass(frozen=True)

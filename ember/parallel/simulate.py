@@ -108,6 +108,8 @@ def run_spmd(closed: ClosedGraph, mesh: Mesh, args: Sequence[Sequence[Any]],
             outs = _scan(eqn, operands, mesh)
         elif eqn.prim.name == "cond":
             outs = _cond(eqn, operands, mesh)
+        elif eqn.prim.name == "while":
+            outs = _while(eqn, operands, mesh)
         else:
             outs = []
             for d in range(n):
@@ -149,6 +151,22 @@ def _cond(eqn: Eqn, operands: list[list[np.ndarray]], mesh: Mesh) -> list[list[n
     if len(taken) > 1:
         raise EmberError(f"simulate: devices take different branches {sorted(taken)} of a cond")
     return run_spmd(branches[taken.pop()], mesh, [ops[1:] for ops in operands])
+
+
+def _while(eqn: Eqn, operands: list[list[np.ndarray]], mesh: Mesh) -> list[list[np.ndarray]]:
+    """A while loop whose test and body may hold collectives, stepped on all devices."""
+    p = eqn.params
+    tests = [ops[:p["cond_nconsts"]] for ops in operands]
+    steps = [ops[p["cond_nconsts"]:p["cond_nconsts"] + p["body_nconsts"]] for ops in operands]
+    carry = [ops[p["cond_nconsts"] + p["body_nconsts"]:] for ops in operands]
+    while True:
+        answers = {bool(o[0]) for o in run_spmd(p["cond"], mesh, [[*t, *c] for t, c in
+                                                                 zip(tests, carry)])}
+        if len(answers) > 1:
+            raise EmberError("simulate: devices disagree on whether a while loop goes on")
+        if not answers.pop():
+            return carry
+        carry = run_spmd(p["body"], mesh, [[*s, *c] for s, c in zip(steps, carry)])
 
 
 def _collective(eqn: Eqn, operands: list[list[np.ndarray]], mesh: Mesh,
