@@ -23,9 +23,10 @@ and no communication is needed yet; ``mul`` is linear in each operand alone, ``a
 together.
 
 Every registered primitive gets a rule (:func:`install`): by its ``kind`` where that says
-enough, by name where not. A primitive without one (control flow, library routines, random
-bits) gets :func:`replicated`: its operands are gathered whole and ``explain()`` says
-"no rule: replicated"; the partitioner never fails on it.
+enough, by name where not. A primitive without one (library routines, random bits, control
+flow other than :data:`WITH_BODIES`, whose bodies the passes go into) gets
+:func:`replicated`: its operands are gathered whole and ``explain()`` says "no rule:
+replicated"; the partitioner never fails on it.
 """
 
 from __future__ import annotations
