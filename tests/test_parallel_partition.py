@@ -280,6 +280,11 @@ def test_cross_entropy_in_a_scan_reads_its_clamp_bounds_through_the_body():
                                           S(M2x2, None, "dp", None)], None)
     check(p, f, (logits, target))
     assert all("[]" in c.result for c in p.explanation.collectives)
+    inside = [c for c in p.explanation.collectives if c.within]
+    assert inside and all(c.within == "scan body (x2)" and c.repeats == 2 for c in inside)
+    assert p.explanation.total_bytes == sum(c.nbytes * c.repeats
+                                            for c in p.explanation.collectives)
+    assert "[in scan body (x2)]" in p.explain()
 
 
 def test_a_primitive_without_a_rule_runs_replicated_and_is_explained():

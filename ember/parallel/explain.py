@@ -10,7 +10,7 @@ communicates what an expert expects.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = ["Collective", "Explanation"]
 
@@ -26,11 +26,14 @@ class Collective:
     reason: str  # which value needed it: "dot_general operand 1", "output 0"...
     layouts: str  # "{_,tp}+dp -> {_,tp}"
     result: str  # the local type it produces, with its layout
+    within: str = ""  # the bodies it runs in, outermost first: "scan body (x8)"
+    repeats: int = 1  # how many times one run of the program runs it (a scan's length)
 
     def __str__(self) -> str:
         where = f"  at {self.source}" if self.source else ""
+        inside = f"[in {self.within}] " if self.within else ""
         return (f"{self.kind}[{','.join(self.axes)}] {self.nbytes} B/device -> {self.result}: "
-                f"{self.reason} {self.layouts}{where}")
+                f"{inside}{self.reason} {self.layouts}{where}")
 
 
 @dataclass
@@ -47,14 +50,18 @@ class Explanation:
     def note(self, primitive: str, why: str, source: str | None) -> None:
         self.replicated.append((primitive, why, source))
 
-    def extend(self, inner: Explanation) -> None:
-        """Take in what happened inside a body (a call's), in program order."""
-        self.collectives += inner.collectives
+    def extend(self, inner: Explanation, body: str, repeats: int = 1) -> None:
+        """Take in what happened inside a body (``body`` names it: "scan body (x8)"), run
+        ``repeats`` times per run of this program, in program order."""
+        self.collectives += [replace(c, within=f"{body}, {c.within}" if c.within else body,
+                                     repeats=c.repeats * repeats) for c in inner.collectives]
         self.replicated += inner.replicated
 
     @property
     def total_bytes(self) -> int:
-        return sum(c.nbytes for c in self.collectives)
+        """Bytes each device sends in one run of the program (a while loop's body counted
+        once: its number of steps is not known in advance)."""
+        return sum(c.nbytes * c.repeats for c in self.collectives)
 
     def counts(self) -> Counter:
         """How many collectives of each kind."""

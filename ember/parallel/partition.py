@@ -244,8 +244,13 @@ class _Partitioner:
             self.partial_carries(eqn, inputs, inner_in, inner_out)
         parts = [self.body(body, inner_in, inner_out, known_inputs(operands, body, self.values))
                  for operands, body in branches]
-        for part in parts:
-            self.explanation.extend(part.explanation)
+        if eqn.prim.name == "scan":
+            where, repeats = f"scan body (x{eqn.params['length']})", eqn.params["length"]
+        else:
+            where, repeats = f"{eqn.prim.name} body", 1
+        for i, part in enumerate(parts):
+            label = f"cond branch {i}" if eqn.prim.name == "cond" else where
+            self.explanation.extend(part.explanation, label, repeats)
         results = [layout(self.mesh, ((),) * drop + s.dims, s.partial)
                    for s, drop in zip(parts[0].out_shardings, drops[n:])]
         params = ({**eqn.params, "branches": tuple(p.graph for p in parts)}
@@ -272,8 +277,8 @@ class _Partitioner:
                          known_inputs([*test_in, *carry_in], p["cond"], self.values))
         body = self.body(p["body"], [*steps, *carry], list(carry),
                          known_inputs([*step_in, *carry_in], p["body"], self.values))
-        self.explanation.extend(test.explanation)
-        self.explanation.extend(body.explanation)
+        self.explanation.extend(test.explanation, "while test (each step)")
+        self.explanation.extend(body.explanation, "while body (each step)")
         outs = self.bind(eqn.prim, inputs, {**p, "cond": test.graph, "body": body.graph},
                          eqn.source, carry)
         for v, local, s in zip(eqn.outputs, outs, carry):
