@@ -140,8 +140,10 @@ def _scan(eqn: Eqn, operands: list[list[np.ndarray]], mesh: Mesh) -> list[list[n
             ys[d].append(o[carry:])
     if p["reverse"]:
         ys = [y[::-1] for y in ys]
-    return [[*state[d], *(np.stack([step[j] for step in ys[d]]) for j in
-                          range(len(eqn.outputs) - carry))] for d in range(len(operands))]
+    stacked = eqn.outputs[carry:]
+    return [[*state[d], *(np.stack([step[j] for step in ys[d]]) if ys[d] else
+                          np.empty(v.aval.shape, v.aval.dtype) for j, v in enumerate(stacked))]
+            for d in range(len(operands))]
 
 
 def _cond(eqn: Eqn, operands: list[list[np.ndarray]], mesh: Mesh) -> list[list[np.ndarray]]:
