@@ -802,7 +802,8 @@ def test_train_eval_flip_every_module_and_retrace():
     model.eval()
     eval_out = np.asarray(f(model, x, key))
     assert f.trace_count == 2
-    np.testing.assert_allclose(eval_out, np.asarray(model.lin(x)), rtol=1e-6)
+    # float32 products summed in another order (compiled vs NumPy's BLAS): a few ulps apart.
+    np.testing.assert_allclose(eval_out, np.asarray(model.lin(x)), rtol=1e-5, atol=1e-6)
     f(model, x + 1.0, key)
     assert f.trace_count == 2
     model.train()
