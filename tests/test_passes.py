@@ -236,6 +236,17 @@ def test_a_collective_of_constants_is_not_folded():
     assert [e.prim.name for e in fold_constants(closed).graph.eqns] == ["all_reduce"]
 
 
+def test_equations_rebuilt_by_the_passes_keep_the_line_that_staged_them():
+    def loop(h, xs):
+        def body(c, x):
+            return c * (enp.asarray(2.0) * enp.asarray(3.0)) + x, c  # folded: scan rebuilt
+        return lax.scan(body, h, xs)
+
+    (scan,) = eqns_named(ember.jit(loop).lower(X, XS).graph, "scan")
+    line = loop.__code__.co_firstlineno + 3
+    assert scan.source == f"{__file__}:{line}"
+
+
 def test_cse_reaches_into_cond_branches():
     g = lowered(lambda x: lax.cond(x[0] > 0, lambda y: enp.sin(y) + enp.sin(y), enp.cos, x), X)
     assert len(eqns_named(g, "sin")) == 1

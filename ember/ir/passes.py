@@ -32,7 +32,7 @@ def _with_bodies(eqn: Eqn, rewrite: Any, inputs: list[Var | Literal] | None = No
     inputs = eqn.inputs if inputs is None else inputs
     if params is eqn.params and all(a is b for a, b in zip(inputs, eqn.inputs)):
         return eqn
-    return Eqn(eqn.prim, inputs, eqn.outputs, params)
+    return Eqn(eqn.prim, inputs, eqn.outputs, params, eqn.source)
 
 
 def _rebuilt(closed: ClosedGraph, constvars: list[Var], consts: list[Any], eqns: list[Eqn],

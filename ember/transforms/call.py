@@ -182,7 +182,7 @@ def inline_calls(closed: ClosedGraph) -> ClosedGraph:
             rename.update((v.id, o) for v, o in zip(eqn.outputs, outs))
         else:
             params = {k: _inline_param(v) for k, v in eqn.params.items()}
-            eqns.append(Eqn(eqn.prim, inputs, eqn.outputs, params))
+            eqns.append(Eqn(eqn.prim, inputs, eqn.outputs, params, eqn.source))
     graph = Graph(constvars, g.invars, eqns, [sub(a) for a in g.outvars])
     return ClosedGraph(graph, consts)
 
@@ -219,6 +219,6 @@ def _splice(body: ClosedGraph, args: list[Atom], eqns: list[Eqn], constvars: lis
     sub = lambda a: env[a.id] if isinstance(a, Var) else a  # noqa: E731
     for eqn in g.eqns:
         outs = [Var(v.aval) for v in eqn.outputs]
-        eqns.append(Eqn(eqn.prim, [sub(a) for a in eqn.inputs], outs, eqn.params))
+        eqns.append(Eqn(eqn.prim, [sub(a) for a in eqn.inputs], outs, eqn.params, eqn.source))
         env.update((v.id, o) for v, o in zip(eqn.outputs, outs))
     return [sub(a) for a in g.outvars]

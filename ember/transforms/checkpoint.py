@@ -220,7 +220,7 @@ def _recompute_body(in_avals: list[ArrayType], known: ClosedGraph, unknown: Clos
 def _rename_uses(closed: ClosedGraph, rename: dict[int, Var]) -> ClosedGraph:
     sub = lambda a: rename.get(a.id, a) if isinstance(a, Var) else a
     g = closed.graph
-    eqns = [Eqn(e.prim, [sub(a) for a in e.inputs], e.outputs, e.params) for e in g.eqns]
+    eqns = [Eqn(e.prim, [sub(a) for a in e.inputs], e.outputs, e.params, e.source) for e in g.eqns]
     return ClosedGraph(Graph(g.constvars, g.invars, eqns, [sub(a) for a in g.outvars]),
                        closed.consts)
 
