@@ -1,7 +1,8 @@
 """Native parallelism: devices, meshes, sharded arrays, communicators and runtimes.
 
-``docs/parallel.md`` explains the concepts. The runtimes and communicators are reached as
-submodules (``ember.parallel.runtime``, ``ember.parallel.communicator``...).
+``docs/parallel.md`` explains the concepts, ``docs/partitioning.md`` the partitioner. The
+runtimes and communicators are reached as submodules (``ember.parallel.runtime``,
+``ember.parallel.communicator``...).
 """
 
 from ember.ir.sharding import Sharding, ShardingError
@@ -14,6 +15,7 @@ from ember.parallel.array import (
     process_allgather,
     with_sharding_constraint,
 )
+from ember.parallel.explain import Collective, Explanation
 from ember.parallel.mesh import (
     Device,
     Mesh,
@@ -23,6 +25,8 @@ from ember.parallel.mesh import (
     process_count,
     process_index,
 )
+from ember.parallel.partition import Partitioned, partition
+from ember.parallel.reshard import CostModel
 from ember.parallel.shard_map import (
     all_gather,
     all_to_all,
@@ -36,11 +40,13 @@ from ember.parallel.shard_map import (
     shard_map,
 )
 from ember.parallel.sharding import NamedSharding, PartitionSpec
+from ember.parallel.simulate import run_spmd, simulate
 
 __all__ = [
     "Device", "Mesh", "devices", "local_devices", "device_count", "process_index",
     "process_count", "PartitionSpec", "NamedSharding", "Sharding", "ShardingError",
     "ShardedArray", "Shard", "ShardingGatherWarning", "device_put", "process_allgather",
     "with_sharding_constraint", "shard_map", "psum", "pmean", "pmax", "pmin", "all_gather",
-    "psum_scatter", "all_to_all", "ppermute", "axis_index",
+    "psum_scatter", "all_to_all", "ppermute", "axis_index", "partition", "Partitioned",
+    "Explanation", "Collective", "CostModel", "simulate", "run_spmd",
 ]
