@@ -18,6 +18,7 @@ only the keys written so far.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
@@ -40,6 +41,21 @@ __all__ = ["LlamaConfig", "LlamaForCausalLM", "KVCache", "SUPPORTED_MODEL_TYPES"
            "generate", "save_pretrained"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# Named activation points, where a parallel plan (``ember.parallel.plans``) may lay values out:
+# "residual" (the residual stream [batch, length, hidden], after the embedding and after each
+# block half), "attn_out" and "mlp_out" (the output projections, before the residual add),
+# "norm_out" (a norm's output, read by the column-split projections) and "layer" (a decoder
+# layer itself, whose parameters a plan may gather before the layer runs). ``constrain`` is the
+# identity unless the model was given a plan (``ember.parallel.shard`` sets
+# ``activation_sharding``, which ``LlamaForCausalLM.__call__`` makes active).
+_plan_hook: contextvars.ContextVar[Any] = contextvars.ContextVar("llama_plan_hook", default=None)
+
+
+def constrain(point: str, x: Any) -> Any:
+    """``x`` laid out as the active plan says for the named ``point`` (else ``x``)."""
+    hook = _plan_hook.get()
+    return x if hook is None else hook(point, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +248,7 @@ class Attention(Module):
         out, _ = attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True, kv_len=kv_len,
                            q_offset=q_offset, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
-        return self.o_proj(out), cache
+        return constrain("attn_out", self.o_proj(out)), cache
 
 
 class MLP(Module):
@@ -245,7 +261,7 @@ class MLP(Module):
         self.down_proj = Linear(i, h, bias, dtype)
 
     def forward(self, x: Any) -> Any:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return constrain("mlp_out", self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class DecoderLayer(Module):
@@ -257,9 +273,12 @@ class DecoderLayer(Module):
 
     def forward(self, x: Any, cos: Any, sin: Any, mask: Any, cache: Any = None,
                 cache_pos: Any = None) -> tuple[Any, Any]:
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        layer = constrain("layer", self)  # ZeRO-3 gathers the layer's parameters here
+        attn, cache = layer.self_attn(constrain("norm_out", layer.input_layernorm(x)), cos, sin,
+                                      mask, cache, cache_pos)
+        x = constrain("residual", x + attn)
+        mlp = layer.mlp(constrain("norm_out", layer.post_attention_layernorm(x)))
+        return constrain("residual", x + mlp), cache
 
 
 class LlamaModel(Module):
@@ -284,7 +303,15 @@ class LlamaForCausalLM(Module):
         inv_freq = F.rope_inv_freq(config.head_dim, config.rope_theta, scaling)
         self.register_buffer("inv_freq", inv_freq.astype(np.float32), persistent=False)
         self.gradient_checkpointing = False
+        self.activation_sharding = None  # a parallel plan's hook: see ``constrain``
         self._init_weights(dtype)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        token = _plan_hook.set(self.activation_sharding)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            _plan_hook.reset(token)
 
     def _init_weights(self, dtype: Any) -> None:
         """Hugging Face's initialisation: N(0, initializer_range) weights, zero biases."""
@@ -323,7 +350,7 @@ class LlamaForCausalLM(Module):
         cos, sin = F.rope_cos_sin(positions, self.inv_freq, self.dtype)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         mask = self._mask(b, t, cache, cache_pos, attention_mask)
-        x = self.model.embed_tokens(ids)
+        x = constrain("residual", self.model.embed_tokens(ids))
         new_keys, new_values = [], []
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
@@ -334,7 +361,7 @@ class LlamaForCausalLM(Module):
                 new_values.append(kv[1])
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # the norm and the head are per position
-        logits = self.logits(self.model.norm(x))
+        logits = self.logits(constrain("norm_out", self.model.norm(x)))
         return logits if cache is None else (logits, KVCache(new_keys, new_values))
 
     def logits(self, hidden: Any) -> Any:

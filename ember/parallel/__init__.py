@@ -6,7 +6,12 @@ runtimes and communicators are reached as submodules (``ember.parallel.runtime``
 """
 
 from ember.ir.sharding import Sharding, ShardingError
-from ember.parallel import eager  # noqa: F401  (eager operations on sharded arrays)
+from ember.parallel import (
+    checkpoint,  # checkpoint.save / checkpoint.load: sharded checkpoints
+    eager,  # noqa: F401  (eager operations on sharded arrays)
+    jit,  # noqa: F401  (ember.jit with shardings: partitioned, run on every device)
+    plans,
+)
 from ember.parallel.array import (
     Shard,
     ShardedArray,
@@ -26,6 +31,7 @@ from ember.parallel.mesh import (
     process_index,
 )
 from ember.parallel.partition import Partitioned, partition
+from ember.parallel.plans import Plan, shard
 from ember.parallel.reshard import CostModel
 from ember.parallel.shard_map import (
     all_gather,
@@ -48,5 +54,6 @@ __all__ = [
     "ShardedArray", "Shard", "ShardingGatherWarning", "device_put", "process_allgather",
     "with_sharding_constraint", "shard_map", "psum", "pmean", "pmax", "pmin", "all_gather",
     "psum_scatter", "all_to_all", "ppermute", "axis_index", "partition", "Partitioned",
-    "Explanation", "Collective", "CostModel", "simulate", "run_spmd",
+    "Explanation", "Collective", "CostModel", "simulate", "run_spmd", "plans", "Plan", "shard",
+    "checkpoint",
 ]

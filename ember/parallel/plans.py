@@ -1,0 +1,297 @@
+"""Ready-made parallel plans: where every parameter, optimizer slot, gradient, batch and named
+activation of a model lives on a mesh.
+
+A :class:`Plan` is data: layouts by parameter-name pattern (the ``state_dict()`` names, so a
+LoRA adapter's ``lora_A``/``lora_B`` get their own), the ZeRO stage, the batch's layout and
+the layouts of activations at the points the model names (``ember.models.llama.constrain``).
+It says *where values live*; the SPMD partitioner (``ember.parallel.partition``) derives the
+collectives from that, so a plan never writes communication itself::
+
+    model = P.shard(model, mesh, P.plans.llama(dp="dp", tp="tp", zero=1))
+
+:func:`llama` builds the standard plans for the built-in Llama (data parallel, ZeRO-1/2/3,
+Megatron tensor parallel, sequence parallel, and their combinations on a 2-D mesh);
+``docs/parallel.md`` ("Plans for the built-in Llama") says what each communicates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ember.errors import EmberValueError
+from ember.parallel.array import device_put, with_sharding_constraint
+from ember.parallel.mesh import Mesh
+from ember.parallel.sharding import NamedSharding, PartitionSpec
+from ember.transforms.custom_vjp import custom_vjp
+from ember.tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+
+__all__ = ["Plan", "PlanError", "llama", "shard"]
+
+Entry = str | tuple[str, ...] | None
+Layout = tuple[Entry, ...]
+
+
+class PlanError(EmberValueError):
+    """A plan does not fit a model or a mesh (a dimension that does not divide, an axis the
+    mesh lacks)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where a model's values live on a mesh, by name.
+
+    ``params``: ``(pattern, layout)`` pairs, the first whose ``fnmatch`` pattern matches a
+    parameter's ``state_dict()`` name gives its layout (one entry per dimension, from the left,
+    as in :class:`PartitionSpec`); a parameter no pattern matches is replicated. ``zero`` is the
+    ZeRO stage over mesh axis ``zero_axis``: from 1 the optimizer slots, from 2 the gradients,
+    at 3 the parameters themselves are also split over it, on their first dimension (after
+    any split the pattern gives it). ``batch`` lays out ``ids [batch, length]``;
+    ``activations`` maps the model's named points to layouts of ``[batch, length, hidden]``.
+    ``requires``: ``(config field, mesh axis)`` pairs that must divide (attention heads over
+    the tensor axis: a projection's rows may divide when its heads do not).
+    """
+
+    name: str
+    params: tuple[tuple[str, Layout], ...] = ()
+    zero: int = 0
+    zero_axis: str | None = None
+    batch: Layout = ()
+    activations: tuple[tuple[str, Layout], ...] = ()
+    requires: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.zero not in (0, 1, 2, 3):
+            raise PlanError(f"{self.name}: zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        if self.zero and self.zero_axis is None:
+            raise PlanError(f"{self.name}: ZeRO stage {self.zero} needs a data-parallel mesh "
+                            f"axis to split over")
+
+    # --- layouts by name (no mesh) ----------------------------------------------------------
+    def param_spec(self, name: str, ndim: int) -> PartitionSpec:
+        """The layout of parameter ``name`` (ZeRO-3 splits it over the data axis too)."""
+        return self._spec(name, ndim, zero_from=3)
+
+    def state_spec(self, name: str, ndim: int) -> PartitionSpec:
+        """The layout of an optimizer slot (AdamW's moments) of parameter ``name``."""
+        return self._spec(name, ndim, zero_from=1)
+
+    def grad_spec(self, name: str, ndim: int) -> PartitionSpec:
+        """The layout of the gradient of parameter ``name``."""
+        return self._spec(name, ndim, zero_from=2)
+
+    def activation_spec(self, point: str) -> PartitionSpec | None:
+        """The layout of the activation at the named point, or None (propagation decides)."""
+        layout = dict(self.activations).get(point)
+        return None if layout is None else PartitionSpec(*layout)
+
+    def _spec(self, name: str, ndim: int, zero_from: int) -> PartitionSpec:
+        layout = next((lay for pattern, lay in self.params if fnmatch.fnmatchcase(name, pattern)),
+                      ())
+        if len(layout) > ndim:
+            raise PlanError(f"{self.name}: parameter {name} has {ndim} dimensions, but the plan "
+                            f"lays it out as {PartitionSpec(*layout)}")
+        entries = list(layout) + [None] * (ndim - len(layout))
+        if self.zero >= zero_from and ndim:
+            # The data axis joins the first dimension as its minor split: a tensor-parallel
+            # block is then cut further by ZeRO, and gathering over dp restores that block.
+            first = entries[0]
+            axes = () if first is None else (first,) if isinstance(first, str) else first
+            entries[0] = (*axes, self.zero_axis) if axes else self.zero_axis
+        return PartitionSpec(*entries)
+
+    # --- on a mesh ----------------------------------------------------------------------------
+    def param_shardings(self, model: Any, mesh: Mesh) -> dict[str, NamedSharding]:
+        """``{name: NamedSharding}`` for every entry of ``model.state_dict()``."""
+        self.check(model, mesh)
+        return {name: self._named(mesh, self.param_spec(name, np.ndim(v)), name, np.shape(v),
+                                  "parameter")
+                for name, v in model.state_dict().items()}
+
+    def model_shardings(self, model: Any, mesh: Mesh) -> list[NamedSharding]:
+        """One sharding per leaf of ``model`` (``tree_leaves`` order): parameters by the plan,
+        buffers that are not in the state dict (rotary frequencies) replicated. This is the
+        model's part of a partitioned program's input layouts."""
+        by_id = {id(v): s for (name, v), s in zip(model.state_dict().items(),
+                                                  self.param_shardings(model, mesh).values())}
+        return [by_id.get(id(leaf), NamedSharding(mesh)) for leaf in tree_leaves(model)]
+
+    def state_shardings(self, state: Any, mesh: Mesh) -> Any:
+        """Shardings shaped like the optimizer state ``state`` (a NamedTuple such as
+        ``AdamState`` whose slot fields are ``{name: array}`` dicts): each slot by
+        :meth:`state_spec`, everything else (the step count) replicated."""
+        def field(value: Any) -> Any:
+            if isinstance(value, Mapping):
+                return {name: self._named(mesh, self.state_spec(name, np.ndim(v)), name,
+                                          np.shape(v), "optimizer state of")
+                        for name, v in value.items()}
+            return tree_map(lambda _: NamedSharding(mesh), value)
+        leaves, treedef = tree_flatten(state, is_leaf=lambda v: isinstance(v, Mapping))
+        return tree_unflatten(treedef, [field(v) for v in leaves])
+
+    def grad_shardings(self, grads: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+        """``{name: NamedSharding}`` for gradients keyed like ``trainable_parameters()``."""
+        return {name: self._named(mesh, self.grad_spec(name, np.ndim(g)), name, np.shape(g),
+                                  "gradient of")
+                for name, g in grads.items()}
+
+    def constrain_grads(self, grads: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+        """Inside a traced step: ask for the plan's gradient layouts (ZeRO-2 and 3: each
+        gradient summed straight into its shard, a reduce-scatter; below: summed whole, an
+        all-reduce)."""
+        shardings = self.grad_shardings(grads, mesh)
+        return {name: with_sharding_constraint(g, shardings[name]) for name, g in grads.items()}
+
+    def batch_sharding(self, mesh: Mesh, ndim: int = 2) -> NamedSharding:
+        """The layout of token ids ``[..., batch, length]``: ``ndim=3`` for micro-batches
+        ``[accumulation steps, batch, length]`` (the step dimension whole)."""
+        return NamedSharding(mesh, PartitionSpec(*(None,) * (ndim - 2), *self.batch))
+
+    def annotator(self, mesh: Mesh) -> Annotator:
+        """The hook the model calls at its named points (see :func:`shard`)."""
+        return Annotator(self, mesh)
+
+    def check(self, model: Any, mesh: Mesh) -> None:
+        """Errors naming the plan, the value and the mesh axis for what does not fit."""
+        axes = {a for _, lay in (*self.params, *self.activations, ("batch", self.batch))
+                for e in lay for a in ((e,) if isinstance(e, str) else e or ())}
+        axes |= {self.zero_axis} if self.zero else set()
+        missing = sorted(a for a in axes if a not in mesh.axis_names)
+        if missing:
+            raise PlanError(f"{self.name}: mesh axis {missing[0]!r} is not in {mesh} (axes "
+                            f"{mesh.axis_names})")
+        config = getattr(model, "config", None)
+        for field_name, axis in self.requires:
+            count, size = getattr(config, field_name), mesh.shape[axis]
+            if count % size:
+                what = field_name.removeprefix("num_").replace("_", " ")
+                raise PlanError(f"{self.name}: the model's {count} {what} ({field_name}) do "
+                                f"not divide over mesh axis {axis!r} (size {size}); choose a "
+                                f"{axis} size that divides {count}")
+
+    def _named(self, mesh: Mesh, spec: PartitionSpec, name: str, shape: tuple[int, ...],
+               what: str) -> NamedSharding:
+        sharding = NamedSharding(mesh, spec)
+        for dim, entry in enumerate(spec):
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+            size = int(np.prod([mesh.shape[a] for a in axes]))
+            if shape[dim] % size:
+                raise PlanError(f"{self.name}: {what} {name} of shape {shape}: dimension {dim} "
+                                f"of size {shape[dim]} does not divide over mesh axis "
+                                f"{' x '.join(repr(a) for a in axes)} (size {size})")
+        return sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotator:
+    """A plan's activation layouts on a mesh: ``annotator(point, x)`` constrains ``x`` to the
+    layout the plan gives ``point``. A point the plan does not name, or a value the layout
+    does not fit (a one-token decode step under sequence parallelism), is left to
+    propagation. Hashable: the model holds it as a static attribute (part of jit's key)."""
+
+    plan: Plan
+    mesh: Mesh
+
+    def __call__(self, point: str, x: Any) -> Any:
+        if point == "layer":
+            return self._gather_layer(x)
+        spec = self.plan.activation_spec(point)
+        if spec is None or len(spec) > np.ndim(x) or not _fits(self.mesh, spec, np.shape(x)):
+            return x
+        return with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    def _gather_layer(self, layer: Any) -> Any:
+        """Under ZeRO-3, ``layer`` with its parameters constrained to their layouts without
+        the data axis: one all-gather each where the layer starts (inside a checkpointed
+        layer, again where the backward pass recomputes it), and, transposed, one
+        reduce-scatter of each gradient into its shard."""
+        if self.plan.zero < 3:
+            return layer
+        params = dict(layer.named_parameters())
+        whole = {n: NamedSharding(self.mesh, self.plan._spec(n, np.ndim(p), zero_from=4))
+                 for n, p in params.items()}
+        split = {n: NamedSharding(self.mesh, self.plan.grad_spec(n, np.ndim(p)))
+                 for n, p in params.items()}
+
+        def constrain(values: dict[str, Any], shardings: dict[str, NamedSharding]
+                      ) -> dict[str, Any]:
+            return {n: with_sharding_constraint(v, shardings[n]) for n, v in values.items()}
+
+        # Gathered going forward, but the cotangent goes back to the shard (a reduce-scatter):
+        # the constraint's own transpose would ask for the whole gradient (an all-reduce).
+        @custom_vjp
+        def gather(values: dict[str, Any]) -> dict[str, Any]:
+            return constrain(values, whole)
+        gather.defvjp(lambda values: (constrain(values, whole), None),
+                      lambda _, cts: (constrain(cts, split),))
+        return layer.replace(gather(params))
+
+
+def _fits(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...]) -> bool:
+    for dim, entry in enumerate(spec):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        if shape[dim] % int(np.prod([mesh.shape[a] for a in axes])):
+            return False
+    return True
+
+
+def shard(model: Any, mesh: Mesh, plan: Plan) -> Any:
+    """Place ``model``'s parameters on ``mesh`` as ``plan`` says (``device_put``), and let its
+    named activation points follow the plan. In place; returns the model."""
+    shardings = plan.param_shardings(model, mesh)
+    placed: dict[int, tuple[str, Any]] = {}
+    for name, value in model.state_dict().items():  # a tied array once, by its first name
+        if id(value) not in placed:
+            placed[id(value)] = (name, device_put(value, shardings[name]))
+    model.update(dict(placed.values()))
+    model.activation_sharding = plan.annotator(mesh)
+    return model
+
+
+def llama(dp: str | None = None, tp: str | None = None, zero: int = 0, sp: bool = False
+          ) -> Plan:
+    """The standard plans for the built-in Llama (``ember.models.llama``).
+
+    - ``dp``: the batch is split over this mesh axis, parameters replicated; gradients are
+      summed over it. ``zero=1``: AdamW's moments split over it; ``zero=2``: gradients too
+      (reduce-scattered); ``zero=3``: parameters too (gathered where used, per layer).
+    - ``tp`` (Megatron's layout; weights are ``[out, in]``): q/k/v and gate/up split by output
+      rows, o_proj and down_proj by input columns, so each block's forward has one all-reduce
+      after attention and one after the MLP. LoRA adapters follow their base layer (the
+      ``B`` of a column-split layer is split by rows, the ``A`` of a row-split one by
+      columns).
+    - ``sp=True`` (with ``tp``): the residual stream and the norms split by sequence over
+      ``tp``; the all-reduces become a reduce-scatter after each block half and an
+      all-gather before the next column-split projection.
+
+    Embeddings and the head stay replicated over ``tp``: splitting the vocabulary needs a
+    lookup and a cross-entropy that work on vocabulary blocks, which the partitioner does
+    not have yet (a split table would be gathered whole).
+    """
+    if sp and tp is None:
+        raise PlanError("plans.llama: sequence parallelism (sp=True) splits the sequence over "
+                        "the tensor-parallel axis; give tp")
+    if zero and dp is None:
+        raise PlanError(f"plans.llama: ZeRO stage {zero} splits over the data-parallel axis; "
+                        f"give dp")
+    name = "plans.llama(" + ", ".join(
+        f"{k}={v!r}" for k, v in (("dp", dp), ("tp", tp), ("zero", zero), ("sp", sp)) if v) + ")"
+    params: tuple[tuple[str, Layout], ...] = ()
+    requires: tuple[tuple[str, str], ...] = ()
+    if tp is not None:
+        column = "*self_attn.[qkv]_proj.", "*mlp.gate_proj.", "*mlp.up_proj."
+        row = "*self_attn.o_proj.", "*mlp.down_proj."
+        by_rows = ("weight", (tp, None)), ("bias", (tp,)), ("lora_B", (tp, None))
+        by_columns = ("weight", (None, tp)), ("lora_A", (None, tp))
+        params = (*((p + s, lay) for p in column for s, lay in by_rows),
+                  *((p + s, lay) for p in row for s, lay in by_columns))
+        requires = (("num_attention_heads", tp), ("num_key_value_heads", tp))
+    residual: Layout = (dp, tp if sp else None, None)
+    whole: Layout = (dp, None, None)
+    activations = (("residual", residual), ("attn_out", residual), ("mlp_out", residual),
+                   ("norm_out", whole))
+    return Plan(name, params, zero, dp, (dp, None), activations, requires)
