@@ -162,3 +162,61 @@ def test_history_records_the_learning_rate_each_step_used(base_dir, tmp_path):
     # transformers' cosine-with-warmup: 0, lr/3, 2lr/3 during warm-up, then cosine decay
     assert lrs[:3] == pytest.approx([0.0, 1e-2 / 3, 2e-2 / 3], rel=1e-5, abs=1e-9)
     assert lrs[3] == pytest.approx(1e-2, rel=1e-5) and lrs[3] > lrs[4] > lrs[5] > 0
+
+
+def test_a_sharded_checkpoint_resumes_on_another_mesh_and_continues_the_curve(base_dir,
+                                                                              tmp_path):
+    """Parameters and AdamW moments sharded over 4 devices are saved as a sharded checkpoint;
+    resumed on 2 devices (other splits) or on one, they hold the same values, and the next
+    step's loss is the one the uninterrupted run computes."""
+    from ember import parallel as P
+    from ember.models import finetune
+    from ember.tree import tree_leaves, tree_map
+
+    def layout(n, dim):
+        mesh = P.Mesh(P.devices()[:n], ("x",))
+
+        def place(x):
+            spec = [None] * x.ndim
+            if x.ndim and x.shape[dim % x.ndim] % n == 0:
+                spec[dim % x.ndim] = "x"
+            return P.device_put(x, P.NamedSharding(mesh, P.PartitionSpec(*spec)))
+        return place
+
+    config = TrainConfig(steps=10, lr=1e-2, lora_rank=0, warmup_steps=0)
+    opt = finetune._optimizer(config)
+    step = finetune._make_step(opt, clip=1.0)
+    batches = np.random.default_rng(0).integers(0, 200, size=(3, 1, 2, 12))
+    history = {"fingerprint": "f", "step": 1, "train": [], "eval": []}
+
+    def started():  # a model and its optimizer state, one step in (the moments are not zero)
+        model, _ = fresh(base_dir)
+        model.train()
+        state = opt.init(model.trainable_parameters())
+        _, _, params, state = step(model, state, batches[0])
+        model.update(params)
+        return model, state
+
+    model, state = started()
+    sharded_model, _ = started()
+    sharded_model.update(tree_map(layout(4, 0), model.trainable_parameters()))
+    finetune._save_checkpoint(str(tmp_path), sharded_model, tree_map(layout(4, 0), state),
+                              history)
+    saved = tmp_path / "step-1"
+    assert sorted(os.listdir(saved)) == ["history.json", "sharded"]
+
+    for place in (layout(2, -1), None):  # resumed on another mesh, or on one device
+        resumed, template = started()
+        if place is not None:
+            resumed.update(tree_map(place, resumed.trainable_parameters()))
+            template = tree_map(place, template)
+        restored, _ = finetune._restore(str(tmp_path), resumed, template, history)
+        for got, want in zip(tree_leaves((resumed.trainable_parameters(), restored)),
+                             tree_leaves((model.trainable_parameters(), state))):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        for got, like in zip(tree_leaves(restored), tree_leaves(template)):
+            assert getattr(got, "sharding", None) == getattr(like, "sharding", None)
+    # On one device the resumed run's next step is the uninterrupted run's.
+    loss, *_ = step(resumed, restored, batches[1])
+    want, *_ = step(model, state, batches[1])
+    assert float(loss) == float(want)

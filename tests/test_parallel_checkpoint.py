@@ -306,7 +306,9 @@ def test_a_corrupt_checkpoint_is_an_error_naming_the_file_and_the_leaf(saved, ca
 def test_a_mismatched_request_is_an_error_naming_the_leaves(saved, tmp_path):
     with pytest.raises(CheckpointError, match=r"not in the checkpoint: 'v'; in the checkpoint "
                                               r"but not asked for: 'w'"):
-        checkpoint.load(saved, {"v": None, "b": None})
+        checkpoint.load(saved, {"v": LOAD_AS["w"], "b": None})
+    # None is an empty subtree too (an optimizer's unused slot): where nothing is saved, it stays
+    assert checkpoint.load(saved, {**LOAD_AS, "unused": None})["unused"] is None
     with pytest.raises(CheckpointError, match=r"leaf 'w': .*\(8, 4\) cannot be laid out as "
                                               r"PartitionSpec\(None, 'x'\)"):
         checkpoint.load(saved, {"w": sharding((8,), ("x",), None, "x"), "b": None})

@@ -10,7 +10,11 @@ batches, and therefore the losses, of an uninterrupted run.
 
 A checkpoint is a directory ``checkpoints/step-N`` (trainable parameters and optimizer state
 as safetensors, the history as JSON) published by atomically rewriting ``checkpoints/latest``
-after every file is in place; a run killed mid-save resumes from the previous checkpoint.
+after every file is in place; a run killed mid-save resumes from the previous checkpoint. When
+the parameters or the state are sharded over a mesh, they are saved instead as one sharded
+checkpoint (``step-N/sharded``, :mod:`ember.parallel.checkpoint`): each process writes its own
+blocks, and a run resumed on another mesh, or another process count, reads them laid out as its
+own parameters are.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from ember.io import safetensors
 from ember.io.files import atomic_write, read_json, write_text_atomic
 from ember.models.llama import LlamaForCausalLM
 from ember.models.loading import save_pretrained
+from ember.parallel import ShardedArray, checkpoint, device_put, process_index
 from ember.transforms.jit import jit
+from ember.tree import tree_leaves, tree_map
 
 __all__ = ["TrainConfig", "train", "tokenize_text", "latest_checkpoint", "ResumeMismatchError"]
 
@@ -270,13 +276,25 @@ def _evaluate(eval_fn: Any, model: LlamaForCausalLM, data: _Windows, config: Tra
     return float(np.mean(values))
 
 
+SHARDED = "sharded"  # a checkpoint's sharded parameters and optimizer state
+
+
 def _save_checkpoint(ckpt_dir: str, model: LlamaForCausalLM, state: Any,
                      history: dict[str, Any]) -> None:
     target = os.path.join(ckpt_dir, f"step-{history['step']}")
     os.makedirs(target, exist_ok=True)
-    params = {k: np.asarray(v) for k, v in model.trainable_parameters().items()}
-    safetensors.save(params, os.path.join(target, "trainable.safetensors"))
-    safetensors.save(optim.state_to_dict(state), os.path.join(target, "optimizer.safetensors"))
+    params = model.trainable_parameters()
+    if any(isinstance(x, ShardedArray) for x in tree_leaves((params, state))):
+        # Every process takes part; what follows is written once, by process 0.
+        checkpoint.save(os.path.join(target, SHARDED), {"params": params, "optimizer": state},
+                        overwrite=True)
+        if process_index() != 0:
+            return
+    else:
+        safetensors.save({k: np.asarray(v) for k, v in params.items()},
+                         os.path.join(target, "trainable.safetensors"))
+        safetensors.save(optim.state_to_dict(state),
+                         os.path.join(target, "optimizer.safetensors"))
     write_text_atomic(os.path.join(target, "history.json"), json.dumps(history))
     write_text_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(target))
     for name in os.listdir(ckpt_dir):
@@ -309,15 +327,32 @@ def _restore(ckpt_dir: str, model: LlamaForCausalLM, state: Any, history: dict[s
         raise ResumeMismatchError(f"train: the checkpoint in {ckpt_dir} was made with other "
                                   f"settings or data; use a new output directory or pass "
                                   f"resume=False")
-    params = safetensors.load(os.path.join(source, "trainable.safetensors"))
-    state = optim.state_from_dict(state, safetensors.load(os.path.join(source,
-                                                                        "optimizer.safetensors")))
     current = model.trainable_parameters()
-    if set(params) != set(current):
-        raise EmberError(f"train: checkpoint {source} holds other parameters than the model")
-    model.update({k: enp.asarray(v) for k, v in params.items()})
+    if os.path.isdir(os.path.join(source, SHARDED)):
+        # Read laid out as this run's parameters and state are (on its mesh, or whole).
+        layouts = tree_map(lambda x: x.sharding if isinstance(x, ShardedArray) else None,
+                           {"params": current, "optimizer": state})
+        saved_arrays = checkpoint.load(os.path.join(source, SHARDED), layouts)
+        params, state = saved_arrays["params"], saved_arrays["optimizer"]
+    else:
+        params = safetensors.load(os.path.join(source, "trainable.safetensors"))
+        if set(params) != set(current):
+            raise EmberError(f"train: checkpoint {source} holds other parameters than the "
+                             f"model")
+        loaded = optim.state_from_dict(state, safetensors.load(
+            os.path.join(source, "optimizer.safetensors")))
+        params = {k: _laid_out_as(v, current[k]) for k, v in params.items()}
+        state = tree_map(_laid_out_as, loaded, state)
+    model.update(params)
     tqdm.write(f"resuming from {source} (step {saved['step']})")
     return state, saved
+
+
+def _laid_out_as(value: Any, like: Any) -> Any:
+    """``value`` laid out as ``like`` is: over its mesh when it is sharded."""
+    if isinstance(like, ShardedArray):
+        return device_put(value, like.sharding)
+    return enp.asarray(value)
 
 
 def _finish(model: LlamaForCausalLM, tokenizer: Any, out_dir: str,

@@ -199,7 +199,8 @@ def load(path: str | os.PathLike[str], shardings: Any) -> Any:
 
     ``shardings`` has the structure of the saved tree, with a ``NamedSharding`` (over any mesh,
     with any process count) for each leaf to get as a ``ShardedArray``, or ``None`` for a
-    leaf to get whole, as a plain ember array. A collective when the job has several processes.
+    leaf to get whole, as a plain ember array (or for an empty subtree: where the checkpoint
+    holds no leaf, ``None`` stays ``None``). A collective when the job has several processes.
     A corrupt, incomplete or mismatched checkpoint is a :class:`CheckpointError` naming the
     file and the leaf, raised in every process; nothing is returned half loaded.
     """
@@ -212,7 +213,10 @@ def load(path: str | os.PathLike[str], shardings: Any) -> Any:
     def read() -> None:
         saved = _read_layout(root, op)
         names = _leaf_paths(treedef, op)
-        missing = [n for n in names if n not in saved]
+        # None is also an empty subtree (an optimizer's unused slot): where the checkpoint
+        # holds nothing under its path it stays None.
+        empty = {n for n, t in zip(names, targets) if t is None and n not in saved}
+        missing = [n for n, t in zip(names, targets) if n not in saved and n not in empty]
         extra = [n for n in saved if n not in set(names)]
         if missing or extra:
             raise op_error(CheckpointError, op, f"{root} does not hold the leaves asked for: "
@@ -221,7 +225,8 @@ def load(path: str | os.PathLike[str], shardings: Any) -> Any:
                                            ("in the checkpoint but not asked for", extra))
                                        if items))
         files = _Files(root, op)
-        values.extend(_read_leaf(saved[n], target, files, op) for n, target in zip(names, targets))
+        values.extend(None if n in empty else _read_leaf(saved[n], target, files, op)
+                      for n, target in zip(names, targets))
 
     _together(read, op, "read its shards")
     return treedef.unflatten(values)
