@@ -149,9 +149,9 @@ class ShardedArray(Array):
         out.flags.writeable = False  # a value: writing through it must not look possible
         return out
 
-    # Code that does not know shardings (a jit call before the SPMD partitioner) reads
-    # ``_buffer`` and gets the global value, assembled once and kept; jit's donation writes
-    # ``None`` (the shards are given up) or puts a global buffer back (re-split).
+    # Code that does not know shardings (``__dlpack__``, a backend handed the array) reads
+    # ``_buffer`` and gets the global value, assembled once and kept. ``jit`` never does: it
+    # runs the partitioned program on the shards (``ember.parallel.jit``).
     @property  # type: ignore[override]
     def _buffer(self) -> np.ndarray | None:
         if self._shards is None:
@@ -159,14 +159,18 @@ class ShardedArray(Array):
         if self._gathered is None:
             self._gathered = self.to_numpy()
             warn_gather(f"a {self.aval} array laid out by {self._sharding} was gathered into "
-                        f"one buffer by code that does not partition it (jit before the SPMD "
-                        f"partitioner): it runs on the global value")
+                        f"one buffer by code that does not partition it: it runs on the "
+                        f"global value")
         return self._gathered
 
-    @_buffer.setter
-    def _buffer(self, value: np.ndarray | None) -> None:
-        self._gathered = value
-        self._shards = None if value is None else _split(np.asarray(value), self._sharding)
+    def donate(self) -> None:
+        """Internal (``jit``'s ``donate_argnums``): the shards now belong to a program; this
+        array can no longer be used."""
+        self._shards = self._gathered = None
+
+    def restore(self, buffers: Sequence[np.ndarray]) -> None:
+        """Internal: undo :meth:`donate` after a call that failed, with the same buffers."""
+        self._shards = list(buffers)
 
     def __repr__(self) -> str:
         try:

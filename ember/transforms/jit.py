@@ -13,6 +13,11 @@ Called from inside another transformation (``grad(jit(f))``, ``vmap(jit(f))``, a
 (traced once per signature, from the same cache) is applied as one ``call`` equation
 (:mod:`ember.transforms.call`), whose rules make transformed calls. ``donate_argnums`` does not
 apply there: the enclosing transformation or program owns the buffers.
+
+With shardings (``in_shardings``/``out_shardings``, or sharded arguments, whose types carry
+their layouts) the traced global graph is handed to the parallel layer, which this module sits
+below and reaches through :func:`register_sharding_hook`: it partitions the graph and runs the
+per-device program on every device (``ember.parallel.jit``). Without them nothing here changes.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from ember.transforms.call import call_p
 from ember.transforms.subgraphs import hoist_consts
 from ember.tree import LEAF, TreeDef, tree_flatten, tree_unflatten
 
-__all__ = ["jit", "Jitted", "Lowered", "Compiled"]
+__all__ = ["jit", "Jitted", "Lowered", "Compiled", "ShardingHook", "register_sharding_hook"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,12 +99,27 @@ class Lowered:
     donate: tuple[bool, ...] = ()
     # Global state the function used (the ember.random key): trailing inputs and outputs.
     hidden: tuple[HiddenState, ...] = ()
+    name: str = "function"
+    # With shardings: the parallel layer's plan (the partitioned per-device program).
+    sharded: Any = None
 
     def as_text(self) -> str:
-        return str(self.graph)
+        """The graph; with shardings, the per-device graph every device runs."""
+        return str(self.graph) if self.sharded is None else self.sharded.as_text()
+
+    def explain(self) -> Any:
+        """The partitioner's :class:`~ember.parallel.Explanation` (printable): every collective
+        of the per-device program and why; an error for a function without shardings."""
+        if self.sharded is None:
+            raise EmberError(f"explain: jit of {self.name} was lowered without shardings, so "
+                             f"nothing was partitioned (pass in_shardings/out_shardings or "
+                             f"sharded arguments)\n  at {user_frame()}")
+        return self.sharded.partitioned.explanation
 
     def compile(self) -> Compiled:
         """Compile for this graph's backend: a :class:`Compiled`, called as the function is."""
+        if self.sharded is not None:
+            return self.sharded.compile(self)
         backend = get_backend(self.backend)
         program = backend.compile(self.graph, self.donate)
         return Compiled(self, program, _runner(self, backend, program))
@@ -152,6 +172,10 @@ class Compiled:
         default build has no timers); arguments, donated ones too, and the ``ember.random``
         state are left as they were."""
         profile = self._feature("profile", "no timers")
+        if self.lowered.sharded is not None:
+            raise UnsupportedError(f"profile: jit of {self.lowered.name} runs on several "
+                                   f"devices; profiling covers one-device programs\n"
+                                   f"  at {user_frame()}")
         if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
             raise EmberValueError(f"profile: runs must be an integer >= 1, got {runs!r}\n"
                                   f"  at {user_frame()}")
@@ -162,6 +186,36 @@ class Compiled:
         buffers = [to_array(x)._buffer for x in leaves]
         buffers += [s.current()._buffer for s in self.lowered.hidden]
         return profile(buffers, runs)
+
+
+@dataclass(frozen=True)
+class ShardingHook:
+    """What the parallel layer, above this one, provides for functions with shardings.
+
+    ``input_types(in_shardings, tree, leaves, avals)``: the argument types with the layouts
+    ``in_shardings`` gives (a conflict with a sharded argument is an error).
+    ``lower(lowered, in_shardings, out_shardings)``: the plan, kept as ``Lowered.sharded``:
+    it has ``partitioned``, ``as_text()`` and ``compile(lowered) -> Compiled``.
+    """
+
+    input_types: Callable[[Any, TreeDef, list[Any], tuple[ArrayType, ...]],
+                          tuple[ArrayType, ...]]
+    lower: Callable[[Lowered, Any, Any], Any]
+
+
+_SHARDING_HOOK: list[ShardingHook] = []
+
+
+def register_sharding_hook(hook: ShardingHook) -> None:
+    """Called once by ``ember.parallel`` when it is imported."""
+    _SHARDING_HOOK[:] = [hook]
+
+
+def _sharding_hook() -> ShardingHook:
+    if not _SHARDING_HOOK:
+        raise EmberError(f"jit: shardings need ember.parallel (import ember.parallel)\n"
+                         f"  at {user_frame()}")
+    return _SHARDING_HOOK[0]
 
 
 _NO_KEYWORDS = tree_flatten({})[1]
@@ -266,8 +320,12 @@ class Jitted:
 
     def __init__(self, fun: Callable[..., Any], static_argnums: Sequence[int] = (),
                  static_argnames: Sequence[str] = (), donate_argnums: Sequence[int] = (),
-                 backend: str | None = None):
+                 backend: str | None = None, in_shardings: Any = None,
+                 out_shardings: Any = None):
         self.fun = fun
+        # Pytree prefixes of the positional arguments / the results (None: not given).
+        self.in_shardings = in_shardings
+        self.out_shardings = out_shardings
         self.static_argnums = tuple(static_argnums)
         self.static_argnames = tuple(static_argnames)
         self.donate_argnums = tuple(donate_argnums)
@@ -354,6 +412,8 @@ class Jitted:
             for a in arrays:
                 to_array(a)  # refuses the array already donated
         avals = tuple(map(_ARRAY_AVAL if only_arrays else _AVAL, leaves))
+        if self.in_shardings is not None:
+            avals = _sharding_hook().input_types(self.in_shardings, tree, leaves, avals)
         backend = self.backend or default_backend().name
         # A call like the last one (a decode step) reuses its key and so its kept hash.
         last = self._last_key
@@ -387,8 +447,13 @@ class Jitted:
         closed, hidden = make_graph_with_state(flat, key.avals)
         closed = optimize(closed)
         verify(closed)
-        return Lowered(closed, key.tree, store[-1], key.backend, self._donated_leaves(args),
-                       tuple(hidden))
+        lowered = Lowered(closed, key.tree, store[-1], key.backend, self._donated_leaves(args),
+                          tuple(hidden), self._name)
+        if (self.in_shardings is not None or self.out_shardings is not None
+                or any(a.sharding is not None for a in key.avals)):
+            lowered.sharded = _sharding_hook().lower(lowered, self.in_shardings,
+                                                     self.out_shardings)
+        return lowered
 
     def _donated_leaves(self, args: tuple) -> tuple[bool, ...]:
         """One flag per dynamic leaf: does it belong to a ``donate_argnums`` argument?"""
@@ -476,11 +541,19 @@ def _safe_signature(fun: Callable[..., Any]) -> inspect.Signature | None:
 
 def jit(fun: Callable[..., Any] | None = None, *, static_argnums: int | Sequence[int] = (),
         static_argnames: str | Sequence[str] = (), donate_argnums: int | Sequence[int] = (),
-        backend: str | None = None) -> Any:
-    """Compile ``fun`` to a static graph; usable as ``@jit`` or ``@jit(static_argnums=...)``."""
+        backend: str | None = None, in_shardings: Any = None, out_shardings: Any = None
+        ) -> Any:
+    """Compile ``fun`` to a static graph; usable as ``@jit`` or ``@jit(static_argnums=...)``.
+
+    ``in_shardings``/``out_shardings``: pytree prefixes of the positional arguments / of the
+    results holding ``ember.parallel.NamedSharding`` or ``None``; with them, or with sharded
+    arguments, the program is partitioned and runs on every device of the mesh
+    (``docs/parallel.md``).
+    """
     as_tuple = lambda v: (v,) if isinstance(v, (int, str)) else tuple(v)  # noqa: E731
     if fun is None:
         return lambda f: jit(f, static_argnums=static_argnums, static_argnames=static_argnames,
-                             donate_argnums=donate_argnums, backend=backend)
+                             donate_argnums=donate_argnums, backend=backend,
+                             in_shardings=in_shardings, out_shardings=out_shardings)
     return Jitted(fun, as_tuple(static_argnums), as_tuple(static_argnames),
-                  as_tuple(donate_argnums), backend)
+                  as_tuple(donate_argnums), backend, in_shardings, out_shardings)
