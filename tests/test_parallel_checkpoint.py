@@ -275,10 +275,16 @@ CORRUPTIONS = {
     "other version": (lambda p: (p / "layout.json").write_text(
         json.dumps({"format": checkpoint.FORMAT, "version": 99})), r"version 1, got .* 99"),
     "block dropped": (lambda p: edit_layout(p, lambda leaves: leaves["w"]["blocks"].pop()),
-                      r"leaf 'w': its blocks do not cover its shape \[8, 4\]"),
+                      r"leaf 'w': its blocks leave \[6, 8\) of dimension 0 uncovered"),
     "blocks overlap": (lambda p: edit_layout(
         p, lambda leaves: leaves["w"]["blocks"][1].update(index=[[1, 3], [0, 4]])),
-        r"leaf 'w': blocks 'w@0:2,0:4' and 'w@2:4,0:4' overlap"),
+        r"leaf 'w': its blocks overlap in dimension 0 \(\[1, 3\) starts before 2\)"),
+    "block twice": (lambda p: edit_layout(
+        p, lambda leaves: leaves["w"]["blocks"].append(leaves["w"]["blocks"][0])),
+        r"leaf 'w': a block is stored twice"),
+    "block outside": (lambda p: edit_layout(
+        p, lambda leaves: leaves["w"]["blocks"][3].update(index=[[6, 9], [0, 4]])),
+        r"leaf 'w': block 'w@6:8,0:4' lies outside its shape \[8, 4\]"),
     "malformed leaf": (lambda p: edit_layout(p, lambda leaves: leaves["b"].pop("shape")),
                        r"leaf 'b' is malformed \(KeyError"),
     "file missing": (lambda p: (p / "process-0.safetensors").unlink(),
@@ -301,6 +307,15 @@ def test_a_corrupt_checkpoint_is_an_error_naming_the_file_and_the_leaf(saved, ca
     with pytest.raises(CheckpointError, match=r"checkpoint.load: .*" + message) as e:
         checkpoint.load(saved, LOAD_AS)
     assert "test_parallel_checkpoint.py" in str(e.value)
+
+
+def test_a_grid_missing_one_block_is_an_error(tmp_path):
+    layout = sharding((2, 2), ("a", "b"), "a", "b")
+    checkpoint.save(tmp_path / "ck", {"w": P.device_put(value((4, 4)), layout)})
+    edit_layout(tmp_path / "ck", lambda leaves: leaves["w"]["blocks"].pop(1))
+    with pytest.raises(CheckpointError, match=r"leaf 'w': its blocks do not cover its shape "
+                                              r"\[4, 4\] \(3 blocks where the grid has 4\)"):
+        checkpoint.load(tmp_path / "ck", {"w": layout})
 
 
 def test_a_mismatched_request_is_an_error_naming_the_leaves(saved, tmp_path):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -371,25 +370,36 @@ def _count(value: Any) -> int:
 
 
 def _tiling_problem(leaf: Leaf) -> str | None:
-    """Why the blocks do not cover the global value exactly once, if they do not."""
+    """Why the blocks do not cover the global value exactly once, if they do not.
+
+    Blocks of a sharded array form a grid: along each dimension their ranges cut ``[0, n)``
+    into consecutive pieces, and there is one block per combination of pieces. Checked so, it
+    costs a sort per dimension rather than a comparison of every pair of blocks."""
     if not leaf.blocks:
         return "it has no blocks"
     for block in leaf.blocks:
         if len(block.ranges) != len(leaf.shape) or any(
                 not 0 <= a <= b <= n for (a, b), n in zip(block.ranges, leaf.shape)):
             return f"block {block.tensor!r} lies outside its shape {list(leaf.shape)}"
-    for i, first in enumerate(leaf.blocks):
-        for second in leaf.blocks[i + 1:]:
-            if _volume(tuple((max(a, c), min(b, d)) for (a, b), (c, d) in
-                             zip(first.ranges, second.ranges))):
-                return f"blocks {first.tensor!r} and {second.tensor!r} overlap"
-    if sum(_volume(b.ranges) for b in leaf.blocks) != math.prod(leaf.shape):
-        return f"its blocks do not cover its shape {list(leaf.shape)}"
+    pieces = 1
+    for dim, n in enumerate(leaf.shape):
+        cuts = sorted({block.ranges[dim] for block in leaf.blocks})
+        edge = 0
+        for start, stop in cuts:
+            if start != edge:
+                return (f"its blocks overlap in dimension {dim} ([{start}, {stop}) starts "
+                        f"before {edge})" if start < edge else
+                        f"its blocks leave [{edge}, {start}) of dimension {dim} uncovered")
+            edge = stop
+        if edge != n:
+            return f"its blocks leave [{edge}, {n}) of dimension {dim} uncovered"
+        pieces *= len(cuts)
+    if len({block.ranges for block in leaf.blocks}) != len(leaf.blocks):
+        return "a block is stored twice"
+    if pieces != len(leaf.blocks):
+        return (f"its blocks do not cover its shape {list(leaf.shape)} ({len(leaf.blocks)} "
+                f"blocks where the grid has {pieces})")
     return None
-
-
-def _volume(ranges: Ranges) -> int:
-    return math.prod(max(b - a, 0) for a, b in ranges)
 
 
 # --- shared -----------------------------------------------------------------------------------
