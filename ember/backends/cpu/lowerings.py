@@ -341,10 +341,27 @@ def parallel_pieces(tasks: int) -> str:
 # the kernel, 14.2 and 12.9 with sgemv pieces).
 GEMV_MIN_ROWS = 1
 GEMV_ROWS = 8
-# Elements of W below which the kernel runs on one thread: OpenMP threads that wait passively
-# (``toolchain._openmp_wait_policy``) take tens of microseconds to wake, more than a 1 MB product
-# gains from a second core (measured: 576 x 576 runs as fast on one thread as on two).
-GEMV_THREADED_ELEMENTS = 1 << 19
+# Elements of W below which the kernel runs on one thread. OpenMP threads that spin between
+# parallel regions (``toolchain._openmp_wait_policy``, on idle cores) wake at once, and a second
+# core pays from 64K elements: SmolLM2 decode, its 576 x 576 and 192 x 576 products on two
+# threads instead of one, 29.3 and 30.8 -> 34.7 and 35.1 tok/s (2 idle cores, back to back).
+# Threads that wait passively take tens of microseconds to wake, more than a 1 MB product gains
+# (576 x 576 runs as fast on one thread as on two): the kernel reads the policy when it runs.
+GEMV_THREADED_ELEMENTS = 1 << 16
+GEMV_THREADED_ELEMENTS_PASSIVE = 1 << 19
+
+_GEMV_THREADS = r"""
+/* Elements of W from which a few-row product is split across threads: fewer when OpenMP's
+   threads spin between regions than when they sleep (OMP_WAIT_POLICY=passive), read once. */
+static int64_t ember_gemv_threaded_min(void) {
+    static int64_t min = -1;
+    if (min < 0) {
+        const char *policy = getenv("OMP_WAIT_POLICY");
+        min = policy && (policy[0] == 'p' || policy[0] == 'P') ? $PASSIVE : $SPIN;
+    }
+    return min;
+}
+"""
 
 _GEMV = r"""
 /* y[m, n] = sum_k x[m, k] w[n, k] for $M rows of x (row stride ldx) and N rows of W (row
@@ -377,7 +394,7 @@ static inline __attribute__((always_inline)) void ember_sgemv_rows_m$M(
 static void ember_sgemv_m$M(int64_t N, int64_t K, const float *x, int64_t ldx, const float *w,
                             int64_t ldw, float *y) {
     const int64_t groups = N / $R;
-    #pragma omp parallel for schedule(static) if (N * K >= $THREADED)
+    #pragma omp parallel for schedule(static) if (N * K >= ember_gemv_threaded_min())
     for (int64_t g = 0; g < groups; ++g)
         ember_sgemv_rows_m$M($R, K, x, ldx, w + g * $R * ldw, ldw, y + g * $R, N);
     for (int64_t n = groups * $R; n < N; ++n)  /* the last N % $R rows, one at a time */
@@ -395,7 +412,9 @@ def _gemv_helpers(m: int) -> tuple[str, ...]:
     # Accumulators in registers: m x r of them, plus r rows of W and a row of x (of 32).
     group = 8 if m == 1 else 4 if m <= 4 else 2
     kernel = _GEMV.replace("$M", str(m)).replace("$R", str(group))
-    return SIMD, kernel.replace("$THREADED", str(GEMV_THREADED_ELEMENTS))
+    threads = _GEMV_THREADS.replace("$SPIN", str(GEMV_THREADED_ELEMENTS)).replace(
+        "$PASSIVE", str(GEMV_THREADED_ELEMENTS_PASSIVE))
+    return SIMD, threads, kernel
 
 
 # Products that run in ember's packed kernel (``gemm.py``, decision 0018) instead of BLAS pieces:
