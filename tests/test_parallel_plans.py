@@ -61,8 +61,7 @@ class Run:
         ins = (plan.model_shardings(self.model, mesh)
                + tree_leaves(plan.state_shardings(self.state, mesh))
                + [plan.batch_sharding(mesh, ndim=3)])
-        params = plan.param_shardings(self.model, mesh)
-        trained = {k: params[k] for k in self.model.trainable_parameters()}
+        trained = plan.param_shardings(self.model, mesh, trainable=True)
         replicated = P.NamedSharding(mesh)
         outs = tree_leaves((replicated, replicated, trained,
                             plan.state_shardings(self.state, mesh)))
@@ -150,6 +149,40 @@ def test_gradient_accumulation_trains_like_one_device(plan, axes):
 
 def test_checkpointed_layers_train_like_one_device_under_zero3():
     assert_same_training(P.plans.llama(dp="dp", zero=3), mesh_of(dp=4), checkpointing=True)
+
+
+@pytest.mark.parametrize("plan, axes", [(dict(dp="dp", tp="tp", zero=1), dict(dp=2, tp=2)),
+                                        (dict(dp="dp", zero=3), dict(dp=2))],
+                         ids=["dp2xtp2-zero1", "zero3-dp2"])
+def test_a_sharded_model_trains_under_jit_like_one_device(plan, axes):
+    """The jit path: ``P.shard`` places the model, the state and the batches are placed by the
+    plan, and the fine-tuning step jitted with the plan's result layouts keeps every value
+    where the plan says, step after step, with one trace."""
+    mesh, plan = mesh_of(**axes), P.plans.llama(**plan)
+    data = batches(3, 1)
+    one = Run(None, None)
+    want = one.train(data)
+    model = P.shard(model_for(), mesh, plan)
+    opt = ember.optim.AdamW(lr=1e-2)
+    state = opt.init(model.trainable_parameters())
+    state_layout = plan.state_shardings(state, mesh)
+    state = ember.tree.tree_map(P.device_put, state, state_layout)
+    trained = plan.param_shardings(model, mesh, trainable=True)
+    step = ember.jit(_make_step(opt, 1.0).fun, donate_argnums=1, backend="numpy",
+                     out_shardings=(None, None, trained, state_layout))
+    losses = []
+    for batch in data:
+        loss, _, new, state = step(model, state, P.device_put(batch, plan.batch_sharding(mesh, 3)))
+        model.update(new)
+        losses.append(float(np.asarray(loss)))
+    assert step.trace_count == 1
+    np.testing.assert_allclose(losses, want, rtol=2e-5)
+    for name, value in model.trainable_parameters().items():
+        assert value.sharding == trained[name], name
+        np.testing.assert_allclose(np.asarray(value), np.asarray(one.model.trainable_parameters()[
+            name]), rtol=1e-4, atol=2e-5, err_msg=name)
+    for name, moment in state.exp_avg.items():
+        assert moment.sharding == state_layout.exp_avg[name], name
 
 
 # --- what each plan communicates -----------------------------------------------------------------
@@ -241,7 +274,7 @@ def test_zero1_sums_gradients_whole_and_zero2_into_shards(zero, kind):
     ids = batches(1, 1)[0][0]
     step = zero_step(opt, plan, mesh)
     closed = ember.jit(step).lower(model, state, ids).graph
-    params = plan.param_shardings(model, mesh)
+    params = plan.param_shardings(model, mesh, trainable=True)
     ins = (plan.model_shardings(model, mesh) + tree_leaves(plan.state_shardings(state, mesh))
            + [plan.batch_sharding(mesh)])
     outs = tree_leaves((P.NamedSharding(mesh), params, plan.state_shardings(state, mesh)))
@@ -269,8 +302,7 @@ def test_zero_stores_a_share_of_parameters_and_optimizer_state_per_device(zero):
                    for v, s in zip(tree_leaves(values), tree_leaves(shardings)))
     total_params = sum(nbytes(*v.shape) for v in model.trainable_parameters().values())
     params = per_device(model.trainable_parameters(),
-                        {k: s for k, s in plan.param_shardings(model, mesh).items()
-                         if k in model.trainable_parameters()})
+                        plan.param_shardings(model, mesh, trainable=True))
     moments = per_device((state.exp_avg, state.exp_avg_sq),
                          tree_leaves((plan.state_shardings(state, mesh).exp_avg,
                                       plan.state_shardings(state, mesh).exp_avg_sq)))
@@ -310,6 +342,11 @@ def test_plan_layouts_by_name():
         P.PartitionSpec(None, "tp")
     assert plan.param_spec("model.layers.0.mlp.up_proj.lora_B", 2) == P.PartitionSpec("tp", None)
     assert plan.param_spec("model.norm.weight", 1) == P.PartitionSpec(None)
+    zero3 = P.plans.llama(dp="dp", tp="tp", zero=3)
+    assert zero3.param_spec("model.layers.0.mlp.down_proj.weight", 2) == \
+        P.PartitionSpec("dp", "tp")
+    assert zero3.gathered_spec("model.layers.0.mlp.down_proj.weight", 2) == \
+        P.PartitionSpec(None, "tp")
     assert plan.activation_spec("residual") == P.PartitionSpec("dp", None, None)
     assert P.plans.llama(tp="tp", sp=True).activation_spec("residual") == \
         P.PartitionSpec(None, "tp", None)

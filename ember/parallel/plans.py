@@ -84,6 +84,11 @@ class Plan:
         """The layout of the gradient of parameter ``name``."""
         return self._spec(name, ndim, zero_from=2)
 
+    def gathered_spec(self, name: str, ndim: int) -> PartitionSpec:
+        """The layout a ZeRO-3 parameter is gathered to where it is used: without the data
+        axis, keeping any tensor-parallel split."""
+        return self._spec(name, ndim, zero_from=4)
+
     def activation_spec(self, point: str) -> PartitionSpec | None:
         """The layout of the activation at the named point, or None (propagation decides)."""
         layout = dict(self.activations).get(point)
@@ -105,19 +110,22 @@ class Plan:
         return PartitionSpec(*entries)
 
     # --- on a mesh ----------------------------------------------------------------------------
-    def param_shardings(self, model: Any, mesh: Mesh) -> dict[str, NamedSharding]:
-        """``{name: NamedSharding}`` for every entry of ``model.state_dict()``."""
+    def param_shardings(self, model: Any, mesh: Mesh, trainable: bool = False
+                        ) -> dict[str, NamedSharding]:
+        """``{name: NamedSharding}`` for every entry of ``model.state_dict()``, or with
+        ``trainable`` of ``model.trainable_parameters()`` (the parameters a step returns)."""
         self.check(model, mesh)
+        values = model.trainable_parameters() if trainable else model.state_dict()
         return {name: self._named(mesh, self.param_spec(name, np.ndim(v)), name, np.shape(v),
                                   "parameter")
-                for name, v in model.state_dict().items()}
+                for name, v in values.items()}
 
     def model_shardings(self, model: Any, mesh: Mesh) -> list[NamedSharding]:
         """One sharding per leaf of ``model`` (``tree_leaves`` order): parameters by the plan,
         buffers that are not in the state dict (rotary frequencies) replicated. This is the
         model's part of a partitioned program's input layouts."""
-        by_id = {id(v): s for (name, v), s in zip(model.state_dict().items(),
-                                                  self.param_shardings(model, mesh).values())}
+        by_id = {id(v): s for v, s in zip(model.state_dict().values(),
+                                          self.param_shardings(model, mesh).values())}
         return [by_id.get(id(leaf), NamedSharding(mesh)) for leaf in tree_leaves(model)]
 
     def state_shardings(self, state: Any, mesh: Mesh) -> Any:
@@ -165,7 +173,7 @@ class Plan:
             raise PlanError(f"{self.name}: mesh axis {missing[0]!r} is not in {mesh} (axes "
                             f"{mesh.axis_names})")
         config = getattr(model, "config", None)
-        for field_name, axis in self.requires:
+        for field_name, axis in self.requires if config is not None else ():
             count, size = getattr(config, field_name), mesh.shape[axis]
             if count % size:
                 what = field_name.removeprefix("num_").replace("_", " ")
@@ -176,13 +184,12 @@ class Plan:
     def _named(self, mesh: Mesh, spec: PartitionSpec, name: str, shape: tuple[int, ...],
                what: str) -> NamedSharding:
         sharding = NamedSharding(mesh, spec)
-        for dim, entry in enumerate(spec):
-            axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
-            size = int(np.prod([mesh.shape[a] for a in axes]))
-            if shape[dim] % size:
-                raise PlanError(f"{self.name}: {what} {name} of shape {shape}: dimension {dim} "
-                                f"of size {shape[dim]} does not divide over mesh axis "
-                                f"{' x '.join(repr(a) for a in axes)} (size {size})")
+        misfit = _misfit(mesh, spec, shape)
+        if misfit is not None:
+            dim, axes, size = misfit
+            raise PlanError(f"{self.name}: {what} {name} of shape {shape}: dimension {dim} of "
+                            f"size {shape[dim]} does not divide over mesh axis "
+                            f"{' x '.join(repr(a) for a in axes)} (size {size})")
         return sharding
 
 
@@ -200,7 +207,7 @@ class Annotator:
         if point == "layer":
             return self._gather_layer(x)
         spec = self.plan.activation_spec(point)
-        if spec is None or len(spec) > np.ndim(x) or not _fits(self.mesh, spec, np.shape(x)):
+        if spec is None or len(spec) > np.ndim(x) or _misfit(self.mesh, spec, np.shape(x)):
             return x
         return with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
@@ -212,7 +219,7 @@ class Annotator:
         if self.plan.zero < 3:
             return layer
         params = dict(layer.named_parameters())
-        whole = {n: NamedSharding(self.mesh, self.plan._spec(n, np.ndim(p), zero_from=4))
+        whole = {n: NamedSharding(self.mesh, self.plan.gathered_spec(n, np.ndim(p)))
                  for n, p in params.items()}
         split = {n: NamedSharding(self.mesh, self.plan.grad_spec(n, np.ndim(p)))
                  for n, p in params.items()}
@@ -231,12 +238,16 @@ class Annotator:
         return layer.replace(gather(params))
 
 
-def _fits(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...]) -> bool:
+def _misfit(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...]
+            ) -> tuple[int, tuple[str, ...], int] | None:
+    """The first dimension of ``shape`` that ``spec`` cannot split evenly over ``mesh``: the
+    dimension, its mesh axes and their size; None when every dimension divides."""
     for dim, entry in enumerate(spec):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
-        if shape[dim] % int(np.prod([mesh.shape[a] for a in axes])):
-            return False
-    return True
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        size = int(np.prod([mesh.shape[a] for a in axes]))
+        if shape[dim] % size:
+            return dim, axes, size
+    return None
 
 
 def shard(model: Any, mesh: Mesh, plan: Plan) -> Any:
