@@ -220,3 +220,56 @@ def test_a_sharded_checkpoint_resumes_on_another_mesh_and_continues_the_curve(ba
     loss, *_ = step(resumed, restored, batches[1])
     want, *_ = step(model, state, batches[1])
     assert float(loss) == float(want)
+
+
+def test_a_run_sharded_by_one_plan_resumes_under_another_and_continues_the_curve(tmp_path):
+    """Two steps under dp=2 x tp=2 (ZeRO-1) on 4 devices, a sharded checkpoint, two more under
+    ZeRO-3 on 2 devices: the losses and parameters are those of four steps on one device."""
+    from tiny_models import tiny_model
+
+    from ember import parallel as P
+    from ember.models import finetune
+    from ember.tree import tree_map
+
+    vocab = 64
+    rng = np.random.default_rng(0)
+    data = [rng.integers(0, vocab, (1, 8, 8)).astype(np.int32) for _ in range(4)]
+    opt = ember.optim.AdamW(lr=1e-2)
+    history = {"fingerprint": "f", "step": 2, "train": [], "eval": []}
+
+    def run(batches, plan=None, axes=None, resume=False):
+        model = tiny_model(vocab)
+        state = opt.init(model.trainable_parameters())
+        step = finetune._make_step(opt, 1.0)
+        place = np.asarray
+        if plan is not None:
+            mesh = P.Mesh(P.devices()[:int(np.prod(list(axes.values())))], tuple(axes),
+                          shape=tuple(axes.values()))
+            plan = P.plans.llama(**plan)
+            model = P.shard(model, mesh, plan)
+            layout = plan.state_shardings(state, mesh)
+            state = tree_map(P.device_put, state, layout)
+            params = plan.param_shardings(model, mesh)
+            trained = {k: params[k] for k in model.trainable_parameters()}
+            step = ember.jit(step.fun, donate_argnums=1, backend="numpy",
+                             out_shardings=(None, None, trained, layout))
+            batch_layout = plan.batch_sharding(mesh, 3)
+            place = lambda batch: P.device_put(batch, batch_layout)  # noqa: E731
+        if resume:
+            state, _ = finetune._restore(str(tmp_path), model, state, history)
+        losses = []
+        for batch in batches:
+            loss, _, new, state = step(model, state, place(batch))
+            model.update(new)
+            losses.append(float(np.asarray(loss)))
+        return model, state, losses
+
+    one, _, want = run(data)
+    first, state, before = run(data[:2], dict(dp="dp", tp="tp", zero=1), dict(dp=2, tp=2))
+    finetune._save_checkpoint(str(tmp_path), first, state, history)
+    assert (tmp_path / "step-2" / "sharded" / "layout.json").is_file()
+    second, _, after = run(data[2:], dict(dp="dp", zero=3), dict(dp=2), resume=True)
+    np.testing.assert_allclose(before + after, want, rtol=2e-5)
+    for name, value in second.trainable_parameters().items():
+        np.testing.assert_allclose(np.asarray(value), np.asarray(
+            one.trainable_parameters()[name]), rtol=1e-4, atol=2e-5, err_msg=name)
