@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -370,3 +371,15 @@ def test_a_checkpoint_saved_by_some_processes_loads_on_others(tmp_path, ember_la
     for n in loading:
         output = ember_launch(n, "load", tmp_path / "ck")
         assert all(f"process {i} of {n}: loaded ok" in output for i in range(n)), output
+
+
+def test_a_process_that_cannot_read_its_shards_stops_every_process(tmp_path, ember_launch):
+    """Process 1's file is truncated: process 0, which reads only its own file (its shards
+    overlap only its blocks), must stop too, naming process 1."""
+    ember_launch(2, "save", tmp_path / "ck")
+    os.truncate(tmp_path / "ck" / "process-1.safetensors", 100)
+    output = ember_launch(2, "refuse", tmp_path / "ck")
+    assert re.search(r"process 1 of 2 refused: checkpoint.load: leaf '\w+': .*process-1"
+                     r".safetensors: corrupt or truncated", output), output
+    assert re.search(r"process 0 of 2 refused: checkpoint.load: process\(es\) 1 could not read "
+                     r"its shards", output), output

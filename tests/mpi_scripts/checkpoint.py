@@ -1,8 +1,9 @@
-"""Run under ``ember launch -n N``: ``checkpoint.py save DIR`` or ``checkpoint.py load DIR``.
+"""Run under ``ember launch -n N``: ``checkpoint.py save|load|refuse DIR``.
 
 ``save`` lays the same tree out over a mesh of every process (2-D on 4 processes) and saves
 it; ``load`` reads it back laid out over a mesh of this job's processes, whatever the job that
 saved it, and checks every process's parts and the gathered values against the ones saved.
+``refuse`` expects the load to fail (a damaged checkpoint) and prints each process's error.
 Prints one line per process when all holds.
 """
 
@@ -47,6 +48,13 @@ def main() -> None:
         checkpoint.save(path, tree)
         print(f"process {me} of {n}: saved", flush=True)
         return
+    if mode == "refuse":
+        try:
+            checkpoint.load(path, shardings)
+        except checkpoint.CheckpointError as e:
+            print(f"process {me} of {n} refused: {e}", flush=True)
+            return
+        raise AssertionError("the load of a damaged checkpoint must fail in every process")
     tree = checkpoint.load(path, shardings)
     for name, want in expected.items():
         got = tree[name]
