@@ -216,7 +216,8 @@ def load(path: str | os.PathLike[str], shardings: Any) -> Any:
         # holds nothing under its path it stays None.
         empty = {n for n, t in zip(names, targets) if t is None and n not in saved}
         missing = [n for n, t in zip(names, targets) if n not in saved and n not in empty]
-        extra = [n for n in saved if n not in set(names)]
+        asked = set(names)
+        extra = [n for n in saved if n not in asked]
         if missing or extra:
             raise op_error(CheckpointError, op, f"{root} does not hold the leaves asked for: "
                            + "; ".join(f"{label}: {', '.join(map(repr, items))}" for label, items
