@@ -151,6 +151,13 @@ def test_checkpointed_layers_train_like_one_device_under_zero3():
     assert_same_training(P.plans.llama(dp="dp", zero=3), mesh_of(dp=4), checkpointing=True)
 
 
+@pytest.mark.parametrize("plan, axes", [p[1:] for p in PLANS if "dp8" not in p[0]],
+                         ids=[p[0] for p in PLANS if "dp8" not in p[0]])
+def test_lora_accumulation_and_checkpointing_together_train_like_one_device(plan, axes):
+    assert_same_training(P.plans.llama(**plan), mesh_of(**axes), steps=2, lora=True, accum=2,
+                         checkpointing=True)
+
+
 @pytest.mark.parametrize("plan, axes", [(dict(dp="dp", tp="tp", zero=1), dict(dp=2, tp=2)),
                                         (dict(dp="dp", zero=3), dict(dp=2))],
                          ids=["dp2xtp2-zero1", "zero3-dp2"])
@@ -250,6 +257,27 @@ def test_zero3_gathers_each_layers_parameters_and_reduce_scatters_their_gradient
     if checkpointing:
         assert {c.within for c in layer if c.kind == "all_gather"} == {"remat body"}
     assert not [c for c in layer if c.kind == "all_reduce"]
+
+
+def test_zero_under_the_finetuning_step_shards_the_update_for_data_parallel_bytes():
+    """``finetune``'s step does not ask for gradient layouts: with the moments split (ZeRO-1),
+    the partitioner sums each gradient straight into their shard (a reduce-scatter), updates
+    the shard and all-gathers the new parameters, which sends what data parallelism's
+    all-reduce sends."""
+    dp = 4
+    plain, zero = (Run(P.plans.llama(dp="dp", zero=z), mesh_of(dp=dp)) for z in (0, 1))
+    shapes = sorted(tuple(v.shape) for v in model_for().trainable_parameters().values())
+
+    def arrays(run, kind):
+        return sorted(local_shape(c) for c in run.explain().collectives
+                      if c.kind == kind and local_shape(c))
+    assert arrays(plain, "all_reduce") == shapes
+    assert arrays(zero, "reduce_scatter") == sorted((s[0] // dp, *s[1:]) for s in shapes)
+    assert arrays(zero, "all_gather") == shapes
+    assert not arrays(zero, "all_reduce")
+    sent = [sum(c.nbytes for c in run.explain().collectives if local_shape(c))
+            for run in (plain, zero)]
+    assert sent[0] == sent[1]
 
 
 def zero_step(opt, plan, mesh):
