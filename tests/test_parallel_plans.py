@@ -5,6 +5,8 @@ A fine-tuning step (``ember.models.finetune._make_step``: forward, backward, cli
 optional accumulation in a scan) is traced once, partitioned by the plan's layouts and run on
 every device of the mesh by the lockstep simulator."""
 
+import os
+import pathlib
 import re
 import sys
 
@@ -190,6 +192,29 @@ def test_a_sharded_model_trains_under_jit_like_one_device(plan, axes):
             name]), rtol=1e-4, atol=2e-5, err_msg=name)
     for name, moment in state.exp_avg.items():
         assert moment.sharding == state_layout.exp_avg[name], name
+
+
+@pytest.mark.parametrize("n, sizes", [(2, ["dp=2", "zero=1"]), (2, ["tp=2", "sp=1"]),
+                                     (4, ["dp=2", "tp=2", "zero=3"])],
+                         ids=["zero1-dp2", "tp2-sp", "dp2xtp2-zero3"])
+def test_a_plan_trains_like_one_device_on_mpi_processes(n, sizes, monkeypatch, capfd):
+    from ember.errors import EmberError
+    from ember.parallel import launch
+
+    try:
+        launch.find_mpiexec()
+    except EmberError as e:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"CI runs the MPI tests, but: {e}", pytrace=False)
+        pytest.skip(f"MPI is not installed: {e}")
+    monkeypatch.delenv("EMBER_CPU_DEVICES", raising=False)  # one device a process
+    monkeypatch.setenv("MPIEXEC_TIMEOUT", "200")
+    script = pathlib.Path(__file__).parent / "mpi_scripts" / "plans.py"
+    status = launch.launch(n, ["python", str(script), *sizes], timeout=30.0)
+    out, err = capfd.readouterr()
+    assert status == 0, out + err
+    for rank in range(n):
+        assert re.search(rf"process {rank}: plans\.llama\(.*\) ok", out), out + err
 
 
 # --- what each plan communicates -----------------------------------------------------------------
