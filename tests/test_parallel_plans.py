@@ -305,6 +305,24 @@ def test_zero_under_the_finetuning_step_shards_the_update_for_data_parallel_byte
     assert sent[0] == sent[1]
 
 
+def test_zero3_with_checkpointed_layers_holds_one_layers_gathered_parameters_at_a_time():
+    """Every gathered parameter lives inside one layer's recomputable body: each body gathers
+    exactly one layer's parameters (the forward's and the backward's recomputation alike),
+    and outside them only the embedding table is gathered, for the lookup."""
+    dp = 4
+    run = Run(P.plans.llama(dp="dp", zero=3), mesh_of(dp=dp), checkpointing=True)
+    layer_bytes = sum(nbytes(*s) for s in layer_parameter_shapes()) // LAYERS
+
+    def gathered(graph):
+        return sum(nbytes(*e.outputs[0].aval.shape) for e in graph.eqns
+                   if e.prim.name == "all_gather")
+    program = run.partitioned.graph.graph
+    bodies = [e.params["body"].graph for e in program.eqns if e.prim.name == "remat"]
+    assert len(bodies) == 2 * LAYERS  # each layer's forward, and its backward's recomputation
+    assert [gathered(b) for b in bodies] == [layer_bytes] * len(bodies)
+    assert gathered(program) == nbytes(VOCAB, HIDDEN)
+
+
 def zero_step(opt, plan, mesh):
     """A step that asks for the plan's gradient layouts (what ZeRO-1 and 2 differ in)."""
     grad = ember.nn.value_and_grad(lambda m, b: m.loss(b))
