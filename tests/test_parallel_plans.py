@@ -9,6 +9,7 @@ import os
 import pathlib
 import re
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -399,6 +400,20 @@ def test_shard_places_every_parameter_as_the_plan_says():
     assert model.state_dict()["model.layers.1.mlp.down_proj.weight"].sharding.spec == \
         P.PartitionSpec("dp", "tp")
     assert model.activation_sharding == plan.annotator(mesh)
+
+
+@pytest.mark.parametrize("plan", [dict(dp="dp", tp="tp", zero=3), dict(tp="tp", sp=True)],
+                         ids=["dp2xtp2-zero3", "tp2-sp"])
+def test_a_sharded_model_gives_one_devices_loss_eagerly_and_jitted(plan):
+    ids = batches(1, 1)[0][0]
+    want = np.asarray(model_for().loss(ids))
+    model = P.shard(model_for(), mesh_of(dp=2, tp=2), P.plans.llama(**plan))
+    np.testing.assert_allclose(np.asarray(ember.jit(lambda m, b: m.loss(b))(model, ids)), want,
+                               rtol=1e-5)
+    with warnings.catch_warnings():  # eager operations may gather, and say so
+        warnings.simplefilter("ignore", P.ShardingGatherWarning)
+        eager = model.loss(ids)
+    np.testing.assert_allclose(np.asarray(eager), want, rtol=1e-5)
 
 
 def test_plan_layouts_by_name():
