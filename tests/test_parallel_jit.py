@@ -201,9 +201,15 @@ def test_tiny_llama_loss_and_gradients_with_tp_and_dp_match_one_device(backend):
         g = np.asarray(g)
         np.testing.assert_allclose(np.asarray(grads[k]), g, rtol=2e-4,
                                    atol=2e-5 * float(np.abs(g).max()))
-    lowered = grad.lower(sharded, P.device_put(ids, _spec(mesh, "dp")))
-    kinds = lowered.explain().counts()
-    assert kinds["all_reduce"] >= 1
+    # Megatron's communication: per layer one all-reduce over tp after attention and one after
+    # the MLP, forward and backward; each gradient (and the loss) summed over dp once; nothing
+    # gathered
+    collectives = grad.lower(sharded, P.device_put(ids, _spec(mesh, "dp"))).explain().collectives
+    assert {c.kind for c in collectives} == {"all_reduce"}
+    layers = model.config.num_hidden_layers
+    assert sum(c.axes == ("tp",) for c in collectives) == 4 * layers
+    assert sum(c.axes == ("dp",) and c.reason.startswith("output") for c in collectives) == \
+        len(want_grads) + 1
 
 
 # --- explain and as_text ----------------------------------------------------------------------
@@ -327,6 +333,28 @@ def test_shardings_that_do_not_fit_the_arguments_are_errors():
                                                     P.NamedSharding(other, P.PartitionSpec())))
     with pytest.raises(ShardingError, match="name two meshes"):
         h(np.ones(2, np.float32), np.ones(2, np.float32))
+
+
+def test_shardings_that_name_no_mesh_are_an_error():
+    f = ember.jit(lambda a: a * 2.0, in_shardings=(None,))
+    with pytest.raises(ShardingError, match=f"every in_shardings and out_shardings entry is "
+                                            f"None.*\n  at .*{HERE}"):
+        f(np.ones(2, np.float32))
+
+
+def test_ember_random_inside_a_sharded_jit_draws_what_one_device_draws():
+    """The ``ember.random`` key is a hidden input and output, replicated: the bits drawn and
+    the key left behind are those of the program on one device."""
+    mesh = _mesh(4, 1)
+    fn = lambda x: x + ember.random.rand(*x.shape)  # noqa: E731
+    x = np.zeros((8, 3), np.float32)
+    ember.random.seed(7)
+    want = [np.asarray(ember.jit(fn)(x)) for _ in range(2)]
+    ember.random.seed(7)
+    f = ember.jit(fn, in_shardings=_spec(mesh, "dp"))
+    got = [np.asarray(f(x)) for _ in range(2)]
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got[0], got[1])  # the key moved on
 
 
 # --- threads ------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def expand(prefix: Any, tree: TreeDef, what: str) -> list[NamedSharding | None]:
     it = iter(entries)
 
     def walk(p: TreeDef, t: TreeDef) -> None:
-        if p is LEAF or p.node is None:
+        if p.node is None:
             out.extend([next(it)] * t.num_leaves)
         elif p.node is t.node and p.aux == t.aux and len(p.children) == len(t.children):
             for pc, tc in zip(p.children, t.children):
@@ -108,7 +108,6 @@ def input_types(in_shardings: Any, tree: TreeDef, leaves: list[Any],
     positional arguments); a sharded argument laid out otherwise is an error."""
     args, kwargs = tree.children
     given = expand(in_shardings, args, "in_shardings") + [None] * kwargs.num_leaves
-    _one_mesh(_meshes(in_shardings), "in_shardings")
     names = None
     out = list(avals)
     for i, (leaf, aval, s) in enumerate(zip(leaves, avals, given)):
@@ -119,9 +118,8 @@ def input_types(in_shardings: Any, tree: TreeDef, leaves: list[Any],
             abstract = s.abstract(aval.ndim)
             abstract.local_shape(aval.shape)
         except ShardingError as e:
-            message = str(e).split("\n  at ")[0]
             raise op_error(ShardingError, "jit", f"{names[i]} ({aval}) cannot be laid out as "
-                           f"{s.spec} over {s.mesh}: {message}") from None
+                           f"{s.spec} over {s.mesh}: {_reason(e)}") from None
         if isinstance(leaf, ShardedArray) and leaf.sharding != s:
             raise op_error(ShardingError, "jit", f"{names[i]} is a sharded array laid out by "
                            f"{leaf.sharding}, but in_shardings asks for {s}: device_put it "
@@ -167,9 +165,13 @@ def lower(lowered: Lowered, in_shardings: Any, out_shardings: Any) -> ShardedPla
     concrete = _one_mesh(_meshes(in_shardings, out_shardings), "in_shardings and out_shardings")
     meshes = {a.sharding.mesh for a in graph.in_avals if a.sharding is not None}
     mesh = concrete.abstract if concrete is not None else next(iter(meshes), None)
-    if mesh is None or meshes - {mesh}:
+    if mesh is None:
+        raise op_error(ShardingError, "jit", f"{lowered.name}: every in_shardings and "
+                       f"out_shardings entry is None and no argument is sharded, so no mesh "
+                       f"is named: give a NamedSharding, or leave both out")
+    if meshes - {mesh}:
         raise op_error(ShardingError, "jit", f"{lowered.name}: the arguments are laid out over "
-                       f"{len(meshes)} meshes {sorted(meshes)}: one program runs over one mesh")
+                       f"{len(meshes | {mesh})} meshes: one program runs over one mesh")
     replicated = [layout(mesh, ((),) * a.ndim) for a in graph.in_avals]
     ins = [a.sharding or r for a, r in zip(graph.in_avals, replicated)]
     n_out = len(graph.out_avals) - len(lowered.hidden)
@@ -186,9 +188,13 @@ def _output_layout(s: NamedSharding, aval: ArrayType, i: int) -> Sharding:
     try:
         return s.abstract(aval.ndim)
     except ShardingError as e:
-        message = str(e).split("\n  at ")[0]
         raise op_error(ShardingError, "jit", f"out_shardings entry for result {i} ({aval}): "
-                       f"{message}") from None
+                       f"{_reason(e)}") from None
+
+
+def _reason(error: ShardingError) -> str:
+    """An error's message without the line it names (ember's own, not the user's)."""
+    return str(error).split("\n  at ")[0]
 
 
 register_sharding_hook(ShardingHook(input_types, lower))
