@@ -163,13 +163,13 @@ class ShardedArray(Array):
                         f"global value")
         return self._gathered
 
-    def donate(self) -> None:
+    def _donate(self) -> None:
         """Internal (``jit``'s ``donate_argnums``): the shards now belong to a program; this
         array can no longer be used."""
         self._shards = self._gathered = None
 
-    def restore(self, buffers: Sequence[np.ndarray]) -> None:
-        """Internal: undo :meth:`donate` after a call that failed, with the same buffers."""
+    def _restore(self, buffers: Sequence[np.ndarray]) -> None:
+        """Internal: undo :meth:`_donate` after a call that failed, with the same buffers."""
         self._shards = list(buffers)
 
     def __repr__(self) -> str:

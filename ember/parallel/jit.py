@@ -306,7 +306,7 @@ def _runner(lowered: Lowered, plan: ShardedPlan, backend: Backend,
 def _give_up(x: Any) -> None:
     """``x`` is donated: it can no longer be used (its buffers now belong to the program)."""
     if isinstance(x, ShardedArray):
-        x.donate()
+        x._donate()
     else:
         x._buffer = None
 
@@ -314,6 +314,6 @@ def _give_up(x: Any) -> None:
 def _take_back(x: Any, buffers: list[Any]) -> None:
     """Undo :func:`_give_up` after a failed call: the arguments are as they were."""
     if isinstance(x, ShardedArray):
-        x.restore(buffers)
+        x._restore(buffers)
     else:
         x._buffer = buffers[0]
