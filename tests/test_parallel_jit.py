@@ -284,6 +284,30 @@ def test_donated_sharded_arguments_are_written_in_place_and_unusable():
     np.testing.assert_array_equal(np.asarray(g), 1.0)  # not donated: untouched
 
 
+def test_a_call_that_fails_on_one_device_consumes_donated_arguments(monkeypatch):
+    """The other devices may have written their buffers: the argument is not given back
+    half-updated, it stays donated."""
+    from ember.parallel import jit as pjit
+
+    mesh = _mesh(4, 1)
+    rows = _spec(mesh, "dp")
+    step = ember.jit(lambda w: enp.exp(w), in_shardings=rows, donate_argnums=0, backend="cpu")
+    w0 = np.arange(8.0, dtype=np.float32).reshape(4, 2)
+    w = P.device_put(w0, rows)
+
+    def fail_on_device_2(program, threads):
+        if P.runtime.local_device() == 2:
+            raise RuntimeError("device 2 lost")
+
+    monkeypatch.setattr(pjit, "_limit_threads", fail_on_device_2)
+    with pytest.raises(RuntimeError, match="device 2 lost"):
+        step(w)
+    with pytest.raises(EmberError, match="donated to a jitted function"):
+        np.asarray(w)
+    monkeypatch.undo()
+    np.testing.assert_allclose(np.asarray(step(P.device_put(w0, rows))), np.exp(w0), rtol=1e-6)
+
+
 def test_a_donated_plain_array_is_copied_per_device_and_unusable():
     mesh = _mesh(2, 1)
     step = ember.jit(lambda w: w * 2.0, in_shardings=_spec(mesh), donate_argnums=0)

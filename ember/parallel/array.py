@@ -168,10 +168,6 @@ class ShardedArray(Array):
         array can no longer be used."""
         self._shards = self._gathered = None
 
-    def _restore(self, buffers: Sequence[np.ndarray]) -> None:
-        """Internal: undo :meth:`_donate` after a call that failed, with the same buffers."""
-        self._shards = list(buffers)
-
     def __repr__(self) -> str:
         try:
             body = np.array_repr(self.assemble())[len("array"):]

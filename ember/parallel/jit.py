@@ -287,13 +287,10 @@ def _runner(lowered: Lowered, plan: ShardedPlan, backend: Backend,
                 buffers[i] = backend.writable(buffers[i])
             return list(program(*buffers))
 
-        try:
-            outs = (runtime.run_on_devices(device, len(positions)) if len(positions) > 1
-                    else [device(0)])
-        except BaseException:
-            for i in donated:
-                _take_back(values[i], [b[i] for b in per_device])
-            raise
+        # A call that fails leaves donated arguments donated: devices that ran may have
+        # written their buffers already.
+        outs = (runtime.run_on_devices(device, len(positions)) if len(positions) > 1
+                else [device(0)])
         layouts = plan.out_shardings(mesh, n_out)
         results = [ShardedArray.from_shards([o[j] for o in outs], layouts[j], out_avals[j].shape,
                                             out_avals[j].weak) for j in range(n_out)]
@@ -310,10 +307,3 @@ def _give_up(x: Any) -> None:
     else:
         x._buffer = None
 
-
-def _take_back(x: Any, buffers: list[Any]) -> None:
-    """Undo :func:`_give_up` after a failed call: the arguments are as they were."""
-    if isinstance(x, ShardedArray):
-        x._restore(buffers)
-    else:
-        x._buffer = buffers[0]
