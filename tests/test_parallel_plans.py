@@ -3,16 +3,17 @@ to one device's losses and parameters, and communicates what an expert expects.
 
 A fine-tuning step (``ember.models.finetune._make_step``: forward, backward, clipping, AdamW,
 optional accumulation in a scan) is traced once, partitioned by the plan's layouts and run on
-every device of the mesh by the lockstep simulator."""
+every device of the mesh by the lockstep simulator; some plans also run as ``jit`` with the
+plan's layouts, on virtual devices and on MPI processes (``mpi_scripts/plans.py``)."""
 
 import os
 import pathlib
 import re
-import sys
 import warnings
 
 import numpy as np
 import pytest
+from tiny_models import tiny_model
 
 import ember
 import ember.numpy as enp
@@ -22,9 +23,6 @@ from ember.models.llama import LlamaConfig, LlamaForCausalLM
 from ember.parallel.plans import PlanError
 from ember.parallel.reshard import collective_bytes
 from ember.tree import tree_flatten, tree_leaves, tree_unflatten
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from tiny_models import tiny_model  # noqa: E402
 
 VOCAB, BATCH, LENGTH, HIDDEN, LAYERS = 64, 8, 8, 32, 2
 
