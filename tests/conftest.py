@@ -8,7 +8,10 @@ run before any test starts, with what is missing and how to install it.
 """
 
 import os
+import pathlib
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -82,3 +85,35 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(
             f"ember: {s.compiles} C compiles, {s.seconds:.1f} s ({s.cpu_seconds:.1f} s of "
             f"compiler CPU; {s.loads} libraries loaded from the disk cache)")
+
+
+MPI_SCRIPTS = pathlib.Path(__file__).parent / "mpi_scripts"
+
+
+@pytest.fixture
+def ember_launch(capfd, monkeypatch):
+    """``ember_launch(n, script, *args, timeout=10.0, cli=False, limit=120)``: run
+    ``tests/mpi_scripts/<script> args`` as ``n`` MPI processes of one device each, with
+    ``timeout`` seconds for a collective, through ``ember launch`` in this process (or its command
+    line, ``cli``), under mpiexec's own limit of ``limit`` seconds so no test can hang:
+    ``(status, output, seconds)``."""
+    from helpers import require_mpi
+
+    from ember.parallel import launch
+
+    require_mpi()
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    monkeypatch.delenv("EMBER_CPU_DEVICES", raising=False)  # this file's: one device a process
+
+    def run(n, script, *args, timeout=10.0, cli=False, limit=120):
+        monkeypatch.setenv("MPIEXEC_TIMEOUT", str(limit))
+        started = time.monotonic()
+        command = ["python", str(MPI_SCRIPTS / script), *map(str, args)]
+        if cli:
+            status = subprocess.run([sys.executable, "-m", "ember", "launch", "-n", str(n),
+                                     "--timeout", str(timeout), *command], check=False).returncode
+        else:
+            status = launch.launch(n, command, timeout=timeout)
+        out, err = capfd.readouterr()
+        return status, out + err, time.monotonic() - started
+    return run

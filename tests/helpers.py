@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -171,3 +172,17 @@ def numeric_grad(f: Callable[..., Any], x: Any, eps: float = 1e-6) -> np.ndarray
         d[i] = eps
         g[i] = (float(f(x + d)) - float(f(x - d))) / (2 * eps)
     return g
+
+
+def require_mpi() -> None:
+    """Skip the calling test (or module) where mpi4py or the mpich wheel's ``mpiexec`` is missing
+    (``pip install 'ember[mpi]'``); in CI, which runs every test, fail instead."""
+    from ember.errors import EmberError
+    from ember.parallel import launch
+
+    try:
+        launch.find_mpiexec()
+    except EmberError as e:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"CI runs the MPI tests, but: {e}", pytrace=False)
+        pytest.skip(f"MPI is not installed: {e}", allow_module_level=True)

@@ -2,8 +2,6 @@
 devices, resharding, uneven errors, eager operations (per shard or gathered with a warning),
 ``with_sharding_constraint`` under jit/grad/jvp/vmap, and the per-thread trace stack."""
 
-import os
-import pathlib
 import threading
 import warnings
 
@@ -15,7 +13,6 @@ import ember.numpy as enp
 from ember import parallel as P
 from ember.core import trace
 from ember.ir.sharding import Sharding, ShardingError
-from ember.parallel import launch
 
 SPECS_1D = [P.PartitionSpec(), P.PartitionSpec("x")]
 SPECS_2D = [P.PartitionSpec(), P.PartitionSpec("a"), P.PartitionSpec(None, "a"),
@@ -174,24 +171,13 @@ def test_process_allgather_in_one_process_assembles():
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_sharded_arrays_on_mpi_processes(n, capfd, monkeypatch):
+def test_sharded_arrays_on_mpi_processes(n, ember_launch):
     """``tests/mpi_scripts/sharded_arrays.py`` on ``n`` processes of one device each: parts per
     process, eager operations with collectives over MPI, process_allgather."""
-    try:
-        launch.find_mpiexec()
-    except ember.EmberError as e:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            raise
-        pytest.skip(f"MPI is not installed: {e}")
-    monkeypatch.delenv("EMBER_CPU_DEVICES", raising=False)  # conftest's: one device a process
-    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
-    monkeypatch.setenv("MPIEXEC_TIMEOUT", "120")  # no test can hang
-    script = pathlib.Path(__file__).parent / "mpi_scripts" / "sharded_arrays.py"
-    status = launch.launch(n, ["python", str(script)], timeout=20.0)
-    out, err = capfd.readouterr()
-    assert status == 0, out + err
+    status, out, _ = ember_launch(n, "sharded_arrays.py", timeout=20.0)
+    assert status == 0, out
     for rank in range(n):
-        assert f"process {rank}: sharded arrays ok" in out
+        assert f"process {rank}: sharded arrays ok" in out, out
 
 
 # --- eager operations -------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 import ember
 from ember import parallel as P
 from ember.errors import EmberError
-from ember.parallel import checkpoint, launch
+from ember.parallel import checkpoint
 from ember.parallel.checkpoint import CheckpointError
 
 DEVICES = P.devices()  # eight virtual devices (conftest)
@@ -340,45 +340,34 @@ def test_a_mismatched_request_is_an_error_naming_the_leaves(saved, tmp_path):
 
 
 @pytest.fixture
-def ember_launch(capfd, monkeypatch):
-    """``ember_launch(n, *args)``: run ``checkpoint.py args`` as ``n`` MPI processes."""
-    try:
-        launch.find_mpiexec()
-    except EmberError as e:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(f"CI runs the MPI tests, but: {e}", pytrace=False)
-        pytest.skip(f"MPI is not installed: {e}")
-    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
-    monkeypatch.delenv("EMBER_CPU_DEVICES", raising=False)  # one device a process
-    monkeypatch.setenv("MPIEXEC_TIMEOUT", "120")
-
+def launch_checkpoint(ember_launch):
+    """``launch_checkpoint(n, *args)``: ``checkpoint.py args`` as ``n`` MPI processes (they must
+    succeed): their output."""
     def run(n, *args):
-        status = launch.launch(n, ["python", str(SCRIPTS / "checkpoint.py"), *map(str, args)],
-                               timeout=60)
-        out, err = capfd.readouterr()
-        assert status == 0, out + err
+        status, out, _ = ember_launch(n, "checkpoint.py", *args, timeout=60)
+        assert status == 0, out
         return out
     return run
 
 
 @pytest.mark.parametrize("saving,loading", [(4, (2, 1)), (2, (4,)), (1, (4,))])
-def test_a_checkpoint_saved_by_some_processes_loads_on_others(tmp_path, ember_launch, saving,
+def test_a_checkpoint_saved_by_some_processes_loads_on_others(tmp_path, launch_checkpoint, saving,
                                                               loading):
-    output = ember_launch(saving, "save", tmp_path / "ck")
+    output = launch_checkpoint(saving, "save", tmp_path / "ck")
     assert all(f"process {i} of {saving}: saved" in output for i in range(saving)), output
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert files == ["layout.json", *[f"process-{i}.safetensors" for i in range(saving)]]
     for n in loading:
-        output = ember_launch(n, "load", tmp_path / "ck")
+        output = launch_checkpoint(n, "load", tmp_path / "ck")
         assert all(f"process {i} of {n}: loaded ok" in output for i in range(n)), output
 
 
-def test_a_process_that_cannot_read_its_shards_stops_every_process(tmp_path, ember_launch):
+def test_a_process_that_cannot_read_its_shards_stops_every_process(tmp_path, launch_checkpoint):
     """Process 1's file is truncated: process 0, which reads only its own file (its shards
     overlap only its blocks), must stop too, naming process 1."""
-    ember_launch(2, "save", tmp_path / "ck")
+    launch_checkpoint(2, "save", tmp_path / "ck")
     os.truncate(tmp_path / "ck" / "process-1.safetensors", 100)
-    output = ember_launch(2, "refuse", tmp_path / "ck")
+    output = launch_checkpoint(2, "refuse", tmp_path / "ck")
     assert re.search(r"process 1 of 2 refused: checkpoint.load: leaf '\w+': .*process-1"
                      r".safetensors: corrupt or truncated", output), output
     assert re.search(r"process 0 of 2 refused: checkpoint.load: process\(es\) 1 could not read "

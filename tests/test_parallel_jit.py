@@ -10,7 +10,6 @@ under ``ember launch -n 2``.
 """
 
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -408,20 +407,8 @@ def test_each_virtual_device_runs_its_share_of_the_threads(monkeypatch):
 
 # --- ember launch -------------------------------------------------------------------------------
 
-def test_jit_with_shardings_under_ember_launch(monkeypatch, capfd):
-    from ember.parallel import launch
-
-    try:
-        launch.find_mpiexec()
-    except EmberError as e:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(f"CI runs the MPI tests, but: {e}", pytrace=False)
-        pytest.skip(f"MPI is not installed: {e}")
-    monkeypatch.delenv("EMBER_CPU_DEVICES", raising=False)  # one device a process
-    monkeypatch.setenv("MPIEXEC_TIMEOUT", "120")
-    script = pathlib.Path(__file__).parent / "mpi_scripts" / "parallel_jit.py"
-    status = launch.launch(2, ["python", str(script)], timeout=10.0)
-    out, err = capfd.readouterr()
-    assert status == 0, out + err
+def test_jit_with_shardings_under_ember_launch(ember_launch):
+    status, out, _ = ember_launch(2, "parallel_jit.py")
+    assert status == 0, out
     for rank in range(2):
-        assert f"process {rank}: jit with shardings ok" in out, out + err
+        assert f"process {rank}: jit with shardings ok" in out, out

@@ -7,55 +7,24 @@ within the deadline, and the output names the rank and the collective. Skipped w
 or the mpich wheel's ``mpiexec`` is missing (``pip install 'ember[mpi]'``), except in CI.
 """
 
-import os
-import pathlib
 import re
-import subprocess
 import sys
-import time
 
 import pytest
+from helpers import require_mpi
 
 from ember import cli
 from ember.errors import EmberError
 from ember.parallel import launch
 
-SCRIPTS = pathlib.Path(__file__).parent / "mpi_scripts"
 TIMEOUT = 2.0  # EMBER_COLLECTIVE_TIMEOUT of the launched jobs
 
-try:
-    launch.find_mpiexec()
-except EmberError as e:
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):  # CI runs every test
-        pytest.fail(f"CI runs the MPI tests, but: {e}", pytrace=False)
-    pytest.skip(f"MPI is not installed: {e}", allow_module_level=True)
-
-
-@pytest.fixture
-def ember_launch(capfd, monkeypatch):
-    """``ember_launch(n, script, *args, cli=False, timeout=TIMEOUT)``: run ``ember launch -n n
-    --timeout timeout python script args`` (in this process unless ``cli``): (status, output,
-    seconds)."""
-    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
-    monkeypatch.delenv("EMBER_CPU_DEVICES", raising=False)  # conftest's; one device a process
-    monkeypatch.setenv("MPIEXEC_TIMEOUT", "120")  # mpiexec's own limit: no test can hang
-
-    def run(n, script, *args, cli=False, timeout=TIMEOUT):
-        started = time.monotonic()
-        command = ["python", str(SCRIPTS / script), *args]
-        if cli:
-            status = subprocess.run([sys.executable, "-m", "ember", "launch", "-n", str(n),
-                                     "--timeout", str(timeout), *command], check=False).returncode
-        else:
-            status = launch.launch(n, command, timeout=timeout)
-        out, err = capfd.readouterr()
-        return status, out + err, time.monotonic() - started
-    return run
+require_mpi()
 
 
 @pytest.mark.parametrize("n,cli", [(2, True), (4, False)])
 def test_every_collective_matches_numpy_and_the_thread_runtime(ember_launch, n, cli):
-    status, output, _ = ember_launch(n, "collectives.py", cli=cli)
+    status, output, _ = ember_launch(n, "collectives.py", cli=cli, timeout=TIMEOUT)
     assert status == 0, output
     for rank in range(n):
         assert f"rank {rank} of {n}: ok" in output, output
@@ -94,7 +63,7 @@ FAULTS = {
 
 @pytest.mark.parametrize("mode", sorted(FAULTS))
 def test_a_failing_process_stops_every_process_within_the_deadline(ember_launch, mode):
-    status, output, seconds = ember_launch(3, "faults.py", mode)
+    status, output, seconds = ember_launch(3, "faults.py", mode, timeout=TIMEOUT)
     assert status != 0, output
     assert "finished" not in output, output  # no process went on past the failure
     assert seconds < TIMEOUT + 20, output  # process start-up on a busy machine + the deadline

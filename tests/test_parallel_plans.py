@@ -6,8 +6,6 @@ optional accumulation in a scan) is traced once, partitioned by the plan's layou
 every device of the mesh by the lockstep simulator; some plans also run as ``jit`` with the
 plan's layouts, on virtual devices and on MPI processes (``mpi_scripts/plans.py``)."""
 
-import os
-import pathlib
 import re
 import warnings
 
@@ -196,24 +194,11 @@ def test_a_sharded_model_trains_under_jit_like_one_device(plan, axes):
 @pytest.mark.parametrize("n, sizes", [(2, ["dp=2", "zero=1"]), (2, ["tp=2", "sp=1"]),
                                      (4, ["dp=2", "tp=2", "zero=3"])],
                          ids=["zero1-dp2", "tp2-sp", "dp2xtp2-zero3"])
-def test_a_plan_trains_like_one_device_on_mpi_processes(n, sizes, monkeypatch, capfd):
-    from ember.errors import EmberError
-    from ember.parallel import launch
-
-    try:
-        launch.find_mpiexec()
-    except EmberError as e:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(f"CI runs the MPI tests, but: {e}", pytrace=False)
-        pytest.skip(f"MPI is not installed: {e}")
-    monkeypatch.delenv("EMBER_CPU_DEVICES", raising=False)  # one device a process
-    monkeypatch.setenv("MPIEXEC_TIMEOUT", "200")
-    script = pathlib.Path(__file__).parent / "mpi_scripts" / "plans.py"
-    status = launch.launch(n, ["python", str(script), *sizes], timeout=30.0)
-    out, err = capfd.readouterr()
-    assert status == 0, out + err
+def test_a_plan_trains_like_one_device_on_mpi_processes(n, sizes, ember_launch):
+    status, out, _ = ember_launch(n, "plans.py", *sizes, timeout=30.0, limit=200)
+    assert status == 0, out
     for rank in range(n):
-        assert re.search(rf"process {rank}: plans\.llama\(.*\) ok", out), out + err
+        assert re.search(rf"process {rank}: plans\.llama\(.*\) ok", out), out
 
 
 # --- what each plan communicates -----------------------------------------------------------------

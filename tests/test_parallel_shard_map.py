@@ -9,7 +9,6 @@ step.
 """
 
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from helpers import numeric_grad
 import ember
 import ember.numpy as enp
 from ember import parallel as P
-from ember.errors import EmberError, EmberValueError, ShapeError
+from ember.errors import EmberValueError, ShapeError
 from ember.ir.sharding import ShardingError
 from ember.parallel import (
     all_gather,
@@ -497,23 +496,11 @@ def test_data_parallel_mlp_step_matches_one_device(devices):
 
 # --- several processes ---------------------------------------------------------------------------
 
-def test_shard_map_psum_under_ember_launch(monkeypatch, capfd):
-    from ember.parallel import launch
-
-    try:
-        launch.find_mpiexec()
-    except EmberError as e:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(f"CI runs the MPI tests, but: {e}", pytrace=False)
-        pytest.skip(f"MPI is not installed: {e}")
-    monkeypatch.delenv("EMBER_CPU_DEVICES", raising=False)  # one device a process
-    monkeypatch.setenv("MPIEXEC_TIMEOUT", "120")
-    script = pathlib.Path(__file__).parent / "mpi_scripts" / "shard_map.py"
-    status = launch.launch(2, ["python", str(script)], timeout=10.0)
-    out, err = capfd.readouterr()
-    assert status == 0, out + err
+def test_shard_map_psum_under_ember_launch(ember_launch):
+    status, out, _ = ember_launch(2, "shard_map.py")
+    assert status == 0, out
     for rank in range(2):
-        assert f"process {rank}: shard_map ok" in out, out + err
+        assert f"process {rank}: shard_map ok" in out, out
 
 
 def test_a_shard_map_inside_a_partitioned_program_runs_replicated():
