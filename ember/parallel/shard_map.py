@@ -66,6 +66,7 @@ from ember.parallel import collectives as coll
 from ember.parallel.array import ShardedArray, device_put
 from ember.parallel.mesh import Mesh
 from ember.parallel.sharding import NamedSharding, PartitionSpec
+from ember.transforms.call import derived
 from ember.transforms.partial_eval import partial_eval_graph
 from ember.transforms.subgraphs import (
     batch_graph,
@@ -344,12 +345,8 @@ def _assemble(blocks: Sequence[np.ndarray], sharding: Sharding, shape: tuple[int
 # --- transformation rules ------------------------------------------------------------------------
 
 def _derived(body: ClosedGraph, key: tuple, make: Callable[[], Any]) -> Any:
-    """``make()``, memoised on ``body``: a transformed body is built (and compiled) once."""
-    key = ("shard_map", *key)
-    found = body.cache.get(key)
-    if found is None:
-        found = body.cache[key] = make()
-    return found
+    """``make()``, memoised on ``body`` apart from the ``call`` primitive's derivations."""
+    return derived(body, ("shard_map", *key), make)
 
 
 @shard_map_p.def_jvp

@@ -73,9 +73,10 @@ def _call_impl(backend: Backend, *args: Any, body: ClosedGraph, name: str) -> li
 call_p.def_impl(_call_impl, ANY_BACKEND)  # the body runs where the program around it runs
 
 
-def _derived(body: ClosedGraph, key: tuple, make: Callable[[], Any]) -> Any:
-    """``make()``, memoised on ``body``: a graph derived from a body (its jvp, its transpose...)
-    is the same object every time, so whatever is compiled from it is reused too."""
+def derived(body: ClosedGraph, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, memoised on ``body`` under ``key``: a graph derived from a body (its jvp, its
+    transpose...) is the same object every time, so whatever is compiled from it is reused too.
+    Every primitive that holds a body keys its own derivations (``("jvp", ...)`` here)."""
     found = body.cache.get(key)
     if found is None:
         found = body.cache[key] = make()
@@ -92,7 +93,7 @@ def _call_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, body: ClosedGr
         graph, out_nz = jvp_graph(body, nz)
         return optimize(graph), out_nz
 
-    jbody, out_nz = _derived(body, ("jvp", nz), make)
+    jbody, out_nz = derived(body, ("jvp", nz), make)
     outs = call_p.bind(*primals, *[t for t, z in zip(tangents, nz) if z], body=jbody,
                        name=f"jvp({name})")
     n = len(out_nz)
@@ -113,7 +114,7 @@ def _call_partial_eval(trace: GraphTrace, tracers: list[GraphTracer], params: di
         known, unknown, out_uk, n_res = partial_eval_graph(body, unknowns)
         return optimize(known), optimize(unknown), out_uk, n_res
 
-    known, unknown, out_uk, n_res = _derived(body, ("partial_eval", unknowns), make)
+    known, unknown, out_uk, n_res = derived(body, ("partial_eval", unknowns), make)
     known_outs = call_p.bind(*[t.const for t in tracers if t.is_known], body=known, name=name)
     n_kout = len(known_outs) - n_res
     staged = []
@@ -134,7 +135,7 @@ def _call_transpose(cts: Sequence[Any], *args: Any, body: ClosedGraph, name: str
     """Cotangents of the linear operands, from one call of the transposed body; the other
     operands are the residuals it reads."""
     linear = tuple(isinstance(a, UndefinedPrimal) for a in args)
-    tbody = _derived(body, ("transpose", linear),
+    tbody = derived(body, ("transpose", linear),
                      lambda: optimize(transpose_graph(body, linear)))
     residuals = [a for a in args if not isinstance(a, UndefinedPrimal)]
     outs = iter(call_p.bind(*residuals, *[instantiate(c) for c in cts], body=tbody,
@@ -152,7 +153,7 @@ def _call_batch(args: Sequence[Any], dims: Sequence[int | None], *, body: Closed
         graph, out_b = batch_graph(body, batched, size)
         return optimize(graph), out_b
 
-    bbody, out_b = _derived(body, ("batch", batched, size), make)
+    bbody, out_b = derived(body, ("batch", batched, size), make)
     args = [x if d is None else move_batch_axis(x, d, size) for x, d in zip(args, dims)]
     outs = call_p.bind(*args, body=bbody, name=f"vmap({name})")
     return outs, [0 if b else None for b in out_b]
