@@ -417,6 +417,40 @@ def test_a_thread_traces_while_the_main_thread_runs_eagerly():
     assert "cos" in result["out"]
 
 
+def test_two_threads_trace_jit_functions_that_draw_random_numbers_at_once():
+    # ember.random's key is hidden state each jit trace collects: per thread, like the stack.
+    # The worker starts tracing first, and draws while the main thread's trace is open too.
+    inside, resume, drawn = threading.Event(), threading.Event(), threading.Event()
+    result = {}
+
+    def g(t):
+        inside.set()
+        resume.wait(10)
+        noise = ember.random.normal(ember.random.next_key(), shape=(3,))
+        drawn.set()
+        return t + noise
+
+    def worker():
+        try:
+            result["g"] = ember.jit(g)(np.zeros(3, np.float32))
+        except Exception as e:  # reported below, in the test's thread
+            result["error"] = e
+            drawn.set()
+
+    def f(t):
+        inside.wait(10)
+        resume.set()
+        drawn.wait(10)
+        return t * ember.random.uniform(ember.random.next_key(), shape=(3,))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    out = ember.jit(f)(np.ones(3, np.float32))
+    thread.join(10)
+    assert "error" not in result, result
+    assert out.shape == (3,) and result["g"].shape == (3,)
+
+
 def test_the_count_of_active_traces_returns_to_zero_after_a_failing_trace():
     def bad(t):
         raise ValueError("inside the trace")

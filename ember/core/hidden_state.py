@@ -17,6 +17,7 @@ flow out, so it is an error there that says to pass the value explicitly.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -81,26 +82,36 @@ class Staging:
         return list(self.latest)
 
 
-_staging: list[Staging] = []
+class _Stagings(threading.local):
+    """The jit traces collecting hidden state, per thread, as the trace stack is (two threads,
+    such as virtual devices, may trace at once)."""
+
+    def __init__(self):
+        self.stack: list[Staging] = []
+
+
+_stagings = _Stagings()
 
 
 @contextlib.contextmanager
 def staging(main: tr.MainTrace) -> Iterator[Staging]:
     """Collect the hidden states that a ``jit`` trace (``main``) reads and writes."""
     s = Staging(main)
-    _staging.append(s)
+    stack = _stagings.stack
+    stack.append(s)
     try:
         yield s
     finally:
-        _staging.pop()
+        stack.pop()
 
 
 def _staging_for(state: HiddenState) -> Staging | None:
     top = tr.innermost_dynamic()
     if top.level == 0:
         return None  # nothing is being staged: the value is used now
-    if _staging and _staging[-1].main is top:
-        return _staging[-1]
+    stack = _stagings.stack
+    if stack and stack[-1].main is top:
+        return stack[-1]
     raise _inside_body(state)
 
 
