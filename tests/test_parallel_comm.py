@@ -359,6 +359,103 @@ def test_run_on_devices_rejects_bad_counts_and_nesting():
         runtime.run_on_devices(lambda i: runtime.run_on_devices(lambda j: j, 2), 2)
 
 
+# --- the pool of device threads kept between calls ------------------------------------------------
+
+def device_threads(n):
+    """Which thread ran each of n devices, and each device's index and communicator."""
+    return runtime.run_on_devices(
+        lambda i: (threading.get_ident(), runtime.local_device(), runtime.world()), n)
+
+
+def test_calls_reuse_the_threads_of_a_pool_per_device_count_with_new_communicators():
+    first, again, other = device_threads(4), device_threads(4), device_threads(3)
+    assert [t for t, _, _ in again] == [t for t, _, _ in first]
+    assert {t for t, _, _ in other}.isdisjoint(t for t, _, _ in first)
+    assert [d for _, d, _ in again] == [0, 1, 2, 3] and [d for _, d, _ in other] == [0, 1, 2]
+    assert all(a is not b for (_, _, a), (_, _, b) in zip(first, again))
+    idle = next(t for t in threading.enumerate() if t.ident == first[1][0])
+    assert idle.name == "ember-idle-device-1"  # named ember-device-1 only while it runs
+
+
+def test_a_failed_call_leaves_the_pool_usable():
+    threads = [t for t, _, _ in device_threads(3)]
+
+    def body(c, i):
+        if i == 1:
+            raise ValueError("device 1 failed")
+        c.all_reduce(np.ones(2))
+
+    for _ in range(3):
+        with pytest.raises(ValueError, match="device 1 failed"):
+            run(3, body, timeout=30)
+    assert run(3, lambda c, i: float(c.all_reduce(np.full(2, i + 1.0))[0])) == [6.0] * 3
+    assert [t for t, _, _ in device_threads(3)] == threads
+
+
+def test_a_nested_call_is_an_error_and_the_pool_stays_usable():
+    for _ in range(2):
+        with pytest.raises(EmberValueError, match="virtual devices do not nest"):
+            runtime.run_on_devices(lambda i: runtime.run_on_devices(lambda j: j, 2), 2)
+        assert runtime.run_on_devices(lambda i: i * 10, 2) == [0, 10]
+
+
+def test_concurrent_callers_each_get_their_own_pool():
+    """Two user threads run 2-device jobs whose collectives interleave; neither waits for the
+    other's threads, and each sums only its own devices."""
+    out, both = {}, threading.Barrier(2)
+
+    def caller(k):
+        def body(c, i):
+            if i == 0:
+                both.wait(timeout=10)
+            return float(c.all_reduce(np.full(1, 10.0 * k + i))[0])
+        out[k] = run(2, body)
+
+    callers = [threading.Thread(target=caller, args=(k,)) for k in (1, 2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=20)
+    assert out == {1: [21.0, 21.0], 2: [41.0, 41.0]}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_starts_its_own_pool():
+    device_threads(2)  # the parent holds a pool whose threads the child will not have
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its result, then leave without running pytest's exit
+        ok = False
+        try:
+            ok = runtime.run_on_devices(lambda i: i * 3, 2) == [0, 3]
+        finally:
+            os.write(write, b"ok" if ok else b"wrong")
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 20
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in run_on_devices")
+        time.sleep(0.02)
+    assert os.read(read, 16) == b"ok"
+    os.close(read)
+
+
+def test_after_ctrl_c_a_new_call_runs_while_the_old_devices_still_compute():
+    release = threading.Event()
+
+    def body(c, i):
+        release.wait(timeout=10)  # device still computing long after the caller left
+
+    threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        run(2, body)
+    assert runtime.run_on_devices(lambda i: i + 1, 2) == [1, 2]  # on another pool
+    release.set()
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda c: c.all_reduce(np.ones(4), op="mean"), r"all_reduce: op='mean'"),
     (lambda c: c.reduce_scatter(np.ones((3, 2))),

@@ -6,12 +6,20 @@ from the inputs in rank order (:func:`~.communicator.local_result`). One conditi
 guards every group of a run (the world and the groups ``split`` made from it), so a failure
 anywhere wakes every waiting thread: a failed run records its first error, and every rank
 then raises instead of waiting for peers that will never come.
+
+The threads themselves are kept: a :class:`DevicePool` of n threads is made on first use and
+reused by every later run of n devices, since starting n threads cost more than a small
+sharded step (:func:`~ember.parallel.runtime.run_on_devices` has the numbers).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -177,3 +185,79 @@ class _ThreadHandle(Handle):
                 self._result = local_result(self._sig, inputs, self._comm.rank)
             self._done = True
         return self._result
+
+
+class DevicePool:
+    """n daemon threads, one per virtual device, each waiting for the next task.
+
+    :meth:`start` hands ``task(i)`` to thread ``i`` of a free pool of n threads and returns a
+    :class:`threading.Event` that is set once every thread has returned from its task. A pool
+    busy with one run is not handed to another: concurrent runs (two user threads, or a run
+    whose caller left on Ctrl-C while its devices still compute) each take their own pool, so
+    no run waits for threads held by another. The last thread to finish puts its pool back on
+    the free list, before the event is set, so the next run of the same caller reuses it.
+    There are as many pools of n threads as runs of n devices ever ran at once.
+    """
+
+    _free: dict[int, list[DevicePool]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._inboxes: list[queue.SimpleQueue[Callable[[], None]]] = [
+            queue.SimpleQueue() for _ in range(n)]
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._done: threading.Event  # set by start, once per run
+        for i, inbox in enumerate(self._inboxes):
+            threading.Thread(target=self._serve, args=(i, inbox), name=_idle_name(i),
+                             daemon=True).start()
+
+    @classmethod
+    def start(cls, n: int, task: Callable[[int], None]) -> threading.Event:
+        """Run ``task(i)`` on thread ``i`` of a free pool of ``n`` threads (made if none is
+        free). ``task`` must not raise: a device's error belongs in its communicator."""
+        with cls._lock:
+            free = cls._free.setdefault(n, [])
+            pool = free.pop() if free else None
+        if pool is None:
+            pool = cls(n)
+        done = pool._done = threading.Event()
+        pool._pending = n
+        for i, inbox in enumerate(pool._inboxes):
+            inbox.put(functools.partial(task, i))
+        return done
+
+    def _serve(self, i: int, inbox: queue.SimpleQueue[Callable[[], None]]) -> None:
+        me = threading.current_thread()
+        while True:
+            job = inbox.get()
+            me.name = f"ember-device-{i}"  # as a fresh thread per run was named (py-spy, tests)
+            try:
+                job()
+            finally:
+                me.name = _idle_name(i)
+                self._finished()
+
+    def _finished(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+            last = self._pending == 0
+        if last:
+            done = self._done
+            with DevicePool._lock:
+                DevicePool._free[self.n].append(self)
+            done.set()
+
+
+def _forget_pools() -> None:
+    """A child made by fork has none of its parent's threads (and maybe a lock held by one of
+    them): it starts its own pools."""
+    DevicePool._free, DevicePool._lock = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _idle_name(i: int) -> str:
+    return f"ember-idle-device-{i}"
