@@ -353,7 +353,9 @@ def _train(args: argparse.Namespace) -> int:
                          lr=args.lr, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
                          lora_rank=args.lora_rank, eval_every=args.eval_every,
                          save_every=args.save_every, checkpointing=args.checkpointing,
-                         weight_decay=args.weight_decay, seed=args.seed)
+                         weight_decay=args.weight_decay, seed=args.seed,
+                         devices=args.devices, plan=args.plan)
+    _use_devices(args.devices)
     _check_model_flag(args)
     _claim_output_dir("--out", args.out, "train", args.force)
     model, tokenizer = _load(args)
@@ -375,6 +377,23 @@ def _train(args: argparse.Namespace) -> int:
           f"{last:.4f}; model in {os.path.join(args.out, 'model')}"
           + (f", loss curve in {plot}" if os.path.exists(plot) else ""))
     return 0
+
+
+def _use_devices(count: int | None) -> None:
+    """``--devices N``: N virtual devices in this process, or, under ``ember launch``, a check
+    that the job has N processes (each of them one device)."""
+    from ember.parallel import runtime
+    from ember.parallel.mesh import CPU_DEVICES_VARIABLE
+
+    if count is None:
+        return
+    if runtime.launched_under_mpi():
+        if count != runtime.process_count():
+            raise _UserError(f"--devices {count}: this job was launched with "
+                             f"{runtime.process_count()} processes of one device each; give "
+                             f"--devices {runtime.process_count()} or leave it out")
+    else:
+        os.environ[CPU_DEVICES_VARIABLE] = str(count)
 
 
 class _InterruptError(Exception):
@@ -517,6 +536,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     t.add_argument("--seed", type=_number(int, 0), default=0, help="data and LoRA seed")
+    t.add_argument("--devices", type=_number(int, 1), default=None,
+                   help="train on N devices: N virtual CPU devices in this process, or under "
+                   "`ember launch -n N` its N processes (default: one device)")
+    t.add_argument("--plan", default=None,
+                   help="how the model is split over the devices: dp=D,tp=T[,zero=Z][,sp=1] "
+                   "with D x T = --devices: data parallel over D, Megatron tensor parallel over "
+                   "T, ZeRO stage Z (0-3), sequence parallelism (default: dp=N)")
     v = command("convert", "GGUF file -> Hugging Face safetensors directory, or another GGUF "
                 "file with re-quantised weights")
     v.add_argument("source", metavar="SOURCE", help="a .gguf file")

@@ -15,6 +15,12 @@ the parameters or the state are sharded over a mesh, they are saved instead as o
 checkpoint (``step-N/sharded``, :mod:`ember.parallel.checkpoint`): each process writes its own
 blocks, and a run resumed on another mesh, or another process count, reads them laid out as its
 own parameters are.
+
+With ``TrainConfig(devices=4, plan="dp=2,tp=2,zero=1")`` the run is sharded by a Llama plan
+(:func:`ember.parallel.plans.parse`): the model is placed with ``P.shard``, the optimizer
+state and the batches by the plan, and the step is jitted with the plan's result layouts, so
+every value stays where the plan says. Where a run computes does not change what it computes:
+its losses are one device's, and a checkpoint resumes under any other plan.
 """
 
 from __future__ import annotations
@@ -41,7 +47,17 @@ from ember.io import safetensors
 from ember.io.files import atomic_write, read_json, write_text_atomic
 from ember.models.llama import LlamaForCausalLM
 from ember.models.loading import save_pretrained
-from ember.parallel import ShardedArray, checkpoint, device_put, process_index
+from ember.parallel import (
+    Mesh,
+    ShardedArray,
+    checkpoint,
+    device_put,
+    devices,
+    plans,
+    process_allgather,
+    process_count,
+    process_index,
+)
 from ember.transforms.jit import jit
 from ember.tree import tree_leaves, tree_map
 
@@ -68,11 +84,18 @@ class TrainConfig:
     save_every: int = 50
     checkpointing: bool = False
     seed: int = 0
+    # Where it runs (not part of what a resumed run must share): the first ``devices`` devices
+    # of the job (None: all of them) arranged by ``plan`` ("dp=2,tp=2,zero=1"; None: data
+    # parallel over them). Neither given: one device, unsharded.
+    devices: int | None = None
+    plan: str | None = None
 
     def check(self) -> None:
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every",
                     "eval_batches")
         bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
+        if self.devices is not None and self.devices < 1:
+            bad.append(f"devices={self.devices}")
         if not self.lr > 0 or self.lora_rank < 0 or not 0 < self.eval_fraction < 1:
             bad.append(f"lr={self.lr}, lora_rank={self.lora_rank}, "
                        f"eval_fraction={self.eval_fraction}")
@@ -125,7 +148,8 @@ class _Windows:
 
 def _fingerprint(config: TrainConfig, ids: np.ndarray) -> str:
     """What a resumed run must share with the one it continues: settings and data."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    settings = dataclasses.asdict(dataclasses.replace(config, devices=None, plan=None))
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     h.update(ids.tobytes())
     return h.hexdigest()[:16]
 
@@ -140,7 +164,7 @@ def _loss(model: LlamaForCausalLM, batch: Any) -> Any:
     return model.loss(batch)
 
 
-def _make_step(opt: Any, clip: float) -> Callable[..., Any]:
+def _make_step(opt: Any, clip: float, out_shardings: Any = None) -> Callable[..., Any]:
     """``step(model, state, batches [accum, batch, len]) -> (loss, norm, params, state)``.
 
     Micro-batches are a ``scan`` that sums gradients, so accumulation is exact (the mean loss
@@ -164,7 +188,33 @@ def _make_step(opt: Any, clip: float) -> Callable[..., Any]:
         return loss, norm, params, state
     # The state is donated: the moments are written in place (the model is not: it holds
     # buffers, such as rotary frequencies, that the step does not return).
-    return jit(step, donate_argnums=1)
+    return jit(step, donate_argnums=1, out_shardings=out_shardings)
+
+
+def _placement(config: TrainConfig) -> tuple[Mesh, plans.Plan] | None:
+    """The mesh and plan ``config`` asks for, or None for one device, unsharded."""
+    if config.plan is None and config.devices in (None, 1):
+        return None
+    job = devices()
+    count = len(job) if config.devices is None else config.devices
+    if count > len(job) or (process_count() > 1 and count != len(job)):
+        where = (f"{process_count()} processes of one device each (ember launch -n)"
+                 if process_count() > 1 else
+                 f"{len(job)} device(s) (EMBER_CPU_DEVICES, read when ember first lists them)")
+        raise EmberError(f"train: devices={count}, but the job has {where}")
+    return plans.parse(config.plan if config.plan is not None else f"dp={count}", job[:count])
+
+
+def _check_batch(config: TrainConfig, mesh: Mesh) -> None:
+    dp = mesh.shape.get("dp", 1)
+    if config.batch_size % dp:
+        raise EmberError(f"train: batch_size={config.batch_size} does not split over the "
+                         f"plan's dp={dp} (plan {config.plan!r}); use a multiple of {dp}")
+
+
+def _scalar(x: Any) -> float:
+    """A step's scalar result as a float (under ``ember launch`` every process calls this)."""
+    return float(process_allgather(x))
 
 
 @contextlib.contextmanager
@@ -209,13 +259,26 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
     model.gradient_checkpointing = config.checkpointing
     model.train()
     opt = _optimizer(config)
+    placement = _placement(config)
     state = opt.init(model.trainable_parameters())
+    out_shardings = None
+    place: Callable[[np.ndarray], Any] = np.asarray
+    if placement is not None:
+        mesh, plan = placement
+        _check_batch(config, mesh)
+        plans.shard(model, mesh, plan)
+        state = opt.init(model.trainable_parameters())
+        state_layout = plan.state_shardings(state, mesh)
+        state = tree_map(device_put, state, state_layout)
+        out_shardings = (None, None, plan.param_shardings(model, mesh, trainable=True),
+                         state_layout)
+        place = lambda ids: device_put(ids, plan.batch_sharding(mesh, ids.ndim))  # noqa: E731
     history: dict[str, Any] = {"fingerprint": _fingerprint(config, ids), "step": 0,
                                "train": [], "eval": []}
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     if resume:
         state, history = _restore(ckpt_dir, model, state, history)
-    step_fn = _make_step(opt, config.grad_clip)
+    step_fn = _make_step(opt, config.grad_clip, out_shardings)
     eval_fn = jit(_loss)
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
     bar = tqdm(total=config.steps, initial=history["step"], desc="training", unit="step",
@@ -226,7 +289,8 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
         if history["step"] == 0:  # the baseline the evaluation curve starts from
             bar.set_description("evaluating the starting loss")
             history["eval"].append({"step": 0,
-                                    "loss": _evaluate(eval_fn, model, eval_data, config)})
+                                    "loss": _evaluate(eval_fn, model, eval_data, config,
+                                                      place)})
             bar.set_description("training")
         for step in range(history["step"], config.steps):
             start = time.perf_counter()
@@ -235,10 +299,10 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
                                 for micro in range(config.grad_accum)])
             evaluate = (step + 1) % config.eval_every == 0 or step + 1 == config.steps
             with _interrupts_deferred():
-                loss, norm, params, new_state = step_fn(model, state, batches)
-                loss = float(loss)
+                loss, norm, params, new_state = step_fn(model, state, place(batches))
+                loss = _scalar(loss)
                 seconds = time.perf_counter() - start
-                record = {"step": step + 1, "loss": loss, "grad_norm": float(norm),
+                record = {"step": step + 1, "loss": loss, "grad_norm": _scalar(norm),
                           "lr": lr, "tokens_per_s": tokens_per_step / seconds}
                 model.update(params)
                 state = new_state
@@ -246,7 +310,7 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
                 history["step"] = step + 1
                 consistent = not evaluate  # until this step's evaluation is done
             if evaluate:
-                value = _evaluate(eval_fn, model, eval_data, config)
+                value = _evaluate(eval_fn, model, eval_data, config, place)
                 history["eval"].append({"step": step + 1, "loss": value})
             consistent = True  # a resumed run would not redo this step's evaluation
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -267,10 +331,10 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
     return history
 
 
-def _evaluate(eval_fn: Any, model: LlamaForCausalLM, data: _Windows, config: TrainConfig
-              ) -> float:
+def _evaluate(eval_fn: Any, model: LlamaForCausalLM, data: _Windows, config: TrainConfig,
+              place: Callable[[np.ndarray], Any]) -> float:
     model.eval()
-    values = [float(eval_fn(model, data.batch(0, i, config.batch_size)))
+    values = [_scalar(eval_fn(model, place(data.batch(0, i, config.batch_size))))
               for i in range(config.eval_batches)]
     model.train()
     return float(np.mean(values))
@@ -357,6 +421,12 @@ def _laid_out_as(value: Any, like: Any) -> Any:
 
 def _finish(model: LlamaForCausalLM, tokenizer: Any, out_dir: str,
             history: dict[str, Any]) -> None:
+    # The written model is whole: gathered from the mesh (every process takes part).
+    model.update({k: enp.asarray(process_allgather(v)) for k, v in model.state_dict().items()
+                  if isinstance(v, ShardedArray)})
+    model.activation_sharding = None
+    if process_index() != 0:
+        return
     if any(isinstance(m, nn.LoRALinear) for m in model.modules()):
         adapter = {k: np.asarray(v) for k, v in model.trainable_parameters().items()}
         safetensors.save(adapter, os.path.join(out_dir, "adapter.safetensors"))

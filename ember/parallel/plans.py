@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from ember.parallel.sharding import NamedSharding, PartitionSpec
 from ember.transforms.custom_vjp import custom_vjp
 from ember.tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-__all__ = ["Plan", "PlanError", "llama", "shard"]
+__all__ = ["Plan", "PlanError", "llama", "parse", "shard"]
 
 Entry = str | tuple[str, ...] | None
 Layout = tuple[Entry, ...]
@@ -306,3 +306,43 @@ def llama(dp: str | None = None, tp: str | None = None, zero: int = 0, sp: bool 
     activations = (("residual", residual), ("attn_out", residual), ("mlp_out", residual),
                    ("norm_out", whole))
     return Plan(name, params, zero, dp, (dp, None), activations, requires)
+
+
+_PLAN_KEYS = {"dp": "data-parallel size", "tp": "tensor-parallel size", "zero": "ZeRO stage 0-3",
+              "sp": "sequence parallelism 0/1"}
+
+
+def parse(text: str, devices: Sequence[Any]) -> tuple[Mesh, Plan] | None:
+    """A Llama plan written as ``"dp=2,tp=2,zero=1,sp=1"`` (the ``ember train --plan`` syntax)
+    over ``devices``: the mesh (axes ``dp`` and ``tp``, those of size 1 left out) and the
+    plan, or None when both sizes are 1 (one device, nothing to shard). Unnamed sizes are 1;
+    ``dp x tp`` must be the number of devices, so a plan never silently leaves devices idle.
+    Errors name the part of ``text`` at fault."""
+    values: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, eq, value = (s.strip() for s in part.partition("="))
+        if key not in _PLAN_KEYS:
+            raise PlanError(f"plan {text!r}: unknown key {key!r} in {part!r}; the keys are "
+                            + ", ".join(f"{k} ({what})" for k, what in _PLAN_KEYS.items()))
+        if not eq or not value.isdigit() or (key in ("dp", "tp") and int(value) < 1):
+            raise PlanError(f"plan {text!r}: {part!r} needs a whole number"
+                            + (" of at least 1" if key in ("dp", "tp") else ""))
+        if key in values:
+            raise PlanError(f"plan {text!r}: {key} is given twice")
+        values[key] = int(value)
+    for key, top in (("zero", 3), ("sp", 1)):
+        if values.get(key, 0) > top:
+            raise PlanError(f"plan {text!r}: {key} is 0 to {top}, got {values[key]}")
+    sizes = {axis: values.get(axis, 1) for axis in ("dp", "tp")}
+    if sizes["dp"] * sizes["tp"] != len(devices):
+        raise PlanError(f"plan {text!r}: dp x tp = {sizes['dp']} x {sizes['tp']} = "
+                        f"{sizes['dp'] * sizes['tp']} devices, but the job has {len(devices)} "
+                        f"(--devices / EMBER_CPU_DEVICES); the sizes must multiply to the "
+                        f"device count")
+    axes = {axis: size for axis, size in sizes.items() if size > 1}
+    if not axes:
+        return None
+    mesh = Mesh(list(devices), tuple(axes), shape=tuple(axes.values()))
+    plan = llama(dp="dp" if "dp" in axes else None, tp="tp" if "tp" in axes else None,
+                 zero=values.get("zero", 0), sp=bool(values.get("sp", 0)))
+    return mesh, plan
