@@ -343,6 +343,7 @@ def _convert_to_gguf(args: argparse.Namespace, dtype: str) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from ember.models.finetune import ResumeMismatchError, TrainConfig, train
+    from ember.parallel import process_index
 
     text = _read_text("--data", args.data)
     if args.warmup_steps is not None and args.warmup_steps >= args.steps:
@@ -357,7 +358,8 @@ def _train(args: argparse.Namespace) -> int:
                          devices=args.devices, plan=args.plan)
     _use_devices(args.devices)
     _check_model_flag(args)
-    _claim_output_dir("--out", args.out, "train", args.force)
+    if process_index() == 0:  # under ember launch one process claims --out for the job
+        _claim_output_dir("--out", args.out, "train", args.force)
     model, tokenizer = _load(args)
     if args.seq_len >= model.config.max_position_embeddings:
         raise _UserError(f"--seq-len {args.seq_len} is not below the model's context of "
@@ -370,6 +372,8 @@ def _train(args: argparse.Namespace) -> int:
                          ) from None
     except KeyboardInterrupt:
         raise _InterruptError(_resume_hint(args.out)) from None
+    if process_index() != 0:  # under ember launch, process 0 speaks for the job
+        return 0
     last = history["eval"][-1]["loss"] if history["eval"] else float("nan")
     first = history["train"][0]["loss"] if history["train"] else float("nan")
     plot = os.path.join(args.out, "loss.png")

@@ -38,10 +38,14 @@ def virtual_devices(monkeypatch):
     monkeypatch.setenv("EMBER_CPU_DEVICES", "8")
 
 
+def train_args(model_dir, data, out, *extra):
+    return ["--model", str(model_dir), "--data", str(data), "--out", str(out), "--steps", "4",
+            "--batch-size", "2", "--seq-len", "16", "--lora-rank", "2", "--eval-every", "2",
+            "--save-every", "2", *extra]
+
+
 def train(model_dir, data, out, *extra):
-    assert cli.main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out),
-                     "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--lora-rank",
-                     "2", "--eval-every", "2", "--save-every", "2", *extra]) == 0
+    assert cli.main(["train", *train_args(model_dir, data, out, *extra)]) == 0
     return json.loads((out / "history.json").read_text())
 
 
@@ -89,6 +93,18 @@ def test_four_devices_train_like_one(model_dir, data, tmp_path, capsys):
     for key in want:
         np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-4,
                                    atol=2e-5, err_msg=key)
+
+
+def test_two_processes_train_like_one_device(model_dir, data, tmp_path, ember_launch):
+    status, output, _ = ember_launch(2, "train_cli.py",
+                                     *train_args(model_dir, data, tmp_path / "mpi", "--plan",
+                                                 "dp=2", "--devices", "2"), timeout=30.0)
+    assert status == 0, output
+    assert output.count("done: train loss") == 1, output  # said once, by process 0
+    one = train(model_dir, data, tmp_path / "one")
+    mpi = json.loads((tmp_path / "mpi" / "history.json").read_text())
+    np.testing.assert_allclose(losses(mpi)[0], losses(one)[0], rtol=2e-5)
+    np.testing.assert_allclose(losses(mpi)[1], losses(one)[1], rtol=2e-5)
 
 
 def error_line(capsys) -> str:
