@@ -212,6 +212,24 @@ def _check_batch(config: TrainConfig, mesh: Mesh) -> None:
                          f"plan's dp={dp} (plan {config.plan!r}); use a multiple of {dp}")
 
 
+def _place(model: LlamaForCausalLM, opt: Any, config: TrainConfig
+           ) -> tuple[Any, Any, Callable[[np.ndarray], Any]]:
+    """Place ``model`` (in place) on the mesh ``config`` asks for; return the optimizer's
+    first state, the step's result layouts and how a batch is placed, all by the plan (on one
+    device: the state as it is, no layouts, batches as they are)."""
+    placement = _placement(config)
+    if placement is None:
+        return opt.init(model.trainable_parameters()), None, np.asarray
+    mesh, plan = placement
+    _check_batch(config, mesh)
+    plans.shard(model, mesh, plan)
+    state = opt.init(model.trainable_parameters())
+    layout = plan.state_shardings(state, mesh)
+    out_shardings = (None, None, plan.param_shardings(model, mesh, trainable=True), layout)
+    return (tree_map(device_put, state, layout), out_shardings,
+            lambda ids: device_put(ids, plan.batch_sharding(mesh, ids.ndim)))
+
+
 def _scalar(x: Any) -> float:
     """A step's scalar result as a float (under ``ember launch`` every process calls this)."""
     return float(process_allgather(x))
@@ -259,20 +277,7 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
     model.gradient_checkpointing = config.checkpointing
     model.train()
     opt = _optimizer(config)
-    placement = _placement(config)
-    state = opt.init(model.trainable_parameters())
-    out_shardings = None
-    place: Callable[[np.ndarray], Any] = np.asarray
-    if placement is not None:
-        mesh, plan = placement
-        _check_batch(config, mesh)
-        plans.shard(model, mesh, plan)
-        state = opt.init(model.trainable_parameters())
-        state_layout = plan.state_shardings(state, mesh)
-        state = tree_map(device_put, state, state_layout)
-        out_shardings = (None, None, plan.param_shardings(model, mesh, trainable=True),
-                         state_layout)
-        place = lambda ids: device_put(ids, plan.batch_sharding(mesh, ids.ndim))  # noqa: E731
+    state, out_shardings, place = _place(model, opt, config)
     history: dict[str, Any] = {"fingerprint": _fingerprint(config, ids), "step": 0,
                                "train": [], "eval": []}
     ckpt_dir = os.path.join(out_dir, "checkpoints")
