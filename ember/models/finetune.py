@@ -164,7 +164,7 @@ def _loss(model: LlamaForCausalLM, batch: Any) -> Any:
     return model.loss(batch)
 
 
-def _make_step(opt: Any, clip: float, out_shardings: Any = None) -> Callable[..., Any]:
+def _make_step(opt: Any, clip: float) -> Callable[..., Any]:
     """``step(model, state, batches [accum, batch, len]) -> (loss, norm, params, state)``.
 
     Micro-batches are a ``scan`` that sums gradients, so accumulation is exact (the mean loss
@@ -188,7 +188,7 @@ def _make_step(opt: Any, clip: float, out_shardings: Any = None) -> Callable[...
         return loss, norm, params, state
     # The state is donated: the moments are written in place (the model is not: it holds
     # buffers, such as rotary frequencies, that the step does not return).
-    return jit(step, donate_argnums=1, out_shardings=out_shardings)
+    return jit(step, donate_argnums=1)
 
 
 def _placement(config: TrainConfig) -> tuple[Mesh, plans.Plan] | None:
@@ -283,7 +283,9 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     if resume:
         state, history = _restore(ckpt_dir, model, state, history)
-    step_fn = _make_step(opt, config.grad_clip, out_shardings)
+    step_fn = _make_step(opt, config.grad_clip)
+    if out_shardings is not None:  # the same step, its results left where the plan puts them
+        step_fn = jit(step_fn.fun, donate_argnums=1, out_shardings=out_shardings)
     eval_fn = jit(_loss)
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
     bar = tqdm(total=config.steps, initial=history["step"], desc="training", unit="step",
