@@ -66,13 +66,11 @@ from ember.parallel import collectives as coll
 from ember.parallel.array import ShardedArray, device_put
 from ember.parallel.mesh import Mesh
 from ember.parallel.sharding import NamedSharding, PartitionSpec
-from ember.transforms.call import derived
+from ember.transforms.call import batched_body, derived
 from ember.transforms.partial_eval import partial_eval_graph
 from ember.transforms.subgraphs import (
-    batch_graph,
     hoist_consts,
     jvp_graph,
-    move_batch_axis,
     program,
     transpose_apply,
 )
@@ -492,15 +490,7 @@ def _shard_map_batch(args: Sequence[Any], dims: Sequence[int | None], *, body: C
                      ) -> tuple[list[Any], list[int | None]]:
     """The batch axis is moved first and never split: each device computes its blocks of
     every example."""
-    size = next(aval_of(a).shape[d] for a, d in zip(args, dims) if d is not None)
-    batched = tuple(d is not None for d in dims)
-
-    def make() -> tuple[ClosedGraph, list[bool]]:
-        graph, out_b = batch_graph(body, batched, size)
-        return optimize(graph), out_b
-
-    bbody, out_b = _derived(body, ("batch", batched, size), make)
-    args = [x if d is None else move_batch_axis(x, d, size) for x, d in zip(args, dims)]
+    bbody, out_b, args, batched = batched_body(body, args, dims, _derived)
     outs = shard_map_p.bind(
         *args, body=bbody, mesh=mesh,
         in_shardings=tuple(_unsplit_first(s) if b else s for s, b in zip(in_shardings, batched)),

@@ -143,9 +143,12 @@ def _call_transpose(cts: Sequence[Any], *args: Any, body: ClosedGraph, name: str
     return [next(outs) if lin else None for lin in linear]
 
 
-@call_p.def_batch
-def _call_batch(args: Sequence[Any], dims: Sequence[int | None], *, body: ClosedGraph,
-                name: str) -> tuple[list[Any], list[int | None]]:
+def batched_body(body: ClosedGraph, args: Sequence[Any], dims: Sequence[int | None],
+                 derive: Callable[[ClosedGraph, tuple, Callable[[], Any]], Any] = derived
+                 ) -> tuple[ClosedGraph, list[bool], list[Any], tuple[bool, ...]]:
+    """What the batching rule of a primitive holding ``body`` binds: the body batched at axis
+    0 of the batched operands (memoised by ``derive``), which results come out batched, the
+    operands with their batch axis moved first, and which operands are batched."""
     size = next(aval_of(a).shape[d] for a, d in zip(args, dims) if d is not None)
     batched = tuple(d is not None for d in dims)
 
@@ -153,8 +156,15 @@ def _call_batch(args: Sequence[Any], dims: Sequence[int | None], *, body: Closed
         graph, out_b = batch_graph(body, batched, size)
         return optimize(graph), out_b
 
-    bbody, out_b = derived(body, ("batch", batched, size), make)
+    bbody, out_b = derive(body, ("batch", batched, size), make)
     args = [x if d is None else move_batch_axis(x, d, size) for x, d in zip(args, dims)]
+    return bbody, out_b, args, batched
+
+
+@call_p.def_batch
+def _call_batch(args: Sequence[Any], dims: Sequence[int | None], *, body: ClosedGraph,
+                name: str) -> tuple[list[Any], list[int | None]]:
+    bbody, out_b, args, _ = batched_body(body, args, dims)
     outs = call_p.bind(*args, body=bbody, name=f"vmap({name})")
     return outs, [0 if b else None for b in out_b]
 
