@@ -16,6 +16,7 @@ from tiny_models import tiny_model
 import ember
 import ember.numpy as enp
 from ember import parallel as P
+from ember.models import finetune
 from ember.models.finetune import _make_step
 from ember.models.llama import LlamaConfig, LlamaForCausalLM
 from ember.parallel.plans import PlanError
@@ -168,17 +169,14 @@ def test_a_sharded_model_trains_under_jit_like_one_device(plan, axes):
     data = batches(3, 1)
     one = Run(None, None)
     want = one.train(data)
-    model = P.shard(model_for(), mesh, plan)
-    opt = ember.optim.AdamW(lr=1e-2)
-    state = opt.init(model.trainable_parameters())
-    state_layout = plan.state_shardings(state, mesh)
-    state = ember.tree.tree_map(P.device_put, state, state_layout)
-    trained = plan.param_shardings(model, mesh, trainable=True)
+    model, opt = model_for(), ember.optim.AdamW(lr=1e-2)
+    state, layouts, place_batch = finetune.place(model, opt, mesh, plan)
+    _, _, trained, state_layout = layouts
     step = ember.jit(_make_step(opt, 1.0).fun, donate_argnums=1, backend="numpy",
-                     out_shardings=(None, None, trained, state_layout))
+                     out_shardings=layouts)
     losses = []
     for batch in data:
-        loss, _, new, state = step(model, state, P.device_put(batch, plan.batch_sharding(mesh, 3)))
+        loss, _, new, state = step(model, state, place_batch(batch))
         model.update(new)
         losses.append(float(np.asarray(loss)))
     assert step.trace_count == 1

@@ -214,14 +214,21 @@ def _check_batch(config: TrainConfig, mesh: Mesh) -> None:
 
 def _place(model: LlamaForCausalLM, opt: Any, config: TrainConfig
            ) -> tuple[Any, Any, Callable[[np.ndarray], Any]]:
-    """Place ``model`` (in place) on the mesh ``config`` asks for; return the optimizer's
-    first state, the step's result layouts and how a batch is placed, all by the plan (on one
-    device: the state as it is, no layouts, batches as they are)."""
+    """:func:`place` on the mesh ``config`` asks for (on one device: the state as it is, no
+    layouts, batches as they are)."""
     placement = _placement(config)
     if placement is None:
         return opt.init(model.trainable_parameters()), None, np.asarray
     mesh, plan = placement
     _check_batch(config, mesh)
+    return place(model, opt, mesh, plan)
+
+
+def place(model: LlamaForCausalLM, opt: Any, mesh: Mesh, plan: plans.Plan
+          ) -> tuple[Any, Any, Callable[[np.ndarray], Any]]:
+    """Place ``model`` (in place) by ``plan`` on ``mesh``; return the optimizer's first state
+    placed by the plan, the layouts of the fine-tuning step's results (``out_shardings`` of
+    its jit) and how a batch is placed."""
     plans.shard(model, mesh, plan)
     state = opt.init(model.trainable_parameters())
     layout = plan.state_shardings(state, mesh)

@@ -1,10 +1,10 @@
 """Run under ``ember launch -n N``: a Llama plan trains the tiny Llama, one device per process.
 
-``python plans.py dp=2 tp=2 zero=1 sp=0`` builds ``P.plans.llama`` over a mesh of every
-process with those axis sizes, places the model with ``P.shard``, runs three fine-tuning steps
-jitted with the plan's layouts (collectives over MPI) and compares the losses and the
-parameters, gathered from every process, with one device's run in this process. Prints one
-line per process when all holds.
+``python plans.py dp=2 tp=2 zero=1 sp=0`` builds the mesh and plan ``P.plans.parse`` makes of
+those sizes over every process, places the model and state with ``finetune.place``, runs
+three fine-tuning steps jitted with the plan's layouts (collectives over MPI) and compares the
+losses and the parameters, gathered from every process, with one device's run in this
+process. Prints one line per process when all holds.
 """
 
 import pathlib
@@ -14,29 +14,26 @@ import numpy as np
 
 import ember
 from ember import parallel as P
+from ember.models import finetune
 from ember.models.finetune import _make_step
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 from tiny_models import tiny_model  # noqa: E402
 
 
-def train(model, state, opt, step, data, plan=None, mesh=None):
+def train(model, state, opt, step, data, place_batch=None):
     losses = []
     for batch in data:
-        if plan is not None:
-            batch = P.device_put(batch, plan.batch_sharding(mesh, ndim=3))
+        if place_batch is not None:
+            batch = place_batch(batch)
         loss, _, params, state = step(model, state, batch)
         model.update(params)
-        losses.append(float(P.process_allgather(loss)) if plan else float(np.asarray(loss)))
+        losses.append(float(P.process_allgather(loss)) if place_batch else float(np.asarray(loss)))
     return losses
 
 
 def main() -> None:
-    sizes = dict(arg.split("=") for arg in sys.argv[1:])
-    axes = {k: int(sizes[k]) for k in ("dp", "tp") if int(sizes.get(k, 1)) > 1}
-    mesh = P.Mesh(P.devices(), tuple(axes), shape=tuple(axes.values()))
-    plan = P.plans.llama(dp="dp" if "dp" in axes else None, tp="tp" if "tp" in axes else None,
-                         zero=int(sizes.get("zero", 0)), sp=bool(int(sizes.get("sp", 0))))
+    mesh, plan = P.plans.parse(",".join(sys.argv[1:]), P.devices())
     rng = np.random.default_rng(0)  # the same batches in every process
     data = [rng.integers(0, 64, (1, 8, 8)).astype(np.int32) for _ in range(3)]
 
@@ -44,14 +41,12 @@ def main() -> None:
     one = tiny_model(64)
     want = train(one, opt.init(one.trainable_parameters()), opt, _make_step(opt, 1.0), data)
 
-    model = P.shard(tiny_model(64), mesh, plan)
-    state = opt.init(model.trainable_parameters())
-    layout = plan.state_shardings(state, mesh)
-    state = ember.tree.tree_map(P.device_put, state, layout)
-    trained = plan.param_shardings(model, mesh, trainable=True)
+    model = tiny_model(64)
+    state, layouts, place_batch = finetune.place(model, opt, mesh, plan)
+    trained = layouts[2]
     step = ember.jit(_make_step(opt, 1.0).fun, donate_argnums=1, backend="numpy",
-                     out_shardings=(None, None, trained, layout))
-    got = train(model, state, opt, step, data, plan, mesh)
+                     out_shardings=layouts)
+    got = train(model, state, opt, step, data, place_batch)
     np.testing.assert_allclose(got, want, rtol=2e-5)
     reference = one.trainable_parameters()
     for name, value in model.trainable_parameters().items():
