@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ember.backends import Backend, get_backend
-from ember.backends.cpu.program import _threads as program_threads
+from ember.backends.cpu.program import program_threads
 from ember.core.array import Array
 from ember.errors import EmberError, UnsupportedError, op_error, user_frame
 from ember.ir.sharding import Sharding, ShardingError
@@ -210,12 +210,11 @@ def threads_per_device(devices: int) -> int:
 
 
 def _limit_threads(program: Any, threads: int) -> None:
-    """Set the calling thread's OpenMP thread count. OpenMP keeps the count per calling
-    thread, and a compiled library's ``ember_init`` sets it (it runs on the thread that loaded
-    the library; a device thread starts with the runtime's default, every core)."""
-    library = getattr(program, "_library", None)
-    if library is not None:
-        library.ember_init(threads)
+    """Set the calling thread's OpenMP thread count for ``program`` (a program of a backend
+    without threads of its own, NumPy's, has nothing to set)."""
+    set_threads = getattr(program, "set_threads", None)
+    if set_threads is not None:
+        set_threads(threads)
 
 
 def _positions(mesh: Mesh, name: str) -> list[int]:

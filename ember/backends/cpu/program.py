@@ -262,7 +262,7 @@ class Program:
                 library += linked.link()
             self._library = toolchain.build(self.source, library, self._prelude)
             self._library_key = toolchain.cache_key(self.source, library)
-            self._library.ember_init(_threads())
+            self._library.ember_init(program_threads())
         self._functions = [getattr(self._library, f"ember_segment_{n}")
                            for n in range(len(self.segments))]
         if profile:
@@ -305,7 +305,7 @@ class Program:
         self._build_in_full = build_in_full
         self._profiling = False
         self._library, self._library_key = library, state["library"]
-        library.ember_init(_threads())
+        library.ember_init(program_threads())
         self._functions = [getattr(library, f"ember_segment_{n}")
                            for n, _ in enumerate(state["run_order"])]
         self.n_ext = state["n_ext"]
@@ -445,6 +445,13 @@ class Program:
     def as_text(self) -> str:
         """The C translation unit of this program."""
         return self.source
+
+    def set_threads(self, threads: int) -> None:
+        """Run this program's later calls from the calling thread on ``threads`` OpenMP
+        threads (OpenMP keeps the count per calling thread: a new thread starts with the
+        runtime's default, every core)."""
+        if self._library is not None:
+            self._library.ember_init(threads)
 
     def memory_analysis(self) -> MemoryAnalysis:
         return self.plan.analysis
@@ -638,7 +645,7 @@ def _describe(eqn: Eqn) -> str:
     return f"{outs} = {eqn.prim.name}({ins})"
 
 
-def _threads() -> int:
+def program_threads() -> int:
     """Threads of the program's one pool (OpenMP's; BLAS calls run on them, one piece each):
     ``EMBER_NUM_THREADS``, else the cores this process may run on."""
     if os.environ.get("EMBER_NUM_THREADS"):
