@@ -45,8 +45,9 @@ from ember.parallel import collectives as coll
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.explain import Collective, Explanation
 from ember.parallel.propagate import Layouts, bodies, fit, known_inputs, layout, propagate, stacked
-from ember.parallel.reshard import CostModel, Step, after, plan_reshard
+from ember.parallel.reshard import CostModel, Step, after, collective_bytes, plan_reshard
 from ember.parallel.rules import WITH_BODIES, Rule, rule_for
+from ember.transforms.call import call_p
 
 __all__ = ["partition", "Partitioned"]
 
@@ -194,6 +195,9 @@ class _Partitioner:
         if eqn.prim.name in WITH_BODIES:
             self.call(eqn)
             return
+        if eqn.prim.name == "shard_map" and eqn.params["mesh"] == self.mesh:
+            self.per_device(eqn)
+            return
         rule = rule_for(eqn, self.producers, self.values)
         if rule.note is not None:
             self.explanation.note(eqn.prim.name, rule.note, eqn.source)
@@ -258,6 +262,32 @@ class _Partitioner:
         outs = self.bind(eqn.prim, inputs, params, eqn.source, results)
         for v, local, s in zip(eqn.outputs, outs, results):
             self.env[v.id] = (local, s)
+
+    def per_device(self, eqn: Eqn) -> None:
+        """A ``shard_map`` over this mesh is per-device code already: its operands are laid
+        out as its in specs say (collectives only where they are laid out otherwise), its body
+        runs on their blocks as it is, as a call (its psum & co. are collectives of this
+        program: ``explain()`` lists them too), and its results are laid out as its out specs
+        say (the out specs are trusted: an axis one leaves out is one the body replicated
+        over)."""
+        p = eqn.params
+        inputs = [self.reshard(*self.read(a), s, eqn.source, f"shard_map operand {i}")
+                  if isinstance(a, Var) else a
+                  for i, (a, s) in enumerate(zip(eqn.inputs, p["in_shardings"]))]
+        outs = self.bind(call_p, inputs, {"body": p["body"], "name": p["name"]}, eqn.source,
+                         p["out_shardings"])
+        for v, local, s in zip(eqn.outputs, outs, p["out_shardings"]):
+            self.env[v.id] = (local, s)
+        written = Explanation(self.mesh)
+        for e in p["body"].graph.eqns:
+            if e.prim in coll.COLLECTIVES and e.prim is not coll.axis_index_p:
+                x = e.inputs[0].aval
+                n = coll.group_size(self.mesh, e.params["axes"])
+                written.add(Collective(
+                    e.prim.name, e.params["axes"],
+                    collective_bytes(e.prim.name, x.size * x.dtype.itemsize, n), e.source,
+                    "per-device code", "as written", str(e.outputs[0].aval)))
+        self.explanation.extend(written, f"shard_map {p['name']}")
 
     def while_loop(self, eqn: Eqn) -> None:
         """A while loop's body and test are partitioned on the layouts of its operands

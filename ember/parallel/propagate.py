@@ -133,6 +133,8 @@ def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> list[int]:
     """Carry splits through one equation; the ids of the values whose layouts grew."""
     if eqn.prim.name in WITH_BODIES:
         return _visit_body(layouts, eqn)
+    if eqn.prim.name == "shard_map" and eqn.params["mesh"] == layouts.mesh:
+        return _visit_per_device(layouts, eqn)
     if rule.note is not None:  # no rule: nothing flows through a replicated equation
         return []
     values = [(a, f) for a, f in zip(eqn.inputs, rule.operands) if isinstance(a, Var)]
@@ -175,6 +177,24 @@ def _visit_body(layouts: Layouts, eqn: Eqn) -> list[int]:
             if grown != current:
                 layouts.dims[var.id] = grown
                 grew.append(var.id)
+    return grew
+
+
+def _visit_per_device(layouts: Layouts, eqn: Eqn) -> list[int]:
+    """A ``shard_map`` over this mesh says its operands' and results' layouts itself (its in
+    and out specs): they are proposed to its operands (so their producers may compute them
+    so) and given to its results."""
+    grew = []
+    values = [*zip(eqn.inputs, eqn.params["in_shardings"]),
+              *zip(eqn.outputs, eqn.params["out_shardings"])]
+    for var, sharding in values:
+        if not isinstance(var, Var) or var.id in layouts.fixed:
+            continue
+        current = layouts.dims.get(var.id, ((),) * var.aval.ndim)
+        grown = _grow(current, sharding.dims)
+        if grown != current:
+            layouts.dims[var.id] = grown
+            grew.append(var.id)
     return grew
 
 

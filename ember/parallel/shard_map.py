@@ -21,6 +21,10 @@ devices (one thread each, ``ember.parallel.runtime.run_on_devices``) when this p
 whole mesh, or for this process's own device when the job runs one device per process (``ember
 launch``) or the call is already on a virtual device. The body's collectives use the running
 device's communicator, so the NumPy and compiled CPU backends run them as host steps.
+
+Inside a program partitioned over the same mesh (``jit`` with shardings), the partitioner
+lays the operands out as the in specs say, runs the body as a call on every device's blocks
+and gives the results the out specs' layouts (``ember.parallel.partition``): no gathering.
 """
 
 from __future__ import annotations
