@@ -42,6 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
+from hardware import best, hardware, timed  # noqa: E402
+
 import ember  # noqa: E402
 from ember.models import finetune, generate, loading  # noqa: E402
 from ember.models.generate import generate_ids  # noqa: E402
@@ -50,45 +52,6 @@ PROMPT, NEW, PREFILL, BATCH = 32, 128, 512, (4, 256)
 first_calls: dict[str, float] = {}  # ember's first call of each part: trace + compile + run
 programs: dict[str, list] = {}  # the programs (Lowered) ember compiled for each part
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ember", "bench")
-
-
-def best(fn: Callable[[], float], repeats: int) -> float:
-    """The smallest of ``repeats`` measurements; ``fn`` returns seconds."""
-    return min(fn() for _ in range(repeats))
-
-
-def timed(fn: Callable[[], object]) -> Callable[[], float]:
-    def run() -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    return run
-
-
-def hardware() -> tuple[float, float]:
-    """(read bandwidth in bytes/s, float32 GEMM FLOP/s): the best of the ways at hand, so the
-    limit is never read low by one library's weak kernel. Bandwidth: a matrix-vector product
-    and one sum per thread streaming a 512 MB matrix; GEMM: 2048^3 in NumPy and, where it is
-    installed, PyTorch (MKL), on 2 threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    big = np.ones((16384, 8192), dtype=np.float32)
-    x = np.ones(8192, dtype=np.float32)
-    halves = np.split(big, 2)
-    with ThreadPoolExecutor(2) as pool:  # NumPy's sums release the GIL
-        reads = [lambda: big @ x, lambda: list(pool.map(np.sum, halves))]
-        bandwidth = max(big.nbytes / best(timed(read), 4) for read in reads)
-    a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
-    products = [lambda: a @ a]
-    try:
-        import torch
-
-        torch.set_num_threads(2)
-        t = torch.from_numpy(a)
-        products.append(lambda: t @ t)
-    except ImportError:
-        pass
-    return bandwidth, max(2 * 2048**3 / best(timed(p), 4) for p in products)
 
 
 class Ember:
