@@ -697,3 +697,57 @@ def test_shardings_that_do_not_fit_the_program_are_errors():
         partition(closed, [S(M2x2, "dp", None)] * 2, None, M2x2)
     with pytest.raises(ember.EmberError, match="a sharding over mesh"):
         partition(closed, [S((("dp", 4),), "dp", None)], None, M2x2)
+
+
+# --- values computed again rather than moved -----------------------------------------------------
+
+def test_a_broadcast_read_in_two_layouts_is_broadcast_again_not_moved():
+    """One broadcast scalar scales a row-split and a column-split matrix: each device
+    broadcasts its block in each layout (no all_to_all), and the values are unchanged."""
+    def f(a, b, s):
+        scale = enp.broadcast_to(s * 2.0, (8, 8))
+        return a * scale, b * scale
+
+    args = (rand(8, 8), rand(8, 8, seed=1), np.float32(0.7))
+    rows, cols = S(M2x2, "tp", None), S(M2x2, None, "tp")
+    p = partitioned(f, args, [rows, cols, S(M2x2)], [rows, cols])
+    check(p, f, args)
+    assert p.explanation.collectives == []
+
+
+def test_tensor_parallel_training_step_moves_no_broadcast_scalar():
+    """The fine-tuning step under tp=2: the clipping factor and AdamW's scalars, broadcast to
+    a weight shape that q_proj (rows split) and o_proj (columns split) share, are computed
+    in each layout where needed: the step has no all_to_all (the greedy cost model once
+    moved them by 18) and trains like one device."""
+    from tiny_models import tiny_model
+
+    from ember.models import finetune
+    from ember.parallel import plans
+
+    mesh = Mesh(devices()[:2], ("tp",))
+    plan = plans.llama(tp="tp")
+    batch = np.random.default_rng(0).integers(0, 64, (1, 4, 8)).astype(np.int32)
+    results = []
+    for sharded in (False, True):
+        model, opt = tiny_model(64), ember.optim.AdamW(lr=1e-2)
+        if sharded:
+            state, layouts, place_batch = finetune.place(model, opt, mesh, plan)
+            step = ember.jit(finetune._make_step(opt, 0.5).fun, backend="numpy",
+                             out_shardings=layouts)
+            args = (model, state, place_batch(batch))
+            kinds = {c.kind for c in step.lower(*args).explain().collectives}
+            assert "all_to_all" not in kinds and "all_reduce" in kinds, kinds
+        else:
+            state = opt.init(model.trainable_parameters())
+            step = ember.jit(finetune._make_step(opt, 0.5).fun, backend="numpy")
+            args = (model, state, batch)
+        loss, norm, params, _ = step(*args)
+        results.append((loss, norm, params))
+    (loss1, norm1, params1), (loss2, norm2, params2) = results
+    np.testing.assert_allclose(np.asarray(loss2), np.asarray(loss1), rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(norm2), np.asarray(norm1), rtol=2e-5)
+    assert float(np.asarray(norm1)) > 0.5  # the clipping factor is in play
+    for name, value in params1.items():
+        np.testing.assert_allclose(np.asarray(params2[name]), np.asarray(value), rtol=1e-4,
+                                   atol=2e-5, err_msg=name)

@@ -132,6 +132,11 @@ class _Partitioner:
         self.env: dict[int, tuple[Var | Literal, Sharding]] = {}
         self.sources: dict[int, str | None] = {}  # Var.id -> the user line that made it
         self.resharded: dict[tuple[int, Sharding], Var] = {}  # (local Var.id, layout) -> Var
+        # local Var.id -> the equation that computed it from values held whole (or computed
+        # so in their turn) with no communication: it can be computed again in another
+        # layout, which costs less than moving it (a broadcast clipping factor).
+        self.recipes: dict[int, Eqn] = {}
+        self.recomputing: dict[tuple[int, Sharding], float] = {}  # its price, memoised
         self.explanation = Explanation(mesh)
 
     # -- driving --
@@ -214,8 +219,17 @@ class _Partitioner:
         for i, columns in _split_columns(rule, operand_layouts, inputs).items():
             inputs[i] = self.local_indices(inputs[i], columns, eqn.source)
         outs = self.emit(eqn, inputs, result_layouts)
+        if _cheap(eqn) and all(self.local_only(a) for a in eqn.inputs):
+            self.recipes[outs[0].id] = eqn
         for v, local, s in zip(eqn.outputs, outs, result_layouts):
             self.env[v.id] = (local, s)
+
+    def local_only(self, atom: Var | Literal) -> bool:
+        """Whether every device can compute its block of ``atom`` in any layout without
+        communicating: it is held whole (or is a literal), or is a recipe's result."""
+        local, current = self.read(atom)
+        return isinstance(local, Literal) or local.id in self.recipes or (
+            not current.partial and not any(current.dims))
 
     def call(self, eqn: Eqn) -> None:
         """The bodies of a call, a scan or a cond are partitioned in their turn, on the layouts
@@ -360,7 +374,12 @@ class _Partitioner:
         return [a for i, a in enumerate(options) if a not in options[:i]]
 
     def _values(self, eqn: Eqn, rule: Rule) -> list[tuple[Var, tuple[int | None, ...]]]:
+        """The operands, then the results. An elementwise equation's operands computed from
+        scalars alone come last: each device computes its block of one in any layout, so the
+        others' layouts say how to split."""
         values = [(a, f) for a, f in zip(eqn.inputs, rule.operands) if isinstance(a, Var)]
+        if eqn.prim.kind == "elementwise":
+            values.sort(key=lambda value: value[0].id in self.layouts.weak)
         return values + list(zip(eqn.outputs, rule.results))
 
     def _assign(self, values: list[tuple[Var, tuple[int | None, ...], Any]]
@@ -426,9 +445,7 @@ class _Partitioner:
         seconds = 0.0
         for a, want in zip(eqn.inputs, operands):
             if isinstance(a, Var):
-                local, current = self.read(a)
-                seconds += self.cost.seconds(plan_reshard(
-                    local.aval.shape, local.aval.dtype.itemsize, current, want, self.cost))
+                seconds += self.moving(a, want)
         for v, s in zip(eqn.outputs, results):
             local = s.local_shape(v.aval.shape)
             seconds += self.cost.seconds(plan_reshard(local, v.aval.dtype.itemsize, s,
@@ -472,6 +489,10 @@ class _Partitioner:
         original = local
         steps = plan_reshard(local.aval.shape, local.aval.dtype.itemsize, current, target,
                              self.cost)
+        if self.cost.seconds(steps) > self.recompute_seconds(local, target):
+            local = self.recompute(local, target)
+            self.resharded[(original.id, target)] = local
+            return local
         now = current
         for step in steps:
             now = after(now, step)
@@ -482,6 +503,58 @@ class _Partitioner:
                     f"{current} -> {target}", str(local.aval)))
         self.resharded[(original.id, target)] = local
         return local
+
+    def moving(self, atom: Var, want: Sharding) -> float:
+        """Seconds to lay the value of ``atom`` out as ``want``: redistributing it, or
+        computing it again where it is a recipe's result and that costs less."""
+        local, current = self.read(atom)
+        if current == want:
+            return 0.0
+        steps = plan_reshard(local.aval.shape, local.aval.dtype.itemsize, current, want,
+                             self.cost)
+        return min(self.cost.seconds(steps), self.recompute_seconds(local, want))
+
+    def recipe(self, local: Var, target: Sharding
+               ) -> tuple[Eqn, Rule, list[Sharding]] | None:
+        """The equation that computed ``local``, its rule and its operands' layouts for a
+        result laid out as ``target``; None where ``local`` is no recipe's result or the rule
+        cannot give that layout."""
+        eqn = self.recipes.get(local.id)
+        if eqn is None or target.partial:
+            return None
+        rule = rule_for(eqn, self.producers, self.values)
+        assignment = self._assign([(eqn.outputs[0], rule.results[0], target.dims)])
+        operands, results = self.implied(eqn, rule, assignment)
+        return (eqn, rule, operands) if results[0] == target else None
+
+    def recompute_seconds(self, local: Var, target: Sharding) -> float:
+        """What computing ``local`` again laid out as ``target`` costs: its equation's local
+        work and laying its operands out for it (infinite where it cannot be)."""
+        key = (local.id, target)
+        if key not in self.recomputing:
+            found = self.recipe(local, target)
+            if found is None:
+                self.recomputing[key] = math.inf
+            else:
+                eqn, rule, operands = found
+                self.recomputing[key] = self.cost.compute(
+                    _points(eqn, rule, operands, [target])) + sum(
+                    self.moving(a, s) for a, s in zip(eqn.inputs, operands)
+                    if isinstance(a, Var))
+        return self.recomputing[key]
+
+    def recompute(self, local: Var, target: Sharding) -> Var:
+        """``local`` computed again by its recipe, laid out as ``target``: each device
+        slices or recomputes its operands' blocks, with no communication."""
+        found = self.recipe(local, target)
+        assert found is not None, "recompute is chosen only where recompute_seconds is finite"
+        eqn, _, operands = found
+        inputs = [self.reshard(*self.read(a), s, eqn.source, f"{eqn.prim.name} operand {i}")
+                  if isinstance(a, Var) else a
+                  for i, (a, s) in enumerate(zip(eqn.inputs, operands))]
+        (out,) = self.emit(eqn, inputs, [target])
+        self.recipes[out.id] = eqn
+        return out
 
     def step(self, x: Var, step: Step, after: Sharding, source: str | None) -> Var:
         common = {"axes": step.axes, "mesh": self.mesh}
@@ -574,6 +647,13 @@ def _points(eqn: Eqn, rule: Rule, operands: list[Sharding], results: list[Shardi
             elif i >= len(eqn.inputs):
                 points *= n
     return points * math.prod(sizes.values())
+
+
+def _cheap(eqn: Eqn) -> bool:
+    """An equation worth computing again rather than moving its result: a broadcast or an
+    elementwise operation."""
+    return len(eqn.outputs) == 1 and (eqn.prim is broadcast_in_dim_p
+                                      or eqn.prim.kind == "elementwise")
 
 
 def _split_at(items: list[Any], *sizes: int) -> list[list[Any]]:

@@ -30,6 +30,7 @@ from typing import Any
 from ember.errors import user_frame
 from ember.ir.graph import Atom, ClosedGraph, Eqn, Literal, Var
 from ember.ir.sharding import Sharding, ShardingError
+from ember.ops.structural import broadcast_in_dim_p
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.rules import WITH_BODIES, Rule, rule_for
 
@@ -50,6 +51,9 @@ class Layouts:
     # Var.id -> value, for the values known before running (captured constants, and a body's
     # inputs fed by them): rules read index bounds from them (rules.iota_columns).
     values: dict[int, Any] = field(default_factory=dict)
+    # Var.ids of values computed from scalars alone (a broadcast clipping factor): every
+    # device computes its block of one in any layout, so their splits are proposed last.
+    weak: set[int] = field(default_factory=set)
 
     def of(self, var: Var) -> Sharding:
         dims = self.dims.get(var.id)
@@ -77,7 +81,8 @@ def propagate(closed: ClosedGraph, mesh: tuple[tuple[str, int], ...],
     """
     graph = closed.graph
     values = {v.id: c for v, c in zip(graph.constvars, closed.consts)}
-    layouts = Layouts(tuple(mesh), values={**values, **(known or {})})
+    layouts = Layouts(tuple(mesh), values={**values, **(known or {})},
+                      weak=_from_scalars(graph.eqns))
     where = user_frame()
     for i, (v, s) in enumerate(zip(graph.invars, in_shardings)):
         if s is not None:
@@ -111,6 +116,19 @@ def propagate(closed: ClosedGraph, mesh: tuple[tuple[str, int], ...],
     return layouts
 
 
+def _from_scalars(eqns: Sequence[Eqn]) -> set[int]:
+    """The ids of the values computed from scalars alone: broadcasts of scalars, and
+    elementwise operations on those."""
+    weak: set[int] = set()
+    for e in eqns:
+        operands = [a for a in e.inputs if isinstance(a, Var)]
+        if (e.prim is broadcast_in_dim_p and all(a.aval.ndim == 0 for a in e.inputs)) or (
+                e.prim.kind == "elementwise" and operands
+                and all(a.id in weak for a in operands)):
+            weak.update(v.id for v in e.outputs)
+    return weak
+
+
 def _fix(layouts: Layouts, var: Var, sharding: Sharding, what: str, where: str) -> None:
     check_even(var, sharding, what, where)
     layouts.dims[var.id] = sharding.dims
@@ -139,7 +157,7 @@ def _visit(layouts: Layouts, eqn: Eqn, rule: Rule) -> list[int]:
         return []
     values = [(a, f) for a, f in zip(eqn.inputs, rule.operands) if isinstance(a, Var)]
     values += list(zip(eqn.outputs, rule.results))
-    assignment = _assign(layouts, values)
+    assignment = _assign(layouts, values, weak_last=eqn.prim.kind == "elementwise")
     grew = []
     for var, factors in values:
         if var.id in layouts.fixed:
@@ -232,15 +250,17 @@ def stacked(eqn: Eqn) -> list[int]:
             + [0] * carry + [1] * (len(eqn.outputs) - carry))
 
 
-def _assign(layouts: Layouts, values: list[tuple[Var, tuple[int | None, ...]]]
-            ) -> dict[int, tuple[str, ...]]:
+def _assign(layouts: Layouts, values: list[tuple[Var, tuple[int | None, ...]]],
+            weak_last: bool = False) -> dict[int, tuple[str, ...]]:
     """Each factor's axes: the best proposal among the values that split it, cut to what
-    divides every dimension of the factor; an axis goes to one factor only."""
+    divides every dimension of the factor; an axis goes to one factor only. With
+    ``weak_last`` (an elementwise equation) the values computed from scalars alone propose
+    last: each device computes its block of one in any layout."""
     proposals: dict[int, list[tuple[int, int, int, tuple[str, ...]]]] = {}
     sizes: dict[int, list[int]] = {}
     for order, (var, factors) in enumerate(values):
         dims = layouts.dims.get(var.id)
-        rank = 0 if var.id in layouts.fixed else 1
+        rank = 0 if var.id in layouts.fixed else 2 if weak_last and var.id in layouts.weak else 1
         for d, f in enumerate(factors):
             if f is None:
                 continue
