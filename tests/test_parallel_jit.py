@@ -247,7 +247,8 @@ def test_as_text_shows_the_per_device_graph_with_shardings():
     assert text.startswith("# per-device program, mesh (dp=2, tp=2)")
     assert f"f32[{BATCH // 2},{D_IN}]{{dp,_}}" in text  # the batch's local block
     assert f"f32[{D_IN},{HIDDEN // 2}]{{_,tp}}" in text  # w1's column block
-    assert "all_reduce[axes=('dp',)" in text
+    # the gradient sums start early and finish where used (ember.parallel.schedule)
+    assert "all_reduce_start[axes=('dp',)" in text and "collective_done[" in text
 
 
 def test_explain_without_shardings_is_an_error_naming_the_function():

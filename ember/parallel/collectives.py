@@ -13,6 +13,10 @@ device's rank in the group is its coordinates along ``axes`` read as mixed-radix
 same order in which a dimension split over those axes holds its blocks. Types are local
 (per-device) shapes.
 
+A collective the overlap schedule (``ember.parallel.schedule``) splits runs as a start
+(``all_reduce_start``...: the communicator's ``start_*``, giving a ticket) and a
+``collective_done`` (its wait), with the device's local work between them.
+
 The device at flat mesh position ``i`` (row-major over the mesh axes) runs as rank ``i`` of the
 runtime's world communicator; the group of each ``(mesh, axes)`` is split from it once, on first
 use, which is safe because every device of an SPMD program reaches the same collectives in the
@@ -21,6 +25,7 @@ same order.
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Sequence
@@ -30,14 +35,14 @@ import numpy as np
 
 from ember import dtypes
 from ember.core.primitive import Primitive
-from ember.errors import EmberValueError, ShapeError, op_error
+from ember.errors import EmberError, EmberValueError, ShapeError, op_error
 from ember.ir.types import ArrayType
 from ember.parallel import runtime
 
 __all__ = ["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "collective_permute",
            "axis_index", "all_reduce_p", "all_gather_p", "reduce_scatter_p", "all_to_all_p",
            "collective_permute_p", "axis_index_p", "COLLECTIVES", "REDUCE_OPS", "group_size",
-           "group_rank", "mesh_coords", "Mesh"]
+           "group_rank", "mesh_coords", "Mesh", "STARTS", "collective_done_p", "TICKET"]
 
 Mesh = tuple[tuple[str, int], ...]
 REDUCE_OPS = ("sum", "max", "min")
@@ -194,19 +199,85 @@ def _group(mesh: Mesh, axes: tuple[str, ...]) -> Any:
     return comm
 
 
-all_reduce_p.def_impl(lambda x, *, axes, op, mesh: _group(mesh, axes).all_reduce(x, op))
-all_gather_p.def_impl(lambda x, *, axes, axis, mesh: _group(mesh, axes).all_gather(x, axis))
-reduce_scatter_p.def_impl(
-    lambda x, *, axes, axis, op, mesh: _group(mesh, axes).reduce_scatter(x, axis, op))
-all_to_all_p.def_impl(lambda x, *, axes, split_axis, concat_axis, mesh: _group(
-    mesh, axes).all_to_all(x, split_axis, concat_axis))
-collective_permute_p.def_impl(
-    lambda x, *, axes, pairs, mesh: _group(mesh, axes).permute(x, pairs))
+# How each collective calls its group's communicator: the method's name (``start_`` + it
+# starts the collective without waiting) and its arguments after the operand, from the params.
+_CALLS: dict[str, tuple[str, Any]] = {
+    "all_reduce": ("all_reduce", lambda p: (p["op"],)),
+    "all_gather": ("all_gather", lambda p: (p["axis"],)),
+    "reduce_scatter": ("reduce_scatter", lambda p: (p["axis"], p["op"])),
+    "all_to_all": ("all_to_all", lambda p: (p["split_axis"], p["concat_axis"])),
+    "collective_permute": ("permute", lambda p: (p["pairs"],)),
+}
 
+
+def _runner(name: str, start: bool) -> Any:
+    method, args = _CALLS[name]
+    method = f"start_{method}" if start else method
+
+    def run(x: np.ndarray, **params: Any) -> Any:
+        return getattr(_group(params["mesh"], params["axes"]), method)(x, *args(params))
+    return run
+
+
+for _p in COLLECTIVES[:-1]:
+    _p.def_impl(_runner(_p.name, start=False))
 
 @axis_index_p.def_impl
 def _axis_index_impl(*, axis: str, mesh: Mesh) -> np.ndarray:
     return np.int32(mesh_coords(mesh, runtime.world().rank)[axis])
+
+
+# --- started and finished apart: what the overlap schedule writes ----------------------------
+#
+# ``ember.parallel.schedule`` splits a collective ``y = all_reduce(x)`` into
+# ``t = all_reduce_start[..., seq=k](x)`` and ``y = collective_done[result=...](t)`` with local
+# work in between. ``t`` is an int32 ticket naming the started collective's handle, which the
+# device keeps until the done waits on it: backends store and pass it as any scalar, so they
+# run both as ordinary host steps and never see a communicator. ``seq`` (the start's position
+# in its graph) keeps two starts of the same value apart, so no pass merges them.
+
+TICKET = ArrayType((), dtypes.int32)
+# world communicator -> {ticket: handle}, per device; dropped with the run's communicators.
+_IN_FLIGHT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_tickets = itertools.count()
+
+
+def _started(blocking: Primitive) -> Primitive:
+    start = Primitive(f"{blocking.name}_start", kind="collective")
+    run = _runner(blocking.name, start=True)
+
+    @start.def_abstract_eval
+    def _start_rule(x: ArrayType, *, seq: int, **params: Any) -> ArrayType:
+        blocking.abstract_eval(x, **params)  # the same checks as the blocking collective
+        return TICKET
+
+    @start.def_impl
+    def _start_impl(x: np.ndarray, *, seq: int, **params: Any) -> np.ndarray:
+        ticket = next(_tickets) & 0x7FFFFFFF
+        _IN_FLIGHT.setdefault(runtime.world(), {})[ticket] = run(x, **params)
+        return np.int32(ticket)
+    return start
+
+
+STARTS = {p: _started(p) for p in COLLECTIVES[:-1]}
+collective_done_p = Primitive("collective_done", kind="collective")
+
+
+@collective_done_p.def_abstract_eval
+def _done_rule(ticket: ArrayType, *, result: ArrayType) -> ArrayType:
+    if ticket.shape != () or ticket.dtype != TICKET.dtype:
+        raise op_error(ShapeError, "collective_done",
+                       f"expected the {TICKET} ticket of a collective start, got {ticket}")
+    return result
+
+
+@collective_done_p.def_impl
+def _done_impl(ticket: np.ndarray, *, result: ArrayType) -> Any:
+    handle = _IN_FLIGHT.get(runtime.world(), {}).pop(int(ticket), None)
+    if handle is None:
+        raise EmberError(f"ember bug: collective_done of ticket {int(ticket)}, which this "
+                         f"device did not start (or already finished)")
+    return handle.wait()
 
 
 # --- binding -----------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from ember.parallel.collectives import mesh_coords
 from ember.parallel.mesh import Mesh
 from ember.parallel.partition import Partitioned, partition
 from ember.parallel.propagate import layout
+from ember.parallel.schedule import schedule
 from ember.parallel.sharding import NamedSharding
 from ember.transforms.jit import Compiled, Lowered, ShardingHook, register_sharding_hook
 from ember.tree import LEAF, TreeDef, tree_flatten
@@ -181,7 +182,7 @@ def lower(lowered: Lowered, in_shardings: Any, out_shardings: Any) -> ShardedPla
         None if s is None else _output_layout(s, a, i)
         for i, (s, a) in enumerate(zip(given or [None] * n_out, graph.out_avals))]
     outs += [layout(mesh, ((),) * a.ndim) for a in graph.out_avals[n_out:]]  # ember.random
-    return ShardedPlan(partition(graph, ins, outs, mesh), concrete)
+    return ShardedPlan(schedule(partition(graph, ins, outs, mesh)), concrete)
 
 
 def _output_layout(s: NamedSharding, aval: ArrayType, i: int) -> Sharding:

@@ -300,7 +300,8 @@ class _Partitioner:
                 written.add(Collective(
                     e.prim.name, e.params["axes"],
                     collective_bytes(e.prim.name, x.size * x.dtype.itemsize, n), e.source,
-                    "per-device code", "as written", str(e.outputs[0].aval)))
+                    "per-device code", "as written", str(e.outputs[0].aval),
+                    value=e.outputs[0].id))
         self.explanation.extend(written, f"shard_map {p['name']}")
 
     def while_loop(self, eqn: Eqn) -> None:
@@ -500,7 +501,7 @@ class _Partitioner:
             if step.kind not in ("slice", "partial"):
                 self.explanation.add(Collective(
                     step.kind, step.axes, step.nbytes, source, reason,
-                    f"{current} -> {target}", str(local.aval)))
+                    f"{current} -> {target}", str(local.aval), value=local.id))
         self.resharded[(original.id, target)] = local
         return local
 
