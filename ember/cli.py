@@ -194,17 +194,20 @@ def _output_owner(path: str) -> str | None:
 # ------------------------------------------------------------------------------------ commands
 
 
-def _load(args: argparse.Namespace, dtype: str = "float32", opened: Any = None
-          ) -> tuple[Any, Any]:
-    """The model and tokenizer of ``--model`` (``opened``: its GGUF file, already parsed)."""
+def _load(args: argparse.Namespace, dtype: str = "float32", opened: Any = None,
+          quiet: bool = False) -> tuple[Any, Any]:
+    """The model and tokenizer of ``--model`` (``opened``: its GGUF file, already parsed);
+    ``quiet``: without the loading notes (the processes of ``ember launch`` but the first)."""
     import ember.numpy as enp
     from ember.models.loading import load
 
-    print(f"[loading {args.model}]", file=sys.stderr, flush=True)
+    if not quiet:
+        print(f"[loading {args.model}]", file=sys.stderr, flush=True)
     start = time.perf_counter()
     model, tokenizer = load(opened or args.model, enp.dtype(dtype))
-    print(f"[loaded {model.config.model_type} model, {model.num_parameters() / 1e6:.0f}M "
-          f"parameters, in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    if not quiet:
+        print(f"[loaded {model.config.model_type} model, {model.num_parameters() / 1e6:.0f}M "
+              f"parameters, in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return model, tokenizer
 
 
@@ -360,7 +363,7 @@ def _train(args: argparse.Namespace) -> int:
     _check_model_flag(args)
     if process_index() == 0:  # under ember launch one process claims --out for the job
         _claim_output_dir("--out", args.out, "train", args.force)
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(args, quiet=process_index() != 0)
     if args.seq_len >= model.config.max_position_embeddings:
         raise _UserError(f"--seq-len {args.seq_len} is not below the model's context of "
                          f"{model.config.max_position_embeddings} tokens")

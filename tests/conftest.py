@@ -50,6 +50,22 @@ def pytest_configure(config: pytest.Config) -> None:
                                 + "\n  ".join(missing))
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A Hugging Face directory with the tiny Llama and its byte tokenizer (read only)."""
+    from tiny_models import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A small plain-text file to fine-tune on."""
+    path = tmp_path / "notes.txt"
+    path.write_text("ember trains small models on plain text files.\n\n" * 40)
+    return path
+
+
 @pytest.fixture
 def recording_backend():
     """A second backend: the NumPy backend's buffers and implementations under another name,

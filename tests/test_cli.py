@@ -12,19 +12,12 @@ import sys
 
 import numpy as np
 import pytest
-from tiny_models import tiny_model, tiny_model_dir, write_gguf
+from tiny_models import tiny_model, write_gguf
 
 from ember import cli
 from ember.io import safetensors
 from ember.models import finetune, loading
 from ember.models import generate as gen
-
-TEXT = "ember trains small models on plain text files.\n\n" * 40
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("cli-model"))
 
 
 @pytest.fixture
@@ -60,13 +53,6 @@ def train_args(model_dir, data, out, *extra):
     return ["train", "--model", model_dir, "--data", str(data), "--out", str(out),
             "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--lora-rank", "2",
             "--eval-every", "2", "--save-every", "2", *extra]
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "notes.txt"
-    path.write_text(TEXT)
-    return path
 
 
 # ----------------------------------------------------------------------------- working commands

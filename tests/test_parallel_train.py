@@ -8,27 +8,13 @@ import json
 
 import numpy as np
 import pytest
-from tiny_models import tiny_model, tiny_model_dir, tiny_tokenizer
+from tiny_models import tiny_model, tiny_tokenizer
 
 from ember import cli
 from ember import parallel as P
 from ember.io import safetensors
 from ember.models import finetune
 from ember.parallel.plans import PlanError, parse
-
-TEXT = "ember trains small models on plain text files.\n\n" * 40
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("train-model"))
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "notes.txt"
-    path.write_text(TEXT)
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -96,11 +82,17 @@ def test_four_devices_train_like_one(model_dir, data, tmp_path, capsys):
 
 
 def test_two_processes_train_like_one_device(model_dir, data, tmp_path, ember_launch):
-    status, output, _ = ember_launch(2, "train_cli.py",
+    """Both processes train; process 0 alone draws the progress bar and prints the notes."""
+    status, output, _ = ember_launch(2, "train_cli.py", "--log-dir", tmp_path,
                                      *train_args(model_dir, data, tmp_path / "mpi", "--plan",
                                                  "dp=2", "--devices", "2"), timeout=30.0)
-    assert status == 0, output
-    assert output.count("done: train loss") == 1, output  # said once, by process 0
+    first, second = ((tmp_path / f"process-{i}.log").read_text() for i in (0, 1))
+    assert status == 0, output + first + second
+    assert "training: 100%" in first and "4/4" in first, first  # the bar, drawn to the end
+    for said in ("[loading ", "[loaded ", "done: train loss"):
+        assert first.count(said) == 1, (said, first)
+    for said in ("training", "step", "[load", "done"):
+        assert said not in second, second
     one = train(model_dir, data, tmp_path / "one")
     mpi = json.loads((tmp_path / "mpi" / "history.json").read_text())
     np.testing.assert_allclose(losses(mpi)[0], losses(one)[0], rtol=2e-5)
@@ -138,7 +130,7 @@ def test_devices_under_launch_must_match_the_processes(monkeypatch, capsys):
         cli._use_devices(4)
 
 
-def test_a_run_resumes_under_another_plan_on_the_same_curve(tmp_path):
+def test_a_run_resumes_under_another_plan_on_the_same_curve(data, tmp_path):
     settings = dict(steps=4, batch_size=2, seq_len=16, lora_rank=2, eval_every=2,
                     save_every=2)
     tokenizer = tiny_tokenizer()
@@ -146,7 +138,8 @@ def test_a_run_resumes_under_another_plan_on_the_same_curve(tmp_path):
 
     def run(out, on_step=None, **where):
         config = finetune.TrainConfig(**settings, **where)
-        return finetune.train(tiny_model(vocab), tokenizer, TEXT, out, config, on_step=on_step)
+        return finetune.train(tiny_model(vocab), tokenizer, data.read_text(), out, config,
+                              on_step=on_step)
 
     want = run(tmp_path / "one")
 

@@ -295,8 +295,10 @@ def train(model: LlamaForCausalLM, tokenizer: Any, text: str, out_dir: str | os.
         step_fn = jit(step_fn.fun, donate_argnums=1, out_shardings=out_shardings)
     eval_fn = jit(_loss)
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+    # Under ember launch every process runs this: process 0 alone draws the bar and writes
+    # the notes (``_note``), the others stay silent.
     bar = tqdm(total=config.steps, initial=history["step"], desc="training", unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=process_index() != 0)
     saved = history["step"]  # the step of the newest checkpoint on disk
     consistent = True  # model, optimizer state and history describe the same step
     try:
@@ -422,8 +424,14 @@ def _restore(ckpt_dir: str, model: LlamaForCausalLM, state: Any, history: dict[s
         params = {k: _laid_out_as(v, current[k]) for k, v in params.items()}
         state = tree_map(_laid_out_as, loaded, state)
     model.update(params)
-    tqdm.write(f"resuming from {source} (step {saved['step']})")
+    _note(f"resuming from {source} (step {saved['step']})")
     return state, saved
+
+
+def _note(message: str) -> None:
+    """A line for the user, printed above the progress bar, by process 0 only."""
+    if process_index() == 0:
+        tqdm.write(message)
 
 
 def _laid_out_as(value: Any, like: Any) -> Any:
