@@ -21,6 +21,7 @@ from tiny_models import tiny_model
 import ember
 import ember.numpy as enp
 from ember import parallel as P
+from ember.errors import EmberValueError
 from ember.ir.graph import Var
 from ember.ir.params import bodies
 from ember.models import finetune
@@ -213,6 +214,15 @@ def test_bytes_in_flight_stay_under_the_bound():
     assert _collectives(nothing.graph, started_only=True) == []
     assert all("EMBER_OVERLAP_BYTES" in c.overlap.blocking
                for c in nothing.explanation.collectives)
+
+
+@pytest.mark.parametrize("name, value", [("EMBER_OVERLAP", "yes"),
+                                         ("EMBER_OVERLAP_BYTES", "64M")])
+def test_bad_overlap_settings_are_errors_naming_the_variable(monkeypatch, name, value):
+    part = _partitioned_mlp_step(_mesh(dp=2))
+    monkeypatch.setenv(name, value)
+    with pytest.raises(EmberValueError, match=f"{name}='{value}': expected"):
+        schedule(part)
 
 
 def test_a_collective_needed_at_once_stays_blocking():
