@@ -29,6 +29,13 @@ Four parts, each measured in one process so the ratios compare like with like (t
    fraction of the measured GEMM peak reached, counting the exact matmul FLOPs of a step. Also
    the forward pass, ember jit against ember eager.
 4. Exact GELU (``erf``) of a 256x1024 float32 array: ember jit against PyTorch eager.
+5. Parallel per-call costs (issue 9), each printed with PASS or MISS: a sharded ``jit`` cache
+   hit on 2 virtual devices beyond its per-device program (target < 0.15 ms; the whole call
+   beside JAX's on 2 of its host-platform CPU devices, when jax is installed), and an
+   all-reduce of 4 KiB on 8 virtual devices (target < 0.05 ms per rank: the wall time of one
+   all-reduce over the 8 ranks, whose Python steps take turns under one interpreter lock,
+   divided by 8). The script sets ``EMBER_CPU_DEVICES=8`` and JAX's
+   ``--xla_force_host_platform_device_count=8`` unless they are set.
 
 Timings are the minimum over repeats (``timeit``), the least noisy statistic on a shared machine.
 The whole run takes well under two minutes.
@@ -45,6 +52,10 @@ import timeit
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ.setdefault("EMBER_CPU_DEVICES", "8")  # part 5: virtual devices, read once
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
 
 import ember  # noqa: E402
 import ember.numpy as enp  # noqa: E402
@@ -347,6 +358,82 @@ def gelu(backend: str | None) -> None:
         print(f"ratio ember jit / torch eager: {s_t / s:.2f}x speed")
 
 
+# --- 5. parallel per-call costs --------------------------------------------------------------
+
+SHARDED_HIT_TARGET_MS = 0.15  # a sharded jit hit on 2 virtual devices, beyond its programs
+ALL_REDUCE_TARGET_MS = 0.05  # a 4 KiB all-reduce on 8 virtual devices, per rank
+SHARDED_SHAPE = (64, 256)  # float32, split by rows over the 2 devices
+
+
+def sharded_jit_hit(backend: str | None) -> None:
+    """A jitted elementwise function of one row-split argument on 2 virtual devices: the
+    whole call, against one call of its per-device program on one block (what each device
+    runs; on 2 cores the two run side by side), and against JAX's call on 2 CPU devices."""
+    from ember import parallel as P  # noqa: N812  (as the tests and docs write it)
+
+    print("\n== 5. parallel per-call costs (issue 9) ==")
+    if len(P.devices()) < 2:
+        print("skipped: fewer than 2 virtual devices (EMBER_CPU_DEVICES)")
+        return
+    mesh = P.Mesh(P.devices()[:2], ("dp",))
+    rows = P.NamedSharding(mesh, P.PartitionSpec("dp"))
+    x_np = np.random.default_rng(0).standard_normal(SHARDED_SHAPE).astype(np.float32)
+    x = P.device_put(x_np, rows)
+    fn = ember.jit(lambda x: enp.tanh(x) * 2.0, in_shardings=rows, out_shardings=rows,
+                   backend=backend)
+    fn(x)
+    call = per_call_s(lambda: fn(x))
+    program = fn.lower(x).compile().program
+    block = x.local_buffers()[0]
+    alone = per_call_s(lambda: program(block))
+    beyond = (call - alone) * 1e3
+    print(f"sharded jit hit, 2 virtual devices, per call: {call * 1e3:7.3f} ms, of which the "
+          f"per-device program {alone * 1e3:.3f} ms; beyond it {beyond:6.3f} ms   "
+          f"target < {SHARDED_HIT_TARGET_MS} ms   {verdict(beyond, SHARDED_HIT_TARGET_MS)}")
+    try:
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import Mesh as JaxMesh
+        from jax.sharding import NamedSharding as JaxSharding
+        from jax.sharding import PartitionSpec as JaxSpec
+    except ImportError:
+        print("  (JAX not installed: no peer)")
+        return
+    cpus = jax.devices("cpu")
+    if len(cpus) < 2:
+        print("  (JAX sees one CPU device: no peer; XLA_FLAGS was set before this script)")
+        return
+    jrows = JaxSharding(JaxMesh(np.array(cpus[:2]), ("dp",)), JaxSpec("dp"))
+    jx = jax.device_put(x_np, jrows)
+    jfn = jax.jit(lambda x: jnp.tanh(x) * 2.0, in_shardings=jrows, out_shardings=jrows)
+    jfn(jx).block_until_ready()
+    peer = per_call_s(lambda: jfn(jx).block_until_ready())
+    print(f"  peer: JAX {jax.__version__} jit on 2 host-platform CPU devices, same function: "
+          f"{peer * 1e3:.3f} ms per call (ember's call / JAX's: {call / peer:.2f}x)")
+
+
+def thread_all_reduce(devices: int = 8, nbytes: int = 4096, count: int = 200) -> None:
+    """``count`` all-reduces of a float32 array of ``nbytes`` in one run of ``devices``
+    virtual devices (the run's start and end, timed apart with an empty run, excluded)."""
+    from ember.parallel import runtime
+
+    x = np.ones(nbytes // 4, np.float32)
+
+    def reduce_all(i: int) -> None:
+        world = runtime.world()
+        for _ in range(count):
+            world.all_reduce(x)
+
+    empty = per_call_s(lambda: runtime.run_on_devices(lambda i: None, devices), repeats=3)
+    runs = per_call_s(lambda: runtime.run_on_devices(reduce_all, devices), repeats=3,
+                      target_s=0.3)
+    wall = max(runs - empty, 0.0) / count * 1e3
+    rank = wall / devices
+    print(f"thread all-reduce, {devices} devices, {nbytes // 1024} KiB: {wall:.3f} ms per "
+          f"all-reduce, {rank:.4f} ms per rank   target < {ALL_REDUCE_TARGET_MS} ms per rank   "
+          f"{verdict(rank, ALL_REDUCE_TARGET_MS)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default=None,
@@ -358,6 +445,8 @@ def main() -> None:
     peak = gemm_peak()
     mlp(peak, backend)
     gelu(backend)
+    sharded_jit_hit(backend)
+    thread_all_reduce()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ annotation in the graph (the ``sharding_constraint`` primitive) for the propagat
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -50,6 +51,12 @@ def warn_gather(message: str) -> None:
     warnings.warn(f"{message}\n  at {user_frame()}", ShardingGatherWarning, stacklevel=level)
 
 
+@functools.cache
+def _numpy_backend() -> Any:
+    """The backend a sharded array's parts run on (looked up once, not per array)."""
+    return get_backend("numpy")
+
+
 class Shard(NamedTuple):
     """One device's part of a sharded array."""
 
@@ -75,7 +82,7 @@ class ShardedArray(Array):
         self._shards: list[np.ndarray] | None = list(shards)
         self._sharding = sharding
         self._aval = aval
-        self._backend = get_backend("numpy")
+        self._backend = _numpy_backend()
         self._gathered: np.ndarray | None = None
 
     @classmethod
@@ -99,6 +106,16 @@ class ShardedArray(Array):
                                f", expected {dtype}{list(local)} (a part of {list(shape)} laid "
                                f"out as {sharding.spec})")
         return cls(buffers, sharding, ArrayType(shape, dtype, weak, sharding.abstract(len(shape))))
+
+    @classmethod
+    def _of(cls, buffers: list[np.ndarray], sharding: NamedSharding, aval: ArrayType
+            ) -> ShardedArray:
+        """Internal: the array made of ``buffers`` as they are, unchecked, for callers that
+        know them right (``jit``'s results: their program fixes every shape and dtype)."""
+        self = cls.__new__(cls)
+        self._shards, self._sharding, self._aval = buffers, sharding, aval
+        self._backend, self._gathered = _numpy_backend(), None
+        return self
 
     @property
     def sharding(self) -> NamedSharding:

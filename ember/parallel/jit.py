@@ -18,6 +18,7 @@ sharded arguments) it hands the traced global graph to this module through its s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,7 +87,7 @@ def _meshes(*shardings: Any) -> list[Mesh]:
 
 def _one_mesh(meshes: Sequence[Mesh], what: str) -> Mesh | None:
     for m in meshes[1:]:
-        if m != meshes[0]:
+        if m is not meshes[0] and m != meshes[0]:
             raise op_error(ShardingError, "jit", f"{what} name two meshes, {meshes[0]} and {m}: "
                            f"one program runs over one mesh")
     return meshes[0] if meshes else None
@@ -106,12 +107,51 @@ def _argument_names(tree: TreeDef) -> list[str]:
 def input_types(in_shardings: Any, tree: TreeDef, leaves: list[Any],
                 avals: tuple[ArrayType, ...]) -> tuple[ArrayType, ...]:
     """The argument types with the layouts ``in_shardings`` gives them (a prefix of the
-    positional arguments); a sharded argument laid out otherwise is an error."""
+    positional arguments); a sharded argument laid out otherwise is an error.
+
+    Called on every call of the jitted function, before its cache lookup: the types are
+    worked out once per (``in_shardings``, argument structure, argument types), and a call
+    only checks that its sharded arguments live on the meshes ``in_shardings`` names (the
+    one thing the types cannot say).
+    """
+    memo = _input_memo(in_shardings)
+    known = memo.get((tree, avals))
+    if known is None:
+        known = memo[(tree, avals)] = _input_types(in_shardings, tree, avals)
+    out, checks = known
+    for i, s in checks:
+        leaf = leaves[i]
+        if isinstance(leaf, ShardedArray) and leaf._sharding is not s and leaf._sharding != s:
+            raise op_error(ShardingError, "jit", f"{_argument_names(tree)[i]} is a sharded "
+                           f"array laid out by {leaf.sharding}, but in_shardings asks for {s}: "
+                           f"device_put it to that layout, or leave its in_shardings entry None")
+    return out
+
+
+# id(in_shardings) -> (in_shardings, {(tree, avals): input_types' answer}); the object is kept
+# so that its id is not reused. A jitted function holds its in_shardings for good anyway.
+_INPUT_MEMOS: dict[int, tuple[Any, dict]] = {}
+
+
+def _input_memo(in_shardings: Any) -> dict:
+    known = _INPUT_MEMOS.get(id(in_shardings))
+    if known is None:
+        if len(_INPUT_MEMOS) >= 256:  # many short-lived jits: start over rather than grow
+            _INPUT_MEMOS.clear()
+        known = _INPUT_MEMOS[id(in_shardings)] = (in_shardings, {})
+    return known[1]
+
+
+def _input_types(in_shardings: Any, tree: TreeDef, avals: tuple[ArrayType, ...]
+                 ) -> tuple[tuple[ArrayType, ...], list[tuple[int, NamedSharding]]]:
+    """The argument types, and the positions (with their sharding) where a sharded array
+    must be checked at each call."""
     args, kwargs = tree.children
     given = expand(in_shardings, args, "in_shardings") + [None] * kwargs.num_leaves
     names = None
     out = list(avals)
-    for i, (leaf, aval, s) in enumerate(zip(leaves, avals, given)):
+    checks = []
+    for i, (aval, s) in enumerate(zip(avals, given)):
         if s is None:
             continue
         names = names or _argument_names(tree)
@@ -121,42 +161,44 @@ def input_types(in_shardings: Any, tree: TreeDef, leaves: list[Any],
         except ShardingError as e:
             raise op_error(ShardingError, "jit", f"{names[i]} ({aval}) cannot be laid out as "
                            f"{s.spec} over {s.mesh}: {_reason(e)}") from None
-        if isinstance(leaf, ShardedArray) and leaf.sharding != s:
-            raise op_error(ShardingError, "jit", f"{names[i]} is a sharded array laid out by "
-                           f"{leaf.sharding}, but in_shardings asks for {s}: device_put it "
-                           f"to that layout, or leave its in_shardings entry None")
+        if aval.sharding is not None:  # a sharded array's type: its layout must be s
+            checks.append((i, s))
         if aval.sharding != abstract:
             out[i] = aval.update(sharding=abstract)
-    return tuple(out)
+    return tuple(out), checks
 
 
 # --- lowering: the partitioned program ------------------------------------------------------------
 
 @dataclass
 class ShardedPlan:
-    """What ``jit`` keeps for a signature with shardings: the partitioned program, and the
-    mesh its shardings name (``None``: the mesh of the sharded arguments, at each call)."""
+    """What ``jit`` keeps for a signature with shardings: the partitioned program, the mesh
+    its shardings name (``None``: the mesh of the sharded arguments, at each call) and the
+    ``out_shardings`` entry of each result (empty when none was given)."""
 
     partitioned: Partitioned
     mesh: Mesh | None
-    # Per concrete mesh: the output layouts as NamedShardings (built once, not per call).
-    _out: dict[Mesh, list[NamedSharding]] = field(default_factory=dict)
+    given_out: list[NamedSharding | None] = field(default_factory=list)
 
     def as_text(self) -> str:
         mesh = ", ".join(f"{n}={s}" for n, s in self.partitioned.mesh)
         return f"# per-device program, mesh ({mesh})\n{self.partitioned.graph}"
 
     def out_shardings(self, mesh: Mesh, count: int) -> list[NamedSharding]:
-        known = self._out.get(mesh)
-        if known is None:
-            known = self._out[mesh] = [NamedSharding.from_abstract(mesh, s)
-                                       for s in self.partitioned.out_shardings[:count]]
-        return known
+        """The layouts of the first ``count`` results over ``mesh``: the user's own
+        ``out_shardings`` objects where they say the same (so that the next call's
+        ``in_shardings`` check finds them by identity)."""
+        out = []
+        for j, s in enumerate(self.partitioned.out_shardings[:count]):
+            named = NamedSharding.from_abstract(mesh, s)
+            given = self.given_out[j] if j < len(self.given_out) else None
+            out.append(given if given is not None and given == named else named)
+        return out
 
     def compile(self, lowered: Lowered) -> Compiled:
         backend = get_backend(lowered.backend)
         program = backend.compile(self.partitioned.graph, lowered.donate)
-        return Compiled(lowered, program, _runner(lowered, self, backend, program))
+        return Compiled(lowered, program, _Runner(lowered, self, backend, program))
 
 
 def lower(lowered: Lowered, in_shardings: Any, out_shardings: Any) -> ShardedPlan:
@@ -182,7 +224,7 @@ def lower(lowered: Lowered, in_shardings: Any, out_shardings: Any) -> ShardedPla
         None if s is None else _output_layout(s, a, i)
         for i, (s, a) in enumerate(zip(given or [None] * n_out, graph.out_avals))]
     outs += [layout(mesh, ((),) * a.ndim) for a in graph.out_avals[n_out:]]  # ember.random
-    return ShardedPlan(schedule(partition(graph, ins, outs, mesh)), concrete)
+    return ShardedPlan(schedule(partition(graph, ins, outs, mesh)), concrete, given)
 
 
 def _output_layout(s: NamedSharding, aval: ArrayType, i: int) -> Sharding:
@@ -240,64 +282,122 @@ def _mesh_of(leaves: Sequence[Any], name: str) -> Mesh:
     return found
 
 
-def _blocks(x: Any, s: Sharding, mesh: Mesh, positions: list[int], what: str) -> list[Any]:
-    """Argument ``x``'s block on each device at ``positions``: a sharded array's own buffers,
-    else parts of the whole value (the whole buffer itself where the layout replicates)."""
-    if isinstance(x, ShardedArray):
-        if x.sharding.mesh != mesh:
-            raise op_error(ShardingError, "jit", f"{what} lives on {x.sharding.mesh}, but the "
-                           f"program runs over {mesh}")
-        return x.local_buffers()
-    buffer = x._buffer
-    if not any(s.dims):
-        return [buffer] * len(positions)
-    return [np.ascontiguousarray(buffer[s.block_slices(buffer.shape, mesh_coords(s.mesh, p))])
-            for p in positions]
+@dataclass(eq=False)
+class _Placement:
+    """What a call over one concrete mesh needs that no argument's value changes: worked out
+    on the first call over that mesh, then reused by every call."""
+
+    mesh: Mesh
+    positions: list[int]  # this process's devices (flat mesh positions)
+    threads: int  # OpenMP threads per device (0: one device, left as it is)
+    # Per argument: each device's block of a plain array (None: replicated, the whole buffer).
+    blocks: list[list[tuple[slice, ...]] | None]
+    # Per result: its layout and global type, shared by every call's results.
+    outputs: list[tuple[NamedSharding, ArrayType]]
+    checked: bool = False  # one call's results were validated: the program fixes them
 
 
-def _runner(lowered: Lowered, plan: ShardedPlan, backend: Backend,
-            program: Callable[..., list[Any]]) -> Callable[[list[Any]], Any]:
-    """The per-device ``program`` as a function of the global argument arrays."""
-    part = plan.partitioned
-    hidden = lowered.hidden
-    out_avals = lowered.graph.out_avals
-    n_out = len(out_avals) - len(hidden)
-    donated = [i for i, d in enumerate(lowered.donate) if d]
-    overwrites = getattr(program, "overwrites", ()) if donated else ()
+class _Runner:
+    """The per-device program as a function of the global argument arrays."""
 
-    def run(leaves: list[Any]) -> Any:
-        mesh = plan.mesh or _mesh_of(leaves, lowered.name)
-        positions = _positions(mesh, lowered.name)
-        values = [*leaves, *(s.current() for s in hidden)]
-        columns = [_blocks(x, s, mesh, positions, f"argument leaf {i}")
-                   for i, (x, s) in enumerate(zip(values, part.in_shardings))]
-        per_device = [[c[k] for c in columns] for k in range(len(positions))]
+    def __init__(self, lowered: Lowered, plan: ShardedPlan, backend: Backend,
+                 program: Callable[..., list[Any]]) -> None:
+        self.name, self.plan, self.backend, self.program = lowered.name, plan, backend, program
+        self.hidden = lowered.hidden
+        self.out_tree = lowered.out_tree
+        self.in_avals = lowered.graph.in_avals  # global types: the arguments, then hidden state
+        self.out_avals = lowered.graph.out_avals
+        self.n_out = len(self.out_avals) - len(self.hidden)
+        self.donated = [i for i, d in enumerate(lowered.donate) if d]
+        self.overwrites = getattr(program, "overwrites", ()) if self.donated else ()
+        self.placements: list[_Placement] = []  # one per mesh it ran over: rarely more
+
+    def placement(self, leaves: Sequence[Any]) -> _Placement:
+        mesh = self.plan.mesh or _mesh_of(leaves, self.name)
+        for known in self.placements:  # by identity, then (a mesh built anew) by value
+            if known.mesh is mesh:
+                return known
+        for known in self.placements:
+            if known.mesh == mesh:
+                return known
+        positions = _positions(mesh, self.name)
+        blocks = [None if not any(s.dims) else
+                  [s.block_slices(a.shape, mesh_coords(s.mesh, p)) for p in positions]
+                  for s, a in zip(self.plan.partitioned.in_shardings, self.in_avals)]
+        layouts = self.plan.out_shardings(mesh, self.n_out)
+        outputs = [(s, ArrayType(a.shape, a.dtype, a.weak, s.abstract(a.ndim)))
+                   for s, a in zip(layouts, self.out_avals)]
+        threads = threads_per_device(len(positions)) if len(positions) > 1 else 0
+        known = _Placement(mesh, positions, threads, blocks, outputs)
+        self.placements.append(known)
+        return known
+
+    def __call__(self, leaves: list[Any]) -> Any:
+        place = self.placement(leaves)
+        mesh, n = place.mesh, len(place.positions)
+        values = [*leaves, *(s.current() for s in self.hidden)] if self.hidden else leaves
+        columns = []
+        for i, (x, blocks) in enumerate(zip(values, place.blocks)):
+            if isinstance(x, ShardedArray):
+                columns.append(_shards_on(x, mesh, i))
+            elif blocks is None:
+                columns.append([x._buffer] * n)
+            else:
+                buffer = x._buffer
+                columns.append([np.ascontiguousarray(buffer[b]) for b in blocks])
+        per_device = [list(c) for c in zip(*columns)] if columns else [[] for _ in range(n)]
         # Donated arrays let go of their buffers, so that each device's is seen only by its
-        # list below and the program may write it in place (else ``writable`` copies it).
+        # list above and the program may write it in place (else ``writable`` copies it).
         del columns
-        for i in donated:
+        for i in self.donated:
             _give_up(values[i])
-        threads = threads_per_device(len(positions))
-
-        def device(k: int) -> list[Any]:
-            if len(positions) > 1:
-                _limit_threads(program, threads)
-            buffers = per_device[k]
-            for i in overwrites:
-                buffers[i] = backend.writable(buffers[i])
-            return list(program(*buffers))
-
         # A call that fails leaves donated arguments donated: devices that ran may have
         # written their buffers already.
-        outs = (runtime.run_on_devices(device, len(positions)) if len(positions) > 1
-                else [device(0)])
-        layouts = plan.out_shardings(mesh, n_out)
-        results = [ShardedArray.from_shards([o[j] for o in outs], layouts[j], out_avals[j].shape,
-                                            out_avals[j].weak) for j in range(n_out)]
-        for s, j in zip(hidden, range(n_out, len(out_avals))):
-            s.set(Array(np.asarray(outs[0][j]), out_avals[j], backend))
-        return results[0] if lowered.out_tree is LEAF else lowered.out_tree.unflatten(results)
-    return run
+        if n > 1:
+            outs = runtime.run_on_devices(
+                functools.partial(self.device, per_device, place.threads), n)
+        else:
+            outs = [self.device(per_device, 0, 0)]
+        results = self.results(place, outs)
+        for s, j in zip(self.hidden, range(self.n_out, len(self.out_avals))):
+            s.set(Array(np.asarray(outs[0][j]), self.out_avals[j], self.backend))
+        return results[0] if self.out_tree is LEAF else self.out_tree.unflatten(results)
+
+    def device(self, per_device: list[list[Any]], threads: int, k: int) -> Sequence[Any]:
+        """Device ``k``'s run of the program on its blocks."""
+        if threads:
+            _limit_threads(self.program, threads)
+        buffers = per_device[k]
+        for i in self.overwrites:
+            buffers[i] = self.backend.writable(buffers[i])
+        return self.program(*buffers)
+
+    def results(self, place: _Placement, outs: list[Sequence[Any]]) -> list[ShardedArray]:
+        """The global results from each device's outputs. The first call's are checked
+        (``from_shards``); later calls' come from the same program, so their shapes and
+        dtypes are those, and they are taken as they are."""
+        by_result = list(zip(*outs))
+        if place.checked:
+            return [ShardedArray._of(list(b), s, a)
+                    for b, (s, a) in zip(by_result, place.outputs)]
+        results = [ShardedArray.from_shards(b, s, a.shape, a.weak)
+                   for b, (s, a) in zip(by_result, place.outputs)]
+        for r, (_, a) in zip(results, place.outputs):
+            if r.aval != a:
+                raise EmberError(f"ember bug: jit of {self.name} gave a {r.aval} result where "
+                                 f"its program says {a}\n  at {user_frame()}")
+        # (A backend that hands back NumPy scalars for 0-d results is converted every call.)
+        place.checked = all(type(b) is np.ndarray for o in outs for b in o[:self.n_out])
+        return results
+
+
+def _shards_on(x: ShardedArray, mesh: Mesh, i: int) -> list[np.ndarray]:
+    """A sharded argument's buffers, checked to live on ``mesh``."""
+    buffers = x.local_buffers()
+    if x._sharding.mesh is not mesh and x._sharding.mesh != mesh:
+        raise op_error(ShardingError, "jit", f"argument leaf {i} lives on "
+                       f"{x._sharding.mesh}, but the program runs over {mesh}")
+    return buffers
 
 
 def _give_up(x: Any) -> None:
@@ -306,4 +406,3 @@ def _give_up(x: Any) -> None:
         x._donate()
     else:
         x._buffer = None
-

@@ -36,20 +36,43 @@ from ember.parallel.communicator import (
 
 
 class _Run:
-    """What every communicator of one run of virtual devices shares."""
+    """What every communicator of one run of virtual devices shares.
 
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
+    One lock guards every group of the run (the world and the groups ``split`` made from it),
+    so a failure anywhere wakes every waiting thread. A blocked device sleeps on its own wake
+    lock, released once by whoever completes its slot (the last rank to arrive) or by a
+    failure or a device that returned: a collective costs one wake-up per waiting rank, where
+    a shared condition variable woke every waiting thread of the run on every change.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.lock = threading.Lock()
         self.failure: BaseException | None = None
         self.failed_device: int | None = None
         self.finished: set[int] = set()  # devices whose function returned
+        # Each device's wake lock, held (acquired) while nobody is to be woken.
+        self.wakers = [_held_lock() for _ in range(n)]
+        self.sleeping: set[int] = set()  # devices blocked on their wake lock
+
+    def wake(self, devices: Any) -> None:
+        """Release the wake locks of those of ``devices`` that sleep (hold ``lock``)."""
+        for d in devices:
+            if d in self.sleeping:
+                self.sleeping.discard(d)
+                self.wakers[d].release()
 
     def fail(self, device: int, error: BaseException) -> None:
         """Record the first failure and wake every waiting thread."""
-        with self.cond:
+        with self.lock:
             if self.failure is None:
                 self.failure, self.failed_device = error, device
-            self.cond.notify_all()
+            self.wake(list(self.sleeping))
+
+
+def _held_lock() -> Any:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 class _Group:
@@ -61,13 +84,23 @@ class _Group:
 
 
 class _Slot:
-    def __init__(self) -> None:
+    def __init__(self, size: int, first: Signature) -> None:
+        self.first = first  # every rank's signature must equal the first one's
         self.signatures: dict[int, Signature] = {}
-        self.inputs: dict[int, Any] = {}
+        self.inputs: list[Any] = [None] * size
+        self.arrived = 0
         self.taken = 0
+        self.waiting: list[int] = []  # devices asleep until every rank has arrived
         self.shared: dict[int, _Group] = {}  # split: each color's new group, made once
         self.lock = threading.Lock()
         self.common: np.ndarray | None = None  # all_reduce: the one result every rank copies
+        self.copies = 0  # all_reduce: results handed out so far (the last takes ``common``)
+
+    def reduced(self, sig: Signature) -> np.ndarray:
+        """An all-reduce's one result, computed by the first to ask (hold ``lock``)."""
+        if self.common is None:
+            self.common = local_result(sig, self.inputs, 0)
+        return self.common
 
 
 class ThreadCommunicator(Communicator):
@@ -80,7 +113,7 @@ class ThreadCommunicator(Communicator):
     @classmethod
     def world(cls, n: int, timeout: float | None = None) -> list[ThreadCommunicator]:
         """The communicators of ``n`` new virtual devices, one per rank, to hand to n threads."""
-        group = _Group(_Run(), tuple(range(n)), "world")
+        group = _Group(_Run(n), tuple(range(n)), "world")
         return [cls(group, rank, timeout) for rank in range(n)]
 
     def abort(self, error: BaseException) -> None:
@@ -90,9 +123,9 @@ class ThreadCommunicator(Communicator):
     def finish(self) -> None:
         """This device's function returned: ranks still waiting for it stop at once."""
         run = self._group.run
-        with run.cond:
+        with run.lock:
             run.finished.add(self.members[self.rank])
-            run.cond.notify_all()
+            run.wake(list(run.sleeping))
 
     @property
     def failure(self) -> BaseException | None:
@@ -100,16 +133,24 @@ class ThreadCommunicator(Communicator):
         return self._group.run.failure
 
     def _start(self, sig: Signature, x: np.ndarray | None, keep: bool) -> Handle:
-        # Always a copy: this rank's wait may return, and its caller write x, before the
-        # slower peers have read it.
-        self._arrive(sig, None if x is None else np.array(x, copy=True))
+        # A copy, unless this is an all-reduce waited for at once: this rank's wait may
+        # return, and its caller write x, before the slower peers have read it; an
+        # all-reduce's inputs are all read (into its one result) before any rank's wait ends.
+        if x is not None and (keep or sig.kind != "all_reduce"):
+            x = np.array(x, copy=True)
+        slot = self._arrive(sig, x)
+        if keep and slot is not None and sig.kind == "all_reduce":
+            # Started ahead of its wait (the overlap schedule): the last rank to arrive reduces
+            # now, so the data is combined while the others compute and their waits only copy.
+            with slot.lock:
+                slot.reduced(sig)
         return _ThreadHandle(self, sig)
 
     def _split(self, sig: Signature, color: int, key: int) -> Communicator:
         self._arrive(sig, (color, key))
         inputs, slot = self._gather(sig)
         ranks = split_groups(tuple(inputs))[color]
-        with self._group.run.cond:
+        with self._group.run.lock:
             group = slot.shared.get(color)
             if group is None:
                 devices = tuple(self.members[r] for r in ranks)
@@ -117,45 +158,64 @@ class ThreadCommunicator(Communicator):
                                                      f"{self.name}/{color}")
         return ThreadCommunicator(group, ranks.index(self.rank), self._timeout)
 
-    def _arrive(self, sig: Signature, payload: Any) -> None:
+    def _arrive(self, sig: Signature, payload: Any) -> _Slot | None:
+        """Leave this rank's signature and input in ``sig``'s slot; the slot for the last rank
+        to arrive (None for the others)."""
         run = self._group.run
-        with run.cond:
+        with run.lock:
             self._raise_if_failed(sig)
-            slot = self._group.slots.setdefault(sig.seq, _Slot())
+            slot = self._group.slots.get(sig.seq)
+            if slot is None:
+                slot = self._group.slots[sig.seq] = _Slot(self.size, sig)
             slot.signatures[self.rank] = sig
             slot.inputs[self.rank] = payload
-            if any(other != sig for other in slot.signatures.values()):
+            if sig != slot.first:
                 self._fail(self._mismatch_error(slot.signatures))
-            if len(slot.signatures) == self.size:  # the last to arrive wakes the others
-                run.cond.notify_all()
+            slot.arrived += 1
+            if slot.arrived == self.size:  # the last to arrive wakes the others
+                run.wake(slot.waiting)
+                return slot
+            return None
 
     def _gather(self, sig: Signature) -> tuple[list[Any], _Slot]:
         """Wait until every rank arrived at ``sig``'s slot; their inputs in rank order."""
         run = self._group.run
-        deadline = time.monotonic() + self.timeout
-        with run.cond:
-            while True:
+        me = self.members[self.rank]
+        deadline = None
+        while True:
+            with run.lock:
                 self._raise_if_failed(sig)
                 slot = self._group.slots[sig.seq]
+                if slot.arrived == self.size:
+                    slot.taken += 1
+                    if slot.taken == self.size:
+                        del self._group.slots[sig.seq]
+                    return slot.inputs, slot
                 missing = [r for r in range(self.size) if r not in slot.signatures]
-                if not missing:
-                    break
                 gone = [r for r in missing if self.members[r] in run.finished]
                 if gone:
                     self._fail(CollectiveMismatchError(
                         f"{self._where(sig)}: {self._ranks(gone)} returned without calling it "
                         f"(seen on rank {self.rank})"))
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                now = time.monotonic()
+                deadline = deadline or now + self.timeout
+                if now >= deadline:
                     self._fail(self._timeout_error(sig, missing))
-                run.cond.wait(remaining)
-            slot.taken += 1
-            if slot.taken == self.size:
-                del self._group.slots[sig.seq]
-            return [slot.inputs[r] for r in range(self.size)], slot
+                run.sleeping.add(me)
+                slot.waiting.append(me)
+            if not run.wakers[me].acquire(timeout=deadline - now):
+                with run.lock:  # no wake-up came: stop sleeping, unless one came just now
+                    if me in run.sleeping:
+                        run.sleeping.discard(me)
+                    else:
+                        run.wakers[me].acquire()
 
     def _fail(self, error: BaseException) -> None:
-        self._group.run.fail(self.members[self.rank], error)
+        """Record ``error`` as the run's failure and raise it (the caller holds the lock)."""
+        run = self._group.run
+        if run.failure is None:
+            run.failure, run.failed_device = error, self.members[self.rank]
+        run.wake(list(run.sleeping))
         raise error
 
     def _raise_if_failed(self, sig: Signature) -> None:
@@ -176,11 +236,13 @@ class _ThreadHandle(Handle):
             inputs, slot = self._comm._gather(self._sig)
             if self._sig.kind == "all_reduce":
                 # Every rank's result is the same: reduce once, not once per rank (n - 1
-                # passes instead of n (n - 1)); each rank gets its own copy to write.
+                # passes instead of n (n - 1)); each rank gets its own copy to write, the last
+                # one the reduced array itself.
                 with slot.lock:
-                    if slot.common is None:
-                        slot.common = local_result(self._sig, inputs, self._comm.rank)
-                self._result = slot.common.copy()
+                    common = slot.reduced(self._sig)
+                    slot.copies += 1
+                    last = slot.copies == self._comm.size
+                    self._result = common if last else common.copy()
             elif self._sig.kind != "barrier":
                 self._result = local_result(self._sig, inputs, self._comm.rank)
             self._done = True
