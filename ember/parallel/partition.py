@@ -21,7 +21,9 @@ collective inserted is recorded, with the user line of the equation that caused 
 **Choosing.** An equation's split is the candidate whose operand redistributions (priced by
 :class:`~ember.parallel.reshard.CostModel`), local work (``2 * points / flops`` over its local
 iteration space) and the redistributions that would bring its results to their planned layouts
-cost least.
+cost least. A value every device can compute in any layout with no communication (a broadcast
+or an elementwise operation of values held whole, in its turn: a clipping factor broadcast to a
+weight's shape) is computed again in another layout where that costs less than moving it.
 """
 
 from __future__ import annotations
