@@ -31,8 +31,8 @@ def mesh_of(**axes):
     return P.Mesh(P.devices()[:int(np.prod(sizes))], tuple(axes), shape=sizes)
 
 
-def model_for(lora=False, checkpointing=False):
-    model = tiny_model(VOCAB)
+def model_for(lora=False, checkpointing=False, vocab=VOCAB):
+    model = tiny_model(vocab)
     if lora:
         ember.nn.apply_lora(model, rank=4, targets=("q_proj", "v_proj", "o_proj", "down_proj"),
                             key=ember.random.key(1))
@@ -48,8 +48,8 @@ def batches(steps, accum):
 class Run:
     """A fine-tuning step partitioned by ``plan`` over ``mesh`` (None: one device, jitted)."""
 
-    def __init__(self, plan, mesh, lora=False, checkpointing=False, accum=1):
-        self.model = model_for(lora, checkpointing)
+    def __init__(self, plan, mesh, lora=False, checkpointing=False, accum=1, vocab=VOCAB):
+        self.model = model_for(lora, checkpointing, vocab)
         self.opt = ember.optim.AdamW(lr=1e-2)
         self.state = self.opt.init(self.model.trainable_parameters())
         self.step = _make_step(self.opt, 1.0)
@@ -221,8 +221,9 @@ def hidden_collectives(explanation, axis):
 def test_tensor_parallel_forward_has_one_all_reduce_after_attention_and_one_after_the_mlp(dp):
     p = forward_program(P.plans.llama(dp="dp", tp="tp"), mesh_of(dp=dp, tp=2))
     block = nbytes(BATCH // dp, LENGTH, HIDDEN)  # a device's block of the residual stream
+    # The first sums the vocabulary-parallel embedding's partial lookups.
     assert [(c.kind, c.nbytes) for c in hidden_collectives(p.explanation, "tp")] == \
-        [("all_reduce", collective_bytes("all_reduce", block, 2))] * (2 * LAYERS)
+        [("all_reduce", collective_bytes("all_reduce", block, 2))] * (2 * LAYERS + 1)
 
 
 def test_sequence_parallel_forward_reduce_scatters_and_all_gathers_instead():
@@ -230,10 +231,11 @@ def test_sequence_parallel_forward_reduce_scatters_and_all_gathers_instead():
     whole, part = nbytes(BATCH, LENGTH, HIDDEN), nbytes(BATCH, LENGTH // 2, HIDDEN)
     scatter = ("reduce_scatter", collective_bytes("reduce_scatter", whole, 2))
     gather = ("all_gather", collective_bytes("all_gather", part, 2))
-    # Each block: gather before attention's and the MLP's column-split projections, scatter
-    # after their row-split ones; the final norm's output is gathered for the head.
+    # The vocabulary-parallel embedding's partial lookups are scattered by sequence; each
+    # block: gather before attention's and the MLP's column-split projections, scatter after
+    # their row-split ones; the final norm's output is gathered for the head.
     assert [(c.kind, c.nbytes) for c in hidden_collectives(p.explanation, "tp")] == \
-        [gather, scatter] * (2 * LAYERS) + [gather]
+        [scatter] + [gather, scatter] * (2 * LAYERS) + [gather]
     assert not [c for c in p.explanation.collectives if c.kind == "all_reduce"
                 and c.axes == ("tp",) and len(local_shape(c)) == 3]
 
@@ -432,15 +434,20 @@ def test_heads_that_do_not_divide_over_tp_are_an_error_naming_plan_heads_and_axi
         P.shard(model, mesh_of(tp=2), P.plans.llama(tp="tp"))
 
 
-def test_a_dimension_that_does_not_divide_is_an_error_naming_parameter_and_axis():
+def test_a_dimension_that_does_not_divide_stays_whole_and_the_plan_says_so():
+    """ZeRO on dp=3 moves to a dimension that divides, else leaves the value replicated; the
+    plan describes each such parameter (tests/test_parallel_vocab.py trains such plans)."""
     model = model_for()
-    with pytest.raises(PlanError, match=r"plans\.llama\(dp='dp', zero=3\): parameter "
-                       r"model\.embed_tokens\.weight of shape \(64, 32\): dimension 0 of size "
-                       r"64 does not divide over mesh axis 'dp' \(size 3\)"):
-        P.shard(model, mesh_of(dp=3), P.plans.llama(dp="dp", zero=3))
-    with pytest.raises(PlanError, match=r"optimizer state of model\.embed_tokens\.weight"):
-        P.plans.llama(dp="dp", zero=1).state_shardings(
-            ember.optim.AdamW().init(model.trainable_parameters()), mesh_of(dp=3))
+    mesh, plan = mesh_of(dp=3), P.plans.llama(dp="dp", zero=3)
+    shardings = plan.param_shardings(model, mesh)
+    assert shardings["model.embed_tokens.weight"].spec == P.PartitionSpec(None, None)
+    assert shardings["model.layers.0.self_attn.k_proj.weight"].spec == \
+        P.PartitionSpec(None, None)  # [16, 32]
+    described = plan.describe(model, mesh)
+    assert re.search(r"model\.embed_tokens\.weight \(64, 32\): ZeRO leaves it replicated "
+                     r"over mesh axis 'dp' \(size 3\)", described), described
+    state = plan.state_shardings(ember.optim.AdamW().init(model.trainable_parameters()), mesh)
+    assert state.exp_avg["model.embed_tokens.weight"].spec == P.PartitionSpec(None, None)
 
 
 def test_bad_plans_are_errors():

@@ -230,10 +230,12 @@ def test_scatter_add_may_split_its_update_batch_into_partial_sums():
                      np.zeros((4, 2), np.int32))
     eqn = eqn_of(closed, "scatter")
     rule = rule_for(eqn)
-    (b0, b1, _), (trail,) = rule.operands[1], rule.results[0][1:]
-    assert rule.operands[0] == rule.results[0] == (None, trail)
+    (b0, b1, _), (row, trail) = rule.operands[1], rule.results[0]
+    assert rule.operands[0] == rule.results[0]
     assert rule.operands[2] == (b0, b1, trail)
     assert rule.reduced == {b0, b1} and rule.accumulates == (0,)
+    # The rows may be split too (each device scatters into its own, indices made local).
+    assert row not in (b0, b1, trail, None) and rule.index_columns == ((1, 0, 0),)
 
 
 def _graph_facts(closed):
@@ -256,8 +258,14 @@ def test_take_along_axis_index_columns_are_seen_as_batched():
     rule = rule_for(scatter, *facts)
     assert rule.operands[0][:2] == rule.operands[1][:2] == rule.results[0][:2]
     assert not rule.reduced & set(rule.operands[1][:2])
-    assert {c for _, c, _ in rule.index_columns} == {0, 1}
-    assert rule_for(gather).operands[0] == (None, None, None)  # without the graph: whole
+    assert {c for _, c, _ in rule.index_columns} == {0, 1, 2}  # 2: the class, made local
+    plain = rule_for(gather)  # without the graph: three masked lookups, summed away
+    assert set(plain.operands[0]) == plain.reduced and len(plain.reduced) == 3
+    assert {c for _, c, _ in plain.masked_columns} == {0, 1, 2}
+    batched = rule_for(gather, *facts)
+    assert {c for _, c, _ in batched.index_columns} == {0, 1}
+    assert [c for _, c, _ in batched.masked_columns] == [2]
+    assert batched.reduced == {batched.operands[0][2]}
 
 
 def test_a_clamp_that_changes_an_iota_column_is_not_batched():

@@ -42,7 +42,13 @@ from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
 from ember.ir.sharding import Sharding
 from ember.ir.types import ArrayType
 from ember.ops import elementwise as ew
-from ember.ops.structural import broadcast_in_dim_p, concatenate_p, dynamic_slice_p
+from ember.ops.structural import (
+    broadcast_in_dim_p,
+    concatenate_p,
+    dynamic_slice_p,
+    reshape_p,
+    slice_p,
+)
 from ember.parallel import collectives as coll
 from ember.parallel.array import sharding_constraint_p
 from ember.parallel.explain import Collective, Explanation
@@ -218,9 +224,17 @@ class _Partitioner:
         inputs = [self.reshard(*self.read(a), s, eqn.source, f"{eqn.prim.name} operand {i}")
                   if isinstance(a, Var) else a
                   for i, (a, s) in enumerate(zip(eqn.inputs, operand_layouts))]
-        for i, columns in _split_columns(rule, operand_layouts, inputs).items():
+        for i, columns in _split_columns(rule.index_columns + rule.masked_columns,
+                                         operand_layouts, inputs).items():
             inputs[i] = self.local_indices(inputs[i], columns, eqn.source)
-        outs = self.emit(eqn, inputs, result_layouts)
+        outs = list(self.emit(eqn, inputs, result_layouts))  # (emit's list is the equation's)
+        masked = _split_columns(rule.masked_columns, operand_layouts, inputs)
+        for i, columns in masked.items():  # a lookup: rows from other devices' blocks are zeroed
+            outs[0] = self.outside_zeroed(outs[0], inputs[i], columns, eqn.source)
+        combined = _combined_axes(rule, operand_layouts)
+        if combined:  # a max/min over split dimensions: the blocks' extremes combined at once
+            outs = [self.combine(local, combined, rule.reduce_op, eqn.source, eqn.prim.name)
+                    for local in outs]
         if _cheap(eqn) and all(self.local_only(a) for a in eqn.inputs):
             self.recipes[outs[0].id] = eqn
         for v, local, s in zip(eqn.outputs, outs, result_layouts):
@@ -367,13 +381,16 @@ class _Partitioner:
     def candidates(self, eqn: Eqn, rule: Rule) -> list[dict[int, tuple[str, ...]]]:
         """Factor splits worth costing: the planned one (from propagated layouts), the one
         the operands have now, and each of those without splitting the factors summed away
-        (gathering operands can cost less than summing a large result)."""
-        planned = self._assign([(v, f, self.layouts.dims.get(v.id))
-                                for v, f in self._values(eqn, rule)])
-        current = self._assign([(v, f, self.layout_of(v).dims) for v, f in self._values(eqn, rule)
-                                if v in eqn.inputs])
-        options = [planned, current]
+        (gathering operands can cost less than summing a large result). A lookup into a
+        split table may also give the table's axes to its batch instead (a ZeRO-3 table split
+        like the batch is gathered rather than the batch's indices)."""
+        planned = [(v, f, self.layouts.dims.get(v.id)) for v, f in self._values(eqn, rule)]
+        current = [(v, f, self.layout_of(v).dims) for v, f in self._values(eqn, rule)
+                   if v in eqn.inputs]
+        options = [self._assign(planned), self._assign(current)]
         options += [{f: axes for f, axes in a.items() if f not in rule.reduced} for a in options]
+        if rule.masked_columns:
+            options += [self._assign(values, rule.reduced) for values in (planned, current)]
         return [a for i, a in enumerate(options) if a not in options[:i]]
 
     def _values(self, eqn: Eqn, rule: Rule) -> list[tuple[Var, tuple[int | None, ...]]]:
@@ -385,8 +402,8 @@ class _Partitioner:
             values.sort(key=lambda value: value[0].id in self.layouts.weak)
         return values + list(zip(eqn.outputs, rule.results))
 
-    def _assign(self, values: list[tuple[Var, tuple[int | None, ...], Any]]
-                ) -> dict[int, tuple[str, ...]]:
+    def _assign(self, values: list[tuple[Var, tuple[int | None, ...], Any]],
+                skip: frozenset[int] = frozenset()) -> dict[int, tuple[str, ...]]:
         """Each factor's axes from the first value that splits it, cut to fit every dimension
         of the factor (results come last, so operands as they are win over plans)."""
         sizes: dict[int, list[int]] = {}
@@ -398,7 +415,7 @@ class _Partitioner:
         used: set[str] = set()
         for _, factors, dims in values:
             for d, f in enumerate(factors):
-                if f is None or f in assignment or not dims or not dims[d]:
+                if f is None or f in skip or f in assignment or not dims or not dims[d]:
                     continue
                 axes = fit(dims[d], sizes[f], self.sizes, used)
                 if axes:
@@ -416,7 +433,8 @@ class _Partitioner:
 
         current = [self.layout_of(a) for a in eqn.inputs]
         keep: dict[int, set[str]] = {i: set() for i in range(len(eqn.inputs))}
-        result_partial: set[str] = {a for f in rule.reduced for a in assignment.get(f, ())}
+        result_partial: set[str] = ({a for f in rule.reduced for a in assignment.get(f, ())}
+                                    if rule.reduce_op == "sum" else set())
         # A partial sum passes through an equation linear in it while that does not make the
         # sum still to be taken any larger (it is taken before a broadcast, never after) nor
         # more frequent: a partial value read by several equations is summed once, here, and
@@ -449,8 +467,14 @@ class _Partitioner:
         for a, want in zip(eqn.inputs, operands):
             if isinstance(a, Var):
                 seconds += self.moving(a, want)
+        combined = _combined_axes(rule, operands)
         for v, s in zip(eqn.outputs, results):
             local = s.local_shape(v.aval.shape)
+            if combined:
+                n = math.prod(self.sizes[a] for a in combined)
+                nbytes = math.prod(local) * v.aval.dtype.itemsize
+                seconds += self.cost.seconds([Step("all_reduce", combined, nbytes=(
+                    collective_bytes("all_reduce", nbytes, n)))])
             seconds += self.cost.seconds(plan_reshard(local, v.aval.dtype.itemsize, s,
                                                       self.layouts.of(v), self.cost))
         return seconds + self.cost.compute(_points(eqn, rule, operands, results))
@@ -623,6 +647,52 @@ class _Partitioner:
                                                           "dims": (len(shape) - 1,)}, source)[0]
         return self.bind(ew.sub.prim, [indices, starts], {}, source, [indices.aval.sharding])[0]
 
+    def outside_zeroed(self, rows: Var, indices: Var,
+                       columns: dict[int, tuple[tuple[str, ...], int]], source: str | None
+                       ) -> Var:
+        """A lookup's ``rows`` with those whose (local) index vector falls outside this
+        device's block of a split dimension in ``columns`` zeroed: the gather clamped them
+        onto a row of the block, which another device holds the right value for."""
+        batch = indices.aval.shape[:-1]
+        dtype = indices.aval.dtype
+        inside = None
+        for column, (_, size) in sorted(columns.items()):
+            index = self.bind(slice_p, [indices], {
+                "start": (0,) * len(batch) + (column,), "limit": (*batch, column + 1),
+                "strides": (1,) * (len(batch) + 1)}, source)[0]
+            index = self.bind(reshape_p, [index], {"shape": batch}, source)[0]
+            low = self.bind(ew.le.prim, [self.filled(0, dtype, batch, source), index], {},
+                            source)[0]
+            high = self.bind(ew.lt.prim, [index, self.filled(size, dtype, batch, source)], {},
+                             source)[0]
+            ok = self.bind(ew.and_.prim, [low, high], {}, source)[0]
+            inside = ok if inside is None else self.bind(ew.and_.prim, [inside, ok], {},
+                                                         source)[0]
+        shape = rows.aval.shape
+        keep = self.bind(broadcast_in_dim_p, [inside], {"shape": shape,
+                                                       "dims": tuple(range(len(batch)))},
+                         source)[0]
+        zeros = self.filled(0, rows.aval.dtype, shape, source)
+        return self.bind(ew.select_p, [keep, rows, zeros], {}, source, [rows.aval.sharding])[0]
+
+    def filled(self, value: int, dtype: Any, shape: tuple[int, ...], source: str | None) -> Var:
+        scalar = Literal(np.asarray(value, dtype), ArrayType((), dtype))
+        return self.bind(broadcast_in_dim_p, [scalar], {"shape": shape, "dims": ()}, source)[0]
+
+    def combine(self, x: Var, axes: tuple[str, ...], op: str, source: str | None,
+                primitive: str) -> Var:
+        """Each device's ``op`` (max, min) of its block combined over ``axes``: one
+        all-reduce with that op (a layout holds partial sums only)."""
+        out = self.bind(coll.all_reduce_p, [x], {"axes": axes, "mesh": self.mesh, "op": op},
+                        source, [x.aval.sharding])[0]
+        n = math.prod(self.sizes[a] for a in axes)
+        nbytes = collective_bytes("all_reduce", x.aval.size * x.aval.dtype.itemsize, n)
+        self.explanation.add(Collective("all_reduce", axes, nbytes, source,
+                                        f"{primitive} over a split dimension",
+                                        f"{op} of the blocks", str(out.aval),
+                                        value=out.id))
+        return out
+
     def local_block(self, x: Var, step: Step, after: Sharding, source: str | None) -> Var:
         """This device's block along ``step.dim`` of a value it holds whole along it:
         a dynamic slice at ``axis_index * block``."""
@@ -668,16 +738,27 @@ def _split_at(items: list[Any], *sizes: int) -> list[list[Any]]:
     return [*out, items[start:]]
 
 
-def _split_columns(rule: Rule, layouts: list[Sharding], inputs: list[Var | Literal]
+def _split_columns(index_columns: Sequence[tuple[int, int, int]], layouts: list[Sharding],
+                   inputs: list[Var | Literal]
                    ) -> dict[int, dict[int, tuple[tuple[str, ...], int]]]:
-    """Index operand -> {column: (axes, local size)} for each index column (rule's
-    ``index_columns``) whose array dimension is split."""
+    """Index operand -> {column: (axes, local size)} for each of a rule's index columns
+    whose array dimension is split."""
     out: dict[int, dict[int, tuple[tuple[str, ...], int]]] = {}
-    for i, column, array in rule.index_columns:
+    for i, column, array in index_columns:
         axes = layouts[array].dims[column]
         if axes:
             out.setdefault(i, {})[column] = (axes, inputs[array].aval.shape[column])
     return out
+
+
+def _combined_axes(rule: Rule, operands: Sequence[Sharding]) -> tuple[str, ...]:
+    """The mesh axes that split a max/min reduction's reduced factors (in mesh order), whose
+    blocks' results an all-reduce with that op combines; () for sums (left partial)."""
+    if rule.reduce_op == "sum":
+        return ()
+    axes = {a for factors, s in zip(rule.operands, operands)
+            for f, split in zip(factors, s.dims) if f in rule.reduced for a in split}
+    return tuple(a for a, _ in operands[0].mesh if a in axes) if axes else ()
 
 
 def _int32(value: int) -> Literal:

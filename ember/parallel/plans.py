@@ -30,7 +30,7 @@ from ember.parallel.sharding import NamedSharding, PartitionSpec
 from ember.transforms.custom_vjp import custom_vjp
 from ember.tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-__all__ = ["Plan", "PlanError", "llama", "parse", "shard"]
+__all__ = ["Plan", "PlanError", "fit", "llama", "parse", "shard"]
 
 Entry = str | tuple[str, ...] | None
 Layout = tuple[Entry, ...]
@@ -50,7 +50,9 @@ class Plan:
     as in :class:`PartitionSpec`); a parameter no pattern matches is replicated. ``zero`` is the
     ZeRO stage over mesh axis ``zero_axis``: from 1 the optimizer slots, from 2 the gradients,
     at 3 the parameters themselves are also split over it, on their first dimension (after
-    any split the pattern gives it). ``batch`` lays out ``ids [batch, length]``;
+    any split the pattern gives it). On a mesh, a split that does not divide its dimension is
+    left out (:func:`fit`; :meth:`describe` lists where). ``batch`` lays out
+    ``ids [batch, length]``;
     ``activations`` maps the model's named points to layouts of ``[batch, length, hidden]``.
     ``requires``: ``(config field, mesh axis)`` pairs that must divide (attention heads over
     the tensor axis: a projection's rows may divide when its heads do not).
@@ -116,8 +118,7 @@ class Plan:
         ``trainable`` of ``model.trainable_parameters()`` (the parameters a step returns)."""
         self.check(model, mesh)
         values = model.trainable_parameters() if trainable else model.state_dict()
-        return {name: self._named(mesh, self.param_spec(name, np.ndim(v)), name, np.shape(v),
-                                  "parameter")
+        return {name: _named(mesh, self.param_spec(name, np.ndim(v)), np.shape(v), self.zero_axis)
                 for name, v in values.items()}
 
     def model_shardings(self, model: Any, mesh: Mesh) -> list[NamedSharding]:
@@ -134,8 +135,8 @@ class Plan:
         :meth:`state_spec`, everything else (the step count) replicated."""
         def field(value: Any) -> Any:
             if isinstance(value, Mapping):
-                return {name: self._named(mesh, self.state_spec(name, np.ndim(v)), name,
-                                          np.shape(v), "optimizer state of")
+                return {name: _named(mesh, self.state_spec(name, np.ndim(v)), np.shape(v),
+                                     self.zero_axis)
                         for name, v in value.items()}
             return tree_map(lambda _: NamedSharding(mesh), value)
         leaves, treedef = tree_flatten(state, is_leaf=lambda v: isinstance(v, Mapping))
@@ -143,8 +144,7 @@ class Plan:
 
     def grad_shardings(self, grads: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
         """``{name: NamedSharding}`` for gradients keyed like ``trainable_parameters()``."""
-        return {name: self._named(mesh, self.grad_spec(name, np.ndim(g)), name, np.shape(g),
-                                  "gradient of")
+        return {name: _named(mesh, self.grad_spec(name, np.ndim(g)), np.shape(g), self.zero_axis)
                 for name, g in grads.items()}
 
     def constrain_grads(self, grads: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
@@ -181,16 +181,26 @@ class Plan:
                                 f"not divide over mesh axis {axis!r} (size {size}); choose a "
                                 f"{axis} size that divides {count}")
 
-    def _named(self, mesh: Mesh, spec: PartitionSpec, name: str, shape: tuple[int, ...],
-               what: str) -> NamedSharding:
-        sharding = NamedSharding(mesh, spec)
-        misfit = _misfit(mesh, spec, shape)
-        if misfit is not None:
-            dim, axes, size = misfit
-            raise PlanError(f"{self.name}: {what} {name} of shape {shape}: dimension {dim} of "
-                            f"size {shape[dim]} does not divide over mesh axis "
-                            f"{' x '.join(repr(a) for a in axes)} (size {size})")
-        return sharding
+    def describe(self, model: Any, mesh: Mesh) -> str:
+        """What the plan does with ``model`` on ``mesh`` where it cannot do what it says: one
+        line per parameter whose layout (or whose gradient's or optimizer state's) differs
+        from the plan's because a size does not divide (:func:`fit`)."""
+        self.check(model, mesh)
+        lines = [f"{self.name} on {mesh}:"]
+        kinds = (("parameter", self.param_spec), ("gradient", self.grad_spec),
+                 ("optimizer state", self.state_spec))
+        for name, value in model.state_dict().items():
+            notes: dict[str, list[str]] = {}
+            for what, spec in kinds:
+                for note in fit(mesh, spec(name, np.ndim(value)), np.shape(value),
+                                self.zero_axis)[1]:
+                    notes.setdefault(note, []).append(what)
+            for note, whats in notes.items():
+                scope = "" if len(whats) == len(kinds) else f" ({', '.join(whats)})"
+                lines.append(f"  {name} {tuple(np.shape(value))}: {note}{scope}")
+        if len(lines) == 1:
+            lines.append("  every parameter is laid out as planned")
+        return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,9 +229,10 @@ class Annotator:
         if self.plan.zero < 3:
             return layer
         params = dict(layer.named_parameters())
-        whole = {n: NamedSharding(self.mesh, self.plan.gathered_spec(n, np.ndim(p)))
+        zero = self.plan.zero_axis
+        whole = {n: _named(self.mesh, self.plan.gathered_spec(n, np.ndim(p)), np.shape(p), zero)
                  for n, p in params.items()}
-        split = {n: NamedSharding(self.mesh, self.plan.grad_spec(n, np.ndim(p)))
+        split = {n: _named(self.mesh, self.plan.grad_spec(n, np.ndim(p)), np.shape(p), zero)
                  for n, p in params.items()}
 
         def constrain(values: dict[str, Any], shardings: dict[str, NamedSharding]
@@ -236,6 +247,57 @@ class Annotator:
         gather.defvjp(lambda values: (constrain(values, whole), None),
                       lambda _, cts: (constrain(cts, split),))
         return layer.replace(gather(params))
+
+
+def fit(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...], zero_axis: str | None = None
+        ) -> tuple[PartitionSpec, list[str]]:
+    """``spec`` made to fit ``shape`` on ``mesh``, and notes saying what changed: the plans'
+    one policy for sizes that do not divide.
+
+    An axis whose split does not divide its dimension is left out of it: the dimension stays
+    whole over that axis (a vocabulary of 259 over ``tp=2`` keeps the embedding and the head
+    replicated over ``tp``; its lookup and cross-entropy are then computed whole). The ZeRO
+    axis ``zero_axis`` moves instead to the first dimension, from the left, that it divides
+    (after the splits kept there), else that value is replicated over it: ZeRO still saves
+    memory on every parameter it can split. Megatron pads the vocabulary to a multiple of
+    ``tp`` instead; that changes the model's shapes (the logits' width, checkpoints), and
+    the partitioner keeps every per-device shape unpadded (decision 0023).
+    """
+    entries = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
+    entries += [()] * (len(shape) - len(entries))
+    notes, moving = [], []
+    for dim, axes in enumerate(entries):
+        kept: list[str] = []
+        for a in axes:
+            if shape[dim] % _size(mesh, (*kept, a)) == 0:
+                kept.append(a)
+            elif a == zero_axis:
+                moving.append(dim)
+            else:
+                notes.append(f"dimension {dim} of size {shape[dim]} stays whole over mesh axis "
+                             f"{a!r} (size {mesh.shape[a]}): it does not divide")
+        entries[dim] = tuple(kept)
+    for first in moving:
+        dim = next((d for d, n in enumerate(shape)
+                    if n % _size(mesh, (*entries[d], zero_axis)) == 0), None)
+        size = mesh.shape[zero_axis]
+        if dim is None:
+            notes.append(f"ZeRO leaves it replicated over mesh axis {zero_axis!r} (size {size}): "
+                         f"no dimension divides")
+        else:
+            entries[dim] = (*entries[dim], zero_axis)
+            notes.append(f"ZeRO splits dimension {dim} over mesh axis {zero_axis!r} (size "
+                         f"{size}): dimension {first} of size {shape[first]} does not divide")
+    return PartitionSpec(*(None if not e else e[0] if len(e) == 1 else e for e in entries)), notes
+
+
+def _size(mesh: Mesh, axes: Sequence[str]) -> int:
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _named(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...], zero_axis: str | None
+           ) -> NamedSharding:
+    return NamedSharding(mesh, fit(mesh, spec, shape, zero_axis)[0])
 
 
 def _misfit(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...]
@@ -274,14 +336,15 @@ def llama(dp: str | None = None, tp: str | None = None, zero: int = 0, sp: bool 
       rows, o_proj and down_proj by input columns, so each block's forward has one all-reduce
       after attention and one after the MLP. LoRA adapters follow their base layer (the
       ``B`` of a column-split layer is split by rows, the ``A`` of a row-split one by
-      columns).
+      columns). The embedding table and the head (one parameter when tied) are split by
+      vocabulary rows (Megatron's vocabulary-parallel embedding and cross-entropy): the
+      lookup is a masked partial sum, all-reduced once (reduce-scattered under ``sp``), and
+      the loss all-reduces three ``[batch, length]`` statistics (the maximum, the sum of
+      exponentials, the target's logit), never the logits. A vocabulary that does not
+      divide keeps them replicated over ``tp`` (:func:`fit`; :meth:`Plan.describe` says so).
     - ``sp=True`` (with ``tp``): the residual stream and the norms split by sequence over
       ``tp``; the all-reduces become a reduce-scatter after each block half and an
       all-gather before the next column-split projection.
-
-    Embeddings and the head stay replicated over ``tp``: splitting the vocabulary needs a
-    lookup and a cross-entropy that work on vocabulary blocks, which the partitioner does
-    not have yet (a split table would be gathered whole).
     """
     if sp and tp is None:
         raise PlanError("plans.llama: sequence parallelism (sp=True) splits the sequence over "
@@ -298,8 +361,9 @@ def llama(dp: str | None = None, tp: str | None = None, zero: int = 0, sp: bool 
         row = "*self_attn.o_proj.", "*mlp.down_proj."
         by_rows = ("weight", (tp, None)), ("bias", (tp,)), ("lora_B", (tp, None))
         by_columns = ("weight", (None, tp)), ("lora_A", (None, tp))
+        vocabulary = ("model.embed_tokens.weight", (tp, None)), ("lm_head.weight", (tp, None))
         params = (*((p + s, lay) for p in column for s, lay in by_rows),
-                  *((p + s, lay) for p in row for s, lay in by_columns))
+                  *((p + s, lay) for p in row for s, lay in by_columns), *vocabulary)
         requires = (("num_attention_heads", tp), ("num_key_value_heads", tp))
     residual: Layout = (dp, tp if sp else None, None)
     whole: Layout = (dp, None, None)

@@ -16,10 +16,22 @@ shapes. This one description serves both passes:
 A factor in ``reduced`` is summed away (dot_general's contracting dimensions, ``reduce_sum``'s
 axes): split over axes ``A``, each device holds an addend of the result, which is then *partial*
 over ``A`` (decision 0021); operands in ``accumulates`` (the array a scatter-add adds into)
-must then be partial over ``A`` as well. ``linear`` lists groups of operands in which the
-primitive is additive, ``f(a1 + a2, b1 + b2) = f(a1, b1) + f(a2, b2)``: when every operand of
-one group is partial over an axis (and no other operand is), the result is partial over it too
-and no communication is needed yet; ``mul`` is linear in each operand alone, ``add`` in both
+must then be partial over ``A`` as well. A reduction by ``max`` or ``min`` (``reduce_op``) has
+no partial layout: each device reduces its block and the partitioner combines the blocks at
+once, by an all-reduce with that op (a softmax's maximum over a vocabulary-split row).
+
+Indexed dimensions may be split too. A scatter drops updates whose index falls outside the
+operand, so a scatter into a row-split array is each device scattering into its rows with
+the indices made local (``index_columns``). A gather clamps instead, so a lookup into a
+row-split table (``masked_columns``) makes the indices local, looks up the clamped row and
+zeroes the rows whose index fell outside the device's block: the result is a partial sum over
+the table's axes (Megatron's vocabulary-parallel embedding, cross-entropy's pick of the target
+logit), summed by whichever collective the cost model picks.
+
+``linear`` lists groups of operands in which the primitive is additive,
+``f(a1 + a2, b1 + b2) = f(a1, b1) + f(a2, b2)``: when every operand of one group is partial
+over an axis (and no other operand is), the result is partial over it too and no
+communication is needed yet; ``mul`` is linear in each operand alone, ``add`` in both
 together.
 
 Every registered primitive gets a rule (:func:`install`): by its ``kind`` where that says
@@ -70,6 +82,13 @@ class Rule:
     # address that dimension of the array; where the dimension is split, the partitioner
     # makes the column's values local (subtracts the block's start).
     index_columns: tuple[tuple[int, int, int], ...] = ()
+    # Index columns of a lookup (a gather, which clamps): made local as above, and the result's
+    # rows whose index falls outside the device's block are zeroed. The dimension they address
+    # has a factor of its own in ``reduced``, so the result is partial over its axes.
+    masked_columns: tuple[tuple[int, int, int], ...] = ()
+    # How a split reduced factor's blocks combine: "sum" leaves the result partial; "max" and
+    # "min" are combined right away by an all-reduce with that op.
+    reduce_op: str = "sum"
     note: str | None = None  # shown by explain(): why this equation was replicated
 
 
@@ -134,6 +153,8 @@ def _reduction(ins: Sequence[ArrayType], outs: Sequence[ArrayType], params: dict
     kept = tuple(i for i in range(x.ndim) if i not in axes)
     if name == "reduce_sum":  # a split summed axis leaves each device a partial sum
         return Rule((_unit(x.ndim),), (kept,), reduced=frozenset(axes), linear=((0,),))
+    if name in ("reduce_max", "reduce_min"):  # each device's extreme, then the extreme of those
+        return Rule((_unit(x.ndim),), (kept,), reduced=frozenset(axes), reduce_op=name[7:])
     operand = tuple(None if i in axes else i for i in range(x.ndim))
     return Rule((operand,), tuple(kept for _ in outs))
 
@@ -290,34 +311,43 @@ def _dynamic_update_slice(ins, outs, params) -> Rule:
 
 
 def _gather(ins, outs, params) -> Rule:
-    """``operand[indices]``: the indexed leading dimensions of the operand stay whole; its
-    trailing dimensions and the indices' batch dimensions pass through to the result."""
+    """``operand[indices]``: the operand's trailing dimensions and the indices' batch
+    dimensions pass through to the result. Each indexed dimension of the operand has a factor
+    of its own, summed away: split, it is a masked lookup into a block of rows (module
+    docstring), and the result is partial over its axes."""
     operand, indices = ins
     k = indices.shape[-1]
     nb = indices.ndim - 1
     trailing = tuple(range(nb, nb + operand.ndim - k))
-    return Rule(((None,) * k + trailing, (*range(nb), None)), ((*range(nb), *trailing),),
-                linear=((0,),))
+    looked_up = tuple(range(nb + operand.ndim - k, nb + operand.ndim))
+    return Rule(((*looked_up, *trailing), (*range(nb), None)), ((*range(nb), *trailing),),
+                reduced=frozenset(looked_up), linear=((0,),),
+                masked_columns=tuple((1, c, 0) for c in range(k)))
 
 
 def _scatter(ins, outs, params) -> Rule:
-    """The operand's indexed dimensions stay whole; its trailing ones pass through from the
-    updates. A scatter-add may split the update batch: each device adds its updates into its
-    share of the operand (made partial), so the result is partial over the batch's axes (the
-    gradient of an embedding lookup on a data-parallel batch). Other modes keep it whole."""
+    """The operand's trailing dimensions pass through from the updates; its indexed ones may
+    be split alike with the result's, each device scattering into its own rows (updates for
+    other rows fall outside and are dropped; no communication: the gradient of a lookup into
+    a row-split table). A scatter-add may split the update batch too: each device adds its
+    updates into its share of the operand (made partial), so the result is partial over the
+    batch's axes (the gradient of an embedding lookup on a data-parallel batch). Other modes
+    keep the batch whole."""
     operand, indices, updates = ins
     k = indices.shape[-1]
     nb = indices.ndim - 1
     ntrail = operand.ndim - k
     trailing = tuple(range(nb, nb + ntrail))
-    dims = (None,) * k + trailing
+    dims = tuple(range(nb + ntrail, nb + ntrail + k)) + trailing
+    columns = tuple((1, c, 0) for c in range(k))
     if params["mode"] != "add":
         whole = (None,) * nb
         linear = ((0, 2),) if params["mode"] == "set" else ()
-        return Rule((dims, (None,) * indices.ndim, whole + trailing), (dims,), linear=linear)
+        return Rule((dims, (None,) * indices.ndim, whole + trailing), (dims,), linear=linear,
+                    index_columns=columns)
     batch = tuple(range(nb))
     return Rule((dims, (*batch, None), batch + trailing), (dims,), reduced=frozenset(batch),
-                linear=((0, 2),), accumulates=(0,))
+                linear=((0, 2),), accumulates=(0,), index_columns=columns)
 
 
 def iota_columns(indices: Atom, producers: Mapping[int, Eqn], consts: Mapping[int, Any]
@@ -397,28 +427,32 @@ def _column_constant(atom: Atom, k: int, producers: Mapping[int, Eqn],
 
 def _batched_columns(rule: Rule, eqn: Eqn, columns: dict[int, int]) -> Rule:
     """Give each operand dimension an iota column indexes the factor of that column's batch
-    dimension (where their sizes agree), and mark the column for the partitioner, which makes
-    its values local. A scatter's result then splits along it too, and its batch factor is no
-    longer summed away."""
+    dimension (where their sizes agree) instead of a factor of its own: the column's values
+    are made local, never masked, since each device's indices address its own block. A
+    scatter's result then splits along it too, and its batch factor is no longer summed
+    away."""
     operand, indices = eqn.inputs[0].aval, eqn.inputs[1].aval
     array = list(rule.operands[0])
     result = list(rule.results[0])
     reduced = set(rule.reduced)
-    marked = []
+    batched = set()
     for column, dim in sorted(columns.items()):
         factor = rule.operands[1][dim]
         if factor is None or operand.shape[column] != indices.shape[dim]:
             continue
+        reduced.discard(array[column])  # a gather's lookup factor: no longer a lookup
         array[column] = factor
         if eqn.prim.name == "scatter":
             result[column] = factor
         reduced.discard(factor)
-        marked.append((1, column, 0))
-    if not marked:
+        batched.add(column)
+    if not batched:
         return rule
     results = (tuple(result),) if eqn.prim.name == "scatter" else rule.results
+    unmasked = tuple(c for c in rule.masked_columns if c[1] in batched)
     return replace(rule, operands=(tuple(array), *rule.operands[1:]), results=results,
-                   reduced=frozenset(reduced), index_columns=tuple(marked))
+                   reduced=frozenset(reduced), index_columns=rule.index_columns + unmasked,
+                   masked_columns=tuple(c for c in rule.masked_columns if c[1] not in batched))
 
 
 # --- installing --------------------------------------------------------------------------------
