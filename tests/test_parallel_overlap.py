@@ -263,6 +263,26 @@ def test_a_scan_body_is_scheduled_inside_itself():
         np.testing.assert_allclose(np.asarray(got), np.asarray(expect), rtol=1e-6)
 
 
+def test_a_started_all_reduce_is_combined_before_anyone_waits_on_virtual_devices():
+    """The last device to start it reduces at once, so the data is combined while the others
+    compute; their waits then only copy the one result."""
+    started, results = threading.Barrier(3), {}
+
+    def device(i):
+        comm = runtime.world()
+        handle = comm.start_all_reduce(np.full(3, i + 1.0, np.float32))
+        started.wait(10)
+        if i == 0:
+            results["combined"] = next(iter(comm._group.slots.values())).common.copy()
+        started.wait(10)
+        return handle.wait()
+
+    out = runtime.run_on_devices(device, 3)
+    np.testing.assert_array_equal(results["combined"], np.full(3, 6.0, np.float32))
+    for r in out:
+        np.testing.assert_array_equal(r, np.full(3, 6.0, np.float32))
+
+
 # --- failures ----------------------------------------------------------------------------------
 
 def test_a_device_failing_between_start_and_done_stops_the_others_naming_it():
