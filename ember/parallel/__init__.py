@@ -20,7 +20,7 @@ from ember.parallel.array import (
     process_allgather,
     with_sharding_constraint,
 )
-from ember.parallel.explain import Collective, Explanation
+from ember.parallel.explain import Collective, Explanation, Overlap
 from ember.parallel.mesh import (
     Device,
     Mesh,
@@ -54,6 +54,6 @@ __all__ = [
     "ShardedArray", "Shard", "ShardingGatherWarning", "device_put", "process_allgather",
     "with_sharding_constraint", "shard_map", "psum", "pmean", "pmax", "pmin", "all_gather",
     "psum_scatter", "all_to_all", "ppermute", "axis_index", "partition", "Partitioned",
-    "Explanation", "Collective", "CostModel", "simulate", "run_spmd", "plans", "Plan", "shard",
-    "checkpoint",
+    "Explanation", "Collective", "Overlap", "CostModel", "simulate", "run_spmd", "plans", "Plan",
+    "shard", "checkpoint",
 ]
