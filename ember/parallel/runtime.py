@@ -194,7 +194,7 @@ def run_on_devices(fn: Callable[[int], T], n: int, *,
 
     done = DevicePool.start(n, device)
     try:
-        done.wait()
+        done.acquire()
     except KeyboardInterrupt as e:
         # Ctrl-C: stop every device at its next collective and return to the user at once;
         # a thread still computing keeps its pool until it returns (later runs take another),

@@ -253,11 +253,12 @@ class DevicePool:
     """n daemon threads, one per virtual device, each waiting for the next task.
 
     :meth:`start` hands ``task(i)`` to thread ``i`` of a free pool of n threads and returns a
-    :class:`threading.Event` that is set once every thread has returned from its task. A pool
+    held lock, released once every thread has returned from its task (a bare lock: an Event's
+    condition variable costs more, and acquiring a lock is interrupted by Ctrl-C as well). A pool
     busy with one run is not handed to another: concurrent runs (two user threads, or a run
     whose caller left on Ctrl-C while its devices still compute) each take their own pool, so
     no run waits for threads held by another. The last thread to finish puts its pool back on
-    the free list, before the event is set, so the next run of the same caller reuses it.
+    the free list, before the lock is released, so the next run of the same caller reuses it.
     There are as many pools of n threads as runs of n devices ever ran at once.
     """
 
@@ -270,13 +271,13 @@ class DevicePool:
             queue.SimpleQueue() for _ in range(n)]
         self._pending = 0
         self._pending_lock = threading.Lock()
-        self._done: threading.Event  # set by start, once per run
+        self._done: Any  # the held lock of the current run, made by start
         for i, inbox in enumerate(self._inboxes):
             threading.Thread(target=self._serve, args=(i, inbox), name=_idle_name(i),
                              daemon=True).start()
 
     @classmethod
-    def start(cls, n: int, task: Callable[[int], None]) -> threading.Event:
+    def start(cls, n: int, task: Callable[[int], None]) -> Any:
         """Run ``task(i)`` on thread ``i`` of a free pool of ``n`` threads (made if none is
         free). ``task`` must not raise: a device's error belongs in its communicator."""
         with cls._lock:
@@ -284,7 +285,7 @@ class DevicePool:
             pool = free.pop() if free else None
         if pool is None:
             pool = cls(n)
-        done = pool._done = threading.Event()
+        done = pool._done = _held_lock()
         pool._pending = n
         for i, inbox in enumerate(pool._inboxes):
             inbox.put(functools.partial(task, i))
@@ -309,7 +310,7 @@ class DevicePool:
             done = self._done
             with DevicePool._lock:
                 DevicePool._free[self.n].append(self)
-            done.set()
+            done.release()
 
 
 def _forget_pools() -> None:
