@@ -30,9 +30,10 @@ Columns of the table (per device unless said; MPI rows report the largest over t
   (AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all, CP collective-permute);
 - ``held MiB``: parameters and AdamW moments held per device (the local shards' bytes);
   ``prog MiB``: the per-device program's peak (``memory_analysis()``: arguments, results and
-  its arena of temporaries); ``RSS MiB``: the process's peak resident memory
-  (``resource.getrusage``; on virtual devices one process holds every device, and it includes
-  the whole model built before it is sharded).
+  its arena of temporaries); ``RSS MiB``: the process's peak resident memory (``VmHWM``:
+  Linux's ``getrusage`` carries the peak of the process that started this one across ``exec``;
+  on virtual devices one process holds every device; the peak includes the whole model each
+  process builds before it is sharded).
 
 Then the ZeRO memory check (held bytes against the expected fraction of one device's; ZeRO-3 on
 4 MPI processes against the issue's bound, with the processes' resident memory) and whether
@@ -80,7 +81,9 @@ PLANS = ["single", "dp=2", "dp=4", "dp=2,zero=1", "dp=2,zero=2", "dp=2,zero=3", 
 KINDS = {"all_reduce": "AR", "all_gather": "AG", "reduce_scatter": "RS", "all_to_all": "A2A",
          "collective_permute": "CP"}
 ZERO3_SLACK = 64 * 1024  # held bytes: scalars (AdamW's step) and leaves that do not split
-RSS_TOLERANCE = 0.25  # resident memory saved by ZeRO-3 against held bytes saved: the allocator
+# Resident memory saved by ZeRO-3 against held bytes saved: a fraction, plus the allocator's
+# granularity (pages, arenas), which dominates the quick model's few MiB.
+RSS_TOLERANCE, RSS_FLOOR = 0.25, 2 * MiB
 
 
 @dataclass(frozen=True)
@@ -514,9 +517,10 @@ def zero_report(rows: list[Row]) -> list[str]:
                          f"{_mib(r['held'])}; peak in a step +{_mib(r['step_growth'])})")
         saved = (plain["rss_growth"] - plain["arena"]) - (zero3["rss_growth"] - zero3["arena"])
         expected = plain["held"] - zero3["held"]
-        fits = abs(saved - expected) <= RSS_TOLERANCE * expected
+        fits = abs(saved - expected) <= RSS_TOLERANCE * expected + RSS_FLOOR
         lines.append(f"  saved by ZeRO-3: {_mib(saved)} MiB resident for {_mib(expected)} MiB "
-                     f"held, within {RSS_TOLERANCE:.0%}: {'PASS' if fits else 'FAIL'}")
+                     f"held, within {RSS_TOLERANCE:.0%} + {RSS_FLOOR // MiB} MiB: "
+                     f"{'PASS' if fits else 'FAIL'}")
         ok = ok and fits
     lines.append(f"ZeRO-3 check: {'PASS' if ok else 'FAIL'}")
     return lines
