@@ -10,6 +10,7 @@ the 30-layer step in each run): both runs go through the command line a user typ
 from __future__ import annotations
 
 import json
+import resource
 
 import numpy as np
 import pytest
@@ -59,6 +60,10 @@ RTOL = 1e-5
 # A few weights in the model's own names, with their GGUF names (as stored before training):
 # the tied embedding (the input table and the output projection at once), an attention and an
 # MLP matrix, a norm.
+# One process of the dp=2 job holds the parameters, their gradients and AdamW's two moments
+# (4 x 540 MB) and the runtime: 3.4 GB today. Another copy of the parameters and moments would
+# pass this.
+PROCESS_BYTES = 4.5e9
 WEIGHTS = {"model.embed_tokens.weight": "token_embd.weight",
            "model.layers.0.self_attn.o_proj.weight": "blk.0.attn_output.weight",
            "model.layers.29.mlp.down_proj.weight": "blk.29.ffn_down.weight",
@@ -91,20 +96,29 @@ def read_run(out):
     return history, {name: np.asarray(weights[name]) for name in WEIGHTS}
 
 
+def largest_child_bytes() -> int:
+    """The peak resident memory of the largest process this one has waited for (Linux counts
+    kilobytes), descendants included: the MPI processes, once ember launch has ended."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
 def curve(history, key):
     return [record[key] for record in history["train"]]
 
 
 def test_dp2_over_mpi_follows_the_single_process_loss_curve(gguf_path, data, tmp_path,
                                                             ember_launch):
-    # Under ember launch first, while this process holds no model (peak memory: the two
-    # processes, about 3.4 GB each). The first collective waits for the slower process to
-    # trace and compile its step, so collectives get a minute.
+    # Under ember launch first, while this process holds no model. The first collective waits
+    # for the slower process to trace and compile its step, so collectives get two minutes.
+    before = largest_child_bytes()
     status, output, _ = ember_launch(
         2, "train_cli.py", *train_args(gguf_path, data, tmp_path / "dp2", "--devices", "2",
                                        "--plan", "dp=2"), timeout=120.0, limit=400)
+    after = largest_child_bytes()
     assert status == 0, output
     assert output.count("done: train loss") == 1, output
+    # The largest process this one waited for: the job's, unless an earlier child was larger.
+    assert after == before or after < PROCESS_BYTES, f"a dp=2 process used {after / 1e9:.1f} GB"
     assert cli.main(["train", *train_args(gguf_path, data, tmp_path / "one")]) == 0
 
     (one, one_weights), (dp2, dp2_weights) = read_run(tmp_path / "one"), read_run(tmp_path / "dp2")
@@ -125,8 +139,8 @@ def test_dp2_over_mpi_follows_the_single_process_loss_curve(gguf_path, data, tmp
     # another order changes the most digits, by its own small size).
     start = GGUFFile(gguf_path)
     for name, stored in WEIGHTS.items():
-        before = start.tensor(stored)
-        update, dp2_update = one_weights[name] - before, dp2_weights[name] - before
+        initial = start.tensor(stored)
+        update, dp2_update = one_weights[name] - initial, dp2_weights[name] - initial
         assert np.abs(update).max() > LR, name  # trained for more than one step
         relative = np.linalg.norm(dp2_update - update) / np.linalg.norm(update)
         assert relative < 1e-3, (name, relative)
