@@ -219,8 +219,10 @@ def _runner(name: str, start: bool) -> Any:
     return run
 
 
-for _p in COLLECTIVES[:-1]:
+_MOVING = tuple(p for p in COLLECTIVES if p.name in _CALLS)  # all but axis_index
+for _p in _MOVING:
     _p.def_impl(_runner(_p.name, start=False))
+
 
 @axis_index_p.def_impl
 def _axis_index_impl(*, axis: str, mesh: Mesh) -> np.ndarray:
@@ -259,7 +261,7 @@ def _started(blocking: Primitive) -> Primitive:
     return start
 
 
-STARTS = {p: _started(p) for p in COLLECTIVES[:-1]}
+STARTS = {p: _started(p) for p in _MOVING}
 collective_done_p = Primitive("collective_done", kind="collective")
 
 
