@@ -53,17 +53,20 @@ the stories she had written in the log book.
 
 SETTINGS = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lora-rank", "0"]
 LR = 2e-4  # the default peak learning rate (cosine to 0 over the 4 steps, no warm-up)
-# Losses and gradient norms: float32 sums of the same terms in another order (each process
-# sums half the batch, then the halves are added) differ by a few ulps, about 1e-7 relative
-# over 4 steps; 1e-5 leaves room for that and nothing else.
+# Losses: float32 sums of the same terms in another order (each process sums half the batch,
+# then the halves are added) differ by a few ulps, up to 3e-7 relative over 4 steps today.
 RTOL = 1e-5
-# A few weights in the model's own names, with their GGUF names (as stored before training):
-# the tied embedding (the input table and the output projection at once), an attention and an
-# MLP matrix, a norm.
+# Gradient norms move more (up to 5e-6 today): after the first step the weights differ where
+# AdamW divides a gradient near zero by its own small size (see below), and the next gradient
+# with them. A dp bug moves them far more: summing where it should average doubles the norm.
+NORM_RTOL = 1e-4
 # One process of the dp=2 job holds the parameters, their gradients and AdamW's two moments
 # (4 x 540 MB) and the runtime: 3.4 GB today. Another copy of the parameters and moments would
 # pass this.
 PROCESS_BYTES = 4.5e9
+# A few weights in the model's own names, with their GGUF names (as stored before training):
+# the tied embedding (the input table and the output projection at once), an attention and an
+# MLP matrix, a norm.
 WEIGHTS = {"model.embed_tokens.weight": "token_embd.weight",
            "model.layers.0.self_attn.o_proj.weight": "blk.0.attn_output.weight",
            "model.layers.29.mlp.down_proj.weight": "blk.29.ffn_down.weight",
@@ -128,15 +131,16 @@ def test_dp2_over_mpi_follows_the_single_process_loss_curve(gguf_path, data, tmp
     np.testing.assert_allclose(curve(dp2, "loss"), curve(one, "loss"), rtol=RTOL)
     # The norm before clipping: a dp run that summed where it should average (or the reverse)
     # would clip to the same update and the same losses, but not to the same norm.
-    np.testing.assert_allclose(curve(dp2, "grad_norm"), curve(one, "grad_norm"), rtol=RTOL)
+    np.testing.assert_allclose(curve(dp2, "grad_norm"), curve(one, "grad_norm"),
+                               rtol=NORM_RTOL)
     np.testing.assert_allclose([r["loss"] for r in dp2["eval"]],
                                [r["loss"] for r in one["eval"]], rtol=RTOL)
     assert curve(one, "loss")[-1] < curve(one, "loss")[0] - 0.5  # it does learn the text
 
     # Weights: what training changed (AdamW moves a weight by about the learning rate a step)
     # must agree as a whole to 1e-3 (about 1e-5 today), and no weight may differ by half of one
-    # step's update (about a tenth today: Adam divides a gradient near zero, where summing in
-    # another order changes the most digits, by its own small size).
+    # step's update (at most 8% of one seen: AdamW divides a gradient near zero, where summing
+    # in another order changes the most digits, by its own small size).
     start = GGUFFile(gguf_path)
     for name, stored in WEIGHTS.items():
         initial = start.tensor(stored)
