@@ -61,6 +61,18 @@ def gemm_rate(threads: int = 2, n: int = 2048) -> float:
     return max(2 * n**3 / best(timed(p), 4) for p in products)
 
 
+def blas_kernel() -> str:
+    """Which kernel NumPy's BLAS runs (``OPENBLAS_CORETYPE`` can force a slower one), as far as
+    threadpoolctl, when installed, can tell."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "NumPy BLAS: unknown (pip install threadpoolctl to show its kernel)"
+    found = [f"{lib.get('internal_api')} {lib.get('version')}, kernel {lib.get('architecture')}"
+             for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return "NumPy BLAS: " + ("; ".join(found) or "none found")
+
+
 def hardware(threads: int = 2) -> tuple[float, float]:
     """(read bandwidth in bytes/s, float32 GEMM FLOP/s) on ``threads`` threads."""
     return read_bandwidth(threads), gemm_rate(threads)

@@ -63,7 +63,7 @@ ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from hardware import gemm_rate  # noqa: E402
+from hardware import blas_kernel, gemm_rate  # noqa: E402
 
 import ember  # noqa: E402
 from ember import parallel as P  # noqa: E402, N812
@@ -551,6 +551,7 @@ def main() -> None:
 
 
 def drive(args: argparse.Namespace, size_name: str, size: Size, steps: int) -> None:
+    began = time.perf_counter()
     cores = program_threads()
     plans = [p.strip() for p in args.plans.split(";") if p.strip() not in ("", "single")]
     runtimes = args.runtimes.split(",")
@@ -562,7 +563,7 @@ def drive(args: argparse.Namespace, size_name: str, size: Size, steps: int) -> N
     n = 1024 if size_name == "quick" else 2048  # quick: a rough limit, measured in a blink
     gemm = gemm_rate(cores, n)
     print(f"hardware: {cores} cores, float32 GEMM {gemm / 1e9:.0f} GFLOP/s on {cores} threads "
-          f"({n}x{n}, best of NumPy and PyTorch)")
+          f"({n}x{n}, best of NumPy and PyTorch); {blas_kernel()}")
     print(f"model ({size_name}): Llama hidden {size.hidden}, {size.layers} layers, "
           f"{size.heads} heads ({size.kv_heads} kv), vocab {size.vocab}, tied embedding; "
           f"batch {size.batch} x {size.seq}; full fine-tuning, AdamW, clipping; median of "
@@ -616,6 +617,7 @@ def drive(args: argparse.Namespace, size_name: str, size: Size, steps: int) -> N
         retraced = [r["plan"] for r in ember_rows if r["traces"] != 1]
         if retraced:
             print(f"warning: the step was traced more than once under {', '.join(retraced)}")
+    print(f"whole run: {time.perf_counter() - began:.0f} s")
 
 
 if __name__ == "__main__":
