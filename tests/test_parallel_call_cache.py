@@ -19,6 +19,7 @@ from ember import parallel as P
 from ember.errors import EmberError
 from ember.ir.sharding import ShardingError
 from ember.parallel import runtime
+from ember.parallel.communicator import CollectiveMismatchError
 
 
 def _mesh(first: int, n: int = 2) -> P.Mesh:
@@ -142,3 +143,68 @@ def test_a_rank_woken_when_a_peer_of_another_group_returns_waits_on():
         return float(group.all_reduce(np.full(1, i + 1.0))[0])
 
     assert runtime.run_on_devices(body, 4, timeout=20) == [3.0, 3.0, 7.0, 7.0]
+
+
+def _worlds(n, body=lambda c, i: None):
+    """Each device's world communicator in a run of ``body(comm, i)``."""
+    def device(i):
+        body(runtime.world(), i)
+        return runtime.world()
+    return runtime.run_on_devices(device, n, timeout=20)
+
+
+def test_communicators_are_kept_only_after_a_run_that_ended_cleanly():
+    kept = _worlds(3)
+    assert all(a is b for a, b in zip(kept, _worlds(3)))
+
+    def fail(c, i):
+        if i == 1:
+            raise ValueError("device 1 failed")
+        c.all_reduce(np.ones(2))
+
+    with pytest.raises(ValueError):
+        _worlds(3, fail)
+    after_failure = _worlds(3)
+    assert all(a is not b for a, b in zip(kept, after_failure))
+
+    def leave_one_unfinished(c, i):  # rank 0 starts an all-gather nobody else joins
+        if i == 0:
+            c.start_all_gather(np.ones(2))
+
+    _worlds(3, leave_one_unfinished)
+    assert all(a is not b for a, b in zip(after_failure, _worlds(3)))
+
+
+def test_kept_communicators_count_collectives_from_one_again():
+    def mismatch(c, i):
+        c.all_reduce(np.ones(2))
+        c.split(0).all_reduce(np.ones(2))
+        if i == 1:
+            c.all_gather(np.ones(2))
+        else:
+            c.all_reduce(np.ones(2))
+
+    for _ in range(2):
+        _worlds(2, lambda c, i: c.all_reduce(np.ones(2)))  # ends cleanly: kept
+        with pytest.raises(CollectiveMismatchError, match=r"all_gather\(axis=0\) #3 of"):
+            _worlds(2, mismatch)
+
+
+def test_a_sharded_program_splits_its_mesh_axis_groups_once_over_many_calls(monkeypatch):
+    from ember.parallel.threads import ThreadCommunicator
+
+    splits = []
+    split = ThreadCommunicator._split
+
+    def counted(self, sig, color, key):
+        splits.append(color)
+        return split(self, sig, color, key)
+
+    monkeypatch.setattr(ThreadCommunicator, "_split", counted)
+    mesh = P.Mesh(P.devices()[:4], ("dp", "tp"), (2, 2))
+    cols = P.NamedSharding(mesh, P.PartitionSpec("dp", "tp"))
+    f = ember.jit(lambda x: enp.sum(x, axis=1), in_shardings=cols, backend="cpu")
+    x = P.device_put(X, cols)
+    for _ in range(3):
+        np.testing.assert_allclose(np.asarray(f(x)), X.sum(axis=1), rtol=1e-6)
+    assert len(splits) == 4  # the tp groups, split by each of the 4 devices on the first call

@@ -9,7 +9,9 @@ then raises instead of waiting for peers that will never come.
 
 The threads themselves are kept: a :class:`DevicePool` of n threads is made on first use and
 reused by every later run of n devices, since starting n threads cost more than a small
-sharded step (:func:`~ember.parallel.runtime.run_on_devices` has the numbers).
+sharded step (:func:`~ember.parallel.runtime.run_on_devices` has the numbers). So are their
+communicators, while each run ends cleanly, and with them the groups a sharded program splits
+from them (one split per mesh axis, each a collective, would otherwise run on every call).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +56,22 @@ class _Run:
         # Each device's wake lock, held (acquired) while nobody is to be woken.
         self.wakers = [_held_lock() for _ in range(n)]
         self.sleeping: set[int] = set()  # devices blocked on their wake lock
+        # The world and the groups split from it, and their communicators (weakly: a group
+        # the caller dropped is gone with it).
+        self.groups: weakref.WeakSet[_Group] = weakref.WeakSet()
+        self.comms: weakref.WeakSet[ThreadCommunicator] = weakref.WeakSet()
+
+    def ended_cleanly(self) -> bool:
+        """No device failed and every collective any device started was finished by all:
+        the groups are in step, so a later run may use them again."""
+        return self.failure is None and not any(g.slots for g in list(self.groups))
+
+    def restart(self) -> None:
+        """Ready for another run, after one that ended cleanly: no device has returned, and
+        collectives count from 1 again in every group, as on new communicators."""
+        self.finished.clear()
+        for comm in list(self.comms):
+            comm._seq = 0
 
     def wake(self, devices: Any) -> None:
         """Release the wake locks of those of ``devices`` that sleep (hold ``lock``)."""
@@ -81,6 +100,7 @@ class _Group:
     def __init__(self, run: _Run, devices: tuple[int, ...], name: str) -> None:
         self.run, self.devices, self.name = run, devices, name
         self.slots: dict[int, _Slot] = {}
+        run.groups.add(self)
 
 
 class _Slot:
@@ -109,6 +129,7 @@ class ThreadCommunicator(Communicator):
     def __init__(self, group: _Group, rank: int, timeout: float | None = None) -> None:
         super().__init__(rank, len(group.devices), group.name, group.devices, timeout)
         self._group = group
+        group.run.comms.add(self)
 
     @classmethod
     def world(cls, n: int, timeout: float | None = None) -> list[ThreadCommunicator]:
@@ -252,13 +273,15 @@ class _ThreadHandle(Handle):
 class DevicePool:
     """n daemon threads, one per virtual device, each waiting for the next task.
 
-    :meth:`start` hands ``task(i)`` to thread ``i`` of a free pool of n threads and returns a
-    held lock, released once every thread has returned from its task (a bare lock: an Event's
-    condition variable costs more, and acquiring a lock is interrupted by Ctrl-C as well). A pool
-    busy with one run is not handed to another: concurrent runs (two user threads, or a run
-    whose caller left on Ctrl-C while its devices still compute) each take their own pool, so
-    no run waits for threads held by another. The last thread to finish puts its pool back on
-    the free list, before the lock is released, so the next run of the same caller reuses it.
+    :meth:`take` gives a free pool of n threads (made if none is free), :meth:`communicators`
+    its devices' communicators for a run, and :meth:`start` hands ``task(i)`` to thread ``i``
+    and returns a held lock, released once every thread has returned from its task (a bare
+    lock: an Event's condition variable costs more, and acquiring a lock is interrupted by
+    Ctrl-C as well). A pool busy with one run is not handed to another: concurrent runs (two
+    user threads, or a run whose caller left on Ctrl-C while its devices still compute) each
+    take their own pool, so no run waits for threads held by another. The last thread to
+    finish puts its pool back on the free list, before the lock is released, so the next run
+    of the same caller reuses it.
     There are as many pools of n threads as runs of n devices ever ran at once.
     """
 
@@ -272,22 +295,39 @@ class DevicePool:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._done: Any  # the held lock of the current run, made by start
+        # The last run's communicators, while it ended cleanly: with them, the groups split
+        # from them (a sharded program's mesh axes) serve the next run without a split.
+        self._comms: list[ThreadCommunicator] | None = None
+        self._timeout: float | None = None
         for i, inbox in enumerate(self._inboxes):
             threading.Thread(target=self._serve, args=(i, inbox), name=_idle_name(i),
                              daemon=True).start()
 
     @classmethod
-    def start(cls, n: int, task: Callable[[int], None]) -> Any:
-        """Run ``task(i)`` on thread ``i`` of a free pool of ``n`` threads (made if none is
-        free). ``task`` must not raise: a device's error belongs in its communicator."""
+    def take(cls, n: int) -> DevicePool:
+        """A free pool of ``n`` threads, made if none is free; :meth:`start` must follow."""
         with cls._lock:
             free = cls._free.setdefault(n, [])
             pool = free.pop() if free else None
-        if pool is None:
-            pool = cls(n)
-        done = pool._done = _held_lock()
-        pool._pending = n
-        for i, inbox in enumerate(pool._inboxes):
+        return cls(n) if pool is None else pool
+
+    def communicators(self, timeout: float | None) -> list[ThreadCommunicator]:
+        """The communicators of a run on this pool: the last run's when it ended cleanly
+        with the same ``timeout``, else new ones (a failed run's may be out of step)."""
+        comms = self._comms
+        if comms is None or self._timeout != timeout or not comms[0]._group.run.ended_cleanly():
+            comms = self._comms = ThreadCommunicator.world(self.n, timeout)
+            self._timeout = timeout
+        else:
+            comms[0]._group.run.restart()
+        return comms
+
+    def start(self, task: Callable[[int], None]) -> Any:
+        """Run ``task(i)`` on thread ``i``. ``task`` must not raise: a device's error belongs
+        in its communicator."""
+        done = self._done = _held_lock()
+        self._pending = self.n
+        for i, inbox in enumerate(self._inboxes):
             inbox.put(functools.partial(task, i))
         return done
 
