@@ -3,8 +3,9 @@ under ``ember launch -n 2`` follow the single-process loss curve: the same loss,
 and evaluation loss at every step, and the same weights at the end (issue 9's check at real
 size: 135M parameters, every gradient summed over the two processes).
 
-Slow (about a minute and a half on two cores, most of it tracing, partitioning and compiling
-the 30-layer step in each run): both runs go through the command line a user types.
+Slow (a minute and a half or more on two cores: each run prepares the 30-layer step, that is
+traces, partitions, schedules and compiles it, and under MPI every step moves 540 MB of
+gradients). Both runs go through ``ember train``'s own code, the MPI one under ``ember launch``.
 """
 
 from __future__ import annotations
