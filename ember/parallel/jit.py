@@ -115,9 +115,14 @@ def input_types(in_shardings: Any, tree: TreeDef, leaves: list[Any],
     one thing the types cannot say).
     """
     memo = _input_memo(in_shardings)
-    known = memo.get((tree, avals))
-    if known is None:
-        known = memo[(tree, avals)] = _input_types(in_shardings, tree, avals)
+    last = memo.get(None)  # (tree, avals, answer) of the last call: a loop's next call is
+    if last is not None and last[0] is tree and last[1] == avals:  # compared by identity
+        known = last[2]
+    else:
+        known = memo.get((tree, avals))
+        if known is None:
+            known = memo[(tree, avals)] = _input_types(in_shardings, tree, avals)
+        memo[None] = (tree, avals, known)
     out, checks = known
     for i, s in checks:
         leaf = leaves[i]
@@ -128,8 +133,9 @@ def input_types(in_shardings: Any, tree: TreeDef, leaves: list[Any],
     return out
 
 
-# id(in_shardings) -> (in_shardings, {(tree, avals): input_types' answer}); the object is kept
-# so that its id is not reused. A jitted function holds its in_shardings for good anyway.
+# id(in_shardings) -> (in_shardings, {(tree, avals): input_types' answer, None: the last call's
+# (tree, avals, answer)}); the object is kept so that its id is not reused. A jitted function
+# holds its in_shardings for good anyway.
 _INPUT_MEMOS: dict[int, tuple[Any, dict]] = {}
 
 

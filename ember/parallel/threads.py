@@ -56,15 +56,15 @@ class _Run:
         # Each device's wake lock, held (acquired) while nobody is to be woken.
         self.wakers = [_held_lock() for _ in range(n)]
         self.sleeping: set[int] = set()  # devices blocked on their wake lock
-        # The world and the groups split from it, and their communicators (weakly: a group
-        # the caller dropped is gone with it).
-        self.groups: weakref.WeakSet[_Group] = weakref.WeakSet()
+        self.open_slots = 0  # collectives started by some rank and not yet taken by all
+        # The communicators of the world and of the groups split from it (weakly: a group the
+        # caller dropped is gone with it).
         self.comms: weakref.WeakSet[ThreadCommunicator] = weakref.WeakSet()
 
     def ended_cleanly(self) -> bool:
         """No device failed and every collective any device started was finished by all:
         the groups are in step, so a later run may use them again."""
-        return self.failure is None and not any(g.slots for g in list(self.groups))
+        return self.failure is None and self.open_slots == 0
 
     def restart(self) -> None:
         """Ready for another run, after one that ended cleanly: no device has returned, and
@@ -100,7 +100,6 @@ class _Group:
     def __init__(self, run: _Run, devices: tuple[int, ...], name: str) -> None:
         self.run, self.devices, self.name = run, devices, name
         self.slots: dict[int, _Slot] = {}
-        run.groups.add(self)
 
 
 class _Slot:
@@ -188,6 +187,7 @@ class ThreadCommunicator(Communicator):
             slot = self._group.slots.get(sig.seq)
             if slot is None:
                 slot = self._group.slots[sig.seq] = _Slot(self.size, sig)
+                run.open_slots += 1
             slot.signatures[self.rank] = sig
             slot.inputs[self.rank] = payload
             if sig != slot.first:
@@ -211,6 +211,7 @@ class ThreadCommunicator(Communicator):
                     slot.taken += 1
                     if slot.taken == self.size:
                         del self._group.slots[sig.seq]
+                        run.open_slots -= 1
                     return slot.inputs, slot
                 missing = [r for r in range(self.size) if r not in slot.signatures]
                 gone = [r for r in missing if self.members[r] in run.finished]
