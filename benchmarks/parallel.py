@@ -9,7 +9,9 @@ torch and transformers for the PyTorch rows):
         [--steps K]
 
 (Unset those two variables for benchmarking only; see benchmarks/overhead.py.) The default run
-takes about 10 minutes on 2 cores; ``--quick`` (a smaller model, 2 timed steps) about 2.
+(24 configurations) should take about 10 minutes on 2 idle cores, ``--quick`` (a smaller
+model) about 3; progress lines say how far it is, and the last line how long it took. On cores
+that other work shares, every figure moves, the GEMM limit first.
 
 What runs: a Llama of random weights (no hub; see ``SIZES``) fine-tuned in full with AdamW and
 gradient clipping by the recipe ``ember train`` uses (:func:`ember.models.finetune.place` places
