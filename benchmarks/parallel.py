@@ -9,7 +9,7 @@ torch and transformers for the PyTorch rows):
         [--steps K]
 
 (Unset those two variables for benchmarking only; see benchmarks/overhead.py.) The default run
-(24 configurations) should take about 10 minutes on 2 idle cores, ``--quick`` (a smaller
+(25 runs) should take about 10 minutes on 2 idle cores, ``--quick`` (a smaller
 model) about 3; progress lines say how far it is, and the last line how long it took. On cores
 that other work shares, every figure moves, the GEMM limit first.
 
