@@ -196,10 +196,15 @@ class ShardedArray(Array):
 def process_allgather(x: Any) -> np.ndarray:
     """The global value of ``x`` in every process, the parts held by other processes sent over
     the job's communicator. A collective: every process of the job must call it, in the same
-    order. Anything but a sharded array is returned as a NumPy array."""
+    order. Anything but a sharded array is returned as a NumPy array.
+
+    When every process holds every part (a replicated array, as a data-parallel job's
+    parameters are), nothing is sent: each process assembles its own copy. Every process
+    decides this alike, from the layout alone, so none waits in a collective the others skip.
+    """
     if not isinstance(x, ShardedArray):
         return np.asarray(x)
-    if process_count() == 1:
+    if process_count() == 1 or _whole_in_every_process(x.sharding, x.shape):
         return x.assemble("process_allgather")
     # Under MPI each process has one device: it sends its part (zeros when the mesh leaves its
     # device out), and the parts arrive in process order.
@@ -212,6 +217,17 @@ def process_allgather(x: Any) -> np.ndarray:
     for d in sharding.mesh.devices.flat:
         out[indices[d]] = parts[d.process_index]
     return out
+
+
+def _whole_in_every_process(sharding: NamedSharding, shape: tuple[int, ...]) -> bool:
+    """Whether the devices of each process of the job hold, together, every distinct part of
+    an array of ``shape`` laid out by ``sharding`` (the same answer in every process)."""
+    indices = sharding.indices(shape)
+    held: dict[int, set] = {p: set() for p in range(process_count())}
+    for d, index in indices.items():
+        held[d.process_index].add(_block(index))
+    parts = {_block(i) for i in indices.values()}
+    return all(blocks == parts for blocks in held.values())
 
 
 def _block(index: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:

@@ -3,7 +3,8 @@
 Each process is one device. A value split over the mesh of every process holds one part per
 process; elementwise operations stay local, other operations run the partitioned per-device
 program with its collectives over MPI, resharding moves parts by collectives, ``np.asarray``
-refuses a value with parts elsewhere and ``process_allgather`` assembles it in every process.
+refuses a value with parts elsewhere and ``process_allgather`` assembles it in every process
+(with no collective when every process holds it whole).
 Prints one line per process when all holds.
 """
 
@@ -12,6 +13,7 @@ import numpy as np
 import ember
 import ember.numpy as enp
 from ember import parallel as P
+from ember.parallel import runtime
 
 
 def main() -> None:
@@ -42,6 +44,13 @@ def main() -> None:
 
     replicated = P.device_put(value, P.NamedSharding(mesh, P.PartitionSpec()))
     np.testing.assert_array_equal(np.asarray(replicated), value)  # whole in every process
+    # Gathering what every process holds whole sends nothing; a part held elsewhere is sent.
+    world, grid = runtime.world(), P.Mesh(np.reshape(P.devices(), (2, n // 2)), ("a", "b"))
+    halves = P.device_put(value, P.NamedSharding(grid, P.PartitionSpec("a")))
+    for array, collectives in ((replicated, 0), (halves, 1)):
+        before = world._seq
+        np.testing.assert_array_equal(P.process_allgather(array), value)
+        assert world._seq - before == collectives, (array.sharding, world._seq - before)
 
     # Resharding over the mesh moves parts by collectives, never through one process.
     whole = P.device_put(y, P.NamedSharding(mesh, P.PartitionSpec()))  # an all-gather
