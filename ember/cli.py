@@ -565,7 +565,9 @@ def _parser() -> argparse.ArgumentParser:
     command("info", "versions, backends, devices and the default model")
     command("demo", "run the framework end to end and check it against NumPy")
     m = command("launch", "run a command as N MPI processes (needs pip install 'ember[mpi]')")
-    m.add_argument("-n", type=_number(int, 1), required=True, help="number of processes")
+    m.add_argument("-n", type=_number(int, 1), required=True,
+                   help="number of processes; each runs EMBER_NUM_THREADS = cores / N threads "
+                   "(at least 1) unless EMBER_NUM_THREADS or OMP_NUM_THREADS is set")
     m.add_argument("--timeout", type=_number(float, 0, above=True), default=None,
                    help="seconds a collective may wait for the other processes before the job "
                    "stops with an error (EMBER_COLLECTIVE_TIMEOUT; default 300)")

@@ -99,3 +99,34 @@ def test_a_missing_mpi4py_names_the_extra(monkeypatch):
     monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(EmberError, match=r"pip install 'ember\[mpi\]'"):
         launch.find_mpiexec()
+
+
+@pytest.mark.parametrize("user", [{}, {"EMBER_NUM_THREADS": "5"}, {"OMP_NUM_THREADS": "3,2"}])
+def test_launch_gives_each_process_its_share_of_the_cores_unless_the_user_chose(
+        monkeypatch, user):
+    monkeypatch.setattr(launch, "available_cores", lambda: 8)
+    for name in launch.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in user.items():
+        monkeypatch.setenv(name, value)
+    args, env = launch.command_line(3, ["python", "train.py"])
+    pairs = {args[i + 1]: args[i + 2] for i, a in enumerate(args) if a == "-genv"}
+    assert pairs.get("EMBER_NUM_THREADS") == env.get("EMBER_NUM_THREADS") == (
+        user.get("EMBER_NUM_THREADS") or (None if user else "2"))  # 8 cores // 3 processes
+    assert env.get("OMP_NUM_THREADS") == user.get("OMP_NUM_THREADS")
+
+
+@pytest.mark.parametrize("user", [{}, {"OMP_NUM_THREADS": "3"}])
+def test_launched_processes_run_the_default_threads_or_the_users(ember_launch, monkeypatch,
+                                                                 user):
+    for name in launch.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in user.items():
+        monkeypatch.setenv(name, value)
+    status, output, _ = ember_launch(2, "threads.py", timeout=TIMEOUT)
+    assert status == 0, output
+    threads = 3 if user else max(1, launch.available_cores() // 2)
+    default = None if user else str(threads)
+    for rank in range(2):
+        assert (f"process {rank}: threads {threads} {{'EMBER_NUM_THREADS': {default!r}, "
+                f"'OMP_NUM_THREADS': {user.get('OMP_NUM_THREADS')!r}}}") in output, output

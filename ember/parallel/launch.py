@@ -5,6 +5,10 @@ It runs the ``mpiexec`` of the ``mpich`` wheel (installed beside this Python by
 not whichever MPI happens to be first on ``PATH``. ``EMBER_*`` variables reach every process
 (``--timeout`` sets ``EMBER_COLLECTIVE_TIMEOUT``), and a command starting with ``python`` runs
 this Python, the one ember is installed in.
+
+The processes share this machine's cores: unless the user chose a thread count
+(``EMBER_NUM_THREADS`` or ``OMP_NUM_THREADS``), each gets ``EMBER_NUM_THREADS`` = cores / N (at
+least 1), as torchrun sets one OpenMP thread, so N processes never start N x cores threads.
 """
 
 from __future__ import annotations
@@ -18,10 +22,20 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from ember.backends.cpu.program import available_cores
 from ember.errors import EmberValueError
 from ember.parallel.runtime import RuntimeUnavailableError
 
 INSTALL_HINT = "pip install 'ember[mpi]'"
+
+
+# A user's thread count in either of these wins over launch's default.
+THREAD_VARIABLES = ("EMBER_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def default_threads(n: int) -> int:
+    """Each of ``n`` processes' share of the cores this process may run on (at least 1)."""
+    return max(1, available_cores() // n)
 
 
 def find_mpiexec() -> str:
@@ -46,6 +60,8 @@ def command_line(n: int, command: Sequence[str], timeout: float | None = None,
     if not command:
         raise EmberValueError("no command to run, as in: ember launch -n 2 python train.py")
     env = {**os.environ, **(variables or {})}
+    if not any(env.get(name) for name in THREAD_VARIABLES):
+        env["EMBER_NUM_THREADS"] = str(default_threads(n))
     if timeout is not None:
         env["EMBER_COLLECTIVE_TIMEOUT"] = repr(float(timeout))
     program = list(command)

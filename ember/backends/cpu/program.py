@@ -647,9 +647,16 @@ def _describe(eqn: Eqn) -> str:
 
 def program_threads() -> int:
     """Threads of the program's one pool (OpenMP's; BLAS calls run on them, one piece each):
-    ``EMBER_NUM_THREADS``, else the cores this process may run on."""
-    if os.environ.get("EMBER_NUM_THREADS"):
-        return max(1, int(os.environ["EMBER_NUM_THREADS"]))
+    ``EMBER_NUM_THREADS``, else ``OMP_NUM_THREADS`` (its first level), else the cores this
+    process may run on."""
+    for name in ("EMBER_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(name):
+            return max(1, int(os.environ[name].split(",")[0]))
+    return available_cores()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
