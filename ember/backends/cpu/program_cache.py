@@ -5,7 +5,9 @@ library only after fusing, lowering, planning and rendering the graph again to l
 source. Here a program that runs wholly in C is also filed under a key of the graph it was
 compiled from; the entry holds its library's key and what running needs
 (:meth:`Program.run_state`), and a later process compiling an equal graph loads that library
-and runs. Its C, plan and timed twin are computed when first asked for.
+and runs. Its C, plan and timed twin are computed when first asked for. A process that finds no
+entry compiles under the entry's lock, so of several processes compiling the same program at
+once (an MPI job's) one compiles and the others load its result.
 
 The key (decision 0020) covers everything the program depends on: the graph's structure and
 types (:func:`ember.ir.params.graph_key`: vars numbered in order, params by content), the
@@ -70,9 +72,23 @@ def compile_program(closed: ClosedGraph, donate: Sequence[bool], run_numpy: Any,
     def build_in_full() -> Program:
         return Program(prepare(closed), donate, run_numpy)
 
-    loaded = _load(toolchain.read_entry(name), closed, build_in_full)
+    def filed() -> Program | None:
+        return _load(toolchain.read_entry(name), closed, build_in_full)
+
+    loaded = filed()
     if loaded is not None:
         return loaded
+    # Processes of one job compile the same programs at once: one runs the passes and the
+    # compiler while the others wait for its entry (a lock per key; see toolchain.entry_lock).
+    with toolchain.entry_lock(name):
+        loaded = filed()
+        return loaded if loaded is not None else _compile_and_file(closed, donate, run_numpy,
+                                                                   prepare, name)
+
+
+def _compile_and_file(closed: ClosedGraph, donate: Sequence[bool], run_numpy: Any,
+                      prepare: Callable[[ClosedGraph], ClosedGraph], name: str) -> Program:
+    """Compile ``closed`` and file the entry ``name`` for the next process."""
     prepared = prepare(closed)
     program = Program(prepared, donate, run_numpy)
     state = program.run_state()

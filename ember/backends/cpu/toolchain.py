@@ -6,7 +6,9 @@ milliseconds), so results are memoised twice: in this process by source, and on 
 key that covers everything the machine code depends on (source, flags, compiler version, CPU
 features). Writes go to a private temporary file renamed into place, so two processes building
 the same library never see each other's half-written file; an entry that fails to load is
-rebuilt. A compile error is ember's bug (the user never wrote the C): it is raised as
+rebuilt. A cold build holds a lock on its key (:func:`entry_lock`), so when several processes
+of a job compile the same program at once, one runs the compiler and the others load its result.
+A compile error is ember's bug (the user never wrote the C): it is raised as
 :class:`CompilerBugError`, with the source kept on disk for the report.
 
 What is left of a compile's cost is cut without changing the machine code: the system headers
@@ -21,7 +23,9 @@ Environment: ``EMBER_CC`` (the compiler; default ``cc``, then ``gcc``), ``EMBER_
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -32,7 +36,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 # -O3 -march=native: vectorised loops for this CPU (the CPU features are in the cache key).
@@ -325,17 +329,73 @@ def _load_or_build(source: str, library: Library, key: str, directory: str,
     _openmp_wait_policy()
     os.makedirs(directory, exist_ok=True)
     so_path = os.path.join(directory, key + ".so")
-    if os.path.exists(so_path):
+    lib = _load_built(so_path)
+    if lib is None:
+        with entry_lock(key):
+            lib = _load_built(so_path)  # built by another process while this one waited
+            if lib is None:
+                start, cpu = time.perf_counter(), _children_cpu()
+                _compile(source, library, key, directory, so_path, header)
+                _count(compiles=1, seconds=time.perf_counter() - start,
+                       cpu_seconds=_children_cpu() - cpu)
+                lib = ctypes.CDLL(so_path)
+    return lib
+
+
+def _load_built(so_path: str) -> ctypes.CDLL | None:
+    """The library at ``so_path`` when it is there and loads, counted as a load."""
+    if not os.path.exists(so_path):
+        return None
+    try:
+        lib = ctypes.CDLL(so_path)
+    except OSError:
+        return None  # a corrupt or truncated entry (a crash mid-write elsewhere): rebuild it
+    _count(loads=1)
+    return lib
+
+
+# How long a cold build waits for another process building the same entry before it builds
+# its own copy (a waste of work, never a wrong result: every write is atomic).
+LOCK_TIMEOUT = 300.0
+
+
+@contextlib.contextmanager
+def entry_lock(name: str) -> Iterator[bool]:
+    """Hold the cache directory's lock of entry ``name`` for the block (yields True), so
+    processes building the same entry take turns: the later ones find it built.
+
+    It is ``flock`` on the file ``<name>.lock``: the kernel releases it when its holder exits
+    or is killed, so a crashed process leaves no stale lock. After :data:`LOCK_TIMEOUT`
+    seconds, or where the file system cannot lock, the block runs without it (yields False).
+    The lock files stay (removing one could let two holders lock different files).
+    """
+    directory = cache_dir()
+    os.makedirs(directory, exist_ok=True)
+    try:
+        fd = os.open(os.path.join(directory, name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield False
+        return
+    try:
+        yield _acquire(fd, time.monotonic() + LOCK_TIMEOUT)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _acquire(fd: int, deadline: float) -> bool:
+    """Poll for ``fd``'s exclusive lock until ``deadline`` (a blocking flock has no timeout)."""
+    delay = 0.002
+    while True:
         try:
-            lib = ctypes.CDLL(so_path)
-            _count(loads=1)
-            return lib
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
         except OSError:
-            pass  # a corrupt or truncated entry (a crash mid-write elsewhere): rebuild it
-    start, cpu = time.perf_counter(), _children_cpu()
-    _compile(source, library, key, directory, so_path, header)
-    _count(compiles=1, seconds=time.perf_counter() - start, cpu_seconds=_children_cpu() - cpu)
-    return ctypes.CDLL(so_path)
+            return False  # a file system without flock: build without it
 
 
 def _compile(source: str, library: Library, key: str, directory: str, so_path: str,
@@ -357,10 +417,13 @@ def _precompile(cc: Compiler, header: Header, directory: str) -> None:
     h_path = os.path.join(directory, header.name)
     if os.path.exists(h_path) and os.path.exists(h_path + ".gch"):
         return
-    _write_atomically(h_path, header.text.encode())
-    flags = [f for f in FLAGS if f != "-shared"]
-    _run_compiler(h_path, h_path + ".gch",
-                  lambda out: [cc.path, *flags, "-x", "c-header", h_path, "-o", out])
+    with entry_lock(header.name):
+        if os.path.exists(h_path) and os.path.exists(h_path + ".gch"):
+            return  # precompiled by another process while this one waited
+        _write_atomically(h_path, header.text.encode())
+        flags = [f for f in FLAGS if f != "-shared"]
+        _run_compiler(h_path, h_path + ".gch",
+                      lambda out: [cc.path, *flags, "-x", "c-header", h_path, "-o", out])
 
 
 def _run_compiler(source_path: str, out_path: str, command: Callable[[str], list[str]]
