@@ -466,3 +466,22 @@ def test_without_a_plan_the_named_points_change_nothing():
     ids = batches(1, 1)[0][0]
     graph = str(ember.jit(lambda m, b: m.loss(b)).lower(model, ids).graph)
     assert "sharding_constraint" not in graph
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_sequence_parallel_step_moves_tensor_parallels_bytes_without_all_to_alls(dp):
+    """Megatron-SP: each all-reduce of tp's training step becomes a reduce-scatter and an
+    all-gather of half its bytes each, so the step moves what tp's does. The plan's conjugate
+    points make the backward pass gather where the forward scatters (and the reverse):
+    without them a sequence-split gradient met the column-split weights, which were gathered,
+    and the MLP's and attention's gradients were moved by all-to-alls."""
+    mesh = mesh_of(dp=dp, tp=2)
+    sp = assert_same_training(P.plans.llama(dp="dp", tp="tp", sp=True), mesh, steps=2).explain()
+    tp = Run(P.plans.llama(dp="dp", tp="tp"), mesh).explain()
+    assert "all_to_all" not in sp.counts()
+    assert not [c for c in sp.collectives if c.kind == "all_gather" and len(local_shape(c)) < 3]
+    assert abs(sp.total_bytes - tp.total_bytes) <= 0.1 * tp.total_bytes
+    # Forward: the embedding's scatter, a gather and a scatter per block half, the final
+    # norm's gather; backward, each the other way round.
+    hidden = [c.kind for c in hidden_collectives(sp, "tp")]
+    assert hidden.count("reduce_scatter") == hidden.count("all_gather") == 2 * (2 * LAYERS + 1)

@@ -44,11 +44,12 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Named activation points, where a parallel plan (``ember.parallel.plans``) may lay values out:
 # "residual" (the residual stream [batch, length, hidden], after the embedding and after each
-# block half), "attn_out" and "mlp_out" (the output projections, before the residual add),
-# "norm_out" (a norm's output, read by the column-split projections) and "layer" (a decoder
-# layer itself, whose parameters a plan may gather before the layer runs). ``constrain`` is the
-# identity unless the model was given a plan (``ember.parallel.shard`` sets
-# ``activation_sharding``, which ``LlamaForCausalLM.__call__`` makes active).
+# block half), "embed_out" (the embedding's lookup), "attn_out" and "mlp_out" (the output
+# projections, before the residual add), "norm_out" (a norm's output, read by the column-split
+# projections) and "layer" (a decoder layer itself, whose parameters a plan may gather before
+# the layer runs). ``constrain`` is the identity unless the model was given a plan
+# (``ember.parallel.shard`` sets ``activation_sharding``, which ``LlamaForCausalLM.__call__``
+# makes active).
 _plan_hook: contextvars.ContextVar[Any] = contextvars.ContextVar("llama_plan_hook", default=None)
 
 
@@ -350,7 +351,7 @@ class LlamaForCausalLM(Module):
         cos, sin = F.rope_cos_sin(positions, self.inv_freq, self.dtype)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         mask = self._mask(b, t, cache, cache_pos, attention_mask)
-        x = constrain("residual", self.model.embed_tokens(ids))
+        x = constrain("residual", constrain("embed_out", self.model.embed_tokens(ids)))
         new_keys, new_values = [], []
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])

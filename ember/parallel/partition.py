@@ -250,7 +250,11 @@ class _Partitioner:
     def call(self, eqn: Eqn) -> None:
         """The bodies of a call, a scan or a cond are partitioned in their turn, on the layouts
         their operands have (partial sums taken first), their results laid out as planned;
-        their collectives are this program's, run where the body runs. A scan steps along the
+        their collectives are this program's, run where the body runs. A call's body, and a
+        ``custom_vjp_call``'s function (which becomes a call: nothing differentiates the
+        per-device program), take partial sums as they are, so a constraint inside sums them
+        into the layout it asks for (a reduce-scatter, not an all-reduce and a slice); a
+        recomputed body (``remat``) runs twice and takes them summed. A scan steps along the
         leading dimension of its scanned operands and stacked results, which stays whole, and
         its loop-carried values keep one layout from step to step. A cond's branch index is
         made whole, so every device takes the same branch."""
@@ -265,12 +269,14 @@ class _Partitioner:
                                f"{eqn.prim.name} operand {i}")
                   for i, a in enumerate(eqn.inputs[:skip])]
         inner_in = []
+        as_is = eqn.prim.name in ("call", "custom_vjp_call")
         for i, (a, drop) in enumerate(zip(operands, drops)):
             local, current = self.read(a)
             dims = ((),) * drop + current.dims[drop:]
-            inputs.append(self.reshard(local, current, layout(self.mesh, dims), eqn.source,
-                                       f"{eqn.prim.name} operand {skip + i}"))
-            inner_in.append(layout(self.mesh, dims[drop:]))
+            partial = current.partial if as_is else ()
+            inputs.append(self.reshard(local, current, layout(self.mesh, dims, partial),
+                                       eqn.source, f"{eqn.prim.name} operand {skip + i}"))
+            inner_in.append(layout(self.mesh, dims[drop:], partial))
         n = len(operands)
         inner_out = [layout(self.mesh, self.layouts.of(v).dims[drop:])
                      for v, drop in zip(eqn.outputs, drops[n:])]
@@ -287,9 +293,12 @@ class _Partitioner:
             self.explanation.extend(part.explanation, label, repeats)
         results = [layout(self.mesh, ((),) * drop + s.dims, s.partial)
                    for s, drop in zip(parts[0].out_shardings, drops[n:])]
-        params = ({**eqn.params, "branches": tuple(p.graph for p in parts)}
-                  if eqn.prim.name == "cond" else {**eqn.params, "body": parts[0].graph})
-        outs = self.bind(eqn.prim, inputs, params, eqn.source, results)
+        prim, params = eqn.prim, {**eqn.params, "body": parts[0].graph}
+        if eqn.prim.name == "cond":
+            params = {**eqn.params, "branches": tuple(p.graph for p in parts)}
+        elif eqn.prim.name == "custom_vjp_call":
+            prim, params = call_p, {"body": parts[0].graph, "name": "custom_vjp"}
+        outs = self.bind(prim, inputs, params, eqn.source, results)
         for v, local, s in zip(eqn.outputs, outs, results):
             self.env[v.id] = (local, s)
 

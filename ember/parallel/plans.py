@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,7 +54,11 @@ class Plan:
     any split the pattern gives it). On a mesh, a split that does not divide its dimension is
     left out (:func:`fit`; :meth:`describe` lists where). ``batch`` lays out
     ``ids [batch, length]``;
-    ``activations`` maps the model's named points to layouts of ``[batch, length, hidden]``.
+    ``activations`` maps the model's named points to layouts of ``[batch, length, hidden]``;
+    ``cotangents`` gives some of those points the layout of their gradient in the backward
+    pass (without one it is the activation's: a constraint's transpose asks for its own
+    layout), so a point may gather going forward and scatter going back (Megatron's
+    conjugate pairs under sequence parallelism).
     ``requires``: ``(config field, mesh axis)`` pairs that must divide (attention heads over
     the tensor axis: a projection's rows may divide when its heads do not).
     """
@@ -64,6 +69,7 @@ class Plan:
     zero_axis: str | None = None
     batch: Layout = ()
     activations: tuple[tuple[str, Layout], ...] = ()
+    cotangents: tuple[tuple[str, Layout], ...] = ()
     requires: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -94,6 +100,12 @@ class Plan:
     def activation_spec(self, point: str) -> PartitionSpec | None:
         """The layout of the activation at the named point, or None (propagation decides)."""
         layout = dict(self.activations).get(point)
+        return None if layout is None else PartitionSpec(*layout)
+
+    def cotangent_spec(self, point: str) -> PartitionSpec | None:
+        """The layout of the gradient at the named point in the backward pass, or None (the
+        activation's own layout)."""
+        layout = dict(self.cotangents).get(point)
         return None if layout is None else PartitionSpec(*layout)
 
     def _spec(self, name: str, ndim: int, zero_from: int) -> PartitionSpec:
@@ -165,7 +177,8 @@ class Plan:
 
     def check(self, model: Any, mesh: Mesh) -> None:
         """Errors naming the plan, the value and the mesh axis for what does not fit."""
-        axes = {a for _, lay in (*self.params, *self.activations, ("batch", self.batch))
+        axes = {a for _, lay in (*self.params, *self.activations, *self.cotangents,
+                                 ("batch", self.batch))
                 for e in lay for a in ((e,) if isinstance(e, str) else e or ())}
         axes |= {self.zero_axis} if self.zero else set()
         missing = sorted(a for a in axes if a not in mesh.axis_names)
@@ -219,7 +232,10 @@ class Annotator:
         spec = self.plan.activation_spec(point)
         if spec is None or len(spec) > np.ndim(x) or _misfit(self.mesh, spec, np.shape(x)):
             return x
-        return with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        back = self.plan.cotangent_spec(point)
+        if back is None or _misfit(self.mesh, back, np.shape(x)):
+            return with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        return _conjugate(NamedSharding(self.mesh, spec), NamedSharding(self.mesh, back))(x)
 
     def _gather_layer(self, layer: Any) -> Any:
         """Under ZeRO-3, ``layer`` with its parameters constrained to their layouts without
@@ -247,6 +263,24 @@ class Annotator:
         gather.defvjp(lambda values: (constrain(values, whole), None),
                       lambda _, cts: (constrain(cts, split),))
         return layer.replace(gather(params))
+
+
+@functools.lru_cache(maxsize=64)
+def _conjugate(forward: NamedSharding, backward: NamedSharding) -> Any:
+    """The identity laying its value out as ``forward`` and its gradient as ``backward``.
+    Under sequence parallelism a norm's output is gathered (``forward`` whole, ``backward``
+    split by sequence: the partial sums of the column-split projections' input gradients are
+    reduce-scattered, not all-reduced) and a block's output is reduce-scattered (``backward``
+    whole: its gradient is gathered once before the row-split projection's backward, which
+    otherwise, with a sequence-split gradient meeting a column-split weight, gathers the
+    weight and moves the intermediate activations' gradients with all-to-alls). Cached, so a
+    point traced again reuses one function (and jit's cache key)."""
+    @custom_vjp
+    def conjugate(x: Any) -> Any:
+        return with_sharding_constraint(x, forward)
+    conjugate.defvjp(lambda x: (with_sharding_constraint(x, forward), None),
+                     lambda _, ct: (with_sharding_constraint(ct, backward),))
+    return conjugate
 
 
 def fit(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...], zero_axis: str | None = None
@@ -367,9 +401,13 @@ def llama(dp: str | None = None, tp: str | None = None, zero: int = 0, sp: bool 
         requires = (("num_attention_heads", tp), ("num_key_value_heads", tp))
     residual: Layout = (dp, tp if sp else None, None)
     whole: Layout = (dp, None, None)
-    activations = (("residual", residual), ("attn_out", residual), ("mlp_out", residual),
-                   ("norm_out", whole))
-    return Plan(name, params, zero, dp, (dp, None), activations, requires)
+    activations = (("residual", residual), ("embed_out", residual), ("attn_out", residual),
+                   ("mlp_out", residual), ("norm_out", whole))
+    # Megatron-SP's conjugate pairs: an all-gather forward is a reduce-scatter backward and
+    # the reverse, so sequence parallelism moves tp's bytes.
+    cotangents = (("embed_out", whole), ("attn_out", whole), ("mlp_out", whole),
+                  ("norm_out", residual)) if sp else ()
+    return Plan(name, params, zero, dp, (dp, None), activations, cotangents, requires)
 
 
 _PLAN_KEYS = {"dp": "data-parallel size", "tp": "tensor-parallel size", "zero": "ZeRO stage 0-3",

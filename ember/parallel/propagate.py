@@ -223,6 +223,8 @@ def bodies(eqn: Eqn) -> list[tuple[list[Atom], ClosedGraph]]:
         return [(eqn.inputs[1:], b) for b in eqn.params["branches"]]
     if eqn.prim.name == "while":  # the loop body; its test only reads the carry
         return [(eqn.inputs[eqn.params["cond_nconsts"]:], eqn.params["body"])]
+    if eqn.prim.name == "custom_vjp_call":  # its function, on its constants and arguments
+        return [(eqn.inputs, eqn.params["fun"])]
     return [(eqn.inputs, eqn.params["body"])]
 
 

@@ -62,9 +62,10 @@ NO_RULE = "no rule: replicated"
 # Primitives whose ``body`` runs once on their operands, as a function call (nested jit's
 # ``call``, checkpointing's ``remat``), and the others whose bodies propagation and the
 # partitioner go into rather than replicating them: a scan's body, a cond's branches, a
-# while loop's test and body.
+# while loop's test and body, and a ``custom_vjp_call``'s function (past differentiation, the
+# partitioner turns it into a call of that function: its derivative rules are spent).
 CALL_LIKE = frozenset({"call", "remat"})
-WITH_BODIES = CALL_LIKE | {"scan", "cond", "while"}
+WITH_BODIES = CALL_LIKE | {"scan", "cond", "while", "custom_vjp_call"}
 
 
 @dataclass(frozen=True)
