@@ -48,9 +48,10 @@ def batches(steps, accum):
 class Run:
     """A fine-tuning step partitioned by ``plan`` over ``mesh`` (None: one device, jitted)."""
 
-    def __init__(self, plan, mesh, lora=False, checkpointing=False, accum=1, vocab=VOCAB):
+    def __init__(self, plan, mesh, lora=False, checkpointing=False, accum=1, vocab=VOCAB,
+                 opt=None):
         self.model = model_for(lora, checkpointing, vocab)
-        self.opt = ember.optim.AdamW(lr=1e-2)
+        self.opt = opt or ember.optim.AdamW(lr=1e-2)
         self.state = self.opt.init(self.model.trainable_parameters())
         self.step = _make_step(self.opt, 1.0)
         self.plan, self.mesh = plan, mesh
