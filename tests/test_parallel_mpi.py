@@ -130,3 +130,14 @@ def test_launched_processes_run_the_default_threads_or_the_users(ember_launch, m
     for rank in range(2):
         assert (f"process {rank}: threads {threads} {{'EMBER_NUM_THREADS': {default!r}, "
                 f"'OMP_NUM_THREADS': {user.get('OMP_NUM_THREADS')!r}}}") in output, output
+
+
+def test_a_thread_count_that_is_not_a_number_is_a_clear_error(monkeypatch):
+    from ember.backends.cpu.program import program_threads
+
+    monkeypatch.delenv("EMBER_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")
+    assert program_threads() == 4  # the outer level of a nested setting
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    with pytest.raises(EmberError, match="OMP_NUM_THREADS='many': expected a number of threads"):
+        program_threads()

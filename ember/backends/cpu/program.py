@@ -47,6 +47,7 @@ from ember.backends.cpu.lowerings import Statement, packed_product, shared_produ
 from ember.backends.cpu.profile import Entry, Profile, classify, nbytes
 from ember.compiler.fusion import COMPUTE_KINDS, VIEW_KINDS, fused_p
 from ember.compiler.memory import ALIGNMENT, MemoryAnalysis, plan_memory
+from ember.errors import EmberValueError
 from ember.ir.graph import ClosedGraph, Eqn, Graph, Literal, Var
 from ember.ir.liveness import liveness
 from ember.ops.structural import copy_p
@@ -650,8 +651,13 @@ def program_threads() -> int:
     ``EMBER_NUM_THREADS``, else ``OMP_NUM_THREADS`` (its first level), else the cores this
     process may run on."""
     for name in ("EMBER_NUM_THREADS", "OMP_NUM_THREADS"):
-        if os.environ.get(name):
-            return max(1, int(os.environ[name].split(",")[0]))
+        value = os.environ.get(name)
+        if value:
+            try:
+                return max(1, int(value.split(",")[0]))
+            except ValueError:
+                raise EmberValueError(f"{name}={value!r}: expected a number of threads, "
+                                      f"such as 4") from None
     return available_cores()
 
 
