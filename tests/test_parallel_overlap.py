@@ -11,8 +11,12 @@ scheduled inside itself; a device failing between start and done stops its peers
 error naming the device and the collective.
 """
 
+import collections
+import dataclasses
 import re
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -22,13 +26,16 @@ import ember
 import ember.numpy as enp
 from ember import parallel as P
 from ember.errors import EmberValueError
-from ember.ir.graph import Var
+from ember.ir.graph import Eqn, Var
 from ember.ir.params import bodies
+from ember.ir.types import ArrayType
 from ember.models import finetune
 from ember.models.finetune import _make_step
+from ember.models.llama import LlamaForCausalLM
 from ember.parallel import collectives as coll
 from ember.parallel import runtime
 from ember.parallel.communicator import CollectiveAbortedError
+from ember.parallel.explain import Overlap
 from ember.parallel.schedule import _cost, schedule
 
 
@@ -320,3 +327,185 @@ def test_overlap_gives_the_same_bits_on_mpi_processes(ember_launch):
     assert status == 0, out
     for rank in range(2):
         assert f"process {rank}: overlap ok" in out, out
+
+
+# --- the placement in near-linear time, pinned to the plain quadratic one ----------------------
+
+_schedule_module = sys.modules["ember.parallel.schedule"]
+
+
+def _reference_place(eqns, limit, overlaps, moved):
+    """The placement written plainly: each start and done moved one gap at a time, the bytes in
+    flight and the work re-read over the whole span at every step (quadratic). ``moved``
+    counts the steps the bound moved starts and dones, and the collectives split with a done
+    moved, to show a test reached those paths."""
+    made = {v.id: k for k, e in enumerate(eqns) for v in e.outputs}
+    first_use = {}
+    for k, e in enumerate(eqns):
+        for a in e.inputs:
+            if isinstance(a, Var):
+                first_use.setdefault(a.id, k)
+
+    def ready(x):
+        if not isinstance(x, Var) or x.id not in made:
+            return 0
+        return first_use[x.id] if eqns[made[x.id]].prim.kind == "collective" else made[x.id] + 1
+
+    def nbytes(v):
+        return v.aval.size * v.aval.dtype.itemsize
+
+    load = [0] * (len(eqns) + 1)
+    splits = []
+    for start, i in sorted((ready(e.inputs[0]), i) for i, e in enumerate(eqns)
+                           if e.prim in coll.STARTS):
+        x, y = eqns[i].inputs[0], eqns[i].outputs[0]
+        done, size = first_use.get(y.id, len(eqns)), nbytes(x) + nbytes(y)
+
+        def fits(start, done, size=size):
+            return size + max(load[start:done]) <= limit
+
+        while start < i and not fits(start, done):
+            start, moved["start"] = start + 1, moved["start"] + 1
+        last = done
+        while done > i + 1 and not fits(start, done):
+            done, moved["done"] = done - 1, moved["done"] + 1
+        work = [e for e in eqns[start:done] if e.prim.kind != "collective"]
+        if not work or not fits(start, done):
+            overlaps[y.id] = Overlap(0, 0.0, 0, "no local work between its operand and its "
+                                     "first use" if fits(start, done) else
+                                     f"its {size} B would pass the bound of {limit} B in "
+                                     f"flight (EMBER_OVERLAP_BYTES)")
+            continue
+        for k in range(start, done):
+            load[k] += size
+        splits.append(_schedule_module._Split(i, start, done))
+        moved["earlier done split"] += done < last
+        overlaps[y.id] = Overlap(len(work), float(sum(_cost(e)[0] for e in work)),
+                                 sum(_cost(e)[1] for e in work))
+    return splits
+
+
+def _llama_step(plan, mesh, layers=2):
+    """A fine-tuning step of a tiny Llama with ``layers`` layers placed by ``plan``,
+    partitioned, not scheduled."""
+    config = dataclasses.replace(tiny_model(64).config, num_hidden_layers=layers)
+    model, opt = LlamaForCausalLM(config), ember.optim.AdamW(lr=1e-2)
+    state, layouts, place_batch = finetune.place(model, opt, mesh, plan)
+    step = ember.jit(_make_step(opt, 1.0).fun, donate_argnums=1, out_shardings=layouts)
+    batch = place_batch(np.zeros((1, 8, 8), np.int32))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBER_OVERLAP", "0")
+        return step.lower(model, state, batch).sharded.partitioned
+
+
+def _scan_program():
+    mesh = _mesh(tp=2)
+    args = (np.ones((2, 8), np.float32), np.ones((8, 8), np.float32),
+            np.ones((3, 2, 8), np.float32))
+    closed = ember.jit(_scan_body_fn).lower(*args).graph
+    return P.partition(closed, [_spec(mesh, None, "tp"), _spec(mesh, "tp"), _spec(mesh)],
+                       [_spec(mesh)] * 2, mesh)
+
+
+@pytest.fixture(scope="module")
+def programs():
+    """Partitioned programs with every kind of collective the plans make: a dp MLP step, a
+    ZeRO-3 and a dp x tp Llama step (gathers, scatters, all-reduces), a scan body."""
+    return {"mlp": _partitioned_mlp_step(_mesh(dp=2)),
+            "zero3": _llama_step(P.plans.llama(dp="dp", zero=3), _mesh(dp=2)),
+            "dp_tp": _llama_step(P.plans.llama(dp="dp", tp="tp"), _mesh(dp=2, tp=2)),
+            "scan": _scan_program()}
+
+
+def test_the_schedule_is_the_plain_quadratic_ones_under_every_bound(programs, monkeypatch):
+    moved = collections.Counter()
+    for name, part in programs.items():
+        peak = _in_flight_peak(schedule(part).graph)
+        for limit in (None, peak, peak // 2, peak // 5, peak // 20, 0):
+            got = schedule(part, max_bytes=limit)
+            with monkeypatch.context() as patch:
+                patch.setattr(_schedule_module, "_place", lambda eqns, limit, overlaps:
+                              _reference_place(eqns, limit, overlaps, moved))
+                want = schedule(part, max_bytes=limit)
+            assert str(got.graph) == str(want.graph), (name, limit)
+            assert str(got.explanation) == str(want.explanation), (name, limit)
+    assert moved["start"] > 100 and moved["done"] > 10, moved  # the bound moved both
+
+
+def _program(sin, sizes, recipe):
+    """Equations ``recipe`` says, each ``(op, k)``: a sine (local work) or an all-reduce of
+    value ``k`` (the inputs of ``sizes`` floats first, then each equation's result)."""
+    values = [Var(ArrayType((size,), np.dtype(np.float32))) for size in sizes]
+    eqns = []
+    for op, k in recipe:
+        y = Var(values[k].aval)
+        eqns.append(Eqn(coll.all_reduce_p if op == "all_reduce" else sin, [values[k]], [y],
+                        {"axes": ("dp",)}))
+        values.append(y)
+    return eqns
+
+
+# Under a bound of 459 B the all-reduce of value 5 (448 B) starts late, at equation 8, after
+# the all-reduce of value 7 (240 B) that is ready later; that one's done then moves up to
+# equation 8 (a case the real programs above do not reach).
+_DONE_MOVED_UP = ((56, 30, 5), [("all_reduce", 2), ("sin", 3), ("sin", 0), ("all_reduce", 3),
+                                ("all_reduce", 1), ("sin", 5), ("all_reduce", 7), ("sin", 8),
+                                ("sin", 6), ("all_reduce", 5), ("sin", 4)])
+
+
+def test_the_placement_is_the_plain_quadratic_ones_on_random_programs():
+    sin = ember.jit(enp.sin).lower(np.ones(1, np.float32)).graph.graph.eqns[0].prim
+    rng, moved = np.random.default_rng(0), collections.Counter()
+    programs = [_program(sin, *_DONE_MOVED_UP)]
+    for _ in range(150):
+        n = int(rng.integers(1, 40))  # operands among the last few values: local chains
+        programs.append(_program(sin, (4, 16, 64), [
+            ("all_reduce" if rng.random() < 0.4 else "sin", int(rng.integers(max(0, k - 3), k + 3)))
+            for k in range(n)]))
+    for eqns in programs:
+        for limit in (0, 40, 200, 300, 459, 600, 10**6):
+            got, want = {}, {}
+            assert (_schedule_module._place(eqns, limit, got)
+                    == _reference_place(eqns, limit, want, moved))
+            assert got == want
+    assert moved["start"] > 50 and moved["done"] > 50 and moved["earlier done split"], moved
+
+
+def test_the_bytes_in_flight_tree_finds_what_a_list_finds():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 64, 100):
+        tree, plain = _schedule_module._InFlight(n), [0] * n
+        for _ in range(60):
+            lo, hi = sorted(rng.integers(0, n + 1, 2))
+            if rng.random() < 0.5:
+                nbytes = int(rng.integers(0, 100))
+                tree.add(lo, hi, nbytes)
+                plain[lo:hi] = [b + nbytes for b in plain[lo:hi]]
+            level = int(rng.integers(-1, 3 * max(plain) + 2))
+            above = [k for k in range(lo, hi) if plain[k] > level]
+            assert tree.first_above(lo, hi, level) == (above[0] if above else None)
+            assert tree.last_above(lo, hi, level) == (above[-1] if above else None)
+
+
+def test_scheduling_a_deep_step_costs_a_small_part_of_partitioning_it(monkeypatch):
+    # 10 layers: the quadratic placement took twice partition's time here (more under a tight
+    # bound), this one a few percent.
+    timed = []
+
+    def partition(*args):
+        start = time.perf_counter()
+        part = P.partition(*args)
+        timed.append((part, time.perf_counter() - start))
+        return part
+    monkeypatch.setattr(sys.modules["ember.parallel.jit"], "partition", partition)
+    _llama_step(P.plans.llama(dp="dp"), _mesh(dp=2), layers=10)
+    ((part, partitioning),) = timed
+    scheduling = max(min(_seconds(lambda: schedule(part, max_bytes=limit)) for _ in range(2))
+                     for limit in (None, _in_flight_peak(schedule(part).graph) // 5))
+    assert scheduling < partitioning / 2, (scheduling, partitioning)
+
+
+def _seconds(f):
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start

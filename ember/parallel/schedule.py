@@ -148,7 +148,15 @@ def _hoisted(eqns: list[Eqn]) -> list[Eqn]:
 
 def _place(eqns: list[Eqn], limit: int, overlaps: dict[int, Overlap]) -> list[_Split]:
     """Where each collective of ``eqns`` starts and finishes (blocking ones are left out), in
-    the order they start: the order their operands are ready (ties: program order)."""
+    the order they start: the order their operands are ready (ties: program order).
+
+    A start goes as early as its operand allows and then, if the bytes in flight between it
+    and its done would pass the bound, right after the last gap that is too full (but never
+    past the collective itself); a done that still does not fit moves up to the first gap that
+    is too full (but never before the collective). Each search and each reservation is one
+    walk down a tree of the bytes in flight, and the work a collective overlaps is a
+    difference of running sums, so the pass costs O(n log n) for n equations.
+    """
     n = len(eqns)
     producer = {v.id: i for i, e in enumerate(eqns) for v in e.outputs}
     first_use: dict[int, int] = {}
@@ -166,34 +174,105 @@ def _place(eqns: list[Eqn], limit: int, overlaps: dict[int, Overlap]) -> list[_S
         return first_use[x.id] if eqns[j].prim.kind == "collective" else j + 1
 
     order = sorted((ready(e.inputs[0]), i) for i, e in enumerate(eqns) if e.prim in STARTS)
-    load = [0] * (n + 1)  # bytes in flight while equation k runs
+    if not order:
+        return []
+    work = _RunningWork(eqns)
+    load = _InFlight(n + 1)  # bytes in flight while equation k runs
     splits: list[_Split] = []
     for start, i in order:
         x, y = eqns[i].inputs[0], eqns[i].outputs[0]
         done = first_use.get(y.id, n)
         nbytes = _nbytes(x) + _nbytes(y)
-
-        def fits(start: int, done: int, nbytes: int = nbytes) -> bool:
-            return nbytes + max(load[start:done]) <= limit
-
-        while start < i and not fits(start, done):
-            start += 1
-        while done > i + 1 and not fits(start, done):
-            done -= 1
-        work = [e for k, e in enumerate(eqns[start:done], start)
-                if k != i and e.prim.kind != "collective"]
-        if not work or not fits(start, done):
-            why = ("no local work between its operand and its first use" if fits(start, done)
+        room = limit - nbytes  # the most bytes others may hold while this one is in flight
+        full = load.last_above(start, done, room)
+        if full is not None:
+            start = min(full + 1, i)
+        full = load.first_above(start, done, room)
+        if full is not None:
+            done = max(full, i + 1)
+        fits = load.first_above(start, done, room) is None
+        count, flops, written = work.between(start, done)
+        if not count or not fits:
+            why = ("no local work between its operand and its first use" if fits
                    else f"its {nbytes} B would pass the bound of {limit} B in flight "
                         f"(EMBER_OVERLAP_BYTES)")
             overlaps[y.id] = Overlap(0, 0.0, 0, why)
             continue
-        for k in range(start, done):
-            load[k] += nbytes
+        load.add(start, done, nbytes)
         splits.append(_Split(i, start, done))
-        flops, written = map(sum, zip(*map(_cost, work)))
-        overlaps[y.id] = Overlap(len(work), flops, written)
+        overlaps[y.id] = Overlap(count, float(flops), written)
     return splits
+
+
+class _RunningWork:
+    """Running sums of the local work (equations that are not collectives) of a list of
+    equations, so the work between two gaps is one subtraction. Each equation's
+    :func:`_cost` is a whole number of operations, summed exactly here as an ``int``."""
+
+    def __init__(self, eqns: list[Eqn]) -> None:
+        self.sums = [(0, 0, 0)]
+        for e in eqns:
+            count, flops, written = self.sums[-1]
+            if e.prim.kind != "collective":
+                f, w = _cost(e)
+                count, flops, written = count + 1, flops + int(f), written + w
+            self.sums.append((count, flops, written))
+
+    def between(self, start: int, done: int) -> tuple[int, int, int]:
+        """The equations, operations and bytes written of the local work in gaps
+        ``start`` to ``done`` (equations ``start`` to ``done - 1``)."""
+        return tuple(b - a for a, b in zip(self.sums[start], self.sums[done]))  # type: ignore
+
+
+class _InFlight:
+    """The bytes in flight at each of ``n`` points: a segment tree where a node holds what was
+    added to its whole range (``whole``) and the largest total below it, its own included
+    (``top``), so adding to a range and finding the first or last point above a level in a
+    range each take O(log n) steps."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.top = [0] * (4 * n)
+        self.whole = [0] * (4 * n)
+
+    def add(self, lo: int, hi: int, nbytes: int, node: int = 1, nlo: int = 0,
+            nhi: int | None = None) -> None:
+        """``nbytes`` more at points ``lo`` to ``hi - 1``."""
+        nhi = self.n if nhi is None else nhi
+        if hi <= nlo or nhi <= lo:
+            return
+        if lo <= nlo and nhi <= hi:
+            self.whole[node] += nbytes
+            self.top[node] += nbytes
+            return
+        mid = (nlo + nhi) // 2
+        self.add(lo, hi, nbytes, 2 * node, nlo, mid)
+        self.add(lo, hi, nbytes, 2 * node + 1, mid, nhi)
+        self.top[node] = self.whole[node] + max(self.top[2 * node], self.top[2 * node + 1])
+
+    def first_above(self, lo: int, hi: int, level: int) -> int | None:
+        """The first point in ``lo`` to ``hi - 1`` holding more than ``level`` bytes."""
+        return self._search(lo, hi, level, 1, 0, self.n, last=False)
+
+    def last_above(self, lo: int, hi: int, level: int) -> int | None:
+        """The last point in ``lo`` to ``hi - 1`` holding more than ``level`` bytes."""
+        return self._search(lo, hi, level, 1, 0, self.n, last=True)
+
+    def _search(self, lo: int, hi: int, level: int, node: int, nlo: int, nhi: int,
+                last: bool) -> int | None:
+        # ``level`` is relative to this node: what its ancestors hold is taken off it.
+        if hi <= nlo or nhi <= lo or self.top[node] <= level:
+            return None
+        if nhi - nlo == 1:
+            return nlo
+        level -= self.whole[node]
+        mid = (nlo + nhi) // 2
+        halves = [(2 * node, nlo, mid), (2 * node + 1, mid, nhi)]
+        for child in reversed(halves) if last else halves:
+            found = self._search(lo, hi, level, *child, last=last)
+            if found is not None:
+                return found
+        return None
 
 
 def _emit(eqns: list[Eqn], splits: list[_Split]) -> list[Eqn]:
@@ -222,7 +301,13 @@ def _emit(eqns: list[Eqn], splits: list[_Split]) -> list[Eqn]:
 
 def _nbytes(atom: object) -> int:
     aval = atom.aval  # type: ignore[attr-defined]
-    return aval.size * aval.dtype.itemsize
+    return _size(aval) * aval.dtype.itemsize
+
+
+def _size(aval: object) -> int:
+    """The elements of ``aval`` (``math.prod``: ``aval.size``'s NumPy call, once per equation,
+    would cost more than the rest of the pass)."""
+    return math.prod(aval.shape)  # type: ignore[attr-defined]
 
 
 def _cost(eqn: Eqn) -> tuple[float, int]:
@@ -240,5 +325,5 @@ def _cost(eqn: Eqn) -> tuple[float, int]:
         (contracting, _), _ = eqn.params["dims"]
         lhs = eqn.inputs[0].aval
         k = math.prod(lhs.shape[d] for d in contracting)
-        return 2.0 * eqn.outputs[0].aval.size * k, written
-    return float(sum(v.aval.size for v in eqn.outputs)), written
+        return 2.0 * _size(eqn.outputs[0].aval) * k, written
+    return float(sum(_size(v.aval) for v in eqn.outputs)), written
