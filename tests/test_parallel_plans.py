@@ -486,3 +486,18 @@ def test_sequence_parallel_step_moves_tensor_parallels_bytes_without_all_to_alls
     # norm's gather; backward, each the other way round.
     hidden = [c.kind for c in hidden_collectives(sp, "tp")]
     assert hidden.count("reduce_scatter") == hidden.count("all_gather") == 2 * (2 * LAYERS + 1)
+
+
+@pytest.mark.parametrize("plan, axes", [(dict(dp="dp", zero=3), dict(dp=2)),
+                                        (dict(tp="tp", sp=True), dict(tp=2))],
+                         ids=["zero3-dp2", "tp2-sp"])
+def test_a_forward_only_program_partitions_the_plans_custom_derivative_points(plan, axes):
+    """Outside differentiation (an evaluation loss) the plan's ``custom_vjp`` points (ZeRO-3's
+    gathered layer, sequence parallelism's conjugate pairs) are calls of their functions:
+    partitioned, not replicated with every operand gathered, and the loss is one device's."""
+    plan, mesh = P.plans.llama(**plan), mesh_of(**axes)
+    p = forward_program(plan, mesh)
+    assert not p.explanation.replicated
+    model, ids = model_for(), batches(1, 1)[0][0]
+    loss, = P.simulate(p, *[np.asarray(x) for x in tree_leaves((model, ids))])
+    np.testing.assert_allclose(loss, np.asarray(model.loss(ids)), rtol=1e-5)
