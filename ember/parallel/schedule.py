@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
+from itertools import accumulate
 
 from ember.errors import EmberValueError
 from ember.ir.graph import ClosedGraph, Eqn, Graph, Var
@@ -210,18 +211,16 @@ class _RunningWork:
     :func:`_cost` is a whole number of operations, summed exactly here as an ``int``."""
 
     def __init__(self, eqns: list[Eqn]) -> None:
-        self.sums = [(0, 0, 0)]
-        for e in eqns:
-            count, flops, written = self.sums[-1]
-            if e.prim.kind != "collective":
-                f, w = _cost(e)
-                count, flops, written = count + 1, flops + int(f), written + w
-            self.sums.append((count, flops, written))
+        costs = [(0, 0, 0) if e.prim.kind == "collective" else (1, *map(int, _cost(e)))
+                 for e in eqns]
+        self.count, self.flops, self.written = (
+            list(accumulate(column, initial=0)) for column in zip(*costs))
 
     def between(self, start: int, done: int) -> tuple[int, int, int]:
         """The equations, operations and bytes written of the local work in gaps
         ``start`` to ``done`` (equations ``start`` to ``done - 1``)."""
-        return tuple(b - a for a, b in zip(self.sums[start], self.sums[done]))  # type: ignore
+        return (self.count[done] - self.count[start], self.flops[done] - self.flops[start],
+                self.written[done] - self.written[start])
 
 
 class _InFlight:
