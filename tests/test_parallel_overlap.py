@@ -16,7 +16,6 @@ import dataclasses
 import re
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -485,27 +484,3 @@ def test_the_bytes_in_flight_tree_finds_what_a_list_finds():
             above = [k for k in range(lo, hi) if plain[k] > level]
             assert tree.first_above(lo, hi, level) == (above[0] if above else None)
             assert tree.last_above(lo, hi, level) == (above[-1] if above else None)
-
-
-def test_scheduling_a_deep_step_costs_a_small_part_of_partitioning_it(monkeypatch):
-    # 10 layers: the quadratic placement took twice partition's time here (more under a tight
-    # bound), this one a few percent.
-    timed = []
-
-    def partition(*args):
-        start = time.perf_counter()
-        part = P.partition(*args)
-        timed.append((part, time.perf_counter() - start))
-        return part
-    monkeypatch.setattr(sys.modules["ember.parallel.jit"], "partition", partition)
-    _llama_step(P.plans.llama(dp="dp"), _mesh(dp=2), layers=10)
-    ((part, partitioning),) = timed
-    scheduling = max(min(_seconds(lambda: schedule(part, max_bytes=limit)) for _ in range(2))
-                     for limit in (None, _in_flight_peak(schedule(part).graph) // 5))
-    assert scheduling < partitioning / 2, (scheduling, partitioning)
-
-
-def _seconds(f):
-    start = time.perf_counter()
-    f()
-    return time.perf_counter() - start
