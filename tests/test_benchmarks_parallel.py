@@ -75,9 +75,9 @@ def test_quick_run_reports_the_programs_bytes_and_collectives():
 
 
 def test_gathered_parameters_of_zero3_with_recomputed_layers_are_one_layers():
-    """The ZeRO-3 check's liveness count: with recomputed layers, a device's program holds the
-    gathered parameters of one layer at a time (the largest: here a decoder layer), as
-    docs/parallel.md says; without, the forward's copies of every layer stay for the backward."""
+    """The ZeRO-3 check's liveness count: a device's program holds the gathered parameters of
+    at most one layer at a time (the largest: here a decoder layer), as docs/parallel.md
+    says, with recomputed layers and without (the backward pass gathers them again)."""
     bench = load_benchmark()
     size = bench.SIZES["quick"]
     peaks = {}
@@ -93,4 +93,4 @@ def test_gathered_parameters_of_zero3_with_recomputed_layers_are_one_layers():
     embedding = bench.nbytes(model.model.embed_tokens.weight)
     one = max(*layers, embedding)
     assert one <= peaks["dp=4,zero=3,ckpt=1"] <= one + 64
-    assert sum(layers) + embedding <= peaks["dp=4,zero=3"] <= sum(layers) + embedding + 64
+    assert embedding <= peaks["dp=4,zero=3"] <= one + 64

@@ -126,20 +126,17 @@ def _zero3(steps=2):
 
 def test_zero3_llama_step_overlaps_gathers_and_gradient_scatters_with_the_same_bits(overlap):
     losses, params, lowered = _zero3()
-    graph = lowered.sharded.partitioned.graph.graph
-    total = sum(_cost(e)[0] for e in graph.eqns if e.prim.kind != "collective")
     explained = lowered.explain().collectives
+    # A ZeRO-3 layer gathers its parameters again in its backward pass (plans.llama), so its
+    # gathers and its gradients' scatters run inside the layer's body and overlap its work
+    # there: every gradient is scattered while the rest of its layer's backward runs, and
+    # the parameters are gathered while the layer computes with those gathered before.
     gradients = [c for c in explained if c.kind == "reduce_scatter"
-                 and c.reason == "with_sharding_constraint" and c.overlap.equations]
-    # Backward runs the last layer first: its 9 weights' gradients are scattered while the
-    # backward of layer 0 runs (over a fifth of the step's work); layer 0's have little left.
-    assert len(gradients) == 18  # 9 weights a layer, 2 layers, the last one first
-    last, first = gradients[:9], gradients[9:]
-    assert all(c.overlap.flops > 0.2 * total for c in last)
-    assert sum(c.overlap.flops for c in last) > 2 * sum(c.overlap.flops for c in first)
-    # the next layer's parameters are gathered while an earlier layer computes
-    gathers = [c for c in explained if c.kind == "all_gather" and c.overlap.equations]
-    assert sum(c.overlap.flops > 0.1 * total for c in gathers) >= 9
+                 and c.reason == "with_sharding_constraint"]
+    assert len(gradients) == 18  # 9 weights a layer, 2 layers
+    assert all(c.within == "remat body" and c.overlap.equations >= 10 for c in gradients)
+    gathers = [c for c in explained if c.kind == "all_gather" and c.within == "remat body"]
+    assert sum(c.overlap.equations >= 10 for c in gathers) >= 18
 
     overlap(False)
     losses0, params0, lowered0 = _zero3()

@@ -46,8 +46,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # "residual" (the residual stream [batch, length, hidden], after the embedding and after each
 # block half), "embed_out" (the embedding's lookup), "attn_out" and "mlp_out" (the output
 # projections, before the residual add), "norm_out" (a norm's output, read by the column-split
-# projections) and "layer" (a decoder layer itself, whose parameters a plan may gather before
-# the layer runs). ``constrain`` is the identity unless the model was given a plan
+# projections), "layer" (a decoder layer itself, whose parameters a plan may gather before
+# the layer runs) and "layer_call" (the layer as the forward pass calls it when it is not
+# recomputed: a plan may wrap it, as ZeRO-3 does to gather the parameters again backward).
+# ``constrain`` is the identity unless the model was given a plan
 # (``ember.parallel.shard`` sets ``activation_sharding``, which ``LlamaForCausalLM.__call__``
 # makes active).
 _plan_hook: contextvars.ContextVar[Any] = contextvars.ContextVar("llama_plan_hook", default=None)
@@ -355,7 +357,12 @@ class LlamaForCausalLM(Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            run = checkpoint(layer) if self.gradient_checkpointing and cache is None else layer
+            if cache is not None:
+                run = layer
+            elif self.gradient_checkpointing:
+                run = checkpoint(layer)
+            else:
+                run = constrain("layer_call", layer)
             x, kv = run(x, cos, sin, mask, kv, cache_pos)
             if kv is not None:
                 new_keys.append(kv[0])

@@ -28,6 +28,7 @@ from ember.errors import EmberValueError
 from ember.parallel.array import device_put, with_sharding_constraint
 from ember.parallel.mesh import Mesh
 from ember.parallel.sharding import NamedSharding, PartitionSpec
+from ember.transforms.checkpoint import checkpoint
 from ember.transforms.custom_vjp import custom_vjp
 from ember.tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
@@ -229,6 +230,11 @@ class Annotator:
     def __call__(self, point: str, x: Any) -> Any:
         if point == "layer":
             return self._gather_layer(x)
+        if point == "layer_call":
+            # ZeRO-3 without checkpointed layers: the layer keeps its activations for the
+            # backward pass but gathers its parameters again there, so that one layer's
+            # gathered parameters are alive at a time, not every layer's.
+            return checkpoint(x, policy=_gathers_recomputed) if self.plan.zero == 3 else x
         spec = self.plan.activation_spec(point)
         if spec is None or len(spec) > np.ndim(x) or _misfit(self.mesh, spec, np.shape(x)):
             return x
@@ -263,6 +269,12 @@ class Annotator:
         gather.defvjp(lambda values: (constrain(values, whole), None),
                       lambda _, cts: (constrain(cts, split),))
         return layer.replace(gather(params))
+
+
+def _gathers_recomputed(prim: Any, *avals: Any, **params: Any) -> bool:
+    """The checkpoint policy of a ZeRO-3 layer: everything is saved but what gathers its
+    parameters (the custom derivative around their layout constraints)."""
+    return prim.name not in ("custom_vjp_call", "sharding_constraint")
 
 
 @functools.lru_cache(maxsize=64)
