@@ -277,8 +277,24 @@ def program_report(step: Any, plan: str) -> dict[str, Any]:
         report = lowered.compile().memory_analysis()
     except UnsupportedError:  # a backend without memory reports (NumPy's)
         return out
-    out["program_peak"], out["arena"] = report.peak_bytes, report.temp_bytes
+    graph = (lowered.sharded.partitioned.graph if plan != "single" else lowered.graph).graph
+    out["program_peak"] = report.peak_bytes
+    out["arena"] = report.temp_bytes + body_arenas(graph, lowered.backend)
     return out
+
+
+def body_arenas(graph: Any, backend: str) -> int:
+    """The arenas of the programs that run ``graph``'s bodies (a ZeRO-3 or recomputed layer
+    is one): each is compiled once and keeps its temporaries between calls, as the step's
+    own program does."""
+    total = 0
+    for eqn in graph.eqns:
+        for _, body in bodies(eqn):
+            program = body.cache.get(backend)
+            if program is not None and hasattr(program, "memory_analysis"):
+                total += program.memory_analysis().temp_bytes
+            total += body_arenas(body.graph, backend)
+    return total
 
 
 def worker(plan: str, size: Size, steps: int) -> None:
@@ -553,12 +569,12 @@ def zero_report(rows: list[Row]) -> list[str]:
     if plain is not None and zero3 is not None and zero3["arena"] is not None \
             and min(zero3["rss_growth"], plain["rss_growth"]) >= 0:
         # Resident memory each process gained over its own baseline (after imports, before
-        # the model), both read after a garbage collection and malloc_trim, less the program's
-        # arena (temporaries, kept between calls): its shards, plus code and Python objects,
-        # which are the same with or without ZeRO. So what ZeRO-3 saves against dp=4 on
-        # resident memory should be what it saves on held bytes.
-        lines.append("  resident memory gained over the process's baseline, less the program's "
-                     "arena (largest over the processes):")
+        # the model), both read after a garbage collection and malloc_trim, less the programs'
+        # arenas (temporaries, kept between calls; the bodies' too): its shards, plus code
+        # and Python objects, which are the same with or without ZeRO. So what ZeRO-3 saves
+        # against dp=4 on resident memory should be what it saves on held bytes.
+        lines.append("  resident memory gained over the process's baseline, less the programs' "
+                     "arenas (largest over the processes):")
         for r in (plain, zero3):
             lines.append(f"    {r['plan']:<12} {_mib(r['rss_growth'] - r['arena']):>8} MiB "
                          f"(gained {_mib(r['rss_growth'])}, arena {_mib(r['arena'])}, held "
