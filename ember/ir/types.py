@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,9 @@ class ArrayType:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        # math.prod, not np.prod: passes ask every equation's types for it (NumPy's call
+        # cost more than the rest of the overlap schedule on a 10k-equation program).
+        return int(math.prod(self.shape))
 
     # Types are dictionary keys on every eager operation (the shape-rule memo) and every jit
     # call (the cache key), so the hash is computed once per type and equality first tries

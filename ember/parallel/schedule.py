@@ -300,13 +300,7 @@ def _emit(eqns: list[Eqn], splits: list[_Split]) -> list[Eqn]:
 
 def _nbytes(atom: object) -> int:
     aval = atom.aval  # type: ignore[attr-defined]
-    return _size(aval) * aval.dtype.itemsize
-
-
-def _size(aval: object) -> int:
-    """The elements of ``aval`` (``math.prod``: ``aval.size``'s NumPy call, once per equation,
-    would cost more than the rest of the pass)."""
-    return math.prod(aval.shape)  # type: ignore[attr-defined]
+    return aval.size * aval.dtype.itemsize
 
 
 def _cost(eqn: Eqn) -> tuple[float, int]:
@@ -324,5 +318,5 @@ def _cost(eqn: Eqn) -> tuple[float, int]:
         (contracting, _), _ = eqn.params["dims"]
         lhs = eqn.inputs[0].aval
         k = math.prod(lhs.shape[d] for d in contracting)
-        return 2.0 * _size(eqn.outputs[0].aval) * k, written
-    return float(sum(_size(v.aval) for v in eqn.outputs)), written
+        return 2.0 * eqn.outputs[0].aval.size * k, written
+    return float(sum(v.aval.size for v in eqn.outputs)), written
